@@ -1,0 +1,44 @@
+"""Typed configuration shared by every service.
+
+Every field is read from an ``AERIE_``-prefixed environment variable (``redis_url`` from
+``AERIE_REDIS_URL``), the same names in local runs, docker compose and Kubernetes. Each
+service extends :class:`ServiceSettings` with its own fields in its own package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TARGET_MODEL = "smollm2-135m-instruct"
+
+
+class AerieSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AERIE_", extra="ignore")
+
+
+class ServiceSettings(AerieSettings):
+    """Where the services find each other, and what they all share."""
+
+    verifier_addr: str = "127.0.0.1:50051"
+    drafter_addr: str = "127.0.0.1:50052"
+    memory_addr: str = "127.0.0.1:50053"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    log_level: str = "INFO"
+    model_cache: Path = Field(default=Path.home() / ".cache" / "aerie")
+    # Seconds a draining service keeps serving in-flight work after SIGTERM.
+    drain_timeout_s: float = 20.0
+
+
+class ModelSettings(AerieSettings):
+    """Which target model to load and where. Used by every service that loads it."""
+
+    # A built-in name (see aerie_common.model_store.BUILTIN_MODELS) or a local
+    # Hugging Face model directory.
+    target_model: str = DEFAULT_TARGET_MODEL
+    model_cache: Path = Field(default=Path.home() / ".cache" / "aerie")
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    torch_threads: int = 0  # 0: torch's default
