@@ -31,7 +31,7 @@ def generate(out_dir: Path) -> list[Path]:
         raise SystemExit("protoc failed")
     for folder in {p.parent for p in out_dir.rglob("*_pb2.py")} | {out_dir / "aerie_proto"}:
         (folder / "__init__.py").touch()
-    return sorted(out_dir.rglob("*.py*"))
+    return sorted(p for p in out_dir.rglob("*.py*") if p.suffix in (".py", ".pyi"))
 
 
 if __name__ == "__main__":

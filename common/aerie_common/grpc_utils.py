@@ -59,6 +59,9 @@ class GrpcService:
         bound = self.server.add_insecure_port(f"{host}:{port}")
         if bound == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
+        # grpc's health servicer reports SERVING by default; start NOT_SERVING so nobody is
+        # routed here before the service says it is ready.
+        await self.set_serving(False)
         await self.server.start()
         return bound
 

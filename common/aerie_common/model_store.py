@@ -128,7 +128,9 @@ def load_target(settings: ModelSettings):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["prepare"])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -117,3 +117,19 @@ class TokenizeResponse(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("running", "waiting", "finished_total", "cancelled_total")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    waiting: int
+    finished_total: int
+    cancelled_total: int
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., finished_total: _Optional[int] = ..., cancelled_total: _Optional[int] = ...) -> None: ...

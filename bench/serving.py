@@ -1,0 +1,258 @@
+"""Serving benchmark: the gateway (HTTP → gRPC → engine) against the same engine called
+in-process, on the same MT-bench prompts, in one run, interleaved per concurrency level.
+
+Reports time to first token (TTFT), inter-token latency (ITL), end-to-end latency and
+tokens/s at each concurrency, and the overhead of the gateway and gRPC hop as a ratio
+of the in-process figures.
+
+    python -m bench.serving                      # starts its own stack (scripts/launch.py)
+    python -m bench.serving --url http://127.0.0.1:8000   # against a running stack
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from bench.prompts import mtbench_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float
+    e2e_s: float
+    completion_tokens: int
+
+    @property
+    def itl_s(self) -> float | None:
+        """Mean time between tokens after the first."""
+        if self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
+
+@dataclass
+class LevelResult:
+    mode: str
+    concurrency: int
+    requests: int
+    ttft_p50_s: float
+    itl_mean_s: float
+    e2e_p50_s: float
+    tokens_per_s: float  # all completion tokens / wall time of the level
+
+
+def summarise(mode: str, concurrency: int, results: list[RequestResult], wall_s: float) -> LevelResult:
+    itls = [r.itl_s for r in results if r.itl_s is not None]
+    return LevelResult(
+        mode=mode,
+        concurrency=concurrency,
+        requests=len(results),
+        ttft_p50_s=statistics.median(r.ttft_s for r in results),
+        itl_mean_s=statistics.fmean(itls) if itls else float("nan"),
+        e2e_p50_s=statistics.median(r.e2e_s for r in results),
+        tokens_per_s=sum(r.completion_tokens for r in results) / wall_s,
+    )
+
+
+async def run_level(one_request, prompts: list[str], concurrency: int) -> tuple[list[RequestResult], float]:
+    queue = list(prompts)
+    results: list[RequestResult] = []
+
+    async def worker():
+        while queue:
+            results.append(await one_request(queue.pop(0)))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+def gateway_client(base_url: str, model: str, max_tokens: int):
+    client = httpx.AsyncClient(timeout=600)
+
+    async def one_request(prompt: str) -> RequestResult:
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        started = time.perf_counter()
+        first = None
+        tokens = 0
+        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        return RequestResult(
+            first if first is not None else float("nan"), time.perf_counter() - started, tokens
+        )
+
+    return client, one_request
+
+
+def inprocess_client(engine, max_tokens: int):
+    from aerie_verifier.sampling import SamplingParams
+
+    async def one_request(prompt: str) -> RequestResult:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        state = {"first": None, "tokens": 0}
+        started = time.perf_counter()
+
+        def on_event(event):  # engine thread
+            now = time.perf_counter() - started
+            if state["first"] is None and event.text:
+                state["first"] = now
+            state["tokens"] = event.completion_tokens
+            if event.finish_reason is not None:
+                state["end"] = now
+                loop.call_soon_threadsafe(done.set)
+
+        ids = engine.encode_chat([{"role": "user", "content": prompt}])
+        engine.submit("bench", ids, SamplingParams(max_tokens=max_tokens), on_event)
+        await done.wait()
+        first = state["first"] if state["first"] is not None else float("nan")
+        return RequestResult(first, state["end"], state["tokens"])
+
+    return one_request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_stack() -> tuple[subprocess.Popen, str]:
+    ports = {name: free_port() for name in ("gateway", "verifier", "drafter", "memory", "redis")}
+    env = dict(os.environ)
+    env.update({f"AERIE_{n.upper()}_PORT": str(p) for n, p in ports.items() if n != "redis"})
+    env["AERIE_REDIS_URL"] = f"redis://127.0.0.1:{ports['redis']}/0"
+    env.setdefault("AERIE_DATA_DIR", str(ROOT / "data" / "bench"))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "launch.py")], env=env, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{ports['gateway']}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    raise SystemExit("stack did not become ready in 300 s")
+
+
+def format_table(levels: list[LevelResult]) -> str:
+    by_key = {(lv.mode, lv.concurrency): lv for lv in levels}
+    lines = [
+        "| concurrency | mode | requests | TTFT p50 (ms) | ITL mean (ms) | e2e p50 (s) | tokens/s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for lv in levels:
+        lines.append(
+            f"| {lv.concurrency} | {lv.mode} | {lv.requests} | {lv.ttft_p50_s * 1e3:.0f} | "
+            f"{lv.itl_mean_s * 1e3:.1f} | {lv.e2e_p50_s:.2f} | {lv.tokens_per_s:.1f} |"
+        )
+    lines += [
+        "",
+        "| concurrency | ITL overhead (gateway/in-process − 1) | TTFT overhead | tokens/s ratio |",
+        "|---:|---:|---:|---:|",
+    ]
+    for c in sorted({lv.concurrency for lv in levels}):
+        gw, ip = by_key.get(("gateway", c)), by_key.get(("in-process", c))
+        if gw and ip:
+            lines.append(
+                f"| {c} | {gw.itl_mean_s / ip.itl_mean_s - 1:+.1%} | {gw.ttft_p50_s / ip.ttft_p50_s - 1:+.1%} | "
+                f"{gw.tokens_per_s / ip.tokens_per_s:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+async def main_async(args) -> list[LevelResult]:
+    from aerie_common.model_store import load_target
+    from aerie_common.settings import ModelSettings
+    from aerie_verifier.engine import Engine
+
+    questions = [q["turns"][0] for q in mtbench_questions()]
+    model, tokenizer, _ = load_target(ModelSettings())
+    engine = Engine(model, tokenizer, max_running=max(args.concurrency), max_waiting=1024)
+    engine.start()
+    stack = None
+    url = args.url
+    if url is None:
+        print("starting the stack ...", file=sys.stderr)
+        stack, url = start_stack()
+    client, via_gateway = gateway_client(url, args.model, args.max_tokens)
+    in_process = inprocess_client(engine, args.max_tokens)
+    levels: list[LevelResult] = []
+    try:
+        # Warm both paths once so neither pays first-call costs in the measurement.
+        await via_gateway(questions[0])
+        await in_process(questions[0])
+        for concurrency in args.concurrency:
+            n = max(args.min_requests, 2 * concurrency)
+            prompts = [questions[i % len(questions)] for i in range(n)]
+            for mode, fn in (("in-process", in_process), ("gateway", via_gateway)):
+                results, wall = await run_level(fn, prompts, concurrency)
+                level = summarise(mode, concurrency, results, wall)
+                levels.append(level)
+                print(
+                    f"{mode:>10} c={concurrency:<3} {level.tokens_per_s:6.1f} tok/s  ITL {level.itl_mean_s * 1e3:6.1f} ms",
+                    file=sys.stderr,
+                )
+    finally:
+        await client.aclose()
+        engine.stop()
+        if stack is not None:
+            stack.send_signal(signal.SIGTERM)
+            stack.wait(timeout=60)
+    return levels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="a running gateway; default: start a stack")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--min-requests", type=int, default=4)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serving.json")
+    args = parser.parse_args()
+    levels = asyncio.run(main_async(args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps([asdict(lv) for lv in levels], indent=2))
+    print(format_table(levels))
+
+
+if __name__ == "__main__":
+    main()

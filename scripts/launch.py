@@ -1,0 +1,158 @@
+"""Run the whole Aerie stack on this machine: what `make up` runs.
+
+Starts redis-server (AOF on, data under AERIE_DATA_DIR) and the four services, prefixes
+every log line with the service's name, restarts a service that exits (as compose's
+`restart: unless-stopped` would) and, on Ctrl-C or SIGTERM, stops the gateway first and
+Redis last. Docker compose and Kubernetes are the production runners; this one needs no
+container engine.
+
+Ports come from AERIE_{GATEWAY,VERIFIER,DRAFTER,MEMORY}_PORT and the Redis port from
+AERIE_REDIS_URL; the launcher sets each service's AERIE_*_ADDR to match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from aerie_drafter.settings import DrafterSettings
+from aerie_gateway.settings import GatewaySettings
+from aerie_memory.settings import MemorySettings
+from aerie_verifier.settings import VerifierSettings
+
+COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m"]
+RESET = "\033[0m"
+RESTART_BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # a service that ran this long restarts without backoff
+
+
+@dataclass
+class Supervised:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    color: str
+    stop_timeout_s: float
+    proc: asyncio.subprocess.Process | None = None
+    stopping: bool = False
+    restarts: int = field(default=0)
+
+    def say(self, line: str) -> None:
+        prefix = f"{self.color}{self.name:<8}|{RESET} " if sys.stdout.isatty() else f"{self.name:<8}| "
+        sys.stdout.write(prefix + line.rstrip("\n") + "\n")
+        sys.stdout.flush()
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while not self.stopping:
+            started = time.monotonic()
+            # A new session keeps the terminal's Ctrl-C away from the children, so the
+            # launcher decides the shutdown order.
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                env=self.env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                limit=1 << 20,  # long log lines (tracebacks, progress bars) must not break the pump
+            )
+            self.say(f"started (pid {self.proc.pid})")
+            async for raw in self.proc.stdout:
+                self.say(raw.decode(errors="replace"))
+            code = await self.proc.wait()
+            if self.stopping:
+                self.say(f"stopped (exit {code})")
+                return
+            backoff = 1.0 if time.monotonic() - started > STABLE_AFTER_S else backoff
+            self.restarts += 1
+            self.say(f"exited with code {code}; restarting in {backoff:.0f}s (restart #{self.restarts})")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), self.stop_timeout_s)
+        except TimeoutError:
+            self.say(f"did not stop within {self.stop_timeout_s:.0f}s; killing")
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def plan() -> tuple[list[Supervised], str]:
+    """The processes to run, in start order, and the gateway's readiness URL."""
+    gateway, verifier = GatewaySettings(), VerifierSettings()
+    drafter, memory = DrafterSettings(), MemorySettings()
+    data_dir = Path(os.environ.get("AERIE_DATA_DIR", "data")).resolve()
+    redis_port = urlparse(gateway.redis_url).port or 6379
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        sys.exit("redis-server is not installed: `make up` installs it (apt-get install redis-server)")
+    (data_dir / "redis").mkdir(parents=True, exist_ok=True)
+
+    env = dict(os.environ)
+    env.update(
+        AERIE_VERIFIER_ADDR=f"127.0.0.1:{verifier.verifier_port}",
+        AERIE_DRAFTER_ADDR=f"127.0.0.1:{drafter.drafter_port}",
+        AERIE_MEMORY_ADDR=f"127.0.0.1:{memory.memory_port}",
+        AERIE_REDIS_URL=gateway.redis_url,
+        PYTHONUNBUFFERED="1",
+    )
+    grace = verifier.drain_timeout_s + 5
+    redis_argv = [
+        redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
+        "--appendonly", "yes", "--appendfsync", "everysec",
+    ]  # fmt: skip
+    procs = [Supervised("redis", redis_argv, env, COLORS[0], grace)]
+    for i, name in enumerate(["verifier", "drafter", "memory", "gateway"], start=1):
+        procs.append(Supervised(name, [sys.executable, "-m", f"aerie_{name}"], env, COLORS[i], grace))
+    host = "127.0.0.1" if gateway.gateway_host in ("0.0.0.0", "") else gateway.gateway_host
+    return procs, f"http://{host}:{gateway.gateway_port}"
+
+
+async def announce_when_ready(base_url: str) -> None:
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base_url}/ready", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, OSError):
+            pass
+        await asyncio.sleep(1)
+    print(
+        f"launcher| Aerie is ready at {base_url} ({time.monotonic() - started:.1f}s); Ctrl-C stops it",
+        flush=True,
+    )
+
+
+async def main() -> None:
+    procs, base_url = plan()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(p.run()) for p in procs]
+    ready = asyncio.create_task(announce_when_ready(base_url))
+    await stop.wait()
+    ready.cancel()
+    print("launcher| stopping: gateway first, Redis last", flush=True)
+    for proc in reversed(procs):
+        await proc.stop()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,178 @@
+"""The gateway's FastAPI app: OpenAI-compatible routes over the verifier's gRPC API,
+plus liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .backends import Backends
+from .chat import (
+    ClientDisconnected,
+    ClosingStreamingResponse,
+    CompletionIdentity,
+    Generation,
+    collect_completion,
+    run_unless_disconnected,
+    stream_chunks,
+    to_generate_request,
+)
+from .errors import (
+    authentication_error,
+    install_error_handlers,
+    model_not_found,
+    rate_limited,
+    service_unavailable,
+)
+from .metrics import GatewayMetrics
+from .schemas import ChatCompletionRequest, ModelCard, ModelList
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+# nginx's "client closed request"; nobody reads it, but access logs show what happened.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class AdmissionLimit:
+    """Counts requests in flight. The event loop is single-threaded, so a plain int is
+    race-free."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    def try_enter(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    backends = Backends(settings)
+    metrics = GatewayMetrics()
+    admission = AdmissionLimit(settings.max_concurrent_requests)
+    api_keys = [key.encode() for key in settings.api_key_list]
+    started_at = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        backends.open()
+        log.info(
+            "gateway up: verifier %s, auth %s, at most %d requests in flight",
+            settings.verifier_addr,
+            "on" if api_keys else "off",
+            settings.max_concurrent_requests,
+        )
+        try:
+            yield
+        finally:
+            await backends.close()
+
+    app = FastAPI(title="Aerie gateway", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.backends = backends
+    app.state.metrics = metrics
+    app.state.admission = admission
+    install_error_handlers(app)
+
+    async def require_api_key(request: Request) -> None:
+        if not api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise authentication_error("Missing API key: send it as `Authorization: Bearer <key>`.")
+        # Compare against every key, so the time taken does not tell which one nearly matched.
+        matches = [hmac.compare_digest(key.strip().encode(), known) for known in api_keys]
+        if not any(matches):
+            raise authentication_error("Incorrect API key provided.")
+
+    async def served_model() -> str:
+        if settings.served_model_name:
+            return settings.served_model_name
+        try:
+            return await backends.model_id()
+        except grpc.aio.AioRpcError as err:
+            raise service_unavailable(f"The model backend is unavailable: {err.details()}") from err
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @v1.get("/models")
+    async def list_models() -> JSONResponse:
+        models = ModelList(data=[ModelCard(id=await served_model(), created=started_at)])
+        return JSONResponse(models.model_dump(mode="json"))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        model = await served_model()
+        if body.model != model:
+            raise model_not_found(body.model)
+        if not admission.try_enter():
+            raise rate_limited(f"Over {admission.limit} requests in flight; retry shortly.")
+
+        identity = CompletionIdentity(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model
+        )
+        generation = Generation(metrics.track_request(), release=admission.leave)
+        streaming = False
+        try:
+            generation.start(
+                backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
+            )
+            if not body.stream:
+                completion = await run_unless_disconnected(request, collect_completion(generation, identity))
+                return JSONResponse(completion.model_dump(mode="json"))
+            # Wait for the first response before sending headers, so that the verifier
+            # refusing the request (too long, too busy, down) is still an HTTP status.
+            first = await run_unless_disconnected(request, generation.next())
+            events = stream_chunks(generation, first, identity, body.include_usage)
+            streaming = True
+            return ClosingStreamingResponse(
+                events,
+                on_close=generation.close,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        except ClientDisconnected:
+            log.info("%s: client disconnected, generation cancelled", identity.id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        finally:
+            if not streaming:
+                generation.close()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers. Backends are /ready's business."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict[str, object]:
+        status = await backends.readiness()
+        down = [name for name, ok in status.items() if not ok]
+        if down:
+            raise service_unavailable(
+                f"Not ready: no answer from {', '.join(down)}.", extra={"backends": status}
+            )
+        return {"status": "ready", "backends": status}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

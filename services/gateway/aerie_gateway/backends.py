@@ -1,0 +1,96 @@
+"""The gateway's connections: gRPC channels to the verifier, drafter and memory services,
+and Redis. The gateway only generates through the verifier; the others are probed for
+readiness so one /ready answers for the whole stack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import redis.asyncio as aioredis
+from aerie_common.grpc_utils import insecure_channel
+from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+GRPC_BACKENDS = ("verifier", "drafter", "memory")
+
+
+class Backends:
+    def __init__(self, settings: GatewaySettings):
+        self._settings = settings
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._health: dict[str, health_pb2_grpc.HealthStub] = {}
+        self._redis: aioredis.Redis | None = None
+        self._verifier: verifier_pb2_grpc.VerifierStub | None = None
+        self._model_id: str | None = None
+
+    @property
+    def verifier(self) -> verifier_pb2_grpc.VerifierStub:
+        if self._verifier is None:
+            raise RuntimeError("backends are not open")
+        return self._verifier
+
+    def open(self) -> None:
+        """Create the channels and the Redis client. Neither connects until first used,
+        so the gateway starts whether or not its backends are up yet."""
+        settings = self._settings
+        addrs = {
+            "verifier": settings.verifier_addr,
+            "drafter": settings.drafter_addr,
+            "memory": settings.memory_addr,
+        }
+        for name, addr in addrs.items():
+            self._channels[name] = insecure_channel(addr)
+            self._health[name] = health_pb2_grpc.HealthStub(self._channels[name])
+        self._verifier = verifier_pb2_grpc.VerifierStub(self._channels["verifier"])
+        self._redis = aioredis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.health_timeout_s,
+            socket_timeout=settings.health_timeout_s,
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(channel.close() for channel in self._channels.values()))
+        self._channels.clear()
+        self._health.clear()
+        self._verifier = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    async def model_id(self) -> str:
+        """The verifier's model id, asked once and remembered."""
+        if self._model_id is None:
+            info = await self.verifier.GetModelInfo(
+                verifier_pb2.ModelInfoRequest(), timeout=self._settings.health_timeout_s
+            )
+            self._model_id = info.model_id
+        return self._model_id
+
+    async def readiness(self) -> dict[str, bool]:
+        """Whether each backend answers: gRPC health SERVING, and Redis PING."""
+        names = [*GRPC_BACKENDS, "redis"]
+        probes = [*(self._grpc_serving(name) for name in GRPC_BACKENDS), self._redis_answers()]
+        return dict(zip(names, await asyncio.gather(*probes), strict=True))
+
+    async def _grpc_serving(self, name: str) -> bool:
+        try:
+            reply = await self._health[name].Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._settings.health_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            log.debug("%s health check failed: %s", name, err.code().name)
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _redis_answers(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._redis.ping(), self._settings.health_timeout_s))
+        except (aioredis.RedisError, OSError, TimeoutError) as err:
+            log.debug("redis ping failed: %r", err)
+            return False

@@ -1,0 +1,150 @@
+"""Every error the gateway returns uses OpenAI's envelope:
+``{"error": {"message", "type", "param", "code"}}``, so OpenAI clients raise the usual
+exception classes (they map by status code and read ``error.message``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+        # Top-level keys next to "error" (e.g. /ready's "backends").
+        self.extra = dict(extra or {})
+
+    def body(self) -> dict[str, Any]:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error, **self.extra}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param=param, code=code)
+
+
+def authentication_error(message: str) -> APIError:
+    return APIError(
+        401,
+        message,
+        "authentication_error",
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model `{model}` does not exist.",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def rate_limited(message: str) -> APIError:
+    return APIError(
+        429,
+        message,
+        "rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+def service_unavailable(message: str, *, extra: Mapping[str, Any] | None = None) -> APIError:
+    return APIError(503, message, "service_unavailable_error", code="service_unavailable", extra=extra)
+
+
+def error_from_grpc(err: grpc.aio.AioRpcError) -> APIError:
+    """Map a failed verifier call to the HTTP error a client can act on."""
+    code, details = err.code(), err.details() or err.code().name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return invalid_request(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return rate_limited(details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return service_unavailable(f"The model backend is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, "The model backend did not finish in time.", "timeout_error", code="timeout")
+    log.error("verifier call failed: %s %s", code.name, details)
+    return APIError(500, f"The model backend failed: {details}", "server_error", code="internal_error")
+
+
+def _field_path(loc: Sequence[str | int]) -> str | None:
+    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    fields = loc[1:] if loc and loc[0] == "body" else loc
+    path = ""
+    for part in fields:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if any(error["type"] == "json_invalid" for error in errors):
+        return invalid_request("The request body is not valid JSON.")
+    described = []
+    for error in errors:
+        path = _field_path(error["loc"])
+        described.append(f"{path or 'request body'}: {error['msg']}")
+    param = _field_path(errors[0]["loc"]) if errors else None
+    return invalid_request("; ".join(described) or "Invalid request.", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    async def on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own errors: unknown route (404), wrong method (405), ...
+        error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        return APIError(exc.status_code, message, error_type, headers=exc.headers).response()
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises the exception after this response, so the server logs it.
+        return APIError(500, "Internal server error.", "server_error", code="internal_error").response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,185 @@
+"""OpenAI chat completion request and response bodies, plus Aerie's extensions.
+
+Requests accept what OpenAI clients commonly send and ignore fields Aerie does not use
+(``user``, ``presence_penalty``, ...). A few unions of the OpenAI schema (``content`` as a
+string or parts, ``stop`` as a string or list, ``memory`` as false or options) are
+normalised by before-validators instead of pydantic unions, so validation errors point at
+the field itself rather than at a union branch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _text_as_parts(content: Any) -> Any:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+def _str_as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _false_as_none(value: Any) -> Any:
+    if value is False:
+        return None
+    if value is True:
+        raise ValueError('memory must be false or an object like {"namespace": "..."}')
+    return value
+
+
+class TextContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    # "developer" is OpenAI's newer name for "system"; tool messages are not supported.
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[list[TextContentPart], BeforeValidator(_text_as_parts)]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.content)
+
+    @property
+    def verifier_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class MemoryOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field(min_length=1, max_length=128)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # Aerie extension; 0 disables top-k filtering
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_str_as_list)] = Field(
+        default_factory=list, max_length=4
+    )
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    # Aerie extensions.
+    speculative: bool = True
+    # Accepted and validated now; the memory service is not consulted yet.
+    memory: Annotated[MemoryOptions | None, BeforeValidator(_false_as_none)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI accepts null for any optional parameter and clients do send it.
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @property
+    def completion_token_limit(self) -> int:
+        """The verifier's max_tokens: 0 means up to the context length."""
+        return self.max_completion_tokens or self.max_tokens or 0
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class SpeculativeUsage(BaseModel):
+    drafts: int
+    draft_tokens: int
+    accepted_tokens: int
+    mean_acceptance_length: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    # Aerie extension, present only when speculative decoding ran.
+    speculative: SpeculativeUsage | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda value: value is None)
+    content: str | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    # Only the extra last chunk of a stream with include_usage carries usage.
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "aerie"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

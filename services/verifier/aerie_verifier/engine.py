@@ -1,0 +1,261 @@
+"""The generation engine: a scheduler thread that decodes many requests with one model.
+
+Each request owns its KV cache. The scheduler admits up to ``max_running`` requests from
+a bounded waiting queue and advances every running request by one decoding step in turn,
+so concurrent streams all make progress. Results go back through a per-request callback,
+called on the scheduler thread; the gRPC adapter hops them onto its event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from aerie_verifier.detokenize import IncrementalDetokenizer
+from aerie_verifier.sampling import SamplingParams, next_token
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt (plus the requested completion) does not fit the context."""
+
+
+@dataclass
+class GenerationEvent:
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None  # None while running, then "stop" | "length"
+    error: str | None = None  # set when the engine failed on this request
+
+
+@dataclass
+class Sequence:
+    """One request's decoding state."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    on_event: Callable[[GenerationEvent], None]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    eos_ids: frozenset[int]
+    output_ids: list[int] = field(default_factory=list)
+    cache: DynamicCache | None = None
+    cancelled: bool = False
+    finish_reason: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def append_tokens(self, tokens: list[int]) -> None:
+        """Take newly decided tokens, stopping at EOS, a stop string or the length limit
+        even when they fall in the middle of ``tokens``; emit one event."""
+        taken: list[int] = []
+        text = ""
+        for token in tokens:
+            if token in self.eos_ids:
+                self.finish_reason = "stop"
+                break
+            taken.append(token)
+            self.output_ids.append(token)
+            text += self.detokenizer.add(token)
+            if self.detokenizer.stopped:
+                self.finish_reason = "stop"
+                break
+            if len(self.output_ids) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        if self.finish_reason is not None and not self.detokenizer.stopped:
+            text += self.detokenizer.flush()
+        self.on_event(
+            GenerationEvent(
+                token_ids=taken,
+                text=text,
+                prompt_tokens=len(self.prompt_ids),
+                completion_tokens=len(self.output_ids),
+                finish_reason=self.finish_reason,
+            )
+        )
+
+
+class RequestHandle:
+    def __init__(self, seq: Sequence, engine: Engine):
+        self._seq = seq
+        self._engine = engine
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its KV cache is freed at the next step."""
+        self._seq.cancelled = True
+        self._engine._wake()
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_running: int = 8, max_waiting: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.device = next(model.parameters()).device
+        self.context_length = _context_length(model)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self.finished_total = 0
+        self.cancelled_total = 0
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # -- public API (any thread) -------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[GenerationEvent], None],
+    ) -> RequestHandle:
+        max_new_tokens = self._check_lengths(len(prompt_ids), params.max_tokens)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator.manual_seed(seed)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            max_new_tokens=max_new_tokens,
+            on_event=on_event,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            generator=generator,
+            eos_ids=self.eos_ids,
+        )
+        with self._cond:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(seq)
+            self._cond.notify()
+        return RequestHandle(seq, self)
+
+    def _check_lengths(self, prompt_len: int, max_tokens: int) -> int:
+        if prompt_len == 0:
+            raise PromptTooLongError("the prompt is empty")
+        ctx = self.context_length
+        if prompt_len >= ctx:
+            raise PromptTooLongError(
+                f"the prompt is {prompt_len} tokens, {prompt_len - ctx + 1} too many for this model's "
+                f"context length of {ctx} tokens (which must also leave room for at least 1 new token)"
+            )
+        if max_tokens == 0:
+            return ctx - prompt_len
+        if prompt_len + max_tokens > ctx:
+            raise PromptTooLongError(
+                f"this model's context length is {ctx} tokens, but {prompt_len + max_tokens} were requested "
+                f"({prompt_len} in the prompt, {max_tokens} for the completion): "
+                f"{prompt_len + max_tokens - ctx} too many"
+            )
+        return max_tokens
+
+    # -- scheduler thread --------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                while self._waiting and len(self._running) < self.max_running:
+                    self._running.append(self._waiting.popleft())
+            for seq in list(self._running):
+                if not seq.cancelled:
+                    try:
+                        self._step(seq)
+                    except Exception as exc:  # one bad request must not take the engine down
+                        log.exception("request %s failed", seq.request_id)
+                        seq.finish_reason = "error"
+                        seq.on_event(
+                            GenerationEvent(
+                                [], "", len(seq.prompt_ids), len(seq.output_ids), "error", str(exc)
+                            )
+                        )
+                if seq.cancelled or seq.finish_reason is not None:
+                    if seq.finish_reason is not None:
+                        self.finished_total += 1
+                    else:
+                        self.cancelled_total += 1
+                        log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
+                    seq.cache = None
+                    self._running.remove(seq)
+
+    @torch.inference_mode()
+    def _step(self, seq: Sequence) -> None:
+        if seq.cache is None:
+            seq.cache = DynamicCache()
+            new_ids = seq.prompt_ids
+        else:
+            new_ids = seq.output_ids[-1:]
+        input_ids = torch.tensor([new_ids], device=self.device)
+        logits = self.model(
+            input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1
+        ).logits
+        seq.append_tokens([next_token(logits[0, -1], seq.params, seq.generator)])
+
+
+def _context_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,113 @@
+"""gRPC adapter: the Verifier service over the generation engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+
+from aerie_verifier.engine import Engine, GenerationEvent, PromptTooLongError, QueueFullError
+from aerie_verifier.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    None: verifier_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": verifier_pb2.FINISH_REASON_STOP,
+    "length": verifier_pb2.FINISH_REASON_LENGTH,
+}
+SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+
+def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p > 0 else 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=tuple(p.stop),
+        max_tokens=p.max_tokens,
+    )
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
+    def __init__(self, engine: Engine, model_id: str, device: str, dtype: str):
+        self.engine = engine
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+
+    def _prompt_ids(self, messages, prompt_token_ids) -> list[int]:
+        if messages:
+            return self.engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        return list(prompt_token_ids)
+
+    async def Generate(self, request, context):
+        try:
+            params = sampling_from_proto(request.sampling)
+            prompt_ids = self._prompt_ids(request.messages, request.prompt_token_ids)
+        except (ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+        def on_event(event: GenerationEvent) -> None:  # engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            handle = self.engine.submit(request.request_id, prompt_ids, params, on_event)
+        except PromptTooLongError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"verifier queue is full: {exc}")
+
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                if event.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
+                finished = event.finish_reason is not None
+                yield verifier_pb2.GenerateResponse(
+                    token_ids=event.token_ids,
+                    text=event.text,
+                    finish_reason=_FINISH[event.finish_reason],
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                )
+        finally:
+            # Runs on normal completion too (harmless then); on a caller that went away
+            # or passed its deadline it stops the engine working for nobody.
+            if not finished:
+                handle.cancel()
+
+    async def GetModelInfo(self, request, context):
+        config = self.engine.model.config
+        return verifier_pb2.ModelInfo(
+            model_id=self.model_id,
+            context_length=self.engine.context_length,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    async def GetLoad(self, request, context):
+        return verifier_pb2.Load(
+            running=self.engine.num_running,
+            waiting=self.engine.num_waiting,
+            finished_total=self.engine.finished_total,
+            cancelled_total=self.engine.cancelled_total,
+        )
+
+    async def Tokenize(self, request, context):
+        if request.messages:
+            ids = self._prompt_ids(request.messages, [])
+        else:
+            ids = self.engine.tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        return verifier_pb2.TokenizeResponse(token_ids=ids)

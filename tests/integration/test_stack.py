@@ -1,0 +1,210 @@
+"""End to end through the running stack: gateway (HTTP) → verifier (gRPC) → SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import pytest
+from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+
+from .conftest import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat(stack, **body):
+    body.setdefault("model", "smollm2-135m-instruct")
+    return httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_ready_names_every_backend(stack):
+    response = httpx.get(f"{stack.base_url}/ready", timeout=10)
+    assert response.status_code == 200
+    assert set(response.json()["backends"]) == {"verifier", "drafter", "memory", "redis"}
+
+
+def test_capital_of_france_is_paris(stack):
+    response = chat(stack, messages=CAPITAL, temperature=0, max_tokens=32)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["usage"]["prompt_tokens"] > 10 and body["usage"]["completion_tokens"] > 0
+
+
+def test_streaming_ends_with_done_and_reports_usage(stack):
+    body = {
+        "model": "smollm2-135m-instruct",
+        "messages": CAPITAL,
+        "temperature": 0,
+        "max_tokens": 32,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = []
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert "Paris" in text
+    usage_chunks = [c for c in chunks if c.get("usage")]
+    assert len(usage_chunks) == 1 and usage_chunks[0]["choices"] == []
+    assert usage_chunks[0]["usage"]["completion_tokens"] > 0
+
+
+def test_missing_messages_is_400_with_envelope(stack):
+    response = httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json={"model": "smollm2-135m-instruct"}, timeout=30
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert "messages" in (error["param"] or "") + error["message"]
+
+
+def test_prompt_over_context_is_400_saying_by_how_much(stack):
+    long_text = "hello " * 9000
+    response = chat(stack, messages=[{"role": "user", "content": long_text}], max_tokens=8)
+    assert response.status_code == 400
+    assert "too many" in response.json()["error"]["message"]
+
+
+def test_openai_client_streaming_and_not(stack):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused")
+    completion = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=CAPITAL, temperature=0, max_tokens=32
+    )
+    assert "Paris" in completion.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="smollm2-135m-instruct", messages=CAPITAL, temperature=0, max_tokens=32, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text == completion.choices[0].message.content
+
+
+def test_verifier_greedy_matches_hf_generate(stack):
+    """The engine's KV-cached decoding reproduces transformers' greedy generate() on the real model."""
+    from aerie_common.model_store import load_target
+    from aerie_common.settings import ModelSettings
+
+    model, tokenizer, _ = load_target(ModelSettings())
+    prompts = ["Name three primary colours.", "Write a haiku about the sea.", "What is 12 times 7?"]
+
+    async def generate(channel, prompt):
+        stub = verifier_pb2_grpc.VerifierStub(channel)
+        request = verifier_pb2.GenerateRequest(
+            messages=[verifier_pb2.ChatMessage(role="user", content=prompt)],
+            sampling=verifier_pb2.SamplingParams(max_tokens=40),
+        )
+        return [t async for r in stub.Generate(request) for t in r.token_ids]
+
+    async def all_prompts():
+        async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
+            return [await generate(channel, p) for p in prompts]
+
+    served = asyncio.run(all_prompts())
+    for prompt, tokens in zip(prompts, served, strict=True):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        reference = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
+        eos = tokenizer.eos_token_id
+        reference = reference[: reference.index(eos)] if eos in reference else reference
+        assert tokens == reference, prompt
+        assert len(tokens) > 3
+
+
+def test_cancelled_stream_stops_generation(stack):
+    async def scenario():
+        async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
+            stub = verifier_pb2_grpc.VerifierStub(channel)
+            before = await stub.GetLoad(verifier_pb2.LoadRequest())
+            call = stub.Generate(
+                verifier_pb2.GenerateRequest(
+                    messages=[verifier_pb2.ChatMessage(role="user", content="Tell me a very long story.")],
+                    sampling=verifier_pb2.SamplingParams(max_tokens=4000, temperature=0.8, seed=1),
+                )
+            )
+            received = 0
+            async for _ in call:
+                received += 1
+                if received == 3:
+                    break
+            call.cancel()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                load = await stub.GetLoad(verifier_pb2.LoadRequest())
+                if load.cancelled_total > before.cancelled_total and load.running == 0:
+                    return load, before
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"generation still running after cancel: {load}")
+
+    load, before = asyncio.run(scenario())
+    assert load.cancelled_total == before.cancelled_total + 1
+
+
+def test_api_keys_are_enforced(stack):
+    port = free_port()
+    env = dict(stack.env, AERIE_API_KEYS="k-one,k-two", AERIE_GATEWAY_PORT=str(port))
+    env.update(
+        AERIE_VERIFIER_ADDR=stack.addr("verifier"),
+        AERIE_DRAFTER_ADDR=stack.addr("drafter"),
+        AERIE_MEMORY_ADDR=stack.addr("memory"),
+    )
+    gateway = subprocess.Popen([sys.executable, "-m", "aerie_gateway"], env=env, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    body = {"model": "smollm2-135m-instruct", "messages": CAPITAL, "max_tokens": 4}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.2)
+        missing = httpx.post(url, json=body, timeout=30)
+        assert missing.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+        assert wrong.status_code == 401
+        right = httpx.post(url, json=body, headers={"Authorization": "Bearer k-two"}, timeout=60)
+        assert right.status_code == 200, right.text
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=30)
+
+
+def test_launcher_restarts_a_crashed_service(stack):
+    old_pid = stack.child_pid("aerie_drafter")
+    os.kill(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            new_pid = stack.child_pid("aerie_drafter")
+        except LookupError:
+            new_pid = None
+        if new_pid and new_pid != old_pid:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("drafter was not restarted")
+    stack.wait_ready(60)
+    assert any(line.startswith("drafter") and "restarting" in line for line in stack.log)

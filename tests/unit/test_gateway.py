@@ -1,0 +1,599 @@
+"""The gateway against a fake verifier (a real gRPC server with canned replies) and a real
+Redis: OpenAI wire format, error envelopes, auth, admission, readiness, metrics and
+cancellation on client disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from contextlib import asynccontextmanager, contextmanager
+
+import grpc
+import httpx
+import openai
+import pytest
+import redis
+import uvicorn
+from aerie_gateway.app import create_app
+from aerie_gateway.settings import GatewaySettings
+from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+from fastapi import FastAPI
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "fake-model"
+REPLY_WORDS = "Hello from the fake verifier , glad to meet you .".split()
+SLOW_REPLY_WORDS = [f"w{i}" for i in range(100)]
+SLOW_WORD_DELAY_S = 0.02
+SPEC_STATS = verifier_pb2.SpeculativeStats(
+    drafts=4, draft_tokens=16, accepted_tokens=7, mean_acceptance_length=2.75
+)
+
+# Prompts that make the fake verifier misbehave.
+BUSY = "TRIGGER_BUSY"
+TOO_LONG = "TRIGGER_TOO_LONG"
+SLOW = "TRIGGER_SLOW"
+FAIL_MIDWAY = "TRIGGER_FAIL_MIDWAY"
+BUSY_MESSAGE = "verifier queue is full"
+TOO_LONG_MESSAGE = "prompt has 9000 tokens; the context holds 8192"
+
+
+class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
+    """Streams a canned reply word by word (one token per word), honouring max_tokens."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, verifier_pb2.GenerateRequest] = {}
+        self.cancelled: set[str] = set()
+
+    def Generate(self, request, context):
+        self.requests[request.request_id] = request
+        prompt = request.messages[-1].content
+        if BUSY in prompt:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_MESSAGE)
+        if TOO_LONG in prompt:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, TOO_LONG_MESSAGE)
+        words = SLOW_REPLY_WORDS if SLOW in prompt else REPLY_WORDS
+        delay_s = SLOW_WORD_DELAY_S if SLOW in prompt else 0.0
+        limit = min(request.sampling.max_tokens or len(words), len(words))
+        prompt_tokens = sum(len(message.content.split()) for message in request.messages)
+        for index, word in enumerate(words[:limit]):
+            if FAIL_MIDWAY in prompt and index == 2:
+                context.abort(grpc.StatusCode.INTERNAL, "verifier fell over")
+            time.sleep(delay_s)
+            if not context.is_active():
+                self.cancelled.add(request.request_id)
+                return
+            response = verifier_pb2.GenerateResponse(
+                token_ids=[index],
+                text=word if index == 0 else f" {word}",
+                prompt_tokens=prompt_tokens,
+                completion_tokens=index + 1,
+            )
+            if index == limit - 1:
+                response.finish_reason = (
+                    verifier_pb2.FINISH_REASON_LENGTH
+                    if limit < len(words)
+                    else verifier_pb2.FINISH_REASON_STOP
+                )
+                if request.speculative:
+                    response.speculative.CopyFrom(SPEC_STATS)
+            yield response
+
+    def GetModelInfo(self, request, context):
+        return verifier_pb2.ModelInfo(model_id=MODEL, context_length=8192)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gateway_fake_verifier() -> Iterator[tuple[FakeVerifier, str]]:
+    """The fake verifier plus a SERVING health service, on one loopback port that stands
+    in for the verifier, drafter and memory services alike."""
+    fake = FakeVerifier()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    verifier_pb2_grpc.add_VerifierServicer_to_server(fake, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield fake, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def gateway_redis_url() -> Iterator[str]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise
+            time.sleep(0.05)
+    client.close()
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def gateway_app(gateway_fake_verifier, gateway_redis_url) -> Callable[..., FastAPI]:
+    """Builds a gateway whose backends are all the fakes; keyword arguments override settings."""
+    _, addr = gateway_fake_verifier
+
+    def make(**overrides) -> FastAPI:
+        fields = dict(
+            verifier_addr=addr,
+            drafter_addr=addr,
+            memory_addr=addr,
+            redis_url=gateway_redis_url,
+            api_keys="",
+            served_model_name="",
+            max_concurrent_requests=64,
+            grpc_timeout_s=30.0,
+            health_timeout_s=2.0,
+        )
+        return create_app(GatewaySettings(**{**fields, **overrides}))
+
+    return make
+
+
+@asynccontextmanager
+async def asgi_client(app: FastAPI, raise_app_exceptions: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process client. ASGITransport sends no lifespan events, so run the lifespan here."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+@contextmanager
+def served_over_http(app: FastAPI) -> Iterator[str]:
+    """The gateway under uvicorn in a background thread, for real sockets: the openai
+    client, and disconnects that only a real connection can make. Yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def chat_body(prompt: str = "Say hello.", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def sse_payloads(text: str) -> list[str]:
+    return [event.removeprefix("data: ") for event in text.split("\n\n") if event.startswith("data: ")]
+
+
+def assert_error(response: httpx.Response, status: int, error_type: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == error_type
+    assert error["param"] == param
+    assert error["message"]
+    return error
+
+
+async def assert_generation_cancelled(fake: FakeVerifier, app: FastAPI, request_id: str) -> None:
+    """The fake verifier saw the call cancelled, and the gateway let go of the request."""
+    deadline = time.monotonic() + 5
+    while request_id not in fake.cancelled or app.state.admission.in_flight:
+        assert time.monotonic() < deadline, "the verifier call was not cancelled"
+        await asyncio.sleep(0.02)
+    samples = metric_samples(app.state.metrics.exposition().decode())
+    assert samples[("aerie:num_requests_running", ())] == samples[("aerie:num_requests_waiting", ())] == 0
+    assert samples[("aerie:request_success_total", (("finished_reason", "stop"),))] == 0
+
+
+def metric_samples(exposition: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+async def test_non_streaming_reply_with_usage(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body())
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["id"].startswith("chatcmpl-")
+    assert completion["model"] == MODEL
+    [choice] = completion["choices"]
+    assert choice["message"] == {"role": "assistant", "content": " ".join(REPLY_WORDS)}
+    assert choice["finish_reason"] == "stop"
+    assert completion["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": len(REPLY_WORDS),
+        "total_tokens": 2 + len(REPLY_WORDS),
+        "speculative": {
+            "drafts": 4,
+            "draft_tokens": 16,
+            "accepted_tokens": 7,
+            "mean_acceptance_length": 2.75,
+        },
+    }
+
+
+async def test_max_tokens_stops_with_length_and_no_speculative_usage(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(max_tokens=3, speculative=False))
+    completion = response.json()
+    assert completion["choices"][0]["message"]["content"] == " ".join(REPLY_WORDS[:3])
+    assert completion["choices"][0]["finish_reason"] == "length"
+    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}],
+            },
+        ],
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 40,
+        "seed": 7,
+        "stop": "\n\n",
+        "max_tokens": 50,
+        "max_completion_tokens": 20,
+        "speculative": False,
+        "memory": {"namespace": "docs"},
+        "user": "someone",  # OpenAI fields Aerie does not use are ignored
+        "presence_penalty": 0.0,
+    }
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    sent = fake.requests[response.json()["id"]]
+    assert [(m.role, m.content) for m in sent.messages] == [
+        ("system", "Be brief."),
+        ("user", "first\nsecond"),
+    ]
+    assert sent.sampling.temperature == pytest.approx(0.5)
+    assert sent.sampling.top_p == pytest.approx(0.9)
+    assert sent.sampling.top_k == 40
+    assert sent.sampling.HasField("seed") and sent.sampling.seed == 7
+    assert list(sent.sampling.stop) == ["\n\n"]
+    assert sent.sampling.max_tokens == 20  # max_completion_tokens wins over max_tokens
+    assert sent.speculative is False
+
+
+async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body())
+    sent = fake.requests[response.json()["id"]]
+    assert sent.sampling.temperature == pytest.approx(1.0)
+    assert sent.sampling.top_p == pytest.approx(1.0)
+    assert sent.sampling.top_k == 0
+    assert not sent.sampling.HasField("seed")
+    assert sent.sampling.max_tokens == 0
+    assert sent.speculative is True
+
+
+async def test_streaming_chunks_then_usage_then_done(gateway_app):
+    body = chat_body(stream=True, stream_options={"include_usage": True})
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in payloads[:-1]]
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks[1:-2])
+    assert content == " ".join(REPLY_WORDS)
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == len(REPLY_WORDS)
+    assert chunks[-1]["usage"]["speculative"]["accepted_tokens"] == 7
+    assert all("usage" not in chunk for chunk in chunks[:-1])
+
+
+async def test_streaming_without_include_usage_has_no_usage_chunk(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=2))
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    last_chunk = json.loads(payloads[-2])
+    assert last_chunk["choices"][0]["finish_reason"] == "length"
+    assert "usage" not in last_chunk
+
+
+async def test_error_after_stream_started_is_an_error_event_then_done(gateway_app):
+    app = gateway_app()
+    async with asgi_client(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(FAIL_MIDWAY, stream=True))
+    assert response.status_code == 200
+    payloads = sse_payloads(response.text)
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["type"] == "server_error"
+    assert "verifier fell over" in error["message"]
+    assert app.state.admission.in_flight == 0
+
+
+async def test_openai_client_streaming_and_not(gateway_app):
+    with served_over_http(gateway_app(api_keys="sk-test")) as base_url:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="sk-test", max_retries=0)
+        messages = [{"role": "user", "content": "Say hello."}]
+
+        completion = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+        assert completion.choices[0].message.content == " ".join(REPLY_WORDS[:4])
+        assert completion.choices[0].finish_reason == "length"
+        assert completion.usage.total_tokens == 2 + 4
+        assert completion.usage.model_extra["speculative"]["drafts"] == 4
+
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " ".join(REPLY_WORDS)
+        assert chunks[-1].usage.completion_tokens == len(REPLY_WORDS)
+
+        models = await client.models.list()
+        assert [model.id for model in models.data] == [MODEL]
+
+        with pytest.raises(openai.RateLimitError, match=BUSY_MESSAGE):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": BUSY}])
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": MODEL}, "messages"),
+        (chat_body(temperature=5), "temperature"),
+        (chat_body(n=2), "n"),
+        (chat_body(top_p=0), "top_p"),
+        (chat_body(max_tokens=0), "max_tokens"),
+        (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (chat_body(memory=True), "memory"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0].type",
+        ),
+    ],
+)
+async def test_invalid_request_is_400_envelope(gateway_app, body, param):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert_error(response, 400, "invalid_request_error", param)
+
+
+async def test_malformed_json_is_400(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post(
+            "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+        )
+    assert_error(response, 400, "invalid_request_error")
+
+
+async def test_unknown_model_is_404(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json={**chat_body(), "model": "gpt-4o"})
+    error = assert_error(response, 404, "invalid_request_error", "model")
+    assert error["code"] == "model_not_found"
+
+
+async def test_served_model_name_overrides_the_verifiers(gateway_app):
+    async with asgi_client(gateway_app(served_model_name="aerie-chat")) as client:
+        models = (await client.get("/v1/models")).json()
+        rejected = await client.post("/v1/chat/completions", json=chat_body())
+        accepted = await client.post("/v1/chat/completions", json={**chat_body(), "model": "aerie-chat"})
+    assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [
+        ("aerie-chat", "model", "aerie")
+    ]
+    assert rejected.status_code == 404
+    assert accepted.status_code == 200
+    assert accepted.json()["model"] == "aerie-chat"
+
+
+async def test_unknown_route_and_wrong_method_use_the_envelope(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        missing = await client.get("/v1/nothing-here")
+        wrong_method = await client.get("/v1/chat/completions")
+    assert_error(missing, 404, "invalid_request_error")
+    assert_error(wrong_method, 405, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"Authorization": "Bearer wrong-key"}, 401),
+        ({"Authorization": "Basic key-two"}, 401),
+        ({"Authorization": "Bearer key-two"}, 200),
+    ],
+)
+async def test_api_keys(gateway_app, headers, status):
+    async with asgi_client(gateway_app(api_keys="key-one, key-two")) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(), headers=headers)
+        models = await client.get("/v1/models", headers=headers)
+        open_routes = [await client.get(path) for path in ("/health", "/ready", "/metrics")]
+    assert response.status_code == status
+    assert models.status_code == status
+    if status == 401:
+        assert_error(response, 401, "authentication_error")
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert [r.status_code for r in open_routes] == [200, 200, 200]  # probes and scrapers need no key
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_verifier_busy_is_429_with_retry_after(gateway_app, stream):
+    app = gateway_app()
+    async with asgi_client(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(BUSY, stream=stream))
+    error = assert_error(response, 429, "rate_limit_error")
+    assert error["message"] == BUSY_MESSAGE
+    assert response.headers["retry-after"] == "1"
+    assert app.state.admission.in_flight == 0
+
+
+async def test_over_max_concurrent_requests_is_429(gateway_app):
+    app = gateway_app(max_concurrent_requests=1)
+    admission = app.state.admission
+    async with asgi_client(app) as client:
+        slow = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(SLOW)))
+        while admission.in_flight == 0:
+            await asyncio.sleep(0.01)
+        refused = await client.post("/v1/chat/completions", json=chat_body())
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        assert admission.in_flight == 0
+    assert_error(refused, 429, "rate_limit_error")
+    assert refused.headers["retry-after"] == "1"
+
+
+async def test_invalid_argument_is_400_with_the_verifiers_message(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(TOO_LONG))
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["message"] == TOO_LONG_MESSAGE
+
+
+@pytest.mark.parametrize("served_model_name", ["", MODEL])
+async def test_verifier_down_is_503(gateway_app, served_model_name):
+    app = gateway_app(verifier_addr=f"127.0.0.1:{free_port()}", served_model_name=served_model_name)
+    async with asgi_client(app) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body())
+    assert_error(response, 503, "service_unavailable_error")
+
+
+async def test_unexpected_error_is_500_envelope_and_frees_the_slot(gateway_app, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr("aerie_gateway.app.to_generate_request", broken)
+    app = gateway_app()
+    async with asgi_client(app, raise_app_exceptions=False) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body())
+    assert_error(response, 500, "server_error")
+    assert app.state.admission.in_flight == 0
+
+
+async def test_ready_when_every_backend_answers(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "backends": {"verifier": True, "drafter": True, "memory": True, "redis": True},
+    }
+
+
+async def test_not_ready_names_the_missing_backends(gateway_app):
+    closed = free_port()
+    app = gateway_app(redis_url=f"redis://127.0.0.1:{closed}/0", memory_addr=f"127.0.0.1:{closed}")
+    async with asgi_client(app) as client:
+        response = await client.get("/ready")
+        health_response = await client.get("/health")
+    error = assert_error(response, 503, "service_unavailable_error")
+    assert "redis" in error["message"] and "memory" in error["message"]
+    assert "verifier" not in error["message"]
+    assert response.json()["backends"] == {"verifier": True, "drafter": True, "memory": False, "redis": False}
+    assert health_response.json() == {"status": "ok"}
+
+
+async def test_metrics_move_after_a_request(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        before_text = (await client.get("/metrics")).text
+        await client.post("/v1/chat/completions", json=chat_body(stream=True))
+        await client.post("/v1/chat/completions", json=chat_body(max_tokens=3))
+        after_response = await client.get("/metrics")
+    assert after_response.headers["content-type"].startswith("text/plain")
+    before, after = metric_samples(before_text), metric_samples(after_response.text)
+
+    def moved(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert "aerie:time_to_first_token_seconds" in before_text
+    assert moved("aerie:time_to_first_token_seconds_count") == 2
+    assert moved("aerie:e2e_request_latency_seconds_count") == 2
+    # One gap per token after the first of each reply.
+    assert moved("aerie:inter_token_latency_seconds_count") == (len(REPLY_WORDS) - 1) + 2
+    assert moved("aerie:prompt_tokens_total") == 4
+    assert moved("aerie:generation_tokens_total") == len(REPLY_WORDS) + 3
+    assert moved("aerie:request_success_total", finished_reason="stop") == 1
+    assert moved("aerie:request_success_total", finished_reason="length") == 1
+    assert moved("aerie:spec_decode_num_drafts_total") == 2 * SPEC_STATS.drafts
+    assert moved("aerie:spec_decode_num_accepted_tokens_total") == 2 * SPEC_STATS.accepted_tokens
+    assert after[("aerie:num_requests_running", ())] == 0
+    assert after[("aerie:num_requests_waiting", ())] == 0
+
+
+async def test_client_disconnect_mid_stream_cancels_generation(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    app = gateway_app()
+    with served_over_http(app) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            async with client.stream(
+                "POST", "/v1/chat/completions", json=chat_body(SLOW, stream=True)
+            ) as response:
+                assert response.status_code == 200
+                lines = response.aiter_lines()
+                first_chunk = json.loads((await anext(lines)).removeprefix("data: "))
+            # Leaving the block closed the connection with the reply a few words in.
+        request_id = first_chunk["id"]
+        await assert_generation_cancelled(fake, app, request_id)
+
+
+async def test_client_disconnect_while_waiting_for_a_full_reply_cancels_generation(
+    gateway_app, gateway_fake_verifier
+):
+    fake, _ = gateway_fake_verifier
+    prompt = f"{SLOW} {uuid.uuid4().hex}"  # finds this request among the fake's
+    app = gateway_app()
+    with served_over_http(app) as base_url:
+        async with httpx.AsyncClient(base_url=base_url, timeout=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                # The client gives up, and hangs up, long before the 2 s reply is complete.
+                await client.post("/v1/chat/completions", json=chat_body(prompt))
+        [request_id] = [rid for rid, sent in fake.requests.items() if sent.messages[-1].content == prompt]
+        await assert_generation_cancelled(fake, app, request_id)
