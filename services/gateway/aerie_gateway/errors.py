@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from http import HTTPStatus
 from typing import Any
 
 import grpc
@@ -137,8 +136,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own errors: unknown route (404), wrong method (405), ...
         error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return APIError(exc.status_code, message, error_type, headers=exc.headers).response()
+        return APIError(exc.status_code, str(exc.detail), error_type, headers=exc.headers).response()
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         # Starlette re-raises the exception after this response, so the server logs it.
