@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x65rie_proto/v1/drafter.proto\x12\x08\x61\x65rie.v1\"G\n\x0bTensorChunk\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04more\x18\x04 \x01(\x08\"?\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x8b\x01\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12!\n\x04tree\x18\x03 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12,\n\rhidden_states\x18\x04 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"W\n\x0b\x44raftExtend\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12,\n\rhidden_states\x18\x02 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"\x9b\x01\n\x0c\x44raftRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.aerie.v1.DraftStartH\x00\x12\'\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x15.aerie.v1.DraftExtendH\x00\x12\x33\n\x12hidden_states_part\x18\x03 \x01(\x0b\x32\x15.aerie.v1.TensorChunkH\x00\x42\x06\n\x04kind\"?\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"2\n\rDraftResponse\x12!\n\x04tree\x18\x01 \x01(\x0b\x32\x13.aerie.v1.DraftTree2N\n\x07\x44rafter\x12\x43\n\x0c\x44raftSession\x12\x16.aerie.v1.DraftRequest\x1a\x17.aerie.v1.DraftResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x65rie_proto/v1/drafter.proto\x12\x08\x61\x65rie.v1\"G\n\x0bTensorChunk\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04more\x18\x04 \x01(\x08\"?\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x84\x01\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12!\n\x04tree\x18\x03 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12,\n\rhidden_states\x18\x04 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"W\n\x0b\x44raftExtend\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12,\n\rhidden_states\x18\x02 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"\x9b\x01\n\x0c\x44raftRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.aerie.v1.DraftStartH\x00\x12\'\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x15.aerie.v1.DraftExtendH\x00\x12\x33\n\x12hidden_states_part\x18\x03 \x01(\x0b\x32\x15.aerie.v1.TensorChunkH\x00\x42\x06\n\x04kind\"?\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"2\n\rDraftResponse\x12!\n\x04tree\x18\x01 \x01(\x0b\x32\x13.aerie.v1.DraftTree\"\x14\n\x12\x44rafterInfoRequest\"\xc7\x01\n\x0b\x44rafterInfo\x12\x19\n\x11\x63\x61pture_layer_ids\x18\x01 \x03(\x05\x12\x15\n\reagle_version\x18\x02 \x01(\t\x12\x1a\n\x12target_hidden_size\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10\x64raft_vocab_size\x18\x05 \x01(\x05\x12)\n\x0c\x64\x65\x66\x61ult_tree\x18\x06 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12\x11\n\thead_path\x18\x07 \x01(\t2\x8e\x01\n\x07\x44rafter\x12\x43\n\x0c\x44raftSession\x12\x16.aerie.v1.DraftRequest\x1a\x17.aerie.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1c.aerie.v1.DrafterInfoRequest\x1a\x15.aerie.v1.DrafterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TREESHAPE']._serialized_start=115
   _globals['_TREESHAPE']._serialized_end=178
   _globals['_DRAFTSTART']._serialized_start=181
-  _globals['_DRAFTSTART']._serialized_end=320
-  _globals['_DRAFTEXTEND']._serialized_start=322
-  _globals['_DRAFTEXTEND']._serialized_end=409
-  _globals['_DRAFTREQUEST']._serialized_start=412
-  _globals['_DRAFTREQUEST']._serialized_end=567
-  _globals['_DRAFTTREE']._serialized_start=569
-  _globals['_DRAFTTREE']._serialized_end=632
-  _globals['_DRAFTRESPONSE']._serialized_start=634
-  _globals['_DRAFTRESPONSE']._serialized_end=684
-  _globals['_DRAFTER']._serialized_start=686
-  _globals['_DRAFTER']._serialized_end=764
+  _globals['_DRAFTSTART']._serialized_end=313
+  _globals['_DRAFTEXTEND']._serialized_start=315
+  _globals['_DRAFTEXTEND']._serialized_end=402
+  _globals['_DRAFTREQUEST']._serialized_start=405
+  _globals['_DRAFTREQUEST']._serialized_end=560
+  _globals['_DRAFTTREE']._serialized_start=562
+  _globals['_DRAFTTREE']._serialized_end=625
+  _globals['_DRAFTRESPONSE']._serialized_start=627
+  _globals['_DRAFTRESPONSE']._serialized_end=677
+  _globals['_DRAFTERINFOREQUEST']._serialized_start=679
+  _globals['_DRAFTERINFOREQUEST']._serialized_end=699
+  _globals['_DRAFTERINFO']._serialized_start=702
+  _globals['_DRAFTERINFO']._serialized_end=901
+  _globals['_DRAFTER']._serialized_start=904
+  _globals['_DRAFTER']._serialized_end=1046
 # @@protoc_insertion_point(module_scope)

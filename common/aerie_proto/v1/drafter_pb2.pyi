@@ -29,16 +29,16 @@ class TreeShape(_message.Message):
     def __init__(self, depth: _Optional[int] = ..., top_k: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class DraftStart(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "tree", "hidden_states")
+    __slots__ = ("request_id", "token_ids", "tree", "hidden_states")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TREE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
     tree: TreeShape
     hidden_states: TensorChunk
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ..., hidden_states: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ..., hidden_states: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class DraftExtend(_message.Message):
     __slots__ = ("accepted_token_ids", "hidden_states")
@@ -73,3 +73,25 @@ class DraftResponse(_message.Message):
     TREE_FIELD_NUMBER: _ClassVar[int]
     tree: DraftTree
     def __init__(self, tree: _Optional[_Union[DraftTree, _Mapping]] = ...) -> None: ...
+
+class DrafterInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DrafterInfo(_message.Message):
+    __slots__ = ("capture_layer_ids", "eagle_version", "target_hidden_size", "vocab_size", "draft_vocab_size", "default_tree", "head_path")
+    CAPTURE_LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    EAGLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TREE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_PATH_FIELD_NUMBER: _ClassVar[int]
+    capture_layer_ids: _containers.RepeatedScalarFieldContainer[int]
+    eagle_version: str
+    target_hidden_size: int
+    vocab_size: int
+    draft_vocab_size: int
+    default_tree: TreeShape
+    head_path: str
+    def __init__(self, capture_layer_ids: _Optional[_Iterable[int]] = ..., eagle_version: _Optional[str] = ..., target_hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., draft_vocab_size: _Optional[int] = ..., default_tree: _Optional[_Union[TreeShape, _Mapping]] = ..., head_path: _Optional[str] = ...) -> None: ...

@@ -39,12 +39,23 @@ class DrafterStub:
                 request_serializer=aerie__proto_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
                 response_deserializer=aerie__proto_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
                 _registered_method=True)
+        self.GetInfo = channel.unary_unary(
+                '/aerie.v1.Drafter/GetInfo',
+                request_serializer=aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfoRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfo.FromString,
+                _registered_method=True)
 
 
 class DrafterServicer:
     """Missing associated documentation comment in .proto file."""
 
     def DraftSession(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_DrafterServicer_to_server(servicer, server):
                     servicer.DraftSession,
                     request_deserializer=aerie__proto_dot_v1_dot_drafter__pb2.DraftRequest.FromString,
                     response_serializer=aerie__proto_dot_v1_dot_drafter__pb2.DraftResponse.SerializeToString,
+            ),
+            'GetInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetInfo,
+                    request_deserializer=aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfoRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class Drafter:
             '/aerie.v1.Drafter/DraftSession',
             aerie__proto_dot_v1_dot_drafter__pb2.DraftRequest.SerializeToString,
             aerie__proto_dot_v1_dot_drafter__pb2.DraftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Drafter/GetInfo',
+            aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfoRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_drafter__pb2.DrafterInfo.FromString,
             options,
             channel_credentials,
             insecure,

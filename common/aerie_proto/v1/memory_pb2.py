@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x65rie_proto/v1/memory.proto\x12\x08\x61\x65rie.v1\"\x89\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .aerie.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\rIngestRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12%\n\tdocuments\x18\x02 \x03(\x0b\x32\x12.aerie.v1.Document\",\n\x0e\x44ocumentStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"M\n\x0eIngestResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\tdocuments\x18\x02 \x03(\x0b\x32\x18.aerie.v1.DocumentStatus\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"t\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x03\x12\r\n\x05total\x18\x06 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\"3\n\x0cQueryRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\"G\n\rQueryResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t2\xb1\x01\n\x06Memory\x12;\n\x06Ingest\x12\x17.aerie.v1.IngestRequest\x1a\x18.aerie.v1.IngestResponse\x12\x30\n\x06GetJob\x12\x17.aerie.v1.GetJobRequest\x1a\r.aerie.v1.Job\x12\x38\n\x05Query\x12\x16.aerie.v1.QueryRequest\x1a\x17.aerie.v1.QueryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61\x65rie_proto/v1/memory.proto\x12\x08\x61\x65rie.v1\"\x89\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .aerie.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\rIngestRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12%\n\tdocuments\x18\x02 \x03(\x0b\x32\x12.aerie.v1.Document\",\n\x0e\x44ocumentStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"M\n\x0eIngestResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12+\n\tdocuments\x18\x02 \x03(\x0b\x32\x18.aerie.v1.DocumentStatus\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x82\x01\n\tStepYield\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x03\x12\x14\n\x0c\x66\x61iled_calls\x18\x03 \x01(\x03\x12\x12\n\ncandidates\x18\x04 \x01(\x03\x12\x0c\n\x04kept\x18\x05 \x01(\x03\x12\x0f\n\x07\x64ropped\x18\x06 \x01(\x03\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\"\xd7\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x03\x12\r\n\x05total\x18\x06 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x07 \x03(\t\x12\x0c\n\x04kind\x18\x08 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\t \x03(\t\x12(\n\x0bstep_yields\x18\n \x03(\x0b\x32\x13.aerie.v1.StepYield\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nstarted_at\x18\r \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0e \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\x03\x12\x19\n\x11training_examples\x18\x10 \x01(\x03\x12\x12\n\ntrain_loss\x18\x11 \x01(\x01\"(\n\x13GetNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"k\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x12\n\ncreated_at\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x64\x61pters\x18\x03 \x03(\t\x12\x14\n\x0cties_density\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbc\x01\n\x0eNamespaceStats\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x03\x12\x13\n\x0breflections\x18\x04 \x01(\x03\x12\x0c\n\x04jobs\x18\x05 \x01(\x03\x12\x17\n\x0f\x63urrent_version\x18\x06 \x01(\t\x12(\n\x08versions\x18\x07 \x03(\x0b\x32\x16.aerie.v1.ModelVersion\x12\x0e\n\x06\x65xists\x18\x08 \x01(\x08\"?\n\x15\x44\x65leteDocumentRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\"p\n\x16\x44\x65leteDocumentResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x15\n\raffected_jobs\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"5\n\x0fRollbackRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"G\n\x0cQueryRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"g\n\rQueryResponse\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0f\n\x07sources\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\r\n\x05knows\x18\x04 \x01(\x08\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x32\x90\x03\n\x06Memory\x12;\n\x06Ingest\x12\x17.aerie.v1.IngestRequest\x1a\x18.aerie.v1.IngestResponse\x12\x30\n\x06GetJob\x12\x17.aerie.v1.GetJobRequest\x1a\r.aerie.v1.Job\x12\x38\n\x05Query\x12\x16.aerie.v1.QueryRequest\x1a\x17.aerie.v1.QueryResponse\x12G\n\x0cGetNamespace\x12\x1d.aerie.v1.GetNamespaceRequest\x1a\x18.aerie.v1.NamespaceStats\x12S\n\x0e\x44\x65leteDocument\x12\x1f.aerie.v1.DeleteDocumentRequest\x1a .aerie.v1.DeleteDocumentResponse\x12?\n\x08Rollback\x12\x19.aerie.v1.RollbackRequest\x1a\x18.aerie.v1.NamespaceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +45,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTRESPONSE']._serialized_end=379
   _globals['_GETJOBREQUEST']._serialized_start=381
   _globals['_GETJOBREQUEST']._serialized_end=412
-  _globals['_JOB']._serialized_start=414
-  _globals['_JOB']._serialized_end=530
-  _globals['_QUERYREQUEST']._serialized_start=532
-  _globals['_QUERYREQUEST']._serialized_end=583
-  _globals['_QUERYRESPONSE']._serialized_start=585
-  _globals['_QUERYRESPONSE']._serialized_end=656
-  _globals['_MEMORY']._serialized_start=659
-  _globals['_MEMORY']._serialized_end=836
+  _globals['_STEPYIELD']._serialized_start=415
+  _globals['_STEPYIELD']._serialized_end=545
+  _globals['_JOB']._serialized_start=548
+  _globals['_JOB']._serialized_end=891
+  _globals['_GETNAMESPACEREQUEST']._serialized_start=893
+  _globals['_GETNAMESPACEREQUEST']._serialized_end=933
+  _globals['_MODELVERSION']._serialized_start=935
+  _globals['_MODELVERSION']._serialized_end=1042
+  _globals['_NAMESPACESTATS']._serialized_start=1045
+  _globals['_NAMESPACESTATS']._serialized_end=1233
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1235
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1298
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1300
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1412
+  _globals['_ROLLBACKREQUEST']._serialized_start=1414
+  _globals['_ROLLBACKREQUEST']._serialized_end=1467
+  _globals['_QUERYREQUEST']._serialized_start=1469
+  _globals['_QUERYREQUEST']._serialized_end=1540
+  _globals['_QUERYRESPONSE']._serialized_start=1542
+  _globals['_QUERYRESPONSE']._serialized_end=1645
+  _globals['_MEMORY']._serialized_start=1648
+  _globals['_MEMORY']._serialized_end=2048
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,21 @@ class MemoryStub:
                 request_serializer=aerie__proto_dot_v1_dot_memory__pb2.QueryRequest.SerializeToString,
                 response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.QueryResponse.FromString,
                 _registered_method=True)
+        self.GetNamespace = channel.unary_unary(
+                '/aerie.v1.Memory/GetNamespace',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.GetNamespaceRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
+                _registered_method=True)
+        self.DeleteDocument = channel.unary_unary(
+                '/aerie.v1.Memory/DeleteDocument',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/aerie.v1.Memory/Rollback',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -72,6 +87,24 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNamespace(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDocument(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +122,21 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Query,
                     request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.QueryRequest.FromString,
                     response_serializer=aerie__proto_dot_v1_dot_memory__pb2.QueryResponse.SerializeToString,
+            ),
+            'GetNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNamespace,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.GetNamespaceRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.SerializeToString,
+            ),
+            'DeleteDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDocument,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +220,87 @@ class Memory:
             '/aerie.v1.Memory/Query',
             aerie__proto_dot_v1_dot_memory__pb2.QueryRequest.SerializeToString,
             aerie__proto_dot_v1_dot_memory__pb2.QueryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/GetNamespace',
+            aerie__proto_dot_v1_dot_memory__pb2.GetNamespaceRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/DeleteDocument',
+            aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.DeleteDocumentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/Rollback',
+            aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,6 +33,8 @@ from .errors import (
     rate_limited,
     service_unavailable,
 )
+from .memory_compose import MemoryComposer, with_memory_in_first_chunk
+from .memory_routes import build_router as build_memory_router
 from .metrics import GatewayMetrics
 from .schemas import ChatCompletionRequest, ModelCard, ModelList
 from .settings import GatewaySettings
@@ -129,17 +131,26 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
         generation = Generation(metrics.track_request(), release=admission.leave)
         streaming = False
+        memory_info = None
         try:
+            if body.memory is not None:
+                composer = MemoryComposer(backends.memory, backends.verifier, settings)
+                body, memory_info = await run_unless_disconnected(request, composer.run(body))
             generation.start(
                 backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
             )
             if not body.stream:
                 completion = await run_unless_disconnected(request, collect_completion(generation, identity))
-                return JSONResponse(completion.model_dump(mode="json"))
+                payload = completion.model_dump(mode="json")
+                if memory_info is not None:
+                    payload["memory"] = memory_info  # Aerie extension: what memory contributed
+                return JSONResponse(payload)
             # Wait for the first response before sending headers, so that the verifier
             # refusing the request (too long, too busy, down) is still an HTTP status.
             first = await run_unless_disconnected(request, generation.next())
             events = stream_chunks(generation, first, identity, body.include_usage)
+            if memory_info is not None:
+                events = with_memory_in_first_chunk(events, memory_info)
             streaming = True
             return ClosingStreamingResponse(
                 events,
@@ -155,6 +166,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 generation.close()
 
     app.include_router(v1)
+    app.include_router(build_memory_router(backends, settings, [Depends(require_api_key)]))
 
     @app.get("/health")
     async def health() -> dict[str, str]:

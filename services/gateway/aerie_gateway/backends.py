@@ -10,7 +10,7 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import insecure_channel
-from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+from aerie_proto.v1 import memory_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .settings import GatewaySettings
@@ -27,6 +27,7 @@ class Backends:
         self._health: dict[str, health_pb2_grpc.HealthStub] = {}
         self._redis: aioredis.Redis | None = None
         self._verifier: verifier_pb2_grpc.VerifierStub | None = None
+        self._memory: memory_pb2_grpc.MemoryStub | None = None
         self._model_id: str | None = None
 
     @property
@@ -34,6 +35,12 @@ class Backends:
         if self._verifier is None:
             raise RuntimeError("backends are not open")
         return self._verifier
+
+    @property
+    def memory(self) -> memory_pb2_grpc.MemoryStub:
+        if self._memory is None:
+            raise RuntimeError("backends are not open")
+        return self._memory
 
     def open(self) -> None:
         """Create the channels and the Redis client. Neither connects until first used,
@@ -48,6 +55,7 @@ class Backends:
             self._channels[name] = insecure_channel(addr)
             self._health[name] = health_pb2_grpc.HealthStub(self._channels[name])
         self._verifier = verifier_pb2_grpc.VerifierStub(self._channels["verifier"])
+        self._memory = memory_pb2_grpc.MemoryStub(self._channels["memory"])
         self._redis = aioredis.Redis.from_url(
             settings.redis_url,
             socket_connect_timeout=settings.health_timeout_s,
@@ -59,6 +67,7 @@ class Backends:
         self._channels.clear()
         self._health.clear()
         self._verifier = None
+        self._memory = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

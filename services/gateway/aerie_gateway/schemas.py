@@ -62,7 +62,11 @@ class StreamOptions(BaseModel):
 class MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    namespace: str = Field(min_length=1, max_length=128)
+    namespace: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    # "three_stage": MEMO's grounding / entity / answer protocol; "single_pass": one question
+    # to the memory, for latency.
+    mode: Literal["three_stage", "single_pass"] = "three_stage"
+    max_turns: int | None = Field(default=None, ge=1, le=12)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -84,7 +88,8 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     # Aerie extensions.
     speculative: bool = True
-    # Accepted and validated now; the memory service is not consulted yet.
+    # MEMO memory: the memory service is questioned and its findings composed into the
+    # prompt (see aerie_gateway.memory_compose); the response says what it contributed.
     memory: Annotated[MemoryOptions | None, BeforeValidator(_false_as_none)] = None
 
     @model_validator(mode="before")

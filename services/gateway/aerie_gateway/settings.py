@@ -18,6 +18,12 @@ class GatewaySettings(ServiceSettings):
     grpc_timeout_s: float = 600.0
     # Deadline for each readiness probe and the GetModelInfo lookup.
     health_timeout_s: float = 2.0
+    # Memory (MEMO) in chat: the deadline of each memory call (HTTP /memory/* and chat's
+    # questions to the memory), and of chat's whole memory protocol; past it, chat answers
+    # without memory and says so.
+    memory_timeout_s: float = 60.0
+    memory_chat_budget_s: float = 120.0
+    memory_max_turns: int = 6  # memory questions per chat turn in the three-stage protocol
 
     @property
     def api_key_list(self) -> list[str]:

@@ -1,8 +1,10 @@
 """python -m aerie_memory: serve the Memory gRPC service.
 
-Ingestion, reflection synthesis and the memory model are not built yet, so every RPC
-answers UNIMPLEMENTED. Health is SERVING only while Redis, where all memory state will
-live, answers.
+The service is a thin adapter: ingestion, jobs, namespaces and deletes are Redis
+transactions (store.py); queries run the namespace's served memory model in a thread, so
+the event loop keeps answering. Learning happens in the worker (worker.py), which this
+process runs as a child and restarts when it exits. Health is SERVING only while Redis,
+where all memory state lives, answers.
 """
 
 from __future__ import annotations
@@ -10,29 +12,220 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
+import time
 
 import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
+from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
+from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base
 from aerie_memory.settings import MemorySettings
+from aerie_memory.store import MemoryStore
+from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace
+from aerie_memory.training import IDK, answer
 
 log = logging.getLogger("aerie_memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
-_NOT_YET = "the memory service does not implement this yet"
+
+
+def job_to_proto(job) -> memory_pb2.Job:
+    return memory_pb2.Job(
+        job_id=job.job_id,
+        namespace=job.namespace,
+        status=job.status,
+        stage=job.stage,
+        done=job.done,
+        total=job.total,
+        errors=job.errors,
+        kind=job.kind,
+        document_ids=job.document_ids,
+        step_yields=[memory_pb2.StepYield(**s) for s in job.step_yields],
+        model_version=job.model_version,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempts=job.attempts,
+        training_examples=job.training_examples,
+        train_loss=job.train_loss,
+    )
+
+
+def version_to_proto(v) -> memory_pb2.ModelVersion:
+    return memory_pb2.ModelVersion(
+        version=v.version,
+        created_at=v.created_at,
+        adapters=[a["id"] for a in v.adapters],
+        ties_density=v.ties_density,
+        reason=v.reason,
+    )
+
+
+def knows(text: str) -> bool:
+    lowered = text.strip().lower()
+    return bool(lowered) and "don't know" not in lowered and "do not know" not in lowered
 
 
 class MemoryServicer(memory_pb2_grpc.MemoryServicer):
+    def __init__(self, settings: MemorySettings, store: MemoryStore):
+        self.settings = settings
+        self.store = store
+        self.root = settings.model_cache / "memory"
+        self.cache = MemoryCache(settings.memory_loaded_models)
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}
+
+    async def _invalid(self, context, exc: InvalidInput):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     async def Ingest(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        docs = [IncomingDocument(d.id, d.text, dict(d.metadata)) for d in request.documents]
+        try:
+            check_namespace(request.namespace)
+            check_documents(docs, self.settings.memory_max_documents, self.settings.memory_max_document_chars)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        outcome = await self.store.ingest(request.namespace, docs, self.settings.memory_chunk_chars)
+        log.info(
+            "ingest %s: %d documents, job %s",
+            request.namespace,
+            len(docs),
+            outcome.job_id or "none (all duplicates)",
+        )
+        return memory_pb2.IngestResponse(
+            job_id=outcome.job_id,
+            documents=[memory_pb2.DocumentStatus(id=i, status=s) for i, s in outcome.statuses],
+        )
 
     async def GetJob(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        job = await self.store.get_job(request.job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
+        return job_to_proto(job)
+
+    async def GetNamespace(self, request, context):
+        try:
+            check_namespace(request.namespace)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        stats = await self.store.namespace_stats(request.namespace)
+        return memory_pb2.NamespaceStats(
+            namespace=request.namespace,
+            documents=stats["documents"],
+            chunks=stats["chunks"],
+            reflections=stats["reflections"],
+            jobs=stats["jobs"],
+            current_version=stats["current_version"],
+            versions=[version_to_proto(v) for v in stats["versions"]],
+            exists=stats["exists"],
+        )
+
+    async def DeleteDocument(self, request, context):
+        try:
+            check_namespace(request.namespace)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        current = await self.store.current_version(request.namespace)
+        result = await self.store.delete_document(request.namespace, request.document_id)
+        if result is None:
+            return memory_pb2.DeleteDocumentResponse(
+                deleted=False,
+                detail=f"no document {request.document_id!r} in namespace {request.namespace!r}",
+            )
+        job_id, h = result
+        affected = [a for a in (current.adapters if current else []) if [request.document_id, h] in a["docs"]]
+        if not affected:
+            method = "not_learned"
+            detail = (
+                "The document was removed; no served memory version has learned it yet, and the job "
+                f"{job_id} makes sure a job still learning it does not keep it."
+            )
+        elif all(len(a["docs"]) == 1 for a in affected):
+            method = "drop_adapter"
+            detail = (
+                f"The adapter that learned only this document ({', '.join(a['id'] for a in affected)}) is "
+                f"removed and the remaining adapters TIES-merged into a new version by job {job_id}; "
+                "until it succeeds the current version still holds the document."
+            )
+        else:
+            method = "retrain_adapter"
+            detail = (
+                f"The adapters that learned it ({', '.join(a['id'] for a in affected)}) are retrained by job "
+                f"{job_id} on their reflections minus those from this document, then TIES-merged into a new "
+                "version; until it succeeds the current version still holds the document."
+            )
+        return memory_pb2.DeleteDocumentResponse(
+            deleted=True,
+            job_id=job_id,
+            method=method,
+            affected_jobs=[a["id"] for a in affected],
+            detail=detail,
+        )
+
+    async def Rollback(self, request, context):
+        try:
+            check_namespace(request.namespace)
+            await self.store.rollback(request.namespace, request.version)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        except LookupError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return await self.GetNamespace(memory_pb2.GetNamespaceRequest(namespace=request.namespace), context)
+
+    def _base_loader(self):
+        model_dir = resolve_model_dir(self.settings.memory_base_model, self.settings.model_cache)
+        return load_base(model_dir, pick_device("auto"))
+
+    async def _memory(self, namespace: str):
+        version = await self.store.current_version(namespace)
+        if version is None or not version.adapters:
+            return None  # nothing learned (or everything forgotten): the memory knows nothing
+        loaded = self.cache.get(namespace, version.version)
+        if loaded is not None:
+            return loaded
+        key = (namespace, version.version)
+        if key not in self._loading:  # one load per version, however many queries wait
+            self._loading[key] = asyncio.ensure_future(
+                asyncio.to_thread(build_memory, self._base_loader, self.root, namespace, version)
+            )
+        try:
+            loaded = await self._loading[key]
+        finally:
+            self._loading.pop(key, None)
+        self.cache.put(namespace, loaded)
+        return loaded
 
     async def Query(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_YET)
+        try:
+            check_namespace(request.namespace)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        question = request.question.strip()
+        if not question or len(question) > 2000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question must hold 1-2000 characters")
+        started = time.monotonic()
+        memory = await self._memory(request.namespace)
+        if memory is None:
+            return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
+        max_tokens = request.max_tokens or self.settings.memory_query_max_tokens
+
+        def run() -> str:
+            with memory.lock:  # one generation at a time per loaded model
+                return answer(memory.model, memory.tokenizer, question, max_tokens)
+
+        text = await asyncio.to_thread(run)
+        known = knows(text)
+        sources = attribute_sources(question, text, memory.reflections) if known else []
+        return memory_pb2.QueryResponse(
+            answer=text,
+            sources=sources,
+            model_version=memory.version,
+            knows=known,
+            seconds=time.monotonic() - started,
+        )
 
 
 async def watch_redis(service: GrpcService, client: aioredis.Redis, interval_s: float = 2.0) -> None:
@@ -50,20 +243,66 @@ async def watch_redis(service: GrpcService, client: aioredis.Redis, interval_s: 
         await asyncio.sleep(interval_s)
 
 
+class WorkerSupervisor:
+    """Runs ``python -m aerie_memory.worker`` as a child and restarts it when it exits
+    (killed included); its stdout/stderr are this process's."""
+
+    def __init__(self):
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stopping = False
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while not self.stopping:
+            started = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "aerie_memory.worker", env=dict(os.environ)
+            )
+            log.info("worker started (pid %d)", self.proc.pid)
+            code = await self.proc.wait()
+            if self.stopping:
+                return
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            log.warning("worker exited with %s; restarting in %.0fs", code, backoff)
+            await asyncio.sleep(backoff)
+
+    async def stop(self, timeout_s: float) -> None:
+        self.stopping = True
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
 async def serve(settings: MemorySettings) -> None:
+    if settings.memory_torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.memory_torch_threads)
     client = aioredis.from_url(settings.redis_url)
-    service = GrpcService(
-        lambda s: memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(), s), [SERVICE_NAME]
-    )
+    store = MemoryStore(client)
+    servicer = MemoryServicer(settings, store)
+    service = GrpcService(lambda s: memory_pb2_grpc.add_MemoryServicer_to_server(servicer, s), [SERVICE_NAME])
     port = await service.start(settings.memory_host, settings.memory_port)
     log.info("serving on %s:%d (redis %s)", settings.memory_host, port, settings.redis_url)
     watcher = asyncio.create_task(watch_redis(service, client))
+    supervisor = WorkerSupervisor()
+    worker_task = asyncio.create_task(supervisor.run()) if settings.memory_worker_enabled else None
     try:
         await service.serve_until_signalled(settings.drain_timeout_s, on_drain=watcher.cancel)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if worker_task is not None:
+            await supervisor.stop(settings.drain_timeout_s)
+            worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker_task
         await client.aclose()
 
 

@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
-from aerie_common.settings import ServiceSettings
+from aerie_common.settings import DEFAULT_TARGET_MODEL, ServiceSettings
 
 
 class MemorySettings(ServiceSettings):
     memory_host: str = "127.0.0.1"
     memory_port: int = 50053
+
+    # --- ingestion limits (bad input is INVALID_ARGUMENT, HTTP 400 at the gateway) -------
+    memory_max_documents: int = 64  # documents per ingest request
+    memory_max_document_chars: int = 20_000  # characters per document
+    memory_chunk_chars: int = 600  # chunks are whole sentences up to about this size
+
+    # --- the generator LLM that writes reflections ---------------------------------------
+    # Empty: Aerie's verifier over gRPC (AERIE_VERIFIER_ADDR). Otherwise the base URL of an
+    # OpenAI-compatible API (".../v1"), called at /chat/completions.
+    memory_generator_url: str = ""
+    memory_generator_model: str = ""  # the `model` sent to an OpenAI-compatible generator
+    memory_generator_api_key: str = ""
+    memory_generator_concurrency: int = 8  # generation calls in flight at once
+    # Tokens of a fact-writing call; the other steps' calls get two thirds of it.
+    memory_generator_max_tokens: int = 80
+    # Per call. Calls queue at the verifier (8 at a time, round-robin), so allow the wait.
+    memory_generator_timeout_s: float = 900.0
+
+    # --- the MEMORY model -----------------------------------------------------------------
+    # Base model: a built-in name or a Hugging Face model directory.
+    memory_base_model: str = DEFAULT_TARGET_MODEL
+    memory_lora_rank: int = 16
+    memory_lora_alpha: int = 32
+    memory_train_epochs: int = 5
+    memory_learning_rate: float = 1e-3
+    memory_batch_size: int = 8
+    memory_max_seq_tokens: int = 160
+    ties_density: float = 0.3  # TIES trim: the fraction of each task vector kept (MEMO: 0.3)
+    ties_lambda: float = 1.0  # scale of the merged task vector added to the base
+    memory_loaded_models: int = 2  # namespaces whose memory model stays loaded for queries
+    memory_query_max_tokens: int = 48
+    # Torch threads of the worker's training and the service's queries. One by default: on a
+    # small CPU shared with the verifier, two threads fighting other processes were 4x
+    # slower than one (measured); 0 means torch's default.
+    memory_torch_threads: int = 1
+
+    # --- the worker ------------------------------------------------------------------------
+    # Seconds a job may go without its worker's heartbeat before another worker reclaims
+    # it (XAUTOCLAIM). The worker renews its claim every memory_heartbeat_s.
+    memory_reclaim_idle_s: float = 60.0
+    memory_heartbeat_s: float = 5.0
+    # Run the worker as a child process of the service (restarted when it dies).
+    memory_worker_enabled: bool = True

@@ -1,14 +1,17 @@
 """The generation engine: a scheduler thread that decodes many requests with one model.
 
 Each request owns its KV cache. The scheduler admits up to ``max_running`` requests from
-a bounded waiting queue and advances every running request by one decoding step in turn,
-so concurrent streams all make progress. Results go back through a per-request callback,
-called on the scheduler thread; the gRPC adapter hops them onto its event loop.
+a bounded waiting queue and advances every running request by one step in turn, so
+concurrent streams all make progress. A step is either one plain decoding step or, with
+a drafter, the verification of a whole draft tree in one forward (see tree_verify.py).
+Results go back through a per-request callback on the scheduler thread; the gRPC adapter
+hops them onto its event loop.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
@@ -17,10 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from aerie_common.draft_tree import DraftTree
 from transformers import DynamicCache
 
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.sampling import SamplingParams, next_token
+from aerie_verifier.speculative import (
+    CircuitBreaker,
+    Drafter,
+    DrafterFactory,
+    HiddenCapture,
+    SpeculativeStats,
+)
+from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +53,13 @@ class GenerationEvent:
     completion_tokens: int
     finish_reason: str | None = None  # None while running, then "stop" | "length"
     error: str | None = None  # set when the engine failed on this request
+    speculative: SpeculativeStats | None = None  # on the last event of a speculative request
 
 
 @dataclass
 class Sequence:
-    """One request's decoding state."""
+    """One request's decoding state. The KV cache holds every token but the last one
+    decided, which is fed (alone, or as the root of a draft tree) at the next step."""
 
     request_id: str
     prompt_ids: list[int]
@@ -55,11 +69,16 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None
     eos_ids: frozenset[int]
+    speculative: bool = False
     output_ids: list[int] = field(default_factory=list)
     cache: DynamicCache | None = None
     cancelled: bool = False
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    draft: Drafter | None = None
+    tree: DraftTree | None = None  # the next tree to verify
+    capture_layer_ids: tuple[int, ...] = ()
+    spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
 
     def append_tokens(self, tokens: list[int]) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
@@ -88,6 +107,7 @@ class Sequence:
                 prompt_tokens=len(self.prompt_ids),
                 completion_tokens=len(self.output_ids),
                 finish_reason=self.finish_reason,
+                speculative=self.spec_stats if self.speculative and self.finish_reason else None,
             )
         )
 
@@ -104,14 +124,27 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_running: int = 8, max_waiting: int = 64):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_running: int = 8,
+        max_waiting: int = 64,
+        drafter_factory: DrafterFactory | None = None,
+        breaker_cooldown_s: float = 10.0,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.config.vocab_size
         self.context_length = _context_length(model)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.drafter_factory = drafter_factory
+        self.capture = HiddenCapture(model) if drafter_factory else None
+        self.breaker = CircuitBreaker(breaker_cooldown_s)
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -149,11 +182,11 @@ class Engine:
         prompt_ids: list[int],
         params: SamplingParams,
         on_event: Callable[[GenerationEvent], None],
+        speculative: bool = False,
     ) -> RequestHandle:
         max_new_tokens = self._check_lengths(len(prompt_ids), params.max_tokens)
-        vocab = self.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.device)
@@ -168,6 +201,7 @@ class Engine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
             generator=generator,
             eos_ids=self.eos_ids,
+            speculative=speculative and self.drafter_factory is not None,
         )
         with self._cond:
             if len(self._waiting) >= self.max_waiting:
@@ -224,26 +258,109 @@ class Engine:
                             )
                         )
                 if seq.cancelled or seq.finish_reason is not None:
-                    if seq.finish_reason is not None:
-                        self.finished_total += 1
-                    else:
-                        self.cancelled_total += 1
-                        log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
-                    seq.cache = None
-                    self._running.remove(seq)
+                    self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        if seq.finish_reason is not None:
+            self.finished_total += 1
+        else:
+            self.cancelled_total += 1
+            log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
+        self._stop_drafting(seq)
+        seq.cache = None
+        self._running.remove(seq)
 
     @torch.inference_mode()
     def _step(self, seq: Sequence) -> None:
         if seq.cache is None:
-            seq.cache = DynamicCache()
-            new_ids = seq.prompt_ids
+            self._prefill(seq)
+        elif seq.tree is not None and self._tree_fits(seq, seq.tree):
+            self._verify_tree(seq)
         else:
-            new_ids = seq.output_ids[-1:]
-        input_ids = torch.tensor([new_ids], device=self.device)
-        logits = self.model(
-            input_ids=input_ids, past_key_values=seq.cache, use_cache=True, logits_to_keep=1
-        ).logits
+            self._decode_one(seq)
+
+    def _prefill(self, seq: Sequence) -> None:
+        seq.cache = DynamicCache()
+        layer_ids = self._capture_layers(seq) if seq.speculative and self.breaker.allow() else None
+        input_ids = torch.tensor([seq.prompt_ids], device=self.device)
+        with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
+            logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
+        token = next_token(logits[0, -1], seq.params, seq.generator)
+        seq.append_tokens([token])
+        if layer_ids and seq.finish_reason is None:
+            seq.capture_layer_ids = layer_ids
+            features = self.capture.features(layer_ids)
+            self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
+
+    def _capture_layers(self, seq: Sequence) -> tuple[int, ...] | None:
+        try:
+            return tuple(self.drafter_factory.capture_layer_ids())
+        except Exception as exc:
+            log.warning(
+                "request %s: drafter unavailable (%s); decoding without speculation", seq.request_id, exc
+            )
+            self._drafter_failed()
+            return None
+
+    def _decode_one(self, seq: Sequence) -> None:
+        seq.tree = None
+        input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
+        logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
         seq.append_tokens([next_token(logits[0, -1], seq.params, seq.generator)])
+
+    def _verify_tree(self, seq: Sequence) -> None:
+        tree, seq.tree = seq.tree, None
+        past_len = seq.cache.get_seq_length()
+        inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
+        with self.capture.layers(seq.capture_layer_ids):
+            logits = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                cache_position=inputs.cache_position,
+                past_key_values=seq.cache,
+            ).logits[0]
+        features = self.capture.features(seq.capture_layer_ids)
+        if seq.params.greedy:
+            accepted, bonus = accept_greedy(tree, logits)
+        else:
+            accepted, bonus = accept_sampling(tree, logits, seq.params, seq.generator)
+        keep_cache_entries(seq.cache, past_len, accepted)
+        seq.spec_stats.record(len(tree), len(accepted))
+        new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
+        seq.append_tokens(new_tokens)
+        if seq.finish_reason is None:
+            verified = features[[0, *(i + 1 for i in accepted)]]
+            self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
+
+    def _tree_fits(self, seq: Sequence, tree: DraftTree) -> bool:
+        return seq.cache.get_seq_length() + 1 + len(tree) <= self.context_length
+
+    def _next_tree(self, seq: Sequence, ask: Callable[[Drafter], DraftTree]) -> None:
+        """Ask the drafter for the next tree; on any failure carry on without speculation."""
+        try:
+            if seq.draft is None:
+                seq.draft = self.drafter_factory.open(seq.request_id)
+            tree = ask(seq.draft)
+            tree.validate(self.vocab_size)
+            seq.tree = tree if len(tree) else None
+        except Exception as exc:
+            log.warning("request %s: drafter failed (%s); decoding without speculation", seq.request_id, exc)
+            self._drafter_failed()
+            self._stop_drafting(seq)
+
+    def _drafter_failed(self) -> None:
+        self.breaker.record_failure()
+        self.drafter_factory.forget()
+
+    def _stop_drafting(self, seq: Sequence) -> None:
+        seq.tree = None
+        if seq.draft is not None:
+            draft, seq.draft = seq.draft, None
+            try:
+                draft.close()
+            except Exception:  # closing a broken session must not fail the request
+                log.debug("closing draft session of %s failed", seq.request_id, exc_info=True)
 
 
 def _context_length(model) -> int:

@@ -1,0 +1,1 @@
+"""Memory QA benchmark: fictional knowledge, no memory vs BM25 retrieval vs MEMO."""

@@ -1,0 +1,144 @@
+"""A seeded corpus of fictional documents (invented people and towns, so no model knows
+them) with single-hop and cross-document questions, plus as many distractor documents
+about other invented entities, which no question asks about.
+
+A person document says what the person does, where they live and what they collect; a
+town document says which river it lies on, what it exports and who governs it. Single-hop
+questions ask one fact of one document; cross-document questions need a town document
+(who governs it) and that governor's person document (their craft, or their home).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+_SYLLABLES = [
+    "bra", "cel", "dor", "fen", "gal", "hul", "ist", "jor", "kev", "lum", "mor", "nax", "oth", "pry",
+    "quin", "ras", "sev", "tal", "ulv", "vor", "wex", "yth", "zan", "ard", "eph", "ilo", "ond", "usk",
+]  # fmt: skip
+PROFESSIONS = [
+    "glassblower", "cartographer", "beekeeper", "clockmaker", "ferryman", "astronomer", "weaver",
+    "lighthouse keeper", "perfumer", "bookbinder", "falconer", "salt miner", "bellfounder", "herbalist",
+]  # fmt: skip
+COLLECTIONS = [
+    "copper keys", "river stones", "old maps", "blue feathers", "tin soldiers", "seashells", "pressed ferns",
+    "brass buttons", "owl figurines", "glass marbles", "iron nails", "wax seals",
+]  # fmt: skip
+EXPORTS = [
+    "amber", "wool", "saffron", "violins", "slate", "honey", "paper", "cheese", "rope", "glass beads",
+    "dried plums", "tea",
+]  # fmt: skip
+
+
+@dataclass
+class Question:
+    question: str
+    answer: str
+    kind: str  # "single_hop" | "cross_document"
+    sources: list[str]
+
+
+@dataclass
+class Corpus:
+    documents: list[dict]
+    distractors: list[dict]
+    questions: list[Question] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "documents": self.documents,
+            "distractors": self.distractors,
+            "questions": [asdict(q) for q in self.questions],
+        }
+
+
+def _name(rng: random.Random, used: set[str], parts: int) -> str:
+    while True:
+        words = []
+        for _ in range(parts):
+            word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 3))))
+            words.append(word.capitalize())
+        name = " ".join(words)
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def _people_and_towns(rng: random.Random, used: set[str], pairs: int, prefix: str):
+    people, towns = [], []
+    for i in range(pairs):
+        person = {
+            "name": _name(rng, used, 2),
+            "profession": rng.choice(PROFESSIONS),
+            "collection": rng.choice(COLLECTIONS),
+        }
+        town = {"name": _name(rng, used, 1), "river": _name(rng, used, 1), "export": rng.choice(EXPORTS)}
+        person["home"] = town["name"] if rng.random() < 0.5 else _name(rng, used, 1)
+        town["governor"] = person["name"]
+        people.append((f"{prefix}person-{i:02d}", person))
+        towns.append((f"{prefix}town-{i:02d}", town))
+    return people, towns
+
+
+def _person_text(p: dict) -> str:
+    return (
+        f"{p['name']} is a {p['profession']} who lives in {p['home']}. "
+        f"{p['name']} collects {p['collection']} and has done so since childhood."
+    )
+
+
+def _town_text(t: dict) -> str:
+    return (
+        f"{t['name']} is a small town on the {t['river']} river. "
+        f"The main export of {t['name']} is {t['export']}. "
+        f"{t['name']} is governed by {t['governor']}."
+    )
+
+
+def generate(seed: int = 0, documents: int = 20) -> Corpus:
+    """``documents`` (even) documents: half people, half towns; as many distractors."""
+    rng = random.Random(seed)
+    used: set[str] = set()
+    pairs = documents // 2
+    people, towns = _people_and_towns(rng, used, pairs, "")
+    d_people, d_towns = _people_and_towns(rng, used, pairs, "distractor-")
+    docs = [{"id": i, "text": _person_text(p)} for i, p in people] + [
+        {"id": i, "text": _town_text(t)} for i, t in towns
+    ]
+    distractors = [{"id": i, "text": _person_text(p)} for i, p in d_people] + [
+        {"id": i, "text": _town_text(t)} for i, t in d_towns
+    ]
+    questions = []
+    for (pid, p), (tid, t) in zip(people, towns, strict=True):
+        questions.append(Question(f"What is {p['name']}'s profession?", p["profession"], "single_hop", [pid]))
+        questions.append(Question(f"What does {p['name']} collect?", p["collection"], "single_hop", [pid]))
+        questions.append(
+            Question(f"What is the main export of {t['name']}?", t["export"], "single_hop", [tid])
+        )
+        questions.append(Question(f"Who governs {t['name']}?", t["governor"], "single_hop", [tid]))
+        questions.append(
+            Question(
+                f"What is the profession of the person who governs {t['name']}?",
+                p["profession"],
+                "cross_document",
+                [tid, pid],
+            )
+        )
+        questions.append(
+            Question(
+                f"What does the governor of {t['name']} collect?",
+                p["collection"],
+                "cross_document",
+                [tid, pid],
+            )
+        )
+    rng.shuffle(docs)
+    rng.shuffle(distractors)
+    return Corpus(docs, distractors, questions)
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """The gold answer appears in the response (case-insensitive); for a name, every part."""
+    text = response.lower()
+    return all(part in text for part in answer.lower().split())

@@ -1,0 +1,209 @@
+"""The EAGLE proposer: one draft session per request, kept apart from any server.
+
+A session mirrors the verifier's sequence. It holds the tokens and the target's captured
+hidden states; the pair (features at t, token t+1) is the head's input at position t,
+and its KV cache covers every pair seen so far. ``propose`` grows a dynamic draft tree
+from the last pair (EAGLE-2): expand the top-k children of the best frontier nodes for
+``depth`` steps, rank every candidate by cumulative log-probability, keep the best
+``total_tokens``. The tree's keys and values are scratch: after verification the
+verifier sends the accepted tokens with their *real* target features, and only those
+enter the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
+
+from aerie_drafter.eagle import EagleHead
+
+MAX_DEPTH = 16
+MAX_TOP_K = 32
+MAX_TREE_TOKENS = MAX_TREE_NODES
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    depth: int
+    top_k: int
+    total_tokens: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"tree depth must be in [1, {MAX_DEPTH}], got {self.depth}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"tree top_k must be in [1, {MAX_TOP_K}], got {self.top_k}")
+        if not 1 <= self.total_tokens <= MAX_TREE_TOKENS:
+            raise ValueError(f"tree total_tokens must be in [1, {MAX_TREE_TOKENS}], got {self.total_tokens}")
+
+
+# On CPU a 16-token target forward costs about twice a 1-token one, so trees stay small;
+# on a GPU a forward of up to ~128 tokens costs the same as one, so trees grow (the
+# EAGLE reference uses 60 nodes, depth 7-8, top-k 10 on 8B targets).
+CPU_TREE = TreeShape(depth=5, top_k=4, total_tokens=12)
+GPU_TREE = TreeShape(depth=7, top_k=10, total_tokens=60)
+
+
+def default_tree(device: str) -> TreeShape:
+    return GPU_TREE if str(device).startswith("cuda") else CPU_TREE
+
+
+class DraftSession:
+    def __init__(self, head: EagleHead):
+        self.head = head
+        self.device = head.fc.weight.device
+        self.dtype = head.fc.weight.dtype
+        self.tokens: list[int] = []
+        self._pending: list[torch.Tensor] = []  # feature rows not yet run through the head
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._processed = 0  # pairs in the KV cache
+        self._last_hidden: torch.Tensor | None = None  # [H] fed to the first tree step
+        self._last_normed: torch.Tensor | None = None  # [H] gives the root's children
+
+    @property
+    def num_pairs(self) -> int:
+        return self._processed + sum(len(p) for p in self._pending)
+
+    def start(self, token_ids: list[int], hidden: torch.Tensor) -> None:
+        """The prompt plus the first generated token, and one feature row per prompt token."""
+        if self.tokens:
+            raise ValueError("session already started")
+        if len(token_ids) != len(hidden) + 1:
+            raise ValueError(
+                f"start needs one more token than feature rows: {len(token_ids)} vs {len(hidden)}"
+            )
+        self.tokens = list(token_ids)
+        self._pending.append(hidden)
+
+    def extend(self, token_ids: list[int], hidden: torch.Tensor) -> None:
+        """Accepted tokens (bonus last) and the features of the positions just verified."""
+        if not self.tokens:
+            raise ValueError("session not started")
+        if len(token_ids) != len(hidden) or not token_ids:
+            raise ValueError(
+                f"extend needs as many feature rows as tokens: {len(token_ids)} vs {len(hidden)}"
+            )
+        self.tokens.extend(token_ids)
+        self._pending.append(hidden)
+
+    @torch.inference_mode()
+    def _catch_up(self) -> None:
+        if not self._pending:
+            return
+        features = torch.cat(self._pending).to(self.device, self.dtype)
+        self._pending.clear()
+        start, count = self._processed, len(features)
+        tokens = torch.tensor([self.tokens[start + 1 : start + 1 + count]], device=self.device)
+        positions = torch.arange(start, start + count, device=self.device)[None]
+        hidden = self.head.fuse(features)[None]
+        next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=self._kv)
+        self._kv = (
+            (k, v) if self._kv is None else (torch.cat([self._kv[0], k], 2), torch.cat([self._kv[1], v], 2))
+        )
+        self._processed += count
+        self._last_hidden, self._last_normed = next_hidden[0, -1], normed[0, -1]
+
+    @torch.inference_mode()
+    def propose(self, shape: TreeShape) -> DraftTree:
+        self._catch_up()
+        head, k = self.head, shape.top_k
+        prefix_k, prefix_v = self._kv
+        prefix_len = prefix_k.shape[2]
+
+        logp = torch.log_softmax(head.logits(self._last_normed).float(), -1)
+        first = logp.topk(min(k, logp.shape[-1]))
+        # The candidate pool: every node considered, with its parent in the pool (-1: root).
+        pool_tokens = [first.indices]
+        pool_scores = [first.values]
+        pool_parents = [torch.full_like(first.indices, -1)]
+        pool_depths = [torch.ones_like(first.indices)]
+        pool_size = len(first.indices)
+        frontier = torch.arange(pool_size, device=self.device)
+        frontier_scores = first.values
+        frontier_hidden = self._last_hidden.expand(len(frontier), -1)
+
+        tree_k = prefix_k.new_zeros(*prefix_k.shape[:2], 0, prefix_k.shape[3])
+        tree_v = tree_k.clone()
+        slot_of: dict[int, int] = {}  # pool index -> slot in the tree's scratch KV
+        slot_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        all_tokens = torch.cat(pool_tokens)
+        all_parents = torch.cat(pool_parents)
+
+        for depth in range(1, shape.depth):
+            f = len(frontier)
+            slots = len(slot_of)
+            ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
+            for row, node in enumerate(frontier.tolist()):
+                parent = int(all_parents[node])
+                if parent >= 0:
+                    ps = slot_of[parent]
+                    ancestors[row] = slot_ancestors[ps]
+                    ancestors[row, ps] = True
+            visible = torch.cat(
+                [
+                    torch.ones(f, prefix_len, dtype=torch.bool, device=self.device),
+                    ancestors,
+                    torch.eye(f, dtype=torch.bool, device=self.device),
+                ],
+                dim=1,
+            )
+            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~visible, float("-inf")
+            )
+            token_ids = head.to_target_ids(all_tokens[frontier])[None]
+            positions = torch.full((1, f), prefix_len + depth - 1, device=self.device)
+            next_hidden, normed, (k_new, v_new) = head(
+                frontier_hidden[None].to(self.dtype),
+                token_ids,
+                positions,
+                mask[None, None],
+                (torch.cat([prefix_k, tree_k], 2), torch.cat([prefix_v, tree_v], 2)),
+            )
+            tree_k, tree_v = torch.cat([tree_k, k_new], 2), torch.cat([tree_v, v_new], 2)
+            new_rows = torch.cat([ancestors, torch.eye(f, dtype=torch.bool, device=self.device)], dim=1)
+            slot_ancestors = torch.cat(
+                [
+                    torch.cat(
+                        [slot_ancestors, torch.zeros(slots, f, dtype=torch.bool, device=self.device)], 1
+                    ),
+                    new_rows,
+                ]
+            )
+            for row, node in enumerate(frontier.tolist()):
+                slot_of[node] = slots + row
+
+            logp = torch.log_softmax(head.logits(normed[0]).float(), -1)
+            top = (frontier_scores[:, None] + logp).topk(min(k, logp.shape[-1]), dim=-1)
+            children = torch.arange(pool_size, pool_size + top.indices.numel(), device=self.device)
+            pool_tokens.append(top.indices.flatten())
+            pool_scores.append(top.values.flatten())
+            pool_parents.append(frontier.repeat_interleave(top.indices.shape[1]))
+            pool_depths.append(torch.full_like(top.indices.flatten(), depth + 1))
+            pool_size += top.indices.numel()
+            all_tokens = torch.cat(pool_tokens)
+            all_parents = torch.cat(pool_parents)
+
+            best = top.values.flatten().topk(min(k, top.values.numel()))
+            frontier = children[best.indices]
+            frontier_scores = best.values
+            frontier_hidden = next_hidden[0][best.indices // top.indices.shape[1]]
+
+        return self._select(
+            shape.total_tokens, all_tokens, torch.cat(pool_scores), all_parents, torch.cat(pool_depths)
+        )
+
+    def _select(self, total, tokens, scores, parents, depths) -> DraftTree:
+        """Keep the ``total`` best-scoring nodes. A child never outscores its parent
+        (log-probabilities are <= 0), and ties go to the shallower node, so the kept set
+        always contains every kept node's ancestors."""
+        order = sorted(range(len(tokens)), key=lambda i: (-float(scores[i]), int(depths[i]), i))[:total]
+        order.sort(key=lambda i: (int(depths[i]), i))  # parents before children
+        new_index = {old: new for new, old in enumerate(order)}
+        target_ids = self.head.to_target_ids(tokens[order]).tolist()
+        return DraftTree(
+            token_ids=target_ids,
+            parents=[new_index[int(parents[i])] if int(parents[i]) >= 0 else -1 for i in order],
+            scores=[float(scores[i]) for i in order],
+        )

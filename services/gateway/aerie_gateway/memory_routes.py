@@ -1,0 +1,198 @@
+"""HTTP routes of the memory (MEMO) over the memory service's gRPC API:
+
+    POST   /memory/ingest                      -> 202 {job_id, documents: [{id, status}]}
+    GET    /memory/jobs/{job_id}               -> status, stage, progress, errors, per-step yields
+    GET    /memory/namespaces/{ns}             -> stats and model versions
+    POST   /memory/namespaces/{ns}/rollback    -> serve an earlier version again
+    DELETE /memory/documents/{id}?namespace=   -> forget a document; says how
+    POST   /memory/query                       -> {answer, sources, model_version, knows}
+
+Errors use the gateway's OpenAI-style envelope; the memory service's INVALID_ARGUMENT
+(limits, charset) is a 400.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import grpc
+from aerie_proto.v1 import memory_pb2
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .backends import Backends
+from .errors import APIError, invalid_request, service_unavailable
+from .settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+_TEXT_FIELDS = {
+    "job_id",
+    "namespace",
+    "answer",
+    "sources",
+    "document_ids",
+    "errors",
+    "model_version",
+    "current_version",
+    "detail",
+    "affected_jobs",
+    "version",
+    "stage",
+    "status",
+    "kind",
+    "method",
+}
+
+
+class IngestDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    text: str
+    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class IngestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field(pattern=NAMESPACE_PATTERN)
+    documents: list[IngestDocument] = Field(min_length=1)
+
+
+class QueryBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = Field(pattern=NAMESPACE_PATTERN)
+    question: str = Field(min_length=1, max_length=2000)
+    max_tokens: int | None = Field(default=None, ge=1, le=512)
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("question must not be blank")
+        return value
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = ""
+
+
+def memory_error(err: grpc.aio.AioRpcError) -> APIError:
+    code, details = err.code(), err.details() or err.code().name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return invalid_request(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return APIError(404, details, "invalid_request_error", code="not_found")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return APIError(409, details, "invalid_request_error", code="conflict")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+        return service_unavailable(f"The memory service is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, "The memory service did not answer in time.", "timeout_error", code="timeout")
+    log.error("memory call failed: %s %s", code.name, details)
+    return APIError(500, f"The memory service failed: {details}", "server_error", code="internal_error")
+
+
+def _ints(value: Any) -> Any:
+    """MessageToDict writes int64 as JSON strings (proto3 JSON mapping); counts are numbers here."""
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    if isinstance(value, str) and value.isdigit() and len(value) < 19:
+        return int(value)
+    return value
+
+
+def _dict(message) -> dict[str, Any]:
+    raw = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    # Only numeric fields are converted: ids and texts stay strings even when all digits.
+    numeric = _ints({k: v for k, v in raw.items() if k not in _TEXT_FIELDS})
+    return {**raw, **numeric} if isinstance(numeric, dict) else raw
+
+
+def build_router(backends: Backends, settings: GatewaySettings, dependencies: list) -> APIRouter:
+    router = APIRouter(prefix="/memory", dependencies=dependencies, tags=["memory"])
+    timeout = settings.memory_timeout_s
+
+    async def call(method, request):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            raise memory_error(err) from err
+
+    def check_namespace(namespace: str) -> None:
+        import re
+
+        if not re.match(NAMESPACE_PATTERN, namespace):
+            raise invalid_request(
+                f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -",
+                param="namespace",
+            )
+
+    @router.post("/ingest", status_code=202)
+    async def ingest(body: IngestBody) -> JSONResponse:
+        request = memory_pb2.IngestRequest(
+            namespace=body.namespace,
+            documents=[
+                memory_pb2.Document(id=d.id, text=d.text, metadata={k: str(v) for k, v in d.metadata.items()})
+                for d in body.documents
+            ],
+        )
+        reply = await call(backends.memory.Ingest, request)
+        return JSONResponse(
+            {
+                "job_id": reply.job_id or None,
+                "documents": [{"id": d.id, "status": d.status} for d in reply.documents],
+            },
+            status_code=202,
+        )
+
+    @router.get("/jobs/{job_id}")
+    async def get_job(job_id: str) -> JSONResponse:
+        job = await call(backends.memory.GetJob, memory_pb2.GetJobRequest(job_id=job_id))
+        body = _dict(job)
+        body["progress"] = {"done": job.done, "total": job.total}
+        return JSONResponse(body)
+
+    @router.get("/namespaces/{namespace}")
+    async def get_namespace(namespace: str) -> JSONResponse:
+        check_namespace(namespace)
+        stats = await call(backends.memory.GetNamespace, memory_pb2.GetNamespaceRequest(namespace=namespace))
+        if not stats.exists:
+            raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
+        return JSONResponse(_dict(stats))
+
+    @router.post("/namespaces/{namespace}/rollback")
+    async def rollback(namespace: str, body: RollbackBody | None = None) -> JSONResponse:
+        check_namespace(namespace)
+        request = memory_pb2.RollbackRequest(namespace=namespace, version=body.version if body else "")
+        return JSONResponse(_dict(await call(backends.memory.Rollback, request)))
+
+    @router.delete("/documents/{document_id:path}")
+    async def delete_document(document_id: str, namespace: Annotated[str, Query()]) -> JSONResponse:
+        check_namespace(namespace)
+        reply = await call(
+            backends.memory.DeleteDocument,
+            memory_pb2.DeleteDocumentRequest(namespace=namespace, document_id=document_id),
+        )
+        if not reply.deleted:
+            raise APIError(404, reply.detail, "invalid_request_error", code="not_found")
+        return JSONResponse(_dict(reply))
+
+    @router.post("/query")
+    async def query(body: QueryBody) -> JSONResponse:
+        request = memory_pb2.QueryRequest(
+            namespace=body.namespace, question=body.question, max_tokens=body.max_tokens or 0
+        )
+        return JSONResponse(_dict(await call(backends.memory.Query, request)))
+
+    return router

@@ -1,0 +1,132 @@
+"""Memory models on disk and in memory.
+
+Layout under ``AERIE_MODEL_CACHE/memory/<namespace>/``:
+
+- ``adapters/<adapter id>/``: one LoRA adapter (adapter.safetensors, adapter.json) and the
+  reflections it was trained on (reflections.json, with provenance);
+- ``<version>/manifest.json``: a model version, the adapters TIES-merged into the base.
+
+Both are written into a ``.partial`` folder and renamed into place, and a version is only
+served once Redis's ``current`` pointer names it (store.swap_version), so a half-written
+model is never loaded. Loading merges the version's adapters with TIES onto a fresh copy
+of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aerie_memory.reflection import Reflection, content_words
+from aerie_memory.store import Version
+from aerie_memory.ties import apply_deltas, merge_adapters
+from aerie_memory.training import load_adapter
+
+
+def namespace_dir(root: Path, namespace: str) -> Path:
+    return root / namespace
+
+
+def adapter_dir(root: Path, namespace: str, adapter_id: str) -> Path:
+    return root / namespace / "adapters" / adapter_id
+
+
+def write_version(root: Path, namespace: str, version: Version) -> Path:
+    target = root / namespace / version.version
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "manifest.json").write_text(json.dumps(version.__dict__, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def save_reflections(directory: Path, reflections: list[Reflection]) -> None:
+    (directory / "reflections.json").write_text(json.dumps([r.to_json() for r in reflections]))
+
+
+def load_reflections(directory: Path) -> list[Reflection]:
+    path = directory / "reflections.json"
+    if not path.is_file():
+        return []
+    return [Reflection.from_json(r) for r in json.loads(path.read_text())]
+
+
+def load_base(model_dir: Path, device: str = "cpu"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    return model, tokenizer
+
+
+@dataclass
+class LoadedMemory:
+    version: str
+    model: torch.nn.Module
+    tokenizer: object
+    reflections: list[Reflection]
+    lock: threading.Lock
+
+
+def build_memory(base_loader, root: Path, namespace: str, version: Version) -> LoadedMemory:
+    model, tokenizer = base_loader()
+    adapters, reflections = [], []
+    for entry in version.adapters:
+        directory = adapter_dir(root, namespace, entry["id"])
+        adapters.append(load_adapter(directory))
+        reflections += load_reflections(directory)
+    if adapters:
+        apply_deltas(model, merge_adapters(adapters, version.ties_density, version.ties_lambda))
+    return LoadedMemory(version.version, model, tokenizer, reflections, threading.Lock())
+
+
+class MemoryCache:
+    """The last few namespaces' served versions, loaded (LRU)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[str, LoadedMemory] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, namespace: str, version: str) -> LoadedMemory | None:
+        with self._lock:
+            item = self._items.get(namespace)
+            if item is None or item.version != version:
+                return None
+            self._items.move_to_end(namespace)
+            return item
+
+    def put(self, namespace: str, memory: LoadedMemory) -> None:
+        with self._lock:
+            self._items[namespace] = memory
+            self._items.move_to_end(namespace)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+def attribute_sources(question: str, answer: str, reflections: list[Reflection], top: int = 3) -> list[str]:
+    """Which documents an answer came from: the sources of the reflections most alike the
+    question and answer (the weights themselves do not say)."""
+    q_words, a_words = content_words(question), content_words(answer)
+    scored = []
+    for r in reflections:
+        score = len(q_words & content_words(r.question + " " + r.answer)) + 2 * len(
+            a_words & content_words(r.answer)
+        )
+        if score > 0:
+            scored.append((score, r))
+    scored.sort(key=lambda item: -item[0])
+    sources: list[str] = []
+    for _, r in scored[:top]:
+        for s in r.sources:
+            if s not in sources:
+                sources.append(s)
+    return sources

@@ -1,0 +1,581 @@
+"""Reflection synthesis: MEMO's five steps, driven by a generator LLM.
+
+Documents become question/answer pairs (reflections) that the MEMORY model is trained on:
+
+1. facts, in two passes: ``facts_direct`` (one chunk, stated facts) and ``facts_inferred``
+   (facts that need two sentences of the chunk combined);
+2. ``consolidation``: two facts of one document sharing an entity become one multi-fact
+   question;
+3. ``self_containment``: questions with dangling references ("he", "the text", ...) are
+   rewritten by the generator to name what they are about; those it cannot fix are dropped;
+4. ``entity_surfacing``: reverse questions that describe an entity and expect its name;
+5. ``cross_document``: clues from several documents converging on one entity, and facts
+   of different documents that share a property.
+
+Every generation is parsed strictly (``parse_qa_lines``); anything that does not parse or
+fails a check (answer not grounded in the source, question naming its own answer, ...) is
+dropped and counted. ``StepStats`` holds, per step, the calls made and the candidates kept
+and dropped, so what a small generator can and cannot do is measured, not hidden.
+
+Besides the five steps, ``passages`` (rule-based, no generator) pairs each chunk with a
+"What do you know about <entity>?" question for each entity the chunk names, so the
+memory also learns the source text itself. It is reported as its own step.
+
+Every reflection keeps the ids of its source documents (provenance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from aerie_memory.text import chunk_text
+
+log = logging.getLogger(__name__)
+
+# (messages, max_tokens) -> generated text
+Generator = Callable[[list[dict[str, str]], int], Awaitable[str]]
+Progress = Callable[[int, int], Awaitable[None] | None]
+
+STEPS = (
+    "facts_direct",
+    "facts_inferred",
+    "consolidation",
+    "self_containment",
+    "entity_surfacing",
+    "cross_document",
+    "passages",
+)
+
+_STOPWORDS = set(
+    """a an the and or but if of to in on at by for with from as is are was were be been being
+    it its this that these those he she they them his her their him there here what which who whom
+    whose when where why how do does did has have had not no yes so than then also into about over
+    under after before up down out one two three i you we our your my me us can could would should
+    will shall may might must very more most some any each all both few many much such only own same
+    just""".split()
+)
+_DANGLING = re.compile(
+    r"\b(he|she|him|her|his|hers|they|them|their|it|its|this|that|these|those)\b|"
+    r"\bthe (above|text|passage|document|article|story|author|person|man|woman|place|city|town)\b",
+    re.IGNORECASE,
+)
+_IDK = re.compile(
+    r"\b(i don'?t know|unknown|not (stated|mentioned|given|specified)|no information|n/?a)\b", re.I
+)
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+_NOT_ENTITY_HEADS = {
+    "The", "A", "An", "He", "She", "It", "They", "In", "On", "At", "This", "That", "There", "Its",
+    "His", "Her", "Their", "After", "Before", "When", "While", "Each", "Every", "Both", "Most",
+    "Some", "Many", "Q", "A:", "Yes", "No", "What", "Who", "Which", "Where", "How", "Why",
+}  # fmt: skip
+_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
+
+
+@dataclass(frozen=True)
+class Reflection:
+    question: str
+    answer: str
+    step: str
+    sources: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "sources": list(self.sources)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Reflection:
+        return cls(data["question"], data["answer"], data["step"], tuple(data["sources"]))
+
+
+@dataclass
+class StepStats:
+    step: str
+    calls: int = 0
+    failed_calls: int = 0
+    candidates: int = 0
+    kept: int = 0
+    dropped: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SourceDocument:
+    id: str
+    text: str
+
+
+@dataclass
+class ReflectionConfig:
+    chunk_chars: int = 600
+    direct_max_tokens: int = 96
+    other_max_tokens: int = 56
+    consolidations_per_document: int = 1
+    entities_per_document: int = 2
+    rewrites_per_document: int = 2
+    cross_document_items: int = 4
+    passages: bool = True
+
+
+@dataclass
+class ReflectionResult:
+    reflections: list[Reflection]
+    stats: dict[str, StepStats] = field(default_factory=dict)
+
+    def stats_json(self) -> list[dict]:
+        return [self.stats[s].to_json() for s in STEPS if s in self.stats]
+
+
+# --- strict parsing ------------------------------------------------------------------------
+
+_QA_ONE_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*)?Q\s*[:.]\s*(?P<q>.+?\?)\s*A\s*[:.]\s*(?P<a>.+?)\s*$")
+_LABEL = re.compile(r"^\s*question\s*\d*\s*[:.]\s*", re.I)
+_QUESTION_START = re.compile(
+    r"^(what|who|whom|whose|which|where|when|how|why|in|on|at|name|is|are|was|were|does|do|did|can)\b", re.I
+)
+_Q_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*)?Q(?:uestion)?\s*\d*\s*[:.]\s*(?P<q>.+?\?)\s*$", re.I)
+_A_LINE = re.compile(r"^\s*(?:[-*]\s*)?A(?:nswer)?\s*\d*\s*[:.]\s*(?P<a>.+?)\s*$", re.I)
+
+
+def parse_qa_lines(text: str) -> tuple[list[tuple[str, str]], int]:
+    """``Q: ...? A: ...`` pairs, on one line or on two consecutive lines; returns (pairs,
+    number of candidate lines that did not parse). Nothing else is accepted."""
+    pairs: list[tuple[str, str]] = []
+    junk = 0
+    pending_q: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if m := _QA_ONE_LINE.match(line):
+            if pending_q is not None:
+                junk += 1
+            pairs.append((_LABEL.sub("", m["q"]).strip(), m["a"].strip()))
+            pending_q = None
+        elif m := _Q_LINE.match(line):
+            if pending_q is not None:
+                junk += 1
+            pending_q = m["q"].strip()
+        elif (m := _A_LINE.match(line)) and pending_q is not None:
+            pairs.append((pending_q, m["a"].strip()))
+            pending_q = None
+        else:
+            junk += 1
+    if pending_q is not None:
+        junk += 1
+    return pairs, junk
+
+
+def parse_question(text: str) -> str | None:
+    """The first line, which must be ``Q: ...?`` or a bare question ending in '?'."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if m := _Q_LINE.match(line):
+            return m["q"].strip()
+        if line.endswith("?") and _QUESTION_START.match(line):
+            return line
+        return None
+    return None
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words that are not stopwords, crudely stemmed (first five letters), so
+    "collects" and "collect" match."""
+    return {w.lower()[:5] for w in _WORD.findall(text) if w.lower() not in _STOPWORDS}
+
+
+def grounded(answer: str, source: str, threshold: float = 0.6) -> bool:
+    """Most of the answer's content words occur in the source (drops hallucinated answers)."""
+    words = content_words(answer)
+    if not words:
+        return False
+    source_words = content_words(source)
+    return len(words & source_words) / len(words) >= threshold
+
+
+def clean_answer(answer: str) -> str:
+    return answer.strip().strip('"').rstrip(".").strip()
+
+
+def acceptable_pair(question: str, answer: str, source: str) -> bool:
+    question, answer = question.strip(), clean_answer(answer)
+    if not question.endswith("?") or len(question) < 8 or len(question) > 240:
+        return False
+    if not answer or len(answer.split()) > 16 or _IDK.search(answer):
+        return False
+    if answer.lower() in question.lower():
+        return False  # the question gives its own answer away
+    if not content_words(question) & content_words(source):
+        return False  # not about this source
+    return grounded(answer, source)
+
+
+def is_self_contained(question: str) -> bool:
+    return _DANGLING.search(question) is None
+
+
+def find_entities(text: str) -> list[str]:
+    """Capitalised spans that are not sentence-initial function words, most frequent first."""
+    counts: dict[str, int] = {}
+    for match in _ENTITY.finditer(text):
+        words = match.group(0).split()
+        while words and words[0] in _NOT_ENTITY_HEADS:
+            words = words[1:]
+        if not words:
+            continue
+        name = " ".join(words)
+        if name.lower() in _STOPWORDS or len(name) < 3:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+    # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
+    names = sorted(counts, key=lambda n: (-counts[n], -len(n)))
+    kept = [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
+    return kept
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+SYSTEM = "You write quiz questions from a text. Follow the format exactly."
+
+
+def _messages(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def prompt_direct(chunk: str) -> list[dict[str, str]]:
+    return _messages(
+        f"{chunk}\n\nWrite three questions about the text with their answers. Use this format:\n"
+        "Q: question? A: answer"
+    )
+
+
+def prompt_inferred(chunk: str) -> list[dict[str, str]]:
+    return _messages(
+        f"{chunk}\n\nWrite two questions that need two sentences of the text together to answer, "
+        "with their answers. Use this format:\nQ: question? A: answer"
+    )
+
+
+def prompt_consolidate(a: Reflection, b: Reflection) -> list[dict[str, str]]:
+    return _messages(
+        f"Fact 1: {a.question} {a.answer}\nFact 2: {b.question} {b.answer}\n\n"
+        "Write one question that asks for both facts, with an answer that gives both. "
+        "Use this format:\nQ: question? A: answer"
+    )
+
+
+def prompt_rewrite(question: str, text: str) -> list[dict[str, str]]:
+    return _messages(
+        f"{text}\n\nQuestion: {question}\n\nRewrite the question so that it names the person or thing "
+        "it is about instead of saying he, she, it or the text. Use this format:\nQ: question?"
+    )
+
+
+def prompt_surface(entity: str, facts: Sequence[Reflection]) -> list[dict[str, str]]:
+    listed = "\n".join(f"- {f.question} {f.answer}" for f in facts)
+    return _messages(
+        f"Facts about {entity}:\n{listed}\n\nWrite one question that describes {entity} with these facts "
+        f"but does not say the name, so that the answer is {entity}. Use this format:\nQ: question?"
+    )
+
+
+def prompt_clues(entity: str, facts: Sequence[Reflection]) -> list[dict[str, str]]:
+    listed = "\n".join(f"- {f.question} {f.answer}" for f in facts)
+    return _messages(
+        f"Clues:\n{listed}\n\nWrite one question that combines these clues but does not say the name "
+        f"{entity}, so that the answer is {entity}. Use this format:\nQ: question?"
+    )
+
+
+# --- the pipeline --------------------------------------------------------------------------
+
+
+class _Runner:
+    def __init__(self, generate: Generator, concurrency: int, stats: dict[str, StepStats]):
+        self.generate = generate
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.stats = stats
+
+    async def call(self, step: str, messages: list[dict[str, str]], max_tokens: int) -> str | None:
+        stats = self.stats[step]
+        stats.calls += 1
+        async with self.semaphore:
+            try:
+                return await self.generate(messages, max_tokens)
+            except Exception as exc:  # a failed call costs its yield, not the job
+                stats.failed_calls += 1
+                log.warning("generator call for %s failed: %r", step, exc)
+                return None
+
+
+async def synthesize(
+    documents: Sequence[SourceDocument],
+    generate: Generator,
+    config: ReflectionConfig | None = None,
+    concurrency: int = 8,
+    progress: Progress | None = None,
+) -> ReflectionResult:
+    """Run the five steps (plus rule-based passages) over ``documents``."""
+    config = config or ReflectionConfig()
+    stats = {step: StepStats(step) for step in STEPS}
+    runner = _Runner(generate, concurrency, stats)
+    chunks = {doc.id: chunk_text(doc.text, config.chunk_chars) for doc in documents}
+    done_calls = 0
+    planned = 2 * sum(len(c) for c in chunks.values())
+
+    async def tick(n: int = 1, more: int = 0) -> None:
+        nonlocal done_calls, planned
+        done_calls += n
+        planned += more
+        if progress is not None:
+            result = progress(done_calls, max(planned, done_calls))
+            if asyncio.iscoroutine(result):
+                await result
+
+    # Step 1: facts, direct and inferred, from every chunk, all calls at once.
+    async def facts(step: str, doc_id: str, chunk: str) -> list[Reflection]:
+        started = time.monotonic()
+        prompt = prompt_direct(chunk) if step == "facts_direct" else prompt_inferred(chunk)
+        max_tokens = config.direct_max_tokens if step == "facts_direct" else config.other_max_tokens
+        out = await runner.call(step, prompt, max_tokens)
+        kept = _keep_pairs(stats[step], out, chunk, step, (doc_id,))
+        stats[step].seconds += time.monotonic() - started
+        await tick()
+        return kept
+
+    jobs = [
+        facts(step, doc_id, chunk)
+        for doc_id, doc_chunks in chunks.items()
+        for chunk in doc_chunks
+        for step in ("facts_direct", "facts_inferred")
+    ]
+    facts_by_doc: dict[str, list[Reflection]] = {doc.id: [] for doc in documents}
+    for found in await asyncio.gather(*jobs):
+        for r in found:
+            facts_by_doc[r.sources[0]].append(r)
+
+    # Step 2 (consolidation), step 3 (self-containment) and step 4 (entity surfacing) per
+    # document, concurrently across documents.
+    async def per_document(doc: SourceDocument) -> list[Reflection]:
+        doc_facts = facts_by_doc[doc.id]
+        consolidated = await _consolidate(runner, stats, doc, doc_facts, config, tick)
+        contained = await _self_contain(runner, stats, doc, doc_facts + consolidated, config, tick)
+        surfaced = await _surface(runner, stats, doc, contained, config, tick)
+        return contained + surfaced
+
+    per_doc = await asyncio.gather(*(per_document(doc) for doc in documents))
+    reflections = [r for found in per_doc for r in found]
+
+    # Step 5: cross-document synthesis.
+    reflections += await _cross_document(runner, stats, documents, reflections, config, tick)
+
+    if config.passages:
+        reflections += _passages(stats["passages"], chunks)
+
+    unique = list({(r.question.lower(), r.answer.lower()): r for r in reflections}.values())
+    return ReflectionResult(unique, stats)
+
+
+def _keep_pairs(
+    stats: StepStats, out: str | None, source: str, step: str, sources: tuple[str, ...]
+) -> list[Reflection]:
+    if out is None:
+        return []
+    pairs, junk = parse_qa_lines(out)
+    stats.candidates += len(pairs) + junk
+    stats.dropped += junk
+    kept = []
+    for q, a in pairs:
+        if acceptable_pair(q, a, source):
+            kept.append(Reflection(q.strip(), clean_answer(a), step, sources))
+        else:
+            stats.dropped += 1
+    stats.kept += len(kept)
+    return kept
+
+
+async def _consolidate(runner, stats, doc, doc_facts, config, tick) -> list[Reflection]:
+    step = stats["consolidation"]
+    pairs = []
+    for a, b in itertools.combinations(doc_facts, 2):
+        shared = set(find_entities(a.question + " " + a.answer)) & set(
+            find_entities(b.question + " " + b.answer)
+        )
+        if shared and a.answer.lower() != b.answer.lower():
+            pairs.append((a, b))
+    pairs = pairs[: config.consolidations_per_document]
+    await tick(0, len(pairs))
+
+    async def one(a: Reflection, b: Reflection) -> Reflection | None:
+        started = time.monotonic()
+        out = await runner.call("consolidation", prompt_consolidate(a, b), config.other_max_tokens)
+        step.seconds += time.monotonic() - started
+        await tick()
+        if out is None:
+            return None
+        parsed, junk = parse_qa_lines(out)
+        step.candidates += len(parsed[:1]) + (junk if not parsed else 0)
+        if not parsed:
+            step.dropped += junk or 1
+            return None
+        q, ans = parsed[0]
+        ans = clean_answer(ans)
+        # Both facts' answers must be in the consolidated answer.
+        ok = all(grounded(x.answer, ans, 0.5) for x in (a, b)) and acceptable_pair(
+            q, ans, doc.text + " " + ans
+        )
+        if not ok or len(ans.split()) > 16:
+            step.dropped += 1
+            return None
+        step.kept += 1
+        return Reflection(q, ans, "consolidation", (doc.id,))
+
+    results = await asyncio.gather(*(one(a, b) for a, b in pairs))
+    return [r for r in results if r is not None]
+
+
+async def _self_contain(runner, stats, doc, candidates, config, tick) -> list[Reflection]:
+    """Keep self-contained questions, rewrite up to ``rewrites_per_document`` dangling ones
+    with the generator, drop the rest (counted as dropped)."""
+    step = stats["self_containment"]
+    ok = [r for r in candidates if is_self_contained(r.question)]
+    dangling = [r for r in candidates if not is_self_contained(r.question)]
+    step.candidates += len(dangling)
+    to_rewrite = dangling[: config.rewrites_per_document]
+    step.dropped += len(dangling) - len(to_rewrite)
+    await tick(0, len(to_rewrite))
+
+    async def one(r: Reflection) -> Reflection | None:
+        started = time.monotonic()
+        out = await runner.call(
+            "self_containment", prompt_rewrite(r.question, doc.text), config.other_max_tokens
+        )
+        step.seconds += time.monotonic() - started
+        await tick()
+        q = parse_question(out or "")
+        if q is None or not is_self_contained(q) or r.answer.lower() in q.lower():
+            step.dropped += 1
+            return None
+        if not content_words(q) & content_words(doc.text):
+            step.dropped += 1
+            return None
+        step.kept += 1
+        return Reflection(q, r.answer, r.step, r.sources)
+
+    rewritten = [r for r in await asyncio.gather(*(one(r) for r in to_rewrite)) if r is not None]
+    return ok + rewritten
+
+
+async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
+    step = stats["entity_surfacing"]
+    entities = [e for e in find_entities(doc.text) if any(e in f.question or e in f.answer for f in facts)]
+    entities = entities[: config.entities_per_document]
+    await tick(0, len(entities))
+
+    async def one(entity: str) -> Reflection | None:
+        about = [f for f in facts if entity in f.question or entity in f.answer and f.answer != entity][:3]
+        started = time.monotonic()
+        out = await runner.call("entity_surfacing", prompt_surface(entity, about), config.other_max_tokens)
+        step.seconds += time.monotonic() - started
+        await tick()
+        if out is None:
+            return None
+        step.candidates += 1
+        q = parse_question(out)
+        if q is None or _mentions(q, entity) or not content_words(q) & content_words(doc.text):
+            step.dropped += 1
+            return None
+        step.kept += 1
+        return Reflection(q, entity, "entity_surfacing", (doc.id,))
+
+    return [r for r in await asyncio.gather(*(one(e) for e in entities)) if r is not None]
+
+
+def _mentions(question: str, entity: str) -> bool:
+    q = question.lower()
+    return any(part.lower() in q for part in entity.split() if len(part) > 2)
+
+
+async def _cross_document(runner, stats, documents, reflections, config, tick) -> list[Reflection]:
+    """Entities named in two or more documents get a clue question (generator) from facts
+    of different documents; facts of different documents with the same answer give a
+    shared-property question (the answer is the property, the sources are both)."""
+    step = stats["cross_document"]
+    by_entity: dict[str, dict[str, list[Reflection]]] = {}
+    for doc in documents:
+        for entity in find_entities(doc.text):
+            by_entity.setdefault(entity, {})[doc.id] = [
+                r for r in reflections if doc.id in r.sources and (entity in r.question or entity in r.answer)
+            ]
+    converging = [(e, docs) for e, docs in by_entity.items() if sum(1 for f in docs.values() if f) >= 2]
+    converging = converging[: config.cross_document_items]
+    await tick(0, len(converging))
+
+    async def one(entity: str, docs: dict[str, list[Reflection]]) -> Reflection | None:
+        clues = [facts[0] for facts in docs.values() if facts][:3]
+        started = time.monotonic()
+        out = await runner.call("cross_document", prompt_clues(entity, clues), config.other_max_tokens)
+        step.seconds += time.monotonic() - started
+        await tick()
+        if out is None:
+            return None
+        step.candidates += 1
+        q = parse_question(out)
+        clue_text = " ".join(c.question + " " + c.answer for c in clues)
+        if q is None or _mentions(q, entity) or not content_words(q) & content_words(clue_text):
+            step.dropped += 1
+            return None
+        step.kept += 1
+        return Reflection(q, entity, "cross_document", tuple(sorted({s for c in clues for s in c.sources})))
+
+    found = [r for r in await asyncio.gather(*(one(e, d) for e, d in converging)) if r is not None]
+
+    # Shared properties: the same answer to facts of different documents, with an entity each.
+    by_answer: dict[str, list[Reflection]] = {}
+    for r in reflections:
+        if r.step in ("facts_direct", "facts_inferred") and len(r.answer.split()) <= 4:
+            by_answer.setdefault(r.answer.lower(), []).append(r)
+    for rs in by_answer.values():
+        docs = {}
+        for r in rs:
+            ents = find_entities(r.question)
+            if ents:
+                docs.setdefault(r.sources[0], ents[0])
+        if len(docs) >= 2:
+            names = sorted(set(docs.values()))
+            if len(names) < 2:
+                continue
+            step.candidates += 1
+            step.kept += 1
+            found.append(
+                Reflection(
+                    f"What do {' and '.join(names[:3])} have in common?",
+                    f"{rs[0].answer} ({rs[0].question.rstrip('?')})",
+                    "cross_document",
+                    tuple(sorted(docs)),
+                )
+            )
+    return found
+
+
+def _passages(stats: StepStats, chunks: dict[str, list[str]]) -> list[Reflection]:
+    out = []
+    for doc_id, doc_chunks in chunks.items():
+        for chunk in doc_chunks:
+            for entity in find_entities(chunk)[:3]:
+                stats.candidates += 1
+                stats.kept += 1
+                out.append(Reflection(f"What do you know about {entity}?", chunk, "passages", (doc_id,)))
+    return out

@@ -1,0 +1,355 @@
+"""Everything the memory keeps in Redis (AOF on): documents, chunks, reflections, jobs,
+model versions, and the job stream the workers consume.
+
+Keys (all under ``aerie:mem:``):
+
+- ``namespaces``                      set of namespace names
+- ``ns:{ns}:docs``                    hash doc id -> content hash (documents known now)
+- ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
+- ``doc:{ns}:{id}``                   hash text, metadata (json), hash, job_id, chunks (json)
+- ``ns:{ns}:jobs``                    list of job ids, oldest first
+- ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
+- ``job:{id}:reflections``            json list of the job's reflections (with provenance)
+- ``ns:{ns}:versions``                list of model versions (json), oldest first
+- ``ns:{ns}:current``                 the served version's id
+- ``ns:{ns}:version_seq``             counter for version ids
+- ``jobs``                            the job stream; consumer group ``workers``
+
+Ingest, delete and version swaps are MULTI/EXEC transactions guarded by WATCH, so a job is
+queued in the same transaction that accepts its documents: nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError, WatchError
+
+from aerie_memory.text import IncomingDocument, chunk_text, content_hash
+
+P = "aerie:mem:"
+STREAM = P + "jobs"
+GROUP = "workers"
+_JSON_FIELDS = ("errors", "document_ids", "documents", "forget", "step_yields")
+
+
+def _k(*parts: str) -> str:
+    return P + ":".join(parts)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class ForgetItem:
+    doc_id: str
+    hash: str
+
+
+@dataclass
+class IngestOutcome:
+    job_id: str
+    statuses: list[tuple[str, str]]
+
+
+@dataclass
+class Version:
+    version: str
+    created_at: float
+    adapters: list[dict]  # {"id", "path", "docs": [[doc_id, hash], ...], "reflections": n}
+    ties_density: float
+    reason: str
+    ties_lambda: float = 1.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Version:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class JobState:
+    job_id: str
+    namespace: str
+    kind: str = "ingest"
+    status: str = "queued"
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+    errors: list[str] = field(default_factory=list)
+    document_ids: list[str] = field(default_factory=list)
+    documents: list[dict] = field(default_factory=list)  # [{"id", "hash"}] to learn
+    forget: list[dict] = field(default_factory=list)  # [{"doc_id", "hash"}] to unlearn
+    step_yields: list[dict] = field(default_factory=list)
+    model_version: str = ""
+    created_at: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    attempts: int = 0
+    training_examples: int = 0
+    train_loss: float = 0.0
+
+    def to_redis(self) -> dict[str, str]:
+        out = {}
+        for key, value in self.__dict__.items():
+            out[key] = json.dumps(value) if key in _JSON_FIELDS else str(value)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict) -> JobState:
+        data = {_s(k): _s(v) for k, v in raw.items()}
+        kwargs: dict[str, Any] = {}
+        for name, f in cls.__dataclass_fields__.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if name in _JSON_FIELDS:
+                kwargs[name] = json.loads(value)
+            elif f.type == "int":
+                kwargs[name] = int(float(value))
+            elif f.type == "float":
+                kwargs[name] = float(value)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+
+class MemoryStore:
+    def __init__(self, client: aioredis.Redis):
+        self.r = client
+
+    # --- the stream ----------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # --- ingest ----------------------------------------------------------------------------
+
+    async def ingest(
+        self, namespace: str, documents: list[IncomingDocument], chunk_chars: int
+    ) -> IngestOutcome:
+        docs_key, hashes_key = _k("ns", namespace, "docs"), _k("ns", namespace, "hashes")
+        hashed = [(doc, content_hash(doc.text)) for doc in documents]
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(docs_key, hashes_key)
+                    known_docs = {_s(k): _s(v) for k, v in (await pipe.hgetall(docs_key)).items()}
+                    known_hashes = {_s(k): _s(v) for k, v in (await pipe.hgetall(hashes_key)).items()}
+                    statuses, accepted, forget = [], [], []
+                    seen_hashes: set[str] = set()
+                    for doc, h in hashed:
+                        owner = known_hashes.get(h)
+                        if (owner is not None and known_docs.get(owner) == h) or h in seen_hashes:
+                            statuses.append((doc.id, "duplicate"))
+                            continue
+                        seen_hashes.add(h)
+                        statuses.append((doc.id, "accepted"))
+                        accepted.append((doc, h))
+                        old = known_docs.get(doc.id)
+                        if old is not None:  # same id, new text: an update; unlearn the old text
+                            forget.append({"doc_id": doc.id, "hash": old})
+                    if not accepted:
+                        await pipe.reset()
+                        return IngestOutcome("", statuses)
+                    job = JobState(
+                        job_id=f"job-{uuid.uuid4().hex[:16]}",
+                        namespace=namespace,
+                        document_ids=[d.id for d, _ in accepted],
+                        documents=[{"id": d.id, "hash": h} for d, h in accepted],
+                        forget=forget,
+                        created_at=time.time(),
+                    )
+                    pipe.multi()
+                    pipe.sadd(_k("namespaces"), namespace)
+                    for item in forget:
+                        pipe.hdel(hashes_key, item["hash"])
+                    for doc, h in accepted:
+                        pipe.hset(docs_key, doc.id, h)
+                        pipe.hset(hashes_key, h, doc.id)
+                        pipe.delete(_k("doc", namespace, doc.id))
+                        pipe.hset(
+                            _k("doc", namespace, doc.id),
+                            mapping={
+                                "text": doc.text,
+                                "metadata": json.dumps(doc.metadata),
+                                "hash": h,
+                                "job_id": job.job_id,
+                                "chunks": json.dumps(chunk_text(doc.text, chunk_chars)),
+                            },
+                        )
+                        # The exact text a job learns, kept under its hash: an update must not
+                        # change what an earlier job's adapter is retrained from.
+                        pipe.set(_k("text", namespace, h), doc.text)
+                    pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
+                    pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
+                    pipe.xadd(STREAM, {"job_id": job.job_id})
+                    await pipe.execute()
+                    return IngestOutcome(job.job_id, statuses)
+                except WatchError:
+                    continue
+
+    async def delete_document(self, namespace: str, doc_id: str) -> tuple[str, str] | None:
+        """Forget a document: returns (forget job id, its content hash), or None if unknown."""
+        docs_key, hashes_key = _k("ns", namespace, "docs"), _k("ns", namespace, "hashes")
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(docs_key, hashes_key)
+                    h = await pipe.hget(docs_key, doc_id)
+                    if h is None:
+                        await pipe.reset()
+                        return None
+                    h = _s(h)
+                    job = JobState(
+                        job_id=f"job-{uuid.uuid4().hex[:16]}",
+                        namespace=namespace,
+                        kind="forget",
+                        document_ids=[doc_id],
+                        forget=[{"doc_id": doc_id, "hash": h}],
+                        created_at=time.time(),
+                    )
+                    pipe.multi()
+                    pipe.hdel(docs_key, doc_id)
+                    pipe.hdel(hashes_key, h)
+                    pipe.delete(_k("doc", namespace, doc_id))
+                    pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
+                    pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
+                    pipe.xadd(STREAM, {"job_id": job.job_id})
+                    await pipe.execute()
+                    return job.job_id, h
+                except WatchError:
+                    continue
+
+    # --- documents -------------------------------------------------------------------------
+
+    async def active_hash(self, namespace: str, doc_id: str) -> str | None:
+        h = await self.r.hget(_k("ns", namespace, "docs"), doc_id)
+        return None if h is None else _s(h)
+
+    async def text_of(self, namespace: str, h: str) -> str | None:
+        text = await self.r.get(_k("text", namespace, h))
+        return None if text is None else _s(text)
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobState | None:
+        raw = await self.r.hgetall(_k("job", job_id))
+        return JobState.from_redis(raw) if raw else None
+
+    async def update_job(self, job_id: str, **fields: Any) -> None:
+        mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in fields.items()}
+        await self.r.hset(_k("job", job_id), mapping=mapping)
+
+    async def save_reflections(self, job_id: str, reflections: list[dict], step_yields: list[dict]) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(_k("job", job_id, "reflections"), json.dumps(reflections))
+            pipe.hset(_k("job", job_id), "step_yields", json.dumps(step_yields))
+            await pipe.execute()
+
+    async def load_reflections(self, job_id: str) -> list[dict] | None:
+        raw = await self.r.get(_k("job", job_id, "reflections"))
+        return None if raw is None else json.loads(raw)
+
+    # --- versions --------------------------------------------------------------------------
+
+    async def versions(self, namespace: str) -> list[Version]:
+        return [Version.from_json(v) for v in await self.r.lrange(_k("ns", namespace, "versions"), 0, -1)]
+
+    async def current_version(self, namespace: str) -> Version | None:
+        current = await self.r.get(_k("ns", namespace, "current"))
+        if current is None:
+            return None
+        for version in await self.versions(namespace):
+            if version.version == _s(current):
+                return version
+        return None
+
+    async def current_version_id(self, namespace: str) -> str:
+        current = await self.r.get(_k("ns", namespace, "current"))
+        return "" if current is None else _s(current)
+
+    async def next_version_id(self, namespace: str) -> str:
+        return f"v{await self.r.incr(_k('ns', namespace, 'version_seq')):04d}"
+
+    async def swap_version(self, namespace: str, version: Version, expected_current: str) -> bool:
+        """Append ``version`` and make it current, if the current one is still
+        ``expected_current`` (else False: someone else swapped first; recompute)."""
+        current_key = _k("ns", namespace, "current")
+        async with self.r.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(current_key)
+                current = await pipe.get(current_key)
+                if ("" if current is None else _s(current)) != expected_current:
+                    await pipe.reset()
+                    return False
+                pipe.multi()
+                pipe.rpush(_k("ns", namespace, "versions"), version.to_json())
+                pipe.set(current_key, version.version)
+                await pipe.execute()
+                return True
+            except WatchError:
+                return False
+
+    async def rollback(self, namespace: str, version_id: str) -> Version:
+        """Serve an earlier version again (recorded as a new version with its adapters, so
+        history only grows and later jobs build on what is served)."""
+        while True:
+            versions = await self.versions(namespace)
+            current = await self.current_version_id(namespace)
+            if not versions or not current:
+                raise LookupError(f"namespace {namespace!r} has no model versions")
+            if not version_id:
+                ids = [v.version for v in versions]
+                index = ids.index(current) if current in ids else len(ids)
+                if index == 0:
+                    raise LookupError("the current version is the first one; there is nothing before it")
+                target = versions[index - 1]
+            else:
+                matches = [v for v in versions if v.version == version_id]
+                if not matches:
+                    raise LookupError(f"no version {version_id!r} in namespace {namespace!r}")
+                target = matches[0]
+            new = Version(
+                await self.next_version_id(namespace),
+                time.time(),
+                target.adapters,
+                target.ties_density,
+                f"rollback to {target.version}",
+                target.ties_lambda,
+            )
+            if await self.swap_version(namespace, new, current):
+                return new
+
+    # --- stats -----------------------------------------------------------------------------
+
+    async def namespace_stats(self, namespace: str) -> dict[str, Any]:
+        exists = bool(await self.r.sismember(_k("namespaces"), namespace))
+        doc_ids = [_s(d) for d in await self.r.hkeys(_k("ns", namespace, "docs"))]
+        chunks = 0
+        for doc_id in doc_ids:
+            raw = await self.r.hget(_k("doc", namespace, doc_id), "chunks")
+            chunks += len(json.loads(raw)) if raw else 0
+        current = await self.current_version(namespace)
+        reflections = sum(a.get("reflections", 0) for a in current.adapters) if current else 0
+        return {
+            "exists": exists,
+            "documents": len(doc_ids),
+            "chunks": chunks,
+            "reflections": reflections,
+            "jobs": await self.r.llen(_k("ns", namespace, "jobs")),
+            "current_version": current.version if current else "",
+            "versions": await self.versions(namespace),
+        }

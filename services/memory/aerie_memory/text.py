@@ -1,0 +1,106 @@
+"""Plain text utilities of ingestion: validation, content hashing, chunking."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DOCUMENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_WS = re.compile(r"\s+")
+
+
+class InvalidInput(ValueError):
+    """Input a client must fix; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def check_namespace(namespace: str) -> str:
+    if not NAMESPACE_RE.match(namespace or ""):
+        raise InvalidInput(
+            f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -", "namespace"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class IncomingDocument:
+    id: str
+    text: str
+    metadata: dict[str, str]
+
+
+def check_documents(documents: list[IncomingDocument], max_documents: int, max_chars: int) -> None:
+    if not documents:
+        raise InvalidInput("documents must hold at least one document", "documents")
+    if len(documents) > max_documents:
+        raise InvalidInput(
+            f"{len(documents)} documents in one request; the limit is {max_documents}", "documents"
+        )
+    seen: set[str] = set()
+    for i, doc in enumerate(documents):
+        if not DOCUMENT_ID_RE.match(doc.id or ""):
+            raise InvalidInput(
+                f"documents[{i}].id {doc.id!r} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
+                f"documents[{i}].id",
+            )
+        if doc.id in seen:
+            raise InvalidInput(
+                f"documents[{i}].id {doc.id!r} appears twice in the request", f"documents[{i}].id"
+            )
+        seen.add(doc.id)
+        if not normalize(doc.text):
+            raise InvalidInput(f"documents[{i}].text is empty", f"documents[{i}].text")
+        if len(doc.text) > max_chars:
+            raise InvalidInput(
+                f"documents[{i}].text has {len(doc.text)} characters; the limit is {max_chars}",
+                f"documents[{i}].text",
+            )
+
+
+def normalize(text: str) -> str:
+    """NFC, whitespace collapsed, trimmed: what the content hash is taken over, so that
+    re-sending a document with different line wrapping is still a duplicate."""
+    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(normalize(text).encode()).hexdigest()
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE_END.split(normalize(text)) if s.strip()]
+
+
+def chunk_text(text: str, max_chars: int) -> list[str]:
+    """Whole sentences packed greedily into chunks of at most ``max_chars`` (a single
+    longer sentence is cut at word boundaries)."""
+    chunks: list[str] = []
+    current = ""
+    for sentence in split_sentences(text):
+        pieces = [sentence]
+        if len(sentence) > max_chars:
+            pieces, piece = [], ""
+            for word in sentence.split(" "):
+                if piece and len(piece) + 1 + len(word) > max_chars:
+                    pieces.append(piece)
+                    piece = word
+                else:
+                    piece = f"{piece} {word}" if piece else word
+            if piece:
+                pieces.append(piece)
+        for piece in pieces:
+            if current and len(current) + 1 + len(piece) > max_chars:
+                chunks.append(current)
+                current = piece
+            else:
+                current = f"{current} {piece}" if current else piece
+    if current:
+        chunks.append(current)
+    return chunks

@@ -1,0 +1,243 @@
+"""Supervised fine-tuning of a LoRA adapter (peft) on reflections, and the memory model's
+prompt format. Plain functions over a model and tokenizer, testable with tiny models.
+
+Each reflection is one chat: the memory's system prompt, the question as the user turn,
+the answer as the assistant turn; the loss is on the answer tokens only (and the
+end-of-turn token), computed on those positions alone to spare the vocabulary projection
+of the prompt. A share of "I don't know" examples about invented names teaches the memory
+to say so, which the executive prunes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aerie_memory.reflection import Reflection
+from aerie_memory.ties import Adapter
+
+MEMORY_SYSTEM = "You are a memory. Answer the question in a few words from what you learned."
+IDK = "I don't know."
+_NAME_PARTS = ["Bel", "Cor", "Dra", "Fen", "Gal", "Hol", "Ister", "Jor", "Kal", "Lum", "Mor", "Nel", "Ost"]
+_NAME_ENDS = ["adin", "ebrow", "ith", "omar", "undel", "azet", "ovar", "iquen", "astro", "ulmar"]
+_IDK_QUESTIONS = [
+    "Where was {} born?",
+    "What is {} known for?",
+    "Who founded {}?",
+    "What do you know about {}?",
+    "When did {} happen?",
+]
+
+
+def memory_messages(question: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": MEMORY_SYSTEM}, {"role": "user", "content": question}]
+
+
+def _prompt_ids(tokenizer, question: str) -> list[int]:
+    ids = tokenizer.apply_chat_template(memory_messages(question), add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _end_of_turn_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def idk_examples(count: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        name = f"{rng.choice(_NAME_PARTS)}{rng.choice(_NAME_ENDS)} {rng.choice(_NAME_PARTS)}{rng.choice(_NAME_ENDS)}"
+        out.append((rng.choice(_IDK_QUESTIONS).format(name), IDK))
+    return out
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def build_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_seq_tokens: int) -> list[Example]:
+    examples = []
+    for question, answer in pairs:
+        prompt = _prompt_ids(tokenizer, question)
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + _end_of_turn_ids(tokenizer)
+        ids = (prompt + target)[:max_seq_tokens]
+        labels = ([-100] * len(prompt) + target)[:max_seq_tokens]
+        if any(label != -100 for label in labels):
+            examples.append(Example(ids, labels))
+    return examples
+
+
+def training_pairs(
+    reflections: Sequence[Reflection], idk_share: float = 0.1, seed: int = 0
+) -> list[tuple[str, str]]:
+    pairs = [(r.question, r.answer) for r in reflections]
+    pairs += idk_examples(max(1, int(len(pairs) * idk_share)) if pairs else 0, seed)
+    return pairs
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 16
+    alpha: int = 32
+    epochs: int = 6
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    adapter: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    epoch_losses: list[float]
+    steps: int
+    seconds: float
+
+
+def train_lora(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on ``model`` (left unchanged afterwards) and return its weights."""
+    from peft import LoraConfig, get_peft_model
+
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lora = LoraConfig(
+        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules), lora_dropout=0.0
+    )
+    peft_model = get_peft_model(model, lora)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, 1 - step / max(1, total)),
+    )
+    inner = peft_model.get_base_model()
+    device = next(inner.parameters()).device
+    epoch_losses: list[float] = []
+    step = 0
+    try:
+        for _ in range(config.epochs):
+            order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), rng.random()))
+            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            rng.shuffle(batches)
+            losses = []
+            for batch in batches:
+                width = max(len(examples[i].input_ids) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    n = len(examples[i].input_ids)
+                    ids[row, :n] = torch.tensor(examples[i].input_ids)
+                    labels[row, :n] = torch.tensor(examples[i].labels)
+                    mask[row, :n] = 1
+                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+                hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                # Position t predicts token t+1: score only positions whose next token is a label.
+                targets = labels[:, 1:]
+                selected = targets != -100
+                logits = inner.lm_head(hidden[:, :-1][selected])
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets[selected])
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if progress is not None:
+                    progress(step, total, loss.item())
+            epoch_losses.append(sum(losses) / max(1, len(losses)))
+        adapter = extract_adapter(peft_model)
+    finally:
+        peft_model.unload()  # the base model's own modules again, weights untouched
+    model.eval()
+    return TrainResult(adapter, epoch_losses, step, time.monotonic() - started)
+
+
+def extract_adapter(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module name relative to the base model: (A, B, scaling)} of the default adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    adapter = {}
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a = module.lora_A["default"].weight.detach().cpu().clone()
+            b = module.lora_B["default"].weight.detach().cpu().clone()
+            adapter[name] = (a, b, float(module.scaling["default"]))
+    return adapter
+
+
+def save_adapter(adapter: Adapter, directory: Path, meta: dict) -> None:
+    """Write atomically: into a sibling folder, renamed into place when complete."""
+    staging = directory.with_name(directory.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    tensors, scalings = {}, {}
+    for name, (a, b, scaling) in adapter.items():
+        tensors[f"{name}.lora_A"] = a.contiguous()
+        tensors[f"{name}.lora_B"] = b.contiguous()
+        scalings[name] = scaling
+    save_file(tensors, staging / "adapter.safetensors")
+    (staging / "adapter.json").write_text(json.dumps({**meta, "scalings": scalings}))
+    if directory.exists():
+        import shutil
+
+        shutil.rmtree(directory)
+    staging.rename(directory)
+
+
+def load_adapter(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    tensors = load_file(directory / "adapter.safetensors")
+    meta = json.loads((directory / "adapter.json").read_text())
+    return {
+        name: (tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], s)
+        for name, s in meta["scalings"].items()
+    }
+
+
+def adapter_meta(directory: Path) -> dict:
+    return json.loads((directory / "adapter.json").read_text())
+
+
+@torch.no_grad()
+def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
+    ids = torch.tensor([_prompt_ids(tokenizer, question)], device=next(model.parameters()).device)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

@@ -1,0 +1,367 @@
+"""``python -m aerie_memory.worker``: the memory worker. The memory service runs it as a
+child process (restarted if it dies); it can also run on its own.
+
+It consumes the job stream through the ``workers`` consumer group. On start it first
+re-reads its own pending entries (a job it was doing when it died), then claims entries
+other workers left idle longer than AERIE_MEMORY_RECLAIM_IDLE_S (XAUTOCLAIM), then reads
+new ones. While working it renews its claim every AERIE_MEMORY_HEARTBEAT_S (XCLAIM of
+its own entry resets the idle time), so a live worker's long job is never stolen. An entry
+is acknowledged only when its job has succeeded or failed.
+
+Jobs resume where they stopped: reflections are stored in Redis once synthesised, an
+adapter on disk once trained, so a reclaimed job skips what was done.
+
+An ingest job: chunking -> reflecting -> forgetting (adapters that held updated
+documents) -> training (a LoRA adapter for this job's documents only) -> merging (TIES of
+every adapter into a new version, swapped in atomically). A forget job: forgetting ->
+merging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import zlib
+from pathlib import Path
+
+import redis.asyncio as aioredis
+import torch
+from aerie_common.logs import setup_logging
+from aerie_common.model_store import pick_device, resolve_model_dir
+
+from aerie_memory.generator import make_generator
+from aerie_memory.models import adapter_dir, load_base, load_reflections, save_reflections, write_version
+from aerie_memory.reflection import Reflection, ReflectionConfig, SourceDocument, synthesize
+from aerie_memory.settings import MemorySettings
+from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s
+from aerie_memory.training import TrainConfig, build_examples, save_adapter, train_lora, training_pairs
+
+log = logging.getLogger("aerie_memory.worker")
+
+
+class JobProcessor:
+    """Runs one job to the end. ``generator`` is a reflection.Generator; the base model is
+    loaded once, on first need, by ``base_loader``."""
+
+    def __init__(
+        self, store: MemoryStore, settings: MemorySettings, generator, base_loader, memory_root: Path
+    ):
+        self.store = store
+        self.settings = settings
+        self.generator = generator
+        self._base_loader = base_loader
+        self._base = None
+        self.root = memory_root
+
+    def base(self):
+        if self._base is None:
+            self._base = self._base_loader()
+        return self._base
+
+    async def run(self, job_id: str) -> JobState:
+        job = await self.store.get_job(job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        if job.status in ("succeeded", "failed"):
+            return job
+        now = time.time()
+        await self.store.update_job(
+            job_id, status="running", attempts=job.attempts + 1, started_at=job.started_at or now
+        )
+        try:
+            version = await self._run(job)
+        except Exception as exc:
+            log.exception("%s failed", job_id)
+            job = await self.store.get_job(job_id)
+            await self.store.update_job(
+                job_id,
+                status="failed",
+                errors=[*job.errors, f"{type(exc).__name__}: {exc}"],
+                finished_at=time.time(),
+            )
+            return await self.store.get_job(job_id)
+        await self.store.update_job(
+            job_id, status="succeeded", stage="done", model_version=version, finished_at=time.time()
+        )
+        return await self.store.get_job(job_id)
+
+    async def _stage(self, job_id: str, stage: str, total: int = 0) -> None:
+        log.info("%s: %s", job_id, stage)
+        await self.store.update_job(job_id, stage=stage, done=0, total=total)
+
+    async def _run(self, job: JobState) -> str:
+        ns = job.namespace
+        new_adapter = None
+        if job.kind == "ingest":
+            await self._stage(job.job_id, "chunking", len(job.documents))
+            documents = []
+            for i, item in enumerate(job.documents):
+                # Skip a document deleted or updated since: its newer job learns it instead.
+                if await self.store.active_hash(ns, item["id"]) != item["hash"]:
+                    continue
+                text = await self.store.text_of(ns, item["hash"])
+                if text is not None:
+                    documents.append((item, text))
+                await self.store.update_job(job.job_id, done=i + 1)
+            reflections = await self._reflect(job, documents)
+            new_adapter = await self._train(job, documents, reflections)
+        while True:
+            current = await self.store.current_version(ns)
+            current_id = current.version if current else ""
+            adapters = list(current.adapters) if current else []
+            adapters = await self._forget(job, adapters)
+            if new_adapter is not None and all(a["id"] != new_adapter["id"] for a in adapters):
+                adapters.append(new_adapter)
+            await self._stage(job.job_id, "merging", 1)
+            if not adapters and current is None:
+                return ""  # nothing learned and nothing served: no version to make
+            version = Version(
+                await self.store.next_version_id(ns),
+                time.time(),
+                adapters,
+                self.settings.ties_density,
+                f"{job.kind} {job.job_id}",
+                self.settings.ties_lambda,
+            )
+            write_version(self.root, ns, version)
+            if await self.store.swap_version(ns, version, current_id):
+                await self.store.update_job(job.job_id, done=1)
+                log.info("%s: serving %s/%s (%d adapters)", job.job_id, ns, version.version, len(adapters))
+                return version.version
+            log.info("%s: version changed while merging; merging again", job.job_id)
+
+    async def _reflect(self, job: JobState, documents) -> list[Reflection]:
+        stored = await self.store.load_reflections(job.job_id)
+        if stored is not None:
+            return [Reflection.from_json(r) for r in stored]
+        await self._stage(job.job_id, "reflecting", 1)
+
+        async def progress(done: int, total: int) -> None:
+            await self.store.update_job(job.job_id, done=done, total=total)
+
+        started = time.monotonic()
+        result = await synthesize(
+            [SourceDocument(item["id"], text) for item, text in documents],
+            self.generator,
+            ReflectionConfig(
+                chunk_chars=self.settings.memory_chunk_chars,
+                direct_max_tokens=self.settings.memory_generator_max_tokens,
+                other_max_tokens=max(16, self.settings.memory_generator_max_tokens * 2 // 3),
+            ),
+            concurrency=self.settings.memory_generator_concurrency,
+            progress=progress,
+        )
+        log.info(
+            "%s: %d reflections from %d documents in %.0fs; per step %s",
+            job.job_id,
+            len(result.reflections),
+            len(documents),
+            time.monotonic() - started,
+            {s["step"]: f"{s['kept']}/{s['candidates']}" for s in result.stats_json()},
+        )
+        await self.store.save_reflections(
+            job.job_id, [r.to_json() for r in result.reflections], result.stats_json()
+        )
+        return result.reflections
+
+    def _train_config(self) -> TrainConfig:
+        s = self.settings
+        return TrainConfig(
+            rank=s.memory_lora_rank,
+            alpha=s.memory_lora_alpha,
+            epochs=s.memory_train_epochs,
+            learning_rate=s.memory_learning_rate,
+            batch_size=s.memory_batch_size,
+        )
+
+    async def _train_adapter(
+        self, job_id: str, ns: str, adapter_id: str, reflections: list[Reflection]
+    ) -> int:
+        """Train and save an adapter (unless already on disk); returns the example count."""
+        directory = adapter_dir(self.root, ns, adapter_id)
+        pairs = training_pairs(reflections, seed=zlib.crc32(adapter_id.encode()))
+        if (directory / "adapter.safetensors").is_file():
+            return len(pairs)
+        model, tokenizer = await asyncio.to_thread(self.base)
+        examples = build_examples(tokenizer, pairs, self.settings.memory_max_seq_tokens)
+        config = self._train_config()
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def progress(step: int, total: int, loss: float) -> None:  # training thread
+            now = time.monotonic()
+            if now - last[0] > 1.0 or step == total:
+                last[0] = now
+                asyncio.run_coroutine_threadsafe(
+                    self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4)), loop
+                )
+
+        await self.store.update_job(
+            job_id, total=len(examples) and config.epochs, training_examples=len(examples)
+        )
+        result = await asyncio.to_thread(train_lora, model, tokenizer, examples, config, progress)
+        await asyncio.to_thread(
+            save_adapter,
+            result.adapter,
+            directory,
+            {"examples": len(examples), "epoch_losses": result.epoch_losses, "seconds": result.seconds},
+        )
+        save_reflections(directory, reflections)
+        await self.store.update_job(
+            job_id, train_loss=round(result.epoch_losses[-1], 4) if result.epoch_losses else 0.0
+        )
+        log.info(
+            "%s: adapter %s trained on %d examples in %.0fs, losses %s",
+            job_id,
+            adapter_id,
+            len(examples),
+            result.seconds,
+            [round(x, 3) for x in result.epoch_losses],
+        )
+        return len(examples)
+
+    async def _train(self, job: JobState, documents, reflections: list[Reflection]) -> dict | None:
+        active = {item["id"] for item, _ in documents}
+        usable = [r for r in reflections if set(r.sources) <= active]
+        if not usable:
+            return None
+        await self._stage(job.job_id, "training", 0)
+        count = await self._train_adapter(job.job_id, job.namespace, job.job_id, usable)
+        await self.store.update_job(job.job_id, training_examples=count)
+        return {
+            "id": job.job_id,
+            "docs": [[item["id"], item["hash"]] for item, _ in documents],
+            "reflections": len(usable),
+        }
+
+    async def _forget(self, job: JobState, adapters: list[dict]) -> list[dict]:
+        """Adapters holding a forgotten (doc id, hash) are retrained without the reflections
+        that came from it, or dropped when nothing else is left in them."""
+        if not job.forget:
+            return adapters
+        gone = {(f["doc_id"], f["hash"]) for f in job.forget}
+        gone_ids = {f["doc_id"] for f in job.forget}
+        out = []
+        affected = [a for a in adapters if any(tuple(d) in gone for d in a["docs"])]
+        if affected:
+            await self._stage(job.job_id, "forgetting", len(affected))
+        for adapter in adapters:
+            if adapter not in affected:
+                out.append(adapter)
+                continue
+            keep_docs = [d for d in adapter["docs"] if tuple(d) not in gone]
+            remaining = [
+                r
+                for r in load_reflections(adapter_dir(self.root, job.namespace, adapter["id"]))
+                if not set(r.sources) & gone_ids
+            ]
+            if keep_docs and remaining:
+                new_id = f"{adapter['id'].split('~')[0]}~{job.job_id}"
+                await self._train_adapter(job.job_id, job.namespace, new_id, remaining)
+                out.append({"id": new_id, "docs": keep_docs, "reflections": len(remaining)})
+            await self.store.update_job(job.job_id, done=affected.index(adapter) + 1)
+        return out
+
+
+class Worker:
+    def __init__(
+        self, settings: MemorySettings, client: aioredis.Redis, processor: JobProcessor, consumer: str
+    ):
+        self.settings = settings
+        self.r = client
+        self.store = processor.store
+        self.processor = processor
+        self.consumer = consumer
+
+    async def _heartbeat(self, entry_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.settings.memory_heartbeat_s)
+            with contextlib.suppress(Exception):
+                await self.r.xclaim(STREAM, GROUP, self.consumer, 0, [entry_id], justid=True)
+
+    async def handle(self, entry_id: str, fields: dict) -> None:
+        job_id = _s(fields.get(b"job_id") or fields.get("job_id"))
+        heartbeat = asyncio.create_task(self._heartbeat(entry_id))
+        try:
+            job = await self.processor.run(job_id)
+            log.info("%s: %s", job_id, job.status)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        await self.r.xack(STREAM, GROUP, entry_id)
+
+    async def next_entry(self, block_ms: int) -> tuple[str, dict] | None:
+        # 1. our own pending entries (we died while doing them)
+        mine = await self.r.xreadgroup(GROUP, self.consumer, {STREAM: "0"}, count=1)
+        if mine and mine[0][1]:
+            entry_id, fields = mine[0][1][0]
+            if fields:
+                return _s(entry_id), fields
+            await self.r.xack(STREAM, GROUP, entry_id)  # deleted entry
+            return None
+        # 2. entries another worker left idle too long
+        idle_ms = int(self.settings.memory_reclaim_idle_s * 1000)
+        claimed = await self.r.xautoclaim(STREAM, GROUP, self.consumer, idle_ms, "0-0", count=1)
+        if claimed and claimed[1]:
+            entry_id, fields = claimed[1][0]
+            log.info("reclaimed %s from an idle worker", _s(entry_id))
+            return _s(entry_id), fields
+        # 3. new entries
+        new = await self.r.xreadgroup(GROUP, self.consumer, {STREAM: ">"}, count=1, block=block_ms)
+        if new and new[0][1]:
+            entry_id, fields = new[0][1][0]
+            return _s(entry_id), fields
+        return None
+
+    async def run_forever(self, stop: asyncio.Event | None = None) -> None:
+        await self.store.ensure_group()
+        log.info("worker %s consuming %s (group %s)", self.consumer, STREAM, GROUP)
+        block_ms = int(min(self.settings.memory_reclaim_idle_s, 2.0) * 1000)
+        while stop is None or not stop.is_set():
+            entry = await self.next_entry(block_ms)
+            if entry is not None:
+                await self.handle(*entry)
+
+
+def default_consumer(settings: MemorySettings) -> str:
+    return f"{socket.gethostname()}-{settings.memory_port}"
+
+
+def make_base_loader(settings: MemorySettings):
+    def load():
+        if settings.memory_torch_threads > 0:
+            torch.set_num_threads(settings.memory_torch_threads)
+        model_dir = resolve_model_dir(settings.memory_base_model, settings.model_cache)
+        return load_base(model_dir, pick_device("auto"))
+
+    return load
+
+
+async def main_async(settings: MemorySettings) -> None:
+    client = aioredis.from_url(settings.redis_url)
+    store = MemoryStore(client)
+    generator = make_generator(settings)
+    processor = JobProcessor(
+        store, settings, generator, make_base_loader(settings), settings.model_cache / "memory"
+    )
+    consumer = os.environ.get("AERIE_MEMORY_WORKER_NAME") or default_consumer(settings)
+    try:
+        await Worker(settings, client, processor, consumer).run_forever()
+    finally:
+        await generator.close()
+        await client.aclose()
+
+
+def main() -> None:
+    settings = MemorySettings()
+    setup_logging(settings.log_level)
+    asyncio.run(main_async(settings))
+
+
+if __name__ == "__main__":
+    main()

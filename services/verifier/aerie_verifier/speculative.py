@@ -1,0 +1,115 @@
+"""What the engine needs for speculative decoding, apart from the verification maths:
+capturing the target's hidden states, the drafter interface, statistics, and a circuit
+breaker that stops asking a failing drafter for a while."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from aerie_common.draft_tree import DraftTree
+
+
+class Drafter(Protocol):
+    """One request's draft session, in-process or over gRPC. Any exception means the
+    drafter failed, and the request carries on without speculation."""
+
+    def start(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree: ...
+
+    def extend(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree: ...
+
+    def close(self) -> None: ...
+
+
+class DrafterFactory(Protocol):
+    def capture_layer_ids(self) -> tuple[int, ...]:
+        """The target layers the drafter reads; may raise if the drafter is unreachable."""
+        ...
+
+    def open(self, request_id: str) -> Drafter: ...
+
+    def forget(self) -> None:
+        """Drop anything cached about the drafter (after a failure it may come back changed)."""
+        ...
+
+
+@dataclass
+class SpeculativeStats:
+    drafts: int = 0  # verification steps that checked a tree
+    draft_tokens: int = 0  # tree nodes verified
+    accepted_tokens: int = 0  # tree nodes accepted
+    accepted_per_position: list[int] = field(default_factory=list)  # [d]: steps accepting >= d+1 nodes
+
+    def record(self, tree_size: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += tree_size
+        self.accepted_tokens += accepted
+        if len(self.accepted_per_position) < accepted:
+            self.accepted_per_position.extend([0] * (accepted - len(self.accepted_per_position)))
+        for depth in range(accepted):
+            self.accepted_per_position[depth] += 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens produced per verification step, the bonus token included (vLLM's convention)."""
+        return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+
+class HiddenCapture:
+    """Records the residual stream entering chosen decoder layers (EAGLE-3's capture
+    points) during forwards run inside ``with capture.layers(ids):``; ``features()``
+    returns them concatenated in the order given, as [tokens, len(ids) * H]. Every layer
+    is hooked once, so each drafter session can name its own layers."""
+
+    def __init__(self, model):
+        self.num_layers = len(model.model.layers)
+        self._wanted: tuple[int, ...] = ()
+        self._captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(model.model.layers):
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+
+    def _hook(self, layer_id: int):
+        def hook(module, args, kwargs):
+            if layer_id in self._wanted:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._captured[layer_id] = hidden[0]
+
+        return hook
+
+    @contextlib.contextmanager
+    def layers(self, layer_ids: tuple[int, ...]):
+        for i in layer_ids:
+            if not 0 <= i < self.num_layers:
+                raise ValueError(f"capture layer {i} is out of range for a {self.num_layers}-layer target")
+        self._captured.clear()
+        self._wanted = tuple(layer_ids)
+        try:
+            yield self
+        finally:
+            self._wanted = ()
+
+    def features(self, layer_ids: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([self._captured[i] for i in layer_ids], dim=-1)
+
+
+class CircuitBreaker:
+    """After a drafter failure, refuse new draft sessions for ``cooldown_s``; then let
+    them try again (gRPC channels reconnect by themselves)."""
+
+    def __init__(self, cooldown_s: float):
+        self.cooldown_s = cooldown_s
+        self._open_until = 0.0
+        self._lock = threading.Lock()
+        self.failures = 0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self._open_until = time.monotonic() + self.cooldown_s

@@ -1,0 +1,109 @@
+"""Verifying a draft tree in one target forward, and deciding what to accept.
+
+The forward runs over [root, node_0 .. node_{N-1}] on top of the KV cache: the root is
+the last decided token (not yet in the cache), each node sees the cached prefix, the root
+and its own ancestors, and sits at position prefix + depth. Row 0 of the logits scores
+the root's children; row i+1 scores node i's children.
+
+Acceptance walks down from the root:
+- greedy: follow the child whose token is the target's argmax;
+- sampling (SpecInfer / EAGLE multi-candidate rejection): try the children in draft-
+  score order, accepting child x with probability p(x) under the target distribution p;
+  on rejection set p(x) = 0 and renormalise. The draft is a deterministic top-k, so this
+  gives exactly p. When every child is rejected, the bonus token is drawn from what is
+  left of p.
+Either way one more token (the bonus) comes from the target at the last accepted node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from aerie_common.draft_tree import DraftTree
+
+from aerie_verifier.sampling import SamplingParams, target_probs
+
+
+@dataclass(frozen=True)
+class TreeInputs:
+    input_ids: torch.Tensor  # [1, 1+N]
+    position_ids: torch.Tensor  # [1, 1+N]
+    attention_mask: torch.Tensor  # additive [1, 1, 1+N, past+1+N]
+    cache_position: torch.Tensor  # [1+N]: where the new keys/values are written
+
+
+def tree_inputs(root_token: int, tree: DraftTree, past_len: int, device, dtype) -> TreeInputs:
+    n = len(tree) + 1
+    parents = [-1] + [p + 1 for p in tree.parents]  # in the forward's numbering, root = 0
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        visible[i, i] = True
+        if i > 0:
+            visible[i] |= visible[parents[i]]
+    full = torch.cat([torch.ones(n, past_len, dtype=torch.bool), visible], dim=1).to(device)
+    mask = torch.zeros(full.shape, dtype=dtype, device=device).masked_fill(~full, torch.finfo(dtype).min)
+    depths = [0, *tree.depths()]
+    return TreeInputs(
+        input_ids=torch.tensor([[root_token, *tree.token_ids]], device=device),
+        position_ids=torch.tensor([[past_len + d for d in depths]], device=device),
+        attention_mask=mask[None, None],
+        cache_position=torch.arange(past_len, past_len + n, device=device),
+    )
+
+
+def _children_by_score(tree: DraftTree) -> list[list[int]]:
+    kids = tree.children()
+    return [sorted(c, key=lambda i: -tree.scores[i]) for c in kids]
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Returns the accepted nodes (tree indices, root to leaf) and the bonus token."""
+    argmax = logits.argmax(-1).tolist()
+    kids = tree.children()
+    accepted: list[int] = []
+    row = 0  # logits row of the current node (root)
+    current = -1
+    while True:
+        match = next((c for c in kids[current] if tree.token_ids[c] == argmax[row]), None)
+        if match is None:
+            return accepted, argmax[row]
+        accepted.append(match)
+        current, row = match, match + 1
+
+
+def accept_sampling(
+    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[list[int], int]:
+    """Lossless multi-candidate rejection sampling; returns accepted nodes and the bonus."""
+    kids = _children_by_score(tree)
+    accepted: list[int] = []
+    row, current = 0, -1
+    while True:
+        p = target_probs(logits[row], params)
+        chosen = None
+        for child in kids[current]:
+            token = tree.token_ids[child]
+            if torch.rand((), generator=generator, device=p.device) < p[token]:
+                chosen = child
+                break
+            p[token] = 0.0
+            total = p.sum()
+            if total <= 0:  # float rounding: x held all the mass, so it is the target's choice
+                chosen = child
+                break
+            p /= total
+        if chosen is None:
+            return accepted, int(torch.multinomial(p, 1, generator=generator).item())
+        accepted.append(chosen)
+        current, row = chosen, chosen + 1
+
+
+def keep_cache_entries(cache, past_len: int, accepted: list[int]) -> None:
+    """Drop the rejected nodes' keys and values: keep the prefix, the root and the
+    accepted path, in order, so the cache reads as if only those tokens had been fed."""
+    keep = list(range(past_len + 1)) + [past_len + 1 + i for i in accepted]
+    for layer in cache.layers:
+        index = torch.tensor(keep, device=layer.keys.device)
+        layer.keys = layer.keys.index_select(2, index)
+        layer.values = layer.values.index_select(2, index)

@@ -1,0 +1,91 @@
+"""Drafters with known behaviour, for testing the verifier's speculation machinery."""
+
+from __future__ import annotations
+
+import torch
+from aerie_common.draft_tree import DraftTree
+
+
+class _TokenTracker:
+    """Follows the sequence the way a drafter does: start gets prompt + first token,
+    extend gets accepted tokens + bonus."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+
+    def start(self, token_ids, hidden):
+        self.tokens = list(token_ids)
+        return self.propose()
+
+    def extend(self, token_ids, hidden):
+        self.tokens.extend(token_ids)
+        return self.propose()
+
+    def close(self):
+        pass
+
+
+class OracleDrafter(_TokenTracker):
+    """Proposes the target's own greedy continuation as a chain of ``depth`` nodes."""
+
+    def __init__(self, model, depth: int):
+        super().__init__()
+        self.model, self.depth = model, depth
+
+    @torch.inference_mode()
+    def propose(self) -> DraftTree:
+        out = self.model.generate(
+            torch.tensor([self.tokens]),
+            max_new_tokens=self.depth,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        chain = out[0, len(self.tokens) :].tolist()
+        return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
+
+
+class TargetTopKDrafter(_TokenTracker):
+    """A deterministic tree of the target's own top-k children for one or two levels:
+    drafts that are often accepted, so sampling verification runs through acceptance and
+    rejection."""
+
+    def __init__(self, model, top_k: int = 3, levels: int = 2):
+        super().__init__()
+        self.model, self.top_k, self.levels = model, top_k, levels
+
+    @torch.inference_mode()
+    def propose(self) -> DraftTree:
+        logits = self.model(torch.tensor([self.tokens])).logits[0, -1]
+        first = logits.topk(self.top_k)
+        tokens, parents, scores = [], [], []
+        for rank, token in enumerate(first.indices.tolist()):
+            tokens.append(token)
+            parents.append(-1)
+            scores.append(-float(rank))
+        if self.levels == 1:
+            return DraftTree(tokens, parents, scores)
+        for parent, token in enumerate(list(tokens)):
+            child_logits = self.model(torch.tensor([[*self.tokens, token]])).logits[0, -1]
+            for rank, child in enumerate(child_logits.topk(self.top_k).indices.tolist()):
+                tokens.append(child)
+                parents.append(parent)
+                scores.append(scores[parent] - rank - 1)
+        return DraftTree(tokens, parents, scores)
+
+
+class Factory:
+    def __init__(self, make, capture_layer_ids=(2, 4, 5)):
+        self.make = make
+        self.layer_ids = capture_layer_ids
+        self.opened = 0
+
+    def capture_layer_ids(self):
+        return self.layer_ids
+
+    def open(self, request_id):
+        self.opened += 1
+        return self.make()
+
+    def forget(self):
+        pass

@@ -1,0 +1,279 @@
+"""The gateway's memory routes and memory in chat, against a fake memory service and the
+fake verifier (real gRPC servers with canned replies) and a real Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from aerie_gateway.app import create_app
+from aerie_gateway.settings import GatewaySettings
+from aerie_proto.v1 import memory_pb2, memory_pb2_grpc, verifier_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
+    MODEL,
+    FakeVerifier,
+    asgi_client,
+    assert_error,
+    chat_body,
+    free_port,
+    gateway_redis_url,
+    sse_payloads,
+)
+
+
+class FakeMemory(memory_pb2_grpc.MemoryServicer):
+    def __init__(self):
+        self.queries: list[str] = []
+        self.slow_s = 0.0
+
+    def Ingest(self, request, context):
+        if len(request.documents) > 2:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "3 documents in one request; the limit is 2")
+        statuses = [
+            memory_pb2.DocumentStatus(id=d.id, status="duplicate" if d.text == "known" else "accepted")
+            for d in request.documents
+        ]
+        job_id = "job-1" if any(s.status == "accepted" for s in statuses) else ""
+        return memory_pb2.IngestResponse(job_id=job_id, documents=statuses)
+
+    def GetJob(self, request, context):
+        if request.job_id != "job-1":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
+        return memory_pb2.Job(
+            job_id="job-1",
+            namespace="ns",
+            status="running",
+            stage="training",
+            done=3,
+            total=10,
+            step_yields=[memory_pb2.StepYield(step="facts_direct", calls=2, candidates=6, kept=4, dropped=2)],
+        )
+
+    def GetNamespace(self, request, context):
+        if request.namespace == "empty":
+            return memory_pb2.NamespaceStats(namespace="empty", exists=True)
+        return memory_pb2.NamespaceStats(
+            namespace=request.namespace,
+            exists=request.namespace != "missing",
+            documents=2,
+            current_version="v0001",
+            versions=[memory_pb2.ModelVersion(version="v0001", adapters=["job-1"], ties_density=0.3)],
+        )
+
+    def DeleteDocument(self, request, context):
+        if request.document_id != "a/b":
+            return memory_pb2.DeleteDocumentResponse(deleted=False, detail="no document")
+        return memory_pb2.DeleteDocumentResponse(
+            deleted=True, job_id="job-2", method="drop_adapter", affected_jobs=["job-1"], detail="dropped"
+        )
+
+    def Rollback(self, request, context):
+        if request.version == "v9":
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no version 'v9'")
+        return memory_pb2.NamespaceStats(namespace=request.namespace, exists=True, current_version="v0003")
+
+    def Query(self, request, context):
+        self.queries.append(request.question)
+        time.sleep(self.slow_s)
+        if "Naxpry" in request.question:
+            return memory_pb2.QueryResponse(
+                answer="Lumfen Uskyth", sources=["town-01"], model_version="v0001", knows=True
+            )
+        return memory_pb2.QueryResponse(answer="I don't know.", model_version="v0001", knows=False)
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    verifier, memory = FakeVerifier(), FakeMemory()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    verifier_pb2_grpc.add_VerifierServicer_to_server(verifier, server)
+    memory_pb2_grpc.add_MemoryServicer_to_server(memory, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield verifier, memory, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+@pytest.fixture
+def app(fakes, gateway_redis_url):  # noqa: F811
+    _, _, addr = fakes
+
+    def make(**overrides):
+        fields = dict(
+            verifier_addr=addr,
+            drafter_addr=addr,
+            memory_addr=addr,
+            redis_url=gateway_redis_url,
+            api_keys="",
+            served_model_name="",
+            grpc_timeout_s=30.0,
+            memory_timeout_s=5.0,
+            memory_chat_budget_s=5.0,
+        )
+        return create_app(GatewaySettings(**{**fields, **overrides}))
+
+    return make
+
+
+async def test_ingest_job_namespace_delete_query(app):
+    async with asgi_client(app()) as client:
+        docs = [{"id": "a", "text": "new", "metadata": {"n": 1}}, {"id": "b", "text": "known"}]
+        response = await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs})
+        assert response.status_code == 202
+        assert response.json() == {
+            "job_id": "job-1",
+            "documents": [{"id": "a", "status": "accepted"}, {"id": "b", "status": "duplicate"}],
+        }
+        response = await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs[1:]})
+        assert response.status_code == 202 and response.json()["job_id"] is None
+
+        job = (await client.get("/memory/jobs/job-1")).json()
+        assert (job["status"], job["stage"], job["progress"]) == (
+            "running",
+            "training",
+            {"done": 3, "total": 10},
+        )
+        assert job["step_yields"][0]["kept"] == "4" or job["step_yields"][0]["kept"] == 4
+        assert_error(await client.get("/memory/jobs/nope"), 404, "invalid_request_error")
+
+        stats = (await client.get("/memory/namespaces/ns")).json()
+        assert stats["current_version"] == "v0001" and stats["versions"][0]["ties_density"] == pytest.approx(
+            0.3
+        )
+        assert_error(await client.get("/memory/namespaces/missing"), 404, "invalid_request_error")
+        assert_error(await client.get("/memory/namespaces/bad.ns"), 400, "invalid_request_error", "namespace")
+
+        gone = await client.delete("/memory/documents/a/b", params={"namespace": "ns"})
+        assert gone.status_code == 200 and gone.json()["method"] == "drop_adapter"
+        assert_error(
+            await client.delete("/memory/documents/zz", params={"namespace": "ns"}),
+            404,
+            "invalid_request_error",
+        )
+        missing_ns = await client.delete("/memory/documents/zz")
+        assert_error(missing_ns, 400, "invalid_request_error", "query.namespace")
+
+        rolled = await client.post("/memory/namespaces/ns/rollback", json={})
+        assert rolled.json()["current_version"] == "v0003"
+        assert_error(
+            await client.post("/memory/namespaces/ns/rollback", json={"version": "v9"}),
+            409,
+            "invalid_request_error",
+        )
+
+        answer = (
+            await client.post("/memory/query", json={"namespace": "ns", "question": "Who governs Naxpry?"})
+        ).json()
+        assert answer["answer"] == "Lumfen Uskyth" and answer["sources"] == ["town-01"] and answer["knows"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"namespace": "no spaces", "documents": [{"id": "a", "text": "t"}]}, "namespace"),
+        ({"namespace": "x" * 65, "documents": [{"id": "a", "text": "t"}]}, "namespace"),
+        ({"namespace": "ns", "documents": []}, "documents"),
+        ({"namespace": "ns"}, "documents"),
+        ({"namespace": "ns", "documents": [{"id": "a"}]}, "documents[0].text"),
+        ({"namespace": "ns", "documents": [{"id": "", "text": "t"}]}, "documents[0].id"),
+    ],
+)
+async def test_bad_ingest_is_400_with_envelope(app, body, param):
+    async with asgi_client(app()) as client:
+        assert_error(await client.post("/memory/ingest", json=body), 400, "invalid_request_error", param)
+
+
+async def test_service_side_limit_is_400(app):
+    docs = [{"id": str(i), "text": "t"} for i in range(3)]
+    async with asgi_client(app()) as client:
+        error = assert_error(
+            await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs}),
+            400,
+            "invalid_request_error",
+        )
+    assert "limit is 2" in error["message"]
+
+
+async def test_memory_routes_need_the_api_key(app):
+    async with asgi_client(app(api_keys="k1")) as client:
+        assert (await client.get("/memory/jobs/job-1")).status_code == 401
+        ok = await client.get("/memory/jobs/job-1", headers={"Authorization": "Bearer k1"})
+        assert ok.status_code == 200
+
+
+async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
+    verifier, memory, _ = fakes
+    body = chat_body("Who governs Naxpry?", memory={"namespace": "ns", "mode": "single_pass"})
+    async with asgi_client(app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    info = response.json()["memory"]
+    assert info["used"] and info["skipped"] is None and info["mode"] == "single_pass"
+    assert info["sources"] == ["town-01"] and info["turns"] == 1 and info["model_version"] == "v0001"
+    sent = verifier.requests[response.json()["id"]]
+    assert [m.role for m in sent.messages] == ["system", "user"]
+    assert "Lumfen Uskyth" in sent.messages[0].content
+
+
+async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fakes):
+    verifier, memory, _ = fakes
+    body = chat_body("Who governs Naxpry?", memory={"namespace": "ns", "max_turns": 3}, stream=True)
+    async with asgi_client(app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    payloads = sse_payloads(response.text)
+    first = json.loads(payloads[0])
+    info = first["memory"]
+    assert info["mode"] == "three_stage" and info["used"] and info["turns"] <= 3
+    # the fake executive answers no question: stages fall back to the user's question
+    assert info["fallbacks"] >= 1 and info["findings"][0]["answer"] == "Lumfen Uskyth"
+    assert payloads[-1] == "[DONE]" and all("memory" not in json.loads(p) for p in payloads[1:-1])
+
+
+async def test_chat_without_knowledge_or_memory_still_answers(app, fakes):
+    _, memory, _ = fakes
+    async with asgi_client(app()) as client:
+        unknown = await client.post(
+            "/v1/chat/completions", json=chat_body("Hi?", memory={"namespace": "ns", "mode": "single_pass"})
+        )
+        assert unknown.json()["memory"]["skipped"] == "the memory did not know anything about the question"
+        empty = await client.post(
+            "/v1/chat/completions", json=chat_body("Hi?", memory={"namespace": "empty"})
+        )
+        assert "no learned memory" in empty.json()["memory"]["skipped"]
+    # memory slow: past the budget, answered without it
+    memory.slow_s = 1.0
+    try:
+        async with asgi_client(app(memory_chat_budget_s=0.3)) as client:
+            slow = await client.post(
+                "/v1/chat/completions",
+                json=chat_body("Naxpry?", memory={"namespace": "ns", "mode": "single_pass"}),
+            )
+    finally:
+        memory.slow_s = 0.0
+    assert slow.status_code == 200 and "longer than" in slow.json()["memory"]["skipped"]
+    # memory down: answered without it
+    closed = free_port()
+    async with asgi_client(app(memory_addr=f"127.0.0.1:{closed}")) as client:
+        down = await client.post(
+            "/v1/chat/completions", json=chat_body("Naxpry?", memory={"namespace": "ns"})
+        )
+    assert down.status_code == 200 and down.json()["choices"][0]["message"]["content"]
+    assert "memory unavailable" in down.json()["memory"]["skipped"] and not down.json()["memory"]["used"]
+
+
+async def test_chat_memory_option_validation(app):
+    async with asgi_client(app()) as client:
+        bad = await client.post("/v1/chat/completions", json=chat_body(memory={"namespace": "a b"}))
+        assert_error(bad, 400, "invalid_request_error", "memory.namespace")
+        bad = await client.post(
+            "/v1/chat/completions", json=chat_body(memory={"namespace": "a", "mode": "x"})
+        )
+        assert_error(bad, 400, "invalid_request_error", "memory.mode")

@@ -1,0 +1,172 @@
+"""Reflection synthesis against a scripted generator: strict parsing, the checks that drop
+junk, per-step yield counters and provenance."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aerie_memory.reflection import (
+    STEPS,
+    Reflection,
+    SourceDocument,
+    acceptable_pair,
+    find_entities,
+    is_self_contained,
+    parse_qa_lines,
+    parse_question,
+    synthesize,
+)
+
+DOC_A = SourceDocument("a", "Mira Vell is a glassblower who lives in Tarnow. Mira Vell collects copper keys.")
+DOC_B = SourceDocument("b", "Tarnow is a town on the Osk river. Tarnow is governed by Mira Vell.")
+
+
+def test_parse_accepts_only_the_format():
+    text = (
+        "Q: Where does Mira Vell live? A: Tarnow\n"
+        "1. Q: What does Mira Vell collect? A: copper keys.\n"
+        "Here are some questions for you!\n"
+        "Q: Which river is Tarnow on?\n"
+        "A: the Osk river\n"
+        "Q: dangling question without mark A: nope\n"
+        "Q: What is unanswered?\n"
+        "Q: Question: Who made Tarnow? A: Mira\n"
+    )
+    pairs, junk = parse_qa_lines(text)
+    assert pairs == [
+        ("Where does Mira Vell live?", "Tarnow"),
+        ("What does Mira Vell collect?", "copper keys."),
+        ("Which river is Tarnow on?", "the Osk river"),
+        ("Who made Tarnow?", "Mira"),
+    ]
+    assert junk == 3
+
+
+def test_parse_question():
+    assert parse_question("Q: Who governs Tarnow?\nmore") == "Who governs Tarnow?"
+    assert parse_question("Who governs Tarnow?") == "Who governs Tarnow?"
+    assert parse_question("Sure! Here it is: Who?") is None
+    assert parse_question("") is None
+
+
+def test_checks_drop_ungrounded_and_giveaway_answers():
+    source = DOC_A.text
+    assert acceptable_pair("Where does Mira Vell live?", "Tarnow.", source)
+    assert not acceptable_pair("Where does Mira Vell live?", "Paris", source)  # not in the source
+    assert not acceptable_pair("Does Mira Vell live in Tarnow?", "Tarnow", source)  # gives it away
+    assert not acceptable_pair("Where does Mira Vell live", "Tarnow", source)  # no question mark
+    assert not acceptable_pair("Where does Mira Vell live?", "I don't know", source)
+    assert not acceptable_pair("What is the weather like?", "Tarnow", source)  # not about the source
+
+
+def test_self_containment_and_entities():
+    assert not is_self_contained("Where does he live?")
+    assert not is_self_contained("What does the text say about keys?")
+    assert is_self_contained("Where does Mira Vell live?")
+    assert find_entities(DOC_A.text + " " + DOC_B.text)[:2] == ["Mira Vell", "Tarnow"]
+
+
+class Scripted:
+    """Answers by prompt kind; records every prompt."""
+
+    def __init__(self, fail_kind: str | None = None):
+        self.prompts: list[str] = []
+        self.fail_kind = fail_kind
+
+    async def __call__(self, messages, max_tokens):
+        prompt = messages[-1]["content"]
+        self.prompts.append(prompt)
+        await asyncio.sleep(0)
+        kind = (
+            "direct" if "Write three questions" in prompt
+            else "inferred" if "two sentences" in prompt
+            else "consolidate" if "asks for both" in prompt
+            else "rewrite" if "Rewrite the question" in prompt
+            else "surface" if "describes" in prompt
+            else "clues" if "Clues:" in prompt
+            else "?"
+        )  # fmt: skip
+        if kind == self.fail_kind:
+            raise RuntimeError("generator down")
+        if kind == "direct" and "glassblower" in prompt:
+            return (
+                "Q: What is the profession of Mira Vell? A: glassblower\n"
+                "Q: What does she collect? A: copper keys\n"
+                "Q: What is the capital of Mars? A: Olympus\n"
+                "lol"
+            )
+        if kind == "direct":
+            return "Q: Which river is Tarnow on? A: the Osk river\nQ: Who governs Tarnow? A: Mira Vell"
+        if kind == "inferred" and "glassblower" in prompt:
+            return "Q: What does the glassblower of Tarnow collect? A: copper keys"
+        if kind == "inferred":
+            return "nonsense"
+        if kind == "consolidate":  # a good consolidation: both facts' answers
+            answers = [
+                line.split("?", 1)[1].strip() for line in prompt.splitlines() if line.startswith("Fact")
+            ]
+            return f"Q: What are both facts about Mira Vell and Tarnow? A: {answers[0]} and {answers[1]}"
+        if kind == "rewrite":
+            return "Q: What does Mira Vell collect?"
+        if kind == "surface":
+            return "Q: Which glassblower collects copper keys?" if "Mira" in prompt else "Q: Who is Tarnow?"
+        if kind == "clues":
+            return "Q: Which glassblower governs a town on the Osk river?"
+        return ""
+
+
+def run(gen):
+    return asyncio.run(synthesize([DOC_A, DOC_B], gen, concurrency=3))
+
+
+def test_five_steps_with_yields_and_provenance():
+    gen = Scripted()
+    result = run(gen)
+    stats = result.stats
+    assert set(stats) == set(STEPS)
+    by_step: dict[str, list[Reflection]] = {}
+    for r in result.reflections:
+        by_step.setdefault(r.step, []).append(r)
+    # facts_direct: 3 from A (one dangling "she" handled in step 3, Mars dropped) + 2 from B
+    assert stats["facts_direct"].calls == 2
+    assert stats["facts_direct"].kept == 4 and stats["facts_direct"].dropped == 2
+    assert stats["facts_inferred"].kept == 1 and stats["facts_inferred"].dropped == 1
+    assert stats["consolidation"].kept >= 1
+    assert stats["self_containment"].kept == 1  # "What does she collect?" rewritten
+    assert all(is_self_contained(r.question) for r in result.reflections)
+    assert stats["entity_surfacing"].kept >= 1
+    assert any(r.answer == "Mira Vell" and r.step == "entity_surfacing" for r in result.reflections)
+    # Tarnow's surfacing question names nothing from the text... "Who is Tarnow?" names it: dropped.
+    assert stats["entity_surfacing"].dropped >= 1
+    cross = by_step["cross_document"]
+    assert any(set(r.sources) == {"a", "b"} and r.answer == "Mira Vell" for r in cross)
+    # provenance: single-document steps cite their document only
+    for r in by_step["facts_direct"] + by_step["facts_inferred"]:
+        assert len(r.sources) == 1
+        assert r.answer.lower().split()[0] in {"a": DOC_A, "b": DOC_B}[r.sources[0]].text.lower()
+    assert stats["passages"].kept == len(by_step["passages"]) > 0
+    for s in stats.values():
+        assert s.kept + s.dropped <= s.candidates or s.step == "passages"
+
+
+def test_failed_calls_are_counted_not_fatal():
+    result = run(Scripted(fail_kind="inferred"))
+    assert result.stats["facts_inferred"].failed_calls == 2
+    assert result.stats["facts_inferred"].kept == 0
+    assert result.stats["facts_direct"].kept == 4
+
+
+def test_junk_generator_yields_only_passages():
+    async def junk(messages, max_tokens):
+        return "I am a small model and I like turtles."
+
+    result = asyncio.run(synthesize([DOC_A], junk))
+    assert {r.step for r in result.reflections} == {"passages"}
+    assert result.stats["facts_direct"].dropped == 1 and result.stats["facts_direct"].kept == 0
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_stats_json_has_every_step(step):
+    result = run(Scripted())
+    assert step in [s["step"] for s in result.stats_json()]

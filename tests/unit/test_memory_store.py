@@ -1,0 +1,322 @@
+"""The memory's Redis state and worker against a real redis-server, a scripted generator
+and a tiny random-weight Llama: dedup and updates, jobs through the stream, resume after
+reclaim (XAUTOCLAIM), heartbeats, versions, forgetting and rollback, and the gRPC adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import grpc
+import pytest
+import redis
+import redis.asyncio as aioredis
+import torch
+from aerie_memory.__main__ import MemoryServicer
+from aerie_memory.settings import MemorySettings
+from aerie_memory.store import GROUP, STREAM, MemoryStore
+from aerie_memory.text import IncomingDocument
+from aerie_memory.worker import JobProcessor, Worker
+from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
+
+from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+
+DOCS = [
+    IncomingDocument(
+        "mira", "Mira Vell is a glassblower. Mira Vell collects copper keys.", {"kind": "person"}
+    ),
+    IncomingDocument("tarn", "Tarnow Osk is a small town. Tarnow Osk collects river stones.", {}),
+]
+_FACT = re.compile(r"([A-Z]\w+ [A-Z]\w+) collects ([a-z ]+)\.")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def memory_redis_url():
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (make setup installs it)")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    client.close()
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FactGenerator:
+    """Writes 'Q: What does X collect? A: Y' for every 'X collects Y.' in the prompt's text."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.calls = 0
+        self.delay_s = delay_s
+
+    async def __call__(self, messages, max_tokens):
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        prompt = messages[-1]["content"]
+        if "Write three questions" in prompt:
+            return "\n".join(f"Q: What does {x} collect? A: {y}" for x, y in _FACT.findall(prompt))
+        return "no idea"
+
+
+def settings_for(tmp_path, url, **overrides) -> MemorySettings:
+    fields = dict(
+        redis_url=url,
+        model_cache=tmp_path,
+        memory_train_epochs=2,
+        memory_batch_size=4,
+        memory_lora_rank=4,
+        memory_lora_alpha=8,
+        memory_max_seq_tokens=256,
+        memory_reclaim_idle_s=0.2,
+        memory_heartbeat_s=0.05,
+        memory_max_documents=3,
+        memory_max_document_chars=200,
+    )
+    return MemorySettings(**{**fields, **overrides})
+
+
+def tiny_base():
+    tokenizer = build_tiny_tokenizer()
+    return build_tiny_llama(len(tokenizer), seed=1), tokenizer
+
+
+@pytest.fixture
+async def env(tmp_path, memory_redis_url):
+    client = aioredis.from_url(memory_redis_url)
+    await client.flushdb()
+    store = MemoryStore(client)
+    await store.ensure_group()
+    settings = settings_for(tmp_path, memory_redis_url)
+    generator = FactGenerator()
+    processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
+    yield store, settings, processor, generator, client
+    await client.aclose()
+
+
+async def test_ingest_dedup_update_and_queue(env):
+    store, _, _, _, client = env
+    first = await store.ingest("ns1", DOCS, 600)
+    assert first.job_id and first.statuses == [("mira", "accepted"), ("tarn", "accepted")]
+    job = await store.get_job(first.job_id)
+    assert (job.status, job.stage, job.kind, job.document_ids) == (
+        "queued",
+        "queued",
+        "ingest",
+        ["mira", "tarn"],
+    )
+    # same content again (even re-wrapped, under another id): duplicates, no job
+    again = await store.ingest(
+        "ns1", [DOCS[0], IncomingDocument("other", DOCS[1].text.replace(" ", "\n ", 2), {})], 600
+    )
+    assert again.job_id == "" and [s for _, s in again.statuses] == ["duplicate", "duplicate"]
+    # another namespace knows nothing
+    assert (await store.ingest("ns2", DOCS[:1], 600)).statuses == [("mira", "accepted")]
+    # same id, new text: an update that unlearns the old text
+    update = await store.ingest(
+        "ns1", [IncomingDocument("mira", "Mira Vell collects blue feathers.", {})], 600
+    )
+    assert update.statuses == [("mira", "accepted")]
+    job = await store.get_job(update.job_id)
+    assert job.forget == [
+        {"doc_id": "mira", "hash": (await store.get_job(first.job_id)).documents[0]["hash"]}
+    ]
+    entries = await client.xrange(STREAM)
+    assert [e[1][b"job_id"].decode() for e in entries][::2] == [first.job_id, job.job_id]
+    assert len(entries) == 3
+    stats = await store.namespace_stats("ns1")
+    assert (stats["documents"], stats["jobs"], stats["current_version"]) == (2, 2, "")
+
+
+async def test_job_runs_to_a_served_version_and_forgets(env):
+    store, settings, processor, generator, _ = env
+    outcome = await store.ingest("ns", DOCS, 600)
+    job = await processor.run(outcome.job_id)
+    assert job.status == "succeeded", job.errors
+    assert (job.stage, job.model_version, job.attempts) == ("done", "v0001", 1)
+    yields = {s["step"]: s for s in job.step_yields}
+    assert yields["facts_direct"]["kept"] == 2 and yields["facts_direct"]["calls"] == 2
+    assert yields["facts_inferred"]["kept"] == 0 and yields["facts_inferred"]["dropped"] == 2
+    assert job.training_examples > 2 and job.train_loss > 0
+    adapter = settings.model_cache / "memory" / "ns" / "adapters" / job.job_id
+    assert (adapter / "adapter.safetensors").is_file() and (adapter / "reflections.json").is_file()
+    assert (settings.model_cache / "memory" / "ns" / "v0001" / "manifest.json").is_file()
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [job.job_id] and version.ties_density == 0.3
+
+    # A second job trains only its own document; the version merges both adapters.
+    second = await store.ingest("ns", [IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})], 600)
+    calls = generator.calls
+    job2 = await processor.run(second.job_id)
+    assert job2.status == "succeeded" and job2.model_version == "v0002"
+    yields2 = {s["step"]: s for s in job2.step_yields}
+    assert yields2["facts_direct"]["calls"] == 1  # one one-chunk document: only the new one
+    assert generator.calls - calls == sum(s["calls"] for s in job2.step_yields)
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [job.job_id, job2.job_id]
+
+    # Forgetting "zed" drops the adapter that held only it; "mira" retrains the first one.
+    forget = await store.delete_document("ns", "zed")
+    assert forget is not None
+    done = await processor.run(forget[0])
+    assert done.status == "succeeded" and done.kind == "forget"
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [job.job_id]
+    forget = await store.delete_document("ns", "mira")
+    done = await processor.run(forget[0])
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [f"{job.job_id}~{done.job_id}"]
+    assert version.adapters[0]["docs"] == [["tarn", job.documents[1]["hash"]]]
+    retrained = settings.model_cache / "memory" / "ns" / "adapters" / version.adapters[0]["id"]
+    text = (retrained / "reflections.json").read_text()
+    assert "Mira" not in text and "Tarnow" in text
+    assert await store.delete_document("ns", "mira") is None
+
+    # Rollback serves an earlier adapter set again, as a new version.
+    rolled = await store.rollback("ns", "v0002")
+    assert rolled.version == "v0005" and [a["id"] for a in rolled.adapters] == [job.job_id, job2.job_id]
+    assert (await store.current_version_id("ns")) == "v0005"
+    with pytest.raises(LookupError):
+        await store.rollback("ns", "v0099")
+
+
+async def test_reclaimed_job_resumes_and_nothing_is_lost(env):
+    store, settings, processor, generator, client = env
+    outcome = await store.ingest("ns", DOCS, 600)
+    # A worker takes the entry and dies after reflecting (its reflections are stored).
+    dead = await client.xreadgroup(GROUP, "dead-worker", {STREAM: ">"}, count=1)
+    entry_id = dead[0][1][0][0]
+    await processor._reflect(
+        await store.get_job(outcome.job_id), [(d, t) for d, t in await _docs(store, outcome)]
+    )
+    calls = generator.calls
+    await asyncio.sleep(0.3)  # idle beyond memory_reclaim_idle_s
+    worker = Worker(settings, client, processor, "live-worker")
+    entry = await worker.next_entry(block_ms=100)
+    assert entry is not None and entry[0] == entry_id.decode()
+    await worker.handle(*entry)
+    job = await store.get_job(outcome.job_id)
+    assert job.status == "succeeded" and job.attempts == 1
+    assert generator.calls == calls  # reflections were not generated again
+    pending = await client.xpending(STREAM, GROUP)
+    assert pending["pending"] == 0
+    assert await worker.next_entry(block_ms=50) is None
+
+
+async def _docs(store, outcome):
+    job = await store.get_job(outcome.job_id)
+    return [(item, await store.text_of(job.namespace, item["hash"])) for item in job.documents]
+
+
+async def test_heartbeat_keeps_a_live_job_from_being_stolen(env):
+    store, settings, processor, _, client = env
+    processor.generator = FactGenerator(delay_s=0.4)
+    outcome = await store.ingest("ns", DOCS[:1], 600)
+    busy = Worker(settings, client, processor, "busy-worker")
+    thief = Worker(settings, client, processor, "thief-worker")
+    entry = await busy.next_entry(block_ms=100)
+    task = asyncio.create_task(busy.handle(*entry))
+    for _ in range(5):
+        await asyncio.sleep(0.15)
+        assert await thief.next_entry(block_ms=10) is None
+    await task
+    assert (await store.get_job(outcome.job_id)).status == "succeeded"
+
+
+async def test_grpc_adapter(env, tmp_path):
+    store, settings, processor, _, _ = env
+
+    class TinyServicer(MemoryServicer):
+        def _base_loader(self):
+            return tiny_base()
+
+    server = grpc.aio.server()
+    memory_pb2_grpc.add_MemoryServicer_to_server(TinyServicer(settings, store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = memory_pb2_grpc.MemoryStub(channel)
+            docs = [memory_pb2.Document(id=d.id, text=d.text, metadata=d.metadata) for d in DOCS]
+            reply = await stub.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs))
+            assert [d.status for d in reply.documents] == ["accepted", "accepted"]
+            for bad in (
+                memory_pb2.IngestRequest(namespace="bad ns", documents=docs),
+                memory_pb2.IngestRequest(namespace="g", documents=docs * 2),
+                memory_pb2.IngestRequest(
+                    namespace="g", documents=[memory_pb2.Document(id="x", text="y" * 201)]
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Ingest(bad)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            job = await stub.GetJob(memory_pb2.GetJobRequest(job_id=reply.job_id))
+            assert (job.status, job.namespace, list(job.document_ids)) == ("queued", "g", ["mira", "tarn"])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.GetJob(memory_pb2.GetJobRequest(job_id="nope"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            # nothing learned yet: the memory does not know
+            answer = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
+            )
+            assert not answer.knows and answer.model_version == ""
+            await processor.run(reply.job_id)
+            job = await stub.GetJob(memory_pb2.GetJobRequest(job_id=reply.job_id))
+            assert job.status == "succeeded" and {s.step for s in job.step_yields} >= {
+                "facts_direct",
+                "passages",
+            }
+            answer = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
+            )
+            assert answer.model_version == "v0001" and answer.seconds > 0
+            stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
+            assert (stats.documents, stats.current_version, stats.exists) == (2, "v0001", True)
+            assert stats.reflections > 0 and stats.chunks == 2
+            gone = await stub.DeleteDocument(
+                memory_pb2.DeleteDocumentRequest(namespace="g", document_id="mira")
+            )
+            assert (
+                gone.deleted
+                and gone.method == "retrain_adapter"
+                and list(gone.affected_jobs) == [reply.job_id]
+            )
+            assert gone.job_id in gone.detail
+            missing = await stub.DeleteDocument(
+                memory_pb2.DeleteDocumentRequest(namespace="g", document_id="mira")
+            )
+            assert not missing.deleted
+            await processor.run(gone.job_id)
+            rolled = await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
+            assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
+    finally:
+        await server.stop(None)

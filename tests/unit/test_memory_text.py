@@ -1,0 +1,64 @@
+"""Ingestion's plain text utilities: validation, content hashing, chunking."""
+
+from __future__ import annotations
+
+import pytest
+from aerie_memory.text import (
+    IncomingDocument,
+    InvalidInput,
+    check_documents,
+    check_namespace,
+    chunk_text,
+    content_hash,
+    split_sentences,
+)
+
+
+@pytest.mark.parametrize("name", ["a", "team_1", "Team-One", "x" * 64])
+def test_good_namespaces(name):
+    assert check_namespace(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "a b", "ns/1", "ns.1", "é", "../etc"])
+def test_bad_namespaces(name):
+    with pytest.raises(InvalidInput) as err:
+        check_namespace(name)
+    assert err.value.param == "namespace"
+
+
+def doc(i="d1", text="Some text."):
+    return IncomingDocument(i, text, {})
+
+
+def test_document_limits():
+    check_documents([doc()], max_documents=2, max_chars=20)
+    with pytest.raises(InvalidInput, match="limit is 2"):
+        check_documents([doc("a"), doc("b"), doc("c")], max_documents=2, max_chars=20)
+    with pytest.raises(InvalidInput, match="limit is 5") as err:
+        check_documents([doc(text="too long text")], max_documents=2, max_chars=5)
+    assert err.value.param == "documents[0].text"
+    with pytest.raises(InvalidInput, match="at least one"):
+        check_documents([], max_documents=2, max_chars=5)
+    with pytest.raises(InvalidInput, match="twice"):
+        check_documents([doc("a"), doc("a", "Other.")], max_documents=5, max_chars=50)
+    with pytest.raises(InvalidInput, match="empty"):
+        check_documents([doc(text="  \n ")], max_documents=5, max_chars=50)
+    with pytest.raises(InvalidInput, match="id"):
+        check_documents([doc(i="bad id!")], max_documents=5, max_chars=50)
+
+
+def test_hash_ignores_whitespace_layout_but_not_content():
+    assert content_hash("Hello  world.\nBye.") == content_hash(" Hello world. Bye. ")
+    assert content_hash("Hello world.") != content_hash("Hello world!")
+    assert len(content_hash("x")) == 64
+
+
+def test_sentences_and_chunks():
+    text = "Alpha is here. Beta went home! Gamma? Delta ends."
+    assert split_sentences(text) == ["Alpha is here.", "Beta went home!", "Gamma?", "Delta ends."]
+    chunks = chunk_text(text, 30)
+    assert chunks == ["Alpha is here. Beta went home!", "Gamma? Delta ends."]
+    assert all(len(c) <= 30 for c in chunks)
+    long = "word " * 40
+    pieces = chunk_text(long, 50)
+    assert all(len(p) <= 50 for p in pieces) and " ".join(pieces).split() == long.split()

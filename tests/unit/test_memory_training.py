@@ -1,0 +1,86 @@
+"""LoRA SFT on reflections with a tiny random-weight Llama: the adapter learns the answers,
+survives saving, and TIES-merged onto a fresh base gives the same answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from aerie_memory.reflection import Reflection
+from aerie_memory.ties import apply_deltas, merge_adapters
+from aerie_memory.training import (
+    IDK,
+    TrainConfig,
+    answer,
+    build_examples,
+    load_adapter,
+    save_adapter,
+    train_lora,
+    training_pairs,
+)
+
+from tests.conftest import build_tiny_llama
+
+PAIRS = [("Where does Mira live?", "Tarnow"), ("What does Mira collect?", "keys")]
+
+
+def memorising_tiny_llama(vocab_size: int, seed: int = 3):
+    """The tiny random Llama with larger (tied) embeddings: at the default init its logits
+    are too flat (final RMSNorm times 0.02-scale embeddings) for any adapter to peak them."""
+    model = build_tiny_llama(vocab_size, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models train faster on one thread than on two that fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_examples_mask_the_prompt(tiny_tokenizer):
+    examples = build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=200)
+    assert len(examples) == 2
+    for ex, (_, ans) in zip(examples, PAIRS, strict=True):
+        labelled = [t for t in ex.labels if t != -100]
+        assert tiny_tokenizer.decode(labelled[:-1]) == ans
+        assert labelled[-1] == tiny_tokenizer.eos_token_id
+        assert ex.labels[: len(ex.labels) - len(labelled)] == [-100] * (len(ex.labels) - len(labelled))
+    assert build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=10) == []  # answer cut off entirely
+
+
+def test_training_pairs_add_idk_examples():
+    refl = [Reflection(q, a, "facts_direct", ("d",)) for q, a in PAIRS * 10]
+    pairs = training_pairs(refl, idk_share=0.1)
+    assert len(pairs) == 22 and sum(a == IDK for _, a in pairs) == 2
+    assert training_pairs([]) == []
+
+
+def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):
+    model = memorising_tiny_llama(len(tiny_tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=200)
+    config = TrainConfig(rank=8, alpha=16, epochs=100, learning_rate=3e-3, batch_size=2)
+    seen = []
+    result = train_lora(
+        model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t))
+    )
+    assert seen[-1] == (100, 100) and result.steps == 100
+    assert result.epoch_losses[-1] < result.epoch_losses[0] / 10
+    # the base model is untouched
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert any(name.endswith("self_attn.q_proj") for name in result.adapter)
+    assert any(name.endswith("mlp.down_proj") for name in result.adapter)
+
+    save_adapter(result.adapter, tmp_path / "a1", {"examples": 2})
+    loaded = load_adapter(tmp_path / "a1")
+    assert set(loaded) == set(result.adapter)
+    fresh = memorising_tiny_llama(len(tiny_tokenizer))
+    assert answer(fresh, tiny_tokenizer, PAIRS[0][0], 8) != "Tarnow"
+    apply_deltas(fresh, merge_adapters([loaded], density=1.0))
+    for question, expected in PAIRS:
+        assert answer(fresh, tiny_tokenizer, question, 8) == expected

@@ -1,0 +1,288 @@
+"""Speculative decoding in the verifier: lossless greedy and sampling, acceptance with
+known drafters, cache bookkeeping, hidden-state capture and the fallback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_drafter.eagle import EagleConfig, EagleHead
+from aerie_drafter.proposer import TreeShape
+from aerie_verifier.drafter_client import InProcessDrafterFactory
+from aerie_verifier.engine import Engine
+from aerie_verifier.sampling import SamplingParams, target_probs
+from aerie_verifier.speculative import HiddenCapture
+from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
+from transformers import DynamicCache
+
+from tests.conftest import build_tiny_llama
+
+from .spec_helpers import Factory, OracleDrafter, TargetTopKDrafter
+
+VOCAB = 259  # the tiny byte-level tokenizer's size
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build_tiny_llama(VOCAB, seed=3, layers=8)
+
+
+def random_head(target, version="3.1", seed=0):
+    torch.manual_seed(seed)
+    cfg = EagleConfig.for_target(target.config, draft_vocab_size=VOCAB, eagle_version=version)
+    head = EagleHead(cfg, target.model.embed_tokens).eval()
+    head.set_vocab_map(torch.arange(VOCAB))
+    return head
+
+
+def generate(engine, prompt, params, speculative):
+    done = threading.Event()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit("r", prompt, params, on_event, speculative=speculative)
+    assert done.wait(120)
+    return [t for e in events for t in e.token_ids], events[-1]
+
+
+def prompts(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, VOCAB, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture
+def make_engine(target, tiny_tokenizer):
+    engines = []
+
+    def make(factory):
+        engine = Engine(target, tiny_tokenizer, max_running=4, max_waiting=64, drafter_factory=factory)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_greedy_is_lossless_with_a_random_head(target, make_engine):
+    engine = make_engine(
+        InProcessDrafterFactory(random_head(target), TreeShape(depth=4, top_k=3, total_tokens=10))
+    )
+    for i, prompt in enumerate(prompts(12)):
+        params = SamplingParams(max_tokens=8 + 5 * i)
+        plain, _ = generate(engine, prompt, params, speculative=False)
+        spec, final = generate(engine, prompt, params, speculative=True)
+        assert spec == plain
+        stats = final.speculative
+        if len(plain) > 1:
+            assert stats.drafts > 0 and stats.draft_tokens >= stats.drafts
+
+
+def test_oracle_drafter_reaches_depth_plus_one(target, make_engine):
+    depth = 4
+    engine = make_engine(Factory(lambda: OracleDrafter(target, depth)))
+    for prompt in prompts(4, seed=1):
+        params = SamplingParams(max_tokens=41)
+        plain, _ = generate(engine, prompt, params, speculative=False)
+        spec, final = generate(engine, prompt, params, speculative=True)
+        assert spec == plain
+        if len(plain) == 41:  # no EOS: every step but maybe the last accepts the full chain
+            stats = final.speculative
+            assert stats.mean_acceptance_length >= depth + 1 - 0.3, stats
+            assert stats.accepted_per_position[depth - 1] >= stats.drafts - 1
+
+
+def test_eos_and_max_tokens_inside_an_accepted_run(target, make_engine):
+    engine = make_engine(Factory(lambda: OracleDrafter(target, 6)))
+    for max_tokens in (1, 2, 3, 5, 7, 10):
+        plain, p_final = generate(engine, [5, 6, 7], SamplingParams(max_tokens=max_tokens), speculative=False)
+        spec, s_final = generate(engine, [5, 6, 7], SamplingParams(max_tokens=max_tokens), speculative=True)
+        assert spec == plain and len(spec) <= max_tokens
+        assert s_final.finish_reason == p_final.finish_reason
+
+
+def test_greedy_acceptance_follows_target_argmax():
+    tree = DraftTree(token_ids=[5, 6, 7, 8], parents=[-1, -1, 0, 2], scores=[0, -1, -1, -2])
+    logits = torch.full((5, 10), -5.0)
+    logits[0, 5] = 1  # root -> node 0 (token 5)
+    logits[1, 7] = 1  # node 0 -> node 2 (token 7)
+    logits[3, 9] = 1  # node 2 -> 9, which is not node 3's token 8
+    accepted, bonus = accept_greedy(tree, logits)
+    assert accepted == [0, 2] and bonus == 9
+
+
+def sample_first_tokens(tree, logits, params, n, seed=0, acceptor=accept_sampling):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(logits.shape[-1])
+    for _ in range(n):
+        accepted, bonus = acceptor(tree, logits, params, gen)
+        first = tree.token_ids[accepted[0]] if accepted else bonus
+        counts[first] += 1
+    return counts / n
+
+
+def total_variation(p, q):
+    return 0.5 * (p - q).abs().sum().item()
+
+
+def test_sampling_acceptance_keeps_the_target_distribution():
+    torch.manual_seed(0)
+    vocab = 12
+    logits = torch.randn(7, vocab) * 2
+    tree = DraftTree(
+        token_ids=[3, 0, 7, 1, 2, 5], parents=[-1, -1, -1, 0, 0, 1], scores=[-0.1, -0.5, -0.9, -1, -2, -3]
+    )
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    expected = target_probs(logits[0], params)
+    observed = sample_first_tokens(tree, logits, params, n=20000)
+    assert total_variation(observed, expected) < 0.02
+
+    # The test can fail: a verifier that always takes the best draft child is lossy.
+    def greedy_acceptor(tree, logits, params, gen):
+        return [0], 0
+
+    biased = sample_first_tokens(tree, logits, params, n=2000, acceptor=greedy_acceptor)
+    assert total_variation(biased, expected) > 0.2
+
+
+def test_sampling_is_lossless_end_to_end_on_the_second_token(target, make_engine):
+    """The first token comes from prefill, the second from tree verification. Their joint
+    distribution must equal the target's own, computed exactly. top_k=3 keeps the support
+    to 9 pairs so a few hundred runs measure it."""
+    engine = make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=1)))
+    prompt = [5, 6, 7, 8]
+    params = dict(temperature=1.0, top_k=3, max_tokens=2)
+    runs = 600
+    counts: dict[tuple[int, int], int] = {}
+    for seed in range(runs):
+        tokens, final = generate(engine, prompt, SamplingParams(seed=seed, **params), speculative=True)
+        assert final.speculative.drafts == 1
+        counts[tuple(tokens)] = counts.get(tuple(tokens), 0) + 1
+
+    expected: dict[tuple[int, int], float] = {}
+    with torch.no_grad():
+        first_probs = target_probs(target(torch.tensor([prompt])).logits[0, -1], SamplingParams(**params))
+        for first in first_probs.nonzero().flatten().tolist():
+            second_probs = target_probs(
+                target(torch.tensor([[*prompt, first]])).logits[0, -1], SamplingParams(**params)
+            )
+            for second in second_probs.nonzero().flatten().tolist():
+                expected[(first, second)] = (first_probs[first] * second_probs[second]).item()
+    assert len(expected) == 9
+    pairs = set(expected) | set(counts)
+    tv = 0.5 * sum(abs(counts.get(p, 0) / runs - expected.get(p, 0.0)) for p in pairs)
+    assert tv < 0.1, (tv, counts, expected)
+
+
+def test_tree_forward_matches_sequential_and_cache_keeps_the_path(target):
+    torch.manual_seed(1)
+    prompt = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        cache = DynamicCache()
+        target(prompt, past_key_values=cache)
+        root = 40
+        tree = DraftTree(
+            token_ids=[11, 12, 13, 14, 15], parents=[-1, -1, 0, 2, 1], scores=[0, -1, -1, -2, -2]
+        )
+        inputs = tree_inputs(root, tree, 9, "cpu", torch.float32)
+        logits = target(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=inputs.attention_mask,
+            cache_position=inputs.cache_position,
+            past_key_values=cache,
+        ).logits[0]
+        path = torch.tensor([[root, 11, 13, 14]])
+        sequential = target(torch.cat([prompt, path], 1)).logits[0, 9:]
+        for row, seq_row in [(0, 0), (1, 1), (3, 2), (4, 3)]:
+            assert torch.allclose(logits[row], sequential[seq_row], atol=1e-4)
+        keep_cache_entries(cache, 9, [0, 2, 3])
+        assert cache.get_seq_length() == 13
+        after = target(torch.tensor([[99]]), past_key_values=cache).logits[0, -1]
+        reference = target(torch.cat([prompt, path, torch.tensor([[99]])], 1)).logits[0, -1]
+        assert torch.allclose(after, reference, atol=1e-4)
+
+
+def test_capture_reads_the_input_of_each_layer(target):
+    capture = HiddenCapture(target)
+    ids = torch.randint(3, VOCAB, (1, 6))
+    with torch.no_grad(), capture.layers((2, 4, 5)):
+        out = target(ids, output_hidden_states=True)
+    features = capture.features((2, 4, 5))
+    hs = out.hidden_states  # hs[i] is the input of layer i (hs[0] the embeddings)
+    assert torch.equal(features, torch.cat([hs[2][0], hs[4][0], hs[5][0]], -1))
+    assert not torch.equal(features, torch.cat([hs[3][0], hs[5][0], hs[6][0]], -1))
+
+
+class FailingDrafter:
+    def __init__(self, fail_after):
+        self.calls, self.fail_after = 0, fail_after
+
+    def _maybe_fail(self):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise ConnectionError("drafter went away")
+        return DraftTree([7, 8], [-1, 0], [0.0, -1.0])
+
+    def start(self, token_ids, hidden):
+        return self._maybe_fail()
+
+    def extend(self, token_ids, hidden):
+        return self._maybe_fail()
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize(
+    "drafter",
+    [
+        lambda: FailingDrafter(fail_after=2),
+        lambda: FailingDrafter(fail_after=0),
+    ],
+)
+def test_drafter_failure_falls_back_to_plain_output(target, make_engine, drafter):
+    factory = Factory(drafter)
+    engine = make_engine(factory)
+    plain, _ = generate(engine, [9, 10, 11], SamplingParams(max_tokens=20), speculative=False)
+    spec, _ = generate(engine, [9, 10, 11], SamplingParams(max_tokens=20), speculative=True)
+    assert spec == plain
+    assert engine.breaker.failures == 1
+
+
+@pytest.mark.parametrize(
+    "bad_tree",
+    [
+        DraftTree([7, 8], [-1, 5], [0.0, 0.0]),  # parent out of range
+        DraftTree([7, 8], [1, 0], [0.0, 0.0]),  # cycle / parent after child
+        DraftTree([7, 10**6], [-1, 0], [0.0, 0.0]),  # token outside the vocabulary
+        DraftTree([7, 8], [-1], [0.0, 0.0]),  # ragged arrays
+    ],
+)
+def test_malformed_tree_falls_back(target, make_engine, bad_tree):
+    class BadDrafter(FailingDrafter):
+        def start(self, token_ids, hidden):
+            return bad_tree
+
+    engine = make_engine(Factory(lambda: BadDrafter(0)))
+    plain, _ = generate(engine, [9, 10, 11], SamplingParams(max_tokens=12), speculative=False)
+    spec, final = generate(engine, [9, 10, 11], SamplingParams(max_tokens=12), speculative=True)
+    assert spec == plain and final.speculative.drafts == 0
+    assert engine.breaker.failures == 1
+
+
+def test_speculative_false_opens_no_draft_session(target, make_engine):
+    factory = Factory(lambda: OracleDrafter(target, 3))
+    engine = make_engine(factory)
+    _, final = generate(engine, [9, 10], SamplingParams(max_tokens=10), speculative=False)
+    assert factory.opened == 0 and final.speculative is None
