@@ -1,19 +1,31 @@
 """Memory QA benchmark: with the same executive (the target, through the gateway's chat
 endpoint), answer questions about a fictional corpus (bench/memory_qa/corpus.py)
 
-  (a) with no memory,
-  (b) with BM25 retrieval-augmented prompting (bm25s: the top documents in the prompt),
-  (c) with MEMO: the corpus ingested into a memory namespace, chat with ``memory`` on,
+  (a) ``no_memory``: the question alone;
+  (b) ``bm25``: BM25 retrieval-augmented prompting (bm25s: the top documents in the prompt);
+  (c) ``memo``: the corpus ingested into a memory namespace, chat with ``memory`` on
+      (``--mode``: MEMO's three-stage protocol, or single pass);
 
-then again with as many distractor documents added (BM25's index and a second MEMO
-namespace hold both), and report accuracy by question type, the time from ingest to
-learned (job succeeded), and query latency.
+plus ``memory_direct``, the memory model's own answer (POST /memory/query), which shows
+how much the memory knows apart from the executive's composing.
+
+Phases, on one namespace:
+
+1. ``clean``: the corpus is ingested; the time from the ingest request to the job's
+   success is the learning time. The same documents are then ingested again: every one
+   must come back ``duplicate`` and no job be queued (nothing is retrained).
+2. ``distractors``: as many distractor documents (other invented entities, asked about by
+   no question) are ingested into the same namespace, an incremental job whose adapter is
+   TIES-merged with the first; BM25's index holds both sets; the questions are asked again.
+   The distractor cost is the accuracy lost.
+
+Accuracy is reported by question type, with the learning time and latencies (chat p50 per
+system; memory query p50). Results: bench/results/memory_qa.json and the "## Memory QA"
+section of docs/benchmarks.md, both rewritten after each phase.
 
     python -m bench.memory_qa                         # starts its own stack (scripts/launch.py)
-    python -m bench.memory_qa --url http://127.0.0.1:8000 --documents 20
+    python -m bench.memory_qa --url http://127.0.0.1:8000 --documents 20 --questions 24
     python -m bench.memory_qa --no-distractors --mode single_pass
-
-Results: bench/results/memory_qa.json, and the table in docs/benchmarks.md ("## Memory QA").
 """
 
 from __future__ import annotations
@@ -24,18 +36,24 @@ import signal
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 from tqdm import tqdm
 
-from bench.memory_qa.corpus import Corpus, Question, generate, is_correct
+from bench.memory_qa.corpus import Question, generate, is_correct
 from bench.serving import start_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 SECTION = "## Memory QA"
+SYSTEMS = ("no_memory", "bm25", "memory_direct", "memo")
+KINDS = ("single_hop", "cross_document")
+# Chat requests' speculative flag (--speculative): greedy text is the same either way, so
+# it only changes latency; off by default so the figures do not depend on the draft head.
+SPECULATIVE = False
 
 
 @dataclass
@@ -54,6 +72,7 @@ class Outcome:
 class Run:
     label: str  # "clean" | "distractors"
     ingest: dict = field(default_factory=dict)
+    reingest: dict | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
 
@@ -61,14 +80,28 @@ def chat(client: httpx.Client, question: str, system: str | None = None, memory:
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": question}
     ]
-    body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 32}
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": 32,
+        "speculative": SPECULATIVE,
+    }
     if memory:
         body["memory"] = memory
     started = time.monotonic()
-    response = client.post("/v1/chat/completions", json=body, timeout=900)
+    response = client.post("/v1/chat/completions", json=body, timeout=1800)
     response.raise_for_status()
     data = response.json()
     return data["choices"][0]["message"]["content"], time.monotonic() - started, data.get("memory")
+
+
+def ask_memory(client: httpx.Client, namespace: str, question: str):
+    started = time.monotonic()
+    response = client.post("/memory/query", json={"namespace": namespace, "question": question}, timeout=1800)
+    response.raise_for_status()
+    data = response.json()
+    return data["answer"], time.monotonic() - started, data
 
 
 def bm25_prompt(retriever, docs: list[dict], question: str, k: int) -> str:
@@ -90,15 +123,22 @@ def bm25_index(docs: list[dict]):
     return retriever
 
 
-def ingest_and_wait(client: httpx.Client, namespace: str, docs: list[dict], timeout_s: float) -> dict:
-    started = time.monotonic()
-    jobs = []
+def post_ingest(client: httpx.Client, namespace: str, docs: list[dict]) -> tuple[list[str], list[dict]]:
+    """(job ids, document statuses) of ingesting ``docs`` in requests of up to 32."""
+    jobs, statuses = [], []
     for i in range(0, len(docs), 32):
         response = client.post("/memory/ingest", json={"namespace": namespace, "documents": docs[i : i + 32]})
         response.raise_for_status()
         if response.json()["job_id"]:
             jobs.append(response.json()["job_id"])
-    statuses = []
+        statuses += response.json()["documents"]
+    return jobs, statuses
+
+
+def ingest_and_wait(client: httpx.Client, namespace: str, docs: list[dict], timeout_s: float) -> dict:
+    started = time.monotonic()
+    jobs, _ = post_ingest(client, namespace, docs)
+    finished = []
     for job_id in jobs:
         bar = tqdm(desc=f"{namespace} {job_id}", unit="step")
         stage = None
@@ -118,55 +158,111 @@ def ingest_and_wait(client: httpx.Client, namespace: str, docs: list[dict], time
                 break
             time.sleep(5)
         bar.close()
-        statuses.append(job)
+        finished.append(job)
     return {
         "namespace": namespace,
         "documents": len(docs),
-        "jobs": statuses,
+        "jobs": finished,
         "learned_s": round(time.monotonic() - started, 1),
-        "succeeded": all(j["status"] == "succeeded" for j in statuses),
+        "succeeded": bool(finished) and all(j["status"] == "succeeded" for j in finished),
+    }
+
+
+def reingest(client: httpx.Client, namespace: str, docs: list[dict]) -> dict:
+    """The same documents again: all must be duplicates, and no job queued."""
+    jobs, statuses = post_ingest(client, namespace, docs)
+    return {
+        "documents": len(docs),
+        "duplicates": sum(s["status"] == "duplicate" for s in statuses),
+        "jobs_queued": len(jobs),
     }
 
 
 def evaluate(
-    client, corpus: Corpus, docs, namespace, questions: list[Question], mode: str, k: int, label: str
-):
+    client: httpx.Client,
+    docs: list[dict],
+    namespace: str,
+    questions: list[Question],
+    systems: list[str],
+    mode: str,
+    k: int,
+    label: str,
+    concurrency: int,
+) -> list[Outcome]:
     retriever = bm25_index(docs)
-    outcomes = []
-    for q in tqdm(questions, desc=f"questions ({label})", unit="q"):
-        for system in ("no_memory", "bm25", "memo"):
-            if system == "no_memory":
-                text, seconds, info = chat(client, q.question)
-            elif system == "bm25":
-                text, seconds, info = chat(
-                    client, q.question, system=bm25_prompt(retriever, docs, q.question, k)
-                )
-            else:
-                text, seconds, info = chat(client, q.question, memory={"namespace": namespace, "mode": mode})
-            outcomes.append(
-                Outcome(system, q.question, q.kind, q.answer, text, is_correct(text, q.answer), seconds, info)
-            )
-    return outcomes
+
+    def one(item: tuple[Question, str]) -> Outcome:
+        q, system = item
+        info = None
+        if system == "no_memory":
+            text, seconds, info = chat(client, q.question)
+        elif system == "bm25":
+            text, seconds, info = chat(client, q.question, system=bm25_prompt(retriever, docs, q.question, k))
+        elif system == "memory_direct":
+            text, seconds, info = ask_memory(client, namespace, q.question)
+        else:
+            text, seconds, info = chat(client, q.question, memory={"namespace": namespace, "mode": mode})
+        return Outcome(system, q.question, q.kind, q.answer, text, is_correct(text, q.answer), seconds, info)
+
+    # Question by question, every system, so a cut-short run still compares like with like.
+    work = [(q, s) for q in questions for s in systems]
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        return list(tqdm(pool.map(one, work), total=len(work), desc=f"questions ({label})", unit="answer"))
+
+
+def _pct(rows: list[Outcome]) -> float | None:
+    return round(100 * sum(o.correct for o in rows) / len(rows), 1) if rows else None
+
+
+def _p50(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
 
 
 def summarise(runs: list[Run]) -> dict:
     out = {}
     for run in runs:
         table = {}
-        for system in ("no_memory", "bm25", "memo"):
+        for system in SYSTEMS:
             rows = [o for o in run.outcomes if o.system == system]
-            entry = {}
-            for kind in ("single_hop", "cross_document"):
-                subset = [o for o in rows if o.kind == kind]
-                entry[kind] = round(100 * sum(o.correct for o in subset) / len(subset), 1) if subset else None
-            entry["latency_p50_s"] = round(statistics.median(o.seconds for o in rows), 2) if rows else None
-            entry["memory_used"] = (
-                sum(1 for o in rows if o.memory and o.memory.get("used")) if system == "memo" else None
-            )
+            if not rows:
+                continue
+            entry = {kind: _pct([o for o in rows if o.kind == kind]) for kind in KINDS}
+            entry["questions"] = len(rows)
+            entry["latency_p50_s"] = _p50([o.seconds for o in rows])
+            if system == "memo":
+                entry["memory_used"] = sum(1 for o in rows if o.memory and o.memory.get("used"))
+                entry["memory_skipped"] = sorted(
+                    {o.memory["skipped"] for o in rows if o.memory and o.memory.get("skipped")}
+                )
+                entry["memory_turns_mean"] = round(
+                    statistics.fmean(o.memory.get("turns", 0) for o in rows if o.memory), 2
+                )
+            if system == "memory_direct":
+                entry["memory_seconds_p50"] = _p50([o.memory["seconds"] for o in rows if o.memory])
             table[system] = entry
-        out[run.label] = {"accuracy": table, "ingest": {k: v for k, v in run.ingest.items() if k != "jobs"}}
-        if run.ingest.get("jobs"):
-            out[run.label]["step_yields"] = [j.get("step_yields") for j in run.ingest["jobs"]]
+        summary = {"accuracy": table, "ingest": {k: v for k, v in run.ingest.items() if k != "jobs"}}
+        if run.reingest is not None:
+            summary["reingest"] = run.reingest
+        summary["jobs"] = [
+            {
+                k: j.get(k)
+                for k in ("job_id", "status", "attempts", "training_examples", "train_loss", "step_yields")
+            }
+            for j in run.ingest.get("jobs", [])
+        ]
+        out[run.label] = summary
+    if "clean" in out and "distractors" in out:
+        cost = {}
+        for system, row in out["clean"]["accuracy"].items():
+            noisy = out["distractors"]["accuracy"].get(system)
+            if noisy:
+                cost[system] = {
+                    kind: None
+                    if row[kind] is None or noisy[kind] is None
+                    else round(row[kind] - noisy[kind], 1)
+                    for kind in KINDS
+                }
+        out["distractor_cost_points"] = cost
     return out
 
 
@@ -174,29 +270,64 @@ def markdown(summary: dict, args, started: str) -> str:
     lines = [
         SECTION,
         "",
-        f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --mode {args.mode}` "
-        f"({started}; CPU, default models: SmolLM2-135M-Instruct as executive, generator and memory base).",
+        f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --mode {args.mode} "
+        f"--questions {args.questions} --concurrency {args.concurrency}` ({started}; CPU, 2 cores shared "
+        "with other work; default models: SmolLM2-135M-Instruct as executive, reflection generator "
+        "and memory base). Accuracy: the gold answer appears in the reply.",
         "",
-        "| corpus | system | single-hop % | cross-document % | chat latency p50 (s) |",
-        "|---|---|---|---|---|",
+        "| corpus | system | single-hop % | cross-document % | questions | latency p50 (s) |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, entry in summary.items():
+    for label in ("clean", "distractors"):
+        entry = summary.get(label)
+        if not entry:
+            continue
         for system, row in entry["accuracy"].items():
             lines.append(
-                f"| {label} | {system} | {row['single_hop']} | {row['cross_document']} | {row['latency_p50_s']} |"
+                f"| {label} | {system} | {row['single_hop']} | {row['cross_document']} | "
+                f"{row['questions']} | {row['latency_p50_s']} |"
             )
     lines.append("")
-    for label, entry in summary.items():
+    if summary.get("distractor_cost_points"):
+        costs = ", ".join(
+            f"{system} {row['single_hop']} / {row['cross_document']}"
+            for system, row in summary["distractor_cost_points"].items()
+        )
+        lines.append(f"- Distractor cost (points lost, single-hop / cross-document): {costs}.")
+    for label in ("clean", "distractors"):
+        entry = summary.get(label)
+        if not entry:
+            continue
         ingest = entry["ingest"]
         if ingest:
             lines.append(
-                f"- {label}: {ingest['documents']} documents learned in {ingest['learned_s']} s "
-                f"(succeeded: {ingest['succeeded']})"
+                f"- {label}: {ingest['documents']} documents ingested -> learned (job succeeded: "
+                f"{ingest['succeeded']}) in {ingest['learned_s']} s."
             )
-        for yields in entry.get("step_yields", []) or []:
-            if yields:
-                per_step = ", ".join(f"{s['step']} {s['kept']}/{s['candidates']}" for s in yields)
-                lines.append(f"  - reflection yields (kept/candidates): {per_step}")
+        if entry.get("reingest"):
+            r = entry["reingest"]
+            lines.append(
+                f"- Re-ingesting the same {r['documents']} documents: {r['duplicates']} reported "
+                f"`duplicate`, {r['jobs_queued']} jobs queued."
+            )
+        memo = entry["accuracy"].get("memo")
+        if memo:
+            lines.append(
+                f"- {label}: memory used in {memo['memory_used']}/{memo['questions']} memo chats, "
+                f"{memo['memory_turns_mean']} memory turns on average"
+                + (f"; skipped: {'; '.join(memo['memory_skipped'])}" if memo["memory_skipped"] else "")
+                + "."
+            )
+        direct = entry["accuracy"].get("memory_direct")
+        if direct:
+            lines.append(f"- {label}: memory query p50 {direct['memory_seconds_p50']} s (service side).")
+        for job in entry.get("jobs", []):
+            if job.get("step_yields"):
+                per_step = ", ".join(f"{s['step']} {s['kept']}/{s['candidates']}" for s in job["step_yields"])
+                lines.append(
+                    f"  - {label} job: {job['training_examples']} training examples, last-epoch loss "
+                    f"{job['train_loss']}; reflection yields (kept/candidates): {per_step}"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -220,52 +351,78 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=["three_stage", "single_pass"], default="three_stage")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {SYSTEMS}")
+    parser.add_argument("--namespace", default="", help="default: bench-<seed>-<documents>-<time>")
     parser.add_argument("--no-distractors", action="store_true")
     parser.add_argument("--questions", type=int, default=0, help="ask at most this many questions (0: all)")
+    parser.add_argument("--concurrency", type=int, default=1, help="answers asked for at once")
     parser.add_argument("--bm25-k", type=int, default=2)
+    parser.add_argument("--speculative", action="store_true", help="chat with speculative decoding")
     parser.add_argument("--ingest-timeout", type=float, default=3600)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "memory_qa.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
+    global SPECULATIVE
+    SPECULATIVE = args.speculative
+    systems = [s for s in args.systems.split(",") if s]
+    if unknown := set(systems) - set(SYSTEMS):
+        parser.error(f"unknown systems {sorted(unknown)}")
 
     corpus = generate(args.seed, args.documents)
     questions = corpus.questions[: args.questions] if args.questions else corpus.questions
+    namespace = args.namespace or f"bench-{args.seed}-{args.documents}-{int(time.time())}"
     proc = None
     url = args.url
     if url is None:
         proc, url = start_stack()
     started = time.strftime("%Y-%m-%d")
+    runs: list[Run] = []
+
+    def report() -> None:
+        summary = summarise(runs)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "summary": summary,
+                    "runs": [asdict(r) for r in runs],
+                },
+                indent=1,
+            )
+        )
+        text = markdown(summary, args, started)
+        write_section(args.docs, text)
+        print(text)
+
     try:
         client = httpx.Client(base_url=url, timeout=120)
-        runs = []
-        variants = [("clean", corpus.documents)]
+        clean = Run("clean", ingest_and_wait(client, namespace, corpus.documents, args.ingest_timeout))
+        print(f"clean: learned in {clean.ingest['learned_s']} s", file=sys.stderr)
+        clean.reingest = reingest(client, namespace, corpus.documents)
+        runs.append(clean)
+        clean.outcomes = evaluate(
+            client, corpus.documents, namespace, questions, systems, args.mode, args.bm25_k, "clean",
+            args.concurrency,
+        )  # fmt: skip
+        report()
         if not args.no_distractors:
-            variants.append(("distractors", corpus.documents + corpus.distractors))
-        for label, docs in variants:
-            namespace = f"bench-{args.seed}-{args.documents}-{label}"
-            run = Run(label, ingest_and_wait(client, namespace, docs, args.ingest_timeout))
-            print(f"{label}: learned {len(docs)} documents in {run.ingest['learned_s']} s", file=sys.stderr)
-            run.outcomes = evaluate(client, corpus, docs, namespace, questions, args.mode, args.bm25_k, label)
-            runs.append(run)
+            noisy = Run(
+                "distractors", ingest_and_wait(client, namespace, corpus.distractors, args.ingest_timeout)
+            )
+            print(f"distractors: learned in {noisy.ingest['learned_s']} s", file=sys.stderr)
+            runs.append(noisy)
+            # The executive alone does not see the corpus: no_memory's answers stay the same.
+            noisy.outcomes = [o for o in clean.outcomes if o.system == "no_memory"] + evaluate(
+                client, corpus.documents + corpus.distractors, namespace, questions,
+                [s for s in systems if s != "no_memory"], args.mode, args.bm25_k, "distractors",
+                args.concurrency,
+            )  # fmt: skip
+            report()
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-    summary = summarise(runs)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "summary": summary,
-                "runs": [asdict(r) for r in runs],
-            },
-            indent=1,
-        )
-    )
-    text = markdown(summary, args, started)
-    write_section(args.docs, text)
-    print(text)
 
 
 if __name__ == "__main__":

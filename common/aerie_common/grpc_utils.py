@@ -23,6 +23,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # With a "dns:///" target naming a headless Kubernetes Service, spread calls over every
+    # pod the name resolves to; with one address this is the same as pick_first.
+    ("grpc.lb_policy_name", "round_robin"),
+    # A restarted peer is found again within seconds, not gRPC's default of up to 2 minutes.
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 

@@ -42,3 +42,12 @@ class ModelSettings(AerieSettings):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     torch_threads: int = 0  # 0: torch's default
+
+
+class DraftTreeSettings(AerieSettings):
+    """The draft tree's shape, read by the verifier (which asks for it: it pays for the
+    tree's forward) and the drafter (its default). 0 = the per-device default."""
+
+    draft_tree_depth: int = 0
+    draft_tree_top_k: int = 0
+    draft_tree_total_tokens: int = 0

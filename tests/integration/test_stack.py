@@ -98,28 +98,32 @@ def test_openai_client_streaming_and_not(stack):
     assert text == completion.choices[0].message.content
 
 
-def test_verifier_greedy_matches_hf_generate(stack):
-    """The engine's KV-cached decoding reproduces transformers' greedy generate() on the real model."""
+def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack):
+    """The engine's KV-cached decoding reproduces transformers' greedy generate() on the
+    real model in fp32, and so does tree speculation with the stack's drafter over gRPC."""
     from aerie_common.model_store import load_target
     from aerie_common.settings import ModelSettings
 
     model, tokenizer, _ = load_target(ModelSettings())
     prompts = ["Name three primary colours.", "Write a haiku about the sea.", "What is 12 times 7?"]
 
-    async def generate(channel, prompt):
+    async def generate(channel, prompt, speculative):
         stub = verifier_pb2_grpc.VerifierStub(channel)
         request = verifier_pb2.GenerateRequest(
             messages=[verifier_pb2.ChatMessage(role="user", content=prompt)],
             sampling=verifier_pb2.SamplingParams(max_tokens=40),
+            speculative=speculative,
         )
-        return [t async for r in stub.Generate(request) for t in r.token_ids]
+        responses = [r async for r in stub.Generate(request)]
+        return [t for r in responses for t in r.token_ids], responses[-1]
 
-    async def all_prompts():
+    async def all_prompts(speculative):
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
-            return [await generate(channel, p) for p in prompts]
+            return [await generate(channel, p, speculative) for p in prompts]
 
-    served = asyncio.run(all_prompts())
-    for prompt, tokens in zip(prompts, served, strict=True):
+    plain = asyncio.run(all_prompts(False))
+    speculative = asyncio.run(all_prompts(True))
+    for prompt, (tokens, last), (spec_tokens, spec_last) in zip(prompts, plain, speculative, strict=True):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
         )
@@ -128,7 +132,35 @@ def test_verifier_greedy_matches_hf_generate(stack):
         eos = tokenizer.eos_token_id
         reference = reference[: reference.index(eos)] if eos in reference else reference
         assert tokens == reference, prompt
+        assert spec_tokens == reference, prompt
         assert len(tokens) > 3
+        assert not last.HasField("speculative")
+        assert spec_last.speculative.drafts > 0
+        assert sum(spec_last.speculative.accepted_per_position[:1]) <= spec_last.speculative.drafts
+
+
+def test_chat_speculative_on_and_off_give_the_same_text(stack):
+    questions = ["Give me two tips for better sleep.", "What is a prime number?"]
+    before = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+    for question in questions:
+        messages = [{"role": "user", "content": question}]
+        off = chat(stack, messages=messages, temperature=0, max_tokens=32, speculative=False).json()
+        on = chat(stack, messages=messages, temperature=0, max_tokens=32, speculative=True).json()
+        assert on["choices"][0]["message"]["content"] == off["choices"][0]["message"]["content"]
+        assert "speculative" not in off["usage"]
+        spec = on["usage"]["speculative"]
+        assert spec["drafts"] > 0 and spec["draft_tokens"] >= spec["drafts"]
+        expected_length = on["usage"]["completion_tokens"] / (spec["drafts"] + 1)
+        assert spec["mean_acceptance_length"] >= 1.0 and expected_length > 0
+    after = httpx.get(f"{stack.base_url}/metrics", timeout=10).text
+
+    def value(text, name):
+        lines = [line for line in text.splitlines() if line.startswith(name + " ")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    assert value(after, "aerie:spec_decode_num_drafts_total") > value(
+        before, "aerie:spec_decode_num_drafts_total"
+    )
 
 
 def test_cancelled_stream_stops_generation(stack):
@@ -192,9 +224,35 @@ def test_api_keys_are_enforced(stack):
         gateway.wait(timeout=30)
 
 
-def test_launcher_restarts_a_crashed_service(stack):
+def test_killing_the_drafter_mid_stream_keeps_the_output_and_it_restarts(stack):
+    messages = [{"role": "user", "content": "Describe a walk through a forest in detail."}]
+    plain = chat(stack, messages=messages, temperature=0, max_tokens=80, speculative=False).json()
+    expected = plain["choices"][0]["message"]["content"]
+
     old_pid = stack.child_pid("aerie_drafter")
-    os.kill(old_pid, signal.SIGKILL)
+    body = dict(
+        model="smollm2-135m-instruct",
+        messages=messages,
+        temperature=0,
+        max_tokens=80,
+        stream=True,
+        speculative=True,
+    )
+    text, killed = [], False
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                text.append(chunk["choices"][0]["delta"].get("content") or "")
+            if not killed and len("".join(text)) > 20:
+                os.kill(old_pid, signal.SIGKILL)
+                killed = True
+    assert killed
+    assert "".join(text) == expected
+
+    # The launcher restarts it.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -34,7 +34,7 @@ REPLY_WORDS = "Hello from the fake verifier , glad to meet you .".split()
 SLOW_REPLY_WORDS = [f"w{i}" for i in range(100)]
 SLOW_WORD_DELAY_S = 0.02
 SPEC_STATS = verifier_pb2.SpeculativeStats(
-    drafts=4, draft_tokens=16, accepted_tokens=7, mean_acceptance_length=2.75
+    drafts=4, draft_tokens=16, accepted_tokens=7, mean_acceptance_length=2.75, accepted_per_position=[4, 2, 1]
 )
 
 # Prompts that make the fake verifier misbehave.
@@ -564,6 +564,11 @@ async def test_metrics_move_after_a_request(gateway_app):
     assert moved("aerie:request_success_total", finished_reason="length") == 1
     assert moved("aerie:spec_decode_num_drafts_total") == 2 * SPEC_STATS.drafts
     assert moved("aerie:spec_decode_num_accepted_tokens_total") == 2 * SPEC_STATS.accepted_tokens
+    for position, accepted in enumerate(SPEC_STATS.accepted_per_position):
+        assert (
+            moved("aerie:spec_decode_num_accepted_tokens_per_pos_total", position=str(position))
+            == 2 * accepted
+        )
     assert after[("aerie:num_requests_running", ())] == 0
     assert after[("aerie:num_requests_waiting", ())] == 0
 

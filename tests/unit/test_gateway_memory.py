@@ -277,3 +277,15 @@ async def test_chat_memory_option_validation(app):
             "/v1/chat/completions", json=chat_body(memory={"namespace": "a", "mode": "x"})
         )
         assert_error(bad, 400, "invalid_request_error", "memory.mode")
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+async def test_executive_turns_follow_the_chats_speculative_flag(app, fakes, speculative):
+    verifier, _, _ = fakes
+    before = set(verifier.requests)
+    body = chat_body("Who governs Naxpry?", memory={"namespace": "ns"}, speculative=speculative)
+    async with asgi_client(app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    executive = [r for i, r in verifier.requests.items() if i not in before and i.startswith("memory-exec-")]
+    assert executive and all(r.speculative == speculative for r in executive)

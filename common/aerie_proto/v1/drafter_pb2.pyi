@@ -79,7 +79,7 @@ class DrafterInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DrafterInfo(_message.Message):
-    __slots__ = ("capture_layer_ids", "eagle_version", "target_hidden_size", "vocab_size", "draft_vocab_size", "default_tree", "head_path")
+    __slots__ = ("capture_layer_ids", "eagle_version", "target_hidden_size", "vocab_size", "draft_vocab_size", "default_tree", "head_path", "live_sessions", "max_sessions", "sessions_total")
     CAPTURE_LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
     EAGLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,9 @@ class DrafterInfo(_message.Message):
     DRAFT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TREE_FIELD_NUMBER: _ClassVar[int]
     HEAD_PATH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     capture_layer_ids: _containers.RepeatedScalarFieldContainer[int]
     eagle_version: str
     target_hidden_size: int
@@ -94,4 +97,7 @@ class DrafterInfo(_message.Message):
     draft_vocab_size: int
     default_tree: TreeShape
     head_path: str
-    def __init__(self, capture_layer_ids: _Optional[_Iterable[int]] = ..., eagle_version: _Optional[str] = ..., target_hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., draft_vocab_size: _Optional[int] = ..., default_tree: _Optional[_Union[TreeShape, _Mapping]] = ..., head_path: _Optional[str] = ...) -> None: ...
+    live_sessions: int
+    max_sessions: int
+    sessions_total: int
+    def __init__(self, capture_layer_ids: _Optional[_Iterable[int]] = ..., eagle_version: _Optional[str] = ..., target_hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., draft_vocab_size: _Optional[int] = ..., default_tree: _Optional[_Union[TreeShape, _Mapping]] = ..., head_path: _Optional[str] = ..., live_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., sessions_total: _Optional[int] = ...) -> None: ...

@@ -1,38 +1,54 @@
-"""python -m aerie_drafter: serve the Drafter gRPC service.
-
-The EAGLE head is not wired in yet, so DraftSession answers UNIMPLEMENTED; the verifier
-treats that like an unavailable drafter and decodes without speculation.
-"""
+"""python -m aerie_drafter: load the EAGLE head and serve the Drafter gRPC service."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-import grpc
+import torch
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
-from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
+from aerie_proto.v1 import drafter_pb2_grpc
 
+from aerie_drafter.loading import load_drafter_head
+from aerie_drafter.proposer import tree_shape
+from aerie_drafter.server import SERVICE_NAME, DrafterServicer
 from aerie_drafter.settings import DrafterSettings
 
 log = logging.getLogger("aerie_drafter")
-SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
-
-
-class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
-    async def DraftSession(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no EAGLE head is loaded in this drafter yet")
-        yield  # makes this an async generator, as a streaming handler must be
 
 
 async def serve(settings: DrafterSettings) -> None:
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    head, origin = await asyncio.to_thread(
+        load_drafter_head,
+        settings.target_model,
+        settings.model_cache,
+        settings.drafter_head,
+        settings.device,
+        settings.dtype,
+        settings.drafter_eagle_version,
+    )
+    device = str(head.fc.weight.device)
+    shape = tree_shape(
+        device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
+    )
+    servicer = DrafterServicer(head, shape, settings.drafter_max_sessions, origin)
     service = GrpcService(
-        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(DrafterServicer(), s), [SERVICE_NAME]
+        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME]
     )
     port = await service.start(settings.drafter_host, settings.drafter_port)
     await service.set_serving(True)
-    log.info("serving on %s:%d", settings.drafter_host, port)
+    log.info(
+        "serving EAGLE %s head (%s) on %s, tree %s, on %s:%d",
+        head.config.eagle_version,
+        origin,
+        device,
+        shape,
+        settings.drafter_host,
+        port,
+    )
     await service.serve_until_signalled(settings.drain_timeout_s)
 
 

@@ -50,6 +50,16 @@ def default_tree(device: str) -> TreeShape:
     return GPU_TREE if str(device).startswith("cuda") else CPU_TREE
 
 
+def tree_shape(device: str, depth: int = 0, top_k: int = 0, total_tokens: int = 0) -> TreeShape:
+    """The device's default shape with any non-zero field overridden."""
+    default = default_tree(device)
+    return TreeShape(
+        depth=depth or default.depth,
+        top_k=top_k or default.top_k,
+        total_tokens=total_tokens or default.total_tokens,
+    )
+
+
 class DraftSession:
     def __init__(self, head: EagleHead):
         self.head = head

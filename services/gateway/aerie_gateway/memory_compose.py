@@ -36,13 +36,15 @@ async def executive_text(
     messages: list[dict[str, str]],
     max_tokens: int,
     timeout_s: float,
+    speculative: bool = True,
 ) -> str:
-    """One greedy, non-streamed generation by the target: the executive's turn."""
+    """One greedy, non-streamed generation by the target: the executive's turn (speculative
+    as the chat request asks)."""
     request = verifier_pb2.GenerateRequest(
         request_id=f"memory-exec-{uuid.uuid4().hex[:12]}",
         messages=[verifier_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         sampling=verifier_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        speculative=True,
+        speculative=speculative,
     )
     parts = [r.text async for r in verifier.Generate(request, timeout=timeout_s)]
     return "".join(parts)
@@ -95,7 +97,7 @@ class MemoryComposer:
 
             async def ask_executive(messages: list[dict[str, str]], max_tokens: int) -> str:
                 return await executive_text(
-                    self.verifier, messages, max_tokens, self.settings.memory_timeout_s
+                    self.verifier, messages, max_tokens, self.settings.memory_timeout_s, body.speculative
                 )
 
             if options.mode == "single_pass":

@@ -90,6 +90,12 @@ class GatewayMetrics:
         self.spec_decode_num_accepted_tokens = Counter(
             "aerie:spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=registry
         )
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            "aerie:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = the first drafted token).",
+            ["position"],
+            registry=registry,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -138,6 +144,8 @@ class RequestTracker:
             metrics.spec_decode_num_drafts.inc(stats.drafts)
             metrics.spec_decode_num_draft_tokens.inc(stats.draft_tokens)
             metrics.spec_decode_num_accepted_tokens.inc(stats.accepted_tokens)
+            for position, accepted in enumerate(stats.accepted_per_position):
+                metrics.spec_decode_num_accepted_tokens_per_pos.labels(position=str(position)).inc(accepted)
 
     def close(self) -> None:
         """Count the tokens processed (finished or not) and leave the gauges. Idempotent."""

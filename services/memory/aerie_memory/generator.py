@@ -23,9 +23,10 @@ class GeneratorStats:
 
 
 class VerifierGenerator:
-    def __init__(self, addr: str, timeout_s: float = 180.0):
+    def __init__(self, addr: str, timeout_s: float = 180.0, speculative: bool = False):
         self.addr = addr
         self.timeout_s = timeout_s
+        self.speculative = speculative
         self.stats = GeneratorStats()
         self._channel = None
         self._stub = None
@@ -39,7 +40,7 @@ class VerifierGenerator:
             request_id=f"memory-{uuid.uuid4().hex[:12]}",
             messages=[verifier_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
             sampling=verifier_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens),
-            speculative=True,
+            speculative=self.speculative,
         )
         parts, tokens = [], 0
         async for response in self._stub.Generate(request, timeout=self.timeout_s):
@@ -97,4 +98,6 @@ def make_generator(settings):
             settings.memory_generator_api_key,
             settings.memory_generator_timeout_s,
         )
-    return VerifierGenerator(settings.verifier_addr, settings.memory_generator_timeout_s)
+    return VerifierGenerator(
+        settings.verifier_addr, settings.memory_generator_timeout_s, settings.memory_generator_speculative
+    )

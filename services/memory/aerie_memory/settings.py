@@ -25,6 +25,10 @@ class MemorySettings(ServiceSettings):
     memory_generator_max_tokens: int = 80
     # Per call. Calls queue at the verifier (8 at a time, round-robin), so allow the wait.
     memory_generator_timeout_s: float = 900.0
+    # Ask the verifier for speculative decoding on reflection calls. Off by default: these
+    # calls run 8 at a time, where the verifier is busy anyway, and an untrained draft
+    # head makes speculation slower than plain decoding (the text is the same either way).
+    memory_generator_speculative: bool = False
 
     # --- the MEMORY model -----------------------------------------------------------------
     # Base model: a built-in name or a Hugging Face model directory.

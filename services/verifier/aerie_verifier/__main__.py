@@ -10,6 +10,7 @@ from aerie_common.logs import setup_logging
 from aerie_common.model_store import load_target
 from aerie_proto.v1 import verifier_pb2_grpc
 
+from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
@@ -17,9 +18,46 @@ from aerie_verifier.settings import VerifierSettings
 log = logging.getLogger("aerie_verifier")
 
 
+def make_drafter_factory(settings: VerifierSettings, device: str):
+    """Where draft trees come from (AERIE_DRAFTER_MODE); None turns speculation off."""
+    if settings.drafter_mode == "off":
+        return None
+    from aerie_drafter.proposer import tree_shape
+
+    shape = tree_shape(
+        device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
+    )
+    if settings.drafter_mode == "grpc":
+        log.info("drafting over gRPC from %s, tree %s", settings.drafter_addr, shape)
+        return GrpcDrafterFactory(settings.drafter_addr, shape, settings.drafter_step_timeout_s)
+    from aerie_drafter.loading import load_drafter_head
+    from aerie_drafter.settings import DrafterSettings
+
+    drafter = DrafterSettings()
+    head, origin = load_drafter_head(
+        settings.target_model,
+        settings.model_cache,
+        drafter.drafter_head,
+        settings.device,
+        settings.dtype,
+        drafter.drafter_eagle_version,
+    )
+    log.info(
+        "drafting in-process with the EAGLE %s head %s, tree %s", head.config.eagle_version, origin, shape
+    )
+    return InProcessDrafterFactory(head, shape)
+
+
 async def serve(settings: VerifierSettings) -> None:
     model, tokenizer, model_dir = load_target(settings)
-    engine = Engine(model, tokenizer, settings.max_running_requests, settings.max_waiting_requests)
+    engine = Engine(
+        model,
+        tokenizer,
+        settings.max_running_requests,
+        settings.max_waiting_requests,
+        drafter_factory=make_drafter_factory(settings, str(model.device)),
+        breaker_cooldown_s=settings.drafter_retry_after_s,
+    )
     engine.start()
     device = str(engine.device)
     servicer = VerifierServicer(

@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 
 
 class InProcessDrafter:
-    def __init__(self, head, shape):
-        from aerie_drafter.proposer import DraftSession
+    """A proposer session (aerie_drafter.proposer.DraftSession, or anything with its
+    start/extend/propose) called directly, without the gRPC hop."""
 
-        self.session = DraftSession(head)
+    def __init__(self, session, shape):
+        self.session = session
         self.shape = shape
 
     def start(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree:
@@ -45,7 +46,9 @@ class InProcessDrafterFactory:
         return tuple(self.head.config.capture_layer_ids)
 
     def open(self, request_id: str) -> InProcessDrafter:
-        return InProcessDrafter(self.head, self.shape)
+        from aerie_drafter.proposer import DraftSession
+
+        return InProcessDrafter(DraftSession(self.head), self.shape)
 
     def forget(self) -> None:
         pass

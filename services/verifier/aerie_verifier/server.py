@@ -10,6 +10,7 @@ from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
 
 from aerie_verifier.engine import Engine, GenerationEvent, PromptTooLongError, QueueFullError
 from aerie_verifier.sampling import SamplingParams
+from aerie_verifier.speculative import SpeculativeStats
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,18 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         max_tokens=p.max_tokens,
+    )
+
+
+def _stats_to_proto(stats: SpeculativeStats | None) -> verifier_pb2.SpeculativeStats | None:
+    if stats is None:
+        return None
+    return verifier_pb2.SpeculativeStats(
+        drafts=stats.drafts,
+        draft_tokens=stats.draft_tokens,
+        accepted_tokens=stats.accepted_tokens,
+        mean_acceptance_length=stats.mean_acceptance_length,
+        accepted_per_position=stats.accepted_per_position,
     )
 
 
@@ -57,7 +70,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            handle = self.engine.submit(request.request_id, prompt_ids, params, on_event)
+            handle = self.engine.submit(
+                request.request_id, prompt_ids, params, on_event, speculative=request.speculative
+            )
         except PromptTooLongError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ValueError as exc:
@@ -78,6 +93,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     finish_reason=_FINISH[event.finish_reason],
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
+                    speculative=_stats_to_proto(event.speculative),
                 )
         finally:
             # Runs on normal completion too (harmless then); on a caller that went away

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from aerie_common.settings import ModelSettings, ServiceSettings
+from typing import Literal
+
+from aerie_common.settings import DraftTreeSettings, ModelSettings, ServiceSettings
 
 
-class VerifierSettings(ServiceSettings, ModelSettings):
+class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     verifier_host: str = "127.0.0.1"
     verifier_port: int = 50051
     # Requests decoded concurrently (each with its own KV cache); more wait in a bounded
     # queue, and past that the verifier answers RESOURCE_EXHAUSTED (the gateway's 429).
     max_running_requests: int = 8
     max_waiting_requests: int = 64
+    # Where draft trees come from: "grpc" (the drafter service at AERIE_DRAFTER_ADDR),
+    # "inprocess" (the EAGLE head inside this process, configured by the same AERIE_DRAFTER_*
+    # variables as the drafter service) or "off".
+    drafter_mode: Literal["grpc", "inprocess", "off"] = "grpc"
+    # A drafter slower than this for one tree is dropped for that request.
+    drafter_step_timeout_s: float = 2.0
+    # After a drafter failure, requests decode without speculation for this long.
+    drafter_retry_after_s: float = 10.0

