@@ -3,6 +3,9 @@
 # default model (converted once into AERIE_MODEL_CACHE).
 
 PYTHON ?= python3.11
+# Services and benchmarks take turns on the same cores: idle OpenMP threads must sleep,
+# not spin (scripts/launch.py sets the same for the services it starts).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -45,6 +48,7 @@ test-integration: setup
 
 bench: setup
 	$(PY) -m bench.serving
+	$(PY) -m bench.speculative
 
 lint: venv
 	$(VENV)/bin/ruff check .
