@@ -13,6 +13,7 @@ import time
 import grpc
 import pytest
 import torch
+from aerie_common.draft_tree import DraftTree
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.tensors import to_chunks
 from aerie_drafter.proposer import DraftSession, TreeShape
@@ -352,3 +353,39 @@ def test_malformed_generate_requests_get_invalid_argument(target, tiny_tokenizer
     finally:
         server.stop()
         engine.stop()
+
+
+class SlowSession:
+    def start(self, token_ids, hidden):
+        pass
+
+    def extend(self, token_ids, hidden):
+        pass
+
+    def propose(self, shape):
+        time.sleep(1.0)
+        return DraftTree([7], [-1], [0.0])
+
+
+class CyclicSession(SlowSession):
+    def propose(self, shape):
+        return DraftTree([7, 8], [1, 0], [0.0, 0.0])
+
+
+@pytest.mark.parametrize("session", [SlowSession, CyclicSession], ids=["slow", "malformed"])
+def test_slow_or_malformed_drafts_over_grpc_fall_back(head, make_engine, session):
+    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=session)
+    server = ServerThread(
+        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
+    ).start()
+    try:
+        plain = make_engine(None)
+        speculative = make_engine(GrpcDrafterFactory(server.addr, SHAPE, step_timeout_s=0.3))
+        expected, _ = generate(plain, [5, 6, 7], SamplingParams(max_tokens=16), speculative=False)
+        tokens, final = generate(speculative, [5, 6, 7], SamplingParams(max_tokens=16), speculative=True)
+        assert tokens == expected
+        assert final.speculative.drafts == 0
+        assert speculative.breaker.failures == 1
+        wait_for(lambda: servicer.live_sessions == 0)  # the verifier closed the stream
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from aerie_drafter.training.data import (
     to_messages,
 )
 from aerie_drafter.training.features import FeatureCache, extract
-from aerie_drafter.training.ttt import StepTargets, step_targets, ttt_loss, unrolled_logits
+from aerie_drafter.training.ttt import StepTargets, step_targets, ttt_loss, unrolled_logits, unrolled_states
 from aerie_verifier.speculative import HiddenCapture
 
 from tests.conftest import build_tiny_llama
@@ -68,8 +68,9 @@ def test_draft_vocabulary_takes_the_most_frequent_response_tokens_and_maps_both_
     assert head.t2d.nonzero().flatten().tolist() == [3, 8, 40, 100]
     # labels: the target's full-vocabulary argmax becomes a draft id, -1 outside the draft vocab
     lm_head = torch.randn(target.config.vocab_size, 4)
+    last_hidden = torch.randn(1, 4, 4)
     targets = step_targets(
-        torch.randn(1, 4, 4),
+        last_hidden,
         lm_head,
         target_argmax=torch.tensor([[40, 5, 100, -1]]),  # -1: not extracted
         loss_mask=torch.tensor([[0, 1, 1, 1]]),
@@ -79,7 +80,10 @@ def test_draft_vocabulary_takes_the_most_frequent_response_tokens_and_maps_both_
     assert targets.argmax.tolist() == [[2, -1, 3, -1]]
     # position p is trained on when x[p+1] is a response token, p+1 exists and the argmax is drafted
     assert targets.valid.tolist() == [[True, False, True, False]]
-    assert torch.allclose(targets.probs.sum(-1), torch.ones(1, 4))
+    assert targets.row_of.tolist() == [[0, -1, 1, -1]]
+    assert torch.allclose(targets.probs.sum(-1), torch.ones(2))
+    # the target's distribution over the draft vocab at the trained positions
+    assert torch.allclose(targets.probs, (last_hidden[0, [0, 2]] @ lm_head[[3, 8, 40, 100]].T).softmax(-1))
 
 
 def test_conversations_are_filtered_and_the_loss_mask_covers_the_assistant(tiny_tokenizer):
@@ -213,7 +217,7 @@ def test_a_few_training_steps_reduce_the_loss(target):
     head = random_head(target, vocab, "3.1")
     batch = extract(target, examples, (2, 4, 5))
     next_tokens = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, :1]], 1)
-    targets = StepTargets(
+    targets = StepTargets.from_dense(
         probs=torch.nn.functional.one_hot(next_tokens, 48).float(),
         valid=torch.cat([batch.loss_mask[:, 1:], torch.zeros(4, 1, dtype=torch.bool)], 1),
         argmax=next_tokens,
@@ -221,7 +225,7 @@ def test_a_few_training_steps_reduce_the_loss(target):
     optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=3e-3)
     results = []
     for _ in range(25):
-        result = ttt_loss(unrolled_logits(head, batch.aux_hidden, batch.input_ids, 3), targets)
+        result = ttt_loss(head, unrolled_states(head, batch.aux_hidden, batch.input_ids, 3), targets)
         optimizer.zero_grad()
         result.loss.backward()
         optimizer.step()

@@ -32,6 +32,7 @@ def test_parse_accepts_only_the_format():
         "Q: dangling question without mark A: nope\n"
         "Q: What is unanswered?\n"
         "Q: Question: Who made Tarnow? A: Mira\n"
+        "Q: Question: Who rules Tarnow?\nA: Mira Vell\n"
     )
     pairs, junk = parse_qa_lines(text)
     assert pairs == [
@@ -39,6 +40,7 @@ def test_parse_accepts_only_the_format():
         ("What does Mira Vell collect?", "copper keys."),
         ("Which river is Tarnow on?", "the Osk river"),
         ("Who made Tarnow?", "Mira"),
+        ("Who rules Tarnow?", "Mira Vell"),
     ]
     assert junk == 3
 
@@ -170,3 +172,24 @@ def test_junk_generator_yields_only_passages():
 def test_stats_json_has_every_step(step):
     result = run(Scripted())
     assert step in [s["step"] for s in result.stats_json()]
+
+
+def test_fact_answers_must_be_whole_and_about_the_asked_sentence():
+    town = (
+        "Naxpry is a small town on the Vorwexist river. The main export of Naxpry is rope. "
+        "Naxpry is governed by Lumfen Uskyth."
+    )
+    q = "What is the main export of Naxpry?"
+    assert acceptable_pair(q, "rope", town, 0)
+    assert acceptable_pair(q, "The main export of Naxpry is rope", town, 0)
+    # grounded in the text, but in the sentence about the river: kept only without the check
+    assert acceptable_pair(q, "Naxpry is a small town on the Vorwexist river", town)
+    assert not acceptable_pair(q, "Naxpry is a small town on the Vorwexist river", town, 0)
+    # cut off by the token limit: a function word, or half a name
+    assert not acceptable_pair(q, "The main export of Naxpry is the", town, 0)
+    assert not acceptable_pair("Who governs Naxpry?", "Lumfen Usk", town, 0)
+    assert acceptable_pair("Who governs Naxpry?", "Lumfen Uskyth", town, 0)
+    # facts inferred across sentences may draw on the next best sentence too
+    inferred = "What river is near the place whose main export is rope?"
+    assert not acceptable_pair(inferred, "the Vorwexist river", town, 0)
+    assert acceptable_pair(inferred, "the Vorwexist river", town, 1)

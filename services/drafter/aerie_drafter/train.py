@@ -49,7 +49,7 @@ from aerie_drafter.training.data import (
     vocabulary_coverage,
 )
 from aerie_drafter.training.features import FeatureBatch, FeatureCache, extract
-from aerie_drafter.training.ttt import STEP_DECAY, step_targets, ttt_loss, unrolled_logits
+from aerie_drafter.training.ttt import STEP_DECAY, step_targets, ttt_loss, unrolled_states
 
 log = logging.getLogger("aerie_drafter.train")
 
@@ -290,12 +290,10 @@ def new_head(config: TrainConfig, target, vocab: torch.Tensor) -> EagleHead:
     )
     head = EagleHead(eagle_config, target.model.embed_tokens)
     head.set_vocab_map(vocab)
-    # Start the output side from the target's own: its final norm and the lm_head rows of
-    # the draft vocabulary. The head's output then begins in the space the target reads
-    # logits from, which saves much of a small training budget.
-    with torch.no_grad():
-        head.lm_head.weight.copy_(target.lm_head.weight[vocab.to(target.lm_head.weight.device)])
-        head.norm.weight.copy_(target.model.norm.weight)
+    # Everything but the (frozen) embeddings starts from the default random init, as in
+    # EAGLE-3. Starting the lm_head and final norm from the target's rows looked tempting,
+    # but measured worse: after 40 CPU steps on the same batches, held-out step-0 loss
+    # 8.11 against 7.34 and top-1 agreement 9.2% against 12.9%.
     return head
 
 
@@ -461,8 +459,6 @@ def train(
         indices = epoch_batches(len(examples), config.batch_size, config.seed, epoch)[offset]
         step_started = time.monotonic()
         batch = source.batch(indices).to(config.device)
-        with autocast:
-            logits = unrolled_logits(head, batch.aux_hidden.float(), batch.input_ids, config.ttt_steps)
         targets = step_targets(
             batch.last_hidden,
             target_lm_head,
@@ -471,7 +467,9 @@ def train(
             batch.lengths,
             draft_to_target,
         )
-        result = ttt_loss(logits, targets, config.step_decay)
+        with autocast:
+            states = unrolled_states(head, batch.aux_hidden.float(), batch.input_ids, config.ttt_steps)
+            result = ttt_loss(head, states, targets, config.step_decay)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

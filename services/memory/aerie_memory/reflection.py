@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from aerie_memory.text import chunk_text
+from aerie_memory.text import chunk_text, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def parse_qa_lines(text: str) -> tuple[list[tuple[str, str]], int]:
         elif m := _Q_LINE.match(line):
             if pending_q is not None:
                 junk += 1
-            pending_q = m["q"].strip()
+            pending_q = _LABEL.sub("", m["q"]).strip()
         elif (m := _A_LINE.match(line)) and pending_q is not None:
             pairs.append((pending_q, m["a"].strip()))
             pending_q = None
@@ -205,11 +205,43 @@ def grounded(answer: str, source: str, threshold: float = 0.6) -> bool:
     return len(words & source_words) / len(words) >= threshold
 
 
+def truncated(answer: str, source: str) -> bool:
+    """The generation was cut off mid-answer: it ends on a function word ("... is the") or
+    on a word the source does not hold whole ("Ythwe" for "Ythwexzan")."""
+    words = _WORD.findall(answer)
+    if not words:
+        return True
+    last = words[-1].lower()
+    whole = {w.lower() for w in _WORD.findall(source)}
+    return last in _STOPWORDS or last not in whole
+
+
+def supported(question: str, answer: str, source: str, extra_sentences: int = 0) -> bool:
+    """The answer is grounded in the sentences the question is about (those sharing the
+    most content words with it, plus ``extra_sentences`` more for facts inferred across
+    sentences), not just anywhere in the source: "What is the main export of Naxpry?" must
+    not be answered with the sentence about Naxpry's river."""
+    q_words = content_words(question)
+    scored = sorted(
+        ((len(q_words & content_words(s)), i, s) for i, s in enumerate(split_sentences(source))),
+        key=lambda item: (-item[0], item[1]),
+    )
+    if not scored or scored[0][0] == 0:
+        return False
+    best = scored[0][0]
+    top = [s for score, _, s in scored if score == best]
+    rest = [s for score, _, s in scored if 0 < score < best][:extra_sentences]
+    return grounded(answer, " ".join(top + rest))
+
+
 def clean_answer(answer: str) -> str:
     return answer.strip().strip('"').rstrip(".").strip()
 
 
-def acceptable_pair(question: str, answer: str, source: str) -> bool:
+def acceptable_pair(question: str, answer: str, source: str, extra_sentences: int | None = None) -> bool:
+    """The checks every generated pair passes. With ``extra_sentences`` (the fact steps),
+    the answer must also be whole (not cut off) and ``supported`` by the sentences the
+    question is about."""
     question, answer = question.strip(), clean_answer(answer)
     if not question.endswith("?") or len(question) < 8 or len(question) > 240:
         return False
@@ -219,6 +251,10 @@ def acceptable_pair(question: str, answer: str, source: str) -> bool:
         return False  # the question gives its own answer away
     if not content_words(question) & content_words(source):
         return False  # not about this source
+    if extra_sentences is not None and (
+        truncated(answer, source) or not supported(question, answer, source, extra_sentences)
+    ):
+        return False
     return grounded(answer, source)
 
 
@@ -397,8 +433,9 @@ def _keep_pairs(
     stats.candidates += len(pairs) + junk
     stats.dropped += junk
     kept = []
+    extra = 1 if step == "facts_inferred" else 0
     for q, a in pairs:
-        if acceptable_pair(q, a, source):
+        if acceptable_pair(q, a, source, extra):
             kept.append(Reflection(q.strip(), clean_answer(a), step, sources))
         else:
             stats.dropped += 1

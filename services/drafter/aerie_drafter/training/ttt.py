@@ -90,35 +90,58 @@ def _ttt_step(head: EagleHead, hidden, token_ids, position_ids, cache):
     return (normed if head.config.norm_output else out), normed
 
 
-def unrolled_logits(
+def unrolled_states(
     head: EagleHead, target_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int
 ) -> list[torch.Tensor]:
-    """Draft-vocabulary logits of every step: list of ``steps`` tensors [B, T, Vd].
+    """The head's normed output of every step: list of ``steps`` tensors [B, T, H], the
+    input of ``head.logits``.
 
     target_hidden: [B, T, 3*Ht] captured features of each position; input_ids: [B, T].
     Row t of step k predicts x[t+k+2]. Rows whose inputs run past the sequence end are
-    computed on padding and must be masked out of any loss (``step_targets`` does).
+    computed on padding and must be left out of any loss (``ttt_loss`` does).
     """
     b, t = input_ids.shape
     positions = torch.arange(t, device=input_ids.device).expand(b, t)
     hidden = head.fuse(target_hidden)
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-    logits = []
+    states = []
     for k in range(steps):
         tokens = _shift_left(input_ids, k + 1)
         hidden, normed = _ttt_step(head, hidden, tokens, positions + k, cache)
-        logits.append(head.logits(normed))
-    return logits
+        states.append(normed)
+    return states
+
+
+def unrolled_logits(
+    head: EagleHead, target_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int
+) -> list[torch.Tensor]:
+    """Draft-vocabulary logits of every step at every row: list of [B, T, Vd]."""
+    return [head.logits(normed) for normed in unrolled_states(head, target_hidden, input_ids, steps)]
 
 
 @dataclass
 class StepTargets:
-    """Per-position labels computed once per batch; step k reads them shifted by k."""
+    """Per-position labels computed once per batch; step k reads them shifted by k.
 
-    probs: torch.Tensor  # [B, T, Vd]: the target's distribution at each position, over the draft vocab
-    valid: torch.Tensor  # [B, T] bool: position p is trained on (its next token is a response token
-    #                      and the target's top choice is in the draft vocab)
+    Only the trained positions get a distribution: the draft-vocabulary matmuls (the
+    target's here, the head's in ``ttt_loss``) are most of a step's cost, and a third or
+    more of the positions are prompts and padding.
+    """
+
+    valid: torch.Tensor  # [B, T] bool: position p is trained on (its next token is a response
+    #                      token, and the target's top choice is in the draft vocab)
+    probs: torch.Tensor  # [N, Vd]: the target's distribution at the valid positions, in order
+    row_of: torch.Tensor  # [B, T] long: the row of ``probs`` for a valid position, -1 elsewhere
     argmax: torch.Tensor  # [B, T]: the target's top choice as a draft id (-1 if outside)
+
+    @classmethod
+    def from_dense(cls, probs: torch.Tensor, valid: torch.Tensor, argmax: torch.Tensor) -> StepTargets:
+        """From a distribution at every position, [B, T, Vd]."""
+        return cls(valid, probs[valid], _rows(valid), argmax)
+
+
+def _rows(valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, valid.flatten().cumsum(0).view_as(valid) - 1, -1)
 
 
 def step_targets(
@@ -138,18 +161,17 @@ def step_targets(
     costs a full-vocabulary matmul); ``draft_to_target`` [Vd] the draft vocabulary.
     """
     t = target_argmax.shape[1]
-    rows = target_lm_head[draft_to_target]  # [Vd, Ht]
-    logits = target_last_hidden.to(rows.dtype) @ rows.T
-    probs = logits.float().softmax(-1)
-    draft_of_target = torch.full((target_lm_head.shape[0],), -1, dtype=torch.long, device=rows.device)
-    draft_of_target[draft_to_target] = torch.arange(len(draft_to_target), device=rows.device)
+    draft_of_target = torch.full((target_lm_head.shape[0],), -1, dtype=torch.long, device=lengths.device)
+    draft_of_target[draft_to_target] = torch.arange(len(draft_to_target), device=lengths.device)
     known = target_argmax >= 0  # feature extraction skips positions training never reads
     argmax = torch.where(known, draft_of_target[target_argmax.long().clamp(min=0)], -1)
     positions = torch.arange(t, device=lengths.device)
     # The distribution at p predicts x[p+1]: train only where that is a response token.
     next_is_response = _shift_left(loss_mask.bool(), 1, fill=False)
     valid = next_is_response & (argmax >= 0) & (positions[None] + 1 < lengths[:, None])
-    return StepTargets(probs=probs, valid=valid, argmax=argmax)
+    rows = target_lm_head[draft_to_target]  # [Vd, Ht]
+    probs = (target_last_hidden[valid].to(rows.dtype) @ rows.T).float().softmax(-1)
+    return StepTargets(valid=valid, probs=probs, row_of=_rows(valid), argmax=argmax)
 
 
 @dataclass
@@ -160,22 +182,27 @@ class TTTLoss:
     step_count: list[int]  # positions trained on at each step
 
 
-def ttt_loss(step_logits: list[torch.Tensor], targets: StepTargets, decay: float = STEP_DECAY) -> TTTLoss:
+def ttt_loss(
+    head: EagleHead, step_states: list[torch.Tensor], targets: StepTargets, decay: float = STEP_DECAY
+) -> TTTLoss:
     """Soft cross-entropy of each step against the target distribution, where row t of
-    step k is scored on position t+k+1 (the target's prediction of x[t+k+2])."""
-    total = step_logits[0].new_zeros((), dtype=torch.float32)
+    step k is scored on position t+k+1 (the target's prediction of x[t+k+2]). Logits are
+    computed at the scored rows only."""
+    total = step_states[0].new_zeros((), dtype=torch.float32)
     losses, accuracies, counts = [], [], []
-    for k, logits in enumerate(step_logits):
-        probs = _shift_left(targets.probs, k + 1)
+    for k, normed in enumerate(step_states):
         valid = _shift_left(targets.valid, k + 1, fill=False)
-        argmax = _shift_left(targets.argmax, k + 1, fill=-1)
-        logp = logits.float().log_softmax(-1)
-        per_row = -(probs * logp).sum(-1)
-        n = valid.sum()
-        loss = (per_row * valid).sum() / n.clamp(min=1)
+        n = int(valid.sum())
+        counts.append(n)
+        if n == 0:
+            losses.append(0.0)
+            accuracies.append(0.0)
+            continue
+        logits = head.logits(normed[valid])  # [n, Vd]
+        probs = targets.probs[_shift_left(targets.row_of, k + 1, fill=-1)[valid]]
+        loss = -(probs * logits.float().log_softmax(-1)).sum(-1).mean()
         total = total + decay**k * loss
-        losses.append(float(loss.detach()))
-        hits = (logits.argmax(-1) == argmax) & valid
-        accuracies.append(float(hits.sum()) / max(int(n), 1))
-        counts.append(int(n))
+        losses.append(loss.item())
+        argmax = _shift_left(targets.argmax, k + 1, fill=-1)[valid]
+        accuracies.append((logits.argmax(-1) == argmax).float().mean().item())
     return TTTLoss(total, losses, accuracies, counts)
