@@ -18,9 +18,12 @@ log = logging.getLogger(__name__)
 # on both ends. Larger tensors are still chunked (see drafter.proto).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-CHANNEL_OPTIONS = [
+_MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+CHANNEL_OPTIONS = [
+    *_MESSAGE_SIZE_OPTIONS,
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     # With a "dns:///" target naming a headless Kubernetes Service, spread calls over every
@@ -28,6 +31,14 @@ CHANNEL_OPTIONS = [
     ("grpc.lb_policy_name", "round_robin"),
     # A restarted peer is found again within seconds, not gRPC's default of up to 2 minutes.
     ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+SERVER_OPTIONS = [
+    *_MESSAGE_SIZE_OPTIONS,
+    # Accept the clients' 30 s keepalive pings on idle connections. gRPC servers refuse
+    # pings more often than every 5 minutes by default and answer with GOAWAY
+    # ("too_many_pings"), which fails calls that start at that moment with UNAVAILABLE.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -43,7 +54,7 @@ class GrpcService:
     """
 
     def __init__(self, register: Callable[[grpc.aio.Server], None], service_names: Iterable[str]):
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

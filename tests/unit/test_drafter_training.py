@@ -276,12 +276,13 @@ def test_training_run_exports_a_loadable_head_and_resume_continues(target, tiny_
         assert torch.allclose(head.state_dict()[name].float(), value.float(), rtol=1e-2, atol=1e-3), name
     assert not torch.allclose(final.fc.weight, random_head(target, torch.arange(48), "3.1").fc.weight)
 
-    # The same run stopped after 3 steps and resumed ends with the same weights.
+    # The same run stopped (out of time at once, then after 3 steps) and resumed ends with
+    # the same weights.
     split = tiny_config(tmp_path / "split")
-    assert (
-        train(split, stop_after=3, target=target, tokenizer=tiny_tokenizer, conversations=conversations)
-        is None
-    )
+    kwargs = dict(target=target, tokenizer=tiny_tokenizer, conversations=conversations)
+    assert train(split, max_minutes=0, **kwargs) is None
+    assert json.loads((tmp_path / "split" / "times.json").read_text())["features"] > 0
+    assert train(split, resume=True, stop_after=3, **kwargs) is None
     saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert saved == ["step-0000002", "step-0000003"]
     with pytest.raises(SystemExit):  # a second run in the same directory must say --resume

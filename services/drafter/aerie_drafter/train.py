@@ -100,21 +100,23 @@ class TrainConfig:
 
 # (CPU, GPU) defaults for the options left unset on the command line.
 DEVICE_DEFAULTS = {
-    "conversations": (64, 20000),
+    # The GPU figures are a first guess (no GPU has run this yet): calibrate them with a short
+    # run (--conversations 256 --epochs 1) and --max-minutes for fixed time slots.
+    "conversations": (64, 4000),
     "max_len": (512, 2048),
     "self_distill": (False, True),
-    "distill_max_new_tokens": (128, 512),
-    "distill_batch_size": (4, 128),
+    "distill_max_new_tokens": (128, 384),
+    "distill_batch_size": (4, 256),
     "features": ("cache", "online"),
     "feature_batch_size": (1, 16),  # on CPU padding costs more than batching saves
     "ttt_steps": (3, 7),
-    "epochs": (2, 8),
+    "epochs": (2, 6),
     "batch_size": (2, 8),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """The run's config, and the options of this process (--resume, --stop-after)."""
+    """The run's config, and the options of this process (--resume, --stop-after, --max-minutes)."""
     from aerie_common.model_store import pick_device
     from aerie_common.settings import ModelSettings
 
@@ -133,10 +135,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     p.add_argument(
         "--stop-after", type=int, default=None, help="checkpoint and exit after N more steps (resume later)"
     )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="checkpoint and exit once this process has trained this long (fits a time slot; resume later)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     data = p.add_argument_group("data")
-    data.add_argument("--conversations", type=int, help="ShareGPT conversations to use (CPU 64, GPU 20000)")
+    data.add_argument(
+        "--conversations",
+        type=int,
+        help="ShareGPT conversations to use (CPU 64, GPU 4000; the package holds 11131)",
+    )
     data.add_argument(
         "--max-len", type=int, help="tokens per conversation, longer ones are cut (CPU 512, GPU 2048)"
     )
@@ -147,9 +159,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         default=None,
         help="regenerate assistant turns with the target (default: on for GPU, off for CPU)",
     )
-    data.add_argument("--distill-max-new-tokens", type=int, help="per regenerated turn (CPU 128, GPU 512)")
+    data.add_argument("--distill-max-new-tokens", type=int, help="per regenerated turn (CPU 128, GPU 384)")
     data.add_argument(
-        "--distill-batch-size", type=int, help="conversations generated together (CPU 4, GPU 128)"
+        "--distill-batch-size", type=int, help="conversations generated together (CPU 4, GPU 256)"
     )
     data.add_argument(
         "--distill-turns", type=int, default=2, help="exchanges kept per conversation when distilling"
@@ -164,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     train.add_argument(
         "--step-decay", type=float, default=STEP_DECAY, help="loss weight of step k is decay**k"
     )
-    train.add_argument("--epochs", type=int, help="passes over the data (CPU 2, GPU 8)")
+    train.add_argument("--epochs", type=int, help="passes over the data (CPU 2, GPU 6)")
     train.add_argument("--batch-size", type=int, help="sequences per optimizer step (CPU 2, GPU 8)")
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -178,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
     device = pick_device(args.device)
     gpu = device.startswith("cuda")
-    process = argparse.Namespace(resume=args.resume, stop_after=args.stop_after)
+    process = argparse.Namespace(resume=args.resume, stop_after=args.stop_after, max_minutes=args.max_minutes)
     values = {k: v for k, v in vars(args).items() if k not in vars(process)}
     for key, (cpu_default, gpu_default) in DEVICE_DEFAULTS.items():
         if values.get(key) is None:
@@ -360,12 +372,13 @@ def train(
     config: TrainConfig,
     resume: bool = False,
     stop_after: int | None = None,
+    max_minutes: float | None = None,
     target=None,
     tokenizer=None,
     conversations: list | None = None,
 ) -> Path | None:
     """Run (or resume) the pipeline; returns the exported head's directory, or None when
-    ``stop_after`` ended this process early. ``target``/``tokenizer`` default to the
+    ``stop_after`` steps or ``max_minutes`` of training ended this process early. ``target``/``tokenizer`` default to the
     configured target model and ``conversations`` to ShareGPT (tests pass tiny ones)."""
     started = time.monotonic()
     config.out.mkdir(parents=True, exist_ok=True)
@@ -400,11 +413,13 @@ def train(
     times_file = config.out / "times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    def timed(stage: str, started_at: float) -> None:
-        times.setdefault(stage, time.monotonic() - started_at)
+    def timed(stage: str, started_at: tuple[float, float]) -> None:
+        # wall and CPU seconds: on a shared machine the CPU time sizes runs elsewhere
+        times.setdefault(stage, time.monotonic() - started_at[0])
+        times.setdefault(f"{stage}_cpu", time.process_time() - started_at[1])
         times_file.write_text(json.dumps(times) + "\n")
 
-    stage_started = time.monotonic()
+    stage_started = time.monotonic(), time.process_time()
     examples, vocab = prepare_examples(config, target, tokenizer, conversations)
     timed("data", stage_started)
     num_tokens = sum(len(e.input_ids) for e in examples)
@@ -421,7 +436,7 @@ def train(
 
     head = new_head(config, target, vocab).to(config.device)
     layer_ids = tuple(head.config.capture_layer_ids)
-    stage_started = time.monotonic()
+    stage_started = time.monotonic(), time.process_time()
     source = FeatureSource(config, target, examples, layer_ids)
     if config.features == "cache":
         timed("features", stage_started)
@@ -433,7 +448,7 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, max(1, int(config.warmup_ratio * total_steps)), total_steps
     )
-    step, stats = 0, {"train_s": 0.0, "tokens": 0}
+    step, stats = 0, {"train_s": 0.0, "train_cpu_s": 0.0, "tokens": 0}
     if resume and checkpoints(config):
         latest = checkpoints(config)[-1]
         loaded = load_head(latest, target.model.embed_tokens).to(config.device)
@@ -443,21 +458,26 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        step, stats = state["step"], state["stats"]
+        step, stats = state["step"], {**stats, **state["stats"]}
         log.info("resumed from %s at step %d", latest, step)
+    log_path = config.out / "train_log.jsonl"
+    if log_path.is_file():  # drop rows logged after the checkpoint we resume from
+        rows = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log_path.write_text("".join(row + "\n" for row in rows))
 
     target_lm_head = target.lm_head.weight.detach()
     draft_to_target = vocab.to(config.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.on_gpu)
-    log_file = open(config.out / "train_log.jsonl", "a")
+    log_file = open(log_path, "a")
     head.train()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
     window: list = []
     stop_at = total_steps if stop_after is None else min(total_steps, step + stop_after)
-    while step < stop_at:
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else float("inf")
+    while step < stop_at and time.monotonic() < deadline:
         epoch, offset = divmod(step, steps_per_epoch)
         indices = epoch_batches(len(examples), config.batch_size, config.seed, epoch)[offset]
-        step_started = time.monotonic()
+        step_started = time.monotonic(), time.process_time()
         batch = source.batch(indices).to(config.device)
         targets = step_targets(
             batch.last_hidden,
@@ -476,7 +496,8 @@ def train(
         optimizer.step()
         scheduler.step()
         step += 1
-        stats["train_s"] += time.monotonic() - step_started
+        stats["train_s"] += time.monotonic() - step_started[0]
+        stats["train_cpu_s"] += time.process_time() - step_started[1]
         stats["tokens"] += batch.num_tokens
         window.append(result)
         bar.update(1)
@@ -494,6 +515,9 @@ def train(
         if step % config.save_every == 0 and step < stop_at:
             save_checkpoint(config, head, optimizer, scheduler, step, stats)
     bar.close()
+    if window:  # steps since the last log row (the run stopped between two)
+        stats["last"] = summarise(window, step, epoch, scheduler.get_last_lr()[0], float(grad_norm))
+        log_file.write(json.dumps(stats["last"]) + "\n")
     log_file.close()
     save_checkpoint(config, head, optimizer, scheduler, step, stats)
     if step < total_steps:
@@ -515,7 +539,12 @@ def train(
         },
         "steps": step,
         "hardware": hardware(),
-        "time_s": {**times, "train": stats["train_s"], "this_process": time.monotonic() - started},
+        "time_s": {
+            **times,
+            "train": stats["train_s"],
+            "train_cpu": stats["train_cpu_s"],
+            "this_process": time.monotonic() - started,
+        },
         "train_tokens_per_s": stats["tokens"] / stats["train_s"] if stats["train_s"] else None,
         "final": stats.get("last"),
     }
@@ -544,7 +573,7 @@ def summarise(window: list, step: int, epoch: int, lr: float, grad_norm: float) 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, process = parse_args(argv)
-    train(config, resume=process.resume, stop_after=process.stop_after)
+    train(config, resume=process.resume, stop_after=process.stop_after, max_minutes=process.max_minutes)
 
 
 if __name__ == "__main__":

@@ -200,9 +200,8 @@ class JobProcessor:
                     self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4)), loop
                 )
 
-        await self.store.update_job(
-            job_id, total=len(examples) and config.epochs, training_examples=len(examples)
-        )
+        steps = -(-len(examples) // config.batch_size) * config.epochs  # what train_lora will report
+        await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
         result = await asyncio.to_thread(train_lora, model, tokenizer, examples, config, progress)
         await asyncio.to_thread(
             save_adapter,

@@ -188,7 +188,8 @@ def ttt_loss(
     """Soft cross-entropy of each step against the target distribution, where row t of
     step k is scored on position t+k+1 (the target's prediction of x[t+k+2]). Logits are
     computed at the scored rows only."""
-    total = step_states[0].new_zeros((), dtype=torch.float32)
+    # Zero, but in the graph: a batch with nothing to score still backpropagates (no-op).
+    total = step_states[0].float().sum() * 0.0
     losses, accuracies, counts = [], [], []
     for k, normed in enumerate(step_states):
         valid = _shift_left(targets.valid, k + 1, fill=False)
