@@ -13,6 +13,7 @@ AERIE_REDIS_URL; the launcher sets each service's AERIE_*_ADDR to match.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -66,9 +67,14 @@ class Supervised:
                 limit=1 << 20,  # long log lines (tracebacks, progress bars) must not break the pump
             )
             self.say(f"started (pid {self.proc.pid})")
-            async for raw in self.proc.stdout:
-                self.say(raw.decode(errors="replace"))
-            code = await self.proc.wait()
+            pump = asyncio.create_task(self._pump_log())
+            code = await self._exited()
+            # What the service left behind (the worker of a killed memory service) goes too:
+            # it would hold the log pipe open and compete with the restarted service.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await pump
+            await self.proc.wait()
             if self.stopping:
                 self.say(f"stopped (exit {code})")
                 return
@@ -78,17 +84,28 @@ class Supervised:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX_S)
 
+    async def _pump_log(self) -> None:
+        async for raw in self.proc.stdout:
+            self.say(raw.decode(errors="replace"))
+
+    async def _exited(self) -> int:
+        """The exit status, as soon as the service exits: ``proc.wait()`` also waits for
+        its log pipe to close, which a process it left behind may hold open."""
+        while self.proc.returncode is None:
+            await asyncio.sleep(0.2)
+        return self.proc.returncode
+
     async def stop(self) -> None:
         self.stopping = True
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), self.stop_timeout_s)
+            await asyncio.wait_for(self._exited(), self.stop_timeout_s)
         except TimeoutError:
             self.say(f"did not stop within {self.stop_timeout_s:.0f}s; killing")
             self.proc.kill()
-            await self.proc.wait()
+            await self._exited()
 
 
 def plan() -> tuple[list[Supervised], str]:
@@ -113,6 +130,9 @@ def plan() -> tuple[list[Supervised], str]:
     # The verifier and the drafter take turns on the same cores; OpenMP threads that spin
     # while waiting would steal them from each other (measured: a draft step 10x slower).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Prometheus /metrics of the gRPC services (0 turns one off); the gateway's is on its port.
+    env.setdefault("AERIE_VERIFIER_METRICS_PORT", "9101")
+    env.setdefault("AERIE_DRAFTER_METRICS_PORT", "9102")
     grace = verifier.drain_timeout_s + 5
     redis_argv = [
         redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),

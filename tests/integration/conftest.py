@@ -68,13 +68,16 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    ports = {name: free_port() for name in ("gateway", "verifier", "drafter", "memory", "redis")}
+    names = ("gateway", "verifier", "drafter", "memory", "redis", "verifier_metrics", "drafter_metrics")
+    ports = {name: free_port() for name in names}
     env = dict(os.environ)
     env.update(
         AERIE_GATEWAY_PORT=str(ports["gateway"]),
         AERIE_VERIFIER_PORT=str(ports["verifier"]),
         AERIE_DRAFTER_PORT=str(ports["drafter"]),
         AERIE_MEMORY_PORT=str(ports["memory"]),
+        AERIE_VERIFIER_METRICS_PORT=str(ports["verifier_metrics"]),
+        AERIE_DRAFTER_METRICS_PORT=str(ports["drafter_metrics"]),
         AERIE_REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
         AERIE_DATA_DIR=str(tmp_path_factory.mktemp("aerie-data")),
         AERIE_API_KEYS="",

@@ -10,6 +10,7 @@ import torch
 from aerie_common.draft_tree import DraftTree, MalformedTreeError
 from aerie_drafter.checkpoint import load_head, save_head
 from aerie_drafter.eagle import EagleConfig, EagleHead, default_capture_layers
+from aerie_drafter.loading import shipped_head
 from aerie_drafter.proposer import DraftSession, TreeShape, tree_shape
 from safetensors.torch import save_file
 
@@ -365,3 +366,18 @@ def test_wellformed_tree_structure():
     mask = tree.ancestor_mask()
     assert mask[3].tolist() == [True, False, True, True]
     assert mask[1].tolist() == [False, True, False, False]
+
+
+def test_only_builtin_target_names_find_a_shipped_head(tmp_path, monkeypatch):
+    """A local model directory given as the target is never mistaken for a shipped head,
+    even when it holds a config.json (``heads / "/abs/dir"`` is that directory)."""
+    monkeypatch.setattr("aerie_drafter.loading.SHIPPED_HEADS_DIR", tmp_path / "heads")
+    (tmp_path / "heads" / "tiny-target").mkdir(parents=True)
+    (tmp_path / "heads" / "tiny-target" / "config.json").write_text("{}")
+    model_dir = tmp_path / "local-model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    assert shipped_head("tiny-target") == tmp_path / "heads" / "tiny-target"
+    assert shipped_head(str(model_dir)) is None
+    assert shipped_head("../local-model") is None
+    assert shipped_head("no-such-target") is None

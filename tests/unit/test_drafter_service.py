@@ -205,6 +205,7 @@ def test_malformed_draft_streams_get_invalid_argument(drafter):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, error.value.details())
     assert is_serving(server.addr)
     wait_for(lambda: servicer.live_sessions == 0)
+    assert servicer.sessions_closed == {"ended": 0, "cancelled": 0, "invalid": len(bad_streams()), "error": 0}
     # And a well-formed session still works.
     response = next(stub.DraftSession(iter(start_request([5, 6, 7, 8], features(3))), timeout=10))
     assert len(response.tree.token_ids) == SHAPE.total_tokens
@@ -234,6 +235,12 @@ def test_sessions_are_bounded_and_freed_on_cancel(head):
         assert response.tree.token_ids
         held[1].cancel()
         wait_for(lambda: servicer.live_sessions == 0)
+        # /metrics tells the same story: one refused, three let go of by their callers
+        # (ended or cancelled, depending on when the hang-up reached the drafter).
+        assert servicer.sessions_rejected == 1
+        closed = servicer.sessions_closed
+        assert closed["ended"] + closed["cancelled"] == servicer.sessions_total == 3, closed
+        assert closed["invalid"] == closed["error"] == 0
     finally:
         channel.close()
         server.stop()
@@ -296,6 +303,7 @@ def test_killing_the_drafter_mid_generation_keeps_the_output(head, make_engine):
     assert done.wait(60)
     assert [t for e in events for t in e.token_ids] == expected
     assert speculative.breaker.failures >= 1
+    assert speculative.totals.drafter_fallbacks == 1  # aerie:verifier_drafter_fallbacks_total
 
     # Speculation resumes by itself once the drafter is back.
     revived, _ = start_drafter(head, port=port)
@@ -386,6 +394,7 @@ def test_slow_or_malformed_drafts_over_grpc_fall_back(head, make_engine, session
         assert tokens == expected
         assert final.speculative.drafts == 0
         assert speculative.breaker.failures == 1
+        assert speculative.totals.drafter_fallbacks == 1
         wait_for(lambda: servicer.live_sessions == 0)  # the verifier closed the stream
     finally:
         server.stop()

@@ -44,6 +44,7 @@ SLOW = "TRIGGER_SLOW"
 FAIL_MIDWAY = "TRIGGER_FAIL_MIDWAY"
 BUSY_MESSAGE = "verifier queue is full"
 TOO_LONG_MESSAGE = "prompt has 9000 tokens; the context holds 8192"
+CONTEXT_LENGTH = 8192  # the fake's, in words: a longer prompt is refused like the real verifier's
 
 
 class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
@@ -64,6 +65,11 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         delay_s = SLOW_WORD_DELAY_S if SLOW in prompt else 0.0
         limit = min(request.sampling.max_tokens or len(words), len(words))
         prompt_tokens = sum(len(message.content.split()) for message in request.messages)
+        if prompt_tokens >= CONTEXT_LENGTH:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the prompt is {prompt_tokens} tokens, {prompt_tokens - CONTEXT_LENGTH + 1} too many",
+            )
         for index, word in enumerate(words[:limit]):
             if FAIL_MIDWAY in prompt and index == 2:
                 context.abort(grpc.StatusCode.INTERNAL, "verifier fell over")
@@ -88,7 +94,7 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             yield response
 
     def GetModelInfo(self, request, context):
-        return verifier_pb2.ModelInfo(model_id=MODEL, context_length=8192)
+        return verifier_pb2.ModelInfo(model_id=MODEL, context_length=CONTEXT_LENGTH)
 
 
 def free_port() -> int:

@@ -764,7 +764,9 @@ def test_ports_and_probes_match_the_services(name, rendered):
         port = service_port(service)
         env = container_env(resources, container)
         assert container["name"] == service
-        assert list(container_ports(container).values()) == [port], f"{service}: containerPort"
+        # Ports named *metrics are Prometheus's (tests/unit/test_service_metrics.py checks them).
+        serving = [p for n, p in container_ports(container).items() if not n.endswith("metrics")]
+        assert serving == [port], f"{service}: containerPort"
         assert int(setting(env, f"AERIE_{service.upper()}_PORT")) == port
         assert setting(env, f"AERIE_{service.upper()}_HOST") == "0.0.0.0", f"{service}: bind every interface"
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):

@@ -43,6 +43,10 @@ def load_target_embeddings(model_dir: Path) -> nn.Embedding:
 
 
 def shipped_head(target_model: str) -> Path | None:
+    """The head shipped for a built-in target name; None for anything else, including a
+    local model directory (``SHIPPED_HEADS_DIR / "/abs/dir"`` would be that directory)."""
+    if not target_model or Path(target_model).name != target_model or target_model in (".", ".."):
+        return None
     path = SHIPPED_HEADS_DIR / target_model
     return path if (path / "config.json").is_file() else None
 

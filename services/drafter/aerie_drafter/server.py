@@ -23,6 +23,14 @@ from aerie_drafter.proposer import DraftSession, TreeShape
 log = logging.getLogger(__name__)
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 
+# How a DraftSession stream ends: its request stream ended (ended: the verifier closed its
+# side, or hung up while the drafter waited for its next message), gRPC cancelled the
+# handler mid-draft (cancelled: a hang-up, a passed deadline or the drafter stopping), the
+# verifier broke the protocol (invalid), or the drafter failed (error). grpc.aio reports a
+# hang-up to a waiting handler as the end of the request stream, so the first two both
+# mean the verifier let go.
+CLOSE_REASONS = ("ended", "cancelled", "invalid", "error")
+
 
 class DraftProtocolError(ValueError):
     """The peer broke the DraftSession protocol (wrong order, bad sizes, bad ids)."""
@@ -69,6 +77,11 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.head_origin = head_origin
         self.live_sessions = 0
         self.sessions_total = 0
+        # Counts for GetInfo and /metrics (aerie_drafter.metrics); every key exists from
+        # the start, so a scrape on another thread never sees the dict grow.
+        self.sessions_closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self.sessions_rejected = 0
+        self.trees_total = 0
         config = head.config
         self.feature_width = len(config.capture_layer_ids) * (config.target_hidden_size or config.hidden_size)
         self.vocab_size = config.vocab_size
@@ -102,6 +115,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     async def DraftSession(self, request_iterator, context):
         if self.live_sessions >= self.max_sessions:
+            self.sessions_rejected += 1
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"drafter is at its limit of {self.max_sessions} sessions"
             )
@@ -109,6 +123,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.sessions_total += 1
         session: DraftSession | None = None
         shape = self.default_shape
+        reason = "error"
         try:
             async for kind, message, parts in assembled(request_iterator):
                 if kind == "start":
@@ -133,17 +148,26 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                         )
                     session.extend(token_ids, self._features(parts, len(token_ids), "extend"))
                 tree = await asyncio.to_thread(session.propose, shape)
+                self.trees_total += 1
                 yield drafter_pb2.DraftResponse(
                     tree=drafter_pb2.DraftTree(
                         token_ids=tree.token_ids, parents=tree.parents, scores=tree.scores
                     )
                 )
+            reason = "ended"
         except (DraftProtocolError, MalformedTensorError, ValueError) as exc:
+            reason = "invalid"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled while awaiting (CancelledError) or while suspended at a yield (grpc
+            # then closes the generator: GeneratorExit).
+            reason = "cancelled"
+            raise
         finally:
             # Also runs when the caller cancels or its deadline passes: the session's KV
             # cache goes with it.
             self.live_sessions -= 1
+            self.sessions_closed[reason] += 1
 
     async def GetInfo(self, request, context):
         config = self.head.config

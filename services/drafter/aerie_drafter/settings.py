@@ -15,3 +15,5 @@ class DrafterSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drafter_eagle_version: str = "3.1"  # architecture of the untrained fallback head
     # Concurrent DraftSession streams; each holds a small KV cache for its request.
     drafter_max_sessions: int = 64
+    # Prometheus metrics on http://AERIE_DRAFTER_HOST:PORT/metrics; 0 turns them off.
+    drafter_metrics_port: int = 0

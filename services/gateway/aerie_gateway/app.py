@@ -3,7 +3,6 @@ plus liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -12,10 +11,12 @@ from contextlib import asynccontextmanager
 
 import grpc
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .auth import KeyRegistry, authenticated_key
 from .backends import Backends
+from .body_limit import BodySizeLimit
 from .chat import (
     ClientDisconnected,
     ClosingStreamingResponse,
@@ -26,16 +27,18 @@ from .chat import (
     stream_chunks,
     to_generate_request,
 )
+from .drain import Drain, DrainMiddleware
 from .errors import (
-    authentication_error,
     install_error_handlers,
     model_not_found,
     rate_limited,
     service_unavailable,
 )
 from .memory_compose import MemoryComposer, with_memory_in_first_chunk
+from .memory_routes import INGEST_PATH
 from .memory_routes import build_router as build_memory_router
 from .metrics import GatewayMetrics
+from .rate_limit import AdmittedKey, RateLimiter, admitted_key
 from .schemas import ChatCompletionRequest, ModelCard, ModelList
 from .settings import GatewaySettings
 
@@ -68,40 +71,42 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     backends = Backends(settings)
     metrics = GatewayMetrics()
     admission = AdmissionLimit(settings.max_concurrent_requests)
-    api_keys = [key.encode() for key in settings.api_key_list]
+    keys = KeyRegistry.from_settings(settings)
+    any_key_limited = any(key.rate_limit_rps for key in keys.keys)
+    limiter = RateLimiter(settings.redis_url) if settings.rate_limit_rps or any_key_limited else None
     started_at = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         backends.open()
         log.info(
-            "gateway up: verifier %s, auth %s, at most %d requests in flight",
+            "gateway up: verifier %s, auth %s, rate limits %s, at most %d requests in flight",
             settings.verifier_addr,
-            "on" if api_keys else "off",
+            f"on ({len(keys.keys)} keys)" if keys.enabled else "off",
+            "on" if limiter else "off",
             settings.max_concurrent_requests,
         )
         try:
             yield
         finally:
             await backends.close()
+            if limiter is not None:
+                await limiter.close()
 
     app = FastAPI(title="Aerie gateway", lifespan=lifespan)
     app.state.settings = settings
     app.state.backends = backends
     app.state.metrics = metrics
     app.state.admission = admission
+    app.state.keys = keys
+    app.state.rate_limiter = limiter
+    app.state.drain = drain = Drain()
     install_error_handlers(app)
-
-    async def require_api_key(request: Request) -> None:
-        if not api_keys:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise authentication_error("Missing API key: send it as `Authorization: Bearer <key>`.")
-        # Compare against every key, so the time taken does not tell which one nearly matched.
-        matches = [hmac.compare_digest(key.strip().encode(), known) for known in api_keys]
-        if not any(matches):
-            raise authentication_error("Incorrect API key provided.")
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_request_bytes,
+        max_bytes_by_path={INGEST_PATH: settings.max_ingest_request_bytes},
+    )
 
     async def served_model() -> str:
         if settings.served_model_name:
@@ -111,15 +116,18 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         except grpc.aio.AioRpcError as err:
             raise service_unavailable(f"The model backend is unavailable: {err.details()}") from err
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(admitted_key)])
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
         models = ModelList(data=[ModelCard(id=await served_model(), created=started_at)])
         return JSONResponse(models.model_dump(mode="json"))
 
-    @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    # With "stream": true the reply is server-sent events; the OpenAPI schema says so.
+    @v1.post("/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: AdmittedKey) -> Response:
+        if body.memory is not None:
+            key.check_namespace(body.memory.namespace)
         model = await served_model()
         if body.model != model:
             raise model_not_found(body.model)
@@ -166,7 +174,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 generation.close()
 
     app.include_router(v1)
-    app.include_router(build_memory_router(backends, settings, [Depends(require_api_key)]))
+    app.include_router(build_memory_router(backends, settings))
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -175,6 +183,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> dict[str, object]:
+        if drain.draining:
+            raise service_unavailable("Not ready: the gateway is shutting down.")
         status = await backends.readiness()
         down = [name for name, ok in status.items() if not ok]
         if down:
@@ -183,8 +193,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
         return {"status": "ready", "backends": status}
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,  # for the OpenAPI schema: Prometheus' text format
+        dependencies=[Depends(authenticated_key)] if settings.metrics_require_key else [],
+    )
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    # Added last, so outermost: a draining gateway refuses before any other work.
+    app.add_middleware(DrainMiddleware, drain=drain)
     return app

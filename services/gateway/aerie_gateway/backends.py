@@ -10,6 +10,7 @@ import logging
 import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import insecure_channel
+from aerie_common.redis_client import connect
 from aerie_proto.v1 import memory_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -56,7 +57,7 @@ class Backends:
             self._health[name] = health_pb2_grpc.HealthStub(self._channels[name])
         self._verifier = verifier_pb2_grpc.VerifierStub(self._channels["verifier"])
         self._memory = memory_pb2_grpc.MemoryStub(self._channels["memory"])
-        self._redis = aioredis.Redis.from_url(
+        self._redis = connect(
             settings.redis_url,
             socket_connect_timeout=settings.health_timeout_s,
             socket_timeout=settings.health_timeout_s,

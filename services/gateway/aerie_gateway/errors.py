@@ -63,6 +63,20 @@ def authentication_error(message: str) -> APIError:
     )
 
 
+def namespace_forbidden(namespace: str) -> APIError:
+    return APIError(
+        403,
+        f"This API key may not use namespace {namespace!r}.",
+        "permission_error",
+        param="namespace",
+        code="namespace_forbidden",
+    )
+
+
+def request_too_large(message: str) -> APIError:
+    return APIError(400, message, "invalid_request_error", code="request_too_large")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
@@ -73,13 +87,13 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def rate_limited(message: str) -> APIError:
+def rate_limited(message: str, retry_after_s: int = RETRY_AFTER_S) -> APIError:
     return APIError(
         429,
         message,
         "rate_limit_error",
         code="rate_limit_exceeded",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
+        headers={"Retry-After": str(retry_after_s)},
     )
 
 
@@ -98,7 +112,7 @@ def error_from_grpc(err: grpc.aio.AioRpcError) -> APIError:
         return service_unavailable(f"The model backend is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, "The model backend did not finish in time.", "timeout_error", code="timeout")
-    log.error("verifier call failed: %s %s", code.name, details)
+    log.error("verifier call failed: %s %r", code.name, details)
     return APIError(500, f"The model backend failed: {details}", "server_error", code="internal_error")
 
 
@@ -118,6 +132,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if any(error["type"] == "json_invalid" for error in errors):
         return invalid_request("The request body is not valid JSON.")
+    if any(tuple(error["loc"]) == ("body",) and isinstance(error.get("input"), bytes) for error in errors):
+        # FastAPI parses a body as JSON only when the content type says JSON.
+        return invalid_request("The request body must be JSON, sent with `Content-Type: application/json`.")
     described = []
     for error in errors:
         path = _field_path(error["loc"])
@@ -126,7 +143,59 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return invalid_request("; ".join(described) or "Invalid request.", param=param)
 
 
+# The envelope as JSON Schema, for the OpenAPI schema. Keys other than "error" appear
+# next to it on some errors (/ready's "backends").
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make the app's OpenAPI schema say what the handlers make true: every 4xx and 5xx
+    carries the envelope, and invalid requests are 400, not FastAPI's 422."""
+    generate = app.openapi
+
+    def error_response(description: str) -> dict[str, Any]:
+        return {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()  # and FastAPI keeps it as app.openapi_schema
+            for path_item in schema["paths"].values():
+                for operation in path_item.values():
+                    operation["responses"].pop("422", None)
+                    operation["responses"]["4XX"] = error_response(
+                        "The request is invalid, unauthorised, or refused"
+                    )
+                    operation["responses"]["5XX"] = error_response("A backend is unavailable or failed")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            components["Error"] = ERROR_SCHEMA
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _document_errors(app)
+
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 

@@ -83,40 +83,42 @@ class MemoryComposer:
         }
         question = body.messages[-1].text
         try:
-            stats = await self.memory.GetNamespace(
-                memory_pb2.GetNamespaceRequest(namespace=options.namespace),
-                timeout=self.settings.health_timeout_s,
-            )
-            if not stats.current_version:
-                info["skipped"] = f"namespace {options.namespace!r} has no learned memory yet"
-                return body, self._done(info, started)
-            info["model_version"] = stats.current_version
-
-            async def ask_memory(q: str) -> MemoryAnswer:
-                return await self._ask_memory(options.namespace, q)
-
-            async def ask_executive(messages: list[dict[str, str]], max_tokens: int) -> str:
-                return await executive_text(
-                    self.verifier, messages, max_tokens, self.settings.memory_timeout_s, body.speculative
+            # The budget covers every memory call, the namespace lookup included.
+            async with asyncio.timeout(self.settings.memory_chat_budget_s):
+                stats = await self.memory.GetNamespace(
+                    memory_pb2.GetNamespaceRequest(namespace=options.namespace),
+                    timeout=self.settings.health_timeout_s,
                 )
+                if not stats.current_version:
+                    info["skipped"] = f"namespace {options.namespace!r} has no learned memory yet"
+                    return body, self._done(info, started)
+                info["model_version"] = stats.current_version
 
-            if options.mode == "single_pass":
-                work = single_pass(question, ask_memory)
-            else:
-                work = three_stage(
-                    question,
-                    ask_memory,
-                    ask_executive,
-                    max_turns=options.max_turns or self.settings.memory_max_turns,
-                )
-            result: ProtocolResult = await asyncio.wait_for(work, self.settings.memory_chat_budget_s)
+                async def ask_memory(q: str) -> MemoryAnswer:
+                    return await self._ask_memory(options.namespace, q)
+
+                async def ask_executive(messages: list[dict[str, str]], max_tokens: int) -> str:
+                    return await executive_text(
+                        self.verifier, messages, max_tokens, self.settings.memory_timeout_s, body.speculative
+                    )
+
+                if options.mode == "single_pass":
+                    work = single_pass(question, ask_memory)
+                else:
+                    work = three_stage(
+                        question,
+                        ask_memory,
+                        ask_executive,
+                        max_turns=options.max_turns or self.settings.memory_max_turns,
+                    )
+                result: ProtocolResult = await work
         except TimeoutError:
             info["skipped"] = (
-                f"memory took longer than {self.settings.memory_chat_budget_s:.0f}s; answered without it"
+                f"memory took longer than {self.settings.memory_chat_budget_s:g}s; answered without it"
             )
             return body, self._done(info, started)
         except grpc.aio.AioRpcError as err:
-            log.warning("memory skipped: %s %s", err.code().name, err.details())
+            log.warning("memory skipped: %s %r", err.code().name, err.details())
             info["skipped"] = f"memory unavailable ({err.code().name}: {err.details()}); answered without it"
             return body, self._done(info, started)
 

@@ -14,22 +14,29 @@ Errors use the gateway's OpenAI-style envelope; the memory service's INVALID_ARG
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 import grpc
 from aerie_proto.v1 import memory_pb2
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from .auth import NAMESPACE_PATTERN
 from .backends import Backends
 from .errors import APIError, invalid_request, service_unavailable
+from .rate_limit import AdmittedKey, admitted_key
+from .schemas import RequestBody, Scalar, StrictModel
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-NAMESPACE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+PREFIX = "/memory"
+INGEST_PATH = f"{PREFIX}/ingest"  # the body size limit gives it more room than other routes
+# Job ids are "job-" and hex; nothing else may reach the memory's Redis key of a job.
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _TEXT_FIELDS = {
     "job_id",
     "namespace",
@@ -49,22 +56,22 @@ _TEXT_FIELDS = {
 }
 
 
-class IngestDocument(BaseModel):
+class IngestDocument(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=128)
     text: str
-    metadata: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    metadata: dict[str, Scalar] = Field(default_factory=dict)
 
 
-class IngestBody(BaseModel):
+class IngestBody(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
     documents: list[IngestDocument] = Field(min_length=1)
 
 
-class QueryBody(BaseModel):
+class QueryBody(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
@@ -79,7 +86,7 @@ class QueryBody(BaseModel):
         return value
 
 
-class RollbackBody(BaseModel):
+class RollbackBody(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     version: str = ""
@@ -97,7 +104,7 @@ def memory_error(err: grpc.aio.AioRpcError) -> APIError:
         return service_unavailable(f"The memory service is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, "The memory service did not answer in time.", "timeout_error", code="timeout")
-    log.error("memory call failed: %s %s", code.name, details)
+    log.error("memory call failed: %s %r", code.name, details)
     return APIError(500, f"The memory service failed: {details}", "server_error", code="internal_error")
 
 
@@ -119,8 +126,10 @@ def _dict(message) -> dict[str, Any]:
     return {**raw, **numeric} if isinstance(numeric, dict) else raw
 
 
-def build_router(backends: Backends, settings: GatewaySettings, dependencies: list) -> APIRouter:
-    router = APIRouter(prefix="/memory", dependencies=dependencies, tags=["memory"])
+def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
+    """Every route is authenticated and rate-limited (admitted_key), and checks that the
+    caller's key may use the namespace the request names."""
+    router = APIRouter(prefix=PREFIX, dependencies=[Depends(admitted_key)], tags=["memory"])
     timeout = settings.memory_timeout_s
 
     async def call(method, request):
@@ -130,16 +139,15 @@ def build_router(backends: Backends, settings: GatewaySettings, dependencies: li
             raise memory_error(err) from err
 
     def check_namespace(namespace: str) -> None:
-        import re
-
-        if not re.match(NAMESPACE_PATTERN, namespace):
+        if not re.fullmatch(NAMESPACE_PATTERN, namespace):  # re.match's $ would allow a final newline
             raise invalid_request(
                 f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -",
                 param="namespace",
             )
 
-    @router.post("/ingest", status_code=202)
-    async def ingest(body: IngestBody) -> JSONResponse:
+    @router.post(INGEST_PATH.removeprefix(PREFIX), status_code=202)
+    async def ingest(body: IngestBody, key: AdmittedKey) -> JSONResponse:
+        key.check_namespace(body.namespace)
         request = memory_pb2.IngestRequest(
             namespace=body.namespace,
             documents=[
@@ -157,29 +165,39 @@ def build_router(backends: Backends, settings: GatewaySettings, dependencies: li
         )
 
     @router.get("/jobs/{job_id}")
-    async def get_job(job_id: str) -> JSONResponse:
+    async def get_job(job_id: str, key: AdmittedKey) -> JSONResponse:
+        if not re.fullmatch(JOB_ID_PATTERN, job_id):
+            # Not a job id, so no job (as the memory service answers too); shown shortened.
+            shown = job_id if len(job_id) <= 80 else f"{job_id[:80]}..."
+            raise APIError(404, f"No job {shown!r}.", "invalid_request_error", code="not_found")
         job = await call(backends.memory.GetJob, memory_pb2.GetJobRequest(job_id=job_id))
+        key.check_namespace(job.namespace)
         body = _dict(job)
         body["progress"] = {"done": job.done, "total": job.total}
         return JSONResponse(body)
 
     @router.get("/namespaces/{namespace}")
-    async def get_namespace(namespace: str) -> JSONResponse:
+    async def get_namespace(namespace: str, key: AdmittedKey) -> JSONResponse:
         check_namespace(namespace)
+        key.check_namespace(namespace)
         stats = await call(backends.memory.GetNamespace, memory_pb2.GetNamespaceRequest(namespace=namespace))
         if not stats.exists:
             raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
         return JSONResponse(_dict(stats))
 
     @router.post("/namespaces/{namespace}/rollback")
-    async def rollback(namespace: str, body: RollbackBody | None = None) -> JSONResponse:
+    async def rollback(namespace: str, key: AdmittedKey, body: RollbackBody | None = None) -> JSONResponse:
         check_namespace(namespace)
+        key.check_namespace(namespace)
         request = memory_pb2.RollbackRequest(namespace=namespace, version=body.version if body else "")
         return JSONResponse(_dict(await call(backends.memory.Rollback, request)))
 
     @router.delete("/documents/{document_id:path}")
-    async def delete_document(document_id: str, namespace: Annotated[str, Query()]) -> JSONResponse:
+    async def delete_document(
+        document_id: str, namespace: Annotated[str, Query()], key: AdmittedKey
+    ) -> JSONResponse:
         check_namespace(namespace)
+        key.check_namespace(namespace)
         reply = await call(
             backends.memory.DeleteDocument,
             memory_pb2.DeleteDocumentRequest(namespace=namespace, document_id=document_id),
@@ -189,7 +207,8 @@ def build_router(backends: Backends, settings: GatewaySettings, dependencies: li
         return JSONResponse(_dict(reply))
 
     @router.post("/query")
-    async def query(body: QueryBody) -> JSONResponse:
+    async def query(body: QueryBody, key: AdmittedKey) -> JSONResponse:
+        key.check_namespace(body.namespace)
         request = memory_pb2.QueryRequest(
             namespace=body.namespace, question=body.question, max_tokens=body.max_tokens or 0
         )

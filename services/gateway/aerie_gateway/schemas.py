@@ -5,6 +5,10 @@ Requests accept what OpenAI clients commonly send and ignore fields Aerie does n
 string or parts, ``stop`` as a string or list, ``memory`` as false or options) are
 normalised by before-validators instead of pydantic unions, so validation errors point at
 the field itself rather than at a union branch.
+
+Types are strict, as in OpenAI's API: ``"0.5"`` is not a temperature and ``1`` is not
+``true``. Numbers are bounded to what the verifier's protobuf fields hold, so anything
+out of range is a 400 here rather than a failure further in.
 """
 
 from __future__ import annotations
@@ -13,7 +17,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_STRINGS = 4
+# The verifier holds back any tail of the output that could still become a stop string,
+# checking every prefix of every stop string at every token: long ones cost time per token.
+MAX_STOP_CHARS = 256
 
 
 def _text_as_parts(content: Any) -> Any:
@@ -32,17 +41,73 @@ def _false_as_none(value: Any) -> Any:
     return value
 
 
-class TextContentPart(BaseModel):
+def _unencodable_text_path(data: Any) -> str | None:
+    """Where in a decoded JSON body a string is not valid Unicode, or None. JSON's \\u escapes
+    can spell lone surrogates, which no UTF-8 (so no protobuf string, no JSON response)
+    can carry. Iterative, so deeply nested bodies cannot exhaust the stack."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "request body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((path, key))
+                pending.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return None
+
+
+def _scalar(value: Any) -> Any:
+    if not isinstance(value, str | int | float):  # bool is an int
+        raise ValueError("Input should be a string, a number or a boolean")
+    return value
+
+
+# One error for a wrong value, not one per type of the union that each refused it.
+Scalar = Annotated[str | int | float | bool, BeforeValidator(_scalar)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+class RequestBody(StrictModel):
+    """A JSON request body: strict types, and every string valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = _unencodable_text_path(data)
+        if path is not None:
+            raise ValueError(f"{path} holds an unpaired UTF-16 surrogate, which is not valid Unicode")
+        return data
+
+
+class TextContentPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+ContentParts = Annotated[list[TextContentPart], Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
+
+class ChatMessage(StrictModel):
     model_config = ConfigDict(extra="ignore")
 
     # "developer" is OpenAI's newer name for "system"; tool messages are not supported.
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[list[TextContentPart], BeforeValidator(_text_as_parts)]
+    # json_schema_input_type: the OpenAPI schema shows what clients may send, before the
+    # validator normalises it.
+    content: Annotated[
+        ContentParts, BeforeValidator(_text_as_parts, json_schema_input_type=str | ContentParts)
+    ]
 
     @property
     def text(self) -> str:
@@ -53,13 +118,13 @@ class ChatMessage(BaseModel):
         return "system" if self.role == "developer" else self.role
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
 
 
-class MemoryOptions(BaseModel):
+class MemoryOptions(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
     namespace: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -69,28 +134,44 @@ class MemoryOptions(BaseModel):
     max_turns: int | None = Field(default=None, ge=1, le=12)
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _optional_fields_nullable(schema: dict[str, Any]) -> None:
+    """The OpenAPI schema says what ``_null_means_default`` does: null is accepted for every
+    optional field."""
+    required = set(schema.get("required", ()))
+    for name, field_schema in schema["properties"].items():
+        variants = field_schema.get("anyOf", [field_schema])
+        if name not in required and {"type": "null"} not in variants:
+            schema["properties"][name] = {
+                "anyOf": [field_schema, {"type": "null"}],
+                "default": field_schema.get("default"),
+            }
+
+
+class ChatCompletionRequest(RequestBody):
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_optional_fields_nullable)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)  # Aerie extension; 0 disables top-k filtering
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_str_as_list)] = Field(
-        default_factory=list, max_length=4
-    )
+    top_k: int = Field(default=0, ge=0, le=INT32_MAX)  # Aerie extension; 0 disables top-k filtering
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    stop: Annotated[
+        StopStrings, BeforeValidator(_str_as_list, json_schema_input_type=StopString | StopStrings)
+    ] = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})  # see _only_one_choice
     # Aerie extensions.
     speculative: bool = True
     # MEMO memory: the memory service is questioned and its findings composed into the
     # prompt (see aerie_gateway.memory_compose); the response says what it contributed.
-    memory: Annotated[MemoryOptions | None, BeforeValidator(_false_as_none)] = None
+    memory: Annotated[
+        MemoryOptions | None,
+        BeforeValidator(_false_as_none, json_schema_input_type=Literal[False] | MemoryOptions | None),
+    ] = None
 
     @model_validator(mode="before")
     @classmethod

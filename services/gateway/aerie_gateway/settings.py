@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from aerie_common.settings import ServiceSettings
+from pydantic import Field
 
 
 class GatewaySettings(ServiceSettings):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8000
-    # Comma-separated bearer keys (AERIE_API_KEYS); empty turns authentication off.
+    # Comma-separated bearer keys (AERIE_API_KEYS), each allowed every namespace; and a
+    # JSON or YAML file of keys scoped to namespaces (see auth.py). No key at all turns
+    # authentication off.
     api_keys: str = ""
+    api_keys_file: str = ""
+    # Whether /metrics needs a key too (any valid key); /health and /ready are always open.
+    metrics_require_key: bool = False
+    # Per-key token bucket (per client address when authentication is off), in Redis:
+    # requests per second (0: no limit) and bucket size (0: one second's worth, at least 1).
+    # The keys file can set both per key. With Redis unreachable, requests are let through.
+    rate_limit_rps: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)
+    # Request body limits (400 past them). Ingest gets more room: the memory service takes
+    # up to 64 documents of 20,000 characters, 5 MB of UTF-8 at most plus JSON.
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_ingest_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     # The name clients must send as `model`; empty: the verifier's GetModelInfo model_id.
     served_model_name: str = ""
     # Requests in flight beyond this get 429 with Retry-After.

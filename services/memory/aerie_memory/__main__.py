@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 
@@ -21,16 +22,20 @@ import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
+from aerie_common.redis_client import connect
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore
-from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace
+from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
 from aerie_memory.training import IDK, answer
 
 log = logging.getLogger("aerie_memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
+# What MemoryStore names jobs. Another id could name another of a job's Redis keys.
+JOB_ID_RE = re.compile(r"job-[0-9a-f]{16}")
+MAX_QUERY_TOKENS = 512
 
 
 def job_to_proto(job) -> memory_pb2.Job:
@@ -101,9 +106,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def GetJob(self, request, context):
-        job = await self.store.get_job(request.job_id)
+        job = await self.store.get_job(request.job_id) if JOB_ID_RE.fullmatch(request.job_id) else None
         if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {shown(request.job_id)}")
         return job_to_proto(job)
 
     async def GetNamespace(self, request, context):
@@ -133,7 +138,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         if result is None:
             return memory_pb2.DeleteDocumentResponse(
                 deleted=False,
-                detail=f"no document {request.document_id!r} in namespace {request.namespace!r}",
+                detail=f"no document {shown(request.document_id)} in namespace {request.namespace!r}",
             )
         job_id, h = result
         affected = [a for a in (current.adapters if current else []) if [request.document_id, h] in a["docs"]]
@@ -206,6 +211,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         question = request.question.strip()
         if not question or len(question) > 2000:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question must hold 1-2000 characters")
+        if not 0 <= request.max_tokens <= MAX_QUERY_TOKENS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_tokens must be 0 (the default) to {MAX_QUERY_TOKENS}, got {request.max_tokens}",
+            )
         started = time.monotonic()
         memory = await self._memory(request.namespace)
         if memory is None:
@@ -274,6 +284,7 @@ class WorkerSupervisor:
         try:
             await asyncio.wait_for(self.proc.wait(), timeout_s)
         except TimeoutError:
+            log.warning("worker still busy after %.0fs: killed; its job resumes at the next start", timeout_s)
             self.proc.kill()
             await self.proc.wait()
 
@@ -283,7 +294,7 @@ async def serve(settings: MemorySettings) -> None:
         import torch
 
         torch.set_num_threads(settings.memory_torch_threads)
-    client = aioredis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     store = MemoryStore(client)
     servicer = MemoryServicer(settings, store)
     service = GrpcService(lambda s: memory_pb2_grpc.add_MemoryServicer_to_server(servicer, s), [SERVICE_NAME])
@@ -293,7 +304,12 @@ async def serve(settings: MemorySettings) -> None:
     supervisor = WorkerSupervisor()
     worker_task = asyncio.create_task(supervisor.run()) if settings.memory_worker_enabled else None
     try:
-        await service.serve_until_signalled(settings.drain_timeout_s, on_drain=watcher.cancel)
+        await service.wait_for_signal()
+        # The worker drains alongside the server: it takes no new job and finishes the one
+        # it has if it can in time; otherwise that job resumes from its last stage.
+        await asyncio.gather(
+            service.drain(settings.drain_timeout_s), supervisor.stop(settings.drain_timeout_s)
+        )
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

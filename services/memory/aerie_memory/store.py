@@ -30,7 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
-from aerie_memory.text import IncomingDocument, chunk_text, content_hash
+from aerie_memory.text import IncomingDocument, chunk_text, content_hash, shown
 
 P = "aerie:mem:"
 STREAM = P + "jobs"
@@ -320,7 +320,7 @@ class MemoryStore:
             else:
                 matches = [v for v in versions if v.version == version_id]
                 if not matches:
-                    raise LookupError(f"no version {version_id!r} in namespace {namespace!r}")
+                    raise LookupError(f"no version {shown(version_id)} in namespace {namespace!r}")
                 target = matches[0]
             new = Version(
                 await self.next_version_id(namespace),

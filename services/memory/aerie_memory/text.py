@@ -13,6 +13,14 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _WS = re.compile(r"\s+")
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """``value`` quoted for a message, cut short when long: error details travel in gRPC
+    metadata, which clients refuse past 16 KiB, losing the status and its reason."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 class InvalidInput(ValueError):
     """Input a client must fix; ``param`` names the field."""
 
@@ -22,9 +30,9 @@ class InvalidInput(ValueError):
 
 
 def check_namespace(namespace: str) -> str:
-    if not NAMESPACE_RE.match(namespace or ""):
+    if not NAMESPACE_RE.fullmatch(namespace or ""):  # match's $ would allow a final newline
         raise InvalidInput(
-            f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -", "namespace"
+            f"namespace {shown(namespace)} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -", "namespace"
         )
     return namespace
 
@@ -45,14 +53,14 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
         )
     seen: set[str] = set()
     for i, doc in enumerate(documents):
-        if not DOCUMENT_ID_RE.match(doc.id or ""):
+        if not DOCUMENT_ID_RE.fullmatch(doc.id or ""):
             raise InvalidInput(
-                f"documents[{i}].id {doc.id!r} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
+                f"documents[{i}].id {shown(doc.id)} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
                 f"documents[{i}].id",
             )
         if doc.id in seen:
             raise InvalidInput(
-                f"documents[{i}].id {doc.id!r} appears twice in the request", f"documents[{i}].id"
+                f"documents[{i}].id {shown(doc.id)} appears twice in the request", f"documents[{i}].id"
             )
         seen.add(doc.id)
         if not normalize(doc.text):

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import zlib
@@ -32,6 +33,9 @@ import redis.asyncio as aioredis
 import torch
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
+from aerie_common.redis_client import connect
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from aerie_memory.generator import make_generator
 from aerie_memory.models import adapter_dir, load_base, load_reflections, save_reflections, write_version
@@ -41,6 +45,11 @@ from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s
 from aerie_memory.training import TrainConfig, build_examples, save_adapter, train_lora, training_pairs
 
 log = logging.getLogger("aerie_memory.worker")
+
+# Redis unreachable (restarting, say): no job's fault. The job's stream entry stays
+# pending, and the worker retries every REDIS_RETRY_S and resumes it.
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+REDIS_RETRY_S = 1.0
 
 
 class JobProcessor:
@@ -74,6 +83,8 @@ class JobProcessor:
         )
         try:
             version = await self._run(job)
+        except REDIS_DOWN:
+            raise
         except Exception as exc:
             log.exception("%s failed", job_id)
             job = await self.store.get_job(job_id)
@@ -322,9 +333,14 @@ class Worker:
         log.info("worker %s consuming %s (group %s)", self.consumer, STREAM, GROUP)
         block_ms = int(min(self.settings.memory_reclaim_idle_s, 2.0) * 1000)
         while stop is None or not stop.is_set():
-            entry = await self.next_entry(block_ms)
-            if entry is not None:
-                await self.handle(*entry)
+            try:
+                entry = await self.next_entry(block_ms)
+                # One delivered as the worker drains stays pending: the next start resumes it.
+                if entry is not None and (stop is None or not stop.is_set()):
+                    await self.handle(*entry)
+            except REDIS_DOWN as exc:
+                log.warning("redis unreachable (%s); worker retrying in %.0fs", exc, REDIS_RETRY_S)
+                await asyncio.sleep(REDIS_RETRY_S)
 
 
 def default_consumer(settings: MemorySettings) -> str:
@@ -342,15 +358,20 @@ def make_base_loader(settings: MemorySettings):
 
 
 async def main_async(settings: MemorySettings) -> None:
-    client = aioredis.from_url(settings.redis_url)
+    client = connect(settings.redis_url)
     store = MemoryStore(client)
     generator = make_generator(settings)
     processor = JobProcessor(
         store, settings, generator, make_base_loader(settings), settings.model_cache / "memory"
     )
     consumer = os.environ.get("AERIE_MEMORY_WORKER_NAME") or default_consumer(settings)
+    # SIGTERM drains: no new job is taken, the one in hand runs on until it ends (or the
+    # memory service, which gives it AERIE_DRAIN_TIMEOUT_S, kills the worker).
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        await Worker(settings, client, processor, consumer).run_forever()
+        await Worker(settings, client, processor, consumer).run_forever(stop)
     finally:
         await generator.close()
         await client.aclose()

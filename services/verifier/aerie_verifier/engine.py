@@ -45,6 +45,26 @@ class PromptTooLongError(ValueError):
     """The prompt (plus the requested completion) does not fit the context."""
 
 
+# How a request leaves the engine: finished (stop, length), failed (error) or cancelled
+# by its caller before finishing.
+END_REASONS = ("stop", "length", "error", "cancelled")
+
+
+@dataclass
+class EngineTotals:
+    """Counts since the engine started, for GetLoad and the Prometheus collector. Only the
+    scheduler thread writes them; other threads read whole ints (every key of ``ended``
+    exists from the start, so reading the dict never races with it growing)."""
+
+    ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
+    prompt_tokens: int = 0  # prompt tokens prefilled
+    generation_tokens: int = 0
+    # Speculative requests that decoded some or all of their tokens without a drafter
+    # (it failed, or had failed less than the breaker's cooldown ago).
+    drafter_fallbacks: int = 0
+    speculative: SpeculativeStats = field(default_factory=SpeculativeStats)
+
+
 @dataclass
 class GenerationEvent:
     token_ids: list[int]
@@ -79,6 +99,7 @@ class Sequence:
     tree: DraftTree | None = None  # the next tree to verify
     capture_layer_ids: tuple[int, ...] = ()
     spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    fell_back: bool = False  # decoded without the drafter after asking for speculation
 
     def append_tokens(self, tokens: list[int]) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
@@ -149,8 +170,7 @@ class Engine:
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
         self._stop = False
-        self.finished_total = 0
-        self.cancelled_total = 0
+        self.totals = EngineTotals()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # -- public API (any thread) -------------------------------------------------
@@ -171,6 +191,15 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def finished_total(self) -> int:
+        """Requests that ended other than by cancellation (errors included)."""
+        return sum(n for reason, n in self.totals.ended.items() if reason != "cancelled")
+
+    @property
+    def cancelled_total(self) -> int:
+        return self.totals.ended["cancelled"]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -247,6 +276,7 @@ class Engine:
                     self._running.append(self._waiting.popleft())
             for seq in list(self._running):
                 if not seq.cancelled:
+                    generated = len(seq.output_ids)
                     try:
                         self._step(seq)
                     except Exception as exc:  # one bad request must not take the engine down
@@ -257,15 +287,16 @@ class Engine:
                                 [], "", len(seq.prompt_ids), len(seq.output_ids), "error", str(exc)
                             )
                         )
+                    self.totals.generation_tokens += len(seq.output_ids) - generated
                 if seq.cancelled or seq.finish_reason is not None:
                     self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:
-        if seq.finish_reason is not None:
-            self.finished_total += 1
-        else:
-            self.cancelled_total += 1
+        if seq.finish_reason is None:
             log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
+        self.totals.ended[seq.finish_reason or "cancelled"] += 1
+        if seq.speculative:
+            self.totals.speculative.merge(seq.spec_stats)
         self._stop_drafting(seq)
         seq.cache = None
         self._running.remove(seq)
@@ -281,7 +312,12 @@ class Engine:
 
     def _prefill(self, seq: Sequence) -> None:
         seq.cache = DynamicCache()
-        layer_ids = self._capture_layers(seq) if seq.speculative and self.breaker.allow() else None
+        self.totals.prompt_tokens += len(seq.prompt_ids)
+        layer_ids = None
+        if seq.speculative:
+            layer_ids = self._capture_layers(seq) if self.breaker.allow() else None
+            if layer_ids is None:
+                self._fall_back(seq)
         input_ids = torch.tensor([seq.prompt_ids], device=self.device)
         with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
             logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
@@ -348,10 +384,16 @@ class Engine:
             log.warning("request %s: drafter failed (%s); decoding without speculation", seq.request_id, exc)
             self._drafter_failed()
             self._stop_drafting(seq)
+            self._fall_back(seq)
 
     def _drafter_failed(self) -> None:
         self.breaker.record_failure()
         self.drafter_factory.forget()
+
+    def _fall_back(self, seq: Sequence) -> None:
+        if not seq.fell_back:
+            seq.fell_back = True
+            self.totals.drafter_fallbacks += 1
 
     def _stop_drafting(self, seq: Sequence) -> None:
         seq.tree = None

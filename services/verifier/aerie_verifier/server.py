@@ -25,7 +25,7 @@ SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         temperature=p.temperature,
-        top_p=p.top_p if p.top_p > 0 else 1.0,
+        top_p=p.top_p if p.top_p != 0 else 1.0,  # unset; NaN and negatives are for the check
         top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
@@ -51,9 +51,25 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
+        # No token stands for more characters than its own spelling has, so messages longer
+        # than this cannot fit the context: refused without tokenising them, which takes
+        # seconds a megabyte on this event loop.
+        self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()))
+        self.max_prompt_chars = engine.context_length * self.max_token_chars
+
+    def _check_prompt_chars(self, messages) -> None:
+        chars = sum(len(m.role) + len(m.content) for m in messages)
+        if chars > self.max_prompt_chars:
+            least_tokens = -(-chars // self.max_token_chars)
+            raise PromptTooLongError(
+                f"the messages hold {chars} characters, at least {least_tokens} tokens (a token is at most "
+                f"{self.max_token_chars} characters), {least_tokens - self.engine.context_length + 1} too many "
+                f"for this model's context length of {self.engine.context_length} tokens"
+            )
 
     def _prompt_ids(self, messages, prompt_token_ids) -> list[int]:
         if messages:
+            self._check_prompt_chars(messages)
             return self.engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
         return list(prompt_token_ids)
 

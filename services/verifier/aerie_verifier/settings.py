@@ -22,3 +22,5 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drafter_step_timeout_s: float = 2.0
     # After a drafter failure, requests decode without speculation for this long.
     drafter_retry_after_s: float = 10.0
+    # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
+    verifier_metrics_port: int = 0

@@ -53,6 +53,16 @@ class SpeculativeStats:
         for depth in range(accepted):
             self.accepted_per_position[depth] += 1
 
+    def merge(self, other: SpeculativeStats) -> None:
+        """Add another request's statistics to these (the engine's running totals)."""
+        self.drafts += other.drafts
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        missing = len(other.accepted_per_position) - len(self.accepted_per_position)
+        self.accepted_per_position.extend([0] * max(missing, 0))
+        for depth, count in enumerate(other.accepted_per_position):
+            self.accepted_per_position[depth] += count
+
     @property
     def mean_acceptance_length(self) -> float:
         """Tokens produced per verification step, the bonus token included (vLLM's convention)."""

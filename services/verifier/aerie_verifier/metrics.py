@@ -1,0 +1,98 @@
+"""The verifier's Prometheus metrics, served on their own HTTP port (gRPC has no /metrics).
+
+Names follow the gateway's vLLM-style ``aerie:`` names, with a ``verifier_`` prefix: the
+gateway counts what clients asked for, these count what the engine did (a cancelled
+request shows up here once the engine has let go of it). The values are read from the
+engine's own counts when Prometheus scrapes, so GetLoad and /metrics never disagree.
+Each registry is built for one engine, so tests can run several in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from aerie_verifier.engine import Engine
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine, totals = self.engine, self.engine.totals
+        yield GaugeMetricFamily(
+            "aerie:verifier_requests_running", "Requests being decoded.", value=engine.num_running
+        )
+        yield GaugeMetricFamily(
+            "aerie:verifier_requests_waiting",
+            "Requests queued for a decoding slot.",
+            value=engine.num_waiting,
+        )
+        ended = CounterMetricFamily(
+            "aerie:verifier_requests_finished",
+            "Requests the engine let go of, by reason: stop, length, error, or cancelled "
+            "(the caller went away or passed its deadline).",
+            labels=["reason"],
+        )
+        for reason, count in totals.ended.items():
+            ended.add_metric([reason], count)
+        yield ended
+        yield CounterMetricFamily(
+            "aerie:verifier_prompt_tokens", "Prompt tokens prefilled.", value=totals.prompt_tokens
+        )
+        yield CounterMetricFamily(
+            "aerie:verifier_generation_tokens", "Tokens generated.", value=totals.generation_tokens
+        )
+        yield CounterMetricFamily(
+            "aerie:verifier_drafter_failures",
+            "Drafter failures (unreachable, too slow, bad tree); each pauses speculation "
+            "for AERIE_DRAFTER_RETRY_AFTER_S.",
+            value=engine.breaker.failures,
+        )
+        yield CounterMetricFamily(
+            "aerie:verifier_drafter_fallbacks",
+            "Speculative requests that decoded some or all of their tokens without the drafter.",
+            value=totals.drafter_fallbacks,
+        )
+        spec = totals.speculative
+        yield CounterMetricFamily(
+            "aerie:verifier_spec_decode_num_drafts",
+            "Verification steps that checked a draft tree.",
+            value=spec.drafts,
+        )
+        yield CounterMetricFamily(
+            "aerie:verifier_spec_decode_num_draft_tokens", "Draft tokens verified.", value=spec.draft_tokens
+        )
+        yield CounterMetricFamily(
+            "aerie:verifier_spec_decode_num_accepted_tokens",
+            "Draft tokens accepted.",
+            value=spec.accepted_tokens,
+        )
+        per_position = CounterMetricFamily(
+            "aerie:verifier_spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = the first drafted token).",
+            labels=["position"],
+        )
+        for position, count in enumerate(list(spec.accepted_per_position)):
+            per_position.add_metric([str(position)], count)
+        yield per_position
+
+
+def verifier_registry(engine: Engine) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))
+    return registry
+
+
+def start_metrics_server(engine: Engine, host: str, port: int) -> WSGIServer | None:
+    """Serve the engine's metrics on http://host:port/metrics from a daemon thread
+    (prometheus_client's own server); port 0: none. Returns the server, for shutdown()."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, host, registry=verifier_registry(engine))
+    return server
