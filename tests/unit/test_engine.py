@@ -164,3 +164,77 @@ def test_concurrent_requests_all_finish_with_their_own_output(engine, tiny_model
         assert c.done.wait(60)
         alone = run(engine, p, SamplingParams(max_tokens=10))
         assert c.tokens == alone.tokens
+
+
+def _batch_sizes_of_forwards(model):
+    """Record the batch size of every forward of ``model``; returns (sizes, remove)."""
+    sizes = []
+    handle = model.register_forward_pre_hook(
+        lambda _module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    return sizes, handle.remove
+
+
+def test_plain_steps_of_concurrent_requests_share_one_forward(tiny_model, tiny_tokenizer):
+    """Requests of different lengths decode in one left-padded batch, each exactly as alone."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [
+        torch.randint(3, tiny_model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 11, 26, 40)
+    ]
+    params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=5)] * 2
+    alone_engine = Engine(tiny_model, tiny_tokenizer, max_running=1)
+    alone_engine.start()
+    try:
+        alone = [run(alone_engine, p, sp).tokens for p, sp in zip(prompts, params, strict=True)]
+    finally:
+        alone_engine.stop()
+
+    engine = Engine(tiny_model, tiny_tokenizer, max_running=4)
+    sizes, remove_hook = _batch_sizes_of_forwards(tiny_model)
+    collectors = [Collector() for _ in prompts]
+    try:
+        for i, (p, sp, c) in enumerate(zip(prompts, params, collectors, strict=True)):
+            engine.submit(str(i), p, sp, c)
+        engine.start()  # all four are waiting, so the first round admits them together
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        remove_hook()
+        engine.stop()
+    assert [c.tokens for c in collectors] == alone
+    assert max(sizes) == 4  # the four plain steps shared forwards...
+    assert sizes.count(1) == 4  # ...and only the four prefills ran alone
+    assert engine.totals.generation_tokens == sum(len(t) for t in alone)
+
+
+def test_a_failed_batched_forward_steps_each_request_alone(tiny_model, tiny_tokenizer, monkeypatch):
+    engine = Engine(tiny_model, tiny_tokenizer, max_running=2)
+    real_forward = tiny_model.forward
+    refused = []
+
+    def forward_refusing_batches(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > 1:
+            refused.append(kwargs["input_ids"].shape[0])
+            raise RuntimeError("no batches today")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "forward", forward_refusing_batches)
+    collectors = [Collector(), Collector()]
+    for i, c in enumerate(collectors):
+        engine.submit(str(i), [5 + i, 6, 7], SamplingParams(max_tokens=6), c)
+    engine.start()
+    try:
+        for c in collectors:
+            assert c.done.wait(60)
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    assert refused  # batches were tried, and refused
+    alone = Engine(tiny_model, tiny_tokenizer, max_running=1)
+    alone.start()
+    try:
+        for i, c in enumerate(collectors):
+            assert c.events[-1].error is None
+            assert c.tokens == run(alone, [5 + i, 6, 7], SamplingParams(max_tokens=6)).tokens
+    finally:
+        alone.stop()

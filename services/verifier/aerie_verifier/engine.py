@@ -1,9 +1,11 @@
 """The generation engine: a scheduler thread that decodes many requests with one model.
 
 Each request owns its KV cache. The scheduler admits up to ``max_running`` requests from
-a bounded waiting queue and advances every running request by one step in turn, so
-concurrent streams all make progress. A step is either one plain decoding step or, with
-a drafter, the verification of a whole draft tree in one forward (see tree_verify.py).
+a bounded waiting queue and advances every running request by one step per round, so
+concurrent streams all make progress. A step is the prompt's prefill, the verification of
+a whole draft tree in one forward (see tree_verify.py), or one plain decoding step. The
+plain steps of a round share one batched forward: a 1-token forward is bound by reading
+the weights, so eight of them batched cost little more than one.
 Results go back through a per-request callback on the scheduler thread; the gRPC adapter
 hops them onto its event loop.
 """
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from aerie_common.draft_tree import DraftTree
 from transformers import DynamicCache
 
@@ -76,7 +79,7 @@ class GenerationEvent:
     speculative: SpeculativeStats | None = None  # on the last event of a speculative request
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity
 class Sequence:
     """One request's decoding state. The KV cache holds every token but the last one
     decided, which is fed (alone, or as the root of a draft tree) at the next step."""
@@ -274,9 +277,12 @@ class Engine:
                     return
                 while self._waiting and len(self._running) < self.max_running:
                     self._running.append(self._waiting.popleft())
-            for seq in list(self._running):
-                if not seq.cancelled:
-                    generated = len(seq.output_ids)
+            round_robin = list(self._running)
+            produced_before = sum(len(seq.output_ids) for seq in round_robin)
+            plain = [seq for seq in round_robin if not seq.cancelled and self._decodes_plainly(seq)]
+            batched = self._decode_batch(plain) if len(plain) > 1 else []
+            for seq in round_robin:
+                if not seq.cancelled and seq not in batched:
                     try:
                         self._step(seq)
                     except Exception as exc:  # one bad request must not take the engine down
@@ -287,9 +293,9 @@ class Engine:
                                 [], "", len(seq.prompt_ids), len(seq.output_ids), "error", str(exc)
                             )
                         )
-                    self.totals.generation_tokens += len(seq.output_ids) - generated
                 if seq.cancelled or seq.finish_reason is not None:
                     self._retire(seq)
+            self.totals.generation_tokens += sum(len(seq.output_ids) for seq in round_robin) - produced_before
 
     def _retire(self, seq: Sequence) -> None:
         if seq.finish_reason is None:
@@ -338,11 +344,57 @@ class Engine:
             self._drafter_failed()
             return None
 
+    def _decodes_plainly(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s next step is one plain decoding step (see ``_step``)."""
+        return seq.cache is not None and (seq.tree is None or not self._tree_fits(seq, seq.tree))
+
     def _decode_one(self, seq: Sequence) -> None:
         seq.tree = None
         input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
         logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
         seq.append_tokens([next_token(logits[0, -1], seq.params, seq.generator)])
+
+    @torch.inference_mode()
+    def _decode_batch(self, seqs: list[Sequence]) -> list[Sequence]:
+        """One plain decoding step for several requests in one forward. Their caches are
+        left-padded into one batch (the padding masked out, each row at its own position),
+        and each request's new key and value are appended to its own cache afterwards, so
+        a failed forward leaves every cache as it was. Returns the requests stepped: none
+        when the forward failed, and each then takes its step alone."""
+        lengths = [seq.cache.get_seq_length() for seq in seqs]
+        width = max(lengths)
+        batch_cache = DynamicCache()
+        for layer_idx in range(len(seqs[0].cache.layers)):
+            keys, values = [], []
+            for seq, length in zip(seqs, lengths, strict=True):
+                layer = seq.cache.layers[layer_idx]
+                keys.append(F.pad(layer.keys, (0, 0, width - length, 0)))
+                values.append(F.pad(layer.values, (0, 0, width - length, 0)))
+            batch_cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+        attention_mask = torch.zeros((len(seqs), width + 1), dtype=torch.long, device=self.device)
+        for row, length in enumerate(lengths):
+            attention_mask[row, width - length :] = 1
+        try:
+            logits = self.model(
+                input_ids=torch.tensor([seq.output_ids[-1:] for seq in seqs], device=self.device),
+                attention_mask=attention_mask,
+                position_ids=torch.tensor([[length] for length in lengths], device=self.device),
+                past_key_values=batch_cache,
+                logits_to_keep=1,
+            ).logits
+        except Exception:
+            log.exception("batched decoding of %d requests failed; stepping each alone", len(seqs))
+            return []
+        tokens = [next_token(logits[row, -1], seq.params, seq.generator) for row, seq in enumerate(seqs)]
+        for layer_idx, layer in enumerate(batch_cache.layers):
+            for row, seq in enumerate(seqs):
+                seq.cache.update(
+                    layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:], layer_idx
+                )
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.tree = None
+            seq.append_tokens([token])
+        return seqs
 
     def _verify_tree(self, seq: Sequence) -> None:
         tree, seq.tree = seq.tree, None
