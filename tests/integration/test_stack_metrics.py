@@ -38,7 +38,26 @@ def freed(samples) -> float:
     )
 
 
+def wait_until_speculating(stack) -> None:
+    """Earlier tests kill the drafter; the verifier's circuit breaker then decodes plainly
+    for a while. Wait until a short speculative chat drafts again."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "speculative": True,
+        }
+        response = httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=60)
+        if response.status_code == 200 and (response.json()["usage"].get("speculative") or {}).get("drafts"):
+            return
+        assert time.monotonic() < deadline, f"no speculation within {WAIT_S}s: {response.text}"
+        time.sleep(1)
+
+
 def test_client_disconnect_mid_stream_stops_generation_and_frees_the_draft_session(stack):
+    wait_until_speculating(stack)
     verifier_before, drafter_before = scrape(stack, "verifier"), scrape(stack, "drafter")
     body = {
         "model": "smollm2-135m-instruct",

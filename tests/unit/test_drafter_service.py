@@ -281,6 +281,35 @@ def test_greedy_over_grpc_is_lossless(drafter, make_engine):
     assert servicer.sessions_total == 4
 
 
+def test_an_untrained_head_is_declined_unless_asked_for(head, make_engine):
+    """A drafter serving an untrained head would only slow decoding down: the verifier
+    decodes plainly without opening a session or blaming the drafter, unless told to
+    accept it (AERIE_DRAFTER_HEAD=untrained)."""
+    servicer = DrafterServicer(head, SHAPE, 8, "untrained")
+    server = ServerThread(
+        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
+    ).start()
+    try:
+        plain = make_engine(None)
+        declining = make_engine(GrpcDrafterFactory(server.addr, SHAPE, accept_untrained=False))
+        accepting = make_engine(GrpcDrafterFactory(server.addr, SHAPE, accept_untrained=True))
+        prompt, params = [5, 6, 7, 8, 9], SamplingParams(max_tokens=16)
+        expected, _ = generate(plain, prompt, params, speculative=False)
+
+        tokens, final = generate(declining, prompt, params, speculative=True)
+        assert tokens == expected
+        assert final.speculative.drafts == 0
+        assert servicer.sessions_total == 0
+        assert declining.breaker.allow()  # not counted as a drafter failure
+
+        tokens, final = generate(accepting, prompt, params, speculative=True)
+        assert tokens == expected
+        assert final.speculative.drafts > 0
+        assert servicer.sessions_total == 1
+    finally:
+        server.stop()
+
+
 def test_killing_the_drafter_mid_generation_keeps_the_output(head, make_engine):
     server, servicer = start_drafter(head)
     port = server.port

@@ -28,13 +28,21 @@ def make_drafter_factory(settings: VerifierSettings, device: str):
     shape = tree_shape(
         device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
-    if settings.drafter_mode == "grpc":
-        log.info("drafting over gRPC from %s, tree %s", settings.drafter_addr, shape)
-        return GrpcDrafterFactory(settings.drafter_addr, shape, settings.drafter_step_timeout_s)
-    from aerie_drafter.loading import load_drafter_head
+    from aerie_drafter.loading import UNTRAINED, load_drafter_head
     from aerie_drafter.settings import DrafterSettings
 
+    # An untrained head only slows decoding down; speculate with one only when it was asked
+    # for by name (AERIE_DRAFTER_HEAD=untrained: tests and benchmarks of the machinery).
     drafter = DrafterSettings()
+    untrained_asked_for = drafter.drafter_head == UNTRAINED
+    if settings.drafter_mode == "grpc":
+        log.info("drafting over gRPC from %s, tree %s", settings.drafter_addr, shape)
+        return GrpcDrafterFactory(
+            settings.drafter_addr,
+            shape,
+            settings.drafter_step_timeout_s,
+            accept_untrained=untrained_asked_for,
+        )
     head, origin = load_drafter_head(
         settings.target_model,
         settings.model_cache,
@@ -43,6 +51,13 @@ def make_drafter_factory(settings: VerifierSettings, device: str):
         settings.dtype,
         drafter.drafter_eagle_version,
     )
+    if origin == UNTRAINED and not untrained_asked_for:
+        log.warning(
+            "no trained EAGLE head for %s: decoding without speculation. Set AERIE_DRAFTER_HEAD to a trained "
+            "head, or to 'untrained' to speculate anyway.",
+            settings.target_model,
+        )
+        return None
     log.info(
         "drafting in-process with the EAGLE %s head %s, tree %s", head.config.eagle_version, origin, shape
     )

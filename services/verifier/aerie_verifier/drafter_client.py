@@ -14,6 +14,11 @@ from aerie_common.grpc_utils import CHANNEL_OPTIONS
 from aerie_common.tensors import to_chunks
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
+from aerie_verifier.speculative import SpeculationDeclined
+
+# DrafterInfo.head_path of a randomly initialised head (aerie_drafter.loading.UNTRAINED).
+UNTRAINED = "untrained"
+
 log = logging.getLogger(__name__)
 
 
@@ -107,16 +112,39 @@ class GrpcDrafter:
 
 
 class GrpcDrafterFactory:
-    def __init__(self, addr: str, shape, step_timeout_s: float = 2.0, session_timeout_s: float = 3600.0):
+    """Draft sessions with the drafter service at ``addr``. A drafter serving an untrained
+    head is declined unless ``accept_untrained``: its drafts are never accepted, so
+    speculating would only slow every request down."""
+
+    def __init__(
+        self,
+        addr: str,
+        shape,
+        step_timeout_s: float = 2.0,
+        session_timeout_s: float = 3600.0,
+        accept_untrained: bool = True,
+    ):
         self.channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
         self.stub = drafter_pb2_grpc.DrafterStub(self.channel)
         self.shape = shape
         self.step_timeout_s = step_timeout_s
         self.session_timeout_s = session_timeout_s
+        self.accept_untrained = accept_untrained
         self._info: drafter_pb2.DrafterInfo | None = None
+        self._said_declined = False
 
     def capture_layer_ids(self) -> tuple[int, ...]:
-        return tuple(self.info().capture_layer_ids)
+        info = self.info()
+        if info.head_path == UNTRAINED and not self.accept_untrained:
+            if not self._said_declined:
+                self._said_declined = True
+                log.warning(
+                    "the drafter serves an untrained EAGLE head: decoding without speculation. Give it a "
+                    "trained head (AERIE_DRAFTER_HEAD), or set AERIE_DRAFTER_HEAD=untrained to speculate anyway."
+                )
+            raise SpeculationDeclined("the drafter's head is untrained")
+        self._said_declined = False
+        return tuple(info.capture_layer_ids)
 
     def info(self, timeout_s: float = 2.0) -> drafter_pb2.DrafterInfo:
         """The drafter's description, fetched once; forgotten on failure so a restarted

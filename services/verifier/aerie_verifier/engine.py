@@ -33,6 +33,7 @@ from aerie_verifier.speculative import (
     Drafter,
     DrafterFactory,
     HiddenCapture,
+    SpeculationDeclined,
     SpeculativeStats,
 )
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
@@ -337,6 +338,8 @@ class Engine:
     def _capture_layers(self, seq: Sequence) -> tuple[int, ...] | None:
         try:
             return tuple(self.drafter_factory.capture_layer_ids())
+        except SpeculationDeclined:
+            return None
         except Exception as exc:
             log.warning(
                 "request %s: drafter unavailable (%s); decoding without speculation", seq.request_id, exc

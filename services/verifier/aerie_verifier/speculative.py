@@ -25,9 +25,15 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
+class SpeculationDeclined(Exception):
+    """The drafter works but would only slow decoding down (its head is untrained and
+    nobody asked for that): requests decode plainly, and the drafter is not at fault."""
+
+
 class DrafterFactory(Protocol):
     def capture_layer_ids(self) -> tuple[int, ...]:
-        """The target layers the drafter reads; may raise if the drafter is unreachable."""
+        """The target layers the drafter reads; may raise if the drafter is unreachable,
+        or SpeculationDeclined."""
         ...
 
     def open(self, request_id: str) -> Drafter: ...
