@@ -155,6 +155,21 @@ def test_bad_generate_requests_are_invalid_argument(verifier, request_, says):
 
 
 @pytest.mark.parametrize(
+    "request_",
+    [
+        verifier_pb2.TokenizeRequest(text=HUGE),
+        verifier_pb2.TokenizeRequest(messages=[verifier_pb2.ChatMessage(role="user", content=HUGE)]),
+    ],
+    ids=["text", "messages"],
+)
+def test_tokenizing_a_huge_text_is_refused_by_its_length(verifier, request_):
+    server, channel = verifier
+    stub = verifier_pb2_grpc.VerifierStub(channel)
+    assert_refused(lambda: stub.Tokenize(request_, timeout=DEADLINE_S), says="characters")
+    assert is_serving(server.addr)
+
+
+@pytest.mark.parametrize(
     ("method", "request_type", "streaming"),
     [
         ("Generate", verifier_pb2.GenerateRequest, True),

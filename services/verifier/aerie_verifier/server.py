@@ -58,11 +58,13 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.max_prompt_chars = engine.context_length * self.max_token_chars
 
     def _check_prompt_chars(self, messages) -> None:
-        chars = sum(len(m.role) + len(m.content) for m in messages)
+        self._check_chars(sum(len(m.role) + len(m.content) for m in messages), "the messages hold")
+
+    def _check_chars(self, chars: int, what: str) -> None:
         if chars > self.max_prompt_chars:
             least_tokens = -(-chars // self.max_token_chars)
             raise PromptTooLongError(
-                f"the messages hold {chars} characters, at least {least_tokens} tokens (a token is at most "
+                f"{what} {chars} characters, at least {least_tokens} tokens (a token is at most "
                 f"{self.max_token_chars} characters), {least_tokens - self.engine.context_length + 1} too many "
                 f"for this model's context length of {self.engine.context_length} tokens"
             )
@@ -76,7 +78,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     async def Generate(self, request, context):
         try:
             params = sampling_from_proto(request.sampling)
-            prompt_ids = self._prompt_ids(request.messages, request.prompt_token_ids)
+            # Tokenising (and the chat template) takes a while on long prompts: off the loop.
+            prompt_ids = await asyncio.to_thread(self._prompt_ids, request.messages, request.prompt_token_ids)
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         loop = asyncio.get_running_loop()
@@ -138,8 +141,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         )
 
     async def Tokenize(self, request, context):
-        if request.messages:
-            ids = self._prompt_ids(request.messages, [])
-        else:
-            ids = self.engine.tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        try:
+            ids = await asyncio.to_thread(self._tokenize, request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return verifier_pb2.TokenizeResponse(token_ids=ids)
+
+    def _tokenize(self, request) -> list[int]:
+        if request.messages:
+            return self._prompt_ids(request.messages, [])
+        self._check_chars(len(request.text), "the text holds")
+        return self.engine.tokenizer(request.text, add_special_tokens=False)["input_ids"]
