@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from tests.local_servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +62,6 @@ def compose_cli() -> list[str] | None:
 
 def has_nvidia_runtime(client) -> bool:
     return "nvidia" in (client.info().get("Runtimes") or {})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- reading the compose files (the same rules as tests/unit/test_compose.py) -------------------

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ import pytest
 import yaml
 from aerie_common import healthcheck
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tests.local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -588,12 +589,6 @@ def test_healthcheck_grpc(grpc_health_server):
     assert healthcheck.main(["grpc", addr, "--service", "aerie.v1.Nope"]) == 1
     servicer.set("aerie.v1.Verifier", response.SERVING)
     assert healthcheck.main(["grpc", addr, "--service", "aerie.v1.Verifier", "-q"]) == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_healthcheck_grpc_unreachable():

@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from aerie_proto.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.conftest import build_tiny_llama
+from tests.local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # Importing torch and loading a model takes a while on a loaded machine.
@@ -48,12 +48,6 @@ DRAIN_TIMEOUT_S = 90
 EXIT_WITHIN_S = 30
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Process:

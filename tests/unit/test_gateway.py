@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -20,14 +17,15 @@ import grpc
 import httpx
 import openai
 import pytest
-import redis
 import uvicorn
 from aerie_gateway.app import create_app
 from aerie_gateway.settings import GatewaySettings
-from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
+from aerie_proto.v1 import memory_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from fastapi import FastAPI
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.local_servers import free_port, start_redis, stop_redis
 
 MODEL = "fake-model"
 REPLY_WORDS = "Hello from the fake verifier , glad to meet you .".split()
@@ -97,53 +95,38 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         return verifier_pb2.ModelInfo(model_id=MODEL, context_length=CONTEXT_LENGTH)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def gateway_fake_verifier() -> Iterator[tuple[FakeVerifier, str]]:
-    """The fake verifier plus a SERVING health service, on one loopback port that stands
-    in for the verifier, drafter and memory services alike."""
-    fake = FakeVerifier()
+@contextmanager
+def fake_backends(verifier: FakeVerifier, memory=None) -> Iterator[str]:
+    """``verifier`` (and ``memory``) plus a SERVING health service, on one loopback port
+    that stands in for the verifier, drafter and memory services alike; yields its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(fake, server)
+    verifier_pb2_grpc.add_VerifierServicer_to_server(verifier, server)
+    if memory is not None:
+        memory_pb2_grpc.add_MemoryServicer_to_server(memory, server)
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    yield fake, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def gateway_fake_verifier() -> Iterator[tuple[FakeVerifier, str]]:
+    fake = FakeVerifier()
+    with fake_backends(fake) as addr:
+        yield fake, addr
 
 
 @pytest.fixture(scope="session")
 def gateway_redis_url() -> Iterator[str]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    client.close()
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    process = start_redis(port)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_redis(process)
 
 
 @pytest.fixture

@@ -5,22 +5,19 @@ Against the fake verifier and memory (real gRPC servers) and a real Redis."""
 from __future__ import annotations
 
 import json
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 from aerie_gateway.app import create_app
 from aerie_gateway.auth import ANYONE, KeyRegistry, KeysFileError, key_digest
 from aerie_gateway.settings import GatewaySettings
-from aerie_proto.v1 import memory_pb2_grpc, verifier_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     FakeVerifier,
     asgi_client,
     assert_error,
     chat_body,
+    fake_backends,
     gateway_redis_url,
 )
 from tests.unit.test_gateway_memory import FakeMemory
@@ -73,16 +70,8 @@ class RecordingMemory(FakeMemory):
 @pytest.fixture(scope="module")
 def backends():
     verifier, memory = FakeVerifier(), RecordingMemory()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(verifier, server)
-    memory_pb2_grpc.add_MemoryServicer_to_server(memory, server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield verifier, memory, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+    with fake_backends(verifier, memory) as addr:
+        yield verifier, memory, addr
 
 
 @pytest.fixture

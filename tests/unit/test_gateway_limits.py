@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import math
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,11 +21,11 @@ from aerie_gateway.rate_limit import KEY_PREFIX, RateLimiter, bucket_name, bucke
 from aerie_gateway.settings import GatewaySettings
 from aerie_memory.settings import MemorySettings
 
+from tests.local_servers import free_port, start_redis, stop_redis
 from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     asgi_client,
     assert_error,
     chat_body,
-    free_port,
     gateway_fake_verifier,
     gateway_redis_url,
     served_over_http,
@@ -34,31 +33,6 @@ from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
 
 SLOW_RPS = 0.001  # a bucket that does not refill within a test
 JSON = {"Content-Type": "application/json"}
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    client.close()
-    return process
-
-
-def stop_redis(process: subprocess.Popen) -> None:
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent import futures
 
 import grpc
 import pytest
 from aerie_gateway.app import create_app
 from aerie_gateway.settings import GatewaySettings
-from aerie_proto.v1 import memory_pb2, memory_pb2_grpc, verifier_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     MODEL,
@@ -20,6 +18,7 @@ from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     asgi_client,
     assert_error,
     chat_body,
+    fake_backends,
     free_port,
     gateway_redis_url,
     sse_payloads,
@@ -90,16 +89,8 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
 @pytest.fixture(scope="module")
 def fakes():
     verifier, memory = FakeVerifier(), FakeMemory()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    verifier_pb2_grpc.add_VerifierServicer_to_server(verifier, server)
-    memory_pb2_grpc.add_MemoryServicer_to_server(memory, server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield verifier, memory, f"127.0.0.1:{port}"
-    server.stop(grace=None)
+    with fake_backends(verifier, memory) as addr:
+        yield verifier, memory, addr
 
 
 @pytest.fixture

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
-import socket
-import subprocess
-import time
 
 import grpc
 import pytest
-import redis
 import redis.asyncio as aioredis
 import torch
 from aerie_memory.__main__ import MemoryServicer
@@ -24,6 +19,7 @@ from aerie_memory.worker import JobProcessor, Worker
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from tests.conftest import build_tiny_llama, build_tiny_tokenizer
+from tests.local_servers import free_port, start_redis, stop_redis
 
 DOCS = [
     IncomingDocument(
@@ -34,34 +30,12 @@ DOCS = [
 _FACT = re.compile(r"([A-Z]\w+ [A-Z]\w+) collects ([a-z ]+)\.")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def memory_redis_url():
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server is not installed (make setup installs it)")
     port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    client.close()
+    process = start_redis(port)
     yield f"redis://127.0.0.1:{port}/0"
-    process.terminate()
-    process.wait(timeout=10)
+    stop_redis(process)
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from aerie_drafter.metrics import drafter_registry
-from aerie_drafter.metrics import start_metrics_server as start_drafter_metrics
+from aerie_common.metrics import registry_for, start_metrics_server
+from aerie_drafter.metrics import SessionCollector
 from aerie_drafter.proposer import DraftSession, TreeShape
 from aerie_drafter.server import SERVICE_NAME as DRAFTER_SERVICE
 from aerie_drafter.server import DrafterServicer
@@ -33,8 +33,7 @@ from aerie_gateway.settings import GatewaySettings
 from aerie_proto.v1 import drafter_pb2_grpc, verifier_pb2_grpc
 from aerie_verifier.drafter_client import GrpcDrafterFactory
 from aerie_verifier.engine import Engine
-from aerie_verifier.metrics import start_metrics_server as start_verifier_metrics
-from aerie_verifier.metrics import verifier_registry
+from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.server import SERVICE_NAME as VERIFIER_SERVICE
 from aerie_verifier.server import VerifierServicer
 from aerie_verifier.settings import VerifierSettings
@@ -83,7 +82,7 @@ class Drafter:
         self.server = ServerThread(
             lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(self.servicer, s), DRAFTER_SERVICE, port
         ).start()
-        self.metrics = start_drafter_metrics(self.servicer, "127.0.0.1", free_port())
+        self.metrics = start_metrics_server(SessionCollector(self.servicer), "127.0.0.1", free_port())
         self.running = True
 
     @property
@@ -117,7 +116,7 @@ class Verifier:
         self.server = ServerThread(
             lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s), VERIFIER_SERVICE
         ).start()
-        self.metrics = start_verifier_metrics(self.engine, "127.0.0.1", free_port())
+        self.metrics = start_metrics_server(EngineCollector(self.engine), "127.0.0.1", free_port())
 
     def scrape(self) -> dict:
         return scrape(self.metrics)
@@ -313,20 +312,22 @@ def test_metrics_registries_are_per_instance_and_port_zero_serves_none(target, h
     servicers = [DrafterServicer(head, SHAPE, 4, "a"), DrafterServicer(head, SHAPE, 4, "b")]
     servicers[1].live_sessions = 3
     live = [
-        metric_samples(generate_latest(drafter_registry(s)).decode())[("aerie:drafter_sessions_live", ())]
+        metric_samples(generate_latest(registry_for(SessionCollector(s))).decode())[
+            ("aerie:drafter_sessions_live", ())
+        ]
         for s in servicers
     ]
     assert live == [0, 3]
     engines = [Engine(target, tiny_tokenizer), Engine(target, tiny_tokenizer)]
     for engine in engines:
         assert (
-            metric_samples(generate_latest(verifier_registry(engine)).decode())[
+            metric_samples(generate_latest(registry_for(EngineCollector(engine))).decode())[
                 ("aerie:verifier_requests_running", ())
             ]
             == 0
         )
-    assert start_verifier_metrics(engines[0], "127.0.0.1", 0) is None
-    assert start_drafter_metrics(servicers[0], "127.0.0.1", 0) is None
+    assert start_metrics_server(EngineCollector(engines[0]), "127.0.0.1", 0) is None
+    assert start_metrics_server(SessionCollector(servicers[0]), "127.0.0.1", 0) is None
 
 
 # --- the deployments serve the metrics where the settings say --------------------------------

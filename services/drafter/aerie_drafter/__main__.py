@@ -8,10 +8,11 @@ import logging
 import torch
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
+from aerie_common.metrics import start_metrics_server
 from aerie_proto.v1 import drafter_pb2_grpc
 
 from aerie_drafter.loading import load_drafter_head
-from aerie_drafter.metrics import start_metrics_server
+from aerie_drafter.metrics import SessionCollector
 from aerie_drafter.proposer import tree_shape
 from aerie_drafter.server import SERVICE_NAME, DrafterServicer
 from aerie_drafter.settings import DrafterSettings
@@ -36,7 +37,7 @@ async def serve(settings: DrafterSettings) -> None:
         device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
     servicer = DrafterServicer(head, shape, settings.drafter_max_sessions, origin)
-    start_metrics_server(servicer, settings.drafter_host, settings.drafter_metrics_port)
+    start_metrics_server(SessionCollector(servicer), settings.drafter_host, settings.drafter_metrics_port)
     service = GrpcService(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME]
     )

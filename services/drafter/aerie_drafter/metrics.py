@@ -1,16 +1,13 @@
-"""The drafter's Prometheus metrics, served on their own HTTP port (gRPC has no /metrics).
+"""The drafter's Prometheus metrics (served by aerie_common.metrics).
 
 Read from the servicer's own counts when Prometheus scrapes, so GetInfo and /metrics never
-disagree; vLLM-style ``aerie:`` names with a ``drafter_`` prefix. Each registry is built
-for one servicer, so tests can run several in one process.
+disagree; vLLM-style ``aerie:`` names with a ``drafter_`` prefix.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -52,18 +49,3 @@ class SessionCollector(Collector):
             value=servicer.sessions_rejected,
         )
         yield CounterMetricFamily("aerie:drafter_trees", "Draft trees proposed.", value=servicer.trees_total)
-
-
-def drafter_registry(servicer: DrafterServicer) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(SessionCollector(servicer))
-    return registry
-
-
-def start_metrics_server(servicer: DrafterServicer, host: str, port: int) -> WSGIServer | None:
-    """Serve the drafter's metrics on http://host:port/metrics from a daemon thread
-    (prometheus_client's own server); port 0: none. Returns the server, for shutdown()."""
-    if not port:
-        return None
-    server, _ = start_http_server(port, host, registry=drafter_registry(servicer))
-    return server

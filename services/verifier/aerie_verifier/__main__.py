@@ -7,12 +7,13 @@ import logging
 
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
+from aerie_common.metrics import start_metrics_server
 from aerie_common.model_store import load_target
 from aerie_proto.v1 import verifier_pb2_grpc
 
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
-from aerie_verifier.metrics import start_metrics_server
+from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
 
@@ -75,7 +76,7 @@ async def serve(settings: VerifierSettings) -> None:
         breaker_cooldown_s=settings.drafter_retry_after_s,
     )
     engine.start()
-    start_metrics_server(engine, settings.verifier_host, settings.verifier_metrics_port)
+    start_metrics_server(EngineCollector(engine), settings.verifier_host, settings.verifier_metrics_port)
     device = str(engine.device)
     servicer = VerifierServicer(
         engine, settings.target_model, device, str(model.dtype).removeprefix("torch.")

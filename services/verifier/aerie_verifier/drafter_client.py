@@ -12,12 +12,10 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_common.grpc_utils import CHANNEL_OPTIONS
 from aerie_common.tensors import to_chunks
+from aerie_drafter.loading import UNTRAINED  # DrafterInfo.head_path of a random head
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
 from aerie_verifier.speculative import SpeculationDeclined
-
-# DrafterInfo.head_path of a randomly initialised head (aerie_drafter.loading.UNTRAINED).
-UNTRAINED = "untrained"
 
 log = logging.getLogger(__name__)
 

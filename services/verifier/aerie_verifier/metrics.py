@@ -1,18 +1,15 @@
-"""The verifier's Prometheus metrics, served on their own HTTP port (gRPC has no /metrics).
+"""The verifier's Prometheus metrics (served by aerie_common.metrics).
 
 Names follow the gateway's vLLM-style ``aerie:`` names, with a ``verifier_`` prefix: the
 gateway counts what clients asked for, these count what the engine did (a cancelled
 request shows up here once the engine has let go of it). The values are read from the
 engine's own counts when Prometheus scrapes, so GetLoad and /metrics never disagree.
-Each registry is built for one engine, so tests can run several in one process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,18 +78,3 @@ class EngineCollector(Collector):
         for position, count in enumerate(list(spec.accepted_per_position)):
             per_position.add_metric([str(position)], count)
         yield per_position
-
-
-def verifier_registry(engine: Engine) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(EngineCollector(engine))
-    return registry
-
-
-def start_metrics_server(engine: Engine, host: str, port: int) -> WSGIServer | None:
-    """Serve the engine's metrics on http://host:port/metrics from a daemon thread
-    (prometheus_client's own server); port 0: none. Returns the server, for shutdown()."""
-    if not port:
-        return None
-    server, _ = start_http_server(port, host, registry=verifier_registry(engine))
-    return server
