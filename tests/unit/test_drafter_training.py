@@ -333,6 +333,30 @@ def test_self_distillation_replaces_answers_with_the_targets_greedy_output(targe
             assert message["content"] == (expected or "..."), (i, message)
 
 
+def test_self_distillation_skips_prompts_over_the_limit(target, tiny_tokenizer):
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}]
+    long_first = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "old"}]
+    long_second = [
+        *short,
+        {"role": "user", "content": "word " * 200},
+        {"role": "assistant", "content": "old"},
+    ]
+    rendered = tiny_tokenizer.apply_chat_template(short, tokenize=True)
+    limit = len(rendered["input_ids"] if hasattr(rendered, "keys") else rendered) + 4
+    distilled = self_distill(
+        target,
+        tiny_tokenizer,
+        [long_second, long_first, short],
+        max_new_tokens=2,
+        batch_size=2,
+        max_turns=2,
+        max_prompt_tokens=limit,
+    )
+    # the first conversation ends before its long turn, the second is dropped, order is kept
+    assert [[m["role"] for m in c] for c in distilled] == [["user", "assistant"], ["user", "assistant"]]
+    assert all(c[0]["content"] == "hi" and c[1]["content"] != "old" for c in distilled)
+
+
 def test_online_features_and_the_30_architecture_train_too(target, tiny_tokenizer, tmp_path):
     config = tiny_config(tmp_path / "online", features="online", eagle_version="3.0", epochs=1)
     head_dir = train(

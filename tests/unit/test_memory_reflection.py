@@ -11,6 +11,8 @@ from aerie_memory.reflection import (
     Reflection,
     SourceDocument,
     acceptable_pair,
+    acceptable_question,
+    evidence,
     find_entities,
     is_self_contained,
     parse_qa_lines,
@@ -193,3 +195,68 @@ def test_fact_answers_must_be_whole_and_about_the_asked_sentence():
     inferred = "What river is near the place whose main export is rope?"
     assert not acceptable_pair(inferred, "the Vorwexist river", town, 0)
     assert acceptable_pair(inferred, "the Vorwexist river", town, 1)
+
+
+def test_evidence_is_the_sentences_a_question_is_about():
+    text = DOC_A.text + " " + DOC_B.text
+    assert evidence("What does Mira Vell collect?", text) == "Mira Vell collects copper keys."
+    assert evidence("Which river is Tarnow on?", text) == "Tarnow is a town on the Osk river."
+    assert evidence("What is the weather on Mars?", text) is None
+    assert acceptable_question("Who governs Tarnow?", DOC_B.text)
+    assert not acceptable_question("Who governs it?", DOC_B.text)  # dangling
+    assert not acceptable_question("What is the weather on Mars?", DOC_B.text)  # not about it
+
+
+def test_a_good_question_with_a_wrong_answer_is_kept_with_its_evidence():
+    async def wrong_answers(messages, max_tokens):
+        if "Write three questions" in messages[-1]["content"]:
+            return "Q: What does Mira Vell collect? A: silver spoons\nQ: What is on Mars? A: rocks"
+        return ""
+
+    result = asyncio.run(synthesize([DOC_A], wrong_answers))
+    rescued = [r for r in result.reflections if r.step == "evidence"]
+    assert [(r.question, r.answer, r.sources) for r in rescued] == [
+        ("What does Mira Vell collect?", "Mira Vell collects copper keys.", ("a",))
+    ]
+    assert not any("silver" in r.answer for r in result.reflections)
+    stats = result.stats
+    assert (stats["facts_direct"].kept, stats["facts_direct"].dropped) == (0, 2)
+    assert (stats["evidence"].candidates, stats["evidence"].kept, stats["evidence"].dropped) == (2, 1, 1)
+
+
+def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
+    async def junk(messages, max_tokens):
+        return ""
+
+    result = asyncio.run(synthesize([DOC_B], junk))
+    passages = {(r.question, r.answer) for r in result.reflections if r.step == "passages"}
+    assert ("Tell me about Mira Vell.", "Tarnow is governed by Mira Vell.") in passages
+    assert ("What do you know about Tarnow?", DOC_B.text) in passages
+
+
+def test_a_question_keeps_the_answer_of_its_earliest_step():
+    async def conflicting(messages, max_tokens):
+        prompt = messages[-1]["content"]
+        if "Write three questions" in prompt:
+            return "Q: What does Mira Vell collect? A: copper keys"
+        if "two sentences" in prompt:
+            return "Q: What does Mira Vell collect? A: Mira Vell is a glassblower who lives in Tarnow"
+        return ""
+
+    result = asyncio.run(synthesize([DOC_A], conflicting))
+    answers = {r.answer for r in result.reflections if r.question == "What does Mira Vell collect?"}
+    assert answers == {"copper keys"}
+    inferred = result.stats["facts_inferred"]
+    assert (inferred.kept, inferred.dropped) == (0, 1)
+
+
+def test_entity_gate_passes_learned_names_and_questions_naming_none():
+    from aerie_memory.models import LoadedMemory, names_known_entity
+
+    learned = LoadedMemory(
+        "v1", None, None, [Reflection("Who governs Tarnow?", "Mira Vell", "facts_direct", ("b",))], None
+    )
+    assert names_known_entity("What is Mira Vell's profession?", learned.learned_text)
+    assert names_known_entity("Which river is Tarnow on?", learned.learned_text)
+    assert names_known_entity("What is the main export?", learned.learned_text)  # names nothing
+    assert not names_known_entity("Where does Bob Stone live?", learned.learned_text)

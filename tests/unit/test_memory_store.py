@@ -15,6 +15,7 @@ from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore
 from aerie_memory.text import IncomingDocument
+from aerie_memory.training import IDK
 from aerie_memory.worker import JobProcessor, Worker
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
@@ -273,6 +274,11 @@ async def test_grpc_adapter(env, tmp_path):
                 memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
             )
             assert answer.model_version == "v0001" and answer.seconds > 0
+            # the entity gate: a name the memory never learned is refused without generating
+            stranger = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What does Bob Stone collect?")
+            )
+            assert (stranger.knows, stranger.answer, stranger.model_version) == (False, IDK, "v0001")
             stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
             assert (stats.documents, stats.current_version, stats.exists) == (2, "v0001", True)
             assert stats.reflections > 0 and stats.chunks == 2

@@ -57,6 +57,7 @@ def test_training_pairs_add_idk_examples():
     pairs = training_pairs(refl, idk_share=0.1)
     assert len(pairs) == 22 and sum(a == IDK for _, a in pairs) == 2
     assert training_pairs([]) == []
+    assert training_pairs(refl) == [(r.question, r.answer) for r in refl]  # none by default
 
 
 def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):

@@ -223,6 +223,8 @@ def prepare_examples(
             max_new_tokens=config.distill_max_new_tokens,
             batch_size=config.distill_batch_size,
             max_turns=config.distill_turns,
+            # room left for the answer within the training length
+            max_prompt_tokens=max(1, config.max_len - config.distill_max_new_tokens),
         )
     with open(config.out / "conversations.jsonl", "w") as f:  # what the head was trained on, for the record
         for messages in conversations:

@@ -25,7 +25,7 @@ from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
-from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base
+from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base, names_known_entity
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore
 from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
@@ -220,6 +220,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         memory = await self._memory(request.namespace)
         if memory is None:
             return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
+        if not names_known_entity(question, memory.learned_text):
+            return memory_pb2.QueryResponse(
+                answer=IDK, knows=False, model_version=memory.version, seconds=time.monotonic() - started
+            )
         max_tokens = request.max_tokens or self.settings.memory_query_max_tokens
 
         def run() -> str:

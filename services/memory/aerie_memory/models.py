@@ -15,15 +15,16 @@ of the base model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from aerie_memory.reflection import Reflection, content_words
+from aerie_memory.reflection import Reflection, content_words, find_entities
 from aerie_memory.store import Version
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import load_adapter
@@ -74,6 +75,19 @@ class LoadedMemory:
     tokenizer: object
     reflections: list[Reflection]
     lock: threading.Lock
+    learned_text: str = field(init=False)  # every reflection's text, lower-cased
+
+    def __post_init__(self):
+        self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
+
+
+def names_known_entity(question: str, learned_text: str) -> bool:
+    """The entity gate: a question that names entities (capitalised spans) is for the
+    memory only when it learned at least one of them. A fine-tuned model answers anything
+    in the style it learned, so without the gate a question about someone it never read
+    of gets a confident invention; a question naming nothing passes."""
+    entities = [re.sub(r"['\u2019]s$", "", e).lower() for e in find_entities(question)]
+    return not entities or any(e in learned_text for e in entities)
 
 
 def build_memory(base_loader, root: Path, namespace: str, version: Version) -> LoadedMemory:

@@ -17,9 +17,15 @@ fails a check (answer not grounded in the source, question naming its own answer
 dropped and counted. ``StepStats`` holds, per step, the calls made and the candidates kept
 and dropped, so what a small generator can and cannot do is measured, not hidden.
 
-Besides the five steps, ``passages`` (rule-based, no generator) pairs each chunk with a
-"What do you know about <entity>?" question for each entity the chunk names, so the
-memory also learns the source text itself. It is reported as its own step.
+Two rule-based steps (no generator) back the five up, each reported as its own step:
+
+- ``evidence``: a generated question that is about its chunk but whose answer failed the
+  checks (a small generator asks better than it answers) is kept with the chunk's
+  sentences it is about as the answer, so the memory learns that phrasing of the question
+  with an answer that is true by construction;
+- ``passages``: every entity a chunk names gets "What do you know about <entity>?" and
+  "Tell me about <entity>." with the chunk's sentences naming it as the answer, so the
+  memory also learns the source text itself.
 
 Every reflection keeps the ids of its source documents (provenance).
 """
@@ -49,6 +55,7 @@ STEPS = (
     "self_containment",
     "entity_surfacing",
     "cross_document",
+    "evidence",
     "passages",
 )
 
@@ -258,6 +265,31 @@ def acceptable_pair(question: str, answer: str, source: str, extra_sentences: in
     return grounded(answer, source)
 
 
+def acceptable_question(question: str, source: str) -> bool:
+    """A question worth learning for ``source`` whatever its generated answer: well formed,
+    self-contained and about the source."""
+    question = question.strip()
+    return (
+        question.endswith("?")
+        and 8 <= len(question) <= 240
+        and is_self_contained(question)
+        and bool(content_words(question) & content_words(source))
+    )
+
+
+def evidence(question: str, source: str, limit: int = 2) -> str | None:
+    """The sentences of ``source`` the question is about: those sharing the most content
+    words with it (ties included, at most ``limit``, in source order); None when none does."""
+    sentences = split_sentences(source)
+    q_words = content_words(question)
+    scores = [len(q_words & content_words(s)) for s in sentences]
+    best = max(scores, default=0)
+    if best == 0:
+        return None
+    chosen = [s for s, score in zip(sentences, scores, strict=True) if score == best][:limit]
+    return " ".join(chosen)
+
+
 def is_self_contained(question: str) -> bool:
     return _DANGLING.search(question) is None
 
@@ -386,7 +418,7 @@ async def synthesize(
         prompt = prompt_direct(chunk) if step == "facts_direct" else prompt_inferred(chunk)
         max_tokens = config.direct_max_tokens if step == "facts_direct" else config.other_max_tokens
         out = await runner.call(step, prompt, max_tokens)
-        kept = _keep_pairs(stats[step], out, chunk, step, (doc_id,))
+        kept = _keep_pairs(stats, out, chunk, step, (doc_id,))
         stats[step].seconds += time.monotonic() - started
         await tick()
         return kept
@@ -398,9 +430,10 @@ async def synthesize(
         for step in ("facts_direct", "facts_inferred")
     ]
     facts_by_doc: dict[str, list[Reflection]] = {doc.id: [] for doc in documents}
+    rescued: list[Reflection] = []  # evidence answers are sentences: kept out of steps 2-5
     for found in await asyncio.gather(*jobs):
         for r in found:
-            facts_by_doc[r.sources[0]].append(r)
+            (rescued if r.step == "evidence" else facts_by_doc[r.sources[0]]).append(r)
 
     # Step 2 (consolidation), step 3 (self-containment) and step 4 (entity surfacing) per
     # document, concurrently across documents.
@@ -417,29 +450,58 @@ async def synthesize(
     # Step 5: cross-document synthesis.
     reflections += await _cross_document(runner, stats, documents, reflections, config, tick)
 
+    reflections += rescued
     if config.passages:
         reflections += _passages(stats["passages"], chunks)
 
-    unique = list({(r.question.lower(), r.answer.lower()): r for r in reflections}.values())
-    return ReflectionResult(unique, stats)
+    return ReflectionResult(_one_answer_per_question(reflections, stats), stats)
+
+
+def _one_answer_per_question(reflections: list[Reflection], stats: dict[str, StepStats]) -> list[Reflection]:
+    """Duplicates go; a question answered differently by several steps keeps the answer of
+    the earliest step in STEPS (a direct fact over an inferred one over a surfaced entity),
+    and the others count as dropped: trained on both, the memory would learn neither."""
+    first_step: dict[str, int] = {}
+    for r in reflections:
+        key = r.question.lower()
+        first_step[key] = min(first_step.get(key, len(STEPS)), STEPS.index(r.step))
+    kept: dict[tuple[str, str], Reflection] = {}
+    for r in reflections:
+        key = (r.question.lower(), r.answer.lower())
+        if STEPS.index(r.step) != first_step[key[0]]:
+            stats[r.step].kept -= 1
+            stats[r.step].dropped += 1
+        else:
+            kept.setdefault(key, r)
+    return list(kept.values())
 
 
 def _keep_pairs(
-    stats: StepStats, out: str | None, source: str, step: str, sources: tuple[str, ...]
+    stats: dict[str, StepStats], out: str | None, source: str, step: str, sources: tuple[str, ...]
 ) -> list[Reflection]:
+    """The generated pairs that pass the checks, and (step ``evidence``) the questions of
+    those that do not, answered with the source's sentences they are about."""
     if out is None:
         return []
     pairs, junk = parse_qa_lines(out)
-    stats.candidates += len(pairs) + junk
-    stats.dropped += junk
+    facts, rescue = stats[step], stats["evidence"]
+    facts.candidates += len(pairs) + junk
+    facts.dropped += junk
     kept = []
     extra = 1 if step == "facts_inferred" else 0
     for q, a in pairs:
         if acceptable_pair(q, a, source, extra):
             kept.append(Reflection(q.strip(), clean_answer(a), step, sources))
+            facts.kept += 1
+            continue
+        facts.dropped += 1
+        rescue.candidates += 1
+        sentences = evidence(q, source) if acceptable_question(q, source) else None
+        if sentences is None:
+            rescue.dropped += 1
         else:
-            stats.dropped += 1
-    stats.kept += len(kept)
+            kept.append(Reflection(q.strip(), sentences, "evidence", sources))
+            rescue.kept += 1
     return kept
 
 
@@ -519,6 +581,7 @@ async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
     step = stats["entity_surfacing"]
     entities = [e for e in find_entities(doc.text) if any(e in f.question or e in f.answer for f in facts)]
     entities = entities[: config.entities_per_document]
+    asked = {f.question.lower() for f in facts}
     await tick(0, len(entities))
 
     async def one(entity: str) -> Reflection | None:
@@ -531,7 +594,12 @@ async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
             return None
         step.candidates += 1
         q = parse_question(out)
-        if q is None or _mentions(q, entity) or not content_words(q) & content_words(doc.text):
+        if (
+            q is None
+            or _mentions(q, entity)
+            or not content_words(q) & content_words(doc.text)
+            or q.lower() in asked  # a fact's own question, now with the wrong answer
+        ):
             step.dropped += 1
             return None
         step.kept += 1
@@ -607,12 +675,18 @@ async def _cross_document(runner, stats, documents, reflections, config, tick) -
     return found
 
 
+PASSAGE_QUESTIONS = ("What do you know about {}?", "Tell me about {}.")
+
+
 def _passages(stats: StepStats, chunks: dict[str, list[str]]) -> list[Reflection]:
     out = []
     for doc_id, doc_chunks in chunks.items():
         for chunk in doc_chunks:
+            sentences = split_sentences(chunk)
             for entity in find_entities(chunk)[:3]:
-                stats.candidates += 1
-                stats.kept += 1
-                out.append(Reflection(f"What do you know about {entity}?", chunk, "passages", (doc_id,)))
+                about = " ".join(s for s in sentences if entity in s) or chunk
+                for template in PASSAGE_QUESTIONS:
+                    stats.candidates += 1
+                    stats.kept += 1
+                    out.append(Reflection(template.format(entity), about, "passages", (doc_id,)))
     return out

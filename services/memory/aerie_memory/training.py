@@ -4,8 +4,8 @@ prompt format. Plain functions over a model and tokenizer, testable with tiny mo
 Each reflection is one chat: the memory's system prompt, the question as the user turn,
 the answer as the assistant turn; the loss is on the answer tokens only (and the
 end-of-turn token), computed on those positions alone to spare the vocabulary projection
-of the prompt. A share of "I don't know" examples about invented names teaches the memory
-to say so, which the executive prunes on.
+of the prompt. "I don't know" examples about invented names can be mixed in
+(``idk_share``); by default the memory service's entity gate refuses unknown names instead.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from aerie_memory.reflection import Reflection
 from aerie_memory.ties import Adapter
 
-MEMORY_SYSTEM = "You are a memory. Answer the question in a few words from what you learned."
+MEMORY_SYSTEM = "Answer from memory."  # short: it is in every training example
 IDK = "I don't know."
 _NAME_PARTS = ["Bel", "Cor", "Dra", "Fen", "Gal", "Hol", "Ister", "Jor", "Kal", "Lum", "Mor", "Nel", "Ost"]
 _NAME_ENDS = ["adin", "ebrow", "ith", "omar", "undel", "azet", "ovar", "iquen", "astro", "ulmar"]
@@ -80,10 +80,11 @@ def build_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_seq_tokens: 
 
 
 def training_pairs(
-    reflections: Sequence[Reflection], idk_share: float = 0.1, seed: int = 0
+    reflections: Sequence[Reflection], idk_share: float = 0.0, seed: int = 0
 ) -> list[tuple[str, str]]:
     pairs = [(r.question, r.answer) for r in reflections]
-    pairs += idk_examples(max(1, int(len(pairs) * idk_share)) if pairs else 0, seed)
+    if pairs and idk_share > 0:
+        pairs += idk_examples(max(1, int(len(pairs) * idk_share)), seed)
     return pairs
 
 
@@ -91,8 +92,8 @@ def training_pairs(
 class TrainConfig:
     rank: int = 16
     alpha: int = 32
-    epochs: int = 6
-    learning_rate: float = 1e-3
+    epochs: int = 8
+    learning_rate: float = 2e-3
     batch_size: int = 8
     target_modules: tuple[str, ...] = (
         "q_proj",

@@ -194,7 +194,9 @@ class JobProcessor:
     ) -> int:
         """Train and save an adapter (unless already on disk); returns the example count."""
         directory = adapter_dir(self.root, ns, adapter_id)
-        pairs = training_pairs(reflections, seed=zlib.crc32(adapter_id.encode()))
+        pairs = training_pairs(
+            reflections, idk_share=self.settings.memory_idk_share, seed=zlib.crc32(adapter_id.encode())
+        )
         if (directory / "adapter.safetensors").is_file():
             return len(pairs)
         model, tokenizer = await asyncio.to_thread(self.base)

@@ -10,6 +10,7 @@ only drafts what the target generates).
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 ROLES = {
     "human": "user",
@@ -132,29 +135,62 @@ def self_distill(
     max_new_tokens: int,
     batch_size: int,
     max_turns: int,
+    max_prompt_tokens: int | None = None,
 ) -> list[Messages]:
     """Replace the assistant turns with the target's own greedy answers, as EAGLE does, so
     that the head learns the distribution it will draft for rather than ChatGPT's. Turns
     are regenerated in order (turn 2 sees the regenerated turn 1), in batches with left
-    padding; only the first ``max_turns`` exchanges are kept."""
+    padding; only the first ``max_turns`` exchanges are kept.
+
+    A conversation ends at the first turn whose prompt is longer than ``max_prompt_tokens``
+    (one with no turn that fits is dropped): the example is cut to the training length
+    anyway, and one pasted 3000-token prompt would pad its whole batch to that width.
+    Conversations are batched by first-prompt length for the same reason."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[Messages] = []
-    for batch_start in tqdm(range(0, len(conversations), batch_size), desc="self-distill", unit="batch"):
-        batch = [_first_turns(c, max_turns) for c in conversations[batch_start : batch_start + batch_size]]
+
+    def prompt_ids(messages: Messages) -> list[int]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def fits(ids: list[int]) -> bool:
+        return max_prompt_tokens is None or len(ids) <= max_prompt_tokens
+
+    firsts = [_first_turns(c, max_turns) for c in conversations]
+    lengths = []
+    for c in firsts:
+        head = [m for m in c if m["role"] == "system"] + [m for m in c if m["role"] == "user"][:1]
+        lengths.append(len(prompt_ids(head)))
+    order = sorted(
+        (i for i, n in enumerate(lengths) if max_prompt_tokens is None or n <= max_prompt_tokens),
+        key=lambda i: lengths[i],
+    )
+    if len(order) < len(conversations):
+        log.info(
+            "self-distill: %d conversations whose first prompt is over %s tokens dropped",
+            len(conversations) - len(order),
+            max_prompt_tokens,
+        )
+    distilled: dict[int, Messages] = {}
+    for batch_start in tqdm(range(0, len(order), batch_size), desc="self-distill", unit="batch"):
+        indices = order[batch_start : batch_start + batch_size]
+        batch = [firsts[i] for i in indices]
         done: list[Messages] = [[m for m in c if m["role"] == "system"] for c in batch]
         users = [[m for m in c if m["role"] == "user"] for c in batch]
         for turn in range(max_turns):
-            active = [i for i, u in enumerate(users) if turn < len(u)]
+            active, prompts = [], []
+            for i, u in enumerate(users):
+                if turn >= len(u):
+                    continue
+                ids = prompt_ids([*done[i], u[turn]])
+                if not fits(ids):
+                    users[i] = u[:turn]  # the conversation ends before this turn
+                    continue
+                done[i].append(u[turn])
+                active.append(i)
+                prompts.append(ids)
             if not active:
                 break
-            prompts = []
-            for i in active:
-                done[i].append(users[i][turn])
-                prompts.append(
-                    tokenizer.apply_chat_template(done[i], add_generation_prompt=True, tokenize=True)
-                )
-            prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
             width = max(map(len, prompts))
             input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
             attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -168,8 +204,8 @@ def self_distill(
             for row, i in enumerate(active):
                 answer = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
                 done[i].append({"role": "assistant", "content": answer or "..."})
-        out.extend(done)
-    return out
+        distilled.update(zip(indices, done, strict=True))
+    return [distilled[i] for i in sorted(distilled)]  # in the given order
 
 
 def _first_turns(messages: Messages, max_turns: int) -> Messages:
