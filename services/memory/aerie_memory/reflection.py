@@ -223,22 +223,35 @@ def truncated(answer: str, source: str) -> bool:
     return last in _STOPWORDS or last not in whole
 
 
+def _sentences_about(question: str, source: str) -> list[tuple[int, str]]:
+    """The sentences of ``source`` sharing content words with the question, with how many,
+    most first (ties in source order)."""
+    q_words = content_words(question)
+    scored = [(len(q_words & content_words(s)), s) for s in split_sentences(source)]
+    return sorted((item for item in scored if item[0] > 0), key=lambda item: -item[0])  # stable
+
+
 def supported(question: str, answer: str, source: str, extra_sentences: int = 0) -> bool:
     """The answer is grounded in the sentences the question is about (those sharing the
     most content words with it, plus ``extra_sentences`` more for facts inferred across
     sentences), not just anywhere in the source: "What is the main export of Naxpry?" must
     not be answered with the sentence about Naxpry's river."""
-    q_words = content_words(question)
-    scored = sorted(
-        ((len(q_words & content_words(s)), i, s) for i, s in enumerate(split_sentences(source))),
-        key=lambda item: (-item[0], item[1]),
-    )
-    if not scored or scored[0][0] == 0:
+    ranked = _sentences_about(question, source)
+    if not ranked:
         return False
-    best = scored[0][0]
-    top = [s for score, _, s in scored if score == best]
-    rest = [s for score, _, s in scored if 0 < score < best][:extra_sentences]
+    best = ranked[0][0]
+    top = [s for score, s in ranked if score == best]
+    rest = [s for score, s in ranked if score < best][:extra_sentences]
     return grounded(answer, " ".join(top + rest))
+
+
+def evidence(question: str, source: str, limit: int = 2) -> str | None:
+    """The sentences of ``source`` the question is about: those sharing the most content
+    words with it (ties included, at most ``limit``, in source order); None when none does."""
+    ranked = _sentences_about(question, source)
+    if not ranked:
+        return None
+    return " ".join([s for score, s in ranked if score == ranked[0][0]][:limit])
 
 
 def clean_answer(answer: str) -> str:
@@ -275,19 +288,6 @@ def acceptable_question(question: str, source: str) -> bool:
         and is_self_contained(question)
         and bool(content_words(question) & content_words(source))
     )
-
-
-def evidence(question: str, source: str, limit: int = 2) -> str | None:
-    """The sentences of ``source`` the question is about: those sharing the most content
-    words with it (ties included, at most ``limit``, in source order); None when none does."""
-    sentences = split_sentences(source)
-    q_words = content_words(question)
-    scores = [len(q_words & content_words(s)) for s in sentences]
-    best = max(scores, default=0)
-    if best == 0:
-        return None
-    chosen = [s for s, score in zip(sentences, scores, strict=True) if score == best][:limit]
-    return " ".join(chosen)
 
 
 def is_self_contained(question: str) -> bool:

@@ -153,18 +153,15 @@ def self_distill(
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
-    def fits(ids: list[int]) -> bool:
-        return max_prompt_tokens is None or len(ids) <= max_prompt_tokens
+    def fits(prompt_tokens: int) -> bool:
+        return max_prompt_tokens is None or prompt_tokens <= max_prompt_tokens
 
     firsts = [_first_turns(c, max_turns) for c in conversations]
     lengths = []
     for c in firsts:
         head = [m for m in c if m["role"] == "system"] + [m for m in c if m["role"] == "user"][:1]
         lengths.append(len(prompt_ids(head)))
-    order = sorted(
-        (i for i, n in enumerate(lengths) if max_prompt_tokens is None or n <= max_prompt_tokens),
-        key=lambda i: lengths[i],
-    )
+    order = sorted((i for i, n in enumerate(lengths) if fits(n)), key=lambda i: lengths[i])
     if len(order) < len(conversations):
         log.info(
             "self-distill: %d conversations whose first prompt is over %s tokens dropped",
@@ -183,7 +180,7 @@ def self_distill(
                 if turn >= len(u):
                     continue
                 ids = prompt_ids([*done[i], u[turn]])
-                if not fits(ids):
+                if not fits(len(ids)):
                     users[i] = u[:turn]  # the conversation ends before this turn
                     continue
                 done[i].append(u[turn])
