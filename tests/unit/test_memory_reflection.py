@@ -17,6 +17,7 @@ from aerie_memory.reflection import (
     is_self_contained,
     parse_qa_lines,
     parse_question,
+    stating_sentence,
     synthesize,
 )
 
@@ -145,10 +146,17 @@ def test_five_steps_with_yields_and_provenance():
     assert stats["entity_surfacing"].dropped >= 1
     cross = by_step["cross_document"]
     assert any(set(r.sources) == {"a", "b"} and r.answer == "Mira Vell" for r in cross)
-    # provenance: single-document steps cite their document only
+    # provenance: single-document steps cite their document only; their answers are the
+    # sentences of it that state them
     for r in by_step["facts_direct"] + by_step["facts_inferred"]:
         assert len(r.sources) == 1
-        assert r.answer.lower().split()[0] in {"a": DOC_A, "b": DOC_B}[r.sources[0]].text.lower()
+        assert r.answer in {"a": DOC_A, "b": DOC_B}[r.sources[0]].text
+    facts = {(r.question, r.answer) for r in by_step["facts_direct"]}
+    assert ("Which river is Tarnow on?", "Tarnow is a town on the Osk river.") in facts
+    assert ("Who governs Tarnow?", "Tarnow is governed by Mira Vell.") in facts
+    assert ("What does the glassblower of Tarnow collect?", "Mira Vell collects copper keys.") in {
+        (r.question, r.answer) for r in by_step["facts_inferred"]
+    }
     assert stats["passages"].kept == len(by_step["passages"]) > 0
     for s in stats.values():
         assert s.kept + s.dropped <= s.candidates or s.step == "passages"
@@ -195,6 +203,39 @@ def test_fact_answers_must_be_whole_and_about_the_asked_sentence():
     inferred = "What river is near the place whose main export is rope?"
     assert not acceptable_pair(inferred, "the Vorwexist river", town, 0)
     assert acceptable_pair(inferred, "the Vorwexist river", town, 1)
+
+
+def test_a_question_naming_an_entity_is_about_the_sentences_naming_it():
+    text = (
+        "The main export of Celras is tea. Zanmor Jorjor is a falconer who lives in Hulquin. "
+        "Zanmor Jorjor collects pressed ferns."
+    )
+    # the small generator's favourite mistake: a town's fact given to a person
+    assert not acceptable_pair("What is the main export of Zanmor Jorjor?", "tea", text, 0)
+    assert acceptable_pair("What does Zanmor Jorjor collect?", "pressed ferns", text, 0)
+    assert stating_sentence("What does Zanmor Jorjor collect?", "pressed ferns", text) == (
+        "Zanmor Jorjor collects pressed ferns."
+    )
+    assert stating_sentence("Where does Zanmor Jorjor live?", "Brakev", text) is None
+
+
+def test_shared_properties_are_answered_with_the_sentences_stating_them():
+    docs = [
+        SourceDocument("t1", "Brakev is a town on the Osk river. The main export of Brakev is slate."),
+        SourceDocument("t2", "Lumfen is a village. The main export of Lumfen is slate."),
+    ]
+
+    async def exports(messages, max_tokens):
+        prompt = messages[-1]["content"]
+        if "Write three questions" in prompt:
+            town = "Brakev" if "Brakev" in prompt else "Lumfen"
+            return f"Q: What is the main export of {town}? A: Slate"
+        return ""
+
+    result = asyncio.run(synthesize(docs, exports))
+    shared = [r for r in result.reflections if r.question == "What do Brakev and Lumfen have in common?"]
+    assert len(shared) == 1 and shared[0].sources == ("t1", "t2")
+    assert shared[0].answer == "The main export of Brakev is slate. The main export of Lumfen is slate."
 
 
 def test_evidence_is_the_sentences_a_question_is_about():
@@ -245,7 +286,7 @@ def test_a_question_keeps_the_answer_of_its_earliest_step():
 
     result = asyncio.run(synthesize([DOC_A], conflicting))
     answers = {r.answer for r in result.reflections if r.question == "What does Mira Vell collect?"}
-    assert answers == {"copper keys"}
+    assert answers == {"Mira Vell collects copper keys."}  # the direct fact, stated
     inferred = result.stats["facts_inferred"]
     assert (inferred.kept, inferred.dropped) == (0, 1)
 

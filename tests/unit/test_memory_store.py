@@ -5,6 +5,7 @@ reclaim (XAUTOCLAIM), heartbeats, versions, forgetting and rollback, and the gRP
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import grpc
@@ -76,6 +77,7 @@ def settings_for(tmp_path, url, **overrides) -> MemorySettings:
         memory_heartbeat_s=0.05,
         memory_max_documents=3,
         memory_max_document_chars=200,
+        memory_replay_ratio=0.0,  # one adapter per document set; test_replay_... turns it on
     )
     return MemorySettings(**{**fields, **overrides})
 
@@ -182,6 +184,62 @@ async def test_job_runs_to_a_served_version_and_forgets(env):
     assert (await store.current_version_id("ns")) == "v0005"
     with pytest.raises(LookupError):
         await store.rollback("ns", "v0099")
+
+
+def _learned(settings, ns: str, adapter_id: str) -> str:
+    return (settings.model_cache / "memory" / ns / "adapters" / adapter_id / "reflections.json").read_text()
+
+
+async def test_replay_rehearses_known_reflections_and_forgetting_reaches_them(
+    env, tmp_path, memory_redis_url
+):
+    store, _, _, generator, _ = env
+    # A ratio far above 1 replays everything known, so that every path below is taken.
+    settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=10.0)
+    processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
+    first = await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
+    assert first.status == "succeeded" and first.replayed_examples == 0  # nothing known yet
+
+    second = await processor.run(
+        (
+            await store.ingest("ns", [IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})], 600)
+        ).job_id
+    )
+    assert second.status == "succeeded", second.errors
+    known = len(json.loads(_learned(settings, "ns", first.job_id)))
+    assert second.replayed_examples == known
+    assert second.training_examples == len(json.loads(_learned(settings, "ns", second.job_id)))
+    text = _learned(settings, "ns", second.job_id)
+    assert "Zed Quor" in text and "copper keys" in text and "river stones" in text
+    version = await store.current_version("ns")
+    hashes = {item["id"]: item["hash"] for item in first.documents + second.documents}
+    assert sorted(map(tuple, version.adapters[1]["docs"])) == sorted(hashes.items())
+
+    # Updating "mira": the new job rehearses none of its old text, and both adapters that
+    # held it (the first, and the second by replay) are retrained without it.
+    update = await processor.run(
+        (
+            await store.ingest("ns", [IncomingDocument("mira", "Mira Vell collects blue feathers.", {})], 600)
+        ).job_id
+    )
+    assert update.status == "succeeded", update.errors
+    assert update.replayed_examples > 0 and "copper keys" not in _learned(settings, "ns", update.job_id)
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [
+        f"{first.job_id}~{update.job_id}",
+        f"{second.job_id}~{update.job_id}",
+        update.job_id,
+    ]
+    served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
+    assert "copper keys" not in served and "blue feathers" in served
+
+    # Deleting "zed" reaches every adapter that rehearsed it.
+    gone = await processor.run((await store.delete_document("ns", "zed"))[0])
+    assert gone.status == "succeeded"
+    version = await store.current_version("ns")
+    served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
+    assert "Zed" not in served and "river stones" in served and "blue feathers" in served
+    assert all("zed" not in dict(map(tuple, a["docs"])) for a in version.adapters)
 
 
 async def test_reclaimed_job_resumes_and_nothing_is_lost(env):

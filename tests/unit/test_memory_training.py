@@ -13,6 +13,7 @@ from aerie_memory.training import (
     answer,
     build_examples,
     load_adapter,
+    replay_sample,
     save_adapter,
     train_lora,
     training_pairs,
@@ -58,6 +59,21 @@ def test_training_pairs_add_idk_examples():
     assert len(pairs) == 22 and sum(a == IDK for _, a in pairs) == 2
     assert training_pairs([]) == []
     assert training_pairs(refl) == [(r.question, r.answer) for r in refl]  # none by default
+
+
+def test_replay_sample_is_seeded_bounded_and_lets_new_answers_win():
+    known = [Reflection(f"Q{i}?", f"old {i}", "facts_direct", (f"d{i % 3}",)) for i in range(20)]
+    known += [Reflection("Q0?", "another answer", "passages", ("d0",))]  # asked twice: one kept
+    new = [Reflection("Q1?", "new 1", "facts_direct", ("e",)), Reflection("N?", "n", "facts_direct", ("e",))]
+    sample = replay_sample(known, new, ratio=2.0, seed=7)
+    assert len(sample) == 4
+    assert "Q1?" not in {r.question for r in sample}  # the new answer to Q1 is the one learned
+    assert replay_sample(list(reversed(known)), new, ratio=2.0, seed=7) == sample  # order-free
+    assert replay_sample(known, new, ratio=2.0, seed=8) != sample
+    everything = replay_sample(known, new, ratio=100.0, seed=7)
+    assert len(everything) == 19 and len({r.question for r in everything}) == 19
+    assert replay_sample(known, new, ratio=0.0, seed=7) == []
+    assert replay_sample([], new, ratio=1.0, seed=7) == []
 
 
 def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):

@@ -57,6 +57,7 @@ def job_to_proto(job) -> memory_pb2.Job:
         attempts=job.attempts,
         training_examples=job.training_examples,
         train_loss=job.train_loss,
+        replayed_examples=job.replayed_examples,
     )
 
 

@@ -223,17 +223,23 @@ def truncated(answer: str, source: str) -> bool:
     return last in _STOPWORDS or last not in whole
 
 
-def _sentences_about(question: str, source: str) -> list[tuple[int, str]]:
-    """The sentences of ``source`` sharing content words with the question, with how many,
-    most first (ties in source order)."""
+def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int], str]]:
+    """The sentences of ``source`` sharing content words with the question, best first,
+    ranked by (names an entity the question names, content words shared); ties in source
+    order. A sentence naming the question's entity comes first: "What is the main export
+    of <a person>?" is not about the sentence giving a town's export."""
     q_words = content_words(question)
-    scored = [(len(q_words & content_words(s)), s) for s in split_sentences(source)]
-    return sorted((item for item in scored if item[0] > 0), key=lambda item: -item[0])  # stable
+    names = [name for name in find_entities(question) if name in source]
+    scored = [
+        ((any(name in s for name in names), len(q_words & content_words(s))), s)
+        for s in split_sentences(source)
+    ]
+    return sorted((item for item in scored if item[0][1] > 0), key=lambda item: item[0], reverse=True)
 
 
 def supported(question: str, answer: str, source: str, extra_sentences: int = 0) -> bool:
-    """The answer is grounded in the sentences the question is about (those sharing the
-    most content words with it, plus ``extra_sentences`` more for facts inferred across
+    """The answer is grounded in the sentences the question is about (the best ranked by
+    ``_sentences_about``, plus ``extra_sentences`` more for facts inferred across
     sentences), not just anywhere in the source: "What is the main export of Naxpry?" must
     not be answered with the sentence about Naxpry's river."""
     ranked = _sentences_about(question, source)
@@ -246,12 +252,21 @@ def supported(question: str, answer: str, source: str, extra_sentences: int = 0)
 
 
 def evidence(question: str, source: str, limit: int = 2) -> str | None:
-    """The sentences of ``source`` the question is about: those sharing the most content
-    words with it (ties included, at most ``limit``, in source order); None when none does."""
+    """The sentences of ``source`` the question is about: the best ranked by
+    ``_sentences_about`` (ties included, at most ``limit``, in source order); None when none does."""
     ranked = _sentences_about(question, source)
     if not ranked:
         return None
     return " ".join([s for score, s in ranked if score == ranked[0][0]][:limit])
+
+
+def stating_sentence(question: str, answer: str, source: str) -> str | None:
+    """The source sentence that states the pair's fact: the first of the sentences the
+    question is about that holds the answer; None when the answer spans sentences."""
+    for _, sentence in _sentences_about(question, source):
+        if grounded(answer, sentence):
+            return sentence
+    return None
 
 
 def clean_answer(answer: str) -> str:
@@ -450,11 +465,31 @@ async def synthesize(
     # Step 5: cross-document synthesis.
     reflections += await _cross_document(runner, stats, documents, reflections, config, tick)
 
-    reflections += rescued
+    reflections = _state_answers(reflections, chunks) + rescued
     if config.passages:
         reflections += _passages(stats["passages"], chunks)
 
     return ReflectionResult(_one_answer_per_question(reflections, stats), stats)
+
+
+def _state_answers(reflections: list[Reflection], chunks: dict[str, list[str]]) -> list[Reflection]:
+    """Single-document facts are learned with the source sentence that states them as the
+    answer ("The main export of Brakev is slate.", not "Slate"). A bare answer does not
+    name its entity, so many of them teach the memory a few entity-free replies it then
+    gives to questions about anything (measured: "Slate" to every question about a person
+    once a second corpus was learned); a stating sentence binds the fact to its entity.
+    The short answers serve steps 2-5 first (same answers make shared properties)."""
+    out = []
+    for r in reflections:
+        if r.step in _STATED_STEPS and len(r.sources) == 1:
+            sentence = stating_sentence(r.question, r.answer, " ".join(chunks.get(r.sources[0], [])))
+            if sentence is not None:
+                r = Reflection(r.question, sentence, r.step, r.sources)
+        out.append(r)
+    return out
+
+
+_STATED_STEPS = ("facts_direct", "facts_inferred", "self_containment")
 
 
 def _one_answer_per_question(reflections: list[Reflection], stats: dict[str, StepStats]) -> list[Reflection]:
@@ -667,12 +702,27 @@ async def _cross_document(runner, stats, documents, reflections, config, tick) -
             found.append(
                 Reflection(
                     f"What do {' and '.join(names[:3])} have in common?",
-                    f"{rs[0].answer} ({rs[0].question.rstrip('?')})",
+                    _shared_answer(rs, names[:3], documents),
                     "cross_document",
                     tuple(sorted(docs)),
                 )
             )
     return found
+
+
+def _shared_answer(facts: list[Reflection], names: list[str], documents) -> str:
+    """The sentences stating the shared property for each entity, one per entity; the bare
+    property when the sources do not state it sentence by sentence."""
+    texts = {doc.id: doc.text for doc in documents}
+    stated = []
+    for name in names:
+        for r in facts:
+            if name in r.question:
+                sentence = stating_sentence(r.question, r.answer, texts.get(r.sources[0], ""))
+                if sentence is not None:
+                    stated.append(sentence)
+                break
+    return " ".join(stated) if len(stated) == len(names) else facts[0].answer
 
 
 PASSAGE_QUESTIONS = ("What do you know about {}?", "Tell me about {}.")

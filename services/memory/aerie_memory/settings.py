@@ -44,6 +44,12 @@ class MemorySettings(ServiceSettings):
     # single-hop facts recalled at 3%, 31 of 40 at 0; measured). Unknown entities are
     # refused by the entity gate instead (models.names_known_entity).
     memory_idk_share: float = 0.0
+    # Replayed examples per new reflection: a job whose namespace already serves a memory
+    # also rehearses a seeded sample of what that memory learned, so that the TIES merge
+    # keeps the old facts (merged without replay, a second 20-document corpus cut the first
+    # one's recall from 30 to 11 of 40 facts; with 0.5, 24 of 40; docs/memory.md). Training
+    # time grows by the same share. 0 turns replay off.
+    memory_replay_ratio: float = 0.5
     memory_batch_size: int = 8
     memory_max_seq_tokens: int = 160
     ties_density: float = 0.3  # TIES trim: the fraction of each task vector kept (MEMO: 0.3)

@@ -96,6 +96,7 @@ class JobState:
     attempts: int = 0
     training_examples: int = 0
     train_loss: float = 0.0
+    replayed_examples: int = 0
 
     def to_redis(self) -> dict[str, str]:
         out = {}

@@ -88,6 +88,25 @@ def training_pairs(
     return pairs
 
 
+def replay_sample(
+    known: Sequence[Reflection], new: Sequence[Reflection], ratio: float, seed: int
+) -> list[Reflection]:
+    """A seeded sample of already-learned reflections to rehearse beside ``new``: about
+    ``ratio`` per new reflection, one per question, none asking a question ``new`` answers
+    (the newer answer wins). Why: adapters trained apart from the base on documents of the
+    same shape override each other's name-to-fact bindings when merged; an adapter that
+    also rehearsed part of the old knowledge agrees with the old adapter where TIES merges
+    them (docs/memory.md has the measurements)."""
+    taken = {r.question for r in new}
+    pool = []
+    for r in sorted(known, key=lambda r: (r.question, r.answer)):
+        if r.question not in taken:
+            taken.add(r.question)
+            pool.append(r)
+    count = min(len(pool), round(ratio * len(new)))
+    return random.Random(seed).sample(pool, count)
+
+
 @dataclass
 class TrainConfig:
     rank: int = 16

@@ -11,10 +11,10 @@ is acknowledged only when its job has succeeded or failed.
 Jobs resume where they stopped: reflections are stored in Redis once synthesised, an
 adapter on disk once trained, so a reclaimed job skips what was done.
 
-An ingest job: chunking -> reflecting -> forgetting (adapters that held updated
-documents) -> training (a LoRA adapter for this job's documents only) -> merging (TIES of
-every adapter into a new version, swapped in atomically). A forget job: forgetting ->
-merging.
+An ingest job: chunking -> reflecting -> training (a LoRA adapter for this job's
+documents, rehearsing a sample of what the namespace's memory already knows) ->
+forgetting (adapters that held updated documents) -> merging (TIES of every adapter into
+a new version, swapped in atomically). A forget job: forgetting -> merging.
 """
 
 from __future__ import annotations
@@ -42,7 +42,15 @@ from aerie_memory.models import adapter_dir, load_base, load_reflections, save_r
 from aerie_memory.reflection import Reflection, ReflectionConfig, SourceDocument, synthesize
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s
-from aerie_memory.training import TrainConfig, build_examples, save_adapter, train_lora, training_pairs
+from aerie_memory.training import (
+    TrainConfig,
+    adapter_meta,
+    build_examples,
+    replay_sample,
+    save_adapter,
+    train_lora,
+    training_pairs,
+)
 
 log = logging.getLogger("aerie_memory.worker")
 
@@ -190,9 +198,10 @@ class JobProcessor:
         )
 
     async def _train_adapter(
-        self, job_id: str, ns: str, adapter_id: str, reflections: list[Reflection]
+        self, job_id: str, ns: str, adapter_id: str, reflections: list[Reflection], docs: list[list[str]]
     ) -> int:
-        """Train and save an adapter (unless already on disk); returns the example count."""
+        """Train and save an adapter (unless already on disk); returns the example count.
+        ``docs`` ([id, hash]) are the documents whose knowledge it holds, kept beside it."""
         directory = adapter_dir(self.root, ns, adapter_id)
         pairs = training_pairs(
             reflections, idk_share=self.settings.memory_idk_share, seed=zlib.crc32(adapter_id.encode())
@@ -220,7 +229,12 @@ class JobProcessor:
             save_adapter,
             result.adapter,
             directory,
-            {"examples": len(examples), "epoch_losses": result.epoch_losses, "seconds": result.seconds},
+            {
+                "examples": len(examples),
+                "epoch_losses": result.epoch_losses,
+                "seconds": result.seconds,
+                "docs": docs,
+            },
         )
         save_reflections(directory, reflections)
         await self.store.update_job(
@@ -242,13 +256,48 @@ class JobProcessor:
         if not usable:
             return None
         await self._stage(job.job_id, "training", 0)
-        count = await self._train_adapter(job.job_id, job.namespace, job.job_id, usable)
+        own_docs = [[item["id"], item["hash"]] for item, _ in documents]
+        directory = adapter_dir(self.root, job.namespace, job.job_id)
+        if (directory / "adapter.safetensors").is_file():  # trained before a restart
+            trained = load_reflections(directory)
+            docs = adapter_meta(directory).get("docs", own_docs)
+        else:
+            replayed, replayed_docs = await self._replay(job, usable, exclude=active)
+            trained = usable + replayed
+            docs = own_docs + replayed_docs
+            await self.store.update_job(job.job_id, replayed_examples=len(replayed))
+        count = await self._train_adapter(job.job_id, job.namespace, job.job_id, trained, docs)
         await self.store.update_job(job.job_id, training_examples=count)
-        return {
-            "id": job.job_id,
-            "docs": [[item["id"], item["hash"]] for item, _ in documents],
-            "reflections": len(usable),
-        }
+        # "docs" lists every document whose knowledge the adapter holds, replayed ones
+        # included, so that forgetting a document retrains each adapter that rehearsed it.
+        return {"id": job.job_id, "docs": docs, "reflections": len(trained)}
+
+    async def _replay(
+        self, job: JobState, new: list[Reflection], exclude: set[str]
+    ) -> tuple[list[Reflection], list[list[str]]]:
+        """Reflections of the served memory to rehearse (settings.memory_replay_ratio), and
+        the [id, hash] of their documents. Only reflections whose documents are all still
+        active, and not relearned or forgotten by this job, are replayed."""
+        current = await self.store.current_version(job.namespace)
+        if current is None or self.settings.memory_replay_ratio <= 0:
+            return [], []
+        exclude = exclude | {f["doc_id"] for f in job.forget}
+        known: list[Reflection] = []
+        hashes: dict[str, str] = {}
+        for adapter in current.adapters:
+            live = {}
+            for doc_id, h in adapter["docs"]:
+                if doc_id not in exclude and await self.store.active_hash(job.namespace, doc_id) == h:
+                    live[doc_id] = h
+            for r in load_reflections(adapter_dir(self.root, job.namespace, adapter["id"])):
+                if r.sources and set(r.sources) <= live.keys():
+                    known.append(r)
+            hashes.update(live)
+        replayed = replay_sample(
+            known, new, self.settings.memory_replay_ratio, seed=zlib.crc32(job.job_id.encode())
+        )
+        sources = sorted({doc_id for r in replayed for doc_id in r.sources})
+        return replayed, [[doc_id, hashes[doc_id]] for doc_id in sources]
 
     async def _forget(self, job: JobState, adapters: list[dict]) -> list[dict]:
         """Adapters holding a forgotten (doc id, hash) are retrained without the reflections
@@ -273,7 +322,7 @@ class JobProcessor:
             ]
             if keep_docs and remaining:
                 new_id = f"{adapter['id'].split('~')[0]}~{job.job_id}"
-                await self._train_adapter(job.job_id, job.namespace, new_id, remaining)
+                await self._train_adapter(job.job_id, job.namespace, new_id, remaining, keep_docs)
                 out.append({"id": new_id, "docs": keep_docs, "reflections": len(remaining)})
             await self.store.update_job(job.job_id, done=affected.index(adapter) + 1)
         return out
