@@ -199,29 +199,30 @@ async def test_replay_rehearses_known_reflections_and_forgetting_reaches_them(
     processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
     first = await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
     assert first.status == "succeeded" and first.replayed_examples == 0  # nothing known yet
+    own = len(json.loads(_learned(settings, "ns", first.job_id)))
 
-    second = await processor.run(
-        (
-            await store.ingest("ns", [IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})], 600)
-        ).job_id
-    )
+    zed = IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})
+    second = await processor.run((await store.ingest("ns", [zed], 600)).job_id)
     assert second.status == "succeeded", second.errors
-    known = len(json.loads(_learned(settings, "ns", first.job_id)))
-    assert second.replayed_examples == known
-    assert second.training_examples == len(json.loads(_learned(settings, "ns", second.job_id)))
-    text = _learned(settings, "ns", second.job_id)
+    assert second.replayed_examples == own
+    learned = json.loads(_learned(settings, "ns", second.job_id))
+    assert second.training_examples == len(learned)
+    text = json.dumps(learned)
     assert "Zed Quor" in text and "copper keys" in text and "river stones" in text
     version = await store.current_version("ns")
-    hashes = {item["id"]: item["hash"] for item in first.documents + second.documents}
-    assert sorted(map(tuple, version.adapters[1]["docs"])) == sorted(hashes.items())
+    record = version.adapters[1]
+    assert record["docs"] == [["zed", second.documents[0]["hash"]]]
+    assert sorted(map(tuple, record["replayed_docs"])) == sorted(
+        (item["id"], item["hash"]) for item in first.documents
+    )
+    assert (record["reflections"], record["replayed"]) == (len(learned) - own, own)
+    stats = await store.namespace_stats("ns")
+    assert stats["reflections"] == len(learned)  # each reflection once, replayed or not
 
     # Updating "mira": the new job rehearses none of its old text, and both adapters that
     # held it (the first, and the second by replay) are retrained without it.
-    update = await processor.run(
-        (
-            await store.ingest("ns", [IncomingDocument("mira", "Mira Vell collects blue feathers.", {})], 600)
-        ).job_id
-    )
+    mira = IncomingDocument("mira", "Mira Vell collects blue feathers.", {})
+    update = await processor.run((await store.ingest("ns", [mira], 600)).job_id)
     assert update.status == "succeeded", update.errors
     assert update.replayed_examples > 0 and "copper keys" not in _learned(settings, "ns", update.job_id)
     version = await store.current_version("ns")
@@ -233,13 +234,18 @@ async def test_replay_rehearses_known_reflections_and_forgetting_reaches_them(
     served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
     assert "copper keys" not in served and "blue feathers" in served
 
-    # Deleting "zed" reaches every adapter that rehearsed it.
+    # Deleting "zed" drops the adapter that learned it, and retrains the one that rehearsed it.
+    assert ["zed", second.documents[0]["hash"]] in version.adapters[2]["replayed_docs"]
     gone = await processor.run((await store.delete_document("ns", "zed"))[0])
     assert gone.status == "succeeded"
     version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [
+        f"{first.job_id}~{update.job_id}",  # never held zed: kept as it was
+        f"{update.job_id}~{gone.job_id}",  # rehearsed zed: retrained
+    ]
     served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
     assert "Zed" not in served and "river stones" in served and "blue feathers" in served
-    assert all("zed" not in dict(map(tuple, a["docs"])) for a in version.adapters)
+    assert all("zed" not in dict(map(tuple, a["docs"] + a["replayed_docs"])) for a in version.adapters)
 
 
 async def test_reclaimed_job_resumes_and_nothing_is_lost(env):

@@ -27,7 +27,7 @@ from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base, names_known_entity
 from aerie_memory.settings import MemorySettings
-from aerie_memory.store import MemoryStore
+from aerie_memory.store import MemoryStore, forgetting
 from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
 from aerie_memory.training import IDK, answer
 
@@ -142,14 +142,17 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
                 detail=f"no document {shown(request.document_id)} in namespace {request.namespace!r}",
             )
         job_id, h = result
-        affected = [a for a in (current.adapters if current else []) if [request.document_id, h] in a["docs"]]
+        actions = {
+            a["id"]: forgetting(a, {(request.document_id, h)}) for a in (current.adapters if current else [])
+        }
+        affected = [a for a in current.adapters if actions[a["id"]] != "keep"] if current else []
         if not affected:
             method = "not_learned"
             detail = (
                 "The document was removed; no served memory version has learned it yet, and the job "
                 f"{job_id} makes sure a job still learning it does not keep it."
             )
-        elif all(len(a["docs"]) == 1 for a in affected):
+        elif all(actions[a["id"]] == "drop" for a in affected):
             method = "drop_adapter"
             detail = (
                 f"The adapter that learned only this document ({', '.join(a['id'] for a in affected)}) is "
@@ -159,9 +162,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         else:
             method = "retrain_adapter"
             detail = (
-                f"The adapters that learned it ({', '.join(a['id'] for a in affected)}) are retrained by job "
-                f"{job_id} on their reflections minus those from this document, then TIES-merged into a new "
-                "version; until it succeeds the current version still holds the document."
+                f"The adapters that learned or rehearsed it ({', '.join(a['id'] for a in affected)}) are "
+                f"retrained by job {job_id} on their reflections minus those from this document (an adapter "
+                "left with none of its own is removed), then TIES-merged into a new version; until it "
+                "succeeds the current version still holds the document."
             )
         return memory_pb2.DeleteDocumentResponse(
             deleted=True,

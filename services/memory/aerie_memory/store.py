@@ -58,11 +58,24 @@ class IngestOutcome:
     statuses: list[tuple[str, str]]
 
 
+def forgetting(adapter: dict, gone: set[tuple[str, str]]) -> str:
+    """What forgetting the documents ``gone`` ((id, hash)) does to an adapter of a version:
+    "keep" (it holds none of them), "drop" (every document it learned is gone; what it
+    rehearsed lives on in the adapters that learned it) or "retrain" (on its reflections
+    minus those citing them)."""
+    own = {tuple(d) for d in adapter["docs"]}
+    if not (own | {tuple(d) for d in adapter.get("replayed_docs", [])}) & gone:
+        return "keep"
+    return "drop" if own <= gone else "retrain"
+
+
 @dataclass
 class Version:
     version: str
     created_at: float
-    adapters: list[dict]  # {"id", "path", "docs": [[doc_id, hash], ...], "reflections": n}
+    # {"id", "docs": [[doc_id, hash], ...], "reflections": n, "replayed_docs": [...], "replayed": n}:
+    # the documents the adapter learned, and those whose reflections it rehearsed (replay).
+    adapters: list[dict]
     ties_density: float
     reason: str
     ties_lambda: float = 1.0

@@ -41,7 +41,7 @@ from aerie_memory.generator import make_generator
 from aerie_memory.models import adapter_dir, load_base, load_reflections, save_reflections, write_version
 from aerie_memory.reflection import Reflection, ReflectionConfig, SourceDocument, synthesize
 from aerie_memory.settings import MemorySettings
-from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s
+from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s, forgetting
 from aerie_memory.training import (
     TrainConfig,
     adapter_meta,
@@ -197,17 +197,16 @@ class JobProcessor:
             batch_size=s.memory_batch_size,
         )
 
-    async def _train_adapter(
-        self, job_id: str, ns: str, adapter_id: str, reflections: list[Reflection], docs: list[list[str]]
-    ) -> int:
-        """Train and save an adapter (unless already on disk); returns the example count.
-        ``docs`` ([id, hash]) are the documents whose knowledge it holds, kept beside it."""
-        directory = adapter_dir(self.root, ns, adapter_id)
-        pairs = training_pairs(
-            reflections, idk_share=self.settings.memory_idk_share, seed=zlib.crc32(adapter_id.encode())
-        )
+    async def _train_adapter(self, job_id: str, ns: str, record: dict, reflections: list[Reflection]) -> dict:
+        """Train and save the adapter ``record["id"]`` on ``reflections`` (the record's own
+        documents' first, then the replayed), unless it is on disk already; returns the
+        record kept beside it (a resumed job gets the one it trained with)."""
+        directory = adapter_dir(self.root, ns, record["id"])
         if (directory / "adapter.safetensors").is_file():
-            return len(pairs)
+            return adapter_meta(directory).get("record", record)
+        pairs = training_pairs(
+            reflections, idk_share=self.settings.memory_idk_share, seed=zlib.crc32(record["id"].encode())
+        )
         model, tokenizer = await asyncio.to_thread(self.base)
         examples = build_examples(tokenizer, pairs, self.settings.memory_max_seq_tokens)
         config = self._train_config()
@@ -225,17 +224,13 @@ class JobProcessor:
         steps = -(-len(examples) // config.batch_size) * config.epochs  # what train_lora will report
         await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
         result = await asyncio.to_thread(train_lora, model, tokenizer, examples, config, progress)
-        await asyncio.to_thread(
-            save_adapter,
-            result.adapter,
-            directory,
-            {
-                "examples": len(examples),
-                "epoch_losses": result.epoch_losses,
-                "seconds": result.seconds,
-                "docs": docs,
-            },
-        )
+        meta = {
+            "examples": len(examples),
+            "epoch_losses": result.epoch_losses,
+            "seconds": result.seconds,
+            "record": record,
+        }
+        await asyncio.to_thread(save_adapter, result.adapter, directory, meta)
         save_reflections(directory, reflections)
         await self.store.update_job(
             job_id, train_loss=round(result.epoch_losses[-1], 4) if result.epoch_losses else 0.0
@@ -243,12 +238,12 @@ class JobProcessor:
         log.info(
             "%s: adapter %s trained on %d examples in %.0fs, losses %s",
             job_id,
-            adapter_id,
+            record["id"],
             len(examples),
             result.seconds,
             [round(x, 3) for x in result.epoch_losses],
         )
-        return len(examples)
+        return record
 
     async def _train(self, job: JobState, documents, reflections: list[Reflection]) -> dict | None:
         active = {item["id"] for item, _ in documents}
@@ -256,21 +251,20 @@ class JobProcessor:
         if not usable:
             return None
         await self._stage(job.job_id, "training", 0)
-        own_docs = [[item["id"], item["hash"]] for item, _ in documents]
-        directory = adapter_dir(self.root, job.namespace, job.job_id)
-        if (directory / "adapter.safetensors").is_file():  # trained before a restart
-            trained = load_reflections(directory)
-            docs = adapter_meta(directory).get("docs", own_docs)
-        else:
-            replayed, replayed_docs = await self._replay(job, usable, exclude=active)
-            trained = usable + replayed
-            docs = own_docs + replayed_docs
-            await self.store.update_job(job.job_id, replayed_examples=len(replayed))
-        count = await self._train_adapter(job.job_id, job.namespace, job.job_id, trained, docs)
-        await self.store.update_job(job.job_id, training_examples=count)
-        # "docs" lists every document whose knowledge the adapter holds, replayed ones
-        # included, so that forgetting a document retrains each adapter that rehearsed it.
-        return {"id": job.job_id, "docs": docs, "reflections": len(trained)}
+        replayed, replayed_docs = await self._replay(job, usable, exclude=active)
+        record = {
+            "id": job.job_id,
+            "docs": [[item["id"], item["hash"]] for item, _ in documents],
+            "reflections": len(usable),
+            "replayed_docs": replayed_docs,
+            "replayed": len(replayed),
+        }
+        record = await self._train_adapter(job.job_id, job.namespace, record, usable + replayed)
+        examples = adapter_meta(adapter_dir(self.root, job.namespace, job.job_id))["examples"]
+        await self.store.update_job(
+            job.job_id, training_examples=examples, replayed_examples=record.get("replayed", 0)
+        )
+        return record
 
     async def _replay(
         self, job: JobState, new: list[Reflection], exclude: set[str]
@@ -286,7 +280,7 @@ class JobProcessor:
         hashes: dict[str, str] = {}
         for adapter in current.adapters:
             live = {}
-            for doc_id, h in adapter["docs"]:
+            for doc_id, h in adapter["docs"] + adapter.get("replayed_docs", []):
                 if doc_id not in exclude and await self.store.active_hash(job.namespace, doc_id) == h:
                     live[doc_id] = h
             for r in load_reflections(adapter_dir(self.root, job.namespace, adapter["id"])):
@@ -300,30 +294,35 @@ class JobProcessor:
         return replayed, [[doc_id, hashes[doc_id]] for doc_id in sources]
 
     async def _forget(self, job: JobState, adapters: list[dict]) -> list[dict]:
-        """Adapters holding a forgotten (doc id, hash) are retrained without the reflections
-        that came from it, or dropped when nothing else is left in them."""
+        """Adapters holding a forgotten (doc id, hash), learned or rehearsed, are retrained
+        without the reflections citing it, or dropped when none of their own is left
+        (store.forgetting)."""
         if not job.forget:
             return adapters
         gone = {(f["doc_id"], f["hash"]) for f in job.forget}
         gone_ids = {f["doc_id"] for f in job.forget}
         out = []
-        affected = [a for a in adapters if any(tuple(d) in gone for d in a["docs"])]
+        affected = [a for a in adapters if forgetting(a, gone) != "keep"]
         if affected:
             await self._stage(job.job_id, "forgetting", len(affected))
         for adapter in adapters:
-            if adapter not in affected:
+            action = forgetting(adapter, gone)
+            if action == "keep":
                 out.append(adapter)
                 continue
-            keep_docs = [d for d in adapter["docs"] if tuple(d) not in gone]
-            remaining = [
-                r
-                for r in load_reflections(adapter_dir(self.root, job.namespace, adapter["id"]))
-                if not set(r.sources) & gone_ids
-            ]
-            if keep_docs and remaining:
-                new_id = f"{adapter['id'].split('~')[0]}~{job.job_id}"
-                await self._train_adapter(job.job_id, job.namespace, new_id, remaining, keep_docs)
-                out.append({"id": new_id, "docs": keep_docs, "reflections": len(remaining)})
+            learned = load_reflections(adapter_dir(self.root, job.namespace, adapter["id"]))
+            own_count = adapter.get("reflections", len(learned))
+            own = [r for r in learned[:own_count] if not set(r.sources) & gone_ids]
+            replayed = [r for r in learned[own_count:] if not set(r.sources) & gone_ids]
+            if action == "retrain" and own:
+                record = {
+                    "id": f"{adapter['id'].split('~')[0]}~{job.job_id}",
+                    "docs": [d for d in adapter["docs"] if tuple(d) not in gone],
+                    "reflections": len(own),
+                    "replayed_docs": [d for d in adapter.get("replayed_docs", []) if tuple(d) not in gone],
+                    "replayed": len(replayed),
+                }
+                out.append(await self._train_adapter(job.job_id, job.namespace, record, own + replayed))
             await self.store.update_job(job.job_id, done=affected.index(adapter) + 1)
         return out
 
