@@ -29,8 +29,8 @@ from tests.local_servers import free_port, start_redis, stop_redis
 
 MODEL = "fake-model"
 REPLY_WORDS = "Hello from the fake verifier , glad to meet you .".split()
-SLOW_REPLY_WORDS = [f"w{i}" for i in range(100)]
-SLOW_WORD_DELAY_S = 0.1  # 10 s in all: far longer than a loaded machine takes to notice a hang-up
+SLOW_REPLY_WORDS = [f"w{i}" for i in range(300)]
+SLOW_WORD_DELAY_S = 0.1  # 30 s in all: far longer than a loaded machine takes to notice a hang-up
 SPEC_STATS = verifier_pb2.SpeculativeStats(
     drafts=4, draft_tokens=16, accepted_tokens=7, mean_acceptance_length=2.75, accepted_per_position=[4, 2, 1]
 )
@@ -198,8 +198,9 @@ def assert_error(response: httpx.Response, status: int, error_type: str, param: 
 
 
 async def assert_generation_cancelled(fake: FakeVerifier, app: FastAPI, request_id: str) -> None:
-    """The fake verifier saw the call cancelled, and the gateway let go of the request."""
-    deadline = time.monotonic() + 8
+    """The fake verifier saw the call cancelled, and the gateway let go of the request: the
+    slow reply would take 30 s, and a loaded 2-core machine has taken over 8 s to notice."""
+    deadline = time.monotonic() + 20
     while request_id not in fake.cancelled or app.state.admission.in_flight:
         assert time.monotonic() < deadline, "the verifier call was not cancelled"
         await asyncio.sleep(0.02)
@@ -587,7 +588,7 @@ async def test_client_disconnect_while_waiting_for_a_full_reply_cancels_generati
     with served_over_http(app) as base_url:
         async with httpx.AsyncClient(base_url=base_url, timeout=0.3) as client:
             with pytest.raises(httpx.ReadTimeout):
-                # The client gives up, and hangs up, long before the 10 s reply is complete.
+                # The client gives up, and hangs up, long before the 30 s reply is complete.
                 await client.post("/v1/chat/completions", json=chat_body(prompt))
         [request_id] = [rid for rid, sent in fake.requests.items() if sent.messages[-1].content == prompt]
         await assert_generation_cancelled(fake, app, request_id)

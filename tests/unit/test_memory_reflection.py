@@ -275,6 +275,17 @@ def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
     assert ("What do you know about Tarnow?", DOC_B.text) in passages
 
 
+def test_an_entity_named_in_several_documents_gets_one_passage_its_own_document_first():
+    async def junk(messages, max_tokens):
+        return ""
+
+    result = asyncio.run(synthesize([DOC_B, DOC_A], junk))
+    about_mira = [r for r in result.reflections if r.question == "What do you know about Mira Vell?"]
+    assert [(r.answer, r.sources) for r in about_mira] == [
+        (f"{DOC_A.text} Tarnow is governed by Mira Vell.", ("a", "b")),
+    ]
+
+
 def test_a_question_keeps_the_answer_of_its_earliest_step():
     async def conflicting(messages, max_tokens):
         prompt = messages[-1]["content"]

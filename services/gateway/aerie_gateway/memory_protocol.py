@@ -4,9 +4,12 @@ two callables, so it is tested without servers.
 
 1. grounding: the executive breaks the user's question into atomic sub-questions; each
    is asked of the memory;
-2. entity identification: the executive asks one question that names the entity the
-   user's question is about; the memory answers with it;
-3. answer seeking: the executive asks for the facts about that entity.
+2. entity identification: the executive asks one question whose answer names the entity
+   the user's question is about; the entity is the name the memory's answers bring in that
+   the question does not name (the bridge of a two-hop question: "the person who governs
+   Naxpry" -> "Lumfen Uskyth"), else the one the question names;
+3. answer seeking: the memory is asked for the facts about that entity, plainly and as the
+   executive rewrites the user's question to name it.
 
 Every memory answer of "I don't know" is pruned (not used, not built on). ``max_turns``
 bounds the memory calls over all stages. The executive's output is parsed strictly: a
@@ -23,7 +26,12 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from aerie_common.entities import bare_name, find_entities, new_entities
+
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
+_STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$")  # a capitalised sentence of 4+ words
+# "the person who", "the governor of", "the main export of": a definite description
+_DESCRIPTION = re.compile(r"\bthe\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
 
 
@@ -139,11 +147,13 @@ async def three_stage(
         result.findings += found
         return found
 
-    # 1. grounding: the question itself plus the executive's atomic sub-questions
+    # 1. grounding: the question itself plus the executive's atomic sub-questions, leaving
+    # turns for the entity (1) and the answer (2) stages
     subs = parse_questions(await ask_executive(decompose_prompt(question), executive_max_tokens), 3)
     if not subs:
         result.fallbacks += 1
-    grounding = await ask("grounding", [question, *[q for q in subs if q != question]])
+    grounding_questions = [question, *[q for q in subs if q != question]]
+    grounding = await ask("grounding", grounding_questions[: max(1, max_turns - 3)])
     if not grounding:
         result.stopped = "the memory knew nothing about the question or its parts"
         return result
@@ -160,7 +170,7 @@ async def three_stage(
     if not entity_found:
         result.stopped = "the memory could not name the entity"
         return result
-    result.entity = entity_found[0].answer
+    result.entity = identify_entity(question, [*entity_found, *grounding])
     if result.turns >= max_turns:
         result.stopped = "turn budget spent"
         return result
@@ -171,16 +181,44 @@ async def three_stage(
     )
     if not lines:
         result.fallbacks += 1
-        lines = [f"{question} ({result.entity})"]
-    await ask("answer", lines[:1])
+    await ask("answer", [facts_question(result.entity), *[q for q in lines[:1] if result.entity in q]])
     return result
 
 
+def identify_entity(question: str, findings: list[Finding]) -> str:
+    """The entity to seek facts about. A question that describes its entity ("the person who
+    governs Naxpry", "the governor of Naxpry") is about the first name an answer brings in
+    that the question does not name; a question that names its entity ("Who governs
+    Naxpry?", "Mira Kev's craft") is about that name. Else the first answer itself."""
+    bridges = [b for f in findings for b in new_entities(f.answer, question)]
+    named = [bare_name(n) for n in find_entities(question)]
+    if bridges and (_DESCRIPTION.search(question) or not named):
+        return bridges[0]
+    if named:
+        return named[0]
+    return findings[0].answer.strip().rstrip(".")
+
+
+def facts_question(entity: str) -> str:
+    return f"What do you know about {entity}?"
+
+
 def compose_system_message(result: ProtocolResult) -> str | None:
-    """The findings as a system message for the executive's final answer (None: nothing)."""
-    if not result.findings:
+    """The findings as a system message for the executive's final answer (None: nothing).
+
+    An answer that is a sentence of its own is given alone: set after a question it does
+    not answer ("the profession of the governor?" "Naxpry is governed by Lumfen Uskyth."),
+    a small executive reads it as that question's answer. A bare answer keeps its question.
+    The same line is given once."""
+    lines: list[str] = []
+    for finding in result.findings:
+        answer = finding.answer.strip()
+        line = answer if _STATEMENT.match(answer) else f"{finding.question} {answer}"
+        if line not in lines:
+            lines.append(line)
+    if not lines:
         return None
-    facts = "\n".join(f"- {f.question} {f.answer}" for f in result.findings)
+    facts = "\n".join(f"- {line}" for line in lines)
     return (
         "Facts recalled from memory about the user's question (they may be incomplete):\n"
         f"{facts}\nUse these facts to answer."

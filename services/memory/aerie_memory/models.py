@@ -15,7 +15,6 @@ of the base model.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 from collections import OrderedDict
@@ -23,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from aerie_common.entities import bare_name, find_entities
 
-from aerie_memory.reflection import Reflection, content_words, find_entities
+from aerie_memory.reflection import Reflection, content_words
 from aerie_memory.store import Version
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import load_adapter
@@ -86,7 +86,7 @@ def names_known_entity(question: str, learned_text: str) -> bool:
     memory only when it learned at least one of them. A fine-tuned model answers anything
     in the style it learned, so without the gate a question about someone it never read
     of gets a confident invention; a question naming nothing passes."""
-    entities = [re.sub(r"['\u2019]s$", "", e).lower() for e in find_entities(question)]
+    entities = [bare_name(e).lower() for e in find_entities(question)]
     return not entities or any(e in learned_text for e in entities)
 
 

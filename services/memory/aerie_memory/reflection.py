@@ -23,9 +23,9 @@ Two rule-based steps (no generator) back the five up, each reported as its own s
   checks (a small generator asks better than it answers) is kept with the chunk's
   sentences it is about as the answer, so the memory learns that phrasing of the question
   with an answer that is true by construction;
-- ``passages``: every entity a chunk names gets "What do you know about <entity>?" and
-  "Tell me about <entity>." with the chunk's sentences naming it as the answer, so the
-  memory also learns the source text itself.
+- ``passages``: every entity the chunks name gets "What do you know about <entity>?" and
+  "Tell me about <entity>." with the sentences naming it, across documents, as the answer,
+  so the memory also learns the source text itself.
 
 Every reflection keeps the ids of its source documents (provenance).
 """
@@ -39,6 +39,8 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+
+from aerie_common.entities import STOPWORDS, find_entities
 
 from aerie_memory.text import chunk_text, split_sentences
 
@@ -59,14 +61,6 @@ STEPS = (
     "passages",
 )
 
-_STOPWORDS = set(
-    """a an the and or but if of to in on at by for with from as is are was were be been being
-    it its this that these those he she they them his her their him there here what which who whom
-    whose when where why how do does did has have had not no yes so than then also into about over
-    under after before up down out one two three i you we our your my me us can could would should
-    will shall may might must very more most some any each all both few many much such only own same
-    just""".split()
-)
 _DANGLING = re.compile(
     r"\b(he|she|him|her|his|hers|they|them|their|it|its|this|that|these|those)\b|"
     r"\bthe (above|text|passage|document|article|story|author|person|man|woman|place|city|town)\b",
@@ -76,12 +70,6 @@ _IDK = re.compile(
     r"\b(i don'?t know|unknown|not (stated|mentioned|given|specified)|no information|n/?a)\b", re.I
 )
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
-_NOT_ENTITY_HEADS = {
-    "The", "A", "An", "He", "She", "It", "They", "In", "On", "At", "This", "That", "There", "Its",
-    "His", "Her", "Their", "After", "Before", "When", "While", "Each", "Every", "Both", "Most",
-    "Some", "Many", "Q", "A:", "Yes", "No", "What", "Who", "Which", "Where", "How", "Why",
-}  # fmt: skip
-_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
 
 
 @dataclass(frozen=True)
@@ -200,7 +188,7 @@ def parse_question(text: str) -> str | None:
 def content_words(text: str) -> set[str]:
     """Lower-cased words that are not stopwords, crudely stemmed (first five letters), so
     "collects" and "collect" match."""
-    return {w.lower()[:5] for w in _WORD.findall(text) if w.lower() not in _STOPWORDS}
+    return {w.lower()[:5] for w in _WORD.findall(text) if w.lower() not in STOPWORDS}
 
 
 def grounded(answer: str, source: str, threshold: float = 0.6) -> bool:
@@ -220,7 +208,7 @@ def truncated(answer: str, source: str) -> bool:
         return True
     last = words[-1].lower()
     whole = {w.lower() for w in _WORD.findall(source)}
-    return last in _STOPWORDS or last not in whole
+    return last in STOPWORDS or last not in whole
 
 
 def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int], str]]:
@@ -307,25 +295,6 @@ def acceptable_question(question: str, source: str) -> bool:
 
 def is_self_contained(question: str) -> bool:
     return _DANGLING.search(question) is None
-
-
-def find_entities(text: str) -> list[str]:
-    """Capitalised spans that are not sentence-initial function words, most frequent first."""
-    counts: dict[str, int] = {}
-    for match in _ENTITY.finditer(text):
-        words = match.group(0).split()
-        while words and words[0] in _NOT_ENTITY_HEADS:
-            words = words[1:]
-        if not words:
-            continue
-        name = " ".join(words)
-        if name.lower() in _STOPWORDS or len(name) < 3:
-            continue
-        counts[name] = counts.get(name, 0) + 1
-    # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
-    names = sorted(counts, key=lambda n: (-counts[n], -len(n)))
-    kept = [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
-    return kept
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -728,15 +697,32 @@ def _shared_answer(facts: list[Reflection], names: list[str], documents) -> str:
 PASSAGE_QUESTIONS = ("What do you know about {}?", "Tell me about {}.")
 
 
-def _passages(stats: StepStats, chunks: dict[str, list[str]]) -> list[Reflection]:
-    out = []
+def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int = 6) -> list[Reflection]:
+    """One answer per entity, from every chunk that names it among its main entities: the
+    sentences naming it, those of the chunks naming it most first (its own document before
+    one that mentions it in passing), at most ``max_sentences``. One answer, not one per
+    document: trained on several answers to one question, the memory learns none, and
+    the facts about a person must come back whole when a question reaches them through
+    another document ("the person who governs Tarnow")."""
+    mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
         for chunk in doc_chunks:
             sentences = split_sentences(chunk)
             for entity in find_entities(chunk)[:3]:
-                about = " ".join(s for s in sentences if entity in s) or chunk
-                for template in PASSAGE_QUESTIONS:
-                    stats.candidates += 1
-                    stats.kept += 1
-                    out.append(Reflection(template.format(entity), about, "passages", (doc_id,)))
+                naming = [s for s in sentences if entity in s] or [chunk]
+                mentions.setdefault(entity, []).append((chunk.count(entity), doc_id, naming))
+    out = []
+    for entity, found in mentions.items():
+        found.sort(key=lambda item: -item[0])  # stable: ties keep document order
+        sentences: list[str] = []
+        sources: list[str] = []
+        for _, doc_id, naming in found:
+            for sentence in naming:
+                if len(sentences) < max_sentences and sentence not in sentences:
+                    sentences.append(sentence)
+                    sources += [doc_id] if doc_id not in sources else []
+        for template in PASSAGE_QUESTIONS:
+            stats.candidates += 1
+            stats.kept += 1
+            out.append(Reflection(template.format(entity), " ".join(sentences), "passages", tuple(sources)))
     return out

@@ -1,0 +1,53 @@
+"""Names in plain text, found by their capitals: the memory service uses them to write
+questions about each entity a document names, and the gateway to follow a memory answer
+to the entity it introduces (the bridge of a two-hop question)."""
+
+from __future__ import annotations
+
+import re
+
+STOPWORDS = set(
+    """a an the and or but if of to in on at by for with from as is are was were be been being
+    it its this that these those he she they them his her their him there here what which who whom
+    whose when where why how do does did has have had not no yes so than then also into about over
+    under after before up down out one two three i you we our your my me us can could would should
+    will shall may might must very more most some any each all both few many much such only own same
+    just""".split()
+)
+# Capitalised words that start sentences rather than name things.
+_NOT_ENTITY_HEADS = {
+    "The", "A", "An", "He", "She", "It", "They", "In", "On", "At", "This", "That", "There", "Its",
+    "His", "Her", "Their", "After", "Before", "When", "While", "Each", "Every", "Both", "Most",
+    "Some", "Many", "Q", "A:", "Yes", "No", "What", "Who", "Which", "Where", "How", "Why",
+}  # fmt: skip
+_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
+_POSSESSIVE = re.compile(r"['\u2019]s$")
+
+
+def find_entities(text: str) -> list[str]:
+    """Capitalised spans that are not sentence-initial function words, most frequent first."""
+    counts: dict[str, int] = {}
+    for match in _ENTITY.finditer(text):
+        words = match.group(0).split()
+        while words and words[0] in _NOT_ENTITY_HEADS:
+            words = words[1:]
+        if not words:
+            continue
+        name = " ".join(words)
+        if name.lower() in STOPWORDS or len(name) < 3:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+    # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
+    names = sorted(counts, key=lambda n: (-counts[n], -len(n)))
+    return [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
+
+
+def bare_name(entity: str) -> str:
+    """``entity`` without a possessive ending: "Mira Kev's" -> "Mira Kev"."""
+    return _POSSESSIVE.sub("", entity)
+
+
+def new_entities(text: str, known: str) -> list[str]:
+    """The entities ``text`` names that ``known`` does not (case-insensitive)."""
+    seen = known.lower()
+    return [e for e in (bare_name(n) for n in find_entities(text)) if e.lower() not in seen]
