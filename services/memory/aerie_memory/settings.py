@@ -47,9 +47,11 @@ class MemorySettings(ServiceSettings):
     # Replayed examples per new reflection: a job whose namespace already serves a memory
     # also rehearses a seeded sample of what that memory learned, so that the TIES merge
     # keeps the old facts (merged without replay, a second 20-document corpus cut the first
-    # one's recall from 30 to 11 of 40 facts; with 0.5, 24 of 40; docs/memory.md). Training
-    # time grows by the same share. 0 turns replay off.
-    memory_replay_ratio: float = 0.5
+    # one's recall from 30 to 11 of 40 facts; with 0.5, 24 of 40). In the memory QA
+    # benchmark, 1.0 (about all of the first corpus) lost 15 cross-document points to the
+    # distractors where 0.5 lost 25 (docs/memory.md). Training time grows by the same
+    # share. 0 turns replay off.
+    memory_replay_ratio: float = 1.0
     memory_batch_size: int = 8
     memory_max_seq_tokens: int = 160
     ties_density: float = 0.3  # TIES trim: the fraction of each task vector kept (MEMO: 0.3)
