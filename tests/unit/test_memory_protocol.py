@@ -107,6 +107,7 @@ def test_identify_entity_follows_a_description_to_the_name_an_answer_brings_in()
     # a description of the entity: the bridge to the name the question does not give
     assert identify_entity(QUESTION, governed) == "Lumfen Uskyth"
     assert identify_entity("What does the governor of Naxpry collect?", governed) == "Lumfen Uskyth"
+    assert identify_entity("The governor of Naxpry collects what?", governed) == "Lumfen Uskyth"
     # a question naming its entity stays with it, though the answer names another
     lives = [finding("Lumfen Uskyth is an astronomer who lives in Naxpry.")]
     assert identify_entity("What is Lumfen Uskyth's profession?", lives) == "Lumfen Uskyth"
@@ -148,6 +149,12 @@ def test_a_rewrite_that_does_not_name_the_entity_is_not_asked():
     assert memory.asked[4:] == ["What do you know about Lumfen Uskyth?"]
     assert result.findings[-1].answer.startswith("Lumfen Uskyth is an astronomer")
     assert result.turns == 5 and result.fallbacks == 0
+
+    # a rewrite that is the facts question itself is asked once
+    memory = Memory()
+    script = {**GOOD, "Rewrite the question": "What do you know about Lumfen Uskyth?"}
+    asyncio.run(three_stage(QUESTION, memory, executive(script), max_turns=6))
+    assert memory.asked[4:] == ["What do you know about Lumfen Uskyth?"]
 
 
 def test_single_pass():

@@ -31,7 +31,7 @@ from aerie_common.entities import bare_name, find_entities, new_entities
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$")  # a capitalised sentence of 4+ words
 # "the person who", "the governor of", "the main export of": a definite description
-_DESCRIPTION = re.compile(r"\bthe\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
+_DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
 
 
@@ -181,7 +181,8 @@ async def three_stage(
     )
     if not lines:
         result.fallbacks += 1
-    await ask("answer", [facts_question(result.entity), *[q for q in lines[:1] if result.entity in q]])
+    facts = facts_question(result.entity)
+    await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q and q != facts]])
     return result
 
 
