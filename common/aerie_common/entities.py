@@ -1,6 +1,8 @@
 """Names in plain text, found by their capitals: the memory service uses them to write
 questions about each entity a document names, and the gateway to follow a memory answer
-to the entity it introduces (the bridge of a two-hop question)."""
+to the entity it introduces (the bridge of a two-hop question). Also the question the two
+share about an entity: the memory learns each entity's facts under it, and the chat
+protocol asks it."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ _NOT_ENTITY_HEADS = {
 }  # fmt: skip
 _ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
 _POSSESSIVE = re.compile(r"['\u2019]s$")
+FACTS_QUESTION = "What do you know about {}?"
 
 
 def find_entities(text: str) -> list[str]:
@@ -47,7 +50,12 @@ def bare_name(entity: str) -> str:
     return _POSSESSIVE.sub("", entity)
 
 
+def names_in(text: str) -> list[str]:
+    """``find_entities`` without possessive endings."""
+    return [bare_name(n) for n in find_entities(text)]
+
+
 def new_entities(text: str, known: str) -> list[str]:
     """The entities ``text`` names that ``known`` does not (case-insensitive)."""
     seen = known.lower()
-    return [e for e in (bare_name(n) for n in find_entities(text)) if e.lower() not in seen]
+    return [e for e in names_in(text) if e.lower() not in seen]

@@ -26,7 +26,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aerie_common.entities import bare_name, find_entities, new_entities
+from aerie_common.entities import FACTS_QUESTION, names_in, new_entities
 
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$")  # a capitalised sentence of 4+ words
@@ -181,7 +181,7 @@ async def three_stage(
     )
     if not lines:
         result.fallbacks += 1
-    facts = facts_question(result.entity)
+    facts = FACTS_QUESTION.format(result.entity)  # the question the memory learned its facts under
     await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q and q != facts]])
     return result
 
@@ -192,16 +192,12 @@ def identify_entity(question: str, findings: list[Finding]) -> str:
     that the question does not name; a question that names its entity ("Who governs
     Naxpry?", "Mira Kev's craft") is about that name. Else the first answer itself."""
     bridges = [b for f in findings for b in new_entities(f.answer, question)]
-    named = [bare_name(n) for n in find_entities(question)]
+    named = names_in(question)
     if bridges and (_DESCRIPTION.search(question) or not named):
         return bridges[0]
     if named:
         return named[0]
     return findings[0].answer.strip().rstrip(".")
-
-
-def facts_question(entity: str) -> str:
-    return f"What do you know about {entity}?"
 
 
 def compose_system_message(result: ProtocolResult) -> str | None:

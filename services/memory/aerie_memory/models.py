@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.entities import bare_name, find_entities
+from aerie_common.entities import names_in
 
 from aerie_memory.reflection import Reflection, content_words
 from aerie_memory.store import Version
@@ -86,7 +86,7 @@ def names_known_entity(question: str, learned_text: str) -> bool:
     memory only when it learned at least one of them. A fine-tuned model answers anything
     in the style it learned, so without the gate a question about someone it never read
     of gets a confident invention; a question naming nothing passes."""
-    entities = [bare_name(e).lower() for e in find_entities(question)]
+    entities = [e.lower() for e in names_in(question)]
     return not entities or any(e in learned_text for e in entities)
 
 

@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from aerie_common.entities import STOPWORDS, find_entities
+from aerie_common.entities import FACTS_QUESTION, STOPWORDS, find_entities
 
 from aerie_memory.text import chunk_text, split_sentences
 
@@ -694,7 +694,7 @@ def _shared_answer(facts: list[Reflection], names: list[str], documents) -> str:
     return " ".join(stated) if len(stated) == len(names) else facts[0].answer
 
 
-PASSAGE_QUESTIONS = ("What do you know about {}?", "Tell me about {}.")
+PASSAGE_QUESTIONS = (FACTS_QUESTION, "Tell me about {}.")
 
 
 def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int = 6) -> list[Reflection]:
@@ -720,7 +720,8 @@ def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int
             for sentence in naming:
                 if len(sentences) < max_sentences and sentence not in sentences:
                     sentences.append(sentence)
-                    sources += [doc_id] if doc_id not in sources else []
+                    if doc_id not in sources:
+                        sources.append(doc_id)
         for template in PASSAGE_QUESTIONS:
             stats.candidates += 1
             stats.kept += 1
