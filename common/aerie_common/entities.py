@@ -1,8 +1,10 @@
-"""Names in plain text, found by their capitals: the memory service uses them to write
-questions about each entity a document names, and the gateway to follow a memory answer
-to the entity it introduces (the bridge of a two-hop question). Also the question the two
-share about an entity: the memory learns each entity's facts under it, and the chat
-protocol asks it."""
+"""Names and words in plain text, shared by the memory service and the gateway.
+
+Names are found by their capitals: the memory service writes questions about each entity
+a document names, and the gateway follows a memory answer to the entity it introduces
+(the bridge of a two-hop question). Content words (crudely stemmed, stopwords dropped)
+measure how much a sentence is about a question. Also the question the two share about an
+entity: the memory learns each entity's facts under it, and the chat protocol asks it."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ _NOT_ENTITY_HEADS = {
 }  # fmt: skip
 _ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
 _POSSESSIVE = re.compile(r"['\u2019]s$")
+WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
 
 
@@ -59,3 +62,9 @@ def new_entities(text: str, known: str) -> list[str]:
     """The entities ``text`` names that ``known`` does not (case-insensitive)."""
     seen = known.lower()
     return [e for e in names_in(text) if e.lower() not in seen]
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased words that are not stopwords, crudely stemmed (first five letters), so
+    "collects" and "collect", "governor" and "governed" match."""
+    return {w.lower()[:5] for w in WORD.findall(text) if w.lower() not in STOPWORDS}

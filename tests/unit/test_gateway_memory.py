@@ -210,8 +210,9 @@ async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
     assert info["used"] and info["skipped"] is None and info["mode"] == "single_pass"
     assert info["sources"] == ["town-01"] and info["turns"] == 1 and info["model_version"] == "v0001"
     sent = verifier.requests[response.json()["id"]]
-    assert [m.role for m in sent.messages] == ["system", "user"]
+    assert [m.role for m in sent.messages] == ["user"]
     assert "Lumfen Uskyth" in sent.messages[0].content
+    assert sent.messages[0].content.endswith("Question: Who governs Naxpry?")
 
 
 async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fakes):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from aerie_gateway.memory_protocol import (
+    MAX_FACT_LINES,
     Finding,
     MemoryAnswer,
     ProtocolResult,
+    compose_facts,
     compose_messages,
-    compose_system_message,
     identify_entity,
     parse_questions,
     single_pass,
@@ -22,6 +23,11 @@ FACTS = {
     "What is Lumfen Uskyth's profession?": MemoryAnswer("astronomer", ["person-01"]),
     "What do you know about Lumfen Uskyth?": MemoryAnswer(
         "Lumfen Uskyth is an astronomer who lives in Naxpry.", ["person-01"]
+    ),
+    # a passage, cut off by the memory's answer length
+    "What do you know about Naxpry?": MemoryAnswer(
+        "Naxpry is a small town on the Vorfen river. Naxpry is governed by Lumfen Uskyth. Lumfen Usk",
+        ["town-01"],
     ),
 }
 
@@ -64,35 +70,43 @@ def test_parse_questions():
 def test_three_stages_find_the_cross_document_answer():
     memory = Memory()
     result = asyncio.run(three_stage(QUESTION, memory, executive(GOOD), max_turns=6))
-    # grounding leaves 3 of the 6 turns to the later stages: the question and 2 sub-questions
-    assert memory.asked[:3] == [QUESTION, "Who governs Naxpry?", "What is their profession?"]
-    assert [f.stage for f in result.findings] == ["grounding", "entity", "answer", "answer"]
-    assert result.entity == "Lumfen Uskyth"
-    # answer seeking asks for the entity's facts, then the executive's rewrite
-    assert memory.asked[4:] == [
+    assert memory.asked == [
+        # grounding leaves 4 of the 6 turns to the later stages: the question and 1 sub-question
+        QUESTION,
+        "Who governs Naxpry?",
+        # entity identification: the executive's question was asked already; the named
+        # entity's facts link the described one
+        "What do you know about Naxpry?",
+        # answer seeking: the entity's facts, then the executive's rewrite
         "What do you know about Lumfen Uskyth?",
         "What is Lumfen Uskyth's profession?",
     ]
+    assert [f.stage for f in result.findings] == ["grounding", "entity", "answer", "answer"]
+    assert result.entity == "Lumfen Uskyth"
     assert result.findings[-1].answer == "astronomer"
     assert result.sources == ["town-01", "person-01"]
-    assert result.turns == 6 and result.pruned == 2 and result.fallbacks == 0
-    system = compose_messages([{"role": "user", "content": QUESTION}], result)
-    assert system[0]["role"] == "system" and "astronomer" in system[0]["content"]
-    assert system[-1] == {"role": "user", "content": QUESTION}
+    assert result.turns == 5 and result.pruned == 1 and result.fallbacks == 0
+    composed = compose_messages([{"role": "user", "content": QUESTION}], result)
+    assert [m["role"] for m in composed] == ["user"]
+    prompt = composed[0]["content"]
+    assert prompt.startswith("Facts:\n- ") and prompt.endswith(f"\n\nQuestion: {QUESTION}")
+    assert "astronomer" in prompt and "Naxpry is governed by Lumfen Uskyth." in prompt
+    assert "Lumfen Usk\n" not in prompt  # the cut-off sentence is not given
+    assert "Vorfen river" not in prompt  # shares nothing with the question
 
 
 def test_turn_budget_and_pruning_stop_early():
     memory = Memory()
     result = asyncio.run(three_stage("Who governs Naxpry?", memory, executive(GOOD), max_turns=2))
-    assert result.turns == 2 and len(memory.asked) == 2
-    assert result.stopped == "turn budget spent"
+    assert memory.asked == ["Who governs Naxpry?", "What do you know about Naxpry?"]
+    assert result.turns == 2 and result.stopped == "turn budget spent"
 
     # a memory that knows nothing: stops after grounding, composes nothing
     async def idk(q):
         return MemoryAnswer("I don't know.", [], False)
 
     result = asyncio.run(three_stage(QUESTION, idk, executive(GOOD)))
-    assert result.findings == [] and result.pruned == 3 and "knew nothing" in result.stopped
+    assert result.findings == [] and result.pruned == 2 and "knew nothing" in result.stopped
     assert compose_messages([{"role": "user", "content": QUESTION}], result) == [
         {"role": "user", "content": QUESTION}
     ]
@@ -108,6 +122,8 @@ def test_identify_entity_follows_a_description_to_the_name_an_answer_brings_in()
     assert identify_entity(QUESTION, governed) == "Lumfen Uskyth"
     assert identify_entity("What does the governor of Naxpry collect?", governed) == "Lumfen Uskyth"
     assert identify_entity("The governor of Naxpry collects what?", governed) == "Lumfen Uskyth"
+    # a bare answer links through its question
+    assert identify_entity(QUESTION, [finding("Lumfen Uskyth", "Who governs Naxpry?")]) == "Lumfen Uskyth"
     # a question naming its entity stays with it, though the answer names another
     lives = [finding("Lumfen Uskyth is an astronomer who lives in Naxpry.")]
     assert identify_entity("What is Lumfen Uskyth's profession?", lives) == "Lumfen Uskyth"
@@ -115,6 +131,24 @@ def test_identify_entity_follows_a_description_to_the_name_an_answer_brings_in()
     # nothing named in the question: the first new name, else the answer itself
     assert identify_entity("Who is the oldest bellfounder?", lives) == "Lumfen Uskyth"
     assert identify_entity("What is the oldest craft?", [finding("bell founding.")]) == "bell founding"
+
+
+def test_the_link_is_the_sentence_sharing_the_question_s_relation_from_the_entity_s_own_facts():
+    own = Finding(
+        "entity",
+        "What do you know about Naxpry?",
+        "Naxpry is a small town on the Vorfen river. The main export of Naxpry is rope. "
+        "Naxpry is governed by Lumfen Uskyth. Lumfen Usk",
+        [],
+    )
+    wrong = finding("Naxpry is governed by Ondkev Jordor.", QUESTION)
+    # not the river the first sentence brings in: the sentence that shares "govern"
+    assert identify_entity(QUESTION, [own]) == "Lumfen Uskyth"
+    # the named entity's own facts come before a grounding answer linking another name
+    assert identify_entity(QUESTION, [wrong, own]) == "Lumfen Uskyth"
+    assert identify_entity(QUESTION, [wrong]) == "Ondkev Jordor"
+    # a described thing with no link ("the main export of Naxpry") stays with the named entity
+    assert identify_entity("What is the main export of Naxpry?", [own]) == "Naxpry"
 
 
 def test_compose_gives_a_stated_answer_alone_and_each_line_once():
@@ -126,35 +160,81 @@ def test_compose_gives_a_stated_answer_alone_and_each_line_once():
             finding("astronomer", "What is Lumfen Uskyth's profession?"),
         ],
     )
-    lines = compose_system_message(result).splitlines()
-    assert lines[1:3] == [
-        "- Naxpry is governed by Lumfen Uskyth.",
-        "- What is Lumfen Uskyth's profession? astronomer",
+    assert compose_facts(result) == [
+        "Naxpry is governed by Lumfen Uskyth.",
+        "What is Lumfen Uskyth's profession? astronomer",
     ]
-    assert not any(QUESTION in line for line in lines)
+
+
+def test_compose_gives_the_facts_that_bear_on_the_question_most_relevant_first():
+    question = "What does the governor of Naxpry collect?"
+    result = ProtocolResult(
+        "three_stage",
+        question=question,
+        entity="Lumfen Uskyth",
+        findings=[
+            finding("Lumfen Uskyth collects brass buttons.", question),  # grounding: a wrong recall
+            Finding(
+                "answer",
+                "What do you know about Lumfen Uskyth?",
+                "Lumfen Uskyth is an astronomer who lives in Naxpry. Lumfen Uskyth collects old maps. "
+                "Naxpry is governed by Lum",
+                [],
+            ),
+            Finding(
+                "entity",
+                "What do you know about Naxpry?",
+                "The main export of Naxpry is rope. Naxpry is governed by Lumfen Uskyth.",
+                [],
+            ),
+        ],
+    )
+    assert compose_facts(result) == [
+        "Naxpry is governed by Lumfen Uskyth.",  # "govern" and both names
+        "Lumfen Uskyth collects old maps.",  # "collect": the answer stage's before grounding's
+        "Lumfen Uskyth collects brass buttons.",
+        "Lumfen Uskyth is an astronomer who lives in Naxpry.",  # names the bridge entity
+    ]  # not the export: it shares nothing with the question and names only the town
+    # the town's facts beside its governor are left out when the town is the entity
+    town = ProtocolResult(
+        "three_stage", question="Who governs Naxpry?", entity="Naxpry", findings=result.findings[2:]
+    )
+    assert compose_facts(town) == ["Naxpry is governed by Lumfen Uskyth."]
+    # a question that asks nothing specific gets every line, at most MAX_FACT_LINES
+    many = ProtocolResult(
+        "three_stage",
+        question="Tell me about Naxpry.",
+        findings=[finding(f"Naxpry fact number {i} is here.") for i in range(12)],
+    )
+    assert compose_facts(many) == [f"Naxpry fact number {i} is here." for i in range(MAX_FACT_LINES)]
 
 
 def test_unparseable_executive_falls_back_to_the_question():
     memory = Memory()
     result = asyncio.run(three_stage("Who governs Naxpry?", memory, executive({}), max_turns=6))
-    assert result.fallbacks == 2 and result.stopped == "the memory could not name the entity"
-    assert memory.asked[0] == "Who governs Naxpry?"
-    assert result.findings[0].answer == "Lumfen Uskyth"
+    # no sub-questions, no entity question (the fallback is asked), no rewrite
+    assert result.fallbacks == 3 and result.stopped is None
+    assert memory.asked == [
+        "Who governs Naxpry?",
+        "Who or what is this about: Who governs Naxpry?",
+        "What do you know about Naxpry?",
+    ]
+    assert result.entity == "Naxpry" and result.findings[0].answer == "Lumfen Uskyth"
 
 
 def test_a_rewrite_that_does_not_name_the_entity_is_not_asked():
     memory = Memory()
     script = {**GOOD, "Rewrite the question": "What is their profession?"}
     result = asyncio.run(three_stage(QUESTION, memory, executive(script), max_turns=6))
-    assert memory.asked[4:] == ["What do you know about Lumfen Uskyth?"]
+    assert memory.asked[3:] == ["What do you know about Lumfen Uskyth?"]
     assert result.findings[-1].answer.startswith("Lumfen Uskyth is an astronomer")
-    assert result.turns == 5 and result.fallbacks == 0
+    assert result.turns == 4 and result.fallbacks == 0
 
     # a rewrite that is the facts question itself is asked once
     memory = Memory()
     script = {**GOOD, "Rewrite the question": "What do you know about Lumfen Uskyth?"}
     asyncio.run(three_stage(QUESTION, memory, executive(script), max_turns=6))
-    assert memory.asked[4:] == ["What do you know about Lumfen Uskyth?"]
+    assert memory.asked[3:] == ["What do you know about Lumfen Uskyth?"]
 
 
 def test_single_pass():

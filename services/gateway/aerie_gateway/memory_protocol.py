@@ -5,16 +5,25 @@ two callables, so it is tested without servers.
 1. grounding: the executive breaks the user's question into atomic sub-questions; each
    is asked of the memory;
 2. entity identification: the executive asks one question whose answer names the entity
-   the user's question is about; the entity is the name the memory's answers bring in that
-   the question does not name (the bridge of a two-hop question: "the person who governs
-   Naxpry" -> "Lumfen Uskyth"), else the one the question names;
+   the user's question is about, and the memory is asked for the facts of the entity the
+   question names. A question that describes its entity ("the person who governs
+   Naxpry") is about the name those answers link to it: the new name in the sentence that
+   shares most words with the question ("Naxpry is governed by Lumfen Uskyth."), looked
+   for first in the named entity's own facts, which the memory learned as one passage;
+   a question that names its entity is about that name;
 3. answer seeking: the memory is asked for the facts about that entity, plainly and as the
-   executive rewrites the user's question to name it.
+   executive rewrites the user's question to name it (a question already asked is not
+   asked again).
 
 Every memory answer of "I don't know" is pruned (not used, not built on). ``max_turns``
 bounds the memory calls over all stages. The executive's output is parsed strictly: a
 line that is not a question is ignored, and when nothing parses the stage falls back to
 the user's own question (counted in ``fallbacks``).
+
+Composition puts the recalled sentences that bear on the question before it, in the user's
+turn, most relevant first: a small executive copies whichever fact it reads, so the facts
+that share the question's relation words (or name the bridge entity) are given, not every
+sentence the memory said.
 
 Single-pass mode asks the memory the user's question once: one turn, least latency.
 """
@@ -26,13 +35,18 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aerie_common.entities import FACTS_QUESTION, names_in, new_entities
+from aerie_common.entities import FACTS_QUESTION, content_words, names_in, new_entities
 
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$")  # a capitalised sentence of 4+ words
 # "the person who", "the governor of", "the main export of": a definite description
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Findings of the later stages are about the identified entity and come from the memory's
+# passages; grounding answers the user's wording and is the most often wrong.
+_STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
+MAX_FACT_LINES = 8
 
 
 @dataclass
@@ -57,6 +71,7 @@ class Finding:
 @dataclass
 class ProtocolResult:
     mode: str
+    question: str = ""
     findings: list[Finding] = field(default_factory=list)
     turns: int = 0
     pruned: int = 0  # memory answers of "I don't know"
@@ -115,7 +130,7 @@ def answer_prompt(question: str, entity: str) -> list[dict[str, str]]:
 
 
 async def single_pass(question: str, ask_memory: AskMemory) -> ProtocolResult:
-    result = ProtocolResult(mode="single_pass")
+    result = ProtocolResult(mode="single_pass", question=question)
     answer = await ask_memory(question)
     result.turns = 1
     if known(answer):
@@ -132,9 +147,11 @@ async def three_stage(
     max_turns: int = 6,
     executive_max_tokens: int = 48,
 ) -> ProtocolResult:
-    result = ProtocolResult(mode="three_stage")
+    result = ProtocolResult(mode="three_stage", question=question)
 
     async def ask(stage: str, questions: list[str]) -> list[Finding]:
+        asked = {f.question for f in result.findings}
+        questions = [q for q in dict.fromkeys(questions) if q not in asked]
         questions = questions[: max(0, max_turns - result.turns)]
         answers = await asyncio.gather(*(ask_memory(q) for q in questions))
         result.turns += len(questions)
@@ -148,12 +165,11 @@ async def three_stage(
         return found
 
     # 1. grounding: the question itself plus the executive's atomic sub-questions, leaving
-    # turns for the entity (1) and the answer (2) stages
+    # turns for the entity (2) and the answer (2) stages
     subs = parse_questions(await ask_executive(decompose_prompt(question), executive_max_tokens), 3)
     if not subs:
         result.fallbacks += 1
-    grounding_questions = [question, *[q for q in subs if q != question]]
-    grounding = await ask("grounding", grounding_questions[: max(1, max_turns - 3)])
+    grounding = await ask("grounding", [question, *subs][: max(1, max_turns - 4)])
     if not grounding:
         result.stopped = "the memory knew nothing about the question or its parts"
         return result
@@ -161,16 +177,15 @@ async def three_stage(
         result.stopped = "turn budget spent"
         return result
 
-    # 2. entity identification
+    # 2. entity identification: the executive's question, and the facts of the entity the
+    # question names (a described entity is linked from them)
     lines = parse_questions(await ask_executive(entity_prompt(question, grounding), executive_max_tokens), 1)
     if not lines:
         result.fallbacks += 1
         lines = [f"Who or what is this about: {question}"]
-    entity_found = await ask("entity", lines[:1])
-    if not entity_found:
-        result.stopped = "the memory could not name the entity"
-        return result
-    result.entity = identify_entity(question, [*entity_found, *grounding])
+    named = names_in(question)
+    await ask("entity", [*lines[:1], *[FACTS_QUESTION.format(n) for n in named[:1]]])
+    result.entity = identify_entity(question, result.findings)
     if result.turns >= max_turns:
         result.stopped = "turn budget spent"
         return result
@@ -182,48 +197,102 @@ async def three_stage(
     if not lines:
         result.fallbacks += 1
     facts = FACTS_QUESTION.format(result.entity)  # the question the memory learned its facts under
-    await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q and q != facts]])
+    await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q]])
     return result
+
+
+def sentences(answer: str) -> list[str]:
+    """The sentences of a memory answer, less a final one the answer's length limit cut off
+    ("... Naxpry is governed by Lum")."""
+    parts = [p.strip() for p in _SENTENCE_END.split(answer.strip()) if p.strip()]
+    if len(parts) > 1 and not parts[-1].endswith((".", "!", "?")):
+        parts.pop()
+    return parts
+
+
+def fact_lines(finding: Finding) -> list[str]:
+    """What a finding tells, line by line: a stated answer as its sentences, each alone (set
+    after a question it does not answer, "the profession of the governor?" "Naxpry is
+    governed by Lumfen Uskyth.", a small executive reads it as that question's answer); a
+    bare answer after its question ("Who governs Naxpry? Lumfen Uskyth")."""
+    answer = finding.answer.strip()
+    lines = sentences(answer)
+    if all(_STATEMENT.match(line) for line in lines):
+        return lines
+    return [f"{finding.question} {answer}"]
+
+
+def relation_words(question: str) -> set[str]:
+    """The question's content words other than the names it gives: what it asks about them."""
+    return content_words(question) - content_words(" ".join(names_in(question)))
+
+
+def _overlap(text: str, words: set[str]) -> int:
+    return len(content_words(text) & words)
 
 
 def identify_entity(question: str, findings: list[Finding]) -> str:
     """The entity to seek facts about. A question that describes its entity ("the person who
-    governs Naxpry", "the governor of Naxpry") is about the first name an answer brings in
-    that the question does not name; a question that names its entity ("Who governs
-    Naxpry?", "Mira Kev's craft") is about that name. Else the first answer itself."""
-    bridges = [b for f in findings for b in new_entities(f.answer, question)]
+    governs Naxpry", "the governor of Naxpry") or names none is about the name the answers
+    link to it: the first new name in the fact line sharing most relation words with the
+    question ("Naxpry is governed by Lumfen Uskyth."), taken from the named entity's own
+    facts when they link one. A question that names its entity ("Who governs Naxpry?",
+    "Mira Kev's craft") or links nothing is about the name it gives. Else the first new
+    name, else the first answer."""
     named = names_in(question)
-    if bridges and (_DESCRIPTION.search(question) or not named):
-        return bridges[0]
+    own_facts = {FACTS_QUESTION.format(n) for n in named}
+    ordered = sorted(findings, key=lambda f: f.question not in own_facts)  # stable: own facts first
+    if _DESCRIPTION.search(question) or not named:
+        relation = relation_words(question)
+        for f in ordered:
+            linked = [(_overlap(line, relation), line) for line in fact_lines(f)]
+            linked = [(n, line) for n, line in linked if n > 0 and new_entities(line, question)]
+            if linked:
+                return new_entities(max(linked, key=lambda item: item[0])[1], question)[0]
     if named:
         return named[0]
-    return findings[0].answer.strip().rstrip(".")
+    bridges = [b for f in ordered for b in new_entities(f.answer, question)]
+    return bridges[0] if bridges else findings[0].answer.strip().rstrip(".")
 
 
-def compose_system_message(result: ProtocolResult) -> str | None:
-    """The findings as a system message for the executive's final answer (None: nothing).
+def compose_facts(result: ProtocolResult) -> list[str]:
+    """The fact lines to give the executive, in order (empty: nothing to give).
 
-    An answer that is a sentence of its own is given alone: set after a question it does
-    not answer ("the profession of the governor?" "Naxpry is governed by Lumfen Uskyth."),
-    a small executive reads it as that question's answer. A bare answer keeps its question.
-    The same line is given once."""
-    lines: list[str] = []
+    Each line once, ranked by the relation words it shares with the user's question
+    ("collect" for "What does the governor of Naxpry collect?"), then by its names and the
+    identified entity, then the later stages' before grounding's. Kept are the lines that
+    share a relation word or name the bridge entity (one the question does not name); a
+    small executive copies whichever fact it reads, so the town's main export beside its
+    governor answers "Who governs Naxpry?" with the export. When no line qualifies (a
+    question asking nothing specific, "Tell me about Naxpry."), all are kept."""
+    relation = relation_words(result.question)
+    named = names_in(result.question)
+    names = content_words(" ".join([*named, result.entity or ""]))
+    bridge = (result.entity or "").lower()
+    if any(bridge == n.lower() for n in named):
+        bridge = ""
+    ranked: dict[str, tuple[int, int, int, int]] = {}
     for finding in result.findings:
-        answer = finding.answer.strip()
-        line = answer if _STATEMENT.match(answer) else f"{finding.question} {answer}"
-        if line not in lines:
-            lines.append(line)
-    if not lines:
-        return None
-    facts = "\n".join(f"- {line}" for line in lines)
-    return (
-        "Facts recalled from memory about the user's question (they may be incomplete):\n"
-        f"{facts}\nUse these facts to answer."
-    )
+        for line in fact_lines(finding):
+            key = (
+                -_overlap(line, relation),
+                -_overlap(line, names),
+                _STAGE_RANK.get(finding.stage, 2),
+                len(ranked),
+            )
+            if line not in ranked or key < ranked[line]:
+                ranked[line] = key
+    lines = sorted(ranked, key=ranked.__getitem__)
+    focused = [line for line in lines if _overlap(line, relation) or (bridge and bridge in line.lower())]
+    return (focused or lines)[:MAX_FACT_LINES]
 
 
 def compose_messages(messages: list[dict[str, str]], result: ProtocolResult) -> list[dict[str, str]]:
-    system = compose_system_message(result)
-    if system is None:
+    """The chat with the recalled facts put before the user's last question, in that turn:
+    a system turn mid-conversation is not something every chat template accepts."""
+    facts = compose_facts(result)
+    if not facts:
         return messages
-    return [*messages[:-1], {"role": "system", "content": system}, messages[-1]]
+    listed = "\n".join(f"- {line}" for line in facts)
+    last = messages[-1]
+    return [*messages[:-1], {**last, "content": f"Facts:\n{listed}\n\nQuestion: {last['content']}"}]

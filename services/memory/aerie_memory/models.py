@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.entities import names_in
+from aerie_common.entities import content_words, names_in
 
-from aerie_memory.reflection import Reflection, content_words
+from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import load_adapter

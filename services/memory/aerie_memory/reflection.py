@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from aerie_common.entities import FACTS_QUESTION, STOPWORDS, find_entities
+from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities
 
 from aerie_memory.text import chunk_text, split_sentences
 
@@ -69,7 +69,6 @@ _DANGLING = re.compile(
 _IDK = re.compile(
     r"\b(i don'?t know|unknown|not (stated|mentioned|given|specified)|no information|n/?a)\b", re.I
 )
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 
 
 @dataclass(frozen=True)
@@ -185,12 +184,6 @@ def parse_question(text: str) -> str | None:
 # --- checks --------------------------------------------------------------------------------
 
 
-def content_words(text: str) -> set[str]:
-    """Lower-cased words that are not stopwords, crudely stemmed (first five letters), so
-    "collects" and "collect" match."""
-    return {w.lower()[:5] for w in _WORD.findall(text) if w.lower() not in STOPWORDS}
-
-
 def grounded(answer: str, source: str, threshold: float = 0.6) -> bool:
     """Most of the answer's content words occur in the source (drops hallucinated answers)."""
     words = content_words(answer)
@@ -203,11 +196,11 @@ def grounded(answer: str, source: str, threshold: float = 0.6) -> bool:
 def truncated(answer: str, source: str) -> bool:
     """The generation was cut off mid-answer: it ends on a function word ("... is the") or
     on a word the source does not hold whole ("Ythwe" for "Ythwexzan")."""
-    words = _WORD.findall(answer)
+    words = WORD.findall(answer)
     if not words:
         return True
     last = words[-1].lower()
-    whole = {w.lower() for w in _WORD.findall(source)}
+    whole = {w.lower() for w in WORD.findall(source)}
     return last in STOPWORDS or last not in whole
 
 

@@ -212,18 +212,19 @@ class JobProcessor:
         config = self._train_config()
         loop = asyncio.get_running_loop()
         last = [0.0]
+        updates = []  # progress writes in flight, all landed before the job moves on
 
         def progress(step: int, total: int, loss: float) -> None:  # training thread
             now = time.monotonic()
             if now - last[0] > 1.0 or step == total:
                 last[0] = now
-                asyncio.run_coroutine_threadsafe(
-                    self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4)), loop
-                )
+                update = self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4))
+                updates.append(asyncio.run_coroutine_threadsafe(update, loop))
 
         steps = -(-len(examples) // config.batch_size) * config.epochs  # what train_lora will report
         await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
         result = await asyncio.to_thread(train_lora, model, tokenizer, examples, config, progress)
+        await asyncio.gather(*map(asyncio.wrap_future, updates), return_exceptions=True)
         meta = {
             "examples": len(examples),
             "epoch_losses": result.epoch_losses,
@@ -337,22 +338,27 @@ class Worker:
         self.processor = processor
         self.consumer = consumer
 
-    async def _heartbeat(self, entry_id: str) -> None:
-        while True:
-            await asyncio.sleep(self.settings.memory_heartbeat_s)
-            with contextlib.suppress(Exception):
-                await self.r.xclaim(STREAM, GROUP, self.consumer, 0, [entry_id], justid=True)
+    async def _heartbeat(self, entry_id: str, done: asyncio.Event) -> None:
+        """Re-claim the entry every ``memory_heartbeat_s`` until ``done``, so no other worker
+        takes a live job. Stopped by the event, never cancelled mid-command: a command
+        cancelled on the wire costs its connection."""
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.settings.memory_heartbeat_s)
+            if not done.is_set():
+                with contextlib.suppress(Exception):
+                    await self.r.xclaim(STREAM, GROUP, self.consumer, 0, [entry_id], justid=True)
 
     async def handle(self, entry_id: str, fields: dict) -> None:
         job_id = _s(fields.get(b"job_id") or fields.get("job_id"))
-        heartbeat = asyncio.create_task(self._heartbeat(entry_id))
+        done = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(entry_id, done))
         try:
             job = await self.processor.run(job_id)
             log.info("%s: %s", job_id, job.status)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            done.set()
+            await heartbeat
         await self.r.xack(STREAM, GROUP, entry_id)
 
     async def next_entry(self, block_ms: int) -> tuple[str, dict] | None:
