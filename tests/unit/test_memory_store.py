@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -289,6 +290,36 @@ async def test_heartbeat_keeps_a_live_job_from_being_stolen(env):
         assert await thief.next_entry(block_ms=10) is None
     await task
     assert (await store.get_job(outcome.job_id)).status == "succeeded"
+
+
+async def test_a_finished_job_lets_its_heartbeat_claim_finish(tmp_path):
+    """The heartbeat is stopped, not cancelled: a claim cancelled on the wire would cost its
+    Redis connection."""
+
+    class SlowClaims:
+        def __init__(self):
+            self.claims, self.finished, self.acked = 0, 0, []
+
+        async def xclaim(self, *args, **kwargs):
+            self.claims += 1
+            await asyncio.sleep(0.3)
+            self.finished += 1
+
+        async def xack(self, *args):
+            self.acked.append(args)
+
+    class QuickJob:
+        store = None
+
+        async def run(self, job_id):
+            await asyncio.sleep(0.15)  # ends while the first claim (0.05 s to 0.35 s) is in flight
+            return SimpleNamespace(status="succeeded")
+
+    client = SlowClaims()
+    worker = Worker(settings_for(tmp_path, "redis://unused"), client, QuickJob(), "w")
+    await worker.handle("1-0", {b"job_id": b"job-1"})
+    assert client.claims == 1 and client.finished == 1
+    assert len(client.acked) == 1
 
 
 async def test_grpc_adapter(env, tmp_path):
