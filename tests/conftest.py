@@ -3,6 +3,10 @@ built in the test process so unit tests need no model files."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import threading
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -56,3 +60,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer) -> LlamaForCausalLM:
     return build_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Shortly before pytest-timeout ends a hung test (its stack dump shows threads, not what
+    each asyncio task awaits), print every pending task's stack."""
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or 0)
+    watchdog = threading.Timer(max(1.0, limit - 20), _print_pending_tasks, args=(item.nodeid,))
+    watchdog.daemon = True
+    if limit:
+        watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+
+
+def _print_pending_tasks(nodeid: str) -> None:
+    print(f"\n+++ {nodeid} still running; pending asyncio tasks:", file=sys.stderr)
+    for task in list(asyncio.tasks._all_tasks):  # every loop's tasks; read-only from this thread
+        if not task.done():
+            task.print_stack(file=sys.stderr)
