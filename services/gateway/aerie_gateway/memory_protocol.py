@@ -283,7 +283,8 @@ def compose_facts(result: ProtocolResult) -> list[str]:
             if line not in ranked or key < ranked[line]:
                 ranked[line] = key
     lines = sorted(ranked, key=ranked.__getitem__)
-    focused = [line for line in lines if _overlap(line, relation) or (bridge and bridge in line.lower())]
+    # ranked[line][0] is minus the relation words the line shares, counted once above
+    focused = [line for line in lines if ranked[line][0] or (bridge and bridge in line.lower())]
     return (focused or lines)[:MAX_FACT_LINES]
 
 
