@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from aerie_gateway.memory_protocol import (
+    ANSWER_FROM_CONTEXT,
     MAX_FACT_LINES,
     Finding,
     MemoryAnswer,
     ProtocolResult,
     compose_facts,
     compose_messages,
+    descriptions,
     identify_entity,
+    other_version,
     parse_questions,
     single_pass,
     three_stage,
@@ -89,7 +92,8 @@ def test_three_stages_find_the_cross_document_answer():
     composed = compose_messages([{"role": "user", "content": QUESTION}], result)
     assert [m["role"] for m in composed] == ["user"]
     prompt = composed[0]["content"]
-    assert prompt.startswith("Facts:\n- ") and prompt.endswith(f"\n\nQuestion: {QUESTION}")
+    assert prompt.startswith("Context:\n- ")
+    assert prompt.endswith(f"\n\nQuestion: {QUESTION}\n{ANSWER_FROM_CONTEXT}")
     assert "astronomer" in prompt and "Naxpry is governed by Lumfen Uskyth." in prompt
     assert "Lumfen Usk\n" not in prompt  # the cut-off sentence is not given
     assert "Vorfen river" not in prompt  # shares nothing with the question
@@ -191,10 +195,10 @@ def test_compose_gives_the_facts_that_bear_on_the_question_most_relevant_first()
     )
     assert compose_facts(result) == [
         "Naxpry is governed by Lumfen Uskyth.",  # "govern" and both names
-        "Lumfen Uskyth collects old maps.",  # "collect": the answer stage's before grounding's
-        "Lumfen Uskyth collects brass buttons.",
+        "Lumfen Uskyth collects old maps.",  # "collect"
         "Lumfen Uskyth is an astronomer who lives in Naxpry.",  # names the bridge entity
-    ]  # not the export: it shares nothing with the question and names only the town
+    ]  # not the export: it shares nothing with the question and names only the town; not
+    # grounding's "brass buttons": the entity's passage says otherwise
     # the town's facts beside its governor are left out when the town is the entity
     town = ProtocolResult(
         "three_stage", question="Who governs Naxpry?", entity="Naxpry", findings=result.findings[2:]
@@ -207,6 +211,68 @@ def test_compose_gives_the_facts_that_bear_on_the_question_most_relevant_first()
         findings=[finding(f"Naxpry fact number {i} is here.") for i in range(12)],
     )
     assert compose_facts(many) == [f"Naxpry fact number {i} is here." for i in range(MAX_FACT_LINES)]
+
+
+def test_another_version_of_a_passage_line_is_one_about_the_same_entity_that_reads_alike():
+    passage = "Naxpry is governed by Lumfen Uskyth."
+    assert other_version("Naxpry is governed by Old Tom.", passage)
+    assert other_version(
+        "Celilotal Dorard collects blue feathers and has done so since childhood.",
+        "Celilotal Dorard collects pressed ferns and has done so since childhood.",
+    )
+    assert not other_version(passage, passage)
+    # the same shape about another entity is another statement
+    assert not other_version("The main export of Vorras is tea.", "The main export of Naxpry is rope.")
+    assert not other_version("Lumfen Uskyth is an astronomer who lives in Naxpry.", passage)
+
+
+def test_the_memory_s_other_versions_of_its_passage_are_not_composed():
+    question = "Who governs Naxpry?"
+    result = ProtocolResult(
+        "three_stage",
+        question=question,
+        entity="Naxpry",
+        findings=[
+            finding("Naxpry is governed by Old Tom.", question),  # grounding, user's wording
+            Finding("entity", "What do you know about Naxpry?", "Naxpry is governed by Lumfen Uskyth.", []),
+            finding("Vorras is governed by Ondkev Jordor.", "Who governs Vorras?"),
+        ],
+    )
+    assert compose_facts(result) == [
+        "Naxpry is governed by Lumfen Uskyth.",
+        "Vorras is governed by Ondkev Jordor.",
+    ]
+    # without the passage there is nothing to prefer: both versions are given
+    result.findings.pop(1)
+    assert compose_facts(result)[0] == "Naxpry is governed by Old Tom."
+
+
+def test_a_restated_description_not_naming_its_resolved_entity_is_not_composed():
+    question = "What is the profession of the person who governs Naxpry?"
+    assert descriptions(question) == [
+        "the profession of the person who governs naxpry",
+        "the person who governs naxpry",
+    ]
+    assert descriptions("What does the governor of Naxpry collect?") == ["the governor of naxpry"]
+    assert descriptions("Who governs Naxpry?") == []
+    findings = [
+        finding("The person who governs Naxpry is Ondkev Jordor.", question),  # made up
+        finding("The person who governs Naxpry is Lumfen Uskyth.", "Who governs Naxpry?"),
+        Finding(
+            "answer",
+            "What do you know about Lumfen Uskyth?",
+            "Lumfen Uskyth is an astronomer who lives in Naxpry.",
+            [],
+        ),
+    ]
+    resolved = ProtocolResult("three_stage", question=question, entity="Lumfen Uskyth", findings=findings)
+    assert compose_facts(resolved) == [
+        "The person who governs Naxpry is Lumfen Uskyth.",
+        "Lumfen Uskyth is an astronomer who lives in Naxpry.",
+    ]
+    # resolved to nothing new (the entity is the one named): restatements are all there is
+    unresolved = ProtocolResult("three_stage", question=question, entity="Naxpry", findings=findings[:2])
+    assert compose_facts(unresolved) == [f.answer for f in findings[:2]]
 
 
 def test_unparseable_executive_falls_back_to_the_question():

@@ -21,9 +21,10 @@ line that is not a question is ignored, and when nothing parses the stage falls 
 the user's own question (counted in ``fallbacks``).
 
 Composition puts the recalled sentences that bear on the question before it, in the user's
-turn, most relevant first: a small executive copies whichever fact it reads, so the facts
-that share the question's relation words (or name the bridge entity) are given, not every
-sentence the memory said.
+turn, as context, most relevant first: a small executive copies whichever fact it reads,
+so the facts that share the question's relation words (or name the bridge entity) are
+given, not every sentence the memory said, and not the versions the memory made up for the
+user's wording where its account of the entity says otherwise.
 
 Single-pass mode asks the memory the user's question once: one turn, least latency.
 """
@@ -34,8 +35,9 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 
-from aerie_common.entities import FACTS_QUESTION, content_words, names_in, new_entities
+from aerie_common.entities import FACTS_QUESTION, WORD, content_words, names_in, new_entities
 
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$")  # a capitalised sentence of 4+ words
@@ -47,6 +49,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
 MAX_FACT_LINES = 8
+_FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
+# Word-sequence similarity (difflib ratio) from which two lines about one entity are two
+# versions of one statement: "X collects A and has done so since childhood." against the
+# same with B is 0.8; "Naxpry is governed by Old Tom." against "... by Lumfen Uskyth." 0.67.
+_SAME_STATEMENT_SIMILARITY = 0.5
+ANSWER_FROM_CONTEXT = "Answer with the fact from the context."
 
 
 @dataclass
@@ -255,16 +263,57 @@ def identify_entity(question: str, findings: list[Finding]) -> str:
     return bridges[0] if bridges else findings[0].answer.strip().rstrip(".")
 
 
+def _is_facts_question(question: str) -> bool:
+    return question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX)
+
+
+def _words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+def other_version(line: str, passage_line: str) -> bool:
+    """``line`` is another version of what ``passage_line`` states: they share a name and
+    read alike, word by word, yet differ ("Naxpry is governed by Old Tom." against "Naxpry
+    is governed by Lumfen Uskyth."). Whether it contradicts or repeats, the passage's own
+    wording is the one to keep."""
+    if line == passage_line:
+        return False
+    if not {n.lower() for n in names_in(line)} & {n.lower() for n in names_in(passage_line)}:
+        return False
+    return SequenceMatcher(None, _words(line), _words(passage_line)).ratio() >= _SAME_STATEMENT_SIMILARITY
+
+
+def descriptions(question: str) -> list[str]:
+    """The definite descriptions of the question, each up to the name it ends on, lower-cased:
+    "the person who governs naxpry" and "the profession of the person who governs naxpry" in
+    "What is the profession of the person who governs Naxpry?"."""
+    found = []
+    for match in _DESCRIPTION.finditer(question):
+        rest = question[match.start() :]
+        for name in names_in(rest)[:1]:
+            if (end := rest.find(name)) >= 0:
+                found.append(rest[: end + len(name)].lower())
+    return found
+
+
 def compose_facts(result: ProtocolResult) -> list[str]:
     """The fact lines to give the executive, in order (empty: nothing to give).
 
     Each line once, ranked by the relation words it shares with the user's question
     ("collect" for "What does the governor of Naxpry collect?"), then by its names and the
-    identified entity, then the later stages' before grounding's. Kept are the lines that
-    share a relation word or name the bridge entity (one the question does not name); a
-    small executive copies whichever fact it reads, so the town's main export beside its
-    governor answers "Who governs Naxpry?" with the export. When no line qualifies (a
-    question asking nothing specific, "Tell me about Naxpry."), all are kept."""
+    identified entity, then the later stages' before grounding's. Two kinds of line are
+    dropped, both what the memory makes up for the user's wording when it does not know:
+    another version of a line of the memory's own account of an entity (its answer to "What do
+    you know about X?", the passage it learned whole: "Naxpry is governed by Old Tom."
+    against the passage's "Naxpry is governed by Lumfen Uskyth."), and, for a question
+    that describes its entity, a restatement of the description that does not name the
+    entity it was resolved to ("The governor of Vorras collects iron nails." when the
+    governor is Celilotal Dorard). A small executive copies whichever fact it reads first.
+
+    Kept are the lines that share a relation word or name the bridge entity (one the
+    question does not name), so the town's main export beside its governor does not
+    answer "Who governs Naxpry?". When no line qualifies (a question asking nothing
+    specific, "Tell me about Naxpry."), all are kept."""
     relation = relation_words(result.question)
     named = names_in(result.question)
     names = content_words(" ".join([*named, result.entity or ""]))
@@ -282,18 +331,28 @@ def compose_facts(result: ProtocolResult) -> list[str]:
             )
             if line not in ranked or key < ranked[line]:
                 ranked[line] = key
-    lines = sorted(ranked, key=ranked.__getitem__)
+    passage = {line for f in result.findings if _is_facts_question(f.question) for line in fact_lines(f)}
+    trusted = [line for line in ranked if line in passage or not any(other_version(line, p) for p in passage)]
+    if bridge:
+        described = descriptions(result.question)
+        restated = [line for line in trusted if any(d in line.lower() for d in described)]
+        trusted = [line for line in trusted if line not in restated or bridge in line.lower()] or trusted
+    lines = sorted(trusted, key=ranked.__getitem__)
     # ranked[line][0] is minus the relation words the line shares, counted once above
     focused = [line for line in lines if ranked[line][0] or (bridge and bridge in line.lower())]
     return (focused or lines)[:MAX_FACT_LINES]
 
 
 def compose_messages(messages: list[dict[str, str]], result: ProtocolResult) -> list[dict[str, str]]:
-    """The chat with the recalled facts put before the user's last question, in that turn:
-    a system turn mid-conversation is not something every chat template accepts."""
+    """The chat with the recalled facts put before the user's last question, in that turn (a
+    system turn mid-conversation is not something every chat template accepts), as context
+    with an instruction to answer from it after the question: the 135M executive read a
+    bare "Facts:" list and then answered from its own guesses (bench.memory_qa.replay
+    measures such choices on recorded recalls; docs/memory.md has the figures)."""
     facts = compose_facts(result)
     if not facts:
         return messages
     listed = "\n".join(f"- {line}" for line in facts)
     last = messages[-1]
-    return [*messages[:-1], {**last, "content": f"Facts:\n{listed}\n\nQuestion: {last['content']}"}]
+    content = f"Context:\n{listed}\n\nQuestion: {last['content']}\n{ANSWER_FROM_CONTEXT}"
+    return [*messages[:-1], {**last, "content": content}]
