@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from bench.memory_qa.__main__ import write_section
 from bench.memory_qa.corpus import generate, is_correct
 
@@ -41,3 +43,51 @@ def test_section_replaced_others_kept(tmp_path):
     text = path.read_text()
     assert "second" in text and "first" not in text and "## Serving\n\nlead's table" in text
     assert text.startswith("# Benchmarks")
+
+
+def test_replay_composes_recorded_recalls_and_scores_the_executive_s_answer(tmp_path):
+    from bench.memory_qa.replay import recorded_cases, replay
+
+    memory = {
+        "mode": "three_stage",
+        "entity": "Naxpry",
+        "findings": [
+            {"stage": "grounding", "question": "Who governs Naxpry?", "answer": "Naxpry is governed by Old Tom.",
+             "sources": ["town-01"]},
+            {"stage": "entity", "question": "What do you know about Naxpry?",
+             "answer": "Naxpry is governed by Lumfen Uskyth.", "sources": ["town-01"]},
+        ],
+    }  # fmt: skip
+    outcome = {
+        "question": "Who governs Naxpry?",
+        "kind": "single_hop",
+        "gold": "Lumfen Uskyth",
+        "seconds": 1.0,
+    }
+    runs = [
+        {
+            "label": "clean",
+            "outcomes": [
+                {**outcome, "system": "memo", "response": "Old Tom.", "correct": False, "memory": memory},
+                {**outcome, "system": "bm25", "response": "Lumfen Uskyth", "correct": True, "memory": None},
+            ],
+        }
+    ]
+    path = tmp_path / "memory_qa.json"
+    path.write_text(json.dumps({"runs": runs}))
+    cases = recorded_cases(path)
+    assert [(c["system"], c["run"], c["file"]) for c in cases] == [("memo", "clean", "memory_qa.json")]
+
+    class FirstFactExecutive:  # copies the first context line, as the 135M executive does
+        def __init__(self):
+            self.prompts = []
+
+        def answer(self, messages):
+            self.prompts.append(messages[-1]["content"])
+            return messages[-1]["content"].split("\n")[1]
+
+    executive = FirstFactExecutive()
+    [row] = replay(cases, executive, concurrency=2)
+    assert executive.prompts[0].startswith("Context:\n- Naxpry is governed by Lumfen Uskyth.")
+    assert row["replayed"] == "- Naxpry is governed by Lumfen Uskyth." and row["replayed_correct"]
+    assert row["correct"] is False  # the live outcome is kept beside it

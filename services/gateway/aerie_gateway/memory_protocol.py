@@ -335,8 +335,12 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     trusted = [line for line in ranked if line in passage or not any(other_version(line, p) for p in passage)]
     if bridge:
         described = descriptions(result.question)
-        restated = [line for line in trusted if any(d in line.lower() for d in described)]
-        trusted = [line for line in trusted if line not in restated or bridge in line.lower()] or trusted
+        kept = [
+            line
+            for line in trusted
+            if bridge in line.lower() or not any(d in line.lower() for d in described)
+        ]
+        trusted = kept or trusted
     lines = sorted(trusted, key=ranked.__getitem__)
     # ranked[line][0] is minus the relation words the line shares, counted once above
     focused = [line for line in lines if ranked[line][0] or (bridge and bridge in line.lower())]
