@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 from aerie_gateway.app import create_app
+from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
 from aerie_gateway.settings import GatewaySettings
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
@@ -212,7 +213,7 @@ async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
     sent = verifier.requests[response.json()["id"]]
     assert [m.role for m in sent.messages] == ["user"]
     assert "Lumfen Uskyth" in sent.messages[0].content
-    assert sent.messages[0].content.endswith("Question: Who governs Naxpry?")
+    assert sent.messages[0].content.endswith(f"Question: Who governs Naxpry?\n{ANSWER_FROM_CONTEXT}")
 
 
 async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fakes):
