@@ -20,6 +20,7 @@ import argparse
 import json
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -84,8 +85,6 @@ class Executive:
 
 
 def replay(cases: list[dict], executive: Executive, concurrency: int) -> list[dict]:
-    from concurrent.futures import ThreadPoolExecutor
-
     from aerie_gateway.memory_protocol import compose_messages
 
     def one(case: dict) -> dict:
