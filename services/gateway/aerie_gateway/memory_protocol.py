@@ -321,8 +321,12 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     if any(bridge == n.lower() for n in named):
         bridge = ""
     ranked: dict[str, tuple[int, int, int, int]] = {}
+    passage: set[str] = set()  # the lines of the memory's accounts of entities
     for finding in result.findings:
-        for line in fact_lines(finding):
+        said = fact_lines(finding)
+        if _is_facts_question(finding.question):
+            passage.update(said)
+        for line in said:
             key = (
                 -_overlap(line, relation),
                 -_overlap(line, names),
@@ -331,7 +335,6 @@ def compose_facts(result: ProtocolResult) -> list[str]:
             )
             if line not in ranked or key < ranked[line]:
                 ranked[line] = key
-    passage = {line for f in result.findings if _is_facts_question(f.question) for line in fact_lines(f)}
     trusted = [line for line in ranked if line in passage or not any(other_version(line, p) for p in passage)]
     if bridge:
         described = descriptions(result.question)
