@@ -206,6 +206,20 @@ def print_report(results: list[dict], templates: list[str]) -> None:
             print(f"  {n}: {rows}")
 
 
+def select_questions(questions: list[dict], limit: int | None, per_category: int | None) -> list[dict]:
+    """The first ``per_category`` questions of every category (MT-bench lists them by
+    category, so a plain ``limit`` covers the first categories only), then the first ``limit``."""
+    if per_category is not None:
+        taken: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in questions:
+            if taken[q["category"]] < per_category:
+                taken[q["category"]] += 1
+                kept.append(q)
+        questions = kept
+    return questions[:limit]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.eagle_eval",
@@ -220,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only (of 80)")
+    parser.add_argument(
+        "--per-category", type=int, default=None, help="first N questions of each of the 8 categories"
+    )
     parser.add_argument("--turns", type=int, default=2, choices=[1, 2], help="MT-bench turns per question")
     parser.add_argument("--max-tokens", type=int, default=256, help="new tokens per turn")
     parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=list(TEMPLATES))
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.target_model:
         overrides["target_model"] = args.target_model
     target, tokenizer, model_dir = load_target(ModelSettings(**overrides))
-    questions = mtbench_questions()[: args.limit]
+    questions = select_questions(mtbench_questions(), args.limit, args.per_category)
     results = []
     for head_dir in args.heads:
         print(f"{head_dir}: {len(questions)} questions x {args.turns} turns, max {args.max_tokens} tokens")

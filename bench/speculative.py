@@ -1,19 +1,25 @@
-"""What the speculative machinery costs and what it can reach, in one run on the same
-MT-bench prompts (temperature 0), interleaved per prompt so that machine noise falls on
-every configuration alike:
+"""Speculative decoding against its peers, in one run on the same MT-bench prompts
+(temperature 0), interleaved per prompt so that machine noise falls on every
+configuration alike:
 
+    hf-generate       Hugging Face generate(), plain greedy, the baseline
+    hf-prompt-lookup  Hugging Face assisted generation with prompt lookup
+                      (prompt_lookup_num_tokens), the peer a user tries first
     plain             the verifier's engine without speculation
     inprocess-head    EAGLE head inside the verifier (no hop)
     grpc-head         EAGLE head in the drafter service, over the DraftSession stream
+    grpc-head-guarded the same with the verifier's default pace guard, which drops a
+                      request's speculation once it measures slower than plain decoding
     inprocess-oracle  a drafter that knows the plain output: every draft is accepted
     grpc-oracle       the same oracle behind the real Drafter gRPC service
 
 The oracle shows the ceiling (mean acceptance length = depth + 1) and the pure cost of
 capture, tree verification and the hop; the head rows show a real head. Every output is
-checked token for token against plain decoding.
+checked token for token against plain decoding (the Hugging Face rows too: same model,
+same greedy rule).
 
-    python -m bench.speculative                       # untrained head, 6 prompts
-    python -m bench.speculative --head PATH --prompts 20
+    python -m bench.speculative                       # the shipped head, 6 prompts
+    python -m bench.speculative --head PATH --prompts 20 --chart docs/img/speculative.png
 """
 
 from __future__ import annotations
@@ -39,11 +45,23 @@ from aerie_drafter.proposer import TreeShape, tree_shape
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams
+from aerie_verifier.speculative import PaceGuard
+from transformers import GenerationConfig
 
 from bench.prompts import mtbench_questions
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("plain", "inprocess-head", "grpc-head", "inprocess-oracle", "grpc-oracle")
+CONFIGS = (
+    "hf-generate",
+    "hf-prompt-lookup",
+    "plain",
+    "inprocess-head",
+    "grpc-head",
+    "grpc-head-guarded",
+    "inprocess-oracle",
+    "grpc-oracle",
+)
+HF_CONFIGS = {"hf-generate": None, "hf-prompt-lookup": 10}  # -> prompt_lookup_num_tokens
 
 
 class OracleSession:
@@ -126,13 +144,14 @@ class Tally:
     mismatches: int = 0
     per_position: list[int] = field(default_factory=list)
 
-    def row(self, name: str, plain_tps: float) -> dict:
+    def row(self, name: str, plain_tps: float, hf_tps: float) -> dict:
         tps = self.tokens / self.seconds
         return {
             "config": name,
             "tokens": self.tokens,
             "tokens_per_s": round(tps, 2),
             "speedup_vs_plain": round(tps / plain_tps, 3),
+            "speedup_vs_hf_generate": round(tps / hf_tps, 3),
             "mean_acceptance_length": round(1 + self.accepted / self.drafts, 3) if self.drafts else None,
             "acceptance_by_position": [round(c / self.drafts, 3) for c in self.per_position]
             if self.drafts
@@ -161,14 +180,39 @@ def run_once(engine: Engine, prompt_ids: list[int], max_tokens: int, speculative
     return tokens, time.perf_counter() - started, final[0].speculative
 
 
+def run_hf(model, prompt_ids: list[int], max_tokens: int, eos_ids, lookup: int | None):
+    """Hugging Face generate() on the same prompt, greedy; the tokens up to the first EOS
+    (which the engine does not emit either) and the seconds taken."""
+    config = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=min(eos_ids),
+        prompt_lookup_num_tokens=lookup,
+    )
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+        )
+    seconds = time.perf_counter() - started
+    tokens = output[0, len(prompt_ids) :].tolist()
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return tokens[:end], seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--prompts", type=int, default=6, help="MT-bench questions (first turns)")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--head", default=UNTRAINED, help='EAGLE head directory, or "untrained"')
+    parser.add_argument(
+        "--head", default="", help='EAGLE head directory, or "untrained" (default: the shipped head)'
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speculative.json")
+    parser.add_argument("--chart", type=Path, default=None, help="also draw the results as this PNG")
     args = parser.parse_args()
 
     settings = ModelSettings()
@@ -198,19 +242,27 @@ def main() -> None:
             "plain": None,
             "inprocess-head": InProcessDrafterFactory(head, shape),
             "grpc-head": GrpcDrafterFactory(head_addr, shape),
+            "grpc-head-guarded": GrpcDrafterFactory(head_addr, shape),
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
             "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
         }
         engines = {}
-        for name, factory in factories.items():
-            engines[name] = Engine(model, tokenizer, max_running=1, drafter_factory=factory)
+        for name, factory in factories.items():  # the hf-* rows run the model directly
+            guard = PaceGuard() if name.endswith("-guarded") else None
+            engines[name] = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard)
             engines[name].start()
         tallies = {name: Tally() for name in CONFIGS}
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
             order = CONFIGS[i % len(CONFIGS) :] + CONFIGS[: i % len(CONFIGS)]
             for name in order:
-                tokens, seconds, stats = run_once(engines[name], prompt, args.max_tokens, name != "plain")
+                if name in HF_CONFIGS:
+                    stats = None
+                    tokens, seconds = run_hf(
+                        model, prompt, args.max_tokens, plain_engine.eos_ids, HF_CONFIGS[name]
+                    )
+                else:
+                    tokens, seconds, stats = run_once(engines[name], prompt, args.max_tokens, name != "plain")
                 tally = tallies[name]
                 tally.tokens += len(tokens)
                 tally.seconds += seconds
@@ -232,7 +284,8 @@ def main() -> None:
             proc.wait(30)
 
     plain_tps = tallies["plain"].tokens / tallies["plain"].seconds
-    rows = [tallies[name].row(name, plain_tps) for name in CONFIGS]
+    hf_tps = tallies["hf-generate"].tokens / tallies["hf-generate"].seconds
+    rows = [tallies[name].row(name, plain_tps, hf_tps) for name in CONFIGS]
     result = {
         "device": device,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -244,20 +297,62 @@ def main() -> None:
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart is not None:
+        draw_chart(result, args.chart)
     print(
         f"\n{device} {result['dtype']}, head {origin}, tree {shape}, {len(prompts)} MT-bench prompts, "
         f"max_tokens {args.max_tokens}\n"
     )
-    print("| config | tokens/s | vs plain | mean acceptance length | outputs differing from plain |")
-    print("|---|---|---|---|---|")
+    print(
+        "| config | tokens/s | vs HF generate | vs Aerie plain | mean acceptance length "
+        "| outputs differing from plain |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         mal = row["mean_acceptance_length"] or "–"
         print(
-            f"| {row['config']} | {row['tokens_per_s']} | {row['speedup_vs_plain']}x | {mal} | "
-            f"{row['outputs_differing_from_plain']} |"
+            f"| {row['config']} | {row['tokens_per_s']} | {row['speedup_vs_hf_generate']:.2f}× "
+            f"| {row['speedup_vs_plain']:.2f}× | {mal} | {row['outputs_differing_from_plain']} |"
         )
     if any(row["outputs_differing_from_plain"] for row in rows):
         sys.exit("speculative output differs from plain decoding")
+
+
+def draw_chart(result: dict, path: Path) -> None:
+    """Two panels: tokens/s relative to Hugging Face generate() per configuration, and the
+    fraction of verification steps accepting at least d drafted tokens, per speculative
+    configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (speed, depth) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [row["config"] for row in rows]
+    ratios = [row["speedup_vs_hf_generate"] for row in rows]
+    bars = speed.barh(names[::-1], ratios[::-1], color="tab:blue")
+    speed.bar_label(bars, labels=[f"{r:.2f}×" for r in ratios[::-1]], padding=3)
+    speed.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    speed.set_xlabel("tokens/s relative to Hugging Face generate()")
+    speed.set_title(
+        f"{result['prompts']} MT-bench prompts, {result['max_tokens']} new tokens, "
+        f"{result['device']} {result.get('dtype', '')}"
+    )
+    for row in rows:  # (a guarded row's steps are the first few of each request only)
+        if row["acceptance_by_position"] and not row["config"].endswith("-guarded"):
+            by_depth = row["acceptance_by_position"]
+            depth.plot(range(1, len(by_depth) + 1), by_depth, marker="o", label=row["config"])
+    depth.set_xlabel("draft depth d")
+    depth.xaxis.get_major_locator().set_params(integer=True)
+    depth.set_ylabel("steps accepting ≥ d drafts")
+    depth.set_ylim(0, 1.05)
+    depth.set_title(f"acceptance by depth, head {Path(result['head']).name}")
+    depth.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,7 @@ def stack(tmp_path_factory) -> Stack:
         AERIE_DATA_DIR=str(tmp_path_factory.mktemp("aerie-data")),
         AERIE_API_KEYS="",
         AERIE_DRAIN_TIMEOUT_S="3",
-        # No trained head ships yet: ask for the untrained one, so that speculation runs
-        # through the stack (its output is exact either way).
-        AERIE_DRAFTER_HEAD="untrained",
+        AERIE_DRAFTER_HEAD="",  # the shipped head: the stack speculates with a trained one
         # The memory learns small test documents quickly: short generations, two epochs.
         AERIE_MEMORY_GENERATOR_MAX_TOKENS="32",
         AERIE_MEMORY_TRAIN_EPOCHS="2",

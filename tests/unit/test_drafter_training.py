@@ -252,7 +252,7 @@ def tiny_config(out, **overrides) -> TrainConfig:
         draft_vocab=48, self_distill=False, distill_max_new_tokens=8, distill_batch_size=2, distill_turns=1,
         features="cache", feature_batch_size=2, ttt_steps=2, step_decay=0.8, epochs=2, batch_size=2,
         lr=1e-3, warmup_ratio=0.0, weight_decay=0.0, grad_clip=0.5, save_every=2, keep_checkpoints=2,
-        log_every=1, seed=0, export_dtype="bfloat16", threads=0,
+        log_every=1, seed=0, export_dtype="bfloat16", threads=0, bf16=False,
     )  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
@@ -367,3 +367,32 @@ def test_online_features_and_the_30_architecture_train_too(target, tiny_tokenize
     assert head.config.eagle_version == "3.0" and head.fc_norm is None
     log = [json.loads(line) for line in (tmp_path / "online" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(len(row["step_loss"]) == 2 for row in log)
+
+
+def test_init_head_continues_from_an_exported_head_with_its_vocabulary(target, tiny_tokenizer, tmp_path):
+    first = train(
+        tiny_config(tmp_path / "first", epochs=4, draft_vocab=40),
+        target=target,
+        tokenizer=tiny_tokenizer,
+        conversations=tiny_conversations(6),
+    )
+    exported = load_head(first, target.model.embed_tokens)
+    # New data whose own most frequent tokens differ, and bf16 autocast on the CPU: stopped
+    # before its first step, the run holds the exported head, vocabulary included.
+    later = dict(target=target, tokenizer=tiny_tokenizer, conversations=tiny_conversations(6, seed=3))
+    warm = tiny_config(tmp_path / "warm", epochs=1, init_head=str(first), bf16=True)
+    assert train(warm, stop_after=0, **later) is None
+    start = load_head(tmp_path / "warm" / "checkpoints" / "step-0000000", target.model.embed_tokens)
+    assert torch.equal(start.draft_target_ids(), exported.draft_target_ids())
+    for name, value in exported.state_dict().items():
+        assert torch.equal(start.state_dict()[name], value.float()), name
+    trained = load_head(train(warm, resume=True, **later), target.model.embed_tokens)
+    assert torch.equal(trained.draft_target_ids(), exported.draft_target_ids())
+    assert not torch.equal(trained.fc.weight, exported.fc.weight)
+
+    cold = load_head(
+        train(tiny_config(tmp_path / "cold", epochs=1, draft_vocab=40), **later), target.model.embed_tokens
+    )
+    assert not torch.equal(cold.draft_target_ids(), exported.draft_target_ids())  # the data's own
+    with pytest.raises(SystemExit, match="3.1 head"):
+        train(tiny_config(tmp_path / "wrong", eagle_version="3.0", init_head=str(first)), **later)

@@ -4,6 +4,7 @@ known drafters, cache bookkeeping, hidden-state capture and the fallback."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from aerie_drafter.proposer import TreeShape
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams, target_probs
-from aerie_verifier.speculative import HiddenCapture
+from aerie_verifier.speculative import HiddenCapture, PaceGuard
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 from transformers import DynamicCache
 
@@ -286,3 +287,76 @@ def test_speculative_false_opens_no_draft_session(target, make_engine):
     engine = make_engine(factory)
     _, final = generate(engine, [9, 10], SamplingParams(max_tokens=10), speculative=False)
     assert factory.opened == 0 and final.speculative is None
+
+
+class ReplayDrafter:
+    """Proposes the next ``depth`` tokens of a known output (always right) at no cost, or,
+    with ``wrong``, a token that never is, after ``delay_s``."""
+
+    def __init__(self, reference: list[int], depth: int, wrong: bool = False, delay_s: float = 0.0):
+        self.reference, self.depth, self.wrong, self.delay_s = reference, depth, wrong, delay_s
+        self.tokens: list[int] = []
+
+    def start(self, token_ids, hidden):
+        self.tokens = list(token_ids)
+        return self.propose()
+
+    def extend(self, token_ids, hidden):
+        self.tokens.extend(token_ids)
+        return self.propose()
+
+    def propose(self) -> DraftTree:
+        time.sleep(self.delay_s)
+        n = len(self.tokens)
+        chain = self.reference[n : n + self.depth]
+        if self.wrong:
+            chain = [(t + 1) % VOCAB for t in chain[:1]]
+        return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
+
+    def close(self):
+        pass
+
+
+def test_pace_guard_drops_speculation_that_measures_slower_than_plain(target, tiny_tokenizer):
+    prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=40)
+    plain_engine = Engine(target, tiny_tokenizer)
+    plain_engine.start()
+    try:
+        plain, _ = generate(plain_engine, prompt, params, speculative=False)
+    finally:
+        plain_engine.stop()
+    assert len(plain) == 40
+    reference = prompt + plain
+
+    def run(drafter, guard):
+        engine = Engine(target, tiny_tokenizer, drafter_factory=Factory(lambda: drafter), pace_guard=guard)
+        engine.start()
+        try:
+            tokens, final = generate(engine, prompt, params, speculative=True)
+        finally:
+            engine.stop()
+        assert tokens == plain  # lossless whichever way it decodes
+        return final.speculative, engine.totals.speculation_dropped
+
+    # A slow drafter that is never right: one token per 30 ms step, far slower than a plain
+    # step of this tiny model. Judged after 8 steps, then plain; without the guard, 39 steps.
+    slow = ReplayDrafter(reference, 4, wrong=True, delay_s=0.03)
+    guard = PaceGuard(probe_steps=8)
+    stats, dropped = run(slow, guard)
+    assert (stats.drafts, dropped) == (8, 1)
+    assert guard.plain_step_s is not None and guard.plain_step_s < 0.03
+    stats, dropped = run(ReplayDrafter(reference, 4, wrong=True, delay_s=0.03), None)
+    assert (stats.drafts, dropped) == (39, 0)
+    # A free drafter that is always right yields 5 tokens per step: it keeps speculating.
+    stats, dropped = run(ReplayDrafter(reference, 4), PaceGuard(probe_steps=2))
+    assert dropped == 0 and stats.drafts == 8 and stats.mean_acceptance_length == 5.0
+
+
+def test_pace_guard_judges_seconds_per_token_after_the_probe():
+    guard = PaceGuard(probe_steps=3, smoothing=0.5)
+    assert guard.pays(5, 10.0, 1)  # nothing to compare with yet
+    guard.observe_plain_step(0.10)
+    guard.observe_plain_step(0.20)
+    assert guard.plain_step_s == pytest.approx(0.15)
+    assert guard.pays(2, 10.0, 1)  # still probing
+    assert guard.pays(3, 0.45, 3) and not guard.pays(3, 0.46, 3)

@@ -250,3 +250,8 @@ class EagleHead(nn.Module):
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
+
+    def draft_target_ids(self) -> torch.Tensor:
+        """The target ids of the whole draft vocabulary, in draft-id order (what
+        ``set_vocab_map`` takes)."""
+        return self.to_target_ids(torch.arange(len(self.d2t), device=self.d2t.device))

@@ -16,6 +16,7 @@ from aerie_verifier.engine import Engine
 from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
+from aerie_verifier.speculative import PaceGuard
 
 log = logging.getLogger("aerie_verifier")
 
@@ -74,6 +75,7 @@ async def serve(settings: VerifierSettings) -> None:
         settings.max_waiting_requests,
         drafter_factory=make_drafter_factory(settings, str(model.device)),
         breaker_cooldown_s=settings.drafter_retry_after_s,
+        pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
     )
     engine.start()
     start_metrics_server(EngineCollector(engine), settings.verifier_host, settings.verifier_metrics_port)

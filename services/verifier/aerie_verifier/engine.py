@@ -33,6 +33,7 @@ from aerie_verifier.speculative import (
     Drafter,
     DrafterFactory,
     HiddenCapture,
+    PaceGuard,
     SpeculationDeclined,
     SpeculativeStats,
 )
@@ -66,6 +67,9 @@ class EngineTotals:
     # Speculative requests that decoded some or all of their tokens without a drafter
     # (it failed, or had failed less than the breaker's cooldown ago).
     drafter_fallbacks: int = 0
+    # Speculative requests whose speculation measured slower than plain decoding, and that
+    # decoded the rest plainly (PaceGuard).
+    speculation_dropped: int = 0
     speculative: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
@@ -104,6 +108,8 @@ class Sequence:
     capture_layer_ids: tuple[int, ...] = ()
     spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     fell_back: bool = False  # decoded without the drafter after asking for speculation
+    spec_seconds: float = 0.0  # spent in verification steps and their drafting
+    spec_tokens: int = 0  # the tokens those steps yielded
 
     def append_tokens(self, tokens: list[int]) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
@@ -157,6 +163,7 @@ class Engine:
         max_waiting: int = 64,
         drafter_factory: DrafterFactory | None = None,
         breaker_cooldown_s: float = 10.0,
+        pace_guard: PaceGuard | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -170,6 +177,8 @@ class Engine:
         self.drafter_factory = drafter_factory
         self.capture = HiddenCapture(model) if drafter_factory else None
         self.breaker = CircuitBreaker(breaker_cooldown_s)
+        # None: speculate for as long as asked (benchmarks of acceptance need that).
+        self.pace_guard = pace_guard if drafter_factory else None
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -270,6 +279,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.pace_guard is not None:
+            self._calibrate_plain_step()
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not self._running:
@@ -297,6 +308,26 @@ class Engine:
                 if seq.cancelled or seq.finish_reason is not None:
                     self._retire(seq)
             self.totals.generation_tokens += sum(len(seq.output_ids) for seq in round_robin) - produced_before
+
+    @torch.inference_mode()
+    def _calibrate_plain_step(self) -> None:
+        """Seed the pace guard with the time of a 1-token decoding step (best of three,
+        after a short prefill), so the first requests can be judged too. Reading the
+        token back waits for the device, as a real step does."""
+        try:
+            cache = DynamicCache()
+            ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, past_key_values=cache)
+            timings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                logits = self.model(input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1).logits
+                logits[0, -1].argmax().item()
+                timings.append(time.perf_counter() - started)
+        except Exception:  # the guard then learns from the first plain steps instead
+            log.warning("calibrating the plain decoding step failed", exc_info=True)
+            return
+        self.pace_guard.observe_plain_step(min(timings))
 
     def _retire(self, seq: Sequence) -> None:
         if seq.finish_reason is None:
@@ -353,9 +384,13 @@ class Engine:
 
     def _decode_one(self, seq: Sequence) -> None:
         seq.tree = None
+        started = time.perf_counter()
         input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
         logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
-        seq.append_tokens([next_token(logits[0, -1], seq.params, seq.generator)])
+        token = next_token(logits[0, -1], seq.params, seq.generator)
+        if self.pace_guard is not None:
+            self.pace_guard.observe_plain_step(time.perf_counter() - started)
+        seq.append_tokens([token])
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Sequence]) -> list[Sequence]:
@@ -400,6 +435,7 @@ class Engine:
         return seqs
 
     def _verify_tree(self, seq: Sequence) -> None:
+        started = time.perf_counter()
         tree, seq.tree = seq.tree, None
         past_len = seq.cache.get_seq_length()
         inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
@@ -423,6 +459,22 @@ class Engine:
         if seq.finish_reason is None:
             verified = features[[0, *(i + 1 for i in accepted)]]
             self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
+        seq.spec_seconds += time.perf_counter() - started
+        seq.spec_tokens += len(new_tokens)
+        guard = self.pace_guard
+        if (
+            seq.draft is not None
+            and guard
+            and not guard.pays(seq.spec_stats.drafts, seq.spec_seconds, seq.spec_tokens)
+        ):
+            log.info(
+                "request %s: speculation yields %.1f ms per token against %.1f ms plain; decoding plainly",
+                seq.request_id,
+                1000 * seq.spec_seconds / seq.spec_tokens,
+                1000 * guard.plain_step_s,
+            )
+            self._stop_drafting(seq)
+            self.totals.speculation_dropped += 1
 
     def _tree_fits(self, seq: Sequence, tree: DraftTree) -> bool:
         return seq.cache.get_seq_length() + 1 + len(tree) <= self.context_length

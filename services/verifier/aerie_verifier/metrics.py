@@ -56,6 +56,12 @@ class EngineCollector(Collector):
             "Speculative requests that decoded some or all of their tokens without the drafter.",
             value=totals.drafter_fallbacks,
         )
+        yield CounterMetricFamily(
+            "aerie:verifier_speculation_dropped",
+            "Speculative requests that decoded the rest plainly because speculation measured "
+            "slower than plain decoding (AERIE_DROP_SLOW_SPECULATION).",
+            value=totals.speculation_dropped,
+        )
         spec = totals.speculative
         yield CounterMetricFamily(
             "aerie:verifier_spec_decode_num_drafts",

@@ -22,5 +22,9 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drafter_step_timeout_s: float = 2.0
     # After a drafter failure, requests decode without speculation for this long.
     drafter_retry_after_s: float = 10.0
+    # A request whose speculation measures slower than plain decoding over its first 8
+    # verification steps decodes the rest plainly (a weak head, or a CPU where verifying a
+    # tree costs about two plain steps). false: speculate whatever it costs.
+    drop_slow_speculation: bool = True
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0

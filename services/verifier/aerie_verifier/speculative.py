@@ -75,6 +75,35 @@ class SpeculativeStats:
         return 1.0 + self.accepted_tokens / self.drafts if self.drafts else 0.0
 
 
+class PaceGuard:
+    """Whether a request's speculation pays, measured: after ``probe_steps`` verification
+    steps, its seconds per token over those steps (the drafting, the hop and the tree
+    verification) are compared with the engine's own plain 1-token decoding step, and
+    speculation that decodes slower is dropped for the rest of the request. A weak head,
+    or a device where tree verification is dear (a CPU), then costs a request a few steps
+    instead of all of them; where drafts pay, nothing changes.
+
+    The plain step time is an exponential average of the engine's unbatched plain steps,
+    seeded by a calibration at start (``observe_plain_step``)."""
+
+    def __init__(self, probe_steps: int = 8, smoothing: float = 0.2):
+        self.probe_steps = probe_steps
+        self.smoothing = smoothing
+        self.plain_step_s: float | None = None
+
+    def observe_plain_step(self, seconds: float) -> None:
+        if self.plain_step_s is None:
+            self.plain_step_s = seconds
+        else:
+            self.plain_step_s += self.smoothing * (seconds - self.plain_step_s)
+
+    def pays(self, steps: int, seconds: float, tokens: int) -> bool:
+        """``steps`` verification steps took ``seconds`` and yielded ``tokens``."""
+        if steps < self.probe_steps or self.plain_step_s is None or tokens == 0:
+            return True
+        return seconds / tokens <= self.plain_step_s
+
+
 class HiddenCapture:
     """Records the residual stream entering chosen decoder layers (EAGLE-3's capture
     points) during forwards run inside ``with capture.layers(ids):``; ``features()``

@@ -1,0 +1,63 @@
+"""The speculative-decoding bench's own pieces: the Hugging Face baselines decode what the
+engine decodes, the chart is drawn, and the acceptance eval covers every category."""
+
+from __future__ import annotations
+
+from aerie_verifier.engine import Engine
+
+from bench.eagle_eval import select_questions
+from bench.speculative import draw_chart, run_hf, run_once
+
+
+def test_hf_rows_decode_the_engines_greedy_output(tiny_model, tiny_tokenizer):
+    engine = Engine(tiny_model, tiny_tokenizer, max_running=1)
+    engine.start()
+    try:
+        prompt = engine.encode_chat([{"role": "user", "content": "hello there"}])
+        plain, _, _ = run_once(engine, prompt, 24, speculative=False)
+    finally:
+        engine.stop()
+    generated, seconds = run_hf(tiny_model, prompt, 24, engine.eos_ids, lookup=None)
+    looked_up, _ = run_hf(tiny_model, prompt, 24, engine.eos_ids, lookup=3)
+    assert len(plain) == 24 and seconds > 0
+    assert generated == plain
+    assert looked_up == plain
+
+
+def test_hf_row_stops_before_eos(tiny_model, tiny_tokenizer):
+    prompt = tiny_tokenizer("abc")["input_ids"]
+    # every token is an end token here: generate() stops at once, and the EOS is not counted
+    tokens, _ = run_hf(tiny_model, prompt, 8, frozenset(range(len(tiny_tokenizer))), lookup=None)
+    assert tokens == []
+
+
+def test_chart_is_written(tmp_path):
+    row = {"tokens_per_s": 1.0, "speedup_vs_plain": 1.0, "outputs_differing_from_plain": 0}
+    result = {
+        "prompts": 2,
+        "max_tokens": 8,
+        "device": "cpu",
+        "head": "h",
+        "rows": [
+            {**row, "config": "hf-generate", "speedup_vs_hf_generate": 1.0, "acceptance_by_position": []},
+            {
+                **row,
+                "config": "grpc-head",
+                "speedup_vs_hf_generate": 1.4,
+                "acceptance_by_position": [0.6, 0.3],
+            },
+        ],
+    }
+    path = tmp_path / "img" / "speculative.png"
+    draw_chart(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_category_selection_covers_every_category():
+    questions = [{"category": c, "id": i} for c in "abc" for i in range(4)]
+    picked = select_questions(questions, None, 2)
+    assert [(q["category"], q["id"]) for q in picked] == [
+        ("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)
+    ]  # fmt: skip
+    assert select_questions(questions, 3, None) == questions[:3]
+    assert select_questions(questions, 3, 2) == picked[:3]
