@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from aerie_common.draft_tree import DraftTree
 
@@ -42,6 +44,23 @@ class OracleDrafter(_TokenTracker):
             pad_token_id=0,
         )
         chain = out[0, len(self.tokens) :].tolist()
+        return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
+
+
+class ReplayDrafter(_TokenTracker):
+    """Proposes the next ``depth`` tokens of a known output (always right) at no cost, or,
+    with ``wrong``, one token that never is, after ``delay_s``."""
+
+    def __init__(self, reference: list[int], depth: int, wrong: bool = False, delay_s: float = 0.0):
+        super().__init__()
+        self.reference, self.depth, self.wrong, self.delay_s = reference, depth, wrong, delay_s
+
+    def propose(self) -> DraftTree:
+        time.sleep(self.delay_s)
+        n = len(self.tokens)
+        chain = self.reference[n : n + self.depth]
+        if self.wrong:
+            chain = [t - 1 if t > 0 else t + 1 for t in chain[:1]]
         return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
 
 

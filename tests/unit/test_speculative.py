@@ -4,7 +4,6 @@ known drafters, cache bookkeeping, hidden-state capture and the fallback."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from transformers import DynamicCache
 
 from tests.conftest import build_tiny_llama
 
-from .spec_helpers import Factory, OracleDrafter, TargetTopKDrafter
+from .spec_helpers import Factory, OracleDrafter, ReplayDrafter, TargetTopKDrafter
 
 VOCAB = 259  # the tiny byte-level tokenizer's size
 
@@ -287,34 +286,6 @@ def test_speculative_false_opens_no_draft_session(target, make_engine):
     engine = make_engine(factory)
     _, final = generate(engine, [9, 10], SamplingParams(max_tokens=10), speculative=False)
     assert factory.opened == 0 and final.speculative is None
-
-
-class ReplayDrafter:
-    """Proposes the next ``depth`` tokens of a known output (always right) at no cost, or,
-    with ``wrong``, a token that never is, after ``delay_s``."""
-
-    def __init__(self, reference: list[int], depth: int, wrong: bool = False, delay_s: float = 0.0):
-        self.reference, self.depth, self.wrong, self.delay_s = reference, depth, wrong, delay_s
-        self.tokens: list[int] = []
-
-    def start(self, token_ids, hidden):
-        self.tokens = list(token_ids)
-        return self.propose()
-
-    def extend(self, token_ids, hidden):
-        self.tokens.extend(token_ids)
-        return self.propose()
-
-    def propose(self) -> DraftTree:
-        time.sleep(self.delay_s)
-        n = len(self.tokens)
-        chain = self.reference[n : n + self.depth]
-        if self.wrong:
-            chain = [(t + 1) % VOCAB for t in chain[:1]]
-        return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
-
-    def close(self):
-        pass
 
 
 def test_pace_guard_drops_speculation_that_measures_slower_than_plain(target, tiny_tokenizer):
