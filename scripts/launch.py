@@ -134,9 +134,12 @@ def plan() -> tuple[list[Supervised], str]:
     env.setdefault("AERIE_VERIFIER_METRICS_PORT", "9101")
     env.setdefault("AERIE_DRAFTER_METRICS_PORT", "9102")
     grace = verifier.drain_timeout_s + 5
+    # appendfsync always: Redis writes and syncs the AOF before it answers, so what a client
+    # was told is stored survives a kill -9. With everysec a slow disk lets Redis answer up
+    # to 2 s before writing (a CI run lost an accepted document that way).
     redis_argv = [
         redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
-        "--appendonly", "yes", "--appendfsync", "everysec",
+        "--appendonly", "yes", "--appendfsync", "always",
     ]  # fmt: skip
     procs = [Supervised("redis", redis_argv, env, COLORS[0], grace)]
     for i, name in enumerate(["verifier", "drafter", "memory", "gateway"], start=1):

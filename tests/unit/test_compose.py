@@ -341,6 +341,7 @@ def test_redis(main_model):
     assert redis["command"][:1] == ["redis-server"]
     assert "--appendonly" in redis["command"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert redis["command"][redis["command"].index("--appendfsync") + 1] == "always"
     assert "redis-data:/data" in redis["volumes"]
     assert "redis-data" in main_model["volumes"]
 

@@ -146,7 +146,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         argv = [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--save", "",
         ]  # fmt: skip
         self.process = Process(argv, dict(os.environ), self.directory / "redis.log")
         client = self.client()

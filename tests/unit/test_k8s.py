@@ -671,6 +671,7 @@ def test_redis(name, rendered):
     assert container["image"] == compose["image"], "the same Redis as docker-compose.yml"
     args = container.get("args", [])
     assert args[args.index("--appendonly") + 1] == "yes", "AOF on"
+    assert args[args.index("--appendfsync") + 1] == "always", "AOF synced before each answer"
     (claim,) = redis["spec"]["volumeClaimTemplates"]
     data_dir = args[args.index("--dir") + 1]
     assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in container["volumeMounts"]
