@@ -222,9 +222,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 def prepare_examples(
-    config: TrainConfig, target, tokenizer, conversations: list | None = None
+    config: TrainConfig, target, tokenizer, conversations: list | None = None, init: EagleHead | None = None
 ) -> tuple[list[Example], torch.Tensor]:
-    """Stage 1-2: examples and draft vocabulary, made once per run directory."""
+    """Stage 1-2: examples and draft vocabulary (``init``'s, when training goes on from a
+    head), made once per run directory."""
     path = config.out / "examples.safetensors"
     if path.is_file():
         return load_examples(path)
@@ -252,8 +253,8 @@ def prepare_examples(
         for c in tqdm(conversations, desc="tokenize", unit="conv")
     ]
     examples = [e for e in examples if sum(e.loss_mask) > 0 and len(e.input_ids) > 2]
-    if config.init_head:  # the head's own vocabulary: its lm_head rows are trained for it
-        vocab = initial_head(config, target).draft_target_ids()
+    if init is not None:  # the head's own vocabulary: its lm_head rows are trained for it
+        vocab = init.draft_target_ids()
     else:
         vocab = draft_vocabulary(examples, target.config.vocab_size, config.draft_vocab)
     save_examples(path, examples, vocab)
@@ -329,15 +330,15 @@ def initial_head(config: TrainConfig, target) -> EagleHead:
     return head
 
 
-def new_head(config: TrainConfig, target, vocab: torch.Tensor) -> EagleHead:
+def new_head(config: TrainConfig, target, vocab: torch.Tensor, init: EagleHead | None = None) -> EagleHead:
     torch.manual_seed(config.seed)
     eagle_config = EagleConfig.for_target(
         target.config, draft_vocab_size=len(vocab), eagle_version=config.eagle_version
     )
     head = EagleHead(eagle_config, target.model.embed_tokens)
     head.set_vocab_map(vocab)
-    if config.init_head:
-        head.load_state_dict(initial_head(config, target).state_dict())
+    if init is not None:
+        head.load_state_dict(init.state_dict())
         return head
     # Everything but the (frozen) embeddings starts from the default random init, as in
     # EAGLE-3. Starting the lm_head and final norm from the target's rows looked tempting,
@@ -460,7 +461,8 @@ def train(
         times_file.write_text(json.dumps(times) + "\n")
 
     stage_started = time.monotonic(), time.process_time()
-    examples, vocab = prepare_examples(config, target, tokenizer, conversations)
+    init = initial_head(config, target) if config.init_head else None
+    examples, vocab = prepare_examples(config, target, tokenizer, conversations, init)
     timed("data", stage_started)
     num_tokens = sum(len(e.input_ids) for e in examples)
     response_tokens = sum(sum(e.loss_mask) for e in examples)
@@ -474,7 +476,7 @@ def train(
         100 * coverage,
     )
 
-    head = new_head(config, target, vocab).to(config.device)
+    head = new_head(config, target, vocab, init).to(config.device)
     layer_ids = tuple(head.config.capture_layer_ids)
     stage_started = time.monotonic(), time.process_time()
     source = FeatureSource(config, target, examples, layer_ids)
