@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -258,6 +259,8 @@ def summarise(runs: list[Run]) -> dict:
                     "status",
                     "attempts",
                     "training_examples",
+                    "replayed_examples",
+                    "superseded_adapters",
                     "train_loss",
                     "step_yields",
                     "created_at",
@@ -288,9 +291,9 @@ def markdown(summary: dict, args, started: str) -> str:
         SECTION,
         "",
         f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --mode {args.mode} "
-        f"--questions {args.questions} --concurrency {args.concurrency}` ({started}; CPU, 2 cores shared "
-        "with other work; default models: SmolLM2-135M-Instruct as executive, reflection generator "
-        "and memory base). Accuracy: the gold answer appears in the reply.",
+        f"--questions {args.questions} --concurrency {args.concurrency}` ({started}; {os.cpu_count()} CPU "
+        "cores; default models: SmolLM2-135M-Instruct as executive, reflection generator and memory "
+        "base). Accuracy: the gold answer appears in the reply.",
         "",
         "| corpus | system | single-hop % | cross-document % | questions | latency p50 (s) |",
         "|---|---|---|---|---|---|",
@@ -345,7 +348,9 @@ def markdown(summary: dict, args, started: str) -> str:
             if job.get("step_yields"):
                 per_step = ", ".join(f"{s['step']} {s['kept']}/{s['candidates']}" for s in job["step_yields"])
                 lines.append(
-                    f"  - {label} job: {job['training_examples']} training examples, last-epoch loss "
+                    f"  - {label} job: {job['training_examples']} training examples "
+                    f"({job.get('replayed_examples') or 0} rehearsed, "
+                    f"{job.get('superseded_adapters') or 0} served adapters replaced), last-epoch loss "
                     f"{job['train_loss']}; reflection yields (kept/candidates): {per_step}"
                 )
     return "\n".join(lines) + "\n"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
-from bench.memory_qa.__main__ import write_section
+from bench.memory_qa.__main__ import markdown, write_section
 from bench.memory_qa.corpus import generate, is_correct
 
 
@@ -91,3 +94,11 @@ def test_replay_composes_recorded_recalls_and_scores_the_executive_s_answer(tmp_
     assert executive.prompts[0].startswith("Context:\n- Naxpry is governed by Lumfen Uskyth.")
     assert row["replayed"] == "- Naxpry is governed by Lumfen Uskyth." and row["replayed_correct"]
     assert row["correct"] is False  # the live outcome is kept beside it
+
+
+def test_report_renders_a_recorded_run():
+    recorded = json.loads((Path(__file__).parents[2] / "bench/results/memory_qa_seed1_memo.json").read_text())
+    text = markdown(recorded["summary"], SimpleNamespace(**recorded["args"]), "2026-11-30")
+    assert f"{os.cpu_count()} CPU cores" in text
+    assert "| distractors | memo | 97.5 | 100.0 | 60 |" in text
+    assert "198 training examples (99 rehearsed, 1 served adapters replaced)" in text

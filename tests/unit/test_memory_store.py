@@ -191,62 +191,94 @@ def _learned(settings, ns: str, adapter_id: str) -> str:
     return (settings.model_cache / "memory" / ns / "adapters" / adapter_id / "reflections.json").read_text()
 
 
-async def test_replay_rehearses_known_reflections_and_forgetting_reaches_them(
+async def test_full_rehearsal_replaces_the_rehearsed_adapters_and_forgetting_reaches_it(
     env, tmp_path, memory_redis_url
 ):
     store, _, _, generator, _ = env
-    # A ratio far above 1 replays everything known, so that every path below is taken.
-    settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=10.0)
+    settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=1.0)  # all_up_to: 256
     processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
     first = await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
     assert first.status == "succeeded" and first.replayed_examples == 0  # nothing known yet
     own = len(json.loads(_learned(settings, "ns", first.job_id)))
 
+    # The memory is small: the second job rehearses all of it, and its adapter alone is
+    # served (merged with the first, it would hold the new facts at half strength).
     zed = IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})
     second = await processor.run((await store.ingest("ns", [zed], 600)).job_id)
     assert second.status == "succeeded", second.errors
-    assert second.replayed_examples == own
+    assert (second.replayed_examples, second.superseded_adapters) == (own, 1)
     learned = json.loads(_learned(settings, "ns", second.job_id))
     assert second.training_examples == len(learned)
     text = json.dumps(learned)
     assert "Zed Quor" in text and "copper keys" in text and "river stones" in text
     version = await store.current_version("ns")
-    record = version.adapters[1]
-    assert record["docs"] == [["zed", second.documents[0]["hash"]]]
-    assert sorted(map(tuple, record["replayed_docs"])) == sorted(
-        (item["id"], item["hash"]) for item in first.documents
+    assert [a["id"] for a in version.adapters] == [second.job_id]
+    record = version.adapters[0]
+    assert record["supersedes"] == [first.job_id]
+    # It adopts what it replaced as its own: forgetting treats it as learned here.
+    assert sorted(map(tuple, record["docs"])) == sorted(
+        [("zed", second.documents[0]["hash"])] + [(item["id"], item["hash"]) for item in first.documents]
     )
-    assert (record["reflections"], record["replayed"]) == (len(learned) - own, own)
+    assert (record["reflections"], record["replayed"], record["replayed_docs"]) == (len(learned), 0, [])
     stats = await store.namespace_stats("ns")
-    assert stats["reflections"] == len(learned)  # each reflection once, replayed or not
+    assert stats["reflections"] == len(learned)  # each reflection once
 
-    # Updating "mira": the new job rehearses none of its old text, and both adapters that
-    # held it (the first, and the second by replay) are retrained without it.
+    # Updating "mira": the new job rehearses all but her old text and replaces the adapter.
     mira = IncomingDocument("mira", "Mira Vell collects blue feathers.", {})
     update = await processor.run((await store.ingest("ns", [mira], 600)).job_id)
     assert update.status == "succeeded", update.errors
-    assert update.replayed_examples > 0 and "copper keys" not in _learned(settings, "ns", update.job_id)
+    assert update.replayed_examples > 0 and update.superseded_adapters == 1
     version = await store.current_version("ns")
-    assert [a["id"] for a in version.adapters] == [
-        f"{first.job_id}~{update.job_id}",
-        f"{second.job_id}~{update.job_id}",
-        update.job_id,
-    ]
-    served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
-    assert "copper keys" not in served and "blue feathers" in served
+    assert [a["id"] for a in version.adapters] == [update.job_id]
+    served = _learned(settings, "ns", update.job_id)
+    assert "copper keys" not in served and "blue feathers" in served and "tin soldiers" in served
 
-    # Deleting "zed" drops the adapter that learned it, and retrains the one that rehearsed it.
-    assert ["zed", second.documents[0]["hash"]] in version.adapters[2]["replayed_docs"]
+    # Deleting "zed", which it adopted, retrains it without zed.
+    assert ["zed", second.documents[0]["hash"]] in version.adapters[0]["docs"]
     gone = await processor.run((await store.delete_document("ns", "zed"))[0])
     assert gone.status == "succeeded"
     version = await store.current_version("ns")
-    assert [a["id"] for a in version.adapters] == [
-        f"{first.job_id}~{update.job_id}",  # never held zed: kept as it was
-        f"{update.job_id}~{gone.job_id}",  # rehearsed zed: retrained
-    ]
-    served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
+    assert [a["id"] for a in version.adapters] == [f"{update.job_id}~{gone.job_id}"]
+    served = _learned(settings, "ns", version.adapters[0]["id"])
     assert "Zed" not in served and "river stones" in served and "blue feathers" in served
-    assert all("zed" not in dict(map(tuple, a["docs"] + a["replayed_docs"])) for a in version.adapters)
+    assert "zed" not in dict(map(tuple, version.adapters[0]["docs"] + version.adapters[0]["replayed_docs"]))
+
+    # Deleting "mira", the document its own job learned, keeps what it adopted (dropping
+    # it as an adapter whose own documents are all gone would forget "tarn" too).
+    gone = await processor.run((await store.delete_document("ns", "mira"))[0])
+    assert gone.status == "succeeded"
+    version = await store.current_version("ns")
+    served = "".join(_learned(settings, "ns", a["id"]) for a in version.adapters)
+    assert "river stones" in served and "Mira" not in served
+
+
+async def test_partial_rehearsal_merges_and_forgetting_reaches_the_rehearsing_adapter(
+    env, tmp_path, memory_redis_url
+):
+    store, _, _, generator, _ = env
+    # Past the full-rehearsal size, a job replays a ratio sample: here two old reflections.
+    settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=1.0, memory_replay_all_up_to=0)
+    processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
+    first = await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
+    zed = IncomingDocument("zed", "Zed Quor", {})  # no fact: the passage step's two reflections
+    second = await processor.run((await store.ingest("ns", [zed], 600)).job_id)
+    assert second.status == "succeeded", second.errors
+    assert (second.replayed_examples, second.superseded_adapters) == (2, 0)
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [first.job_id, second.job_id]  # TIES-merged
+
+    # Deleting the document it rehearsed retrains the second adapter; the first, which
+    # learned it, is retrained too (it keeps the other document).
+    rehearsed = version.adapters[1]["replayed_docs"]
+    assert rehearsed
+    gone = await processor.run((await store.delete_document("ns", rehearsed[0][0]))[0])
+    assert gone.status == "succeeded", gone.errors
+    version = await store.current_version("ns")
+    assert [a["id"] for a in version.adapters] == [
+        f"{first.job_id}~{gone.job_id}",
+        f"{second.job_id}~{gone.job_id}",
+    ]
+    assert rehearsed[0] not in version.adapters[1]["replayed_docs"]
 
 
 async def test_reclaimed_job_resumes_and_nothing_is_lost(env):

@@ -23,8 +23,9 @@ def test_sign_election_and_disjoint_mean():
     # entry 2: negative -> mean of -1, -3 = -2; entry 3: only c: 2
     assert torch.allclose(merged, torch.tensor([2.0, 2.0, -2.0, 2.0]))
     assert torch.allclose(ties_merge([a, b, c], density=1.0, lam=0.5), merged * 0.5)
-    # one task vector with density 1 merges to itself
-    assert torch.allclose(ties_merge([a], 1.0), a)
+    # one task vector merges to itself, untrimmed: it has nothing to interfere with
+    assert torch.allclose(ties_merge([a], 0.3), a)
+    assert torch.allclose(ties_merge([a], 0.3, lam=2.0), 2 * a)
     with pytest.raises(ValueError):
         ties_merge([], 0.3)
 

@@ -73,6 +73,8 @@ def test_replay_sample_is_seeded_bounded_and_lets_new_answers_win():
     everything = replay_sample(known, new, ratio=100.0, seed=7)
     assert len(everything) == 19 and len({r.question for r in everything}) == 19
     assert replay_sample(known, new, ratio=0.0, seed=7) == []
+    assert len(replay_sample(known, new, ratio=0.5, seed=7, all_up_to=19)) == 19  # small: all of it
+    assert len(replay_sample(known, new, ratio=0.5, seed=7, all_up_to=18)) == 1
     assert replay_sample([], new, ratio=1.0, seed=7) == []
 
 

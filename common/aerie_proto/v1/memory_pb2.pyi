@@ -72,7 +72,7 @@ class StepYield(_message.Message):
     def __init__(self, step: _Optional[str] = ..., calls: _Optional[int] = ..., failed_calls: _Optional[int] = ..., candidates: _Optional[int] = ..., kept: _Optional[int] = ..., dropped: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "namespace", "status", "stage", "done", "total", "errors", "kind", "document_ids", "step_yields", "model_version", "created_at", "started_at", "finished_at", "attempts", "training_examples", "train_loss", "replayed_examples")
+    __slots__ = ("job_id", "namespace", "status", "stage", "done", "total", "errors", "kind", "document_ids", "step_yields", "model_version", "created_at", "started_at", "finished_at", "attempts", "training_examples", "train_loss", "replayed_examples", "superseded_adapters")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Job(_message.Message):
     TRAINING_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     namespace: str
     status: str
@@ -109,7 +110,8 @@ class Job(_message.Message):
     training_examples: int
     train_loss: float
     replayed_examples: int
-    def __init__(self, job_id: _Optional[str] = ..., namespace: _Optional[str] = ..., status: _Optional[str] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., step_yields: _Optional[_Iterable[_Union[StepYield, _Mapping]]] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., attempts: _Optional[int] = ..., training_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., replayed_examples: _Optional[int] = ...) -> None: ...
+    superseded_adapters: int
+    def __init__(self, job_id: _Optional[str] = ..., namespace: _Optional[str] = ..., status: _Optional[str] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., kind: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., step_yields: _Optional[_Iterable[_Union[StepYield, _Mapping]]] = ..., model_version: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., attempts: _Optional[int] = ..., training_examples: _Optional[int] = ..., train_loss: _Optional[float] = ..., replayed_examples: _Optional[int] = ..., superseded_adapters: _Optional[int] = ...) -> None: ...
 
 class GetNamespaceRequest(_message.Message):
     __slots__ = ("namespace",)

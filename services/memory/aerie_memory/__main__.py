@@ -58,6 +58,7 @@ def job_to_proto(job) -> memory_pb2.Job:
         training_examples=job.training_examples,
         train_loss=job.train_loss,
         replayed_examples=job.replayed_examples,
+        superseded_adapters=job.superseded_adapters,
     )
 
 

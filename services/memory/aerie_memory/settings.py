@@ -52,6 +52,13 @@ class MemorySettings(ServiceSettings):
     # distractors where 0.5 lost 25 (docs/memory.md). Training time grows by the same
     # share. 0 turns replay off.
     memory_replay_ratio: float = 1.0
+    # A memory holding at most this many reflections is rehearsed in full by every job
+    # (replay on), and the new adapter replaces the adapters it rehearsed instead of being
+    # TIES-merged with them: averaged with an adapter that never saw them, a job's new
+    # facts are half forgotten (a second 20-document corpus kept 7 of its 37 entity
+    # passages whole when merged, 37 alone; docs/memory.md). Training a job costs up to
+    # this many examples more. Larger memories rehearse a ratio sample and are merged.
+    memory_replay_all_up_to: int = 256
     memory_batch_size: int = 8
     memory_max_seq_tokens: int = 160
     ties_density: float = 0.3  # TIES trim: the fraction of each task vector kept (MEMO: 0.3)

@@ -73,8 +73,10 @@ def forgetting(adapter: dict, gone: set[tuple[str, str]]) -> str:
 class Version:
     version: str
     created_at: float
-    # {"id", "docs": [[doc_id, hash], ...], "reflections": n, "replayed_docs": [...], "replayed": n}:
-    # the documents the adapter learned, and those whose reflections it rehearsed (replay).
+    # {"id", "docs": [[doc_id, hash], ...], "reflections": n, "replayed_docs": [...], "replayed": n,
+    # "supersedes": [adapter id, ...]}: the documents the adapter learned (its own job's, and
+    # those of the adapters it superseded), those whose reflections it rehearsed (replay), and
+    # the adapters it replaced.
     adapters: list[dict]
     ties_density: float
     reason: str
@@ -110,6 +112,7 @@ class JobState:
     training_examples: int = 0
     train_loss: float = 0.0
     replayed_examples: int = 0
+    superseded_adapters: int = 0  # served adapters the new one rehearsed in full, merged no more
 
     def to_redis(self) -> dict[str, str]:
         out = {}

@@ -4,7 +4,9 @@ Each adapter is a task vector: per module, ``delta = B @ A * scaling``. TIES
 1. trims each task vector to its ``density`` fraction of largest-magnitude entries,
 2. elects, per entry, the sign with the larger total mass,
 3. averages only the entries that agree with the elected sign (disjoint mean),
-and the merged delta, scaled by ``lam``, is added to the base weights.
+and the merged delta, scaled by ``lam``, is added to the base weights. A lone task vector
+has nothing to interfere with and is kept whole: trimmed to 0.3, one adapter lost 2 of the
+72 entity passages it recalled whole (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 def ties_merge(deltas: Sequence[torch.Tensor], density: float, lam: float = 1.0) -> torch.Tensor:
     if not deltas:
         raise ValueError("nothing to merge")
+    if len(deltas) == 1:
+        return lam * deltas[0]
     trimmed = torch.stack([trim(d, density) for d in deltas])
     elected = torch.sign(trimmed.sum(dim=0))
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)

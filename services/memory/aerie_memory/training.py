@@ -89,21 +89,21 @@ def training_pairs(
 
 
 def replay_sample(
-    known: Sequence[Reflection], new: Sequence[Reflection], ratio: float, seed: int
+    known: Sequence[Reflection], new: Sequence[Reflection], ratio: float, seed: int, all_up_to: int = 0
 ) -> list[Reflection]:
-    """A seeded sample of already-learned reflections to rehearse beside ``new``: about
-    ``ratio`` per new reflection, one per question, none asking a question ``new`` answers
-    (the newer answer wins). Why: adapters trained apart from the base on documents of the
-    same shape override each other's name-to-fact bindings when merged; an adapter that
-    also rehearsed part of the old knowledge agrees with the old adapter where TIES merges
-    them (docs/memory.md has the measurements)."""
+    """A seeded sample of already-learned reflections to rehearse beside ``new``: all of
+    them when there are at most ``all_up_to``, else about ``ratio`` per new reflection; one
+    per question, none asking a question ``new`` answers (the newer answer wins). Why: a
+    TIES merge of adapters trained apart from the base keeps only part of what each one
+    alone knows (an adapter that rehearsed all of the old knowledge replaces the adapters
+    it rehearsed; docs/memory.md has the measurements)."""
     taken = {r.question for r in new}
     pool = []
     for r in sorted(known, key=lambda r: (r.question, r.answer)):
         if r.question not in taken:
             taken.add(r.question)
             pool.append(r)
-    count = min(len(pool), round(ratio * len(new)))
+    count = len(pool) if len(pool) <= all_up_to else min(len(pool), round(ratio * len(new)))
     return random.Random(seed).sample(pool, count)
 
 

@@ -12,9 +12,10 @@ Jobs resume where they stopped: reflections are stored in Redis once synthesised
 adapter on disk once trained, so a reclaimed job skips what was done.
 
 An ingest job: chunking -> reflecting -> training (a LoRA adapter for this job's
-documents, rehearsing a sample of what the namespace's memory already knows) ->
-forgetting (adapters that held updated documents) -> merging (TIES of every adapter into
-a new version, swapped in atomically). A forget job: forgetting -> merging.
+documents, rehearsing what the namespace's memory already knows: all of it when it is
+small, and then the adapter replaces the served ones, else a sample) -> forgetting
+(adapters that held updated documents) -> merging (TIES of the adapters left into a new
+version, swapped in atomically). A forget job: forgetting -> merging.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import signal
 import socket
 import time
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -58,6 +60,17 @@ log = logging.getLogger("aerie_memory.worker")
 # pending, and the worker retries every REDIS_RETRY_S and resumes it.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 REDIS_RETRY_S = 1.0
+
+
+@dataclass
+class Rehearsal:
+    """What a new adapter learns of the served memory besides its own documents."""
+
+    adopted: list[Reflection] = field(default_factory=list)  # from the adapters it supersedes
+    replayed: list[Reflection] = field(default_factory=list)  # from adapters still merged
+    adopted_docs: list[list[str]] = field(default_factory=list)  # [doc id, hash]
+    replayed_docs: list[list[str]] = field(default_factory=list)
+    supersedes: list[str] = field(default_factory=list)  # adapter ids
 
 
 class JobProcessor:
@@ -131,7 +144,10 @@ class JobProcessor:
         while True:
             current = await self.store.current_version(ns)
             current_id = current.version if current else ""
-            adapters = list(current.adapters) if current else []
+            # Adapters whose every live reflection the new adapter rehearsed leave the merge:
+            # it knows all they know, and averaging it with them would only dilute it.
+            superseded = set(new_adapter.get("supersedes", [])) if new_adapter else set()
+            adapters = [a for a in (current.adapters if current else []) if a["id"] not in superseded]
             adapters = await self._forget(job, adapters)
             if new_adapter is not None and all(a["id"] != new_adapter["id"] for a in adapters):
                 adapters.append(new_adapter)
@@ -252,47 +268,76 @@ class JobProcessor:
         if not usable:
             return None
         await self._stage(job.job_id, "training", 0)
-        replayed, replayed_docs = await self._replay(job, usable, exclude=active)
+        rehearsal = await self._rehearsal(job, usable, exclude=active)
         record = {
             "id": job.job_id,
-            "docs": [[item["id"], item["hash"]] for item, _ in documents],
-            "reflections": len(usable),
-            "replayed_docs": replayed_docs,
-            "replayed": len(replayed),
+            # Its own: this job's documents, and those of the adapters it replaces.
+            "docs": [[item["id"], item["hash"]] for item, _ in documents] + rehearsal.adopted_docs,
+            "reflections": len(usable) + len(rehearsal.adopted),
+            "replayed_docs": rehearsal.replayed_docs,
+            "replayed": len(rehearsal.replayed),
+            "supersedes": rehearsal.supersedes,
         }
-        record = await self._train_adapter(job.job_id, job.namespace, record, usable + replayed)
+        learned = usable + rehearsal.adopted + rehearsal.replayed  # own reflections first
+        record = await self._train_adapter(job.job_id, job.namespace, record, learned)
         examples = adapter_meta(adapter_dir(self.root, job.namespace, job.job_id))["examples"]
         await self.store.update_job(
-            job.job_id, training_examples=examples, replayed_examples=record.get("replayed", 0)
+            job.job_id,
+            training_examples=examples,
+            replayed_examples=record["reflections"] - len(usable) + record["replayed"],
+            superseded_adapters=len(record.get("supersedes", [])),
         )
         return record
 
-    async def _replay(
-        self, job: JobState, new: list[Reflection], exclude: set[str]
-    ) -> tuple[list[Reflection], list[list[str]]]:
-        """Reflections of the served memory to rehearse (settings.memory_replay_ratio), and
-        the [id, hash] of their documents. Only reflections whose documents are all still
-        active, and not relearned or forgotten by this job, are replayed."""
+    async def _rehearsal(self, job: JobState, new: list[Reflection], exclude: set[str]) -> Rehearsal:
+        """What of the served memory the new adapter rehearses (settings.memory_replay_ratio
+        and memory_replay_all_up_to). Only reflections whose documents are all still active,
+        and not relearned or forgotten by this job, are rehearsed. A served adapter whose
+        every such reflection the new adapter learns (rehearsed or answered anew) is
+        superseded: it leaves the merge, and the new adapter adopts its reflections and
+        documents as its own (so that forgetting treats them as learned, not rehearsed)."""
         current = await self.store.current_version(job.namespace)
         if current is None or self.settings.memory_replay_ratio <= 0:
-            return [], []
+            return Rehearsal()
         exclude = exclude | {f["doc_id"] for f in job.forget}
         known: list[Reflection] = []
         hashes: dict[str, str] = {}
+        questions_of: dict[str, set[str]] = {}
         for adapter in current.adapters:
             live = {}
             for doc_id, h in adapter["docs"] + adapter.get("replayed_docs", []):
                 if doc_id not in exclude and await self.store.active_hash(job.namespace, doc_id) == h:
                     live[doc_id] = h
+            questions_of[adapter["id"]] = set()
             for r in load_reflections(adapter_dir(self.root, job.namespace, adapter["id"])):
                 if r.sources and set(r.sources) <= live.keys():
                     known.append(r)
+                    questions_of[adapter["id"]].add(r.question)
             hashes.update(live)
-        replayed = replay_sample(
-            known, new, self.settings.memory_replay_ratio, seed=zlib.crc32(job.job_id.encode())
+        rehearsed = replay_sample(
+            known,
+            new,
+            self.settings.memory_replay_ratio,
+            seed=zlib.crc32(job.job_id.encode()),
+            all_up_to=self.settings.memory_replay_all_up_to,
         )
-        sources = sorted({doc_id for r in replayed for doc_id in r.sources})
-        return replayed, [[doc_id, hashes[doc_id]] for doc_id in sources]
+        learned = {r.question for r in new} | {r.question for r in rehearsed}
+        supersedes = [adapter_id for adapter_id, questions in questions_of.items() if questions <= learned]
+        replaced = set().union(*(questions_of[a] for a in supersedes))
+        kept = set().union(*(q for a, q in questions_of.items() if a not in supersedes))
+
+        def adopt(r: Reflection) -> bool:  # one a kept adapter holds too lives on there: rehearsed
+            return r.question in replaced and r.question not in kept
+
+        adopted = [r for r in rehearsed if adopt(r)]
+        replayed = [r for r in rehearsed if not adopt(r)]
+
+        def docs_of(reflections: list[Reflection]) -> list[list[str]]:
+            return [
+                [doc_id, hashes[doc_id]] for doc_id in sorted({d for r in reflections for d in r.sources})
+            ]
+
+        return Rehearsal(adopted, replayed, docs_of(adopted), docs_of(replayed), supersedes)
 
     async def _forget(self, job: JobState, adapters: list[dict]) -> list[dict]:
         """Adapters holding a forgotten (doc id, hash), learned or rehearsed, are retrained
