@@ -1,0 +1,99 @@
+"""``python -m bench.memory_qa.passages NAMESPACE_DIR``: how much of its entity passages a
+memory recalls, offline, from the adapters a run left on disk.
+
+For every "What do you know about <entity>?" reflection of the served version's adapters
+it asks the memory (greedy, as /memory/query does, but with room for the whole passage)
+and counts the passages recalled whole and the sentences recalled, per adapter that
+first learned them. ``--merge`` picks the weights: ``served`` (the version as the service
+builds it), ``newest`` (the last adapter alone), or ``ties:DENSITY`` (every adapter of the
+version, TIES-merged at that density). NAMESPACE_DIR is
+``AERIE_MODEL_CACHE/memory/<namespace>``; the version is the newest one there unless
+``--version`` names it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from aerie_common.model_store import resolve_model_dir
+from aerie_memory.models import build_memory, load_base, load_reflections
+from aerie_memory.settings import MemorySettings
+from aerie_memory.store import Version
+from aerie_memory.text import split_sentences
+from aerie_memory.ties import apply_deltas, merge_adapters
+from aerie_memory.training import answer, load_adapter
+
+QUESTION = "What do you know about"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("namespace_dir", type=Path)
+    parser.add_argument("--version", default="", help="e.g. v0002; default: the newest")
+    parser.add_argument("--merge", default="served", help="served | newest | ties:DENSITY")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    versions = sorted(p.name for p in args.namespace_dir.glob("v*") if (p / "manifest.json").is_file())
+    name = args.version or versions[-1]
+    version = Version.from_json((args.namespace_dir / name / "manifest.json").read_text())
+    settings = MemorySettings()
+    model_dir = resolve_model_dir(settings.memory_base_model, settings.model_cache)
+    ids = [a["id"] for a in version.adapters]
+
+    if args.merge == "served":
+        memory = build_memory(
+            lambda: load_base(model_dir), args.namespace_dir.parent, args.namespace_dir.name, version
+        )
+        model, tokenizer = memory.model, memory.tokenizer
+    else:
+        model, tokenizer = load_base(model_dir)
+        if args.merge == "newest":
+            apply_deltas(
+                model, merge_adapters([load_adapter(args.namespace_dir / "adapters" / ids[-1])], 1.0)
+            )
+        elif args.merge.startswith("ties:"):
+            adapters = [load_adapter(args.namespace_dir / "adapters" / i) for i in ids]
+            apply_deltas(model, merge_adapters(adapters, float(args.merge.split(":", 1)[1])))
+        else:
+            parser.error(f"--merge: served, newest or ties:DENSITY, got {args.merge!r}")
+
+    passages: dict[str, tuple[str, str]] = {}  # question -> (adapter that first learned it, answer)
+    for adapter_id in ids:
+        for r in load_reflections(args.namespace_dir / "adapters" / adapter_id):
+            if r.question.startswith(QUESTION) and r.question not in passages:
+                passages[r.question] = (adapter_id, r.answer)
+
+    whole = dict.fromkeys(ids, 0)
+    total = dict.fromkeys(ids, 0)
+    sentences_recalled = sentences = 0
+    misses = []
+    for question, (adapter_id, gold) in passages.items():
+        recalled = answer(model, tokenizer, question, args.max_tokens)
+        wanted = split_sentences(gold)
+        hits = sum(sentence in recalled for sentence in wanted)
+        sentences_recalled += hits
+        sentences += len(wanted)
+        total[adapter_id] += 1
+        whole[adapter_id] += hits == len(wanted)
+        if hits < len(wanted):
+            misses.append({"question": question, "gold": gold, "recalled": recalled})
+    report = {
+        "version": name,
+        "merge": args.merge,
+        "passages_whole": {i: f"{whole[i]}/{total[i]}" for i in ids},
+        "sentences": f"{sentences_recalled}/{sentences}",
+        "misses": misses,
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
