@@ -40,6 +40,12 @@ class Stack:
             self.proc.wait()
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end the bench as Ctrl-C does, through its ``finally`` blocks, which stop
+    the stack: Python's default for SIGTERM exits at once and leaves the services running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def start_stack(
     data_dir: Path | None = None,
     log_path: Path | None = None,
@@ -50,6 +56,7 @@ def start_stack(
 
     data_dir: AERIE_DATA_DIR (default: the environment's, else data/bench); log_path:
     where the launcher's output goes (default: discarded)."""
+    exit_on_sigterm()
     # The verifier's and drafter's Prometheus ports too: other stacks may hold the defaults.
     ports = {name: free_port() for name in (*SERVICES, "verifier_metrics", "drafter_metrics", "redis")}
     env = dict(os.environ)
