@@ -18,13 +18,13 @@ import json
 from pathlib import Path
 
 import torch
-from aerie_common.model_store import resolve_model_dir
-from aerie_memory.models import build_memory, load_base, load_reflections
+from aerie_memory.models import build_memory, load_reflections
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import Version
 from aerie_memory.text import split_sentences
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import answer, load_adapter
+from aerie_memory.worker import make_base_loader
 
 QUESTION = "What do you know about"
 
@@ -39,22 +39,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     versions = sorted(p.name for p in args.namespace_dir.glob("v*") if (p / "manifest.json").is_file())
     name = args.version or versions[-1]
     version = Version.from_json((args.namespace_dir / name / "manifest.json").read_text())
-    settings = MemorySettings()
-    model_dir = resolve_model_dir(settings.memory_base_model, settings.model_cache)
+    base_loader = make_base_loader(MemorySettings())  # the memory service's own
     ids = [a["id"] for a in version.adapters]
 
     if args.merge == "served":
-        memory = build_memory(
-            lambda: load_base(model_dir), args.namespace_dir.parent, args.namespace_dir.name, version
-        )
+        memory = build_memory(base_loader, args.namespace_dir.parent, args.namespace_dir.name, version)
         model, tokenizer = memory.model, memory.tokenizer
     else:
-        model, tokenizer = load_base(model_dir)
+        model, tokenizer = base_loader()
         if args.merge == "newest":
             apply_deltas(
                 model, merge_adapters([load_adapter(args.namespace_dir / "adapters" / ids[-1])], 1.0)
@@ -64,6 +60,7 @@ def main() -> None:
             apply_deltas(model, merge_adapters(adapters, float(args.merge.split(":", 1)[1])))
         else:
             parser.error(f"--merge: served, newest or ties:DENSITY, got {args.merge!r}")
+    torch.set_num_threads(args.threads)  # after the loader, which sets the service's count
 
     passages: dict[str, tuple[str, str]] = {}  # question -> (adapter that first learned it, answer)
     for adapter_id in ids:

@@ -55,7 +55,7 @@ class MemorySettings(ServiceSettings):
     # A memory holding at most this many reflections is rehearsed in full by every job
     # (replay on), and the new adapter replaces the adapters it rehearsed instead of being
     # TIES-merged with them: averaged with an adapter that never saw them, a job's new
-    # facts are half forgotten (a second 20-document corpus kept 7 of its 37 entity
+    # facts are mostly forgotten (a second 20-document corpus kept 7 of its 37 entity
     # passages whole when merged, 37 alone; docs/memory.md). Training a job costs up to
     # this many examples more. Larger memories rehearse a ratio sample and are merged.
     memory_replay_all_up_to: int = 256
