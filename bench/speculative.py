@@ -143,6 +143,35 @@ class Tally:
     accepted: int = 0
     mismatches: int = 0
     per_position: list[int] = field(default_factory=list)
+    trees: int = 0
+    draft_s: float = 0.0
+    hop_s: float = 0.0
+    verify_s: float = 0.0
+
+    def add_speculation(self, stats) -> None:
+        self.drafts += stats.drafts
+        self.accepted += stats.accepted_tokens
+        for d, count in enumerate(stats.accepted_per_position):
+            if d >= len(self.per_position):
+                self.per_position.append(0)
+            self.per_position[d] += count
+        self.trees += stats.trees
+        self.draft_s += stats.draft_seconds
+        self.hop_s += stats.hop_seconds
+        self.verify_s += stats.verify_seconds
+
+    def step_ms(self, all_speculative: bool) -> dict | None:
+        """Where a speculative step's time goes: drafting and hop per tree, verification per
+        tree verified, and the whole step: the requests' time over their steps, so it also
+        carries prefill and bookkeeping; only where every token came from speculation."""
+        if not self.drafts:
+            return None
+        return {
+            "draft": round(1000 * self.draft_s / self.trees, 2),
+            "hop": round(1000 * self.hop_s / self.trees, 2),
+            "verify": round(1000 * self.verify_s / self.drafts, 2),
+            "step": round(1000 * self.seconds / self.drafts, 2) if all_speculative else None,
+        }
 
     def row(self, name: str, plain_tps: float, hf_tps: float) -> dict:
         tps = self.tokens / self.seconds
@@ -157,6 +186,7 @@ class Tally:
             if self.drafts
             else [],
             "outputs_differing_from_plain": self.mismatches,
+            "ms_per_step": self.step_ms(all_speculative=not name.endswith("-guarded")),
         }
 
 
@@ -268,12 +298,7 @@ def main() -> None:
                 tally.seconds += seconds
                 tally.mismatches += tokens != reference
                 if stats is not None and stats.drafts:
-                    tally.drafts += stats.drafts
-                    tally.accepted += stats.accepted_tokens
-                    for d, count in enumerate(stats.accepted_per_position):
-                        if d >= len(tally.per_position):
-                            tally.per_position.append(0)
-                        tally.per_position[d] += count
+                    tally.add_speculation(stats)
             print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
         for engine in engines.values():
             engine.stop()
@@ -314,6 +339,12 @@ def main() -> None:
             f"| {row['config']} | {row['tokens_per_s']} | {row['speedup_vs_hf_generate']:.2f}× "
             f"| {row['speedup_vs_plain']:.2f}× | {mal} | {row['outputs_differing_from_plain']} |"
         )
+    print("\nwhere a speculative step's time goes (ms; draft and hop per tree, verify per tree verified)\n")
+    print("| config | draft | hop | verify | whole step |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        if ms := row["ms_per_step"]:
+            print(f"| {row['config']} | {ms['draft']} | {ms['hop']} | {ms['verify']} | {ms['step'] or '–'} |")
     if any(row["outputs_differing_from_plain"] for row in rows):
         sys.exit("speculative output differs from plain decoding")
 

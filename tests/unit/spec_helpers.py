@@ -12,6 +12,8 @@ class _TokenTracker:
     """Follows the sequence the way a drafter does: start gets prompt + first token,
     extend gets accepted tokens + bonus."""
 
+    hop_seconds = 0.0
+
     def __init__(self):
         self.tokens: list[int] = []
 

@@ -4,9 +4,10 @@ engine decodes, the chart is drawn, and the acceptance eval covers every categor
 from __future__ import annotations
 
 from aerie_verifier.engine import Engine
+from aerie_verifier.speculative import SpeculativeStats
 
 from bench.eagle_eval import select_questions
-from bench.speculative import draw_chart, run_hf, run_once
+from bench.speculative import Tally, draw_chart, run_hf, run_once
 
 
 def test_hf_rows_decode_the_engines_greedy_output(tiny_model, tiny_tokenizer):
@@ -61,3 +62,16 @@ def test_per_category_selection_covers_every_category():
     ]  # fmt: skip
     assert select_questions(questions, 3, None) == questions[:3]
     assert select_questions(questions, 3, 2) == picked[:3]
+
+
+def test_rows_split_step_time_per_tree_and_per_verification():
+    stats = SpeculativeStats(drafts=4, trees=5, draft_seconds=0.05, hop_seconds=0.01, verify_seconds=0.2)
+    stats.accepted_tokens, stats.accepted_per_position = 6, [3, 2, 1]
+    tally = Tally(tokens=10, seconds=0.4)
+    tally.add_speculation(stats)
+    row = tally.row("grpc-head", plain_tps=20.0, hf_tps=20.0)
+    assert row["mean_acceptance_length"] == 2.5
+    assert row["ms_per_step"] == {"draft": 10.0, "hop": 2.0, "verify": 50.0, "step": 100.0}
+    guarded = tally.row("grpc-head-guarded", plain_tps=20.0, hf_tps=20.0)
+    assert guarded["ms_per_step"]["step"] is None  # its requests also decoded plainly
+    assert Tally(tokens=1, seconds=1.0).row("plain", 1.0, 1.0)["ms_per_step"] is None

@@ -427,3 +427,28 @@ def test_slow_or_malformed_drafts_over_grpc_fall_back(head, make_engine, session
         wait_for(lambda: servicer.live_sessions == 0)  # the verifier closed the stream
     finally:
         server.stop()
+
+
+class PausedSession(DraftSession):
+    def propose(self, shape):
+        time.sleep(0.2)
+        return super().propose(shape)
+
+
+def test_the_drafter_reports_its_own_time_so_the_hop_is_the_rest_of_the_wait(head):
+    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda: PausedSession(head))
+    server = ServerThread(
+        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
+    ).start()
+    try:
+        remote = GrpcDrafterFactory(server.addr, SHAPE).open("r")
+        for call in (lambda: remote.start([5, 6, 7], features(2)), lambda: remote.extend([8], features(1))):
+            hop_before, started = remote.hop_seconds, time.perf_counter()
+            call()
+            waited = time.perf_counter() - started
+            assert waited >= 0.2
+            # the 0.2 s of drafting is the drafter's, not the hop's
+            assert 0 < remote.hop_seconds - hop_before <= waited - 0.2
+        remote.close()
+    finally:
+        server.stop()

@@ -200,6 +200,8 @@ def test_metrics_count_what_the_verifier_and_drafter_did(target, head, tiny_toke
             after[("aerie:verifier_spec_decode_num_drafts_total", ())] == usage["speculative"]["drafts"] > 0
         )
         assert after[("aerie:verifier_drafter_fallbacks_total", ())] == 0
+        for part in ("draft", "hop", "verify"):  # where the steps' time went, the gRPC hop apart
+            assert after[(f"aerie:verifier_spec_decode_{part}_seconds_total", ())] > 0
 
         wait_until(lambda: drafter.servicer.live_sessions == 0, "the verifier closed its draft session")
         sessions = drafter.scrape()

@@ -4,6 +4,7 @@ known drafters, cache bookkeeping, hidden-state capture and the fallback."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -100,6 +101,26 @@ def test_oracle_drafter_reaches_depth_plus_one(target, make_engine):
             stats = final.speculative
             assert stats.mean_acceptance_length >= depth + 1 - 0.3, stats
             assert stats.accepted_per_position[depth - 1] >= stats.drafts - 1
+
+
+def test_step_time_is_split_into_draft_hop_and_verify(target, make_engine):
+    class SlowOracle(OracleDrafter):
+        def propose(self):
+            time.sleep(0.02)  # drafting takes at least this per tree, the hop nothing
+            return super().propose()
+
+    engine = make_engine(Factory(lambda: SlowOracle(target, 3)))
+    _, final = generate(engine, [5, 6, 7], SamplingParams(max_tokens=20), speculative=True)
+    stats = final.speculative
+    # every verified tree was drafted first; the request may end before verifying its last
+    assert stats.drafts <= stats.trees <= stats.drafts + 1
+    assert stats.draft_seconds >= 0.02 * stats.trees
+    assert stats.hop_seconds == 0.0  # in-process
+    assert 0 < stats.verify_seconds
+
+    totals_before = engine.totals.speculative.verify_seconds
+    generate(engine, [8, 9], SamplingParams(max_tokens=12), speculative=True)
+    assert engine.totals.speculative.verify_seconds > totals_before  # merged into the totals
 
 
 def test_eos_and_max_tokens_inside_an_accepted_run(target, make_engine):
@@ -225,6 +246,8 @@ def test_capture_reads_the_input_of_each_layer(target):
 
 
 class FailingDrafter:
+    hop_seconds = 0.0
+
     def __init__(self, fail_after):
         self.calls, self.fail_after = 0, fail_after
 

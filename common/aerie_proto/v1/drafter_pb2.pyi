@@ -69,10 +69,12 @@ class DraftTree(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("tree",)
+    __slots__ = ("tree", "draft_seconds")
     TREE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tree: DraftTree
-    def __init__(self, tree: _Optional[_Union[DraftTree, _Mapping]] = ...) -> None: ...
+    draft_seconds: float
+    def __init__(self, tree: _Optional[_Union[DraftTree, _Mapping]] = ..., draft_seconds: _Optional[float] = ...) -> None: ...
 
 class DrafterInfoRequest(_message.Message):
     __slots__ = ()

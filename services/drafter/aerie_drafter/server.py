@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -136,6 +137,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                         )
                     shape = self._tree_shape(message.tree)
                     hidden = self._features(parts, len(token_ids) - 1, "start")
+                    drafting_from = time.perf_counter()
                     session = self.new_session()
                     session.start(token_ids, hidden)
                 else:
@@ -146,13 +148,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                         raise DraftProtocolError(
                             f"extend needs 1 or more token ids and at most {self.max_tokens} in all"
                         )
-                    session.extend(token_ids, self._features(parts, len(token_ids), "extend"))
+                    hidden = self._features(parts, len(token_ids), "extend")
+                    drafting_from = time.perf_counter()
+                    session.extend(token_ids, hidden)
                 tree = await asyncio.to_thread(session.propose, shape)
                 self.trees_total += 1
                 yield drafter_pb2.DraftResponse(
                     tree=drafter_pb2.DraftTree(
                         token_ids=tree.token_ids, parents=tree.parents, scores=tree.scores
-                    )
+                    ),
+                    draft_seconds=time.perf_counter() - drafting_from,
                 )
             reason = "ended"
         except (DraftProtocolError, MalformedTensorError, ValueError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 import grpc
 import torch
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 class InProcessDrafter:
     """A proposer session (aerie_drafter.proposer.DraftSession, or anything with its
     start/extend/propose) called directly, without the gRPC hop."""
+
+    hop_seconds = 0.0  # no hop: every second of a call is drafting
 
     def __init__(self, session, shape):
         self.session = session
@@ -65,6 +68,7 @@ class GrpcDrafter:
         self.request_id = request_id
         self.shape = shape
         self.step_timeout_s = step_timeout_s
+        self.hop_seconds = 0.0
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         self._call = stub.DraftSession(iter(self._requests.get, None), timeout=session_timeout_s)
@@ -79,6 +83,7 @@ class GrpcDrafter:
         self._responses.put(EOFError("draft stream ended"))
 
     def _send(self, first: drafter_pb2.DraftRequest, hidden: torch.Tensor, field: str) -> DraftTree:
+        sent_at = time.perf_counter()
         chunks = to_chunks(hidden)
         getattr(first, field).hidden_states.CopyFrom(chunks[0])
         self._requests.put(first)
@@ -90,6 +95,8 @@ class GrpcDrafter:
             raise TimeoutError(f"drafter gave no tree within {self.step_timeout_s}s") from None
         if isinstance(response, Exception):
             raise response
+        # What the drafter did not spend drafting went to the hop.
+        self.hop_seconds += max(0.0, time.perf_counter() - sent_at - response.draft_seconds)
         tree = response.tree
         return DraftTree(list(tree.token_ids), list(tree.parents), list(tree.scores))
 

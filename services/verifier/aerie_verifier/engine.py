@@ -453,7 +453,7 @@ class Engine:
         else:
             accepted, bonus = accept_sampling(tree, logits, seq.params, seq.generator)
         keep_cache_entries(seq.cache, past_len, accepted)
-        seq.spec_stats.record(len(tree), len(accepted))
+        seq.spec_stats.record(len(tree), len(accepted), time.perf_counter() - started)
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
         seq.append_tokens(new_tokens)
         if seq.finish_reason is None:
@@ -484,7 +484,9 @@ class Engine:
         try:
             if seq.draft is None:
                 seq.draft = self.drafter_factory.open(seq.request_id)
+            hop_before, asked_at = seq.draft.hop_seconds, time.perf_counter()
             tree = ask(seq.draft)
+            seq.spec_stats.record_tree(time.perf_counter() - asked_at, seq.draft.hop_seconds - hop_before)
             tree.validate(self.vocab_size)
             seq.tree = tree if len(tree) else None
         except Exception as exc:

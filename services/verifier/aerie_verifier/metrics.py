@@ -76,6 +76,16 @@ class EngineCollector(Collector):
             "Draft tokens accepted.",
             value=spec.accepted_tokens,
         )
+        for name, value, what in (
+            ("draft", spec.draft_seconds, "the drafter's own work on the draft trees"),
+            ("hop", spec.hop_seconds, "getting features to the drafter and trees back (gRPC, serialisation)"),
+            ("verify", spec.verify_seconds, "the target's tree forwards, acceptance and cache trims"),
+        ):
+            yield CounterMetricFamily(
+                f"aerie:verifier_spec_decode_{name}_seconds",
+                f"Seconds of speculative steps spent on {what}.",
+                value=value,
+            )
         per_position = CounterMetricFamily(
             "aerie:verifier_spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0 = the first drafted token).",

@@ -16,7 +16,13 @@ from aerie_common.draft_tree import DraftTree
 
 class Drafter(Protocol):
     """One request's draft session, in-process or over gRPC. Any exception means the
-    drafter failed, and the request carries on without speculation."""
+    drafter failed, and the request carries on without speculation.
+
+    ``hop_seconds``: of the time its start/extend calls took so far, the part spent outside
+    the drafter's own work (the gRPC round trip, (de)serialisation, queueing); 0 in-process.
+    """
+
+    hop_seconds: float
 
     def start(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree: ...
 
@@ -49,9 +55,22 @@ class SpeculativeStats:
     draft_tokens: int = 0  # tree nodes verified
     accepted_tokens: int = 0  # tree nodes accepted
     accepted_per_position: list[int] = field(default_factory=list)  # [d]: steps accepting >= d+1 nodes
+    # Where a step's time goes (vLLM-style counters, seconds summed over the request):
+    trees: int = 0  # trees the drafter proposed (one more than ``drafts`` when a request ends)
+    draft_seconds: float = 0.0  # the drafter's own work on those trees
+    hop_seconds: float = 0.0  # getting features to the drafter and its trees back (0 in-process)
+    verify_seconds: float = 0.0  # the target's tree forward, acceptance and cache trim
 
-    def record(self, tree_size: int, accepted: int) -> None:
+    def record_tree(self, waited_s: float, hop_s: float) -> None:
+        """The engine waited ``waited_s`` for a tree, ``hop_s`` of it outside the drafter."""
+        self.trees += 1
+        self.hop_seconds += hop_s
+        self.draft_seconds += waited_s - hop_s
+
+    def record(self, tree_size: int, accepted: int, seconds: float) -> None:
+        """One verification step: ``accepted`` of ``tree_size`` nodes, in ``seconds``."""
         self.drafts += 1
+        self.verify_seconds += seconds
         self.draft_tokens += tree_size
         self.accepted_tokens += accepted
         if len(self.accepted_per_position) < accepted:
@@ -64,6 +83,10 @@ class SpeculativeStats:
         self.drafts += other.drafts
         self.draft_tokens += other.draft_tokens
         self.accepted_tokens += other.accepted_tokens
+        self.trees += other.trees
+        self.draft_seconds += other.draft_seconds
+        self.hop_seconds += other.hop_seconds
+        self.verify_seconds += other.verify_seconds
         missing = len(other.accepted_per_position) - len(self.accepted_per_position)
         self.accepted_per_position.extend([0] * max(missing, 0))
         for depth, count in enumerate(other.accepted_per_position):
