@@ -350,16 +350,16 @@ def main() -> None:
 
 
 def draw_chart(result: dict, path: Path) -> None:
-    """Two panels: tokens/s relative to Hugging Face generate() per configuration, and the
+    """Three panels: tokens/s relative to Hugging Face generate() per configuration; the
     fraction of verification steps accepting at least d drafted tokens, per speculative
-    configuration."""
+    configuration; and where a speculative step's time goes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, (speed, depth) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (speed, depth, parts) = plt.subplots(1, 3, figsize=(18, 4.5))
     names = [row["config"] for row in rows]
     ratios = [row["speedup_vs_hf_generate"] for row in rows]
     bars = speed.barh(names[::-1], ratios[::-1], color="tab:blue")
@@ -380,6 +380,18 @@ def draw_chart(result: dict, path: Path) -> None:
     depth.set_ylim(0, 1.05)
     depth.set_title(f"acceptance by depth, head {Path(result['head']).name}")
     depth.legend()
+    timed = [row for row in rows if row.get("ms_per_step") and row["ms_per_step"]["step"]]
+    left = [0.0] * len(timed)
+    for part, color in (("draft", "tab:orange"), ("hop", "tab:red"), ("verify", "tab:blue")):
+        widths = [row["ms_per_step"][part] for row in timed]
+        parts.barh([row["config"] for row in timed], widths, left=left, color=color, label=part)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    rest = [row["ms_per_step"]["step"] - done for row, done in zip(timed, left, strict=True)]
+    parts.barh([row["config"] for row in timed], rest, left=left, color="lightgrey", label="the rest")
+    parts.invert_yaxis()
+    parts.set_xlabel("ms per verification step")
+    parts.set_title("where a speculative step's time goes")
+    parts.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

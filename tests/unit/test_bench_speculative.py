@@ -46,6 +46,7 @@ def test_chart_is_written(tmp_path):
                 "config": "grpc-head",
                 "speedup_vs_hf_generate": 1.4,
                 "acceptance_by_position": [0.6, 0.3],
+                "ms_per_step": {"draft": 20.0, "hop": 2.0, "verify": 100.0, "step": 130.0},
             },
         ],
     }

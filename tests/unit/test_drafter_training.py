@@ -386,7 +386,12 @@ def test_init_head_continues_from_an_exported_head_with_its_vocabulary(target, t
     assert torch.equal(start.draft_target_ids(), exported.draft_target_ids())
     for name, value in exported.state_dict().items():
         assert torch.equal(start.state_dict()[name], value.float()), name
-    trained = load_head(train(warm, resume=True, **later), target.model.embed_tokens)
+    trained_dir = train(warm, resume=True, **later)
+    trained = load_head(trained_dir, target.model.embed_tokens)
+    # the record keeps the round it started from
+    lineage = json.loads((trained_dir / "training.json").read_text())["init_head"]
+    assert lineage == json.loads((first / "training.json").read_text())
+    assert lineage["init_head"] is None
     assert torch.equal(trained.draft_target_ids(), exported.draft_target_ids())
     assert not torch.equal(trained.fc.weight, exported.fc.weight)
 

@@ -391,6 +391,16 @@ def export(config: TrainConfig, head: EagleHead, record: dict) -> Path:
     return path
 
 
+def init_head_record(init_head: str) -> dict | None:
+    """The training record of the head a run started from (its own ``init_head`` nested in
+    turn), so that an exported head keeps every round that made it, even after the head it
+    started from is overwritten (as the shipped head is, round by round)."""
+    if not init_head:
+        return None
+    record_file = Path(init_head) / "training.json"
+    return json.loads(record_file.read_text()) if record_file.is_file() else {"path": init_head}
+
+
 def hardware() -> dict:
     info = {
         "platform": platform.platform(),
@@ -589,6 +599,7 @@ def train(
         },
         "train_tokens_per_s": stats["tokens"] / stats["train_s"] if stats["train_s"] else None,
         "final": stats.get("last"),
+        "init_head": init_head_record(config.init_head),
     }
     path = export(config, head, record)
     log.info("head exported to %s", path)
