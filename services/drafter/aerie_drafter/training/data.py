@@ -9,6 +9,7 @@ only drafts what the target generates).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -58,6 +59,13 @@ def load_sharegpt(limit: int | None = None, seed: int = 0) -> list[Messages]:
             if limit is not None and len(conversations) >= limit:
                 break
     return conversations
+
+
+def conversation_key(messages: Messages) -> str:
+    """A short stable name for a conversation: a hash of its first user turn, which
+    self-distillation keeps (it rewrites the assistant's turns)."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return hashlib.sha1(first.encode()).hexdigest()[:12]
 
 
 def read_json_array(text: str) -> list:
