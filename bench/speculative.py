@@ -45,7 +45,7 @@ from aerie_drafter.proposer import TreeShape, tree_shape
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams
-from aerie_verifier.speculative import PaceGuard
+from aerie_verifier.speculative import PaceGuard, SpeculativeStats
 from transformers import GenerationConfig
 
 from bench.prompts import mtbench_questions
@@ -139,51 +139,38 @@ def start_drafter_process(head: str, oracle_file: Path | None) -> tuple[subproce
 class Tally:
     tokens: int = 0
     seconds: float = 0.0
-    drafts: int = 0
-    accepted: int = 0
     mismatches: int = 0
-    per_position: list[int] = field(default_factory=list)
-    trees: int = 0
-    draft_s: float = 0.0
-    hop_s: float = 0.0
-    verify_s: float = 0.0
+    speculation: SpeculativeStats = field(default_factory=SpeculativeStats)  # summed over requests
 
-    def add_speculation(self, stats) -> None:
-        self.drafts += stats.drafts
-        self.accepted += stats.accepted_tokens
-        for d, count in enumerate(stats.accepted_per_position):
-            if d >= len(self.per_position):
-                self.per_position.append(0)
-            self.per_position[d] += count
-        self.trees += stats.trees
-        self.draft_s += stats.draft_seconds
-        self.hop_s += stats.hop_seconds
-        self.verify_s += stats.verify_seconds
+    def add_speculation(self, stats: SpeculativeStats) -> None:
+        self.speculation.merge(stats)
 
     def step_ms(self, all_speculative: bool) -> dict | None:
         """Where a speculative step's time goes: drafting and hop per tree, verification per
         tree verified, and the whole step: the requests' time over their steps, so it also
         carries prefill and bookkeeping; only where every token came from speculation."""
-        if not self.drafts:
+        spec = self.speculation
+        if not spec.drafts:
             return None
         return {
-            "draft": round(1000 * self.draft_s / self.trees, 2),
-            "hop": round(1000 * self.hop_s / self.trees, 2),
-            "verify": round(1000 * self.verify_s / self.drafts, 2),
-            "step": round(1000 * self.seconds / self.drafts, 2) if all_speculative else None,
+            "draft": round(1000 * spec.draft_seconds / spec.trees, 2),
+            "hop": round(1000 * spec.hop_seconds / spec.trees, 2),
+            "verify": round(1000 * spec.verify_seconds / spec.drafts, 2),
+            "step": round(1000 * self.seconds / spec.drafts, 2) if all_speculative else None,
         }
 
     def row(self, name: str, plain_tps: float, hf_tps: float) -> dict:
         tps = self.tokens / self.seconds
+        spec = self.speculation
         return {
             "config": name,
             "tokens": self.tokens,
             "tokens_per_s": round(tps, 2),
             "speedup_vs_plain": round(tps / plain_tps, 3),
             "speedup_vs_hf_generate": round(tps / hf_tps, 3),
-            "mean_acceptance_length": round(1 + self.accepted / self.drafts, 3) if self.drafts else None,
-            "acceptance_by_position": [round(c / self.drafts, 3) for c in self.per_position]
-            if self.drafts
+            "mean_acceptance_length": round(spec.mean_acceptance_length, 3) if spec.drafts else None,
+            "acceptance_by_position": [round(c / spec.drafts, 3) for c in spec.accepted_per_position]
+            if spec.drafts
             else [],
             "outputs_differing_from_plain": self.mismatches,
             "ms_per_step": self.step_ms(all_speculative=not name.endswith("-guarded")),
