@@ -16,7 +16,10 @@ template:
 Templates: "standard" is the target's chat template as served (what the head was trained
 on); the others perturb it with system prompts and formats never seen in training, the
 attention-drift case EAGLE 3.1 is meant to fix. --check-lossless also decodes without
-speculation and counts outputs that differ (there must be none).
+speculation and counts outputs that differ (there must be none). The draft tree is the
+GPU's serving tree on a GPU; on the CPU, whose serving tree has only two nodes, it is
+depth 5, top-k 4, 12 nodes (the CPU's serving tree until 2026-12-01), so that every
+round's figures compare. --tree sets another.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.prompts import mtbench_questions
+
+ACCEPTANCE_TREE_CPU = (5, 4, 12)  # depth, top-k, nodes
 
 LONG_SYSTEM = (
     "You are Atlas, the virtual assistant of Northwind Outfitters, an online store for hiking and "
@@ -131,7 +136,9 @@ def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
     device = str(next(target.parameters()).device)
     head = load_head(head_dir, target.model.embed_tokens, len(target.model.layers))
     head = head.to(device=device, dtype=next(target.parameters()).dtype).eval()
-    shape = default_tree(device)
+    # Acceptance is a property of the head, so it is measured on a tree deep enough to
+    # show it, not on the CPU's serving tree (two nodes: at most 3 tokens a step).
+    shape = default_tree(device) if device.startswith("cuda") else TreeShape(*ACCEPTANCE_TREE_CPU)
     if args.tree:
         shape = TreeShape(*args.tree)
     engine = Engine(target, tokenizer, max_running=1, drafter_factory=InProcessDrafterFactory(head, shape))

@@ -20,6 +20,8 @@ same greedy rule).
 
     python -m bench.speculative                       # the shipped head, 6 prompts
     python -m bench.speculative --head PATH --prompts 20 --chart docs/img/speculative.png
+    python -m bench.speculative --trees 3/3/6 2/4/6   # also the head in-process with these
+                                                      # tree shapes (depth/top-k/nodes)
 """
 
 from __future__ import annotations
@@ -100,6 +102,19 @@ class OracleFactory:
 
     def forget(self):
         pass
+
+
+def parse_tree_shape(text: str) -> TreeShape:
+    """'depth/top_k/nodes', as --trees takes it."""
+    try:
+        depth, top_k, nodes = (int(part) for part in text.split("/"))
+        return TreeShape(depth, top_k, nodes)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"tree shape {text!r}: want depth/top-k/nodes, {exc}") from None
+
+
+def tree_row_name(shape: TreeShape) -> str:
+    return f"inprocess-head-{shape.depth}/{shape.top_k}/{shape.total_tokens}"
 
 
 def free_port() -> int:
@@ -230,10 +245,21 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "speculative.json")
     parser.add_argument("--chart", type=Path, default=None, help="also draw the results as this PNG")
+    parser.add_argument(
+        "--trees",
+        nargs="*",
+        type=parse_tree_shape,
+        default=[],
+        metavar="D/K/N",
+        help="more inprocess-head rows, one per tree shape (depth/top-k/nodes)",
+    )
     args = parser.parse_args()
 
     settings = ModelSettings()
     model, tokenizer, _ = load_target(settings)
+    # The engines tune their model for tree verification (aerie_verifier.cpu_kernels), so
+    # the Hugging Face rows run a stock copy of their own, as a user would.
+    hf_model, _, _ = load_target(settings)
     device = str(model.device)
     shape = tree_shape(device)
     head, origin = load_drafter_head(settings.target_model, settings.model_cache, args.head)
@@ -263,20 +289,23 @@ def main() -> None:
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
             "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
         }
+        for extra in args.trees:
+            factories[tree_row_name(extra)] = InProcessDrafterFactory(head, extra)
+        configs = list(CONFIGS) + [tree_row_name(extra) for extra in args.trees]
         engines = {}
         for name, factory in factories.items():  # the hf-* rows run the model directly
             guard = PaceGuard() if name.endswith("-guarded") else None
             engines[name] = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard)
             engines[name].start()
-        tallies = {name: Tally() for name in CONFIGS}
+        tallies = {name: Tally() for name in configs}
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
-            order = CONFIGS[i % len(CONFIGS) :] + CONFIGS[: i % len(CONFIGS)]
+            order = configs[i % len(configs) :] + configs[: i % len(configs)]
             for name in order:
                 if name in HF_CONFIGS:
                     stats = None
                     tokens, seconds = run_hf(
-                        model, prompt, args.max_tokens, plain_engine.eos_ids, HF_CONFIGS[name]
+                        hf_model, prompt, args.max_tokens, plain_engine.eos_ids, HF_CONFIGS[name]
                     )
                 else:
                     tokens, seconds, stats = run_once(engines[name], prompt, args.max_tokens, name != "plain")
@@ -297,7 +326,7 @@ def main() -> None:
 
     plain_tps = tallies["plain"].tokens / tallies["plain"].seconds
     hf_tps = tallies["hf-generate"].tokens / tallies["hf-generate"].seconds
-    rows = [tallies[name].row(name, plain_tps, hf_tps) for name in CONFIGS]
+    rows = [tallies[name].row(name, plain_tps, hf_tps) for name in configs]
     result = {
         "device": device,
         "dtype": str(model.dtype).removeprefix("torch."),

@@ -3,11 +3,15 @@ engine decodes, the chart is drawn, and the acceptance eval covers every categor
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+from aerie_drafter.proposer import TreeShape
 from aerie_verifier.engine import Engine
 from aerie_verifier.speculative import SpeculativeStats
 
 from bench.eagle_eval import select_questions
-from bench.speculative import Tally, draw_chart, run_hf, run_once
+from bench.speculative import Tally, draw_chart, parse_tree_shape, run_hf, run_once, tree_row_name
 
 
 def test_hf_rows_decode_the_engines_greedy_output(tiny_model, tiny_tokenizer):
@@ -76,3 +80,11 @@ def test_rows_split_step_time_per_tree_and_per_verification():
     guarded = tally.row("grpc-head-guarded", plain_tps=20.0, hf_tps=20.0)
     assert guarded["ms_per_step"]["step"] is None  # its requests also decoded plainly
     assert Tally(tokens=1, seconds=1.0).row("plain", 1.0, 1.0)["ms_per_step"] is None
+
+
+def test_tree_shapes_parse_from_the_command_line():
+    assert parse_tree_shape("3/4/8") == TreeShape(3, 4, 8)
+    assert tree_row_name(TreeShape(3, 4, 8)) == "inprocess-head-3/4/8"
+    for bad in ("3/4", "3/x/8", "0/4/8", "3/4/8/1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_tree_shape(bad)

@@ -39,10 +39,13 @@ class TreeShape:
             raise ValueError(f"tree total_tokens must be in [1, {MAX_TREE_TOKENS}], got {self.total_tokens}")
 
 
-# On CPU a 16-token target forward costs about twice a 1-token one, so trees stay small;
-# on a GPU a forward of up to ~128 tokens costs the same as one, so trees grow (the
-# EAGLE reference uses 60 nodes, depth 7-8, top-k 10 on 8B targets).
-CPU_TREE = TreeShape(depth=5, top_k=4, total_tokens=12)
+# On CPU a target forward of up to 3 new tokens costs about one plain step, and more
+# cost much more (SmolLM2-135M on 2 cores: 1.07 plain steps for 3, 1.36 for 5, 1.61 for
+# 13; bench/verify_cost.py), so the tree is two nodes: it beat 1 to 16 nodes through
+# the engine (docs/benchmarks.md). On a GPU a forward of up to ~128 tokens costs the same
+# as one, so trees grow (the EAGLE reference uses 60 nodes, depth 7-8, top-k 10 on 8B
+# targets).
+CPU_TREE = TreeShape(depth=2, top_k=2, total_tokens=2)
 GPU_TREE = TreeShape(depth=7, top_k=10, total_tokens=60)
 
 

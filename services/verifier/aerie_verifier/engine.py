@@ -5,7 +5,8 @@ a bounded waiting queue and advances every running request by one step per round
 concurrent streams all make progress. A step is the prompt's prefill, the verification of
 a whole draft tree in one forward (see tree_verify.py), or one plain decoding step. The
 plain steps of a round share one batched forward: a 1-token forward is bound by reading
-the weights, so eight of them batched cost little more than one.
+the weights, so eight of them batched cost little more than one. On the CPU the engine
+tunes its model for tree verification when it takes it (cpu_kernels.py).
 Results go back through a per-request callback on the scheduler thread; the gRPC adapter
 hops them onto its event loop.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from aerie_common.draft_tree import DraftTree
 from transformers import DynamicCache
 
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.sampling import SamplingParams, next_token
 from aerie_verifier.speculative import (
@@ -165,6 +167,7 @@ class Engine:
         breaker_cooldown_s: float = 10.0,
         pace_guard: PaceGuard | None = None,
     ):
+        speed_up_tree_verification(model)
         self.model = model
         self.tokenizer = tokenizer
         self.max_running = max_running

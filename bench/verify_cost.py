@@ -1,0 +1,132 @@
+"""What a draft tree's verification forward costs, by its number of new tokens, on the
+stock target and on the target as the engine tunes it (aerie_verifier.cpu_kernels).
+
+A tree of N nodes is one forward of N+1 new tokens (the root and the nodes) over a KV
+cache; the 1-token row is the plain decoding step. Both copies of the target run
+interleaved on the same prefix, so machine noise falls on both alike; each cell is the
+median of ``--repeats`` forwards. Also checks that both copies pick the same argmax on
+every row.
+
+    python -m bench.verify_cost                       # 200 tokens of context
+    python -m bench.verify_cost --context 800 --sizes 1 5 9 13 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_common.model_store import load_target
+from aerie_common.settings import ModelSettings
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.tree_verify import tree_inputs
+from transformers import DynamicCache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bushy_tree(nodes: int) -> DraftTree:
+    """Three children of the root, then each node's child or sibling: the tree's shape
+    does not change a forward's cost, only its size does."""
+    parents = [-1 if i < 3 else i - 3 for i in range(nodes)]
+    return DraftTree(token_ids=[100 + i for i in range(nodes)], parents=parents, scores=[0.0] * nodes)
+
+
+def timed_forward(model, prefix_cache, context: int, new_tokens: int):
+    cache = copy.deepcopy(prefix_cache)
+    if new_tokens == 1:  # the engine's plain step
+        kwargs = {"input_ids": torch.tensor([[7]]), "logits_to_keep": 1}
+    else:
+        inputs = tree_inputs(7, bushy_tree(new_tokens - 1), context, "cpu", torch.float32)
+        kwargs = {
+            "input_ids": inputs.input_ids,
+            "position_ids": inputs.position_ids,
+            "attention_mask": inputs.attention_mask,
+            "cache_position": inputs.cache_position,
+        }
+    started = time.perf_counter()
+    logits = model(past_key_values=cache, **kwargs).logits
+    return time.perf_counter() - started, logits[0].argmax(-1)
+
+
+def measure(stock, tuned, context: int, sizes: list[int], repeats: int) -> list[dict]:
+    """One row per size: median ms of each copy, their ratio, the tuned forward in plain
+    steps (when size 1 is measured), and whether the copies' argmax ever differed."""
+    models = {"stock": stock, "tuned": tuned}
+    prefix = torch.randint(
+        100, stock.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)
+    )
+    seconds = {(name, n): [] for name in models for n in sizes}
+    argmax_differs = dict.fromkeys(sizes, False)
+    with torch.inference_mode():
+        caches = {}
+        for name, model in models.items():
+            caches[name] = DynamicCache()
+            model(prefix, past_key_values=caches[name])
+        for _ in range(repeats):
+            for n in sizes:
+                picks = {}
+                for name, model in models.items():
+                    dt, picks[name] = timed_forward(model, caches[name], context, n)
+                    seconds[(name, n)].append(dt)
+                argmax_differs[n] |= not torch.equal(picks["stock"], picks["tuned"])
+    plain_ms = 1000 * statistics.median(seconds[("tuned", 1)]) if 1 in sizes else None
+    rows = []
+    for n in sizes:
+        stock_ms = 1000 * statistics.median(seconds[("stock", n)])
+        tuned_ms = 1000 * statistics.median(seconds[("tuned", n)])
+        rows.append(
+            {
+                "new_tokens": n,
+                "stock_ms": round(stock_ms, 2),
+                "tuned_ms": round(tuned_ms, 2),
+                "tuned_over_stock": round(tuned_ms / stock_ms, 3),
+                "tuned_in_plain_steps": round(tuned_ms / plain_ms, 3) if plain_ms else None,
+                "argmax_differs": argmax_differs[n],
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--context", type=int, default=200, help="tokens already in the KV cache")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 3, 5, 7, 9, 13, 17])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "verify_cost.json")
+    args = parser.parse_args()
+
+    settings = ModelSettings()
+    stock, _, _ = load_target(settings)
+    tuned, _, _ = load_target(settings)
+    speed_up_tree_verification(tuned)
+    rows = measure(stock, tuned, args.context, args.sizes, args.repeats)
+    print(f"{args.context} tokens of context, {torch.get_num_threads()} threads, medians of {args.repeats}")
+    print("new tokens | stock ms | tuned ms | tuned/stock | tuned in plain steps | argmax differs")
+    for r in rows:
+        steps = f"{r['tuned_in_plain_steps']:.2f}" if r["tuned_in_plain_steps"] else "-"
+        print(
+            f"{r['new_tokens']:10d} | {r['stock_ms']:8.1f} | {r['tuned_ms']:8.1f} | "
+            f"{r['tuned_over_stock']:11.2f} | {steps:>20} | {r['argmax_differs']}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "context": args.context,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

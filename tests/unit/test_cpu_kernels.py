@@ -1,0 +1,94 @@
+"""The CPU fixes for tree verification give the forward's results unchanged (to float
+rounding) and take their faster paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as hf_sdpa
+from aerie_common.draft_tree import DraftTree
+from aerie_verifier.cpu_kernels import GROUPED_SDPA, PaddedRowsLinear, speed_up_tree_verification
+from aerie_verifier.tree_verify import tree_inputs
+from torch import nn
+from transformers import DynamicCache
+
+from tests.conftest import build_tiny_llama
+
+VOCAB = 259
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (1, 8), (1, 13), (1, 15), (1, 16), (3, 4), (2, 9)])
+def test_padded_rows_linear_matches_the_linear_and_pads_only_8_to_15_rows(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 300, bias=False)
+    padded = PaddedRowsLinear(linear)
+    seen_rows = []
+    linear.register_forward_hook(lambda _m, args, _out: seen_rows.append(args[0].shape[:-1].numel()))
+    x = torch.randn(*shape, 32)
+    out = padded(x)
+    assert out.shape == (*shape, 300)
+    assert torch.allclose(out, linear(x), atol=1e-5)
+    rows = shape[0] * shape[1]
+    assert seen_rows[0] == (16 if 8 <= rows < 16 else rows)
+
+
+def verify_tree(model, prompt, tree, root=40):
+    cache = DynamicCache()
+    model(prompt, past_key_values=cache)
+    inputs = tree_inputs(root, tree, prompt.shape[1], "cpu", torch.float32)
+    logits = model(
+        input_ids=inputs.input_ids,
+        position_ids=inputs.position_ids,
+        attention_mask=inputs.attention_mask,
+        cache_position=inputs.cache_position,
+        past_key_values=cache,
+    ).logits[0]
+    step = model(torch.tensor([[root]]), past_key_values=cache).logits[0, -1]
+    return logits, step
+
+
+def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_heads(monkeypatch):
+    stock, tuned = build_tiny_llama(VOCAB, seed=5), build_tiny_llama(VOCAB, seed=5)
+    speed_up_tree_verification(tuned)
+    speed_up_tree_verification(tuned)  # idempotent
+    assert tuned.config._attn_implementation == GROUPED_SDPA
+    assert isinstance(tuned.get_output_embeddings(), PaddedRowsLinear)
+    assert isinstance(tuned.get_output_embeddings().linear, nn.Linear)
+
+    repeats = []
+    real_repeat_kv = hf_sdpa.repeat_kv
+    monkeypatch.setattr(hf_sdpa, "repeat_kv", lambda h, n: repeats.append(n) or real_repeat_kv(h, n))
+    torch.manual_seed(2)
+    prompt = torch.randint(3, VOCAB, (1, 11))
+    # 12 nodes: root + 12 = 13 rows, which the output projection pads to 16
+    tree = DraftTree(
+        token_ids=list(range(50, 62)),
+        parents=[-1, -1, -1, 0, 0, 1, 3, 3, 4, 6, 6, 9],
+        scores=[-0.1 * i for i in range(12)],
+    )
+    with torch.no_grad():
+        stock_logits, stock_step = verify_tree(stock, prompt, tree)
+        assert repeats  # the stock target repeats the KV heads under the tree's mask
+        repeats.clear()
+        tuned_logits, tuned_step = verify_tree(tuned, prompt, tree)
+    assert not repeats
+    assert torch.allclose(tuned_logits, stock_logits, atol=1e-5)
+    assert torch.equal(tuned_logits.argmax(-1), stock_logits.argmax(-1))
+    assert torch.equal(tuned_step, stock_step)  # the plain 1-token step is untouched
+
+
+def test_verify_cost_bench_times_both_copies_and_compares_their_picks():
+    from bench.verify_cost import bushy_tree, measure
+
+    bushy_tree(12).validate(VOCAB)
+    stock, tuned = build_tiny_llama(VOCAB, seed=6), build_tiny_llama(VOCAB, seed=6)
+    speed_up_tree_verification(tuned)
+    rows = measure(stock, tuned, context=20, sizes=[1, 13], repeats=2)
+    assert [r["new_tokens"] for r in rows] == [1, 13]
+    assert rows[0]["tuned_in_plain_steps"] == 1.0
+    assert all(r["stock_ms"] > 0 and r["tuned_ms"] > 0 and not r["argmax_differs"] for r in rows)
+
+    other = build_tiny_llama(VOCAB, seed=6)
+    with torch.no_grad():
+        other.model.norm.weight.neg_()  # negated logits: argmax becomes argmin, which the check must notice
+    assert any(r["argmax_differs"] for r in measure(stock, other, context=20, sizes=[1, 13], repeats=1))
