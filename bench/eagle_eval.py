@@ -32,6 +32,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aerie_verifier.speculative import SpeculativeStats
+
 from bench.prompts import mtbench_questions
 
 ACCEPTANCE_TREE_CPU = (5, 4, 12)  # depth, top-k, nodes
@@ -76,29 +78,26 @@ def build_prompt(tokenizer, template: str, turns: list[str], answers: list[str])
 
 @dataclass
 class Tally:
-    """Verification steps and accepted drafts, summed over requests."""
+    """The requests' speculation statistics, summed, and their output tokens."""
 
-    steps: int = 0
-    accepted: int = 0
+    stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     tokens: int = 0
-    at_least: list[int] = field(default_factory=list)  # [d]: steps accepting >= d+1 drafts
 
-    def add(self, stats, tokens: int) -> None:
-        self.steps += stats.drafts
-        self.accepted += stats.accepted_tokens
+    def add(self, stats: SpeculativeStats, tokens: int) -> None:
+        self.stats.merge(stats)
         self.tokens += tokens
-        if len(self.at_least) < len(stats.accepted_per_position):
-            self.at_least.extend([0] * (len(stats.accepted_per_position) - len(self.at_least)))
-        for d, n in enumerate(stats.accepted_per_position):
-            self.at_least[d] += n
+
+    @property
+    def steps(self) -> int:
+        return self.stats.drafts
 
     @property
     def acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.steps if self.steps else float("nan")
+        return self.stats.mean_acceptance_length if self.steps else float("nan")
 
     def by_depth(self) -> list[dict]:
         rows, previous = [], self.steps
-        for d, n in enumerate(self.at_least, start=1):
+        for d, n in enumerate(self.stats.accepted_per_position, start=1):
             rows.append(
                 {
                     "depth": d,

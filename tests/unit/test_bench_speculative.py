@@ -10,6 +10,7 @@ from aerie_drafter.proposer import TreeShape
 from aerie_verifier.engine import Engine
 from aerie_verifier.speculative import SpeculativeStats
 
+from bench.eagle_eval import Tally as EvalTally
 from bench.eagle_eval import select_questions
 from bench.speculative import Tally, draw_chart, parse_tree_shape, run_hf, run_once, tree_row_name
 
@@ -88,3 +89,16 @@ def test_tree_shapes_parse_from_the_command_line():
     for bad in ("3/4", "3/x/8", "0/4/8", "3/4/8/1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_tree_shape(bad)
+
+
+def test_acceptance_eval_sums_requests_and_reports_depth_rates():
+    tally = EvalTally()
+    assert tally.acceptance_length != tally.acceptance_length  # NaN before any step
+    tally.add(SpeculativeStats(drafts=3, accepted_tokens=3, accepted_per_position=[2, 1]), tokens=7)
+    tally.add(SpeculativeStats(drafts=1, accepted_tokens=3, accepted_per_position=[1, 1, 1]), tokens=4)
+    assert (tally.steps, tally.tokens, tally.acceptance_length) == (4, 11, 2.5)
+    assert tally.by_depth() == [
+        {"depth": 1, "rate": 0.75, "conditional": 0.75},
+        {"depth": 2, "rate": 0.5, "conditional": 2 / 3},
+        {"depth": 3, "rate": 0.25, "conditional": 0.5},
+    ]
