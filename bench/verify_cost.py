@@ -43,13 +43,7 @@ def timed_forward(model, prefix_cache, context: int, new_tokens: int):
     if new_tokens == 1:  # the engine's plain step
         kwargs = {"input_ids": torch.tensor([[7]]), "logits_to_keep": 1}
     else:
-        inputs = tree_inputs(7, bushy_tree(new_tokens - 1), context, "cpu", torch.float32)
-        kwargs = {
-            "input_ids": inputs.input_ids,
-            "position_ids": inputs.position_ids,
-            "attention_mask": inputs.attention_mask,
-            "cache_position": inputs.cache_position,
-        }
+        kwargs = tree_inputs(7, bushy_tree(new_tokens - 1), context, "cpu", torch.float32).model_kwargs()
     started = time.perf_counter()
     logits = model(past_key_values=cache, **kwargs).logits
     return time.perf_counter() - started, logits[0].argmax(-1)

@@ -36,13 +36,7 @@ def verify_tree(model, prompt, tree, root=40):
     cache = DynamicCache()
     model(prompt, past_key_values=cache)
     inputs = tree_inputs(root, tree, prompt.shape[1], "cpu", torch.float32)
-    logits = model(
-        input_ids=inputs.input_ids,
-        position_ids=inputs.position_ids,
-        attention_mask=inputs.attention_mask,
-        cache_position=inputs.cache_position,
-        past_key_values=cache,
-    ).logits[0]
+    logits = model(**inputs.model_kwargs(), past_key_values=cache).logits[0]
     step = model(torch.tensor([[root]]), past_key_values=cache).logits[0, -1]
     return logits, step
 

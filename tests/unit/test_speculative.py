@@ -223,13 +223,7 @@ def test_tree_forward_matches_sequential_and_cache_keeps_the_path(target):
             token_ids=[11, 12, 13, 14, 15], parents=[-1, -1, 0, 2, 1], scores=[0, -1, -1, -2, -2]
         )
         inputs = tree_inputs(root, tree, 9, "cpu", torch.float32)
-        logits = target(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            attention_mask=inputs.attention_mask,
-            cache_position=inputs.cache_position,
-            past_key_values=cache,
-        ).logits[0]
+        logits = target(**inputs.model_kwargs(), past_key_values=cache).logits[0]
         path = torch.tensor([[root, 11, 13, 14]])
         sequential = target(torch.cat([prompt, path], 1)).logits[0, 9:]
         for row, seq_row in [(0, 0), (1, 1), (3, 2), (4, 3)]:

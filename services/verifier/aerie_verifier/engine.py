@@ -443,13 +443,7 @@ class Engine:
         past_len = seq.cache.get_seq_length()
         inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
         with self.capture.layers(seq.capture_layer_ids):
-            logits = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                attention_mask=inputs.attention_mask,
-                cache_position=inputs.cache_position,
-                past_key_values=seq.cache,
-            ).logits[0]
+            logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
         features = self.capture.features(seq.capture_layer_ids)
         if seq.params.greedy:
             accepted, bonus = accept_greedy(tree, logits)

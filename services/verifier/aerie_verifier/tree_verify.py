@@ -17,7 +17,7 @@ Either way one more token (the bonus) comes from the target at the last accepted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from aerie_common.draft_tree import DraftTree
@@ -31,6 +31,10 @@ class TreeInputs:
     position_ids: torch.Tensor  # [1, 1+N]
     attention_mask: torch.Tensor  # additive [1, 1, 1+N, past+1+N]
     cache_position: torch.Tensor  # [1+N]: where the new keys/values are written
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The target forward's arguments for this tree, all but the KV cache."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def tree_inputs(root_token: int, tree: DraftTree, past_len: int, device, dtype) -> TreeInputs:
