@@ -1,8 +1,10 @@
 """Two CPU fixes that make a draft tree's verification forward cheaper.
 
-Both change only multi-token forwards, and both leave the plain 1-token step and the
-prefill untouched. Measured on the 2-core CPU, SmolLM2-135M, fp32, a 13-token tree over
-200 tokens of context: 120 ms before, 100 ms after (the 1-token step: 66 ms either way).
+They change forwards of several new tokens, and the padding also takes the output
+projection of 8 to 15 requests decoded in one batch; a single request's 1-token step and
+the prefill run as before. Measured on the 2-core CPU, SmolLM2-135M, fp32, a 13-token
+tree over 200 tokens of context: 120 ms before, 100 ms after (the 1-token step: 66 ms
+either way; `python -m bench.verify_cost` measures it).
 
 - **Logit rows padded to 16.** MKL's sgemm takes a slow path for 8 to 15 rows of a wide
   matrix: the 49152 x 576 output projection costs 14.6 ms for 13 rows and 7.4 ms for 16.
