@@ -32,11 +32,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aerie_drafter.proposer import TreeShape, default_tree
 from aerie_verifier.speculative import SpeculativeStats
 
 from bench.prompts import mtbench_questions
 
-ACCEPTANCE_TREE_CPU = (5, 4, 12)  # depth, top-k, nodes
+ACCEPTANCE_TREE_CPU = TreeShape(depth=5, top_k=4, total_tokens=12)
 
 LONG_SYSTEM = (
     "You are Atlas, the virtual assistant of Northwind Outfitters, an online store for hiking and "
@@ -127,7 +128,6 @@ def generate(engine, prompt: list[int], params, speculative: bool):
 
 def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
     from aerie_drafter.checkpoint import load_head
-    from aerie_drafter.proposer import TreeShape, default_tree
     from aerie_verifier.drafter_client import InProcessDrafterFactory
     from aerie_verifier.engine import Engine
     from aerie_verifier.sampling import SamplingParams
@@ -137,7 +137,7 @@ def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
     head = head.to(device=device, dtype=next(target.parameters()).dtype).eval()
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
     # show it, not on the CPU's serving tree (two nodes: at most 3 tokens a step).
-    shape = default_tree(device) if device.startswith("cuda") else TreeShape(*ACCEPTANCE_TREE_CPU)
+    shape = default_tree(device) if device.startswith("cuda") else ACCEPTANCE_TREE_CPU
     if args.tree:
         shape = TreeShape(*args.tree)
     engine = Engine(target, tokenizer, max_running=1, drafter_factory=InProcessDrafterFactory(head, shape))

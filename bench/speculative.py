@@ -289,9 +289,9 @@ def main() -> None:
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
             "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
         }
-        for extra in args.trees:
-            factories[tree_row_name(extra)] = InProcessDrafterFactory(head, extra)
-        configs = list(CONFIGS) + [tree_row_name(extra) for extra in args.trees]
+        extra_rows = {tree_row_name(extra): extra for extra in args.trees}
+        factories.update({name: InProcessDrafterFactory(head, extra) for name, extra in extra_rows.items()})
+        configs = [*CONFIGS, *extra_rows]
         engines = {}
         for name, factory in factories.items():  # the hf-* rows run the model directly
             guard = PaceGuard() if name.endswith("-guarded") else None
