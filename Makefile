@@ -3,9 +3,10 @@
 # default model (converted once into AERIE_MODEL_CACHE).
 
 PYTHON ?= python3.11
-# Services and benchmarks take turns on the same cores: idle OpenMP threads must sleep,
-# not spin (scripts/launch.py sets the same for the services it starts).
-export OMP_WAIT_POLICY ?= PASSIVE
+# Services and benchmarks take turns on the same cores: OpenMP threads spin only briefly
+# after a parallel region, then sleep (aerie_common/torch_threads.py; the service images and
+# scripts/launch.py set the same).
+export GOMP_SPINCOUNT ?= 30000
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

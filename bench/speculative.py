@@ -13,6 +13,12 @@ configuration alike:
     inprocess-oracle  a drafter that knows the plain output: every draft is accepted
     grpc-oracle       the same oracle behind the real Drafter gRPC service
 
+Each generation runs on a thread that ends with it (an engine of its own, stopped after;
+Hugging Face's generate() on a passing thread), as a service process runs its torch work
+on one thread: idle threads holding OpenMP teams would slow every forward in the process
+(aerie_common.torch_threads). The drafter rows' drafter services are processes of their
+own, as they are when served.
+
 The oracle shows the ceiling (mean acceptance length = depth + 1) and the pure cost of
 capture, tree verification and the hop; the head rows show a real head. Every output is
 checked token for token against plain decoding (the Hugging Face rows too: same model,
@@ -41,6 +47,7 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
+from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
 from aerie_drafter.proposer import TreeShape, tree_shape
@@ -212,9 +219,30 @@ def run_once(engine: Engine, prompt_ids: list[int], max_tokens: int, speculative
     return tokens, time.perf_counter() - started, final[0].speculative
 
 
+def run_on_own_engine(
+    model, tokenizer, factory, prompt_ids: list[int], max_tokens: int, speculative: bool, guarded: bool
+):
+    """``run_once`` on an engine started for it and stopped after, so no engine thread
+    outlives its generation. A guarded engine's calibration of the plain step runs before
+    the clock starts."""
+    guard = PaceGuard() if guarded else None
+    engine = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard)
+    engine.start()
+    try:
+        while guard is not None and guard.plain_step_s is None:
+            time.sleep(0.005)
+        return run_once(engine, prompt_ids, max_tokens, speculative)
+    finally:
+        engine.stop()
+
+
 def run_hf(model, prompt_ids: list[int], max_tokens: int, eos_ids, lookup: int | None):
-    """Hugging Face generate() on the same prompt, greedy; the tokens up to the first EOS
-    (which the engine does not emit either) and the seconds taken."""
+    """Hugging Face generate() on the same prompt, greedy, on a passing thread; the tokens
+    up to the first EOS (which the engine does not emit either) and the seconds taken."""
+    return in_passing_thread(_generate_hf, model, prompt_ids, max_tokens, eos_ids, lookup)
+
+
+def _generate_hf(model, prompt_ids: list[int], max_tokens: int, eos_ids, lookup: int | None):
     config = GenerationConfig(
         max_new_tokens=max_tokens,
         do_sample=False,
@@ -256,21 +284,24 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = ModelSettings()
-    model, tokenizer, _ = load_target(settings)
+    model, tokenizer, _ = in_passing_thread(load_target, settings)
     # The engines tune their model for tree verification (aerie_verifier.cpu_kernels), so
     # the Hugging Face rows run a stock copy of their own, as a user would.
-    hf_model, _, _ = load_target(settings)
+    hf_model, _, _ = in_passing_thread(load_target, settings)
     device = str(model.device)
     shape = tree_shape(device)
-    head, origin = load_drafter_head(settings.target_model, settings.model_cache, args.head)
+    head, origin = in_passing_thread(
+        load_drafter_head, settings.target_model, settings.model_cache, args.head
+    )
     questions = mtbench_questions()[: args.prompts]
-    plain_engine = Engine(model, tokenizer, max_running=1)
-    plain_engine.start()
+    plain_engine = Engine(model, tokenizer, max_running=1)  # never started: encodes, names EOS
     prompts = [plain_engine.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in questions]
 
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
-    references = [run_once(plain_engine, p, args.max_tokens, False)[0] for p in prompts]
+    references = [
+        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, False)[0] for p in prompts
+    ]
     oracle_file = args.out.with_suffix(".oracle.json")
     oracle_file.parent.mkdir(parents=True, exist_ok=True)
     oracle_file.write_text(json.dumps([p + r for p, r in zip(prompts, references, strict=True)]))
@@ -292,11 +323,6 @@ def main() -> None:
         extra_rows = {tree_row_name(extra): extra for extra in args.trees}
         factories.update({name: InProcessDrafterFactory(head, extra) for name, extra in extra_rows.items()})
         configs = [*CONFIGS, *extra_rows]
-        engines = {}
-        for name, factory in factories.items():  # the hf-* rows run the model directly
-            guard = PaceGuard() if name.endswith("-guarded") else None
-            engines[name] = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard)
-            engines[name].start()
         tallies = {name: Tally() for name in configs}
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
@@ -308,7 +334,15 @@ def main() -> None:
                         hf_model, prompt, args.max_tokens, plain_engine.eos_ids, HF_CONFIGS[name]
                     )
                 else:
-                    tokens, seconds, stats = run_once(engines[name], prompt, args.max_tokens, name != "plain")
+                    tokens, seconds, stats = run_on_own_engine(
+                        model,
+                        tokenizer,
+                        factories[name],
+                        prompt,
+                        args.max_tokens,
+                        speculative=name != "plain",
+                        guarded=name.endswith("-guarded"),
+                    )
                 tally = tallies[name]
                 tally.tokens += len(tokens)
                 tally.seconds += seconds
@@ -316,10 +350,7 @@ def main() -> None:
                 if stats is not None and stats.drafts:
                     tally.add_speculation(stats)
             print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
-        for engine in engines.values():
-            engine.stop()
     finally:
-        plain_engine.stop()
         for proc in processes:
             proc.terminate()
             proc.wait(30)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from aerie_common.torch_threads import OPENMP_SPIN_COUNT
 from aerie_drafter.settings import DrafterSettings
 from aerie_gateway.settings import GatewaySettings
 from aerie_memory.settings import MemorySettings
@@ -127,9 +128,9 @@ def plan() -> tuple[list[Supervised], str]:
         AERIE_REDIS_URL=gateway.redis_url,
         PYTHONUNBUFFERED="1",
     )
-    # The verifier and the drafter take turns on the same cores; OpenMP threads that spin
-    # while waiting would steal them from each other (measured: a draft step 10x slower).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The verifier and the drafter take turns on the same cores: OpenMP threads spin only
+    # briefly after a parallel region (aerie_common/torch_threads.py).
+    env.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
     # Prometheus /metrics of the gRPC services (0 turns one off); the gateway's is on its port.
     env.setdefault("AERIE_VERIFIER_METRICS_PORT", "9101")
     env.setdefault("AERIE_DRAFTER_METRICS_PORT", "9102")

@@ -638,3 +638,20 @@ def test_healthcheck_runs_as_a_module(http_server):
     )
     assert down.returncode == 1
     assert "HTTP 503" in down.stderr
+
+
+def test_every_launcher_of_torch_services_sets_the_same_openmp_spin_count():
+    """The verifier and drafter images, the Makefile and scripts/launch.py all give
+    libgomp aerie_common.torch_threads' spin count."""
+    from aerie_common.torch_threads import OPENMP_SPIN_COUNT
+
+    for name in ("verifier", "drafter"):
+        instructions = dockerfile_instructions(ROOT / "services" / name / "Dockerfile")
+        env_text = " ".join(a for k, a in instructions if k == "ENV")
+        assert f"GOMP_SPINCOUNT={OPENMP_SPIN_COUNT}" in env_text.split(), name
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(rf"^export GOMP_SPINCOUNT \?= {OPENMP_SPIN_COUNT}$", makefile, re.M)
+    assert (
+        'env.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)' in (ROOT / "scripts" / "launch.py").read_text()
+    )
+    assert "OMP_WAIT_POLICY" not in (ROOT / "docker-compose.yml").read_text() + makefile

@@ -148,6 +148,39 @@ def test_trees_over_grpc_equal_the_in_process_proposer(drafter, head):
     remote.close()
 
 
+def test_all_head_work_of_all_sessions_runs_on_one_compute_thread(head):
+    """One thread does every session's torch work, never the event loop's (see
+    aerie_common.torch_threads for why a second torch thread slows every forward)."""
+    threads = []
+
+    class RecordingSession(DraftSession):
+        def start(self, token_ids, hidden):
+            threads.append(threading.current_thread())
+            super().start(token_ids, hidden)
+
+        def propose(self, shape):
+            threads.append(threading.current_thread())
+            return super().propose(shape)
+
+    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda: RecordingSession(head))
+    server = ServerThread(
+        lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
+    ).start()
+    try:
+        factory = GrpcDrafterFactory(server.addr, SHAPE)
+        sessions = [factory.open(f"r{i}") for i in range(3)]
+        for i, remote in enumerate(sessions):
+            remote.start(torch.randint(3, VOCAB, (12,)).tolist(), features(11, seed=i))
+        for remote in sessions:
+            remote.extend([5, 6], features(2))
+            remote.close()
+    finally:
+        server.stop()
+    assert len(threads) == 9  # 3 starts, 6 proposals
+    assert len(set(threads)) == 1
+    assert threads[0] is not server.thread and threads[0].name.startswith("drafter-compute")
+
+
 def test_hidden_states_split_over_several_messages(drafter, head):
     server, _ = drafter
     channel, stub = channel_stub(server.addr)

@@ -26,6 +26,7 @@ import pytest
 import redis
 import torch
 from aerie_common.tensors import to_chunks
+from aerie_common.torch_threads import OPENMP_SPIN_COUNT
 from aerie_proto.v1 import (
     drafter_pb2,
     drafter_pb2_grpc,
@@ -98,7 +99,7 @@ class Spawner:
         env = dict(os.environ)
         env.update(
             PYTHONUNBUFFERED="1",
-            OMP_WAIT_POLICY="PASSIVE",
+            GOMP_SPINCOUNT=OPENMP_SPIN_COUNT,
             AERIE_TORCH_THREADS="1",
             AERIE_DEVICE="cpu",
             AERIE_LOG_LEVEL="INFO",

@@ -89,6 +89,17 @@ def test_greedy_is_lossless_with_a_random_head(target, make_engine):
             assert stats.drafts > 0 and stats.draft_tokens >= stats.drafts
 
 
+def test_a_stopped_engine_takes_its_capture_hooks_off_the_model(target, tiny_tokenizer):
+    hooks_before = sum(len(layer._forward_pre_hooks) for layer in target.model.layers)
+    factory = InProcessDrafterFactory(random_head(target), TreeShape(depth=2, top_k=2, total_tokens=2))
+    engine = Engine(target, tiny_tokenizer, max_running=1, drafter_factory=factory)
+    engine.start()
+    generate(engine, prompts(1)[0], SamplingParams(max_tokens=4), speculative=True)
+    assert sum(len(layer._forward_pre_hooks) for layer in target.model.layers) > hooks_before
+    engine.stop()
+    assert sum(len(layer._forward_pre_hooks) for layer in target.model.layers) == hooks_before
+
+
 def test_oracle_drafter_reaches_depth_plus_one(target, make_engine):
     depth = 4
     engine = make_engine(Factory(lambda: OracleDrafter(target, depth)))
@@ -236,6 +247,7 @@ def test_tree_forward_matches_sequential_and_cache_keeps_the_path(target):
 
 
 def test_capture_reads_the_input_of_each_layer(target):
+    hooks_before = [len(layer._forward_pre_hooks) for layer in target.model.layers]
     capture = HiddenCapture(target)
     ids = torch.randint(3, VOCAB, (1, 6))
     with torch.no_grad(), capture.layers((2, 4, 5)):
@@ -244,6 +256,8 @@ def test_capture_reads_the_input_of_each_layer(target):
     hs = out.hidden_states  # hs[i] is the input of layer i (hs[0] the embeddings)
     assert torch.equal(features, torch.cat([hs[2][0], hs[4][0], hs[5][0]], -1))
     assert not torch.equal(features, torch.cat([hs[3][0], hs[5][0], hs[6][0]], -1))
+    capture.close()
+    assert [len(layer._forward_pre_hooks) for layer in target.model.layers] == hooks_before
 
 
 class FailingDrafter:

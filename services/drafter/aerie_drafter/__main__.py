@@ -14,7 +14,7 @@ from aerie_proto.v1 import drafter_pb2_grpc
 from aerie_drafter.loading import load_drafter_head
 from aerie_drafter.metrics import SessionCollector
 from aerie_drafter.proposer import tree_shape
-from aerie_drafter.server import SERVICE_NAME, DrafterServicer
+from aerie_drafter.server import SERVICE_NAME, DrafterServicer, single_compute_thread
 from aerie_drafter.settings import DrafterSettings
 
 log = logging.getLogger("aerie_drafter")
@@ -23,7 +23,10 @@ log = logging.getLogger("aerie_drafter")
 async def serve(settings: DrafterSettings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    head, origin = await asyncio.to_thread(
+    # The head loads on the thread that will draft with it: the process's only torch thread.
+    compute = single_compute_thread()
+    head, origin = await asyncio.get_running_loop().run_in_executor(
+        compute,
         load_drafter_head,
         settings.target_model,
         settings.model_cache,
@@ -36,7 +39,7 @@ async def serve(settings: DrafterSettings) -> None:
     shape = tree_shape(
         device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
-    servicer = DrafterServicer(head, shape, settings.drafter_max_sessions, origin)
+    servicer = DrafterServicer(head, shape, settings.drafter_max_sessions, origin, compute=compute)
     start_metrics_server(SessionCollector(servicer), settings.drafter_host, settings.drafter_metrics_port)
     service = GrpcService(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME]

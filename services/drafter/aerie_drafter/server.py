@@ -2,8 +2,9 @@
 
 Each DraftSession stream is one request's DraftSession (proposer.py). Messages are
 checked before they touch the head: anything malformed ends the stream with
-INVALID_ARGUMENT and leaves the service healthy. Head work runs in a worker thread so
-the event loop keeps serving other streams and health checks.
+INVALID_ARGUMENT and leaves the service healthy. All torch work (reading the features,
+drafting) runs on one compute thread, so the event loop keeps serving other streams and
+health checks, and the process keeps a single OpenMP team (aerie_common.torch_threads).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -31,6 +33,10 @@ SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 # hang-up to a waiting handler as the end of the request stream, so the first two both
 # mean the verifier let go.
 CLOSE_REASONS = ("ended", "cancelled", "invalid", "error")
+
+
+def single_compute_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
 
 
 class DraftProtocolError(ValueError):
@@ -69,8 +75,11 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         max_sessions: int,
         head_origin: str,
         new_session: Callable[[], DraftSession] | None = None,
+        compute: ThreadPoolExecutor | None = None,
     ):
         self.head = head
+        # The one thread that runs torch work; __main__ loads the head on it too.
+        self.compute = compute or single_compute_thread()
         # What proposes the trees: the EAGLE proposer; benchmarks swap in an oracle.
         self.new_session = new_session or (lambda: DraftSession(head))
         self.default_shape = default_shape
@@ -114,6 +123,28 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             raise DraftProtocolError(f"{what} token ids must be in [0, {self.vocab_size})")
         return ids
 
+    def _start(self, session: DraftSession, message, parts, shape: TreeShape):
+        """On the compute thread: check a start, open the session and draft."""
+        token_ids = self._token_ids(message.token_ids, "start")
+        if not 2 <= len(token_ids) <= self.max_tokens:
+            raise DraftProtocolError(f"start needs 2 to {self.max_tokens} token ids, got {len(token_ids)}")
+        hidden = self._features(parts, len(token_ids) - 1, "start")
+        drafting_from = time.perf_counter()
+        session.start(token_ids, hidden)
+        return session.propose(shape), time.perf_counter() - drafting_from
+
+    def _extend(self, session: DraftSession | None, message, parts, shape: TreeShape):
+        """On the compute thread: check an extend, add it to the session and draft."""
+        if session is None:
+            raise DraftProtocolError("extend before start")
+        token_ids = self._token_ids(message.accepted_token_ids, "extend")
+        if not token_ids or len(session.tokens) + len(token_ids) > self.max_tokens:
+            raise DraftProtocolError(f"extend needs 1 or more token ids and at most {self.max_tokens} in all")
+        hidden = self._features(parts, len(token_ids), "extend")
+        drafting_from = time.perf_counter()
+        session.extend(token_ids, hidden)
+        return session.propose(shape), time.perf_counter() - drafting_from
+
     async def DraftSession(self, request_iterator, context):
         if self.live_sessions >= self.max_sessions:
             self.sessions_rejected += 1
@@ -130,34 +161,18 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                 if kind == "start":
                     if session is not None:
                         raise DraftProtocolError("a session takes one start")
-                    token_ids = self._token_ids(message.token_ids, "start")
-                    if not 2 <= len(token_ids) <= self.max_tokens:
-                        raise DraftProtocolError(
-                            f"start needs 2 to {self.max_tokens} token ids, got {len(token_ids)}"
-                        )
                     shape = self._tree_shape(message.tree)
-                    hidden = self._features(parts, len(token_ids) - 1, "start")
-                    drafting_from = time.perf_counter()
                     session = self.new_session()
-                    session.start(token_ids, hidden)
-                else:
-                    if session is None:
-                        raise DraftProtocolError("extend before start")
-                    token_ids = self._token_ids(message.accepted_token_ids, "extend")
-                    if not token_ids or len(session.tokens) + len(token_ids) > self.max_tokens:
-                        raise DraftProtocolError(
-                            f"extend needs 1 or more token ids and at most {self.max_tokens} in all"
-                        )
-                    hidden = self._features(parts, len(token_ids), "extend")
-                    drafting_from = time.perf_counter()
-                    session.extend(token_ids, hidden)
-                tree = await asyncio.to_thread(session.propose, shape)
+                work = self._start if kind == "start" else self._extend
+                tree, draft_seconds = await asyncio.get_running_loop().run_in_executor(
+                    self.compute, work, session, message, parts, shape
+                )
                 self.trees_total += 1
                 yield drafter_pb2.DraftResponse(
                     tree=drafter_pb2.DraftTree(
                         token_ids=tree.token_ids, parents=tree.parents, scores=tree.scores
                     ),
-                    draft_seconds=time.perf_counter() - drafting_from,
+                    draft_seconds=draft_seconds,
                 )
             reason = "ended"
         except (DraftProtocolError, MalformedTensorError, ValueError) as exc:

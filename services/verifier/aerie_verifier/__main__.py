@@ -9,6 +9,7 @@ from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.metrics import start_metrics_server
 from aerie_common.model_store import load_target
+from aerie_common.torch_threads import in_passing_thread
 from aerie_proto.v1 import verifier_pb2_grpc
 
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
@@ -66,7 +67,9 @@ def make_drafter_factory(settings: VerifierSettings, device: str):
     return InProcessDrafterFactory(head, shape)
 
 
-async def serve(settings: VerifierSettings) -> None:
+def build_engine(settings: VerifierSettings):
+    """Load the target (and an in-process head) and wrap them in an engine; returns
+    (engine, model directory)."""
     model, tokenizer, model_dir = load_target(settings)
     engine = Engine(
         model,
@@ -77,6 +80,13 @@ async def serve(settings: VerifierSettings) -> None:
         breaker_cooldown_s=settings.drafter_retry_after_s,
         pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
     )
+    return engine, model_dir
+
+
+async def serve(settings: VerifierSettings) -> None:
+    # From here on only the engine thread runs torch work (aerie_common.torch_threads).
+    engine, model_dir = in_passing_thread(build_engine, settings)
+    model = engine.model
     engine.start()
     start_metrics_server(EngineCollector(engine), settings.verifier_host, settings.verifier_metrics_port)
     device = str(engine.device)

@@ -6,7 +6,8 @@ concurrent streams all make progress. A step is the prompt's prefill, the verifi
 a whole draft tree in one forward (see tree_verify.py), or one plain decoding step. The
 plain steps of a round share one batched forward: a 1-token forward is bound by reading
 the weights, so eight of them batched cost little more than one. On the CPU the engine
-tunes its model for tree verification when it takes it (cpu_kernels.py).
+tunes its model for tree verification when it takes it (cpu_kernels.py). A request's KV
+cache appends in place (kv_cache.py).
 Results go back through a per-request callback on the scheduler thread; the gRPC adapter
 hops them onto its event loop.
 """
@@ -29,6 +30,7 @@ from transformers import DynamicCache
 
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
+from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.sampling import SamplingParams, next_token
 from aerie_verifier.speculative import (
     CircuitBreaker,
@@ -101,7 +103,7 @@ class Sequence:
     eos_ids: frozenset[int]
     speculative: bool = False
     output_ids: list[int] = field(default_factory=list)
-    cache: DynamicCache | None = None
+    cache: GrowingCache | None = None
     cancelled: bool = False
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
@@ -199,6 +201,8 @@ class Engine:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        if self.capture is not None and not self._thread.is_alive():
+            self.capture.close()
 
     @property
     def num_waiting(self) -> int:
@@ -318,7 +322,7 @@ class Engine:
         after a short prefill), so the first requests can be judged too. Reading the
         token back waits for the device, as a real step does."""
         try:
-            cache = DynamicCache()
+            cache = GrowingCache()
             ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
             self.model(input_ids=ids, past_key_values=cache)
             timings = []
@@ -352,7 +356,7 @@ class Engine:
             self._decode_one(seq)
 
     def _prefill(self, seq: Sequence) -> None:
-        seq.cache = DynamicCache()
+        seq.cache = GrowingCache()
         self.totals.prompt_tokens += len(seq.prompt_ids)
         layer_ids = None
         if seq.speculative:

@@ -137,8 +137,16 @@ class HiddenCapture:
         self.num_layers = len(model.model.layers)
         self._wanted: tuple[int, ...] = ()
         self._captured: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(model.model.layers):
+        self._hooks = [
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+            for i, layer in enumerate(model.model.layers)
+        ]
+
+    def close(self) -> None:
+        """Take the hooks off the model (an engine that stops leaves its model clean)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
 
     def _hook(self, layer_id: int):
         def hook(module, args, kwargs):

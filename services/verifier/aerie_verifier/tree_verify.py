@@ -105,9 +105,14 @@ def accept_sampling(
 
 def keep_cache_entries(cache, past_len: int, accepted: list[int]) -> None:
     """Drop the rejected nodes' keys and values: keep the prefix, the root and the
-    accepted path, in order, so the cache reads as if only those tokens had been fed."""
-    keep = list(range(past_len + 1)) + [past_len + 1 + i for i in accepted]
+    accepted path, in order, so the cache reads as if only those tokens had been fed.
+    Only the accepted entries move (each to a slot at or before its own, so in place);
+    the prefix is never copied."""
+    kept = past_len + 1 + len(accepted)
+    moves = accepted != list(range(len(accepted)))  # a first-child chain is already in place
     for layer in cache.layers:
-        index = torch.tensor(keep, device=layer.keys.device)
-        layer.keys = layer.keys.index_select(2, index)
-        layer.values = layer.values.index_select(2, index)
+        if moves:
+            source = torch.tensor([past_len + 1 + i for i in accepted], device=layer.keys.device)
+            layer.keys[..., past_len + 1 : kept, :] = layer.keys.index_select(2, source)
+            layer.values[..., past_len + 1 : kept, :] = layer.values.index_select(2, source)
+        layer.crop(kept - layer.get_seq_length())
