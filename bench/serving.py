@@ -7,6 +7,11 @@ of the in-process figures.
 
     python -m bench.serving                      # starts its own stack (scripts/launch.py)
     python -m bench.serving --url http://127.0.0.1:8000   # against a running stack
+    python -m bench.serving --speculative --concurrency 1  # the gateway's requests speculate
+
+With ``--speculative`` the gateway's requests speculate (the verifier drafting with the
+drafter service over gRPC, as `make up` runs it) while the in-process engine decodes
+plainly, so the tokens/s ratio is the speedup of the whole stack over plain decoding.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ async def run_level(one_request, prompts: list[str], concurrency: int) -> tuple[
     return results, time.perf_counter() - started
 
 
-def gateway_client(base_url: str, model: str, max_tokens: int):
+def gateway_client(base_url: str, model: str, max_tokens: int, speculative: bool):
     client = httpx.AsyncClient(timeout=600)
 
     async def one_request(prompt: str) -> RequestResult:
@@ -89,9 +94,8 @@ def gateway_client(base_url: str, model: str, max_tokens: int):
             "max_tokens": max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
-            # Plain decoding on both sides: this measures the gateway and gRPC hop only
-            # (bench.speculative measures speculation).
-            "speculative": False,
+            # Plain by default: then this measures the gateway and the gRPC hop only.
+            "speculative": speculative,
         }
         chat = await stream_chat(client, f"{base_url}/v1/chat/completions", body)
         if not chat.ok:
@@ -170,7 +174,7 @@ async def main_async(args) -> list[LevelResult]:
         print("starting the stack ...", file=sys.stderr)
         stack = start_stack()
         url = stack.url
-    client, via_gateway = gateway_client(url, args.model, args.max_tokens)
+    client, via_gateway = gateway_client(url, args.model, args.max_tokens, args.speculative)
     in_process = inprocess_client(engine, args.max_tokens)
     levels: list[LevelResult] = []
     try:
@@ -215,6 +219,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--min-requests", type=int, default=4)
+    parser.add_argument(
+        "--speculative",
+        action="store_true",
+        help="the gateway's requests speculate; the in-process engine stays plain",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
     levels = asyncio.run(main_async(args))

@@ -641,11 +641,11 @@ def test_healthcheck_runs_as_a_module(http_server):
 
 
 def test_every_launcher_of_torch_services_sets_the_same_openmp_spin_count():
-    """The verifier and drafter images, the Makefile and scripts/launch.py all give
-    libgomp aerie_common.torch_threads' spin count."""
+    """The images of the services that run torch, the Makefile and scripts/launch.py all
+    give libgomp aerie_common.torch_threads' spin count."""
     from aerie_common.torch_threads import OPENMP_SPIN_COUNT
 
-    for name in ("verifier", "drafter"):
+    for name in ("verifier", "drafter", "memory"):
         instructions = dockerfile_instructions(ROOT / "services" / name / "Dockerfile")
         env_text = " ".join(a for k, a in instructions if k == "ENV")
         assert f"GOMP_SPINCOUNT={OPENMP_SPIN_COUNT}" in env_text.split(), name
