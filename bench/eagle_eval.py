@@ -35,7 +35,7 @@ from pathlib import Path
 from aerie_drafter.proposer import TreeShape, default_tree
 from aerie_verifier.speculative import SpeculativeStats
 
-from bench.prompts import mtbench_questions
+from bench.prompts import mtbench_questions, select_questions
 
 ACCEPTANCE_TREE_CPU = TreeShape(depth=5, top_k=4, total_tokens=12)
 
@@ -210,20 +210,6 @@ def print_report(results: list[dict], templates: list[str]) -> None:
                 f"d{x['depth']}={x['rate']:.2f}[{x['conditional']:.2f}]" for x in r["standard"]["by_depth"]
             )
             print(f"  {n}: {rows}")
-
-
-def select_questions(questions: list[dict], limit: int | None, per_category: int | None) -> list[dict]:
-    """The first ``per_category`` questions of every category (MT-bench lists them by
-    category, so a plain ``limit`` covers the first categories only), then the first ``limit``."""
-    if per_category is not None:
-        taken: dict[str, int] = defaultdict(int)
-        kept = []
-        for q in questions:
-            if taken[q["category"]] < per_category:
-                taken[q["category"]] += 1
-                kept.append(q)
-        questions = kept
-    return questions[:limit]
 
 
 def main(argv: list[str] | None = None) -> None:

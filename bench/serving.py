@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from bench.chat_stream import stream_chat
-from bench.prompts import mtbench_questions
+from bench.prompts import mtbench_questions, round_robin_by_category
 from bench.stack import ROOT, start_stack
 
 
@@ -164,7 +164,9 @@ async def main_async(args) -> list[LevelResult]:
     from aerie_common.settings import ModelSettings
     from aerie_verifier.engine import Engine
 
-    questions = [q["turns"][0] for q in mtbench_questions()]
+    # Every category in turn: MT-bench lists them in blocks, and the first block (writing)
+    # is the one the shipped head drafts worst.
+    questions = [q["turns"][0] for q in round_robin_by_category(mtbench_questions())]
     model, tokenizer, _ = load_target(ModelSettings())
     engine = Engine(model, tokenizer, max_running=max(args.concurrency), max_waiting=1024)
     engine.start()

@@ -24,8 +24,8 @@ capture, tree verification and the hop; the head rows show a real head. Every ou
 checked token for token against plain decoding (the Hugging Face rows too: same model,
 same greedy rule).
 
-    python -m bench.speculative                       # the shipped head, 6 prompts
-    python -m bench.speculative --head PATH --prompts 20 --chart docs/img/speculative.png
+    python -m bench.speculative                       # the shipped head, one question per category
+    python -m bench.speculative --head PATH --per-category 3 --chart docs/img/speculative.png
     python -m bench.speculative --trees 3/3/6 2/4/6   # also the head in-process with these
                                                       # tree shapes (depth/top-k/nodes)
 """
@@ -57,7 +57,7 @@ from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.speculative import PaceGuard, SpeculativeStats
 from transformers import GenerationConfig
 
-from bench.prompts import mtbench_questions
+from bench.prompts import mtbench_questions, select_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (
@@ -266,7 +266,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=6, help="MT-bench questions (first turns)")
+    parser.add_argument("--prompts", type=int, default=8, help="MT-bench questions (first turns), at most")
+    parser.add_argument(
+        "--per-category",
+        type=int,
+        default=1,
+        help="the first N questions of each of MT-bench's 8 categories (0: the first --prompts "
+        "questions, which are all 'writing')",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
         "--head", default="", help='EAGLE head directory, or "untrained" (default: the shipped head)'
@@ -293,7 +300,7 @@ def main() -> None:
     head, origin = in_passing_thread(
         load_drafter_head, settings.target_model, settings.model_cache, args.head
     )
-    questions = mtbench_questions()[: args.prompts]
+    questions = select_questions(mtbench_questions(), args.prompts, args.per_category or None)
     plain_engine = Engine(model, tokenizer, max_running=1)  # never started: encodes, names EOS
     prompts = [plain_engine.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in questions]
 
@@ -365,6 +372,7 @@ def main() -> None:
         "head": origin,
         "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},
         "prompts": len(prompts),
+        "categories": sorted({q["category"] for q in questions}),
         "max_tokens": args.max_tokens,
         "rows": rows,
     }

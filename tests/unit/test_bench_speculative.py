@@ -11,7 +11,7 @@ from aerie_verifier.engine import Engine
 from aerie_verifier.speculative import SpeculativeStats
 
 from bench.eagle_eval import Tally as EvalTally
-from bench.eagle_eval import select_questions
+from bench.prompts import select_questions
 from bench.speculative import Tally, draw_chart, parse_tree_shape, run_hf, run_once, tree_row_name
 
 
@@ -102,3 +102,11 @@ def test_acceptance_eval_sums_requests_and_reports_depth_rates():
         {"depth": 2, "rate": 0.5, "conditional": 2 / 3},
         {"depth": 3, "rate": 0.25, "conditional": 0.5},
     ]
+
+
+def test_round_robin_takes_each_category_in_turn():
+    from bench.prompts import round_robin_by_category
+
+    questions = [{"category": c, "id": i} for i, c in enumerate("aaabbc")]
+    assert [q["id"] for q in round_robin_by_category(questions)] == [0, 3, 5, 1, 4, 2]
+    assert round_robin_by_category(questions)[:3] == select_questions(questions, None, 1)
