@@ -9,7 +9,7 @@ thread doing torch work and 51 ms on a second one, after the first had run one f
 (while the first lived; a thread that ended left no trace).
 
 So a service does its torch work on one long-lived thread (the verifier's engine thread,
-the drafter's compute thread), and work that must happen before that thread exists,
+the drafter's and the memory service's compute threads), and work that must happen before that thread exists,
 such as loading the model, runs on a thread that ends with it.
 
 Between processes the trade-off is the spin itself: the verifier and the drafter take
@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -39,6 +40,11 @@ def set_openmp_spin_count() -> None:
     """Set GOMP_SPINCOUNT for this process (unless set) and the processes it starts.
     libgomp reads it when it loads, so call this before torch is imported."""
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
+def compute_thread(name: str) -> ThreadPoolExecutor:
+    """The executor a service runs all its torch work on: one thread, so one OpenMP team."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
 
 def in_passing_thread(fn: Callable[..., T], /, *args, **kwargs) -> T:

@@ -9,12 +9,13 @@ import torch
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.metrics import start_metrics_server
+from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import drafter_pb2_grpc
 
 from aerie_drafter.loading import load_drafter_head
 from aerie_drafter.metrics import SessionCollector
 from aerie_drafter.proposer import tree_shape
-from aerie_drafter.server import SERVICE_NAME, DrafterServicer, single_compute_thread
+from aerie_drafter.server import SERVICE_NAME, DrafterServicer
 from aerie_drafter.settings import DrafterSettings
 
 log = logging.getLogger("aerie_drafter")
@@ -24,7 +25,7 @@ async def serve(settings: DrafterSettings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
     # The head loads on the thread that will draft with it: the process's only torch thread.
-    compute = single_compute_thread()
+    compute = compute_thread("drafter-compute")
     head, origin = await asyncio.get_running_loop().run_in_executor(
         compute,
         load_drafter_head,

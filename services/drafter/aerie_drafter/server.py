@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from aerie_common.tensors import MalformedTensorError, from_chunks
+from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
 from aerie_drafter.eagle import EagleHead
@@ -33,10 +34,6 @@ SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
 # hang-up to a waiting handler as the end of the request stream, so the first two both
 # mean the verifier let go.
 CLOSE_REASONS = ("ended", "cancelled", "invalid", "error")
-
-
-def single_compute_thread() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-compute")
 
 
 class DraftProtocolError(ValueError):
@@ -79,7 +76,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
     ):
         self.head = head
         # The one thread that runs torch work; __main__ loads the head on it too.
-        self.compute = compute or single_compute_thread()
+        self.compute = compute or compute_thread("drafter-compute")
         # What proposes the trees: the EAGLE proposer; benchmarks swap in an oracle.
         self.new_session = new_session or (lambda: DraftSession(head))
         self.default_shape = default_shape

@@ -1,8 +1,9 @@
 """python -m aerie_memory: serve the Memory gRPC service.
 
 The service is a thin adapter: ingestion, jobs, namespaces and deletes are Redis
-transactions (store.py); queries run the namespace's served memory model in a thread, so
-the event loop keeps answering. Learning happens in the worker (worker.py), which this
+transactions (store.py); queries run the namespace's served memory model on one compute
+thread (loading it too), so the event loop keeps answering and the process keeps a single
+OpenMP team (aerie_common.torch_threads). Learning happens in the worker (worker.py), which this
 process runs as a child and restarts when it exits. Health is SERVING only while Redis,
 where all memory state lives, answers.
 """
@@ -23,6 +24,7 @@ from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
+from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base, names_known_entity
@@ -84,6 +86,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.root = settings.model_cache / "memory"
         self.cache = MemoryCache(settings.memory_loaded_models)
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self.compute = compute_thread("memory-compute")
 
     async def _invalid(self, context, exc: InvalidInput):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -199,8 +202,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             return loaded
         key = (namespace, version.version)
         if key not in self._loading:  # one load per version, however many queries wait
-            self._loading[key] = asyncio.ensure_future(
-                asyncio.to_thread(build_memory, self._base_loader, self.root, namespace, version)
+            self._loading[key] = asyncio.get_running_loop().run_in_executor(
+                self.compute, build_memory, self._base_loader, self.root, namespace, version
             )
         try:
             loaded = await self._loading[key]
@@ -236,7 +239,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             with memory.lock:  # one generation at a time per loaded model
                 return answer(memory.model, memory.tokenizer, question, max_tokens)
 
-        text = await asyncio.to_thread(run)
+        text = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         known = knows(text)
         sources = attribute_sources(question, text, memory.reflections) if known else []
         return memory_pb2.QueryResponse(

@@ -36,6 +36,7 @@ import torch
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
+from aerie_common.torch_threads import compute_thread
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -86,6 +87,11 @@ class JobProcessor:
         self._base_loader = base_loader
         self._base = None
         self.root = memory_root
+        # Loading, training and saving: one thread, one OpenMP team (aerie_common.torch_threads).
+        self.compute = compute_thread("memory-train")
+
+    async def _compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
 
     def base(self):
         if self._base is None:
@@ -223,7 +229,7 @@ class JobProcessor:
         pairs = training_pairs(
             reflections, idk_share=self.settings.memory_idk_share, seed=zlib.crc32(record["id"].encode())
         )
-        model, tokenizer = await asyncio.to_thread(self.base)
+        model, tokenizer = await self._compute(self.base)
         examples = build_examples(tokenizer, pairs, self.settings.memory_max_seq_tokens)
         config = self._train_config()
         loop = asyncio.get_running_loop()
@@ -239,7 +245,7 @@ class JobProcessor:
 
         steps = -(-len(examples) // config.batch_size) * config.epochs  # what train_lora will report
         await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
-        result = await asyncio.to_thread(train_lora, model, tokenizer, examples, config, progress)
+        result = await self._compute(train_lora, model, tokenizer, examples, config, progress)
         await asyncio.gather(*map(asyncio.wrap_future, updates), return_exceptions=True)
         meta = {
             "examples": len(examples),
@@ -247,7 +253,7 @@ class JobProcessor:
             "seconds": result.seconds,
             "record": record,
         }
-        await asyncio.to_thread(save_adapter, result.adapter, directory, meta)
+        await self._compute(save_adapter, result.adapter, directory, meta)
         save_reflections(directory, reflections)
         await self.store.update_job(
             job_id, train_loss=round(result.epoch_losses[-1], 4) if result.epoch_losses else 0.0
