@@ -32,6 +32,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aerie_common.torch_threads import in_passing_thread
+from aerie_drafter.eagle import EagleHead
 from aerie_drafter.proposer import TreeShape, default_tree
 from aerie_verifier.speculative import SpeculativeStats
 
@@ -133,8 +135,12 @@ def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
     from aerie_verifier.sampling import SamplingParams
 
     device = str(next(target.parameters()).device)
-    head = load_head(head_dir, target.model.embed_tokens, len(target.model.layers))
-    head = head.to(device=device, dtype=next(target.parameters()).dtype).eval()
+
+    def load() -> EagleHead:  # on a passing thread: only the engine's runs torch for long
+        head = load_head(head_dir, target.model.embed_tokens, len(target.model.layers))
+        return head.to(device=device, dtype=next(target.parameters()).dtype).eval()
+
+    head = in_passing_thread(load)
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
     # show it, not on the CPU's serving tree (two nodes: at most 3 tokens a step).
     shape = default_tree(device) if device.startswith("cuda") else ACCEPTANCE_TREE_CPU
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {"device": args.device, "torch_threads": args.threads}
     if args.target_model:
         overrides["target_model"] = args.target_model
-    target, tokenizer, model_dir = load_target(ModelSettings(**overrides))
+    target, tokenizer, model_dir = in_passing_thread(load_target, ModelSettings(**overrides))
     questions = select_questions(mtbench_questions(), args.limit, args.per_category)
     results = []
     for head_dir in args.heads:
