@@ -26,7 +26,6 @@ checks that they agree).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -50,17 +49,5 @@ def compute_thread(name: str) -> ThreadPoolExecutor:
 def in_passing_thread(fn: Callable[..., T], /, *args, **kwargs) -> T:
     """``fn(*args, **kwargs)`` on a new thread that ends when it returns, so the OpenMP
     team its work creates ends with it. Blocks the caller; re-raises fn's exception."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"passing-{getattr(fn, '__name__', 'call')}")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]  # type: ignore[return-value]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="passing") as passing:
+        return passing.submit(fn, *args, **kwargs).result()  # leaving the block joins the thread
