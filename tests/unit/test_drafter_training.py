@@ -17,6 +17,7 @@ from aerie_drafter.training.data import (
     conversation_key,
     draft_vocabulary,
     encode_conversation,
+    later_turn_prompts,
     read_json_array,
     self_distill,
     to_messages,
@@ -111,6 +112,29 @@ def test_conversations_are_filtered_and_the_loss_mask_covers_the_assistant(tiny_
     )
     assert response == "cd<|im_end|>fgh<|im_end|>"
     assert len(encode_conversation(tiny_tokenizer, messages, max_len=5).input_ids) == 5
+
+
+def test_later_turns_become_prompts_of_their_own():
+    def chat(*turns, system=None):
+        messages = [{"role": "system", "content": system}] if system else []
+        for i, text in enumerate(turns):
+            messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+        return messages
+
+    long_turn = "please rewrite the whole thing as a short poem"
+    conversations = [
+        chat("the first question stays out of this", "a1", long_turn, "a2", "go on", "a3"),
+        chat("another first turn with enough words", "b1", long_turn, "b2"),  # met before
+        chat("q", "c1", "what does the second law of thermodynamics say", "c2", system="be brief"),
+    ]
+    assert later_turn_prompts(conversations) == [
+        [{"role": "user", "content": long_turn}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what does the second law of thermodynamics say"},
+        ],
+    ]
+    assert len(later_turn_prompts(conversations, min_words=1)) == 3  # "go on" too
 
 
 def test_truncated_json_array_keeps_the_complete_items():
@@ -356,6 +380,31 @@ def test_self_distillation_skips_prompts_over_the_limit(target, tiny_tokenizer):
     # the first conversation ends before its long turn, the second is dropped, order is kept
     assert [[m["role"] for m in c] for c in distilled] == [["user", "assistant"], ["user", "assistant"]]
     assert all(c[0]["content"] == "hi" and c[1]["content"] != "old" for c in distilled)
+
+
+def test_a_run_on_later_turns_distils_their_answers_and_records_their_keys(target, tiny_tokenizer, tmp_path):
+    conversations = [
+        [
+            {"role": "user", "content": f"first question {i}"},
+            {"role": "assistant", "content": "recorded answer"},
+            {"role": "user", "content": f"and a later question number {i} with words"},
+            {"role": "assistant", "content": "recorded answer"},
+        ]
+        for i in range(3)
+    ]
+    config = tiny_config(
+        tmp_path / "later", prompts="later-turns", self_distill=True, epochs=1, conversations=3, max_len=160
+    )
+    head_dir = train(config, target=target, tokenizer=tiny_tokenizer, conversations=conversations)
+    trained = [json.loads(line) for line in (tmp_path / "later" / "conversations.jsonl").open()]
+    assert [[m["role"] for m in c] for c in trained] == [["user", "assistant"]] * 3
+    assert {c[0]["content"] for c in trained} == {c[2]["content"] for c in conversations}
+    assert all(c[1]["content"] != "recorded answer" for c in trained)  # the target's own
+    record = json.loads((head_dir / "training.json").read_text())
+    assert record["config"]["prompts"] == "later-turns"
+    assert set(record["data"]["conversation_keys"]) == {conversation_key(c) for c in trained}
+    with pytest.raises(ValueError, match="needs --self-distill"):  # the recorded answers lean on turn 1
+        tiny_config(tmp_path / "x", prompts="later-turns")
 
 
 def test_online_features_and_the_30_architecture_train_too(target, tiny_tokenizer, tmp_path):

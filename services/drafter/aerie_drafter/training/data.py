@@ -61,6 +61,24 @@ def load_sharegpt(limit: int | None = None, seed: int = 0) -> list[Messages]:
     return conversations
 
 
+def later_turn_prompts(conversations: Iterable[Messages], min_words: int = 6) -> list[Messages]:
+    """Every user turn after the first, as a conversation of its own (behind the
+    conversation's system message, if any): more prompts from the same corpus, for runs
+    that regenerate the answers, as the recorded answers to these turns lean on the turns
+    before them. Turns under ``min_words`` words ("go on", "thanks") are left out, and so
+    is a prompt met before."""
+    seen: set[str] = set()
+    prompts: list[Messages] = []
+    for messages in conversations:
+        system = [m for m in messages if m["role"] == "system"]
+        for message in [m for m in messages if m["role"] == "user"][1:]:
+            text = message["content"]
+            if len(text.split()) >= min_words and text not in seen:
+                seen.add(text)
+                prompts.append([*system, message])
+    return prompts
+
+
 def conversation_key(messages: Messages) -> str:
     """A short stable name for a conversation: a hash of its first user turn, which
     self-distillation keeps (it rewrites the assistant's turns)."""
