@@ -36,6 +36,7 @@ from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import EagleHead
 from aerie_drafter.proposer import TreeShape, default_tree
 from aerie_verifier.speculative import SpeculativeStats
+from torch import nn
 
 from bench.prompts import mtbench_questions, select_questions
 
@@ -128,17 +129,23 @@ def generate(engine, prompt: list[int], params, speculative: bool):
     return [t for e in events for t in e.token_ids], events[-1]
 
 
-def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
+def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions, args) -> dict:
     from aerie_drafter.checkpoint import load_head
+    from aerie_drafter.loading import pick_head_dtype
     from aerie_verifier.drafter_client import InProcessDrafterFactory
     from aerie_verifier.engine import Engine
     from aerie_verifier.sampling import SamplingParams
 
     device = str(next(target.parameters()).device)
 
+    dtype = pick_head_dtype(head_dtype, device)  # as the drafter serves it
+
     def load() -> EagleHead:  # on a passing thread: only the engine's runs torch for long
-        head = load_head(head_dir, target.model.embed_tokens, len(target.model.layers))
-        return head.to(device=device, dtype=next(target.parameters()).dtype).eval()
+        embeddings = target.model.embed_tokens
+        if embeddings.weight.dtype != dtype:  # a copy: casting the head would cast the target's
+            embeddings = nn.Embedding.from_pretrained(embeddings.weight.detach().to(dtype), freeze=True)
+        head = load_head(head_dir, embeddings, len(target.model.layers))
+        return head.for_drafting(device, dtype)
 
     head = in_passing_thread(load)
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
@@ -149,7 +156,12 @@ def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
     engine = Engine(target, tokenizer, max_running=1, drafter_factory=InProcessDrafterFactory(head, shape))
     engine.start()
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    result = {"head": str(head_dir), "eagle_version": head.config.eagle_version, "tree": vars(shape)}
+    result = {
+        "head": str(head_dir),
+        "eagle_version": head.config.eagle_version,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tree": vars(shape),
+    }
     try:
         for template in args.templates:
             overall, per_category = Tally(), defaultdict(Tally)
@@ -191,12 +203,13 @@ def evaluate_head(head_dir: Path, target, tokenizer, questions, args) -> dict:
 
 def print_report(results: list[dict], templates: list[str]) -> None:
     names = [Path(r["head"]).parent.name or r["head"] for r in results]
-    width = max(14, *(len(n) + 8 for n in names))
+    width = max(14, *(len(n) + 18 for n in names))
     print("\nmean acceptance length (tokens per verification step)")
     print(
         f"{'template':22s}"
         + "".join(
-            f"{n + ' (' + r['eagle_version'] + ')':>{width}s}" for n, r in zip(names, results, strict=True)
+            f"{n + ' (' + r['eagle_version'] + ', ' + r['dtype'] + ')':>{width}s}"
+            for n, r in zip(names, results, strict=True)
         )
     )
     for t in templates:
@@ -241,10 +254,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tree", nargs=3, type=int, metavar=("DEPTH", "TOP_K", "TOTAL"), help="draft tree shape"
     )
+    parser.add_argument(
+        "--head-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the heads' dtype, one for all or one per head (auto: as the drafter serves it, "
+        "AERIE_DRAFTER_DTYPE)",
+    )
     parser.add_argument("--check-lossless", action="store_true", help="also decode plainly and compare")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if len(args.head_dtypes) not in (1, len(args.heads)):
+        parser.error(f"--head-dtypes takes one dtype or one per head ({len(args.heads)})")
+    head_dtypes = args.head_dtypes * len(args.heads) if len(args.head_dtypes) == 1 else args.head_dtypes
 
     from aerie_common.model_store import load_target
     from aerie_common.settings import ModelSettings
@@ -255,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     target, tokenizer, model_dir = in_passing_thread(load_target, ModelSettings(**overrides))
     questions = select_questions(mtbench_questions(), args.limit, args.per_category)
     results = []
-    for head_dir in args.heads:
+    for head_dir, head_dtype in zip(args.heads, head_dtypes, strict=True):
         print(f"{head_dir}: {len(questions)} questions x {args.turns} turns, max {args.max_tokens} tokens")
-        results.append(evaluate_head(head_dir, target, tokenizer, questions, args))
+        results.append(evaluate_head(head_dir, head_dtype, target, tokenizer, questions, args))
     print_report(results, args.templates)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

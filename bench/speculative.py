@@ -28,6 +28,8 @@ same greedy rule).
     python -m bench.speculative --head PATH --per-category 3 --chart docs/img/speculative.png
     python -m bench.speculative --trees 3/3/6 2/4/6   # also the head in-process with these
                                                       # tree shapes (depth/top-k/nodes)
+    python -m bench.speculative --head-dtypes float32 # also the head in-process in fp32
+                                                      # (the head rows: AERIE_DRAFTER_DTYPE)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
 from aerie_drafter.proposer import TreeShape, tree_shape
+from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams
@@ -288,6 +291,14 @@ def main() -> None:
         metavar="D/K/N",
         help="more inprocess-head rows, one per tree shape (depth/top-k/nodes)",
     )
+    parser.add_argument(
+        "--head-dtypes",
+        nargs="*",
+        default=[],
+        choices=["float32", "bfloat16", "float16"],
+        help="more inprocess-head rows, the head in each of these dtypes (the head rows take "
+        "AERIE_DRAFTER_DTYPE, auto by default)",
+    )
     args = parser.parse_args()
 
     settings = ModelSettings()
@@ -297,9 +308,13 @@ def main() -> None:
     hf_model, _, _ = in_passing_thread(load_target, settings)
     device = str(model.device)
     shape = tree_shape(device)
-    head, origin = in_passing_thread(
-        load_drafter_head, settings.target_model, settings.model_cache, args.head
-    )
+
+    def load_head(dtype: str):
+        return in_passing_thread(
+            load_drafter_head, settings.target_model, settings.model_cache, args.head, dtype=dtype
+        )
+
+    head, origin = load_head(DrafterSettings().drafter_dtype)  # as the drafter processes read it
     questions = select_questions(mtbench_questions(), args.prompts, args.per_category or None)
     plain_engine = Engine(model, tokenizer, max_running=1)  # never started: encodes, names EOS
     prompts = [plain_engine.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in questions]
@@ -329,7 +344,11 @@ def main() -> None:
         }
         extra_rows = {tree_row_name(extra): extra for extra in args.trees}
         factories.update({name: InProcessDrafterFactory(head, extra) for name, extra in extra_rows.items()})
-        configs = [*CONFIGS, *extra_rows]
+        dtype_rows = {f"inprocess-head-{dtype}": dtype for dtype in args.head_dtypes}
+        factories.update(
+            {name: InProcessDrafterFactory(load_head(dtype)[0], shape) for name, dtype in dtype_rows.items()}
+        )
+        configs = [*CONFIGS, *extra_rows, *dtype_rows]
         tallies = {name: Tally() for name in configs}
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
@@ -370,6 +389,7 @@ def main() -> None:
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "head": origin,
+        "head_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
         "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},
         "prompts": len(prompts),
         "categories": sorted({q["category"] for q in questions}),
@@ -380,7 +400,7 @@ def main() -> None:
     if args.chart is not None:
         draw_chart(result, args.chart)
     print(
-        f"\n{device} {result['dtype']}, head {origin}, tree {shape}, {len(prompts)} MT-bench prompts, "
+        f"\n{device} {result['dtype']}, head {origin} ({result['head_dtype']}), tree {shape}, {len(prompts)} MT-bench prompts, "
         f"max_tokens {args.max_tokens}\n"
     )
     print(

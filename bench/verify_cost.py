@@ -1,5 +1,6 @@
 """What a draft tree's verification forward costs, by its number of new tokens, on the
-stock target and on the target as the engine tunes it (aerie_verifier.cpu_kernels).
+stock target and on the target as the engine tunes it (aerie_verifier.cpu_kernels: the
+row counts it pads, timed on this machine, are printed and recorded).
 
 A tree of N nodes is one forward of N+1 new tokens (the root and the nodes) over a KV
 cache; the 1-token row is the plain decoding step. Both copies of the target run
@@ -24,7 +25,7 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
-from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.cpu_kernels import PaddedRowsLinear, speed_up_tree_verification
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache
 
@@ -102,7 +103,13 @@ def main() -> None:
     stock, _, _ = load_target(settings)
     tuned, _, _ = load_target(settings)
     speed_up_tree_verification(tuned)
+    padding = {
+        "x".join(map(str, m.weight.shape)): m.pad_to
+        for m in tuned.modules()
+        if isinstance(m, PaddedRowsLinear)
+    }
     rows = measure(stock, tuned, args.context, args.sizes, args.repeats)
+    print(f"rows padded, by weight shape (rows: padded rows): {padding or 'none'}")
     print(f"{args.context} tokens of context, {torch.get_num_threads()} threads, medians of {args.repeats}")
     print("new tokens | stock ms | tuned ms | tuned/stock | tuned in plain steps | argmax differs")
     for r in rows:
@@ -116,6 +123,7 @@ def main() -> None:
         "context": args.context,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
+        "padding": padding,
         "rows": rows,
     }
     args.out.write_text(json.dumps(record, indent=2) + "\n")

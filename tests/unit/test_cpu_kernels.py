@@ -7,7 +7,13 @@ import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
 from aerie_common.draft_tree import DraftTree
-from aerie_verifier.cpu_kernels import GROUPED_SDPA, PaddedRowsLinear, speed_up_tree_verification
+from aerie_verifier import cpu_kernels
+from aerie_verifier.cpu_kernels import (
+    GROUPED_SDPA,
+    PaddedRowsLinear,
+    padding_plan,
+    speed_up_tree_verification,
+)
 from aerie_verifier.tree_verify import tree_inputs
 from torch import nn
 from transformers import DynamicCache
@@ -17,11 +23,12 @@ from tests.conftest import build_tiny_llama
 VOCAB = 259
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (1, 8), (1, 13), (1, 15), (1, 16), (3, 4), (2, 9)])
-def test_padded_rows_linear_matches_the_linear_and_pads_only_8_to_15_rows(shape):
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 3), (1, 8), (1, 13), (1, 16), (3, 4), (2, 5)])
+def test_padded_rows_linear_matches_the_linear_and_pads_only_the_planned_rows(shape):
     torch.manual_seed(0)
-    linear = nn.Linear(32, 300, bias=False)
-    padded = PaddedRowsLinear(linear)
+    linear = nn.Linear(32, 300)
+    plan = {2: 4, 3: 4, 10: 16, 13: 16}
+    padded = PaddedRowsLinear(linear, plan)
     seen_rows = []
     linear.register_forward_hook(lambda _m, args, _out: seen_rows.append(args[0].shape[:-1].numel()))
     x = torch.randn(*shape, 32)
@@ -29,7 +36,20 @@ def test_padded_rows_linear_matches_the_linear_and_pads_only_8_to_15_rows(shape)
     assert out.shape == (*shape, 300)
     assert torch.allclose(out, linear(x), atol=1e-5)
     rows = shape[0] * shape[1]
-    assert seen_rows[0] == (16 if 8 <= rows < 16 else rows)
+    assert seen_rows[0] == plan.get(rows, rows)
+
+
+def test_the_plan_pads_to_a_clearly_faster_count_the_smallest_near_the_fastest():
+    seconds = {1: 5.0, 2: 2.0, 3: 3.0, 4: 1.5, 5: 1.6, 6: 3.2, 7: 1.45, 8: 1.5}
+    # 4 -> 7 and 5 -> 7 would save 3% and 9%: under the margin. One row is never padded.
+    # 4 is within 10% of the fastest (7), so 2, 3 and 6 pad to the smallest such count.
+    assert padding_plan(seconds, margin=0.85) == {2: 4, 3: 4, 6: 7}
+    assert padding_plan(seconds, margin=1.0) == {2: 4, 3: 4, 4: 7, 5: 7, 6: 7}
+    assert padding_plan({1: 1.0, 2: 1.2, 3: 1.3}) == {}  # nothing slow, nothing padded
+
+
+def linears(model) -> list[nn.Linear]:
+    return [m for m in model.modules() if type(m) is nn.Linear]
 
 
 def verify_tree(model, prompt, tree, root=40):
@@ -42,19 +62,30 @@ def verify_tree(model, prompt, tree, root=40):
 
 
 def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_heads(monkeypatch):
+    # As if every weight shape were slow at 3 and 13 rows on this machine.
+    timed_shapes = []
+
+    def time_row_counts(weights, max_rows, repeats):
+        timed_shapes.append(tuple(weights[0].shape))
+        return {rows: 2.0 if rows in (3, 13) else 1.0 for rows in range(1, max_rows + 1)}
+
+    monkeypatch.setattr(cpu_kernels, "time_row_counts", time_row_counts)
     stock, tuned = build_tiny_llama(VOCAB, seed=5), build_tiny_llama(VOCAB, seed=5)
     speed_up_tree_verification(tuned)
-    speed_up_tree_verification(tuned)  # idempotent
+    speed_up_tree_verification(tuned)  # idempotent: timed once
+    assert len(timed_shapes) == len(set(timed_shapes)) == len({m.weight.shape for m in linears(stock)})
     assert tuned.config._attn_implementation == GROUPED_SDPA
+    wrapped = [m for m in tuned.modules() if isinstance(m, PaddedRowsLinear)]
+    assert len(wrapped) == len(linears(stock))  # every linear layer, the output projection too
     assert isinstance(tuned.get_output_embeddings(), PaddedRowsLinear)
-    assert isinstance(tuned.get_output_embeddings().linear, nn.Linear)
+    assert tuned.get_output_embeddings().pad_to == {3: 4, 13: 14}
 
     repeats = []
     real_repeat_kv = hf_sdpa.repeat_kv
     monkeypatch.setattr(hf_sdpa, "repeat_kv", lambda h, n: repeats.append(n) or real_repeat_kv(h, n))
     torch.manual_seed(2)
     prompt = torch.randint(3, VOCAB, (1, 11))
-    # 12 nodes: root + 12 = 13 rows, which the output projection pads to 16
+    # 12 nodes: root + 12 = 13 rows, which every linear layer pads to 14
     tree = DraftTree(
         token_ids=list(range(50, 62)),
         parents=[-1, -1, -1, 0, 0, 1, 3, 3, 4, 6, 6, 9],

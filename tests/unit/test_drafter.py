@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 from aerie_common.draft_tree import DraftTree, MalformedTreeError
+from aerie_drafter import loading
 from aerie_drafter.checkpoint import load_head, save_head
 from aerie_drafter.eagle import EagleConfig, EagleHead, default_capture_layers
-from aerie_drafter.loading import shipped_head
+from aerie_drafter.loading import pick_head_dtype, shipped_head
 from aerie_drafter.proposer import DraftSession, TreeShape, tree_shape
 from safetensors.torch import save_file
 
@@ -319,6 +320,33 @@ def test_incremental_session_matches_a_fresh_one(target):
     a, b = incremental.propose(shape), fresh.propose(shape)
     assert a.token_ids == b.token_ids and a.parents == b.parents
     assert torch.allclose(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-4)
+
+
+def test_a_bf16_head_keeps_its_rope_frequencies_in_fp32_and_drafts(target):
+    reference = make_head(target, "3.1", seed=5)
+    head = make_head(target, "3.1", seed=5)
+    # Its own copy of the embeddings: casting the head casts them, and the target shares them.
+    head.embed_tokens = torch.nn.Embedding.from_pretrained(target.model.embed_tokens.weight.clone())
+    head.for_drafting("cpu", torch.bfloat16)
+    assert head.fc.weight.dtype == head.lm_head.weight.dtype == torch.bfloat16
+    for name, frequencies in reference.rotary_emb.named_buffers():
+        assert torch.equal(getattr(head.rotary_emb, name), frequencies), name  # fp32, bit for bit
+    assert target.model.embed_tokens.weight.dtype == torch.float32
+    session = DraftSession(head)
+    session.start(torch.randint(0, VOCAB, (9,)).tolist(), features(8, 64, seed=7))
+    tree = session.propose(TreeShape(depth=3, top_k=2, total_tokens=5))
+    tree.validate(VOCAB)
+    assert len(tree) == 5 and all(head.t2d[t] for t in tree.token_ids)
+
+
+def test_the_head_drafts_in_bf16_where_the_cpu_multiplies_it_natively(monkeypatch):
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    assert pick_head_dtype("auto", "cpu") == torch.bfloat16
+    assert pick_head_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert pick_head_dtype("auto", "cpu") == torch.float32  # emulated bf16 would be slower
+    assert pick_head_dtype("auto", "cuda:0") == torch.bfloat16
+    assert pick_head_dtype("bfloat16", "cpu") == torch.bfloat16
 
 
 def test_session_refuses_misaligned_inputs(target):

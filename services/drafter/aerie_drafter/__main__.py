@@ -33,7 +33,7 @@ async def serve(settings: DrafterSettings) -> None:
         settings.model_cache,
         settings.drafter_head,
         settings.device,
-        settings.dtype,
+        settings.drafter_dtype,
         settings.drafter_eagle_version,
     )
     device = str(head.fc.weight.device)

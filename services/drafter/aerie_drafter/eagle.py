@@ -216,6 +216,16 @@ class EagleHead(nn.Module):
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
 
+    def for_drafting(self, device: str | torch.device, dtype: torch.dtype) -> EagleHead:
+        """The head on ``device`` in ``dtype``, in eval mode. The rotary frequencies stay
+        fp32, as they are in training (under autocast): cast to bf16 they would turn a
+        position's angles by about 0.1 rad at position 300, and more further on."""
+        frequencies = {name: buf.detach().clone() for name, buf in self.rotary_emb.named_buffers()}
+        self.to(device=device, dtype=dtype)
+        for name, buf in frequencies.items():
+            setattr(self.rotary_emb, name, buf.to(device))
+        return self.eval()
+
     def set_vocab_map(self, draft_to_target: torch.Tensor) -> None:
         """Set d2t/t2d from the target ids of the draft vocabulary, in draft-id order."""
         ids = draft_to_target.to(torch.long)

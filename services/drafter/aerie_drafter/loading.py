@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
+from aerie_common.model_store import pick_device, resolve_model_dir
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
@@ -49,6 +49,26 @@ def shipped_head(target_model: str) -> Path | None:
         return None
     path = SHIPPED_HEADS_DIR / target_model
     return path if (path / "config.json").is_file() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so that bf16 matmuls
+    run at least as fast as fp32 ones instead of being emulated."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_head_dtype(dtype: str, device: str) -> torch.dtype:
+    """The head's dtype; "auto" is bf16 on a GPU and on a CPU with native bf16, else fp32.
+    The head only proposes and the target verifies, so its precision never changes the
+    output. On the CPU its matrix-vector products are bound by reading the weights, and
+    bf16 halves that: a 2-node draft over 200 tokens took 8.9 ms against 16.4 in fp32 (one
+    thread, a 2-core AMD EPYC with AVX512-BF16)."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda") or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 # An untrained head drafts over the first ids of the target vocabulary only: its drafts
@@ -99,4 +119,4 @@ def load_drafter_head(
         head = untrained_head(target_config, embed_tokens, eagle_version)
         origin = "untrained"
     resolved_device = pick_device(device)
-    return head.to(resolved_device, pick_dtype(dtype, resolved_device)).eval(), origin
+    return head.for_drafting(resolved_device, pick_head_dtype(dtype, resolved_device)), origin

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aerie_common.settings import DraftTreeSettings, ModelSettings, ServiceSettings
 
 
@@ -13,6 +15,10 @@ class DrafterSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # "untrained" asks for the untrained head outright (benchmarks).
     drafter_head: str = ""
     drafter_eagle_version: str = "3.1"  # architecture of the untrained fallback head
+    # The head's dtype, apart from the target's (AERIE_DTYPE): "auto" is bf16 on a GPU and
+    # on a CPU with native bf16 (AVX512-BF16, AMX), else fp32. Drafts only propose, so
+    # this never changes the output (loading.pick_head_dtype).
+    drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Concurrent DraftSession streams; each holds a small KV cache for its request.
     drafter_max_sessions: int = 64
     # Prometheus metrics on http://AERIE_DRAFTER_HOST:PORT/metrics; 0 turns them off.

@@ -51,7 +51,7 @@ def make_drafter_factory(settings: VerifierSettings, device: str):
         settings.model_cache,
         drafter.drafter_head,
         settings.device,
-        settings.dtype,
+        drafter.drafter_dtype,
         drafter.drafter_eagle_version,
     )
     if origin == UNTRAINED and not untrained_asked_for:
