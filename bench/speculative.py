@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -52,12 +53,13 @@ from aerie_common.settings import ModelSettings
 from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
-from aerie_drafter.proposer import TreeShape, tree_shape
+from aerie_drafter.proposer import TreeShape
 from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.speculative import PaceGuard, SpeculativeStats
+from aerie_verifier.tree_cost import serving_tree
 from transformers import GenerationConfig
 
 from bench.prompts import mtbench_questions, select_questions
@@ -300,6 +302,8 @@ def main() -> None:
         "AERIE_DRAFTER_DTYPE, auto by default)",
     )
     args = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("aerie_verifier.tree_cost").setLevel(logging.INFO)  # which tree, and why
 
     settings = ModelSettings()
     model, tokenizer, _ = in_passing_thread(load_target, settings)
@@ -307,7 +311,7 @@ def main() -> None:
     # the Hugging Face rows run a stock copy of their own, as a user would.
     hf_model, _, _ = in_passing_thread(load_target, settings)
     device = str(model.device)
-    shape = tree_shape(device)
+    shape = in_passing_thread(serving_tree, model)  # the verifier's: timed on this machine
 
     def load_head(dtype: str):
         return in_passing_thread(

@@ -18,18 +18,17 @@ from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
 from aerie_verifier.speculative import PaceGuard
+from aerie_verifier.tree_cost import serving_tree
 
 log = logging.getLogger("aerie_verifier")
 
 
-def make_drafter_factory(settings: VerifierSettings, device: str):
+def make_drafter_factory(settings: VerifierSettings, model):
     """Where draft trees come from (AERIE_DRAFTER_MODE); None turns speculation off."""
     if settings.drafter_mode == "off":
         return None
-    from aerie_drafter.proposer import tree_shape
-
-    shape = tree_shape(
-        device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
+    shape = serving_tree(
+        model, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
     from aerie_drafter.loading import UNTRAINED, load_drafter_head
     from aerie_drafter.settings import DrafterSettings
@@ -76,7 +75,7 @@ def build_engine(settings: VerifierSettings):
         tokenizer,
         settings.max_running_requests,
         settings.max_waiting_requests,
-        drafter_factory=make_drafter_factory(settings, str(model.device)),
+        drafter_factory=make_drafter_factory(settings, model),
         breaker_cooldown_s=settings.drafter_retry_after_s,
         pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
     )

@@ -1,0 +1,83 @@
+"""Which draft tree pays on this CPU: the verifier times its own target's forwards.
+
+A tree of N nodes costs one target forward of N+1 new tokens. How that cost grows with N
+depends on the machine more than on anything else: on one 2-core machine 3 new tokens
+cost 1.05 plain steps and 5 cost 1.50, on another both cost about 1.45. Two more nodes
+raise the mean acceptance length of the shipped head by about 8% (1.67 -> 1.81 on
+MT-bench, docs/benchmarks.md) and cost one more draft step, so they pay only where the
+larger forward costs about the same. The verifier measures that at start and picks.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_drafter.proposer import CPU_TREE, CPU_WIDE_TREE, TreeShape, tree_shape
+from transformers import DynamicCache
+
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.tree_verify import tree_inputs
+
+log = logging.getLogger(__name__)
+
+# The wide tree is taken when its forward costs at most this much more than the default's.
+WIDE_TREE_TOLERANCE = 1.03
+
+
+def chain(nodes: int) -> DraftTree:
+    """A tree of ``nodes`` nodes; its shape does not change a forward's cost, its size does."""
+    return DraftTree(
+        token_ids=[100 + i for i in range(nodes)], parents=list(range(-1, nodes - 1)), scores=[0.0] * nodes
+    )
+
+
+def forward_seconds(model, new_tokens: list[int], context: int = 200, repeats: int = 5) -> dict[int, float]:
+    """Median seconds of a tree-verification forward of each number of new tokens over a
+    ``context``-token KV cache, the sizes interleaved so that noise falls on each alike."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    prefix = torch.randint(
+        100, model.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)
+    )
+    seconds: dict[int, list[float]] = {n: [] for n in new_tokens}
+    with torch.inference_mode():
+        cache = DynamicCache()
+        model(prefix.to(device), past_key_values=cache)
+        for _ in range(repeats + 1):  # the first round warms up
+            for n in new_tokens:
+                inputs = tree_inputs(7, chain(n - 1), context, device, dtype)
+                started = time.perf_counter()
+                model(**inputs.model_kwargs(), past_key_values=cache)
+                seconds[n].append(time.perf_counter() - started)
+                cache.crop(-n)
+    return {n: statistics.median(times[1:]) for n, times in seconds.items()}
+
+
+def pick_cpu_tree(model, tolerance: float = WIDE_TREE_TOLERANCE) -> tuple[TreeShape, dict[int, float]]:
+    """CPU_WIDE_TREE where its forward costs at most ``tolerance`` times CPU_TREE's on this
+    machine, else CPU_TREE; also returns the seconds measured, by new tokens."""
+    default, wide = CPU_TREE.total_tokens + 1, CPU_WIDE_TREE.total_tokens + 1
+    seconds = forward_seconds(model, [default, wide])
+    return (CPU_WIDE_TREE if seconds[wide] <= tolerance * seconds[default] else CPU_TREE), seconds
+
+
+def serving_tree(model, depth: int = 0, top_k: int = 0, total_tokens: int = 0) -> TreeShape:
+    """The tree the verifier asks for: the device's default with any non-zero field
+    overridden (AERIE_DRAFT_TREE_*), or, on a CPU with none set, the one this machine
+    verifies best (the model is tuned for tree verification first, as the engine runs it)."""
+    device = str(next(model.parameters()).device)
+    if not device.startswith("cpu") or depth or top_k or total_tokens:
+        return tree_shape(device, depth, top_k, total_tokens)
+    speed_up_tree_verification(model)
+    shape, seconds = pick_cpu_tree(model)
+    log.info(
+        "draft tree %s: a forward of %s new tokens took %s ms here",
+        shape,
+        " and ".join(map(str, seconds)),
+        " and ".join(f"{1000 * s:.1f}" for s in seconds.values()),
+    )
+    return shape
