@@ -4,14 +4,17 @@ They change forwards of several new tokens (and a batch of several requests' pla
 a single request's 1-token step and the prefill run as before, so plain decoding stays
 bit for bit Hugging Face's.
 
-- **Row counts padded to faster ones, measured on this machine.** BLAS picks its kernel
-  by the shape of a product, and for a few rows against a model's weights some row counts
-  take slow paths: which ones depends on the CPU and the library. On one 2-core machine
-  MKL's sgemm took 14.6 ms for 13 rows of the 49152 x 576 output projection and 7.4 ms
-  for 16; on another, 3 rows of the 1536 x 576 MLP projections (all 60 of them) took
-  44.7 ms and 4 rows 25.9 ms. So the engine times every weight shape of its target for 1
-  to 16 rows when it starts (a few seconds), and each linear layer pads a row count to
-  a larger one that measured clearly faster; the extra rows are zeros, sliced off.
+- **Each row count multiplied by the kernel and padding that measured fastest here.**
+  BLAS picks its kernel by the shape of a product, and for a few rows against a model's
+  weights some row counts take slow paths: which ones depends on the CPU and the library.
+  On an Intel machine MKL's sgemm took 14.6 ms for 13 rows of the 49152 x 576 output
+  projection and 7.4 ms for 16; on an AMD EPYC, 3 rows of it took 34 ms with MKL and 8.6
+  ms with oneDNN on a reordered copy of the weights. So the engine times every weight
+  shape of its target for 2 to 16 rows when it starts (several seconds), with MKL
+  (``F.linear``) and, where torch has it, oneDNN, each row count also padded with zero
+  rows to larger counts, and each linear layer then multiplies a row count the way that
+  measured clearly faster than MKL unpadded. A shape that uses oneDNN keeps a copy of its
+  weights in oneDNN's layout (for SmolLM2-135M, up to 540 MB more).
 - **Grouped KV heads kept packed under a mask.** transformers' SDPA attention repeats the
   key/value heads to match the query heads whenever a mask is given (a CUDA limitation),
   copying the whole KV cache of every layer at every tree verification. torch's CPU kernel
@@ -38,19 +41,37 @@ log = logging.getLogger(__name__)
 
 GROUPED_SDPA = "aerie_grouped_sdpa"
 MAX_PADDED_ROWS = 16  # a tree of up to 15 nodes, or 16 requests decoded in one batch
-# Pad only to a row count that measured at most this fraction of the count's own time:
-# the timings are noisy, and a wrong pad costs more than a missed one.
+# Switch only to a way that measured at most this fraction of plain MKL's time: the
+# timings are noisy, and a wrong switch costs more than a missed one.
 PAD_MARGIN = 0.85
+MKL, ONEDNN = "mkl", "onednn"
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def onednn_weights(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias in oneDNN's layout, for ``torch._C._nn.mkldnn_linear``."""
+    weight = linear.weight.detach().to_mkldnn()
+    bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
+    return weight, bias
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch._C._nn.mkldnn_linear(x.to_mkldnn(), weight, bias).to_dense()
 
 
 class PaddedRowsLinear(nn.Module):
-    """A linear layer that multiplies some row counts padded with zero rows to a larger,
-    faster one (``pad_to``: rows -> padded rows)."""
+    """A linear layer that multiplies some row counts another way (``plan``: rows ->
+    (kernel, padded rows)): with MKL or oneDNN, padded with zero rows that are sliced off.
+    Other row counts, one row always among them, go to the layer as they are."""
 
-    def __init__(self, linear: nn.Linear, pad_to: dict[int, int]):
+    def __init__(self, linear: nn.Linear, plan: dict[int, tuple[str, int]]):
         super().__init__()
         self.linear = linear
-        self.pad_to = dict(pad_to)
+        self.plan = dict(plan)
+        self._onednn = onednn_weights(linear) if any(k == ONEDNN for k, _ in plan.values()) else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -58,53 +79,68 @@ class PaddedRowsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[:-1].numel()
-        padded_rows = self.pad_to.get(rows)
-        if padded_rows is None:
+        way = self.plan.get(rows)
+        if way is None:
             return self.linear(x)
-        padded = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded_rows - rows))
-        return self.linear(padded)[:rows].reshape(*x.shape[:-1], -1)
+        kernel, padded_rows = way
+        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded_rows - rows))
+        if kernel == ONEDNN:
+            out = onednn_linear(flat, *self._onednn)
+        else:
+            out = self.linear(flat)
+        return out[:rows].reshape(*x.shape[:-1], -1)
 
 
-def time_row_counts(weights: list[torch.Tensor], max_rows: int, repeats: int) -> dict[int, float]:
-    """Median seconds to multiply 1..max_rows rows by every one of ``weights`` in turn, as
-    a forward reads them (so weights too big for the caches come from memory)."""
-    inputs = {
-        rows: torch.randn(rows, weights[0].shape[1], dtype=weights[0].dtype)
-        for rows in range(1, max_rows + 1)
-    }
-    seconds: dict[int, list[float]] = {rows: [] for rows in inputs}
+def time_row_counts(linears: list[nn.Linear], max_rows: int, repeats: int) -> dict[tuple[str, int], float]:
+    """Median seconds to multiply 1..max_rows rows by every one of ``linears`` in turn, as
+    a forward reads them (so weights too big for the caches come from memory), with each
+    kernel: (kernel, rows) -> seconds."""
+    weight = linears[0].weight
+    inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in range(1, max_rows + 1)}
+    kernels = {MKL: lambda x, layer: F.linear(x, layer.weight)}
+    if onednn_available() and weight.dtype == torch.float32:
+        packed = {id(layer): onednn_weights(layer) for layer in linears}
+        kernels[ONEDNN] = lambda x, layer: onednn_linear(x, *packed[id(layer)])
+    seconds: dict[tuple[str, int], list[float]] = {(k, r): [] for k in kernels for r in inputs}
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first round warms up
             for rows, x in inputs.items():  # interleaved, so noise falls on every count alike
-                started = time.perf_counter()
-                for weight in weights:
-                    F.linear(x, weight)
-                seconds[rows].append(time.perf_counter() - started)
-    return {rows: statistics.median(times[1:]) for rows, times in seconds.items()}
+                for kernel, multiply in kernels.items():
+                    started = time.perf_counter()
+                    for layer in linears:
+                        multiply(x, layer)
+                    seconds[(kernel, rows)].append(time.perf_counter() - started)
+    return {key: statistics.median(times[1:]) for key, times in seconds.items()}
 
 
-def padding_plan(seconds: dict[int, float], margin: float = PAD_MARGIN) -> dict[int, int]:
-    """rows -> the row count to pad to, for each count from 2 that a larger count beat by
-    more than ``margin``: the smallest such count within 10% of the fastest, since timings
-    taken apart from a forward flatter padding further. One row is never padded: it is
-    the plain decoding step, which stays the reference."""
+def padding_plan(
+    seconds: dict[tuple[str, int], float], margin: float = PAD_MARGIN
+) -> dict[int, tuple[str, int]]:
+    """rows -> (kernel, padded rows), for each row count from 2 where some kernel at that
+    count or a larger one beat MKL at the count itself by more than ``margin``: of those,
+    the smallest count within 10% of the fastest (timings taken apart from a forward
+    flatter padding further), and at it the faster kernel. One row is never changed: it
+    is the plain decoding step, which stays bit for bit the reference."""
     plan = {}
-    for rows in sorted(seconds):
+    for rows in sorted({r for _, r in seconds}):
         if rows < 2:
             continue
-        faster = [r for r in seconds if r > rows and seconds[r] < margin * seconds[rows]]
+        baseline = seconds[(MKL, rows)]
+        faster = {key: t for key, t in seconds.items() if key[1] >= rows and t < margin * baseline}
         if faster:
-            best = min(seconds[r] for r in faster)
-            plan[rows] = min(r for r in faster if seconds[r] <= 1.1 * best)
+            best = min(faster.values())
+            padded = min(r for (_, r), t in faster.items() if t <= 1.1 * best)
+            kernel = min((k for k, r in faster if r == padded), key=lambda k: faster[(k, padded)])
+            plan[rows] = (kernel, padded)
     return plan
 
 
 def pad_linear_rows(
     model, max_rows: int = MAX_PADDED_ROWS, repeats: int = 3
-) -> dict[tuple[int, int], dict[int, int]]:
+) -> dict[tuple[int, int], dict[int, tuple[str, int]]]:
     """Time each weight shape of the model's linear layers for 1..max_rows rows and wrap
-    the layers whose shape has slow row counts in PaddedRowsLinear. Returns the plan per
-    (out_features, in_features)."""
+    the layers whose shape has row counts better multiplied another way in
+    PaddedRowsLinear. Returns the plan per (out_features, in_features)."""
     by_shape: dict[tuple[int, int], list[tuple[nn.Module, str, nn.Linear]]] = {}
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -112,8 +148,7 @@ def pad_linear_rows(
                 by_shape.setdefault(tuple(child.weight.shape), []).append((parent, name, child))
     plans = {}
     for shape, layers in by_shape.items():
-        weights = [linear.weight for _, _, linear in layers]
-        plans[shape] = padding_plan(time_row_counts(weights, max_rows, repeats))
+        plans[shape] = padding_plan(time_row_counts([linear for _, _, linear in layers], max_rows, repeats))
         if plans[shape]:
             for parent, name, linear in layers:
                 setattr(parent, name, PaddedRowsLinear(linear, plans[shape]))
@@ -161,7 +196,9 @@ def speed_up_tree_verification(model) -> None:
         # running forwards, and its OpenMP team would slow the engine's (torch_threads).
         plans = in_passing_thread(pad_linear_rows, model)
         model._aerie_rows_timed = True
-        padded = {f"{o}x{i}": plan for (o, i), plan in plans.items() if plan}
-        log.info("linear layers padded to faster row counts (rows: padded rows): %s", padded or "none")
+        changed = {f"{o}x{i}": plan for (o, i), plan in plans.items() if plan}
+        log.info(
+            "linear layers' row counts multiplied another way (rows: kernel, rows): %s", changed or "none"
+        )
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(GROUPED_SDPA)
