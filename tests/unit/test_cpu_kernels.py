@@ -77,7 +77,7 @@ def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_head
     # As if every weight shape were slow at 3 and 13 rows on this machine.
     timed_shapes = []
 
-    def time_row_counts(linears, max_rows, repeats):
+    def time_row_counts(linears, max_rows, repeats, onednn):
         timed_shapes.append(tuple(linears[0].weight.shape))
         mkl = {(MKL, rows): 2.0 if rows in (3, 13) else 1.0 for rows in range(1, max_rows + 1)}
         return {**mkl, (ONEDNN, 13): 1.0}

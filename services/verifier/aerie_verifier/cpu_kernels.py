@@ -67,11 +67,18 @@ class PaddedRowsLinear(nn.Module):
     (kernel, padded rows)): with MKL or oneDNN, padded with zero rows that are sliced off.
     Other row counts, one row always among them, go to the layer as they are."""
 
-    def __init__(self, linear: nn.Linear, plan: dict[int, tuple[str, int]]):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        plan: dict[int, tuple[str, int]],
+        onednn: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ):
         super().__init__()
         self.linear = linear
         self.plan = dict(plan)
-        self._onednn = onednn_weights(linear) if any(k == ONEDNN for k, _ in plan.values()) else None
+        uses_onednn = any(kernel == ONEDNN for kernel, _ in plan.values())
+        # the weights in oneDNN's layout (onednn_weights), if the caller has them already
+        self._onednn = (onednn or onednn_weights(linear)) if uses_onednn else None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,24 +98,26 @@ class PaddedRowsLinear(nn.Module):
         return out[:rows].reshape(*x.shape[:-1], -1)
 
 
-def time_row_counts(linears: list[nn.Linear], max_rows: int, repeats: int) -> dict[tuple[str, int], float]:
+def time_row_counts(
+    linears: list[nn.Linear], max_rows: int, repeats: int, onednn: list | None = None
+) -> dict[tuple[str, int], float]:
     """Median seconds to multiply 1..max_rows rows by every one of ``linears`` in turn, as
-    a forward reads them (so weights too big for the caches come from memory), with each
-    kernel: (kernel, rows) -> seconds."""
+    a forward reads them (so weights too big for the caches come from memory), with MKL
+    and, given the layers' weights in oneDNN's layout (``onednn``, in the same order),
+    with oneDNN: (kernel, rows) -> seconds."""
     weight = linears[0].weight
     inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in range(1, max_rows + 1)}
-    kernels = {MKL: lambda x, layer: F.linear(x, layer.weight)}
-    if onednn_available() and weight.dtype == torch.float32:
-        packed = {id(layer): onednn_weights(layer) for layer in linears}
-        kernels[ONEDNN] = lambda x, layer: onednn_linear(x, *packed[id(layer)])
+    kernels = {MKL: lambda x, i: F.linear(x, linears[i].weight)}
+    if onednn is not None:
+        kernels[ONEDNN] = lambda x, i: onednn_linear(x, *onednn[i])
     seconds: dict[tuple[str, int], list[float]] = {(k, r): [] for k in kernels for r in inputs}
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first round warms up
             for rows, x in inputs.items():  # interleaved, so noise falls on every count alike
                 for kernel, multiply in kernels.items():
                     started = time.perf_counter()
-                    for layer in linears:
-                        multiply(x, layer)
+                    for i in range(len(linears)):
+                        multiply(x, i)
                     seconds[(kernel, rows)].append(time.perf_counter() - started)
     return {key: statistics.median(times[1:]) for key, times in seconds.items()}
 
@@ -148,10 +157,13 @@ def pad_linear_rows(
                 by_shape.setdefault(tuple(child.weight.shape), []).append((parent, name, child))
     plans = {}
     for shape, layers in by_shape.items():
-        plans[shape] = padding_plan(time_row_counts([linear for _, _, linear in layers], max_rows, repeats))
+        linears = [linear for _, _, linear in layers]
+        fp32 = linears[0].weight.dtype == torch.float32
+        onednn = [onednn_weights(linear) for linear in linears] if onednn_available() and fp32 else None
+        plans[shape] = padding_plan(time_row_counts(linears, max_rows, repeats, onednn))
         if plans[shape]:
-            for parent, name, linear in layers:
-                setattr(parent, name, PaddedRowsLinear(linear, plans[shape]))
+            for i, (parent, name, linear) in enumerate(layers):
+                setattr(parent, name, PaddedRowsLinear(linear, plans[shape], onednn[i] if onednn else None))
     return plans
 
 
