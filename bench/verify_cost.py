@@ -22,21 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from aerie_common.draft_tree import DraftTree
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
 from aerie_verifier.cpu_kernels import PaddedRowsLinear, speed_up_tree_verification
+from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def bushy_tree(nodes: int) -> DraftTree:
-    """Three children of the root, then each node's child or sibling: the tree's shape
-    does not change a forward's cost, only its size does."""
-    parents = [-1 if i < 3 else i - 3 for i in range(nodes)]
-    return DraftTree(token_ids=[100 + i for i in range(nodes)], parents=parents, scores=[0.0] * nodes)
 
 
 def timed_forward(model, prefix_cache, context: int, new_tokens: int):

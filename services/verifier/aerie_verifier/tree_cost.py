@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 WIDE_TREE_TOLERANCE = 1.03
 
 
-def chain(nodes: int) -> DraftTree:
-    """A tree of ``nodes`` nodes; its shape does not change a forward's cost, its size does."""
-    return DraftTree(
-        token_ids=[100 + i for i in range(nodes)], parents=list(range(-1, nodes - 1)), scores=[0.0] * nodes
-    )
+def bushy_tree(nodes: int) -> DraftTree:
+    """Three children of the root, then each node's child or sibling: the tree's shape
+    does not change a forward's cost, only its size does."""
+    parents = [-1 if i < 3 else i - 3 for i in range(nodes)]
+    return DraftTree(token_ids=[100 + i for i in range(nodes)], parents=parents, scores=[0.0] * nodes)
 
 
 def forward_seconds(model, new_tokens: list[int], context: int = 200, repeats: int = 5) -> dict[int, float]:
@@ -49,7 +49,7 @@ def forward_seconds(model, new_tokens: list[int], context: int = 200, repeats: i
         model(prefix.to(device), past_key_values=cache)
         for _ in range(repeats + 1):  # the first round warms up
             for n in new_tokens:
-                inputs = tree_inputs(7, chain(n - 1), context, device, dtype)
+                inputs = tree_inputs(7, bushy_tree(n - 1), context, device, dtype)
                 started = time.perf_counter()
                 model(**inputs.model_kwargs(), past_key_values=cache)
                 seconds[n].append(time.perf_counter() - started)
