@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from aerie_common.model_store import pick_device, resolve_model_dir
+from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
@@ -64,11 +64,9 @@ def pick_head_dtype(dtype: str, device: str) -> torch.dtype:
     output. On the CPU its matrix-vector products are bound by reading the weights, and
     bf16 halves that: a 2-node draft over 200 tokens took 8.9 ms against 16.4 in fp32 (one
     thread, a 2-core AMD EPYC with AVX512-BF16)."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.startswith("cuda") or cpu_has_native_bf16():
+    if dtype == "auto" and device.startswith("cpu") and cpu_has_native_bf16():
         return torch.bfloat16
-    return torch.float32
+    return pick_dtype(dtype, device)  # the target's rule: bf16 on a GPU, fp32 on a CPU
 
 
 # An untrained head drafts over the first ids of the target vocabulary only: its drafts
