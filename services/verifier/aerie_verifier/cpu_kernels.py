@@ -101,12 +101,12 @@ class PaddedRowsLinear(nn.Module):
 def time_row_counts(
     linears: list[nn.Linear], max_rows: int, repeats: int, onednn: list | None = None
 ) -> dict[tuple[str, int], float]:
-    """Median seconds to multiply 1..max_rows rows by every one of ``linears`` in turn, as
+    """Median seconds to multiply 2..max_rows rows by every one of ``linears`` in turn, as
     a forward reads them (so weights too big for the caches come from memory), with MKL
     and, given the layers' weights in oneDNN's layout (``onednn``, in the same order),
-    with oneDNN: (kernel, rows) -> seconds."""
+    with oneDNN: (kernel, rows) -> seconds. One row is not timed: no plan changes it."""
     weight = linears[0].weight
-    inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in range(1, max_rows + 1)}
+    inputs = {rows: torch.randn(rows, weight.shape[1], dtype=weight.dtype) for rows in range(2, max_rows + 1)}
     kernels = {MKL: lambda x, i: F.linear(x, linears[i].weight)}
     if onednn is not None:
         kernels[ONEDNN] = lambda x, i: onednn_linear(x, *onednn[i])
@@ -147,7 +147,7 @@ def padding_plan(
 def pad_linear_rows(
     model, max_rows: int = MAX_PADDED_ROWS, repeats: int = 3
 ) -> dict[tuple[int, int], dict[int, tuple[str, int]]]:
-    """Time each weight shape of the model's linear layers for 1..max_rows rows and wrap
+    """Time each weight shape of the model's linear layers for 2..max_rows rows and wrap
     the layers whose shape has row counts better multiplied another way in
     PaddedRowsLinear. Returns the plan per (out_features, in_features)."""
     by_shape: dict[tuple[int, int], list[tuple[nn.Module, str, nn.Linear]]] = {}
