@@ -8,7 +8,7 @@ bit for bit Hugging Face's.
   BLAS picks its kernel by the shape of a product, and for a few rows against a model's
   weights some row counts take slow paths: which ones depends on the CPU and the library.
   On an Intel machine MKL's sgemm took 14.6 ms for 13 rows of the 49152 x 576 output
-  projection and 7.4 ms for 16; on an AMD EPYC, 3 rows of it took 34 ms with MKL and 8.6
+  projection and 7.4 ms for 16; on an AMD EPYC, 3 rows of it took 36 ms with MKL and 5.2
   ms with oneDNN on a reordered copy of the weights. So the engine times every weight
   shape of its target for 2 to 16 rows when it starts (several seconds), with MKL
   (``F.linear``) and, where torch has it, oneDNN, each row count also padded with zero
@@ -48,18 +48,22 @@ MKL, ONEDNN = "mkl", "onednn"
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def onednn_weights(linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's weight and bias in oneDNN's layout, for ``torch._C._nn.mkldnn_linear``."""
-    weight = linear.weight.detach().to_mkldnn()
-    bias = None if linear.bias is None else linear.bias.detach().to_mkldnn()
+    """The layer's weight reordered once into oneDNN's blocked layout, and its bias, for
+    ``onednn_linear``. The reorder is a hint for up to MAX_PADDED_ROWS rows; any count works."""
+    weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), MAX_PADDED_ROWS)
+    bias = None if linear.bias is None else linear.bias.detach()
     return weight, bias
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch._C._nn.mkldnn_linear(x.to_mkldnn(), weight, bias).to_dense()
+    """x @ weight.T + bias with oneDNN, on a reordered weight. Dense rows in and out: the
+    op inductor uses, which spares the activations the round trip through oneDNN's own
+    tensor type that ``torch._C._nn.mkldnn_linear`` needs (a third of its time for 5 rows)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 class PaddedRowsLinear(nn.Module):
