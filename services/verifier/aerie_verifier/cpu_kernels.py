@@ -94,7 +94,9 @@ class PaddedRowsLinear(nn.Module):
         if way is None:
             return self.linear(x)
         kernel, padded_rows = way
-        flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded_rows - rows))
+        flat = x.reshape(rows, x.shape[-1])
+        if padded_rows > rows:  # F.pad copies even when it adds nothing
+            flat = F.pad(flat, (0, 0, 0, padded_rows - rows))
         if kernel == ONEDNN:
             out = onednn_linear(flat, *self._onednn)
         else:
