@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+from aerie_common.cpu_linear import PaddedRowsLinear
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
-from aerie_verifier.cpu_kernels import PaddedRowsLinear, speed_up_tree_verification
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache

@@ -3,19 +3,12 @@ rounding) and take their faster paths."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 import transformers.integrations.sdpa_attention as hf_sdpa
+from aerie_common import cpu_linear
+from aerie_common.cpu_linear import MKL, ONEDNN, PaddedRowsLinear
 from aerie_common.draft_tree import DraftTree
-from aerie_verifier import cpu_kernels
-from aerie_verifier.cpu_kernels import (
-    GROUPED_SDPA,
-    MKL,
-    ONEDNN,
-    PaddedRowsLinear,
-    padding_plan,
-    speed_up_tree_verification,
-)
+from aerie_verifier.cpu_kernels import GROUPED_SDPA, speed_up_tree_verification
 from aerie_verifier.tree_verify import tree_inputs
 from torch import nn
 from transformers import DynamicCache
@@ -23,41 +16,6 @@ from transformers import DynamicCache
 from tests.conftest import build_tiny_llama
 
 VOCAB = 259
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (1, 3), (1, 8), (1, 13), (1, 16), (3, 4), (2, 5)])
-def test_padded_rows_linear_matches_the_linear_multiplying_the_planned_rows_its_way(shape):
-    torch.manual_seed(0)
-    linear = nn.Linear(32, 300)
-    plan = {2: (ONEDNN, 2), 3: (MKL, 4), 10: (MKL, 16), 13: (ONEDNN, 16)}
-    padded = PaddedRowsLinear(linear, plan)
-    seen_rows = []
-    linear.register_forward_hook(lambda _m, args, _out: seen_rows.append(args[0].shape[:-1].numel()))
-    x = torch.randn(*shape, 32)
-    with torch.no_grad():
-        out = padded(x)
-        expected = linear(x)
-    assert out.shape == (*shape, 300)
-    assert torch.allclose(out, expected, atol=1e-5)
-    rows = shape[0] * shape[1]
-    kernel, padded_rows = plan.get(rows, (MKL, rows))
-    if kernel == MKL:  # the layer itself ran, on the padded rows
-        assert seen_rows[0] == padded_rows
-    else:  # oneDNN ran on its own copy of the weights
-        assert len(seen_rows) == 1  # the reference call only
-
-
-def test_the_plan_takes_a_clearly_faster_way_the_least_padded_near_the_fastest():
-    mkl = {1: 5.0, 2: 2.0, 3: 3.0, 4: 1.5, 5: 1.6, 6: 3.2, 7: 1.45, 8: 1.5}
-    seconds = {(MKL, r): t for r, t in mkl.items()}
-    # 4 -> 7 and 5 -> 7 would save 3% and 9%: under the margin. One row is never changed.
-    # 4 is within 10% of the fastest (7), so 2, 3 and 6 pad to the smallest such count.
-    assert padding_plan(seconds, margin=0.85) == {2: (MKL, 4), 3: (MKL, 4), 6: (MKL, 7)}
-    assert padding_plan(seconds, margin=1.0) == {r: (MKL, 4 if r < 4 else 7) for r in (2, 3, 4, 5, 6)}
-    # oneDNN fast at every count: each count unpadded, with oneDNN (but for 1)
-    seconds.update({(ONEDNN, r): 0.5 for r in mkl})
-    assert padding_plan(seconds) == {r: (ONEDNN, r) for r in range(2, 9)}
-    assert padding_plan({(MKL, 1): 1.0, (MKL, 2): 1.2, (MKL, 3): 1.3}) == {}  # nothing slow
 
 
 def linears(model) -> list[nn.Linear]:
@@ -77,12 +35,13 @@ def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_head
     # As if every weight shape were slow at 3 and 13 rows on this machine.
     timed_shapes = []
 
-    def time_row_counts(linears, max_rows, repeats, onednn):
+    def time_row_counts(linears, min_rows, max_rows, repeats, onednn):
+        assert min_rows == 2  # the plain 1-token step is never timed, so never changed
         timed_shapes.append(tuple(linears[0].weight.shape))
         mkl = {(MKL, rows): 2.0 if rows in (3, 13) else 1.0 for rows in range(1, max_rows + 1)}
         return {**mkl, (ONEDNN, 13): 1.0}
 
-    monkeypatch.setattr(cpu_kernels, "time_row_counts", time_row_counts)
+    monkeypatch.setattr(cpu_linear, "time_row_counts", time_row_counts)
     stock, tuned = build_tiny_llama(VOCAB, seed=5), build_tiny_llama(VOCAB, seed=5)
     speed_up_tree_verification(tuned)
     speed_up_tree_verification(tuned)  # idempotent: timed once

@@ -9,7 +9,9 @@ import logging
 from pathlib import Path
 
 import torch
+from aerie_common.cpu_linear import tune_linear_layers
 from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
+from aerie_common.torch_threads import in_passing_thread
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
@@ -117,4 +119,19 @@ def load_drafter_head(
         head = untrained_head(target_config, embed_tokens, eagle_version)
         origin = "untrained"
     resolved_device = pick_device(device)
-    return head.for_drafting(resolved_device, pick_head_dtype(dtype, resolved_device)), origin
+    head = head.for_drafting(resolved_device, pick_head_dtype(dtype, resolved_device))
+    if resolved_device == "cpu":
+        tune_for_cpu(head)
+    return head, origin
+
+
+def tune_for_cpu(head: EagleHead) -> None:
+    """Multiply each row count of the head's linear layers the way that measures fastest on
+    this CPU (aerie_common.cpu_linear), from one row: a draft step runs a handful of rows,
+    and the draft's rounding never reaches the output. On a thread of its own, as the
+    verifier tunes its target (an idle OpenMP team would slow the caller's later forwards)."""
+    plans = in_passing_thread(tune_linear_layers, head, 1)
+    changed = {f"{o}x{i}": plan for (o, i), plan in plans.items() if plan}
+    log.info(
+        "head's linear layers: row counts multiplied another way (rows: kernel, rows): %s", changed or "none"
+    )
