@@ -12,6 +12,11 @@ of the in-process figures.
 With ``--speculative`` the gateway's requests speculate (the verifier drafting with the
 drafter service over gRPC, as `make up` runs it) while the in-process engine decodes
 plainly, so the tokens/s ratio is the speedup of the whole stack over plain decoding.
+``--hf-baseline`` adds Hugging Face ``generate()`` (greedy, on a stock copy of the target)
+at concurrency 1, interleaved with the other two, so the whole stack is also measured
+against the peer a user starts from (no streaming there: its TTFT and ITL are blank).
+
+    python -m bench.serving --speculative --hf-baseline --concurrency 1 --min-requests 16
 """
 
 from __future__ import annotations
@@ -133,6 +138,25 @@ def inprocess_client(engine, max_tokens: int):
     return one_request
 
 
+def hf_generate_client(engine, max_tokens: int):
+    """Hugging Face generate() on the prompts the engine would get, on a stock copy of its
+    target: the engine tunes its own copy for tree verification."""
+    from aerie_common.model_store import load_target
+    from aerie_common.settings import ModelSettings
+    from aerie_common.torch_threads import in_passing_thread
+
+    from bench.speculative import run_hf
+
+    hf_model, _, _ = in_passing_thread(load_target, ModelSettings())
+
+    async def one_request(prompt: str) -> RequestResult:
+        ids = engine.encode_chat([{"role": "user", "content": prompt}])
+        tokens, seconds = await asyncio.to_thread(run_hf, hf_model, ids, max_tokens, engine.eos_ids, None)
+        return RequestResult(float("nan"), seconds, len(tokens))
+
+    return one_request
+
+
 def format_table(levels: list[LevelResult]) -> str:
     by_key = {(lv.mode, lv.concurrency): lv for lv in levels}
     lines = [
@@ -156,6 +180,12 @@ def format_table(levels: list[LevelResult]) -> str:
                 f"| {c} | {gw.itl_mean_s / ip.itl_mean_s - 1:+.1%} | {gw.ttft_p50_s / ip.ttft_p50_s - 1:+.1%} | "
                 f"{gw.tokens_per_s / ip.tokens_per_s:.2f}× |"
             )
+    hf = by_key.get(("hf-generate", 1))
+    if hf:
+        lines += ["", "| concurrency | mode | tokens/s over HF generate() |", "|---:|---|---:|"]
+        for mode in ("in-process", "gateway"):
+            if (mode, 1) in by_key:
+                lines.append(f"| 1 | {mode} | {by_key[(mode, 1)].tokens_per_s / hf.tokens_per_s:.2f}× |")
     return "\n".join(lines)
 
 
@@ -178,22 +208,29 @@ async def main_async(args) -> list[LevelResult]:
         url = stack.url
     client, via_gateway = gateway_client(url, args.model, args.max_tokens, args.speculative)
     in_process = inprocess_client(engine, args.max_tokens)
+    hf_generate = hf_generate_client(engine, args.max_tokens) if args.hf_baseline else None
     levels: list[LevelResult] = []
     try:
         # Warm both paths once so neither pays first-call costs in the measurement.
         await via_gateway(questions[0])
         await in_process(questions[0])
+        if hf_generate is not None:
+            await hf_generate(questions[0])
         for concurrency in args.concurrency:
             n = max(args.min_requests, 2 * concurrency)
             prompts = [questions[i % len(questions)] for i in range(n)]
             modes = {"in-process": in_process, "gateway": via_gateway}
+            if hf_generate is not None and concurrency == 1:
+                modes["hf-generate"] = hf_generate
             results = {mode: [] for mode in modes}
             walls = dict.fromkeys(modes, 0.0)
-            # Interleave: one batch of `concurrency` requests per mode in turn, alternating
-            # which goes first, so that machine noise falls on both modes alike.
+            # Interleave: one batch of `concurrency` requests per mode in turn, rotating
+            # which goes first, so that machine noise falls on every mode alike.
+            names = list(modes)
             for r, start in enumerate(range(0, n, concurrency)):
                 batch = prompts[start : start + concurrency]
-                for mode in list(modes)[:: 1 if r % 2 == 0 else -1]:
+                first = r % len(names)
+                for mode in names[first:] + names[:first]:
                     batch_results, wall = await run_level(modes[mode], batch, concurrency)
                     results[mode] += batch_results
                     walls[mode] += wall
@@ -225,6 +262,11 @@ def main() -> None:
         "--speculative",
         action="store_true",
         help="the gateway's requests speculate; the in-process engine stays plain",
+    )
+    parser.add_argument(
+        "--hf-baseline",
+        action="store_true",
+        help="also Hugging Face generate() at concurrency 1, on a stock copy of the target",
     )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
