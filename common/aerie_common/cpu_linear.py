@@ -158,3 +158,11 @@ def tune_linear_layers(
             for i, (parent, name, linear) in enumerate(layers):
                 setattr(parent, name, PaddedRowsLinear(linear, plans[shape], onednn[i] if onednn else None))
     return plans
+
+
+def changed_plans(
+    plans: dict[tuple[int, int], dict[int, tuple[str, int]]],
+) -> dict[str, dict[int, tuple[str, int]]]:
+    """The plans of ``tune_linear_layers`` that change something, by shape as "OUTxIN", for
+    a log line."""
+    return {f"{out}x{inp}": plan for (out, inp), plan in plans.items() if plan}

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from aerie_common.cpu_linear import MKL, ONEDNN, PaddedRowsLinear, padding_plan, tune_linear_layers
+from aerie_common.cpu_linear import (
+    MKL,
+    ONEDNN,
+    PaddedRowsLinear,
+    changed_plans,
+    padding_plan,
+    tune_linear_layers,
+)
 from torch import nn
 
 
@@ -70,6 +77,7 @@ def test_tuning_times_from_min_rows_and_wraps_every_layer_of_a_shape_with_a_plan
         plans = tune_linear_layers(model, min_rows=1)
         out = model(x)
     assert plans == {(24, 16): {1: (ONEDNN, 1)}, (16, 24): {}}
+    assert changed_plans(plans) == {"24x16": {1: (ONEDNN, 1)}}  # what the services log
     assert {shape for shape, _, _ in timed} == {(24, 16), (16, 24)}
     assert all(min_rows == 1 for _, min_rows, _ in timed)
     assert isinstance(model[0], PaddedRowsLinear) and isinstance(model[3], PaddedRowsLinear)

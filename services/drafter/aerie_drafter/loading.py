@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from aerie_common.cpu_linear import tune_linear_layers
+from aerie_common.cpu_linear import changed_plans, tune_linear_layers
 from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
 from aerie_common.torch_threads import in_passing_thread
 from safetensors import safe_open
@@ -131,7 +131,7 @@ def tune_for_cpu(head: EagleHead) -> None:
     and the draft's rounding never reaches the output. On a thread of its own, as the
     verifier tunes its target (an idle OpenMP team would slow the caller's later forwards)."""
     plans = in_passing_thread(tune_linear_layers, head, 1)
-    changed = {f"{o}x{i}": plan for (o, i), plan in plans.items() if plan}
     log.info(
-        "head's linear layers: row counts multiplied another way (rows: kernel, rows): %s", changed or "none"
+        "head's linear layers: row counts multiplied another way (rows: kernel, rows): %s",
+        changed_plans(plans) or "none",
     )

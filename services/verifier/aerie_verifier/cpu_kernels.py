@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 
 import torch.nn.functional as F
-from aerie_common.cpu_linear import tune_linear_layers
+from aerie_common.cpu_linear import changed_plans, tune_linear_layers
 from aerie_common.torch_threads import in_passing_thread
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -77,9 +77,9 @@ def speed_up_tree_verification(model) -> None:
         # running forwards, and its OpenMP team would slow the engine's (torch_threads).
         plans = in_passing_thread(tune_linear_layers, model, MIN_TUNED_ROWS)
         model._aerie_rows_timed = True
-        changed = {f"{o}x{i}": plan for (o, i), plan in plans.items() if plan}
         log.info(
-            "linear layers' row counts multiplied another way (rows: kernel, rows): %s", changed or "none"
+            "linear layers' row counts multiplied another way (rows: kernel, rows): %s",
+            changed_plans(plans) or "none",
         )
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(GROUPED_SDPA)
