@@ -4,6 +4,7 @@ training learns, the exported checkpoint, and resuming."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -11,13 +12,14 @@ import torch
 from aerie_drafter.checkpoint import load_head
 from aerie_drafter.eagle import EagleConfig, EagleHead
 from aerie_drafter.proposer import DraftSession, TreeShape
-from aerie_drafter.train import MAX_SHARD_BYTES, TrainConfig, train
+from aerie_drafter.train import MAX_SHARD_BYTES, TrainConfig, parse_args, train
 from aerie_drafter.training.data import (
     Example,
     conversation_key,
     draft_vocabulary,
     encode_conversation,
     later_turn_prompts,
+    load_sharegpt,
     read_json_array,
     self_distill,
     to_messages,
@@ -135,6 +137,29 @@ def test_later_turns_become_prompts_of_their_own():
         ],
     ]
     assert len(later_turn_prompts(conversations, min_words=1)) == 3  # "go on" too
+
+
+def test_a_conversation_file_is_read_in_its_order_in_either_format(tmp_path):
+    sharegpt = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]}
+    openai = {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    broken = {"conversations": [{"from": "gpt", "value": "an answer to nothing"}]}
+    lines = "".join(json.dumps(item) + "\n" for item in [openai, broken, sharegpt])
+    (tmp_path / "chats.jsonl").write_text(lines + "\n")
+    with gzip.open(tmp_path / "chats.jsonl.gz", "wt") as f:
+        f.write(lines)
+    (tmp_path / "chats.json").write_text(json.dumps([openai, broken, sharegpt]))
+    expected = [
+        [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+    ]
+    for name in ["chats.jsonl", "chats.jsonl.gz", "chats.json"]:
+        assert load_sharegpt(path=str(tmp_path / name), seed=3) == expected  # no shuffle
+    assert load_sharegpt(path=str(tmp_path / "chats.jsonl"), limit=1) == expected[:1]
+    (tmp_path / "bad.jsonl").write_text(json.dumps(openai) + "\n{not json\n")
+    with pytest.raises(ValueError, match="line 2"):
+        load_sharegpt(path=str(tmp_path / "bad.jsonl"))
+    with pytest.raises(SystemExit):  # argparse's error, before any model is loaded
+        parse_args(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "missing.jsonl")])
 
 
 def test_truncated_json_array_keeps_the_complete_items():
@@ -310,6 +335,10 @@ def test_training_run_exports_a_loadable_head_and_resume_continues(target, tiny_
     assert train(split, resume=True, stop_after=3, **kwargs) is None
     saved = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
     assert saved == ["step-0000002", "step-0000003"]
+    early = train(split, resume=True, stop_after=0, export_early=True, **kwargs)  # a time slot's end
+    record = json.loads((early / "training.json").read_text())
+    assert (record["steps"], record["planned_steps"]) == (3, 6)
+    assert load_head(early, target.model.embed_tokens).config.eagle_version == "3.1"
     with pytest.raises(SystemExit):  # a second run in the same directory must say --resume
         train(split, target=target, tokenizer=tiny_tokenizer, conversations=conversations)
     with pytest.raises(SystemExit):  # and a resume must not change the run's settings

