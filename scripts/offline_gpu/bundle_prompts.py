@@ -69,6 +69,8 @@ def main() -> None:
         p for p in later_turn_prompts(load_sharegpt(path=str(args.out))) if conversation_key(p) not in trained
     ]
     print(f"{args.out}: {len(kept)} conversations, {len(back)} prompts the head has not trained on")
+    if len(back) < args.prompts:
+        raise SystemExit(f"only {len(back)} fresh later-turn prompts are left, not {args.prompts}")
 
 
 if __name__ == "__main__":

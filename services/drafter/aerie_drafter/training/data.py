@@ -32,6 +32,7 @@ ROLES = {
     "bing": "assistant",
     "assistant": "assistant",
     "system": "system",
+    "developer": "system",  # OpenAI's newer name for it
 }
 
 Messages = list[dict[str, str]]
@@ -81,7 +82,9 @@ def read_conversation_file(path: str) -> list:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not JSON ({e})") from None
+                raise ValueError(
+                    f"{path}, line {number}: not JSON ({e}); expected a JSON array or JSON Lines"
+                ) from None
     return items
 
 
@@ -90,8 +93,20 @@ def _turns(item) -> list[dict]:
     if not isinstance(item, dict):
         return []
     if "messages" in item:
-        return [{"from": m.get("role"), "value": m.get("content")} for m in item["messages"] or []]
+        return [
+            {"from": m.get("role"), "value": _text(m.get("content"))}
+            for m in item["messages"] or []
+            if isinstance(m, dict)
+        ]
     return item.get("conversations") or []
+
+
+def _text(content) -> str:
+    """An OpenAI message's text: a string, or the text of a list of parts. ``None`` (an
+    assistant turn that only called tools) is empty, which leaves the conversation out."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else ""
 
 
 def later_turn_prompts(conversations: Iterable[Messages], min_words: int = 6) -> list[Messages]:
