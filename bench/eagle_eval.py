@@ -25,7 +25,6 @@ round's figures compare. --tree sets another.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from collections import defaultdict
@@ -39,6 +38,7 @@ from aerie_verifier.speculative import SpeculativeStats
 from torch import nn
 
 from bench.prompts import mtbench_questions, select_questions
+from bench.results_json import write_results
 
 ACCEPTANCE_TREE_CPU = TreeShape(depth=5, top_k=4, total_tokens=12)
 
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             "temperature": 0.0,
             "results": results,
         }
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(args.out, report)
         print(f"\nwrote {args.out}")
 
 

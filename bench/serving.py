@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import httpx
 
 from bench.chat_stream import stream_chat
 from bench.prompts import mtbench_questions, round_robin_by_category
+from bench.results_json import write_results
 from bench.stack import ROOT, start_stack
 
 
@@ -271,8 +271,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
     levels = asyncio.run(main_async(args))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(lv) for lv in levels], indent=2))
+    write_results(args.json, [asdict(lv) for lv in levels])
     print(format_table(levels))
 
 

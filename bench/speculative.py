@@ -63,6 +63,7 @@ from aerie_verifier.tree_cost import serving_tree
 from transformers import GenerationConfig
 
 from bench.prompts import mtbench_questions, select_questions
+from bench.results_json import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = (
@@ -400,7 +401,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     if args.chart is not None:
         draw_chart(result, args.chart)
     print(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache
+
+from bench.results_json import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def main() -> None:
         "padding": padding,
         "rows": rows,
     }
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_results(args.out, record)
     print(f"wrote {args.out}")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import sys
@@ -33,6 +32,7 @@ from bench.load.client import ChatLoad, RequestRecord, Send, closed_loop, open_l
 from bench.load.rss import RssGrowth, compare_rss, format_rss_table, sample_rss
 from bench.load.stats import LevelSummary, format_table, summarise
 from bench.prompts import mtbench_questions
+from bench.results_json import write_results
 from bench.stack import ROOT, start_stack
 
 
@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "failures": failures,
         "passed": not failures,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_results(args.json, report)
 
     print(format_table(result.levels))
     if result.rss:

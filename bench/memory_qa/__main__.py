@@ -31,7 +31,6 @@ section of docs/benchmarks.md, both rewritten after each phase.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -45,6 +44,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.memory_qa.corpus import Question, generate, is_correct
+from bench.results_json import write_results
 from bench.stack import start_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -409,16 +409,14 @@ def main() -> None:
 
     def report() -> None:
         summary = summarise(runs)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items()},
-                    "summary": summary,
-                    "runs": [asdict(r) for r in runs],
-                },
-                indent=1,
-            )
+        write_results(
+            args.json,
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "summary": summary,
+                "runs": [asdict(r) for r in runs],
+            },
+            indent=1,
         )
         text = markdown(summary, args, started)
         write_section(args.docs, text)

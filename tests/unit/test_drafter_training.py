@@ -171,6 +171,10 @@ def test_a_conversation_file_is_read_in_its_order_in_either_format(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(openai) + "\n{not json\n")
     with pytest.raises(ValueError, match="line 2"):
         load_sharegpt(path=str(tmp_path / "bad.jsonl"))
+    config = tiny_config(tmp_path / "run", data=str(tmp_path / "chats.json"))
+    before = config.identity()
+    (tmp_path / "chats.json").write_text(json.dumps([sharegpt]))  # other data, the same path
+    assert config.identity()["data_sha256"] != before["data_sha256"]  # so --resume refuses it
     with pytest.raises(SystemExit):  # argparse's error, before any model is loaded
         parse_args(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "missing.jsonl")])
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -107,7 +108,10 @@ class TrainConfig:
     def identity(self) -> dict[str, str]:
         """The settings that define the run: a --resume must not change them."""
         operational = {"out", "threads", "save_every", "keep_checkpoints", "log_every"}
-        return {k: str(v) for k, v in asdict(self).items() if k not in operational}
+        settings = {k: str(v) for k, v in asdict(self).items() if k not in operational}
+        if self.data:  # its content, not only its path: another file there is other data
+            settings["data_sha256"] = hashlib.sha256(Path(self.data).read_bytes()).hexdigest()
+        return settings
 
     @property
     def on_gpu(self) -> bool:
