@@ -21,7 +21,6 @@ from aerie_drafter.train import init_head_record, trained_conversations
 from aerie_drafter.training.data import Messages, conversation_key, later_turn_prompts, load_sharegpt
 
 SHIPPED_HEAD = "services/drafter/aerie_drafter/heads/smollm2-135m-instruct"
-SHAREGPT_ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 def conversations_for_prompts(
@@ -46,11 +45,11 @@ def conversations_for_prompts(
     return kept
 
 
-def write_sharegpt(path: Path, conversations: list[Messages]) -> None:
+def write_conversations(path: Path, conversations: list[Messages]) -> None:
+    """Gzipped JSON Lines in the OpenAI form ``--data`` reads, one conversation a line."""
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for messages in conversations:
-            turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in messages]
-            f.write(json.dumps({"conversations": turns}) + "\n")
+            f.write(json.dumps({"messages": messages}) + "\n")
 
 
 def main() -> None:
@@ -64,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     trained = trained_conversations(init_head_record(args.head))
     kept = conversations_for_prompts(load_sharegpt(seed=args.seed), trained, args.prompts)
-    write_sharegpt(args.out, kept)
+    write_conversations(args.out, kept)
     back = [
         p for p in later_turn_prompts(load_sharegpt(path=str(args.out))) if conversation_key(p) not in trained
     ]

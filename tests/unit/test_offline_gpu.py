@@ -42,7 +42,7 @@ def test_the_bundle_holds_just_the_conversations_of_the_fresh_prompts_wanted(tmp
     assert kept == [conversations[0], conversations[2], conversations[3]]
 
     path = tmp_path / "prompts.jsonl.gz"
-    bundle.write_sharegpt(path, kept)
+    bundle.write_conversations(path, kept)
     there = [
         p for p in later_turn_prompts(load_sharegpt(path=str(path))) if conversation_key(p) not in trained
     ]
