@@ -13,6 +13,11 @@ configuration alike:
     inprocess-oracle  a drafter that knows the plain output: every draft is accepted
     grpc-oracle       the same oracle behind the real Drafter gRPC service
 
+On a GPU the engines decode on fixed-size KV cache slots whose steps replay CUDA graphs,
+as the verifier service does there (aerie_verifier.static_slot), and two more rows run
+without them: plain-eager and inprocess-head-eager. The graphs are captured in a warm-up
+generation per configuration before the clock starts (--no-cuda-graphs: none of this).
+
 Each generation runs on a thread that ends with it (an engine of its own, stopped after;
 Hugging Face's generate() on a passing thread), as a service process runs its torch work
 on one thread: idle threads holding OpenMP teams would slow every forward in the process
@@ -30,6 +35,7 @@ same greedy rule).
                                                       # tree shapes (depth/top-k/nodes)
     python -m bench.speculative --head-dtypes float32 # also the head in-process in fp32
                                                       # (the head rows: AERIE_DRAFTER_DTYPE)
+    python -m bench.speculative --no-cuda-graphs      # on a GPU: every engine eager
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.draft_tree import DraftTree
+from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
 from aerie_common.torch_threads import in_passing_thread
@@ -56,7 +62,7 @@ from aerie_drafter.loading import UNTRAINED, load_drafter_head
 from aerie_drafter.proposer import TreeShape
 from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
-from aerie_verifier.engine import Engine
+from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.speculative import PaceGuard, SpeculativeStats
 from aerie_verifier.tree_cost import serving_tree
@@ -77,6 +83,8 @@ CONFIGS = (
     "grpc-oracle",
 )
 HF_CONFIGS = {"hf-generate": None, "hf-prompt-lookup": 10}  # -> prompt_lookup_num_tokens
+# With CUDA graph slots, these run on engines without them, for comparison.
+EAGER_CONFIGS = {"plain-eager": "plain", "inprocess-head-eager": "inprocess-head"}
 
 
 class OracleSession:
@@ -226,13 +234,20 @@ def run_once(engine: Engine, prompt_ids: list[int], max_tokens: int, speculative
 
 
 def run_on_own_engine(
-    model, tokenizer, factory, prompt_ids: list[int], max_tokens: int, speculative: bool, guarded: bool
+    model,
+    tokenizer,
+    factory,
+    prompt_ids: list[int],
+    max_tokens: int,
+    speculative: bool,
+    guarded: bool,
+    slots=(),
 ):
     """``run_once`` on an engine started for it and stopped after, so no engine thread
     outlives its generation. A guarded engine's calibration of the plain step runs before
-    the clock starts."""
+    the clock starts. The engines of one run share ``slots`` and their captured graphs."""
     guard = PaceGuard() if guarded else None
-    engine = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard)
+    engine = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard, slots=slots)
     engine.start()
     try:
         while guard is not None and guard.plain_step_s is None:
@@ -302,6 +317,11 @@ def main() -> None:
         help="more inprocess-head rows, the head in each of these dtypes (the head rows take "
         "AERIE_DRAFTER_DTYPE, auto by default)",
     )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="on a GPU, run every engine eagerly (default: on CUDA graph slots, plus eager rows)",
+    )
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("aerie_verifier.tree_cost").setLevel(logging.INFO)  # which tree, and why
@@ -323,11 +343,15 @@ def main() -> None:
     questions = select_questions(mtbench_questions(), args.prompts, args.per_category or None)
     plain_engine = Engine(model, tokenizer, max_running=1)  # never started: encodes, names EOS
     prompts = [plain_engine.encode_chat([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+    graphed = model.device.type == "cuda" and not args.no_cuda_graphs
+    # One slot, as long as the longest generation, shared by the engines one after another.
+    longest = max(map(len, prompts)) + args.max_tokens + MAX_TREE_NODES + 1
+    slots = make_slots(model, 1, longest) if graphed else []
 
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
     references = [
-        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, False)[0] for p in prompts
+        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, False, slots)[0] for p in prompts
     ]
     oracle_file = args.out.with_suffix(".oracle.json")
     oracle_file.parent.mkdir(parents=True, exist_ok=True)
@@ -353,8 +377,27 @@ def main() -> None:
         factories.update(
             {name: InProcessDrafterFactory(load_head(dtype)[0], shape) for name, dtype in dtype_rows.items()}
         )
-        configs = [*CONFIGS, *extra_rows, *dtype_rows]
+        eager_rows = EAGER_CONFIGS if graphed else {}
+        factories.update({name: factories[like] for name, like in eager_rows.items()})
+        configs = [*CONFIGS, *eager_rows, *extra_rows, *dtype_rows]
         tallies = {name: Tally() for name in configs}
+
+        def run_engine(name, prompt, max_tokens):
+            return run_on_own_engine(
+                model,
+                tokenizer,
+                factories[name],
+                prompt,
+                max_tokens,
+                speculative=name not in ("plain", "plain-eager"),
+                guarded=name.endswith("-guarded"),
+                slots=[] if name in eager_rows else slots,
+            )
+
+        if graphed:  # capture every configuration's graphs (tree sizes differ) off the clock
+            for name in configs:
+                if name not in HF_CONFIGS:
+                    run_engine(name, prompts[0], min(args.max_tokens, 16))
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
             order = configs[i % len(configs) :] + configs[: i % len(configs)]
@@ -365,15 +408,7 @@ def main() -> None:
                         hf_model, prompt, args.max_tokens, plain_engine.eos_ids, HF_CONFIGS[name]
                     )
                 else:
-                    tokens, seconds, stats = run_on_own_engine(
-                        model,
-                        tokenizer,
-                        factories[name],
-                        prompt,
-                        args.max_tokens,
-                        speculative=name != "plain",
-                        guarded=name.endswith("-guarded"),
-                    )
+                    tokens, seconds, stats = run_engine(name, prompt, args.max_tokens)
                 tally = tallies[name]
                 tally.tokens += len(tokens)
                 tally.seconds += seconds
@@ -393,6 +428,7 @@ def main() -> None:
         "device": device,
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
+        "cuda_graphs": graphed,
         "head": origin,
         "head_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
         "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},

@@ -306,6 +306,64 @@ def test_tree_best_path_is_the_greedy_draft(target, version):
     assert torch.allclose(torch.tensor(scores), torch.tensor(expected_scores), atol=1e-4)
 
 
+def grown_without_cache(head, token_ids, hidden, shape):
+    """EAGLE-2's dynamic tree, each node's children scored by a fresh forward over the
+    prompt and the node's own path (no KV cache, no tree mask): the reference the
+    proposer's one-forward-per-step tree must match. Returns {path: cumulative score}."""
+
+    def head_on_path(path_hiddens, path_tokens):
+        hiddens = torch.cat([head.fuse(hidden), *path_hiddens])
+        n = len(hiddens)
+        tokens = torch.tensor([[*token_ids[1:], *path_tokens][:n]])
+        out, normed, _ = head(hiddens[None], tokens, torch.arange(n)[None])
+        return out[0, -1:], torch.log_softmax(head.logits(normed[0, -1]).float(), -1)
+
+    k = shape.top_k
+    with torch.no_grad():
+        root_out, logp = head_on_path([], [])
+        top = logp.topk(k)
+        # A candidate: (score, draft token path, the head outputs fed along it).
+        frontier = [
+            (s, (int(t),), [root_out]) for s, t in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+        pool = {c[1]: c[0] for c in frontier}
+        for _ in range(1, shape.depth):
+            children = []
+            for score, path, outs in frontier:
+                draft_tokens = [int(head.to_target_ids(torch.tensor(t))) for t in path]
+                out, logp = head_on_path(outs, draft_tokens)
+                top = (score + logp).topk(k)
+                for s, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                    children.append((s, (*path, int(t)), [*outs, out]))
+            pool.update({c[1]: c[0] for c in children})
+            frontier = sorted(children, key=lambda c: -c[0])[:k]
+    best = sorted(pool.items(), key=lambda item: (-item[1], len(item[0])))[: shape.total_tokens]
+    return {tuple(int(head.to_target_ids(torch.tensor(t))) for t in path): score for path, score in best}
+
+
+# (5, 3, 39) keeps every candidate (3 + 4 * 9): a random head's flat scores would
+# otherwise leave the deeper steps out of the comparison.
+@pytest.mark.parametrize("shape", [TreeShape(3, 2, 4), TreeShape(4, 3, 12), TreeShape(5, 3, 39)])
+def test_tree_is_the_one_grown_node_by_node_without_a_cache(target, shape):
+    head = make_head(target, "3.1", seed=7)
+    token_ids = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(1)).tolist()
+    hidden = features(10, 64, seed=8)
+    session = DraftSession(head)
+    session.start(token_ids, hidden)
+    tree = session.propose(shape)
+    paths = {}
+    for i in range(len(tree)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.token_ids[node])
+            node = tree.parents[node]
+        paths[tuple(path[::-1])] = tree.scores[i]
+    want = grown_without_cache(head, token_ids, hidden, shape)
+    assert paths.keys() == want.keys()
+    for path, score in want.items():
+        assert paths[path] == pytest.approx(score, abs=1e-4)
+
+
 def test_incremental_session_matches_a_fresh_one(target):
     head = make_head(target, "3.1", seed=4)
     token_ids = torch.randint(0, VOCAB, (12,)).tolist()

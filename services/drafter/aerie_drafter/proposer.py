@@ -142,23 +142,22 @@ class DraftSession:
 
         tree_k = prefix_k.new_zeros(*prefix_k.shape[:2], 0, prefix_k.shape[3])
         tree_v = tree_k.clone()
-        slot_of: dict[int, int] = {}  # pool index -> slot in the tree's scratch KV
+        # The scratch KV holds each draft step's frontier, row after row, and
+        # slot_ancestors[i, j] says whether slot j is an ancestor of slot i. A frontier
+        # node's parent is a row of the previous frontier, so which slots it sees follows
+        # from its parent's slot alone: no value is read back to the host in the loop,
+        # and on a GPU the launches of every draft step queue up behind each other.
         slot_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-        all_tokens = torch.cat(pool_tokens)
-        all_parents = torch.cat(pool_parents)
+        parent_slots = None  # each frontier node's parent's slot; none for the root's children
+        all_tokens = first.indices
 
         for depth in range(1, shape.depth):
             f = len(frontier)
-            slots = len(slot_of)
-            ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
-            # One read of the frontier and its parents, then two indexed writes: on a GPU
-            # each element read or write is a launch, and a synchronisation for the reads.
-            frontier_nodes, frontier_parents = torch.stack([frontier, all_parents[frontier]]).tolist()
-            rows = [(row, slot_of[p]) for row, p in enumerate(frontier_parents) if p >= 0]
-            if rows:
-                row_ids, parent_slots = torch.tensor(rows, device=self.device).T
-                ancestors[row_ids] = slot_ancestors[parent_slots]
-                ancestors[row_ids, parent_slots] = True
+            slots = len(slot_ancestors)
+            if parent_slots is None:
+                ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
+            else:  # a slot's row marks the slot itself too, so this includes the parent
+                ancestors = slot_ancestors[parent_slots]
             visible = torch.cat(
                 [
                     torch.ones(f, prefix_len, dtype=torch.bool, device=self.device),
@@ -180,17 +179,14 @@ class DraftSession:
                 (torch.cat([prefix_k, tree_k], 2), torch.cat([prefix_v, tree_v], 2)),
             )
             tree_k, tree_v = torch.cat([tree_k, k_new], 2), torch.cat([tree_v, v_new], 2)
-            new_rows = torch.cat([ancestors, torch.eye(f, dtype=torch.bool, device=self.device)], dim=1)
             slot_ancestors = torch.cat(
                 [
                     torch.cat(
                         [slot_ancestors, torch.zeros(slots, f, dtype=torch.bool, device=self.device)], 1
                     ),
-                    new_rows,
+                    visible[:, prefix_len:],
                 ]
             )
-            for row, node in enumerate(frontier_nodes):
-                slot_of[node] = slots + row
 
             logp = torch.log_softmax(head.logits(normed[0]).float(), -1)
             top = (frontier_scores[:, None] + logp).topk(min(k, logp.shape[-1]), dim=-1)
@@ -201,15 +197,20 @@ class DraftSession:
             pool_depths.append(torch.full_like(top.indices.flatten(), depth + 1))
             pool_size += top.indices.numel()
             all_tokens = torch.cat(pool_tokens)
-            all_parents = torch.cat(pool_parents)
 
             best = top.values.flatten().topk(min(k, top.values.numel()))
             frontier = children[best.indices]
             frontier_scores = best.values
-            frontier_hidden = next_hidden[0][best.indices // top.indices.shape[1]]
+            parent_rows = best.indices // top.indices.shape[1]
+            frontier_hidden = next_hidden[0][parent_rows]
+            parent_slots = slots + parent_rows
 
         return self._select(
-            shape.total_tokens, all_tokens, torch.cat(pool_scores), all_parents, torch.cat(pool_depths)
+            shape.total_tokens,
+            all_tokens,
+            torch.cat(pool_scores),
+            torch.cat(pool_parents),
+            torch.cat(pool_depths),
         )
 
     def _select(self, total, tokens, scores, parents, depths) -> DraftTree:

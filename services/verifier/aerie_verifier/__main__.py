@@ -13,7 +13,7 @@ from aerie_common.torch_threads import in_passing_thread
 from aerie_proto.v1 import verifier_pb2_grpc
 
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
-from aerie_verifier.engine import Engine
+from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
@@ -70,6 +70,9 @@ def build_engine(settings: VerifierSettings):
     """Load the target (and an in-process head) and wrap them in an engine; returns
     (engine, model directory)."""
     model, tokenizer, model_dir = load_target(settings)
+    slots = settings.cuda_graph_slots
+    if slots < 0:
+        slots = settings.max_running_requests if model.device.type == "cuda" else 0
     engine = Engine(
         model,
         tokenizer,
@@ -78,6 +81,7 @@ def build_engine(settings: VerifierSettings):
         drafter_factory=make_drafter_factory(settings, model),
         breaker_cooldown_s=settings.drafter_retry_after_s,
         pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
+        slots=make_slots(model, slots, settings.cuda_graph_slot_tokens),
     )
     return engine, model_dir
 

@@ -7,7 +7,9 @@ a whole draft tree in one forward (see tree_verify.py), or one plain decoding st
 plain steps of a round share one batched forward: a 1-token forward is bound by reading
 the weights, so eight of them batched cost little more than one. On the CPU the engine
 tunes its model for tree verification when it takes it (cpu_kernels.py). A request's KV
-cache appends in place (kv_cache.py).
+cache appends in place (kv_cache.py); on a GPU a request that fits takes a fixed-size
+cache slot instead, whose plain steps and tree verifications replay CUDA graphs
+(static_slot.py), and steps alone.
 Results go back through a per-request callback on the scheduler thread; the gRPC adapter
 hops them onto its event loop.
 """
@@ -20,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +43,7 @@ from aerie_verifier.speculative import (
     SpeculationDeclined,
     SpeculativeStats,
 )
+from aerie_verifier.static_slot import StaticSlot
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 
 log = logging.getLogger(__name__)
@@ -104,6 +107,7 @@ class Sequence:
     speculative: bool = False
     output_ids: list[int] = field(default_factory=list)
     cache: GrowingCache | None = None
+    slot: StaticSlot | None = None  # instead of ``cache``, on a GPU
     cancelled: bool = False
     finish_reason: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
@@ -114,6 +118,10 @@ class Sequence:
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
     spec_tokens: int = 0  # the tokens those steps yielded
+
+    @property
+    def prefilled(self) -> bool:
+        return self.cache is not None or self.slot is not None
 
     def append_tokens(self, tokens: list[int]) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
@@ -168,6 +176,7 @@ class Engine:
         drafter_factory: DrafterFactory | None = None,
         breaker_cooldown_s: float = 10.0,
         pace_guard: PaceGuard | None = None,
+        slots: Iterable[StaticSlot] = (),
     ):
         speed_up_tree_verification(model)
         self.model = model
@@ -181,6 +190,11 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.drafter_factory = drafter_factory
         self.capture = HiddenCapture(model) if drafter_factory else None
+        # Fixed-size KV cache slots (make_slots), free ones last in, first out. Engines
+        # that run one after another may share them, and so their captured graphs.
+        self._free_slots = list(slots)
+        for slot in self._free_slots:
+            slot.capture = self.capture
         self.breaker = CircuitBreaker(breaker_cooldown_s)
         # None: speculate for as long as asked (benchmarks of acceptance need that).
         self.pace_guard = pace_guard if drafter_factory else None
@@ -298,7 +312,12 @@ class Engine:
                     self._running.append(self._waiting.popleft())
             round_robin = list(self._running)
             produced_before = sum(len(seq.output_ids) for seq in round_robin)
-            plain = [seq for seq in round_robin if not seq.cancelled and self._decodes_plainly(seq)]
+            # A slot's plain step is a graph replay of its own: only the others batch.
+            plain = [
+                seq
+                for seq in round_robin
+                if not seq.cancelled and seq.slot is None and self._decodes_plainly(seq)
+            ]
             batched = self._decode_batch(plain) if len(plain) > 1 else []
             for seq in round_robin:
                 if not seq.cancelled and seq not in batched:
@@ -322,14 +341,24 @@ class Engine:
         after a short prefill), so the first requests can be judged too. Reading the
         token back waits for the device, as a real step does."""
         try:
-            cache = GrowingCache()
-            ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, past_key_values=cache)
+            slot = self._free_slots[0] if self._free_slots else None
+            if slot is not None:  # the steps the guard will compare with are the slots' graphs
+                slot.prefill([0] * 16)
+                step = slot.decode
+            else:
+                cache = GrowingCache()
+                ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
+                self.model(input_ids=ids, past_key_values=cache)
+
+                def step(token):
+                    return self.model(input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1).logits[
+                        0, -1
+                    ]
+
             timings = []
             for _ in range(3):
                 started = time.perf_counter()
-                logits = self.model(input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1).logits
-                logits[0, -1].argmax().item()
+                step(0).argmax().item()
                 timings.append(time.perf_counter() - started)
         except Exception:  # the guard then learns from the first plain steps instead
             log.warning("calibrating the plain decoding step failed", exc_info=True)
@@ -344,11 +373,14 @@ class Engine:
             self.totals.speculative.merge(seq.spec_stats)
         self._stop_drafting(seq)
         seq.cache = None
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None
         self._running.remove(seq)
 
     @torch.inference_mode()
     def _step(self, seq: Sequence) -> None:
-        if seq.cache is None:
+        if not seq.prefilled:
             self._prefill(seq)
         elif seq.tree is not None and self._tree_fits(seq, seq.tree):
             self._verify_tree(seq)
@@ -356,21 +388,27 @@ class Engine:
             self._decode_one(seq)
 
     def _prefill(self, seq: Sequence) -> None:
-        seq.cache = GrowingCache()
         self.totals.prompt_tokens += len(seq.prompt_ids)
-        layer_ids = None
+        layer_ids: tuple[int, ...] = ()
         if seq.speculative:
-            layer_ids = self._capture_layers(seq) if self.breaker.allow() else None
-            if layer_ids is None:
+            layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
+            if not layer_ids:
                 self._fall_back(seq)
-        input_ids = torch.tensor([seq.prompt_ids], device=self.device)
-        with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
-            logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
-        token = next_token(logits[0, -1], seq.params, seq.generator)
+        if self._free_slots and len(seq.prompt_ids) + seq.max_new_tokens <= self._free_slots[-1].capacity:
+            seq.slot = self._free_slots.pop()
+            logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids)
+        else:
+            seq.cache = GrowingCache()
+            input_ids = torch.tensor([seq.prompt_ids], device=self.device)
+            with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
+                logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
+                    0, -1
+                ]
+                features = self.capture.features(layer_ids) if layer_ids else None
+        token = next_token(logits, seq.params, seq.generator)
         seq.append_tokens([token])
         if layer_ids and seq.finish_reason is None:
             seq.capture_layer_ids = layer_ids
-            features = self.capture.features(layer_ids)
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
 
     def _capture_layers(self, seq: Sequence) -> tuple[int, ...] | None:
@@ -387,14 +425,19 @@ class Engine:
 
     def _decodes_plainly(self, seq: Sequence) -> bool:
         """Whether ``seq``'s next step is one plain decoding step (see ``_step``)."""
-        return seq.cache is not None and (seq.tree is None or not self._tree_fits(seq, seq.tree))
+        return seq.prefilled and (seq.tree is None or not self._tree_fits(seq, seq.tree))
 
     def _decode_one(self, seq: Sequence) -> None:
         seq.tree = None
         started = time.perf_counter()
-        input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
-        logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits
-        token = next_token(logits[0, -1], seq.params, seq.generator)
+        if seq.slot is not None:
+            logits = seq.slot.decode(seq.output_ids[-1])
+        else:
+            input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
+            logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
+                0, -1
+            ]
+        token = next_token(logits, seq.params, seq.generator)
         if self.pace_guard is not None:
             self.pace_guard.observe_plain_step(time.perf_counter() - started)
         seq.append_tokens([token])
@@ -444,16 +487,22 @@ class Engine:
     def _verify_tree(self, seq: Sequence) -> None:
         started = time.perf_counter()
         tree, seq.tree = seq.tree, None
-        past_len = seq.cache.get_seq_length()
-        inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
-        with self.capture.layers(seq.capture_layer_ids):
-            logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
-        features = self.capture.features(seq.capture_layer_ids)
+        if seq.slot is not None:
+            logits, features = seq.slot.verify(seq.output_ids[-1], tree, seq.capture_layer_ids)
+        else:
+            past_len = seq.cache.get_seq_length()
+            inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
+            with self.capture.layers(seq.capture_layer_ids):
+                logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
+                features = self.capture.features(seq.capture_layer_ids)
         if seq.params.greedy:
             accepted, bonus = accept_greedy(tree, logits)
         else:
             accepted, bonus = accept_sampling(tree, logits, seq.params, seq.generator)
-        keep_cache_entries(seq.cache, past_len, accepted)
+        if seq.slot is not None:
+            seq.slot.keep(accepted)
+        else:
+            keep_cache_entries(seq.cache, past_len, accepted)
         seq.spec_stats.record(len(tree), len(accepted), time.perf_counter() - started)
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
         seq.append_tokens(new_tokens)
@@ -478,6 +527,8 @@ class Engine:
             self.totals.speculation_dropped += 1
 
     def _tree_fits(self, seq: Sequence, tree: DraftTree) -> bool:
+        if seq.slot is not None:
+            return seq.slot.fits(1 + len(tree))
         return seq.cache.get_seq_length() + 1 + len(tree) <= self.context_length
 
     def _next_tree(self, seq: Sequence, ask: Callable[[Drafter], DraftTree]) -> None:
@@ -513,6 +564,13 @@ class Engine:
                 draft.close()
             except Exception:  # closing a broken session must not fail the request
                 log.debug("closing draft session of %s failed", seq.request_id, exc_info=True)
+
+
+def make_slots(model, count: int, tokens: int) -> list[StaticSlot]:
+    """``count`` KV cache slots of ``tokens`` each (at most the model's context length)
+    for an Engine; on a GPU their forwards replay CUDA graphs."""
+    capacity = min(tokens, _context_length(model))
+    return [StaticSlot(model, capacity, capture=None, cuda_graphs=True) for _ in range(count)]
 
 
 def _context_length(model) -> int:

@@ -1,0 +1,221 @@
+"""Fixed-size KV cache slots (static_slot.py): their forwards match the growing cache's,
+padding and stale entries stay invisible, and an engine with slots decodes exactly as one
+without. CUDA graph capture itself needs a GPU; here the same forward runs uncaptured, and
+a fullgraph trace checks that it holds no host synchronisation or data-dependent branch."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_drafter.proposer import TreeShape
+from aerie_verifier.drafter_client import InProcessDrafterFactory
+from aerie_verifier.engine import Engine, make_slots
+from aerie_verifier.kv_cache import GrowingCache
+from aerie_verifier.sampling import SamplingParams
+from aerie_verifier.speculative import HiddenCapture
+from aerie_verifier.static_slot import MAX_ROWS, StaticSlot, row_bucket
+from aerie_verifier.tree_verify import keep_cache_entries, tree_inputs
+
+from tests.conftest import build_tiny_llama
+
+from .spec_helpers import Factory, OracleDrafter
+from .test_speculative import VOCAB, prompts, random_head
+
+LAYERS = (0, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return build_tiny_llama(VOCAB, seed=5, layers=4, ctx=256)
+
+
+@pytest.fixture
+def capture(target):
+    capture = HiddenCapture(target)
+    yield capture
+    capture.close()
+
+
+class Reference:
+    """The engine's growing-cache forwards, step for step."""
+
+    def __init__(self, model, capture):
+        self.model, self.capture, self.cache = model, capture, GrowingCache()
+
+    def prefill(self, ids):
+        with self.capture.layers(LAYERS):
+            logits = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache).logits[0]
+            return logits[-1], self.capture.features(LAYERS)
+
+    def decode(self, token):
+        return self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache).logits[0, -1]
+
+    def verify(self, root, tree):
+        self.past = self.cache.get_seq_length()
+        inputs = tree_inputs(root, tree, self.past, "cpu", torch.float32)
+        with self.capture.layers(LAYERS):
+            logits = self.model(**inputs.model_kwargs(), past_key_values=self.cache).logits[0]
+            return logits, self.capture.features(LAYERS)
+
+    def keep(self, accepted):
+        keep_cache_entries(self.cache, self.past, accepted)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def random_tree(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    parents = [-1] + [int(torch.randint(-1, i, (1,), generator=gen)) for i in range(1, n)]
+    return DraftTree(torch.randint(3, VOCAB, (n,), generator=gen).tolist(), parents, [0.0] * n)
+
+
+def accepted_path(tree, leaf):
+    path = [leaf]
+    while tree.parents[path[-1]] >= 0:
+        path.append(tree.parents[path[-1]])
+    return path[::-1]
+
+
+@torch.inference_mode()
+def test_slot_forwards_match_the_growing_cache(target, capture):
+    slot = StaticSlot(target, 200, capture, cuda_graphs=True)  # no GPU: runs uncaptured
+    assert not slot.cuda_graphs
+    ref = Reference(target, capture)
+    prompt = prompts(1, seed=4)[0] + [7, 8, 9]
+    for got, want in zip(slot.prefill(prompt, LAYERS), ref.prefill(prompt), strict=True):
+        close(got, want)
+    token = 11
+    for step in range(12):
+        if step % 3 == 0:
+            close(slot.decode(token), ref.decode(token))
+            token = (token * 7) % VOCAB
+            continue
+        tree = random_tree(3 + 4 * step, seed=step)  # padded to 8, 16, ... rows
+        logits, features = slot.verify(token, tree, LAYERS)
+        want_logits, want_features = ref.verify(token, tree)
+        assert logits.shape == want_logits.shape and features.shape == want_features.shape
+        close(logits, want_logits)
+        close(features, want_features)
+        # Off the first-child chain, so entries move; sometimes nothing is accepted.
+        accepted = [] if step == 4 else accepted_path(tree, len(tree) - 1)
+        slot.keep(accepted)
+        ref.keep(accepted)
+        assert slot.length == ref.cache.get_seq_length()
+        token = int(logits[0].argmax())
+    close(slot.decode(token), ref.decode(token))
+
+
+@torch.inference_mode()
+def test_a_reused_slot_forgets_its_last_request(target, capture):
+    slot = StaticSlot(target, 64, capture, cuda_graphs=False)
+    slot.prefill(list(range(3, 60)))
+    slot.decode(5)
+    slot.reset()
+    ref = Reference(target, capture)
+    for got, want in zip(slot.prefill([4, 5, 6], LAYERS), ref.prefill([4, 5, 6]), strict=True):
+        close(got, want)
+    close(slot.decode(9), ref.decode(9))
+
+
+def test_row_buckets_are_powers_of_two():
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 8, 9, 61, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 64, 128]
+    assert MAX_ROWS >= 257
+
+
+def test_fits_counts_the_rows_of_the_next_forward(target):
+    slot = StaticSlot(target, 16, None, cuda_graphs=False)
+    with torch.inference_mode():
+        slot.prefill(list(range(3, 13)))
+    assert slot.fits(6) and not slot.fits(7)
+
+
+def test_the_slot_forward_traces_whole(target, capture):
+    """What a CUDA graph cannot hold (reading a value back to the host, branching on one)
+    also breaks a fullgraph trace; this catches it without a GPU."""
+    slot = StaticSlot(target, 64, capture, cuda_graphs=False)
+    with torch.inference_mode():
+        slot.prefill(list(range(3, 20)), LAYERS)
+    torch._dynamo.reset()
+    traced = torch.compile(slot._forward, fullgraph=True, backend="eager", dynamic=False)
+    rows = 8
+    slot._past.fill_(slot.length)
+    sees = torch.eye(rows, dtype=torch.bool)
+    sees[:, 0] = True
+    ids, depths = torch.arange(3, 3 + rows)[None], torch.tensor([0] + [1] * (rows - 1))
+    with torch.inference_mode():
+        logits, features = traced(ids, depths, sees, LAYERS)
+        want_logits, want_features = slot._forward(ids, depths, sees, LAYERS)
+    close(logits, want_logits)
+    close(features, want_features)
+    torch._dynamo.reset()
+
+
+def run_requests(engine, requests):
+    """Submit every (prompt, params, speculative) at once; their tokens in order."""
+    done = threading.Semaphore(0)
+    outputs = [[] for _ in requests]
+
+    def on_event(i):
+        def record(event):
+            assert event.error is None, event.error
+            outputs[i].extend(event.token_ids)
+            if event.finish_reason is not None:
+                done.release()
+
+        return record
+
+    for i, (prompt, params, speculative) in enumerate(requests):
+        engine.submit(f"r{i}", prompt, params, on_event(i), speculative=speculative)
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    return outputs
+
+
+@pytest.mark.parametrize("drafter", ["head", "oracle"])
+def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer, drafter):
+    if drafter == "head":
+        factory = InProcessDrafterFactory(random_head(target), TreeShape(depth=4, top_k=3, total_tokens=12))
+    else:
+        factory = Factory(lambda: OracleDrafter(target, 5), capture_layer_ids=LAYERS)
+    # Six at once on two slots of 96 tokens: some requests take a slot, the rest (and the
+    # one too long for a slot) decode on growing caches beside them, batched.
+    requests = [
+        (prompt, SamplingParams(max_tokens=40 + 9 * (i % 3)), i % 4 != 3)
+        for i, prompt in enumerate(prompts(6, seed=2))
+    ]
+    requests.append((list(range(3, 90)), SamplingParams(max_tokens=30), True))
+    outputs = {}
+    for name, slots in (("growing", []), ("slots", make_slots(target, 2, 96))):
+        engine = Engine(target, tiny_tokenizer, max_running=4, drafter_factory=factory, slots=slots)
+        engine.start()
+        try:
+            outputs[name] = run_requests(engine, requests)
+            if slots:
+                assert len(engine._free_slots) == 2  # every request gave its slot back
+                assert engine.totals.speculative.drafts > 0
+        finally:
+            engine.stop()
+    assert outputs["slots"] == outputs["growing"]
+
+
+def test_a_tree_that_would_overflow_the_slot_is_not_verified(target, tiny_tokenizer):
+    """Near the end of its slot a request takes plain steps instead, and still finishes."""
+    factory = Factory(lambda: OracleDrafter(target, 6), capture_layer_ids=LAYERS)
+    prompt = list(range(3, 40))
+    plain = Engine(target, tiny_tokenizer, max_running=1)
+    slotted = Engine(
+        target, tiny_tokenizer, max_running=1, drafter_factory=factory, slots=make_slots(target, 1, 64)
+    )
+    outputs = []
+    for engine, speculative in ((plain, False), (slotted, True)):
+        engine.start()
+        try:
+            outputs.append(run_requests(engine, [(prompt, SamplingParams(max_tokens=27), speculative)])[0])
+        finally:
+            engine.stop()
+    assert outputs[1] == outputs[0] and len(outputs[0]) == 27
