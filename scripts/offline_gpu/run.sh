@@ -1,12 +1,15 @@
 #!/bin/bash
 # On the GPU machine, after the bundle is in place (README.md beside this file): a round of
 # the head (self-distillation, then training in the time left), then the speculative
-# bench with the new head. BUDGET = seconds it may take in all; results land in $OUT.
+# bench with the new head (TRAIN=0: the bench alone). BUDGET = seconds it may take in all;
+# results land in $OUT.
 set -u
 T0=$(date +%s)
 el() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[$(el)s] $*"; }
-: "${SEED:?the seed prepare.sh drew the prompts with}" "${N_CONV:?the prompts prepare.sh bundled}"
+if [ "${TRAIN:-1}" = 1 ]; then
+  : "${SEED:?the seed prepare.sh drew the prompts with}" "${N_CONV:?the prompts prepare.sh bundled}"
+fi
 : "${BUDGET:=540}" "${BENCH_S:=200}" "${DISTILL_BS:=1024}" "${DEVICE:=cuda}"
 : "${W:=/tmp/aerie}" "${PY:=python3}" "${OUT:=/tmp/out}" "${BATCH:=16}" "${EPOCHS:=2}"
 mkdir -p "$OUT/head"
@@ -29,23 +32,27 @@ $PY -c "import torch, transformers, grpc, google.protobuf as pb; print('torch', 
 $PY -m aerie_common.model_store prepare > $OUT/convert.log 2>&1 || { cat $OUT/convert.log; exit 1; }
 say "model converted"
 RUN=/tmp/run
-ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $SEED --data $W/prompts.jsonl.gz
+mkdir -p $RUN
+# TRAIN=0: the bench alone, with the head in .gpu3
+if [ "${TRAIN:-1}" = 1 ]; then
+  ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $SEED --data $W/prompts.jsonl.gz
  --prompts later-turns --self-distill --conversations $N_CONV --distill-turns 1 --distill-batch-size $DISTILL_BS
  --max-len 1024 --batch-size $BATCH --epochs $EPOCHS --save-every 100 --bf16"
-# A: distil (the examples are saved, no step taken)
-LEFT=$(( BUDGET - BENCH_S - 90 - $(el) ))
-(( LEFT > 0 )) || { echo "BUDGET too small"; exit 1; }
-timeout $LEFT $PY -m aerie_drafter.train $ARGS --stop-after 0 > $OUT/train_a.log 2>&1
-say "distil exit $?"; grep -E "INFO|Error|error" $OUT/train_a.log | tail -5
-[ -f $RUN/conversations.jsonl ] && gzip -c $RUN/conversations.jsonl > $OUT/distilled.jsonl.gz
-# B: train in the time left before the bench
-if [ -f $RUN/examples.safetensors ]; then
-  MIN=$(python3 -c "print(round(max(0.2, ($BUDGET - $BENCH_S - $(el) - 45) / 60), 2))")
-  say "training for $MIN min"
-  timeout $(python3 -c "print(int($MIN * 60 + 40))") $PY -m aerie_drafter.train $ARGS --resume --max-minutes $MIN --export-early > $OUT/train_b.log 2>&1
-  say "train exit $?"; grep -E "INFO|Error|error" $OUT/train_b.log | tail -6
-  tail -c 600 $RUN/train_log.jsonl; echo
-  [ -d $RUN/head ] && cp $RUN/head/* $OUT/head/
+  # A: distil (the examples are saved, no step taken)
+  LEFT=$(( BUDGET - BENCH_S - 90 - $(el) ))
+  (( LEFT > 0 )) || { echo "BUDGET too small"; exit 1; }
+  timeout $LEFT $PY -m aerie_drafter.train $ARGS --stop-after 0 > $OUT/train_a.log 2>&1
+  say "distil exit $?"; grep -E "INFO|Error|error" $OUT/train_a.log | tail -5
+  [ -f $RUN/conversations.jsonl ] && gzip -c $RUN/conversations.jsonl > $OUT/distilled.jsonl.gz
+  # B: train in the time left before the bench
+  if [ -f $RUN/examples.safetensors ]; then
+    MIN=$(python3 -c "print(round(max(0.2, ($BUDGET - $BENCH_S - $(el) - 45) / 60), 2))")
+    say "training for $MIN min"
+    timeout $(python3 -c "print(int($MIN * 60 + 40))") $PY -m aerie_drafter.train $ARGS --resume --max-minutes $MIN --export-early > $OUT/train_b.log 2>&1
+    say "train exit $?"; grep -E "INFO|Error|error" $OUT/train_b.log | tail -6
+    tail -c 600 $RUN/train_log.jsonl; echo
+    [ -d $RUN/head ] && cp $RUN/head/* $OUT/head/
+  fi
 fi
 # the logs so far, in case the bench below outlasts the call
 tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl 2>/dev/null

@@ -116,10 +116,11 @@ class StaticSlot:
 
     # -- the forward -------------------------------------------------------------
 
-    def _forward(self, ids, depths, sees, layer_ids):
+    def _forward(self, ids, depths, sees, layer_ids, last_logits_only=False):
         """The target over ``ids`` [1, rows] on top of the cached prefix: row i sits at
         position prefix + depths[i], sees the prefix and the rows ``sees[i]`` marks, and
-        its keys and values go to slot prefix + i. Only tensor ops, so it can be captured."""
+        its keys and values go to slot prefix + i. Only tensor ops, so it can be captured.
+        Returns the logits of every row (or of the last), and the captured features."""
         rows = ids.shape[1]
         new_slots = self._past + self._row_ids[:rows]
         visible = (self._slot_ids < self._past).expand(rows, -1).clone()
@@ -127,17 +128,18 @@ class StaticSlot:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         self.cache.write_at = new_slots
-        positions = (self._past + depths)[None]
+        kwargs = {
+            "input_ids": ids,
+            "position_ids": (self._past + depths)[None],
+            "attention_mask": mask[None, None],
+            "past_key_values": self.cache,
+            "logits_to_keep": 1 if last_logits_only else 0,
+        }
         if not layer_ids:
-            return self._logits(ids, positions, mask), None
+            return self.model(**kwargs).logits[0], None
         with self.capture.layers(layer_ids):
-            logits = self._logits(ids, positions, mask)
+            logits = self.model(**kwargs).logits[0]
             return logits, self.capture.features(layer_ids)
-
-    def _logits(self, ids, positions, mask):
-        return self.model(
-            input_ids=ids, position_ids=positions, attention_mask=mask[None, None], past_key_values=self.cache
-        ).logits[0]
 
     def _run(self, rows: int, ids: list[int], depths: list[int], sees: torch.Tensor, layer_ids):
         """One forward of ``len(ids)`` real rows padded to ``rows``; returns the real
@@ -191,7 +193,7 @@ class StaticSlot:
         ids = torch.tensor([prompt_ids], device=self.device)
         causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
         depths = torch.arange(n, device=self.device)
-        logits, features = self._forward(ids, depths, causal, layer_ids)
+        logits, features = self._forward(ids, depths, causal, layer_ids, last_logits_only=True)
         self.cache.length = n
         return logits[-1], features
 
