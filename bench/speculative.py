@@ -14,8 +14,8 @@ configuration alike:
     grpc-oracle       the same oracle behind the real Drafter gRPC service
 
 On a GPU the engines decode on fixed-size KV cache slots whose steps replay CUDA graphs,
-as the verifier service does there (aerie_verifier.static_slot), and two more rows run
-without them: plain-eager and inprocess-head-eager. The graphs are captured in a warm-up
+and the head grows its trees as graph replays, as the services do there (AERIE_CUDA_GRAPHS),
+and two more rows run without any graphs: plain-eager and inprocess-head-eager. The graphs are captured in a warm-up
 generation per configuration before the clock starts (--no-cuda-graphs: none of this).
 
 Each generation runs on a thread that ends with it (an engine of its own, stopped after;
@@ -59,7 +59,7 @@ from aerie_common.settings import ModelSettings
 from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
-from aerie_drafter.proposer import TreeShape
+from aerie_drafter.proposer import DraftSlots, TreeShape
 from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine, make_slots
@@ -83,8 +83,8 @@ CONFIGS = (
     "grpc-oracle",
 )
 HF_CONFIGS = {"hf-generate": None, "hf-prompt-lookup": 10}  # -> prompt_lookup_num_tokens
-# With CUDA graph slots, these run on engines without them, for comparison.
-EAGER_CONFIGS = {"plain-eager": "plain", "inprocess-head-eager": "inprocess-head"}
+# With CUDA graphs, these run without them, for comparison.
+EAGER_CONFIGS = ("plain-eager", "inprocess-head-eager")
 
 
 class OracleSession:
@@ -109,6 +109,9 @@ class OracleSession:
         on_track = self.reference[:n] == self.tokens
         chain = self.reference[n : n + shape.depth] if on_track else []
         return DraftTree(chain, list(range(-1, len(chain) - 1)), [0.0] * len(chain))
+
+    def close(self) -> None:
+        pass
 
 
 class OracleFactory:
@@ -144,13 +147,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_drafter_process(head: str, oracle_file: Path | None) -> tuple[subprocess.Popen, str]:
+def start_drafter_process(
+    head: str, oracle_file: Path | None, cuda_graphs: bool
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {
         **os.environ,
         "AERIE_DRAFTER_PORT": str(port),
         "AERIE_DRAFTER_HEAD": head,
         "AERIE_LOG_LEVEL": "WARNING",
+        "AERIE_CUDA_GRAPHS": str(cuda_graphs).lower(),
     }
     if oracle_file is None:
         command = [sys.executable, "-m", "aerie_drafter"]
@@ -347,6 +353,7 @@ def main() -> None:
     # One slot, as long as the longest generation, shared by the engines one after another.
     longest = max(map(len, prompts)) + args.max_tokens + MAX_TREE_NODES + 1
     slots = make_slots(model, 1, longest) if graphed else []
+    draft_slots = DraftSlots(head, longest) if graphed else None
 
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
@@ -360,25 +367,27 @@ def main() -> None:
 
     processes = []
     try:
-        head_proc, head_addr = start_drafter_process(args.head, None)
-        oracle_proc, oracle_addr = start_drafter_process(UNTRAINED, oracle_file)
+        head_proc, head_addr = start_drafter_process(args.head, None, graphed)
+        oracle_proc, oracle_addr = start_drafter_process(UNTRAINED, oracle_file, graphed)
         processes += [head_proc, oracle_proc]
         factories = {
             "plain": None,
-            "inprocess-head": InProcessDrafterFactory(head, shape),
+            "inprocess-head": InProcessDrafterFactory(head, shape, draft_slots),
             "grpc-head": GrpcDrafterFactory(head_addr, shape),
             "grpc-head-guarded": GrpcDrafterFactory(head_addr, shape),
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
             "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
         }
         extra_rows = {tree_row_name(extra): extra for extra in args.trees}
-        factories.update({name: InProcessDrafterFactory(head, extra) for name, extra in extra_rows.items()})
+        factories.update(
+            {name: InProcessDrafterFactory(head, extra, draft_slots) for name, extra in extra_rows.items()}
+        )
         dtype_rows = {f"inprocess-head-{dtype}": dtype for dtype in args.head_dtypes}
         factories.update(
             {name: InProcessDrafterFactory(load_head(dtype)[0], shape) for name, dtype in dtype_rows.items()}
         )
-        eager_rows = EAGER_CONFIGS if graphed else {}
-        factories.update({name: factories[like] for name, like in eager_rows.items()})
+        eager_rows = EAGER_CONFIGS if graphed else ()
+        factories.update({"plain-eager": None, "inprocess-head-eager": InProcessDrafterFactory(head, shape)})
         configs = [*CONFIGS, *eager_rows, *extra_rows, *dtype_rows]
         tallies = {name: Tally() for name in configs}
 

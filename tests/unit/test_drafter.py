@@ -12,7 +12,7 @@ from aerie_drafter import loading
 from aerie_drafter.checkpoint import load_head, save_head
 from aerie_drafter.eagle import EagleConfig, EagleHead, default_capture_layers
 from aerie_drafter.loading import pick_head_dtype, shipped_head
-from aerie_drafter.proposer import DraftSession, TreeShape, tree_shape
+from aerie_drafter.proposer import DraftSession, DraftSlots, TreeShape, grow_tree, tree_shape
 from safetensors.torch import save_file
 
 from tests.conftest import build_tiny_llama
@@ -378,6 +378,66 @@ def test_incremental_session_matches_a_fresh_one(target):
     a, b = incremental.propose(shape), fresh.propose(shape)
     assert a.token_ids == b.token_ids and a.parents == b.parents
     assert torch.allclose(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-4)
+
+
+def drive(session, token_ids, hidden, shape, steps, seed=0):
+    """Start a session, then extend it by a few tokens at a time, proposing each time: the
+    trees it gives, as (token_ids, parents) pairs, and their scores."""
+    gen = torch.Generator().manual_seed(seed)
+    session.start(token_ids, hidden)
+    trees = [session.propose(shape)]
+    for _ in range(steps):
+        n = int(torch.randint(1, 4, (1,), generator=gen))
+        session.extend(
+            torch.randint(0, VOCAB, (n,), generator=gen).tolist(),
+            torch.randn(n, hidden.shape[1], generator=gen),
+        )
+        trees.append(session.propose(shape))
+    return [(t.token_ids, t.parents) for t in trees], [t.scores for t in trees]
+
+
+@pytest.mark.parametrize("capacity", [64, 20], ids=["fits", "outgrows-the-slot"])
+def test_a_session_on_a_draft_slot_proposes_the_same_trees(target, capacity):
+    """Off a GPU the slot's growth runs uncaptured, over its whole buffer under a mask:
+    the trees must be those of a session on its own cache, though the slot still holds
+    an earlier session's entries, and past the slot's capacity too."""
+    head = make_head(target, "3.1", seed=5)
+    shape = TreeShape(depth=4, top_k=3, total_tokens=10)
+    token_ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    hidden = features(8, 64, seed=9)
+    slots = DraftSlots(head, capacity, cuda_graphs=True)
+    assert not slots.take().cuda_graphs  # no GPU here: uncaptured
+    earlier = DraftSession(head, slots)
+    drive(earlier, token_ids[::-1], hidden.flip(0), shape, steps=3, seed=1)
+    earlier.close()
+    with_slot = DraftSession(head, slots)
+    got, got_scores = drive(with_slot, token_ids, hidden, shape, steps=6)
+    want, want_scores = drive(DraftSession(head), token_ids, hidden, shape, steps=6)
+    assert got == want
+    torch.testing.assert_close(torch.tensor(got_scores), torch.tensor(want_scores), rtol=0, atol=1e-4)
+    assert (with_slot._slot is None) == (capacity == 20)  # 9 + 6 * up to 3 pairs > 20
+    with_slot.close()
+    assert slots.made == 2  # the one taken above, and the one both sessions used in turn
+
+
+def test_the_draft_growth_traces_whole(target):
+    """What a CUDA graph cannot hold (a value read back to the host, a branch on one) also
+    breaks a fullgraph trace; this catches it without a GPU."""
+    head = make_head(target, "3.1", seed=5)
+    session = DraftSession(head, DraftSlots(head, 32))
+    session.start(list(range(3, 12)), features(8, 64, seed=1))
+    session._catch_up()
+    slot, shape = session._slot, TreeShape(depth=4, top_k=3, total_tokens=10)
+    torch._dynamo.reset()
+    traced = torch.compile(grow_tree, fullgraph=True, backend="eager", dynamic=False)
+    length = torch.tensor(8)
+    args = (head, shape, slot.keys, slot.values, torch.arange(32) < length, length)
+    with torch.inference_mode():
+        got = traced(*args, session._last_hidden, session._last_normed)
+        want = grow_tree(*args, session._last_hidden, session._last_normed)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
 
 
 def test_a_bf16_head_keeps_its_rope_frequencies_in_fp32_and_drafts(target):

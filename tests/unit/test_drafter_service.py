@@ -432,6 +432,9 @@ class SlowSession:
     def extend(self, token_ids, hidden):
         pass
 
+    def close(self):
+        pass
+
     def propose(self, shape):
         time.sleep(1.0)
         return DraftTree([7], [-1], [0.0])

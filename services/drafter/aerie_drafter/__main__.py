@@ -14,7 +14,7 @@ from aerie_proto.v1 import drafter_pb2_grpc
 
 from aerie_drafter.loading import load_drafter_head
 from aerie_drafter.metrics import SessionCollector
-from aerie_drafter.proposer import tree_shape
+from aerie_drafter.proposer import DraftSession, DraftSlots, tree_shape
 from aerie_drafter.server import SERVICE_NAME, DrafterServicer
 from aerie_drafter.settings import DrafterSettings
 
@@ -40,7 +40,17 @@ async def serve(settings: DrafterSettings) -> None:
     shape = tree_shape(
         device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
-    servicer = DrafterServicer(head, shape, settings.drafter_max_sessions, origin, compute=compute)
+    slots = None
+    if settings.cuda_graphs and head.fc.weight.device.type == "cuda":
+        slots = DraftSlots(head, settings.cuda_graph_slot_tokens)
+    servicer = DrafterServicer(
+        head,
+        shape,
+        settings.drafter_max_sessions,
+        origin,
+        new_session=lambda: DraftSession(head, slots),
+        compute=compute,
+    )
     start_metrics_server(SessionCollector(servicer), settings.drafter_host, settings.drafter_metrics_port)
     service = GrpcService(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME]

@@ -8,13 +8,18 @@ from the last pair (EAGLE-2): expand the top-k children of the best frontier nod
 ``total_tokens``. The tree's keys and values are scratch: after verification the
 verifier sends the accepted tokens with their *real* target features, and only those
 enter the cache.
+
+``grow_tree`` reads nothing back to the host until the tree is chosen, so on a GPU a
+session that holds a DraftSlot replays its growth as one CUDA graph per tree shape.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
+from aerie_common.cuda_graphs import capture as capture_graph
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 
 from aerie_drafter.eagle import EagleHead
@@ -66,14 +71,187 @@ def tree_shape(device: str, depth: int = 0, top_k: int = 0, total_tokens: int = 
     )
 
 
+def grow_tree(
+    head: EagleHead,
+    shape: TreeShape,
+    prefix_k,
+    prefix_v,
+    prefix_visible,
+    prefix_len,
+    last_hidden,
+    last_normed,
+):
+    """EAGLE-2's dynamic tree from a session's last pair: the candidate pool as tensors
+    (draft token ids, cumulative log-probabilities, parents in the pool with -1 for the
+    root, depths), in the order the candidates were made.
+
+    prefix_k, prefix_v: [1, KV heads, W, D], the session's keys and values; prefix_visible:
+    [W] bool, which of those W entries are filled (None: all of them); prefix_len: how many
+    are, an int or a 0-d tensor. Nothing is read back to the host, so on a GPU the whole
+    growth can be captured as one CUDA graph per tree shape (DraftSlot)."""
+    device, dtype, k = last_hidden.device, head.fc.weight.dtype, shape.top_k
+    width = prefix_k.shape[2]
+    logp = torch.log_softmax(head.logits(last_normed).float(), -1)
+    first = logp.topk(min(k, logp.shape[-1]))
+    # The candidate pool: every node considered, with its parent in the pool (-1: root).
+    pool_tokens = [first.indices]
+    pool_scores = [first.values]
+    pool_parents = [torch.full_like(first.indices, -1)]
+    pool_depths = [torch.ones_like(first.indices)]
+    pool_size = len(first.indices)
+    frontier = torch.arange(pool_size, device=device)
+    frontier_scores = first.values
+    frontier_hidden = last_hidden.expand(len(frontier), -1)
+    all_tokens = first.indices
+
+    tree_k = prefix_k.new_zeros(*prefix_k.shape[:2], 0, prefix_k.shape[3])
+    tree_v = tree_k.clone()
+    # The scratch KV holds each draft step's frontier, row after row, and
+    # slot_ancestors[i, j] says whether slot j is slot i or one of its ancestors. A
+    # frontier node's parent is a row of the previous frontier, so which slots it sees
+    # follows from its parent's slot alone.
+    slot_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=device)
+    parent_slots = None  # each frontier node's parent's slot; none for the root's children
+
+    for depth in range(1, shape.depth):
+        f = len(frontier)
+        slots = len(slot_ancestors)
+        if parent_slots is None:
+            ancestors = torch.zeros(f, slots, dtype=torch.bool, device=device)
+        else:
+            ancestors = slot_ancestors[parent_slots]
+        prefix = (
+            torch.ones(f, width, dtype=torch.bool, device=device)
+            if prefix_visible is None
+            else prefix_visible.expand(f, -1)
+        )
+        visible = torch.cat([prefix, ancestors, torch.eye(f, dtype=torch.bool, device=device)], dim=1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+        token_ids = head.to_target_ids(all_tokens[frontier])[None]
+        positions = torch.zeros((1, f), dtype=torch.long, device=device) + (prefix_len + depth - 1)
+        next_hidden, normed, (k_new, v_new) = head(
+            frontier_hidden[None].to(dtype),
+            token_ids,
+            positions,
+            mask[None, None],
+            (torch.cat([prefix_k, tree_k], 2), torch.cat([prefix_v, tree_v], 2)),
+        )
+        tree_k, tree_v = torch.cat([tree_k, k_new], 2), torch.cat([tree_v, v_new], 2)
+        slot_ancestors = torch.cat(
+            [
+                torch.cat([slot_ancestors, torch.zeros(slots, f, dtype=torch.bool, device=device)], 1),
+                visible[:, width:],
+            ]
+        )
+
+        logp = torch.log_softmax(head.logits(normed[0]).float(), -1)
+        top = (frontier_scores[:, None] + logp).topk(min(k, logp.shape[-1]), dim=-1)
+        children = torch.arange(pool_size, pool_size + top.indices.numel(), device=device)
+        pool_tokens.append(top.indices.flatten())
+        pool_scores.append(top.values.flatten())
+        pool_parents.append(frontier.repeat_interleave(top.indices.shape[1]))
+        pool_depths.append(torch.full_like(top.indices.flatten(), depth + 1))
+        pool_size += top.indices.numel()
+        all_tokens = torch.cat(pool_tokens)
+
+        best = top.values.flatten().topk(min(k, top.values.numel()))
+        frontier = children[best.indices]
+        frontier_scores = best.values
+        parent_rows = best.indices // top.indices.shape[1]
+        frontier_hidden = next_hidden[0][parent_rows]
+        parent_slots = slots + parent_rows
+
+    return all_tokens, torch.cat(pool_scores), torch.cat(pool_parents), torch.cat(pool_depths)
+
+
+class DraftSlot:
+    """A session's head KV cache at a fixed address, and its tree growth captured as one
+    CUDA graph per tree shape, replayed for every tree (uncaptured off a GPU: the tests).
+    Sessions take slots from DraftSlots and give them back, so a graph outlives the
+    request it was captured for. The KV buffer is read whole, under a mask that hides
+    what this session has not filled (stale entries are finite, and masked)."""
+
+    def __init__(self, head: EagleHead, capacity: int, cuda_graphs: bool):
+        config = head.config
+        weight = head.fc.weight
+        self.capacity = capacity
+        self.cuda_graphs = cuda_graphs and weight.device.type == "cuda"
+        kv_shape = (1, config.num_key_value_heads, capacity, config.head_dim)
+        self.keys = torch.zeros(kv_shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros_like(self.keys)
+        # The static inputs of the graphs.
+        self._length = torch.zeros((), dtype=torch.long, device=weight.device)
+        self._entries = torch.arange(capacity, device=weight.device)
+        self._last_hidden = torch.zeros(config.hidden_size, dtype=weight.dtype, device=weight.device)
+        self._last_normed = torch.zeros_like(self._last_hidden)
+        self._graphs: dict[TreeShape, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    def grow(self, head: EagleHead, shape: TreeShape, length: int, last_hidden, last_normed):
+        """``grow_tree`` over the first ``length`` entries; the outputs stay valid until
+        the slot's next ``grow``."""
+        self._length.fill_(length)
+        self._last_hidden.copy_(last_hidden)
+        self._last_normed.copy_(last_normed)
+
+        def run():
+            visible = self._entries < self._length
+            return grow_tree(
+                head,
+                shape,
+                self.keys,
+                self.values,
+                visible,
+                self._length,
+                self._last_hidden,
+                self._last_normed,
+            )
+
+        if not self.cuda_graphs:
+            return run()
+        if shape not in self._graphs:
+            self._graphs[shape] = capture_graph(run, self._pool)
+        graph, outputs = self._graphs[shape]
+        graph.replay()
+        return outputs
+
+
+class DraftSlots:
+    """The slots a drafter's sessions share, made as they are first needed (at most one
+    per concurrent session) and reused last in, first out, so that the graphs already
+    captured serve again."""
+
+    def __init__(self, head: EagleHead, capacity: int, cuda_graphs: bool = True):
+        self.head, self.capacity, self.cuda_graphs = head, capacity, cuda_graphs
+        self._free: list[DraftSlot] = []
+        self._lock = threading.Lock()
+        self.made = 0
+
+    def take(self) -> DraftSlot:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+            self.made += 1
+        return DraftSlot(self.head, self.capacity, self.cuda_graphs)
+
+    def give_back(self, slot: DraftSlot) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+
 class DraftSession:
-    def __init__(self, head: EagleHead):
+    def __init__(self, head: EagleHead, slots: DraftSlots | None = None):
         self.head = head
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
         self.tokens: list[int] = []
         self._pending: list[torch.Tensor] = []  # feature rows not yet run through the head
-        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slots = slots
+        self._slot: DraftSlot | None = None
+        # The head's keys and values, [1, KV heads, room, D]: the first ``_processed``
+        # entries are filled. A slot's buffers, or this session's own, grown by doubling.
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
         self._processed = 0  # pairs in the KV cache
         self._last_hidden: torch.Tensor | None = None  # [H] fed to the first tree step
         self._last_normed: torch.Tensor | None = None  # [H] gives the root's children
@@ -92,6 +270,9 @@ class DraftSession:
             )
         self.tokens = list(token_ids)
         self._pending.append(hidden)
+        if self._slots is not None and len(hidden) < self._slots.capacity:
+            self._slot = self._slots.take()
+            self._keys, self._values = self._slot.keys, self._slot.values
 
     def extend(self, token_ids: list[int], hidden: torch.Tensor) -> None:
         """Accepted tokens (bonus last) and the features of the positions just verified."""
@@ -104,6 +285,12 @@ class DraftSession:
         self.tokens.extend(token_ids)
         self._pending.append(hidden)
 
+    def close(self) -> None:
+        """Give the slot back (the session is done)."""
+        if self._slot is not None:
+            self._slots.give_back(self._slot)
+            self._slot = self._keys = self._values = None
+
     @torch.inference_mode()
     def _catch_up(self) -> None:
         if not self._pending:
@@ -114,104 +301,54 @@ class DraftSession:
         tokens = torch.tensor([self.tokens[start + 1 : start + 1 + count]], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
         hidden = self.head.fuse(features)[None]
-        next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=self._kv)
-        self._kv = (
-            (k, v) if self._kv is None else (torch.cat([self._kv[0], k], 2), torch.cat([self._kv[1], v], 2))
-        )
+        past = (self._keys[..., :start, :], self._values[..., :start, :]) if start else None
+        next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=past)
+        self._make_room(start + count)
+        self._keys[..., start : start + count, :] = k
+        self._values[..., start : start + count, :] = v
         self._processed += count
         self._last_hidden, self._last_normed = next_hidden[0, -1], normed[0, -1]
+
+    def _make_room(self, entries: int) -> None:
+        """Room for ``entries`` keys and values: past its slot's capacity a session carries
+        on with buffers of its own (copied out of the slot, which it gives back)."""
+        room = 0 if self._keys is None else self._keys.shape[2]
+        if entries <= room:
+            return
+        room = max(entries, 2 * room, 256)
+        keys = torch.empty(
+            1,
+            self.head.config.num_key_value_heads,
+            room,
+            self.head.config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        values = torch.empty_like(keys)
+        if self._processed:
+            keys[..., : self._processed, :] = self._keys[..., : self._processed, :]
+            values[..., : self._processed, :] = self._values[..., : self._processed, :]
+        self.close()
+        self._keys, self._values = keys, values
 
     @torch.inference_mode()
     def propose(self, shape: TreeShape) -> DraftTree:
         self._catch_up()
-        head, k = self.head, shape.top_k
-        prefix_k, prefix_v = self._kv
-        prefix_len = prefix_k.shape[2]
-
-        logp = torch.log_softmax(head.logits(self._last_normed).float(), -1)
-        first = logp.topk(min(k, logp.shape[-1]))
-        # The candidate pool: every node considered, with its parent in the pool (-1: root).
-        pool_tokens = [first.indices]
-        pool_scores = [first.values]
-        pool_parents = [torch.full_like(first.indices, -1)]
-        pool_depths = [torch.ones_like(first.indices)]
-        pool_size = len(first.indices)
-        frontier = torch.arange(pool_size, device=self.device)
-        frontier_scores = first.values
-        frontier_hidden = self._last_hidden.expand(len(frontier), -1)
-
-        tree_k = prefix_k.new_zeros(*prefix_k.shape[:2], 0, prefix_k.shape[3])
-        tree_v = tree_k.clone()
-        # The scratch KV holds each draft step's frontier, row after row, and
-        # slot_ancestors[i, j] says whether slot j is an ancestor of slot i. A frontier
-        # node's parent is a row of the previous frontier, so which slots it sees follows
-        # from its parent's slot alone: no value is read back to the host in the loop,
-        # and on a GPU the launches of every draft step queue up behind each other.
-        slot_ancestors = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-        parent_slots = None  # each frontier node's parent's slot; none for the root's children
-        all_tokens = first.indices
-
-        for depth in range(1, shape.depth):
-            f = len(frontier)
-            slots = len(slot_ancestors)
-            if parent_slots is None:
-                ancestors = torch.zeros(f, slots, dtype=torch.bool, device=self.device)
-            else:  # a slot's row marks the slot itself too, so this includes the parent
-                ancestors = slot_ancestors[parent_slots]
-            visible = torch.cat(
-                [
-                    torch.ones(f, prefix_len, dtype=torch.bool, device=self.device),
-                    ancestors,
-                    torch.eye(f, dtype=torch.bool, device=self.device),
-                ],
-                dim=1,
+        n = self._processed
+        if self._slot is not None:
+            pool = self._slot.grow(self.head, shape, n, self._last_hidden, self._last_normed)
+        else:
+            pool = grow_tree(
+                self.head,
+                shape,
+                self._keys[..., :n, :],
+                self._values[..., :n, :],
+                None,
+                n,
+                self._last_hidden,
+                self._last_normed,
             )
-            mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device).masked_fill(
-                ~visible, float("-inf")
-            )
-            token_ids = head.to_target_ids(all_tokens[frontier])[None]
-            positions = torch.full((1, f), prefix_len + depth - 1, device=self.device)
-            next_hidden, normed, (k_new, v_new) = head(
-                frontier_hidden[None].to(self.dtype),
-                token_ids,
-                positions,
-                mask[None, None],
-                (torch.cat([prefix_k, tree_k], 2), torch.cat([prefix_v, tree_v], 2)),
-            )
-            tree_k, tree_v = torch.cat([tree_k, k_new], 2), torch.cat([tree_v, v_new], 2)
-            slot_ancestors = torch.cat(
-                [
-                    torch.cat(
-                        [slot_ancestors, torch.zeros(slots, f, dtype=torch.bool, device=self.device)], 1
-                    ),
-                    visible[:, prefix_len:],
-                ]
-            )
-
-            logp = torch.log_softmax(head.logits(normed[0]).float(), -1)
-            top = (frontier_scores[:, None] + logp).topk(min(k, logp.shape[-1]), dim=-1)
-            children = torch.arange(pool_size, pool_size + top.indices.numel(), device=self.device)
-            pool_tokens.append(top.indices.flatten())
-            pool_scores.append(top.values.flatten())
-            pool_parents.append(frontier.repeat_interleave(top.indices.shape[1]))
-            pool_depths.append(torch.full_like(top.indices.flatten(), depth + 1))
-            pool_size += top.indices.numel()
-            all_tokens = torch.cat(pool_tokens)
-
-            best = top.values.flatten().topk(min(k, top.values.numel()))
-            frontier = children[best.indices]
-            frontier_scores = best.values
-            parent_rows = best.indices // top.indices.shape[1]
-            frontier_hidden = next_hidden[0][parent_rows]
-            parent_slots = slots + parent_rows
-
-        return self._select(
-            shape.total_tokens,
-            all_tokens,
-            torch.cat(pool_scores),
-            torch.cat(pool_parents),
-            torch.cat(pool_depths),
-        )
+        return self._select(shape.total_tokens, *pool)
 
     def _select(self, total, tokens, scores, parents, depths) -> DraftTree:
         """Keep the ``total`` best-scoring nodes. A child never outscores its parent

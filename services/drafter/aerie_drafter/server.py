@@ -182,7 +182,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             raise
         finally:
             # Also runs when the caller cancels or its deadline passes: the session's KV
-            # cache goes with it.
+            # cache goes with it (a slot back to its pool, on the compute thread, after
+            # any work of the session still running there).
+            if session is not None:
+                self.compute.submit(session.close)
             self.live_sessions -= 1
             self.sessions_closed[reason] += 1
 

@@ -31,6 +31,7 @@ def make_drafter_factory(settings: VerifierSettings, model):
         model, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
     from aerie_drafter.loading import UNTRAINED, load_drafter_head
+    from aerie_drafter.proposer import DraftSlots
     from aerie_drafter.settings import DrafterSettings
 
     # An untrained head only slows decoding down; speculate with one only when it was asked
@@ -63,16 +64,20 @@ def make_drafter_factory(settings: VerifierSettings, model):
     log.info(
         "drafting in-process with the EAGLE %s head %s, tree %s", head.config.eagle_version, origin, shape
     )
-    return InProcessDrafterFactory(head, shape)
+    slots = None
+    if settings.cuda_graphs and head.fc.weight.device.type == "cuda":
+        slots = DraftSlots(head, settings.cuda_graph_slot_tokens)
+    return InProcessDrafterFactory(head, shape, slots)
 
 
 def build_engine(settings: VerifierSettings):
     """Load the target (and an in-process head) and wrap them in an engine; returns
     (engine, model directory)."""
     model, tokenizer, model_dir = load_target(settings)
-    slots = settings.cuda_graph_slots
-    if slots < 0:
-        slots = settings.max_running_requests if model.device.type == "cuda" else 0
+    # One KV cache slot per running request on a GPU; none on a CPU, where the growing
+    # cache is faster.
+    graphed = settings.cuda_graphs and model.device.type == "cuda"
+    slots = settings.max_running_requests if graphed else 0
     engine = Engine(
         model,
         tokenizer,

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class InProcessDrafter:
     """A proposer session (aerie_drafter.proposer.DraftSession, or anything with its
-    start/extend/propose) called directly, without the gRPC hop."""
+    start/extend/propose/close) called directly, without the gRPC hop."""
 
     hop_seconds = 0.0  # no hop: every second of a call is drafting
 
@@ -40,13 +40,16 @@ class InProcessDrafter:
         return self.session.propose(self.shape)
 
     def close(self) -> None:
-        self.session = None
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
 
 class InProcessDrafterFactory:
-    def __init__(self, head, shape):
+    def __init__(self, head, shape, slots=None):
         self.head = head
         self.shape = shape
+        self.slots = slots  # aerie_drafter.proposer.DraftSlots, on a GPU
 
     def capture_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.head.config.capture_layer_ids)
@@ -54,7 +57,7 @@ class InProcessDrafterFactory:
     def open(self, request_id: str) -> InProcessDrafter:
         from aerie_drafter.proposer import DraftSession
 
-        return InProcessDrafter(DraftSession(self.head), self.shape)
+        return InProcessDrafter(DraftSession(self.head, self.slots), self.shape)
 
     def forget(self) -> None:
         pass

@@ -26,12 +26,5 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # verification steps decodes the rest plainly (a weak head, or a CPU where verifying a
     # tree costs about two plain steps). false: speculate whatever it costs.
     drop_slow_speculation: bool = True
-    # On a GPU a request takes one of these fixed-size KV cache slots when one is free and
-    # its prompt and completion fit, and its plain steps and tree verifications replay CUDA
-    # graphs (static_slot.py); -1: one slot per running request on a GPU, none on a CPU
-    # (where the growing cache is faster).
-    cuda_graph_slots: int = -1
-    # Tokens one slot holds, prompt and completion; longer requests decode eagerly.
-    cuda_graph_slot_tokens: int = 4096
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0

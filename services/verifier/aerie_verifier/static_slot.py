@@ -23,6 +23,7 @@ they stay valid until the slot's next forward. On a CPU the same code runs uncap
 from __future__ import annotations
 
 import torch
+from aerie_common.cuda_graphs import capture as capture_graph
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -172,15 +173,7 @@ class StaticSlot:
             self._past.fill_(self.capacity)
             self._sees[:rows, :rows] = torch.eye(rows, dtype=torch.bool, device=self.device)
             args = (self._ids[:, :rows], self._depths[:rows], self._sees[:rows, :rows], layer_ids)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward(*args)  # warm-up: lazy initialisation happens outside the capture
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = self._forward(*args)
-            self._graphs[key] = (graph, outputs)
+            self._graphs[key] = capture_graph(lambda: self._forward(*args), self._pool)
         return self._graphs[key]
 
     # -- what the engine calls ---------------------------------------------------
