@@ -3,6 +3,7 @@ draft-tree contract, all without servers."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -396,17 +397,24 @@ def drive(session, token_ids, hidden, shape, steps, seed=0):
     return [(t.token_ids, t.parents) for t in trees], [t.scores for t in trees]
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
 @pytest.mark.parametrize("capacity", [64, 20], ids=["fits", "outgrows-the-slot"])
-def test_a_session_on_a_draft_slot_proposes_the_same_trees(target, capacity):
-    """Off a GPU the slot's growth runs uncaptured, over its whole buffer under a mask:
-    the trees must be those of a session on its own cache, though the slot still holds
-    an earlier session's entries, and past the slot's capacity too."""
+def test_a_session_on_a_draft_slot_proposes_the_same_trees(target, capacity, device):
+    """The slot's growth (uncaptured on a CPU, replayed as a CUDA graph on a GPU) reads its
+    whole buffer under a mask: the trees must be those of a session on its own cache,
+    though the slot still holds an earlier session's entries, and past the slot's capacity
+    too."""
     head = make_head(target, "3.1", seed=5)
+    if device != "cpu":  # a copy: the head shares its embedding with the module's target
+        head = copy.deepcopy(head).for_drafting(device, torch.float32)
     shape = TreeShape(depth=4, top_k=3, total_tokens=10)
     token_ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     hidden = features(8, 64, seed=9)
     slots = DraftSlots(head, capacity, cuda_graphs=True)
-    assert not slots.take().cuda_graphs  # no GPU here: uncaptured
+    assert slots.take().cuda_graphs == (device == "cuda")
     earlier = DraftSession(head, slots)
     drive(earlier, token_ids[::-1], hidden.flip(0), shape, steps=3, seed=1)
     earlier.close()

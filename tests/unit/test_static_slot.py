@@ -1,10 +1,12 @@
 """Fixed-size KV cache slots (static_slot.py): their forwards match the growing cache's,
 padding and stale entries stay invisible, and an engine with slots decodes exactly as one
-without. CUDA graph capture itself needs a GPU; here the same forward runs uncaptured, and
-a fullgraph trace checks that it holds no host synchronisation or data-dependent branch."""
+without. On a CPU the slot's forward runs uncaptured, and a fullgraph trace checks that it
+holds no host synchronisation or data-dependent branch; on a machine with a GPU the first
+test also runs there, the forwards captured as CUDA graphs and replayed."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -25,6 +27,10 @@ from .spec_helpers import Factory, OracleDrafter
 from .test_speculative import VOCAB, prompts, random_head
 
 LAYERS = (0, 2, 3)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +50,20 @@ class Reference:
 
     def __init__(self, model, capture):
         self.model, self.capture, self.cache = model, capture, GrowingCache()
+        self.device = model.device
 
     def prefill(self, ids):
         with self.capture.layers(LAYERS):
-            logits = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache).logits[0]
-            return logits[-1], self.capture.features(LAYERS)
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=self.cache)
+            return logits.logits[0, -1], self.capture.features(LAYERS)
 
     def decode(self, token):
-        return self.model(input_ids=torch.tensor([[token]]), past_key_values=self.cache).logits[0, -1]
+        ids = torch.tensor([[token]], device=self.device)
+        return self.model(input_ids=ids, past_key_values=self.cache).logits[0, -1]
 
     def verify(self, root, tree):
         self.past = self.cache.get_seq_length()
-        inputs = tree_inputs(root, tree, self.past, "cpu", torch.float32)
+        inputs = tree_inputs(root, tree, self.past, self.device, torch.float32)
         with self.capture.layers(LAYERS):
             logits = self.model(**inputs.model_kwargs(), past_key_values=self.cache).logits[0]
             return logits, self.capture.features(LAYERS)
@@ -81,11 +89,14 @@ def accepted_path(tree, leaf):
     return path[::-1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.inference_mode()
-def test_slot_forwards_match_the_growing_cache(target, capture):
-    slot = StaticSlot(target, 200, capture, cuda_graphs=True)  # no GPU: runs uncaptured
-    assert not slot.cuda_graphs
-    ref = Reference(target, capture)
+def test_slot_forwards_match_the_growing_cache(target, device):
+    model = target if device == "cpu" else copy.deepcopy(target).to(device)
+    capture = HiddenCapture(model)
+    slot = StaticSlot(model, 200, capture, cuda_graphs=True)
+    assert slot.cuda_graphs == (device == "cuda")  # a CPU runs the slot uncaptured
+    ref = Reference(model, capture)
     prompt = prompts(1, seed=4)[0] + [7, 8, 9]
     for got, want in zip(slot.prefill(prompt, LAYERS), ref.prefill(prompt), strict=True):
         close(got, want)
@@ -108,6 +119,7 @@ def test_slot_forwards_match_the_growing_cache(target, capture):
         assert slot.length == ref.cache.get_seq_length()
         token = int(logits[0].argmax())
     close(slot.decode(token), ref.decode(token))
+    capture.close()
 
 
 @torch.inference_mode()
