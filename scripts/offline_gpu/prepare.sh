@@ -24,7 +24,8 @@ cp "$SITE/$QUESTIONS/question.jsonl" ".gpu2/site/$QUESTIONS/"
 # Wheels the GPU image lacks (or holds in other versions), at this checkout's versions
 pins=()
 for p in gguf pydantic pydantic_core pydantic-settings python-dotenv typing-inspection \
-         annotated-types protobuf grpcio grpcio-health-checking grpcio-reflection typing_extensions; do
+         annotated-types protobuf grpcio grpcio-health-checking grpcio-reflection typing_extensions \
+         pytest pytest-timeout pytest-asyncio pluggy iniconfig pygments; do
   pins+=("$p==$($PY -m pip show "$p" | sed -n 's/^Version: //p')")
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

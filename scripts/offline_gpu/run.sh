@@ -31,6 +31,11 @@ HEAD=services/drafter/aerie_drafter/heads/smollm2-135m-instruct
 $PY -c "import torch, transformers, grpc, google.protobuf as pb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__, 'cuda', torch.cuda.is_available())"
 $PY -m aerie_common.model_store prepare > $OUT/convert.log 2>&1 || { cat $OUT/convert.log; exit 1; }
 say "model converted"
+# The GPU's own unit tests first: the CUDA graph captures against eager forwards, on tiny
+# models (seconds)
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/unit/test_static_slot.py tests/unit/test_drafter.py \
+  -k cuda > $OUT/gpu_tests.log 2>&1
+say "GPU unit tests exit $?"; tail -15 $OUT/gpu_tests.log
 RUN=/tmp/run
 mkdir -p $RUN
 # TRAIN=0: the bench alone, with the head in .gpu3
@@ -63,6 +68,6 @@ timeout $(( BUDGET - $(el) > 10 ? BUDGET - $(el) - 5 : 5 )) $PY -m bench.specula
 say "bench exit $?"; tail -40 $OUT/bench.log
 cp /tmp/bench/speculative_gpu.json $OUT/ 2>/dev/null
 # at most 8 files come back: the logs go in one
-tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log \
-  && rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log
+tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log gpu_tests.log \
+  && rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log $OUT/gpu_tests.log
 ls -la $OUT $OUT/head; say done
