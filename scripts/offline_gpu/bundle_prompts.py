@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from aerie_drafter.train import init_head_record, trained_conversations
-from aerie_drafter.training.data import Messages, conversation_key, later_turn_prompts, load_sharegpt
+from aerie_drafter.training.data import Messages, conversation_key, later_turn_prompts, load_conversations
 
 SHIPPED_HEAD = "services/drafter/aerie_drafter/heads/smollm2-135m-instruct"
 
@@ -62,10 +62,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a .jsonl.gz file")
     args = parser.parse_args()
     trained = trained_conversations(init_head_record(args.head))
-    kept = conversations_for_prompts(load_sharegpt(seed=args.seed), trained, args.prompts)
+    kept = conversations_for_prompts(load_conversations(seed=args.seed), trained, args.prompts)
     write_conversations(args.out, kept)
     back = [
-        p for p in later_turn_prompts(load_sharegpt(path=str(args.out))) if conversation_key(p) not in trained
+        p
+        for p in later_turn_prompts(load_conversations(path=str(args.out)))
+        if conversation_key(p) not in trained
     ]
     print(f"{args.out}: {len(kept)} conversations, {len(back)} prompts the head has not trained on")
     if len(back) < args.prompts:

@@ -19,7 +19,7 @@ from aerie_drafter.training.data import (
     draft_vocabulary,
     encode_conversation,
     later_turn_prompts,
-    load_sharegpt,
+    load_conversations,
     read_json_array,
     self_distill,
     to_messages,
@@ -166,11 +166,11 @@ def test_a_conversation_file_is_read_in_its_order_in_either_format(tmp_path):
         ],
     ]
     for name in ["chats.jsonl", "chats.jsonl.gz", "chats.json"]:
-        assert load_sharegpt(path=str(tmp_path / name), seed=3) == expected  # no shuffle
-    assert load_sharegpt(path=str(tmp_path / "chats.jsonl"), limit=1) == expected[:1]
+        assert load_conversations(path=str(tmp_path / name), seed=3) == expected  # no shuffle
+    assert load_conversations(path=str(tmp_path / "chats.jsonl"), limit=1) == expected[:1]
     (tmp_path / "bad.jsonl").write_text(json.dumps(openai) + "\n{not json\n")
     with pytest.raises(ValueError, match="line 2"):
-        load_sharegpt(path=str(tmp_path / "bad.jsonl"))
+        load_conversations(path=str(tmp_path / "bad.jsonl"))
     config = tiny_config(tmp_path / "run", data=str(tmp_path / "chats.json"))
     before = config.identity()
     (tmp_path / "chats.json").write_text(json.dumps([sharegpt]))  # other data, the same path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from aerie_drafter.training.data import conversation_key, later_turn_prompts, load_sharegpt
+from aerie_drafter.training.data import conversation_key, later_turn_prompts, load_conversations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,9 @@ def test_the_bundle_holds_just_the_conversations_of_the_fresh_prompts_wanted(tmp
     path = tmp_path / "prompts.jsonl.gz"
     bundle.write_conversations(path, kept)
     there = [
-        p for p in later_turn_prompts(load_sharegpt(path=str(path))) if conversation_key(p) not in trained
+        p
+        for p in later_turn_prompts(load_conversations(path=str(path)))
+        if conversation_key(p) not in trained
     ]
     here = [p for p in later_turn_prompts(conversations) if conversation_key(p) not in trained]
     assert [p[-1]["content"] for p in there] == [f"one {words}", f"three {words}", f"four {words}"]

