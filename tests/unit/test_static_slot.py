@@ -123,6 +123,16 @@ def test_slot_forwards_match_the_growing_cache(target, device):
 
 
 @torch.inference_mode()
+def test_a_prompt_longer_than_the_largest_tree_prefills(target, capture):
+    slot = StaticSlot(target, MAX_ROWS + 100, capture, cuda_graphs=False)
+    ref = Reference(target, capture)
+    prompt = (list(range(3, VOCAB)) * 3)[: MAX_ROWS + 40]
+    for got, want in zip(slot.prefill(prompt, LAYERS), ref.prefill(prompt), strict=True):
+        close(got, want)
+    close(slot.decode(9), ref.decode(9))
+
+
+@torch.inference_mode()
 def test_a_reused_slot_forgets_its_last_request(target, capture):
     slot = StaticSlot(target, 64, capture, cuda_graphs=False)
     slot.prefill(list(range(3, 60)))

@@ -95,7 +95,6 @@ class StaticSlot:
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache = SlotCache(self.kv)
         self._slot_ids = torch.arange(slots, device=self.device)
-        self._row_ids = torch.arange(MAX_ROWS, device=self.device)
         # The static inputs.
         self._past = torch.zeros((), dtype=torch.long, device=self.device)
         self._ids = torch.zeros((1, MAX_ROWS), dtype=torch.long, device=self.device)
@@ -123,7 +122,7 @@ class StaticSlot:
         its keys and values go to slot prefix + i. Only tensor ops, so it can be captured.
         Returns the logits of every row (or of the last), and the captured features."""
         rows = ids.shape[1]
-        new_slots = self._past + self._row_ids[:rows]
+        new_slots = self._past + self._slot_ids[:rows]
         visible = (self._slot_ids < self._past).expand(rows, -1).clone()
         visible.scatter_(1, new_slots.expand(rows, rows), sees)
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
