@@ -124,7 +124,7 @@ class StaticSlot:
         rows = ids.shape[1]
         new_slots = self._past + self._slot_ids[:rows]
         visible = (self._slot_ids < self._past).expand(rows, -1).clone()
-        visible.scatter_(1, new_slots.expand(rows, rows), sees)
+        visible.index_copy_(1, new_slots, sees)  # column past + j of every row is sees[:, j]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         self.cache.write_at = new_slots
