@@ -8,10 +8,14 @@ this.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import logging
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Outputs = TypeVar("Outputs")
 
@@ -32,3 +36,36 @@ def capture(fn: Callable[[], Outputs], pool) -> tuple[torch.cuda.CUDAGraph, Outp
     with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return graph, outputs
+
+
+class GraphCache:
+    """Graphs captured on first use, one per key, at most ``max_graphs``. Once a capture
+    fails, none is tried again: ``get`` returns None and the caller runs eagerly, the
+    same computation, only slower. ``capture_seconds`` sums the time captures took, so
+    that callers can leave it out of what they time."""
+
+    def __init__(self, enabled: bool, pool=None, max_graphs: int = 64):
+        self.enabled = enabled
+        self.pool = pool if pool is not None or not enabled else torch.cuda.graph_pool_handle()
+        self.max_graphs = max_graphs
+        self.capture_seconds = 0.0
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any]] = {}
+
+    def get(self, key: Hashable, prepare: Callable[[], Callable[[], Any]]):
+        """The (graph, outputs) captured for ``key``, capturing ``prepare()``'s function
+        first if there is none yet; None where graphs are off, failed or full."""
+        if not self.enabled:
+            return None
+        if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                return None
+            started = time.perf_counter()
+            try:
+                self._graphs[key] = capture(prepare(), self.pool)
+            except Exception:
+                log.warning("capturing a CUDA graph failed; running eagerly from now on", exc_info=True)
+                self.enabled = False
+                return None
+            finally:
+                self.capture_seconds += time.perf_counter() - started
+        return self._graphs[key]

@@ -414,7 +414,7 @@ def test_a_session_on_a_draft_slot_proposes_the_same_trees(target, capacity, dev
     token_ids = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     hidden = features(8, 64, seed=9)
     slots = DraftSlots(head, capacity, cuda_graphs=True)
-    assert slots.take().cuda_graphs == (device == "cuda")
+    assert slots.take().graphs.enabled == (device == "cuda")
     earlier = DraftSession(head, slots)
     drive(earlier, token_ids[::-1], hidden.flip(0), shape, steps=3, seed=1)
     earlier.close()
@@ -426,6 +426,7 @@ def test_a_session_on_a_draft_slot_proposes_the_same_trees(target, capacity, dev
     assert (with_slot._slot is None) == (capacity == 20)  # 9 + 6 * up to 3 pairs > 20
     with_slot.close()
     assert slots.made == 2  # the one taken above, and the one both sessions used in turn
+    assert slots.take().graphs.enabled == (device == "cuda")  # on a GPU: captured, no fallback
 
 
 def test_the_draft_growth_traces_whole(target):

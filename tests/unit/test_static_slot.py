@@ -95,7 +95,7 @@ def test_slot_forwards_match_the_growing_cache(target, device):
     model = target if device == "cpu" else copy.deepcopy(target).to(device)
     capture = HiddenCapture(model)
     slot = StaticSlot(model, 200, capture, cuda_graphs=True)
-    assert slot.cuda_graphs == (device == "cuda")  # a CPU runs the slot uncaptured
+    assert slot.graphs.enabled == (device == "cuda")  # a CPU runs the slot uncaptured
     ref = Reference(model, capture)
     prompt = prompts(1, seed=4)[0] + [7, 8, 9]
     for got, want in zip(slot.prefill(prompt, LAYERS), ref.prefill(prompt), strict=True):
@@ -119,6 +119,7 @@ def test_slot_forwards_match_the_growing_cache(target, device):
         assert slot.length == ref.cache.get_seq_length()
         token = int(logits[0].argmax())
     close(slot.decode(token), ref.decode(token))
+    assert slot.graphs.enabled == (device == "cuda")  # on a GPU: captured, no eager fallback
     capture.close()
 
 
@@ -204,29 +205,32 @@ def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer,
         factory = InProcessDrafterFactory(random_head(target), TreeShape(depth=4, top_k=3, total_tokens=12))
     else:
         factory = Factory(lambda: OracleDrafter(target, 5), capture_layer_ids=LAYERS)
-    # Six at once on two slots of 96 tokens: some requests take a slot, the rest (and the
-    # one too long for a slot) decode on growing caches beside them, batched.
+    # Eight at once, four running, on two slots of 96 tokens: some requests take a slot,
+    # the rest decode on growing caches beside them, batched. One fills its slot and
+    # carries on eagerly; one samples.
     requests = [
         (prompt, SamplingParams(max_tokens=40 + 9 * (i % 3)), i % 4 != 3)
         for i, prompt in enumerate(prompts(6, seed=2))
     ]
     requests.append((list(range(3, 90)), SamplingParams(max_tokens=30), True))
+    requests.append((prompts(1, seed=7)[0], SamplingParams(temperature=0.8, seed=5, max_tokens=40), True))
     outputs = {}
     for name, slots in (("growing", []), ("slots", make_slots(target, 2, 96))):
         engine = Engine(target, tiny_tokenizer, max_running=4, drafter_factory=factory, slots=slots)
         engine.start()
         try:
             outputs[name] = run_requests(engine, requests)
-            if slots:
-                assert len(engine._free_slots) == 2  # every request gave its slot back
-                assert engine.totals.speculative.drafts > 0
         finally:
-            engine.stop()
+            engine.stop()  # after the last request's retirement, which follows its last event
+        if slots:
+            assert len(engine._free_slots) == 2  # every request gave its slot back
+            assert sum(slot.verified for slot in slots) > 0
     assert outputs["slots"] == outputs["growing"]
 
 
-def test_a_tree_that_would_overflow_the_slot_is_not_verified(target, tiny_tokenizer):
-    """Near the end of its slot a request takes plain steps instead, and still finishes."""
+def test_a_request_that_fills_its_slot_carries_on_without_it(target, tiny_tokenizer):
+    """A request longer than its slot (as every one without max_tokens is) leaves it for
+    a growing cache when the next tree no longer fits, and decodes on as before."""
     factory = Factory(lambda: OracleDrafter(target, 6), capture_layer_ids=LAYERS)
     prompt = list(range(3, 40))
     plain = Engine(target, tiny_tokenizer, max_running=1)
@@ -237,7 +241,8 @@ def test_a_tree_that_would_overflow_the_slot_is_not_verified(target, tiny_tokeni
     for engine, speculative in ((plain, False), (slotted, True)):
         engine.start()
         try:
-            outputs.append(run_requests(engine, [(prompt, SamplingParams(max_tokens=27), speculative)])[0])
+            outputs.append(run_requests(engine, [(prompt, SamplingParams(max_tokens=60), speculative)])[0])
         finally:
             engine.stop()
-    assert outputs[1] == outputs[0] and len(outputs[0]) == 27
+    assert outputs[1] == outputs[0] and len(outputs[0]) == 60
+    assert slotted._free_slots[0].verified > 0

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from aerie_common.cuda_graphs import capture as capture_graph
+from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 
 from aerie_drafter.eagle import EagleHead
@@ -171,11 +171,10 @@ class DraftSlot:
     request it was captured for. The KV buffer is read whole, under a mask that hides
     what this session has not filled (stale entries are finite, and masked)."""
 
-    def __init__(self, head: EagleHead, capacity: int, cuda_graphs: bool):
+    def __init__(self, head: EagleHead, capacity: int, cuda_graphs: bool, pool=None):
         config = head.config
         weight = head.fc.weight
         self.capacity = capacity
-        self.cuda_graphs = cuda_graphs and weight.device.type == "cuda"
         kv_shape = (1, config.num_key_value_heads, capacity, config.head_dim)
         self.keys = torch.zeros(kv_shape, dtype=weight.dtype, device=weight.device)
         self.values = torch.zeros_like(self.keys)
@@ -184,8 +183,9 @@ class DraftSlot:
         self._entries = torch.arange(capacity, device=weight.device)
         self._last_hidden = torch.zeros(config.hidden_size, dtype=weight.dtype, device=weight.device)
         self._last_normed = torch.zeros_like(self._last_hidden)
-        self._graphs: dict[TreeShape, tuple] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # One graph per (depth, top-k), which is all the growth depends on. A client may
+        # ask for any shape: past a few, the rest grow eagerly.
+        self.graphs = GraphCache(cuda_graphs and weight.device.type == "cuda", pool, max_graphs=4)
 
     def grow(self, head: EagleHead, shape: TreeShape, length: int, last_hidden, last_normed):
         """``grow_tree`` over the first ``length`` entries; the outputs stay valid until
@@ -207,11 +207,10 @@ class DraftSlot:
                 self._last_normed,
             )
 
-        if not self.cuda_graphs:
+        captured = self.graphs.get((shape.depth, shape.top_k), lambda: run)
+        if captured is None:
             return run()
-        if shape not in self._graphs:
-            self._graphs[shape] = capture_graph(run, self._pool)
-        graph, outputs = self._graphs[shape]
+        graph, outputs = captured
         graph.replay()
         return outputs
 
@@ -223,6 +222,9 @@ class DraftSlots:
 
     def __init__(self, head: EagleHead, capacity: int, cuda_graphs: bool = True):
         self.head, self.capacity, self.cuda_graphs = head, capacity, cuda_graphs
+        # One graph pool for them all: a drafter runs one session's work at a time.
+        on_gpu = cuda_graphs and head.fc.weight.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if on_gpu else None
         self._free: list[DraftSlot] = []
         self._lock = threading.Lock()
         self.made = 0
@@ -232,7 +234,7 @@ class DraftSlots:
             if self._free:
                 return self._free.pop()
             self.made += 1
-        return DraftSlot(self.head, self.capacity, self.cuda_graphs)
+        return DraftSlot(self.head, self.capacity, self.cuda_graphs, self._pool)
 
     def give_back(self, slot: DraftSlot) -> None:
         with self._lock:

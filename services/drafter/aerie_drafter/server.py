@@ -10,6 +10,7 @@ health checks, and the process keeps a single OpenMP team (aerie_common.torch_th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -185,7 +186,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             # cache goes with it (a slot back to its pool, on the compute thread, after
             # any work of the session still running there).
             if session is not None:
-                self.compute.submit(session.close)
+                with contextlib.suppress(RuntimeError):  # the executor is shut down: exiting
+                    self.compute.submit(session.close)
             self.live_sessions -= 1
             self.sessions_closed[reason] += 1
 

@@ -300,6 +300,7 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        self._warm_slots()
         if self.pace_guard is not None:
             self._calibrate_plain_step()
         while True:
@@ -334,6 +335,17 @@ class Engine:
                 if seq.cancelled or seq.finish_reason is not None:
                     self._retire(seq)
             self.totals.generation_tokens += sum(len(seq.output_ids) for seq in round_robin) - produced_before
+
+    @torch.inference_mode()
+    def _warm_slots(self) -> None:
+        """Capture every slot's plain step before the first request, so that no request's
+        steps carry it (the tree shapes' graphs come with the first tree of each size)."""
+        for slot in self._free_slots:
+            try:
+                slot.prefill([0])
+                slot.decode(0)
+            except Exception:  # the requests then fail or run eagerly, and say why
+                log.warning("warming a KV cache slot failed", exc_info=True)
 
     @torch.inference_mode()
     def _calibrate_plain_step(self) -> None:
@@ -380,6 +392,8 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, seq: Sequence) -> None:
+        if seq.slot is not None and not seq.slot.fits(1 + len(seq.tree or ())):
+            self._leave_slot(seq)
         if not seq.prefilled:
             self._prefill(seq)
         elif seq.tree is not None and self._tree_fits(seq, seq.tree):
@@ -394,7 +408,7 @@ class Engine:
             layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
             if not layer_ids:
                 self._fall_back(seq)
-        if self._free_slots and len(seq.prompt_ids) + seq.max_new_tokens <= self._free_slots[-1].capacity:
+        if self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity:
             seq.slot = self._free_slots.pop()
             logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids)
         else:
@@ -427,11 +441,24 @@ class Engine:
         """Whether ``seq``'s next step is one plain decoding step (see ``_step``)."""
         return seq.prefilled and (seq.tree is None or not self._tree_fits(seq, seq.tree))
 
+    def _leave_slot(self, seq: Sequence) -> None:
+        """The request has filled its slot: it carries on eagerly, on a growing cache that
+        starts as a copy of the slot's entries, and the slot is free for another."""
+        slot, seq.slot = seq.slot, None
+        seq.cache = GrowingCache()
+        for layer_idx, layer in enumerate(slot.cache.layers):
+            seq.cache.update(
+                layer.keys[..., : slot.length, :], layer.values[..., : slot.length, :], layer_idx
+            )
+        self._free_slots.append(slot)
+
     def _decode_one(self, seq: Sequence) -> None:
         seq.tree = None
         started = time.perf_counter()
         if seq.slot is not None:
+            captures_before = seq.slot.graphs.capture_seconds
             logits = seq.slot.decode(seq.output_ids[-1])
+            started += seq.slot.graphs.capture_seconds - captures_before  # not a step's cost
         else:
             input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
             logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
@@ -488,7 +515,9 @@ class Engine:
         started = time.perf_counter()
         tree, seq.tree = seq.tree, None
         if seq.slot is not None:
+            captures_before = seq.slot.graphs.capture_seconds
             logits, features = seq.slot.verify(seq.output_ids[-1], tree, seq.capture_layer_ids)
+            started += seq.slot.graphs.capture_seconds - captures_before  # not a step's cost
         else:
             past_len = seq.cache.get_seq_length()
             inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
@@ -570,7 +599,11 @@ def make_slots(model, count: int, tokens: int) -> list[StaticSlot]:
     """``count`` KV cache slots of ``tokens`` each (at most the model's context length)
     for an Engine; on a GPU their forwards replay CUDA graphs."""
     capacity = min(tokens, _context_length(model))
-    return [StaticSlot(model, capacity, capture=None, cuda_graphs=True) for _ in range(count)]
+    # One graph pool for them all: an engine runs one forward at a time.
+    pool = (
+        torch.cuda.graph_pool_handle() if count and next(model.parameters()).device.type == "cuda" else None
+    )
+    return [StaticSlot(model, capacity, capture=None, cuda_graphs=True, pool=pool) for _ in range(count)]
 
 
 def _context_length(model) -> int:

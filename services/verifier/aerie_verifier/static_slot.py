@@ -23,7 +23,7 @@ they stay valid until the slot's next forward. On a CPU the same code runs uncap
 from __future__ import annotations
 
 import torch
-from aerie_common.cuda_graphs import capture as capture_graph
+from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -56,6 +56,10 @@ class SlotLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
+        # A value read here would be baked into a graph; a model that needs it (instead of
+        # the positions and 4D mask it is given) must not be captured.
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the model reads the cache length while a CUDA graph is captured")
         return self._cache.length
 
     def crop(self, max_length: int) -> None:
@@ -79,14 +83,13 @@ class StaticSlot:
     row count and set of capture layers. ``capacity`` bounds the prefix plus the rows of
     one forward; the caller checks ``fits`` first."""
 
-    def __init__(self, model, capacity: int, capture: HiddenCapture | None, cuda_graphs: bool):
+    def __init__(self, model, capacity: int, capture: HiddenCapture | None, cuda_graphs: bool, pool=None):
         config = model.config
         self.model = model
         self.capture = capture
         self.capacity = capacity
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         # Scratch past ``capacity``: a padded forward at the limit writes its padding there,
         # and graphs are captured with their writes aimed there.
@@ -100,8 +103,9 @@ class StaticSlot:
         self._ids = torch.zeros((1, MAX_ROWS), dtype=torch.long, device=self.device)
         self._depths = torch.zeros(MAX_ROWS, dtype=torch.long, device=self.device)
         self._sees = torch.zeros((MAX_ROWS, MAX_ROWS), dtype=torch.bool, device=self.device)
-        self._graphs: dict[tuple[int, tuple[int, ...]], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        # Per (rows, capture layers); ``pool`` may be shared with the engine's other slots.
+        self.graphs = GraphCache(cuda_graphs and self.device.type == "cuda", pool)
+        self.verified = 0  # trees verified here (tests check that slots are used)
 
     @property
     def length(self) -> int:
@@ -150,13 +154,14 @@ class StaticSlot:
         host_depths = torch.tensor(depths + [0] * pad)
         host_sees = torch.eye(rows, dtype=torch.bool)  # padding rows see only themselves
         host_sees[:real, :real] = sees
-        if not self.cuda_graphs:
+        captured = self.graphs.get((rows, layer_ids), lambda: self._capturable(rows, layer_ids))
+        if captured is None:
             self._past.fill_(self.length)
             logits, features = self._forward(
                 host_ids.to(self.device), host_depths.to(self.device), host_sees.to(self.device), layer_ids
             )
         else:
-            graph, (logits, features) = self._graph(rows, layer_ids)
+            graph, (logits, features) = captured
             self._past.fill_(self.length)
             self._ids[:, :rows].copy_(host_ids, non_blocking=True)
             self._depths[:rows].copy_(host_depths, non_blocking=True)
@@ -164,16 +169,14 @@ class StaticSlot:
             graph.replay()
         return logits[:real], None if features is None else features[:real]
 
-    def _graph(self, rows: int, layer_ids: tuple[int, ...]):
-        key = (rows, layer_ids)
-        if key not in self._graphs:
-            # Aim the capture's writes at the scratch slots, and let every row see
-            # itself, so that neither the warm-up nor the capture touches the prefix.
-            self._past.fill_(self.capacity)
-            self._sees[:rows, :rows] = torch.eye(rows, dtype=torch.bool, device=self.device)
-            args = (self._ids[:, :rows], self._depths[:rows], self._sees[:rows, :rows], layer_ids)
-            self._graphs[key] = capture_graph(lambda: self._forward(*args), self._pool)
-        return self._graphs[key]
+    def _capturable(self, rows: int, layer_ids: tuple[int, ...]):
+        """The forward over the static inputs, to capture. Its writes are aimed at the
+        scratch slots, and every row sees itself, so that neither the warm-up nor the
+        capture touches the prefix."""
+        self._past.fill_(self.capacity)
+        self._sees[:rows, :rows] = torch.eye(rows, dtype=torch.bool, device=self.device)
+        args = (self._ids[:, :rows], self._depths[:rows], self._sees[:rows, :rows], layer_ids)
+        return lambda: self._forward(*args)
 
     # -- what the engine calls ---------------------------------------------------
 
@@ -201,6 +204,7 @@ class StaticSlot:
         sees = torch.zeros(len(tree) + 1, len(tree) + 1, dtype=torch.bool)
         sees[:, 0] = True
         sees[1:, 1:] = tree.ancestor_mask()
+        self.verified += 1
         return self._run(
             row_bucket(len(tree) + 1), [root, *tree.token_ids], [0, *tree.depths()], sees, layer_ids
         )
