@@ -199,10 +199,17 @@ def run_requests(engine, requests):
     return outputs
 
 
-@pytest.mark.parametrize("drafter", ["head", "oracle"])
-def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer, drafter):
+@pytest.mark.parametrize(
+    ("device", "drafter"),
+    [("cpu", "head"), ("cpu", "oracle"), pytest.param("cuda", "head", marks=DEVICES[1].marks)],
+)
+def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer, device, drafter):
+    """On a GPU too, the slots' forwards replayed as CUDA graphs, with the engine's capture
+    hooks and slot warm-up in play (fp32, so that near-ties hold)."""
+    model = target if device == "cpu" else copy.deepcopy(target).to(device)
     if drafter == "head":
-        factory = InProcessDrafterFactory(random_head(target), TreeShape(depth=4, top_k=3, total_tokens=12))
+        head = random_head(model).for_drafting(device, torch.float32)
+        factory = InProcessDrafterFactory(head, TreeShape(depth=4, top_k=3, total_tokens=12))
     else:
         factory = Factory(lambda: OracleDrafter(target, 5), capture_layer_ids=LAYERS)
     # Eight at once, four running, on two slots of 96 tokens: some requests take a slot,
@@ -215,8 +222,8 @@ def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer,
     requests.append((list(range(3, 90)), SamplingParams(max_tokens=30), True))
     requests.append((prompts(1, seed=7)[0], SamplingParams(temperature=0.8, seed=5, max_tokens=40), True))
     outputs = {}
-    for name, slots in (("growing", []), ("slots", make_slots(target, 2, 96))):
-        engine = Engine(target, tiny_tokenizer, max_running=4, drafter_factory=factory, slots=slots)
+    for name, slots in (("growing", []), ("slots", make_slots(model, 2, 96))):
+        engine = Engine(model, tiny_tokenizer, max_running=4, drafter_factory=factory, slots=slots)
         engine.start()
         try:
             outputs[name] = run_requests(engine, requests)
@@ -225,6 +232,7 @@ def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer,
         if slots:
             assert len(engine._free_slots) == 2  # every request gave its slot back
             assert sum(slot.verified for slot in slots) > 0
+            assert all(slot.graphs.enabled == (device == "cuda") for slot in slots)
     assert outputs["slots"] == outputs["growing"]
 
 
