@@ -59,7 +59,7 @@ from aerie_common.settings import ModelSettings
 from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
-from aerie_drafter.proposer import DraftSlots, TreeShape
+from aerie_drafter.proposer import TreeShape, draft_slots
 from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafter, InProcessDrafterFactory
 from aerie_verifier.engine import Engine, make_slots
@@ -353,7 +353,7 @@ def main() -> None:
     # One slot, as long as the longest generation, shared by the engines one after another.
     longest = max(map(len, prompts)) + args.max_tokens + MAX_TREE_NODES + 1
     slots = make_slots(model, 1, longest) if graphed else []
-    draft_slots = DraftSlots(head, longest) if graphed else None
+    head_slots = draft_slots(head, graphed, longest)
 
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
@@ -372,7 +372,7 @@ def main() -> None:
         processes += [head_proc, oracle_proc]
         factories = {
             "plain": None,
-            "inprocess-head": InProcessDrafterFactory(head, shape, draft_slots),
+            "inprocess-head": InProcessDrafterFactory(head, shape, head_slots),
             "grpc-head": GrpcDrafterFactory(head_addr, shape),
             "grpc-head-guarded": GrpcDrafterFactory(head_addr, shape),
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
@@ -380,7 +380,7 @@ def main() -> None:
         }
         extra_rows = {tree_row_name(extra): extra for extra in args.trees}
         factories.update(
-            {name: InProcessDrafterFactory(head, extra, draft_slots) for name, extra in extra_rows.items()}
+            {name: InProcessDrafterFactory(head, extra, head_slots) for name, extra in extra_rows.items()}
         )
         dtype_rows = {f"inprocess-head-{dtype}": dtype for dtype in args.head_dtypes}
         factories.update(

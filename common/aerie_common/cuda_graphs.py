@@ -51,6 +51,9 @@ class GraphCache:
         self.capture_seconds = 0.0
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Any]] = {}
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._graphs
+
     def get(self, key: Hashable, prepare: Callable[[], Callable[[], Any]]):
         """The (graph, outputs) captured for ``key``, capturing ``prepare()``'s function
         first if there is none yet; None where graphs are off, failed or full."""

@@ -43,8 +43,9 @@ class ModelSettings(AerieSettings):
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     torch_threads: int = 0  # 0: torch's default
     # On a GPU, replay the verifier's steps and the drafter's tree growth as CUDA graphs,
-    # over KV caches of fixed size (aerie_verifier/static_slot.py, aerie_drafter/proposer.py);
-    # a request longer than cuda_graph_slot_tokens, prompt and completion, runs eagerly.
+    # over KV caches of fixed size (aerie_verifier/static_slot.py, aerie_drafter/proposer.py):
+    # a request takes a slot of cuda_graph_slot_tokens when its prompt fits, and carries on
+    # eagerly once it has filled it.
     cuda_graphs: bool = True
     cuda_graph_slot_tokens: int = 4096
 

@@ -14,7 +14,7 @@ from aerie_proto.v1 import drafter_pb2_grpc
 
 from aerie_drafter.loading import load_drafter_head
 from aerie_drafter.metrics import SessionCollector
-from aerie_drafter.proposer import DraftSession, DraftSlots, tree_shape
+from aerie_drafter.proposer import DraftSession, draft_slots, tree_shape
 from aerie_drafter.server import SERVICE_NAME, DrafterServicer
 from aerie_drafter.settings import DrafterSettings
 
@@ -40,9 +40,7 @@ async def serve(settings: DrafterSettings) -> None:
     shape = tree_shape(
         device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
-    slots = None
-    if settings.cuda_graphs and head.fc.weight.device.type == "cuda":
-        slots = DraftSlots(head, settings.cuda_graph_slot_tokens)
+    slots = draft_slots(head, settings.cuda_graphs, settings.cuda_graph_slot_tokens)
     servicer = DrafterServicer(
         head,
         shape,

@@ -241,6 +241,15 @@ class DraftSlots:
             self._free.append(slot)
 
 
+def draft_slots(head: EagleHead, cuda_graphs: bool, tokens: int) -> DraftSlots | None:
+    """The slots a head's sessions draw from where their tree growth replays CUDA graphs
+    (``cuda_graphs``, AERIE_CUDA_GRAPHS, and the head on a GPU); None elsewhere, where a
+    session's own cache, exactly as long as it needs, is faster."""
+    if cuda_graphs and head.fc.weight.device.type == "cuda":
+        return DraftSlots(head, tokens)
+    return None
+
+
 class DraftSession:
     def __init__(self, head: EagleHead, slots: DraftSlots | None = None):
         self.head = head

@@ -31,7 +31,7 @@ def make_drafter_factory(settings: VerifierSettings, model):
         model, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
     from aerie_drafter.loading import UNTRAINED, load_drafter_head
-    from aerie_drafter.proposer import DraftSlots
+    from aerie_drafter.proposer import draft_slots
     from aerie_drafter.settings import DrafterSettings
 
     # An untrained head only slows decoding down; speculate with one only when it was asked
@@ -64,9 +64,7 @@ def make_drafter_factory(settings: VerifierSettings, model):
     log.info(
         "drafting in-process with the EAGLE %s head %s, tree %s", head.config.eagle_version, origin, shape
     )
-    slots = None
-    if settings.cuda_graphs and head.fc.weight.device.type == "cuda":
-        slots = DraftSlots(head, settings.cuda_graph_slot_tokens)
+    slots = draft_slots(head, settings.cuda_graphs, settings.cuda_graph_slot_tokens)
     return InProcessDrafterFactory(head, shape, slots)
 
 

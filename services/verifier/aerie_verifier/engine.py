@@ -339,11 +339,11 @@ class Engine:
     @torch.inference_mode()
     def _warm_slots(self) -> None:
         """Capture every slot's plain step before the first request, so that no request's
-        steps carry it (the tree shapes' graphs come with the first tree of each size)."""
+        steps carry it (the tree shapes' graphs come with the first tree of each size).
+        Slots an earlier engine warmed are left as they are."""
         for slot in self._free_slots:
             try:
-                slot.prefill([0])
-                slot.decode(0)
+                slot.warm()
             except Exception:  # the requests then fail or run eagerly, and say why
                 log.warning("warming a KV cache slot failed", exc_info=True)
 

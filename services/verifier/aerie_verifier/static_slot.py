@@ -28,6 +28,7 @@ from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aerie_verifier.speculative import HiddenCapture
+from aerie_verifier.tree_verify import tree_visibility
 
 
 def row_bucket(rows: int) -> int:
@@ -155,14 +156,13 @@ class StaticSlot:
         host_sees = torch.eye(rows, dtype=torch.bool)  # padding rows see only themselves
         host_sees[:real, :real] = sees
         captured = self.graphs.get((rows, layer_ids), lambda: self._capturable(rows, layer_ids))
+        self._past.fill_(self.length)  # after any capture, which aims it elsewhere
         if captured is None:
-            self._past.fill_(self.length)
             logits, features = self._forward(
                 host_ids.to(self.device), host_depths.to(self.device), host_sees.to(self.device), layer_ids
             )
         else:
             graph, (logits, features) = captured
-            self._past.fill_(self.length)
             self._ids[:, :rows].copy_(host_ids, non_blocking=True)
             self._depths[:rows].copy_(host_depths, non_blocking=True)
             self._sees[:rows, :rows].copy_(host_sees, non_blocking=True)
@@ -179,6 +179,13 @@ class StaticSlot:
         return lambda: self._forward(*args)
 
     # -- what the engine calls ---------------------------------------------------
+
+    def warm(self) -> None:
+        """Capture the plain step's graph now, unless it is captured already (or graphs
+        are off: then there is nothing to prepare)."""
+        if self.graphs.enabled and (1, ()) not in self.graphs:
+            self.prefill([0])
+            self.decode(0)
 
     def prefill(self, prompt_ids: list[int], layer_ids: tuple[int, ...] = ()):
         """Cache the prompt; returns the last row's logits and every row's features."""
@@ -201,12 +208,13 @@ class StaticSlot:
     def verify(self, root: int, tree: DraftTree, layer_ids: tuple[int, ...]):
         """The root and the tree in one forward (see tree_verify.py for the layout);
         returns logits and features per row. Follow with ``keep``."""
-        sees = torch.zeros(len(tree) + 1, len(tree) + 1, dtype=torch.bool)
-        sees[:, 0] = True
-        sees[1:, 1:] = tree.ancestor_mask()
         self.verified += 1
         return self._run(
-            row_bucket(len(tree) + 1), [root, *tree.token_ids], [0, *tree.depths()], sees, layer_ids
+            row_bucket(len(tree) + 1),
+            [root, *tree.token_ids],
+            [0, *tree.depths()],
+            tree_visibility(tree),
+            layer_ids,
         )
 
     def keep(self, accepted: list[int]) -> None:

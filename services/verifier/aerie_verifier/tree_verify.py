@@ -37,14 +37,18 @@ class TreeInputs:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def tree_visibility(tree: DraftTree) -> torch.Tensor:
+    """[1+N, 1+N] bool in the forward's numbering (root = 0): which of the root and the
+    nodes each row sees, namely the root, its own ancestors and itself."""
+    visible = torch.zeros(len(tree) + 1, len(tree) + 1, dtype=torch.bool)
+    visible[:, 0] = True
+    visible[1:, 1:] = tree.ancestor_mask()
+    return visible
+
+
 def tree_inputs(root_token: int, tree: DraftTree, past_len: int, device, dtype) -> TreeInputs:
     n = len(tree) + 1
-    parents = [-1] + [p + 1 for p in tree.parents]  # in the forward's numbering, root = 0
-    visible = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        visible[i, i] = True
-        if i > 0:
-            visible[i] |= visible[parents[i]]
+    visible = tree_visibility(tree)
     full = torch.cat([torch.ones(n, past_len, dtype=torch.bool), visible], dim=1).to(device)
     mask = torch.zeros(full.shape, dtype=dtype, device=device).masked_fill(~full, torch.finfo(dtype).min)
     depths = [0, *tree.depths()]
