@@ -12,6 +12,11 @@ template:
     per category            the same, for each MT-bench category
     by depth                fraction of steps accepting at least d draft tokens, and the
                             conditional rate (accepting d given d-1 accepted)
+    draft vocab coverage    share of the output tokens inside the head's draft vocabulary:
+                            the others can never be drafted, so it bounds every depth's rate
+    target confidence       (--target-confidence) the target's mean probability of the
+                            tokens it chose: how predictable its greedy output is at all,
+                            which no head can beat by much
 
 Templates: "standard" is the target's chat template as served (what the head was trained
 on); the others perturb it with system prompts and formats never seen in training, the
@@ -31,6 +36,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import EagleHead
 from aerie_drafter.proposer import TreeShape, default_tree
@@ -86,14 +92,27 @@ class Tally:
 
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     tokens: int = 0
+    in_draft_vocab: int = 0  # of ``tokens``
+    own_probabilities: list[float] = field(default_factory=list)  # with --target-confidence
 
-    def add(self, stats: SpeculativeStats, tokens: int) -> None:
+    def add(self, stats: SpeculativeStats, tokens: int, in_draft_vocab: int, own_probabilities=()) -> None:
         self.stats.merge(stats)
         self.tokens += tokens
+        self.in_draft_vocab += in_draft_vocab
+        self.own_probabilities.extend(own_probabilities)
 
     @property
     def steps(self) -> int:
         return self.stats.drafts
+
+    @property
+    def target_confidence(self) -> float:
+        probs = self.own_probabilities
+        return sum(probs) / len(probs) if probs else float("nan")
+
+    @property
+    def draft_vocab_coverage(self) -> float:
+        return self.in_draft_vocab / self.tokens if self.tokens else float("nan")
 
     @property
     def acceptance_length(self) -> float:
@@ -129,6 +148,17 @@ def generate(engine, prompt: list[int], params, speculative: bool):
     return [t for e in events for t in e.token_ids], events[-1]
 
 
+@torch.inference_mode()
+def own_token_probabilities(target, prompt: list[int], tokens: list[int]) -> list[float]:
+    """The target's probability of each token it decoded after ``prompt``, recomputed in
+    one forward."""
+    device = next(target.parameters()).device
+    ids = torch.tensor([prompt + tokens], device=device)
+    logits = target(input_ids=ids, logits_to_keep=len(tokens) + 1).logits[0, :-1].float()
+    chosen = torch.tensor(tokens, device=device)[:, None]
+    return logits.softmax(-1).gather(-1, chosen)[:, 0].tolist()
+
+
 def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions, args) -> dict:
     from aerie_drafter.checkpoint import load_head
     from aerie_drafter.loading import pick_head_dtype
@@ -148,6 +178,7 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
         return head.for_drafting(device, dtype)
 
     head = in_passing_thread(load)
+    draftable = head.t2d.tolist()  # target id -> inside the draft vocabulary
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
     # show it, not on the CPU's serving tree (two nodes: at most 3 tokens a step).
     shape = default_tree(device) if device.startswith("cuda") else ACCEPTANCE_TREE_CPU
@@ -173,8 +204,12 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
                     started = time.monotonic()
                     tokens, last = generate(engine, prompt, params, speculative=True)
                     wall += time.monotonic() - started
-                    overall.add(last.speculative, len(tokens))
-                    per_category[q["category"]].add(last.speculative, len(tokens))
+                    in_vocab = sum(bool(draftable[t]) for t in tokens)
+                    own = ()
+                    if args.target_confidence and tokens:  # the engine is idle between requests
+                        own = in_passing_thread(own_token_probabilities, target, prompt, tokens)
+                    overall.add(last.speculative, len(tokens), in_vocab, own)
+                    per_category[q["category"]].add(last.speculative, len(tokens), in_vocab, own)
                     if args.check_lossless:
                         plain, _ = generate(engine, prompt, params, speculative=False)
                         mismatches += plain != tokens
@@ -184,14 +219,28 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
                 "steps": overall.steps,
                 "tokens": overall.tokens,
                 "tokens_per_s": overall.tokens / wall if wall else 0.0,
+                "draft_vocab_coverage": overall.draft_vocab_coverage,
+                **(
+                    {
+                        "target_confidence": overall.target_confidence,
+                        "target_confidence_per_category": {
+                            c: t.target_confidence for c, t in sorted(per_category.items())
+                        },
+                    }
+                    if args.target_confidence
+                    else {}
+                ),
                 "per_category": {c: t.acceptance_length for c, t in sorted(per_category.items())},
                 "by_depth": overall.by_depth(),
                 **({"lossless_mismatches": mismatches} if args.check_lossless else {}),
             }
             lossless = f", {mismatches} outputs differ from plain decoding" if args.check_lossless else ""
+            if args.target_confidence:
+                lossless += f", target confidence {overall.target_confidence:.3f}"
             print(
                 f"  {template:20s} acceptance length {overall.acceptance_length:.3f} "
-                f"({overall.steps} steps, {overall.tokens} tokens{lossless})"
+                f"({overall.steps} steps, {overall.tokens} tokens, "
+                f"{overall.draft_vocab_coverage:.1%} in the draft vocabulary{lossless})"
             )
     finally:
         engine.stop()
@@ -263,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         "AERIE_DRAFTER_DTYPE)",
     )
     parser.add_argument("--check-lossless", action="store_true", help="also decode plainly and compare")
+    parser.add_argument(
+        "--target-confidence",
+        action="store_true",
+        help="also report the target's mean probability of the tokens it chose (one more forward a turn)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -15,8 +15,9 @@ configuration alike:
 
 On a GPU the engines decode on fixed-size KV cache slots whose steps replay CUDA graphs,
 and the head grows its trees as graph replays, as the services do there (AERIE_CUDA_GRAPHS),
-and two more rows run without any graphs: plain-eager and inprocess-head-eager. The graphs are captured in a warm-up
-generation per configuration before the clock starts (--no-cuda-graphs: none of this).
+and two more rows run without any graphs: plain-eager and inprocess-head-eager. The graphs are captured before
+the clock starts: the slot's for every tree size up front, the rest in a warm-up generation per configuration
+(--no-cuda-graphs: none of this). The results say whether a capture failed (cuda_graphs_failed).
 
 Each generation runs on a thread that ends with it (an engine of its own, stopped after;
 Hugging Face's generate() on a passing thread), as a service process runs its torch work
@@ -404,6 +405,9 @@ def main() -> None:
             )
 
         if graphed:  # capture every configuration's graphs (tree sizes differ) off the clock
+            largest_tree = max(extra.total_tokens for extra in [shape, *extra_rows.values()])
+            for slot in slots:  # every row bucket: trees vary in size from step to step
+                slot.warm(largest_tree, layer_ids)
             for name in configs:
                 if name not in HF_CONFIGS:
                     run_engine(name, prompts[0], min(args.max_tokens, 16))
@@ -438,6 +442,9 @@ def main() -> None:
         "dtype": str(model.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "cuda_graphs": graphed,
+        # a capture that failed turned graphs off: those rows then ran eagerly
+        "cuda_graphs_failed": any(slot.graphs.failed for slot in slots)
+        or bool(head_slots and head_slots.graphs_failed),
         "head": origin,
         "head_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
         "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},
@@ -470,6 +477,8 @@ def main() -> None:
     for row in rows:
         if ms := row["ms_per_step"]:
             print(f"| {row['config']} | {ms['draft']} | {ms['hop']} | {ms['verify']} | {ms['step'] or '–'} |")
+    if result["cuda_graphs_failed"]:
+        print("\nA CUDA graph capture failed (the log says why): the graphed rows ran eagerly.")
     if any(row["outputs_differing_from_plain"] for row in rows):
         sys.exit("speculative output differs from plain decoding")
 

@@ -26,15 +26,25 @@ def capture(fn: Callable[[], Outputs], pool) -> tuple[torch.cuda.CUDAGraph, Outp
     ``pool`` (a ``torch.cuda.graph_pool_handle()``; graphs that never run at the same time
     may share one). ``fn`` must read its inputs from tensors whose addresses do not change,
     and must not read a value back to the host: ``graph.replay()`` reruns its kernels on
-    whatever those tensors hold then, and leaves the results in the returned outputs."""
+    whatever those tensors hold then, and leaves the results in the returned outputs.
+    Those live in the pool: a replay of any graph of the same pool may overwrite them, so
+    read them before the next replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
+    previous = torch.cuda.current_stream()
+    previous.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = fn()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+    except BaseException:
+        # torch.cuda.graph ends the capture before it restores the stream, and does not
+        # restore it when ending fails: the thread would go on on the capture stream,
+        # no longer ordered with work on the one it had.
+        torch.cuda.set_stream(previous)
+        raise
     return graph, outputs
 
 
@@ -46,6 +56,7 @@ class GraphCache:
 
     def __init__(self, enabled: bool, pool=None, max_graphs: int = 64):
         self.enabled = enabled
+        self.failed = False  # a capture failed, and turned graphs off
         self.pool = pool if pool is not None or not enabled else torch.cuda.graph_pool_handle()
         self.max_graphs = max_graphs
         self.capture_seconds = 0.0
@@ -67,7 +78,7 @@ class GraphCache:
                 self._graphs[key] = capture(prepare(), self.pool)
             except Exception:
                 log.warning("capturing a CUDA graph failed; running eagerly from now on", exc_info=True)
-                self.enabled = False
+                self.enabled, self.failed = False, True
                 return None
             finally:
                 self.capture_seconds += time.perf_counter() - started

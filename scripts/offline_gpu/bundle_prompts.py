@@ -33,13 +33,11 @@ def conversations_for_prompts(
     kept: list[Messages] = []
     fresh = 0
     for messages in conversations:
-        prompts = [p for p in later_turn_prompts([messages]) if p[-1]["content"] not in seen]
+        prompts = later_turn_prompts([messages], seen=seen)
         if not prompts:
             continue
         kept.append(messages)
-        for prompt in prompts:
-            seen.add(prompt[-1]["content"])
-            fresh += conversation_key(prompt) not in trained
+        fresh += sum(conversation_key(prompt) not in trained for prompt in prompts)
         if fresh >= count:
             break
     return kept

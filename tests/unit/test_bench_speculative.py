@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 from aerie_drafter.proposer import TreeShape
 from aerie_verifier.engine import Engine
 from aerie_verifier.speculative import SpeculativeStats
@@ -94,9 +95,12 @@ def test_tree_shapes_parse_from_the_command_line():
 def test_acceptance_eval_sums_requests_and_reports_depth_rates():
     tally = EvalTally()
     assert tally.acceptance_length != tally.acceptance_length  # NaN before any step
-    tally.add(SpeculativeStats(drafts=3, accepted_tokens=3, accepted_per_position=[2, 1]), tokens=7)
-    tally.add(SpeculativeStats(drafts=1, accepted_tokens=3, accepted_per_position=[1, 1, 1]), tokens=4)
+    stats = SpeculativeStats(drafts=3, accepted_tokens=3, accepted_per_position=[2, 1])
+    tally.add(stats, tokens=7, in_draft_vocab=7)
+    stats = SpeculativeStats(drafts=1, accepted_tokens=3, accepted_per_position=[1, 1, 1])
+    tally.add(stats, tokens=4, in_draft_vocab=1)
     assert (tally.steps, tally.tokens, tally.acceptance_length) == (4, 11, 2.5)
+    assert tally.draft_vocab_coverage == 8 / 11
     assert tally.by_depth() == [
         {"depth": 1, "rate": 0.75, "conditional": 0.75},
         {"depth": 2, "rate": 0.5, "conditional": 2 / 3},
@@ -110,3 +114,19 @@ def test_round_robin_takes_each_category_in_turn():
     questions = [{"category": c, "id": i} for i, c in enumerate("aaabbc")]
     assert [q["id"] for q in round_robin_by_category(questions)] == [0, 3, 5, 1, 4, 2]
     assert round_robin_by_category(questions)[:3] == select_questions(questions, None, 1)
+
+
+def test_target_confidence_is_the_targets_probability_of_each_token_it_chose(tiny_model):
+    from bench.eagle_eval import own_token_probabilities
+
+    prompt, tokens = [5, 9, 2, 7], [11, 3, 3, 8]
+    got = own_token_probabilities(tiny_model, prompt, tokens)
+    with torch.inference_mode():  # one forward per prefix, the long way
+        expected = [
+            tiny_model(input_ids=torch.tensor([prompt + tokens[:i]])).logits[0, -1].softmax(-1)[t].item()
+            for i, t in enumerate(tokens)
+        ]
+    assert got == pytest.approx(expected, rel=1e-4)
+    tally = EvalTally()
+    tally.add(SpeculativeStats(drafts=2), tokens=4, in_draft_vocab=4, own_probabilities=got)
+    assert tally.target_confidence == pytest.approx(sum(expected) / 4)

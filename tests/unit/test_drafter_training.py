@@ -137,6 +137,11 @@ def test_later_turns_become_prompts_of_their_own():
         ],
     ]
     assert len(later_turn_prompts(conversations, min_words=1)) == 3  # "go on" too
+    # one conversation at a time, with the texts met so far carried over: the same prompts
+    seen: set[str] = set()
+    one_by_one = [p for c in conversations for p in later_turn_prompts([c], seen=seen)]
+    assert one_by_one == later_turn_prompts(conversations)
+    assert long_turn in seen
 
 
 def test_a_conversation_file_is_read_in_its_order_in_either_format(tmp_path):

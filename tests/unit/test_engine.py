@@ -238,3 +238,18 @@ def test_a_failed_batched_forward_steps_each_request_alone(tiny_model, tiny_toke
             assert c.tokens == run(alone, [5 + i, 6, 7], SamplingParams(max_tokens=6)).tokens
     finally:
         alone.stop()
+
+
+def test_a_step_clock_leaves_out_graph_captures_made_during_the_step():
+    """Capturing a CUDA graph inside a request's first step of a shape is a one-off cost:
+    the pace guard and the speculation stats must not count it as the step's time."""
+    from types import SimpleNamespace
+
+    graphs = SimpleNamespace(capture_seconds=2.0)  # captures made before this step
+    with_slot = SimpleNamespace(slot=SimpleNamespace(graphs=graphs))
+    without_slot = SimpleNamespace(slot=None)
+    elapsed_with, elapsed_without = Engine._step_clock(with_slot), Engine._step_clock(without_slot)
+    time.sleep(0.3)
+    graphs.capture_seconds += 0.3  # the step spent all of it capturing
+    assert elapsed_with() < 0.2
+    assert elapsed_without() >= 0.3

@@ -254,3 +254,36 @@ def test_a_request_that_fills_its_slot_carries_on_without_it(target, tiny_tokeni
             engine.stop()
     assert outputs[1] == outputs[0] and len(outputs[0]) == 60
     assert slotted._free_slots[0].verified > 0
+
+
+def test_warming_prepares_every_tree_bucket_and_leaves_the_slot_as_it_was(target, capture):
+    """``warm`` asks for the plain step's graph and one per row bucket up to the largest
+    tree, and running what it would capture (as a capture does, twice) changes nothing the
+    slot holds."""
+    asked = []
+
+    class RunsEachCapture:  # a GraphCache stand-in: runs the function as capture() would
+        enabled = True
+
+        def get(self, key, prepare):
+            asked.append(key)
+            run = prepare()
+            run(), run()  # the side-stream warm-up, then the captured run
+            return None  # and the slot runs eagerly
+
+    warmed, plain = StaticSlot(target, 64, capture, cuda_graphs=False), StaticSlot(target, 64, capture, False)
+    prompt = list(range(3, 20))
+    with torch.inference_mode():
+        warmed.prefill(prompt, LAYERS)
+        plain.prefill(prompt, LAYERS)
+        warmed.graphs = RunsEachCapture()
+        warmed.warm(tree_nodes=12, layer_ids=LAYERS)
+        assert asked == [(1, ()), (2, LAYERS), (4, LAYERS), (8, LAYERS), (16, LAYERS)]
+        assert warmed.length == len(prompt)
+        tree = DraftTree([5, 6, 7], [-1, 0, -1], [0.0] * 3)
+        got, want = warmed.verify(4, tree, LAYERS), plain.verify(4, tree, LAYERS)
+        asked.clear()
+        warmed.warm()
+    assert asked == [(1, ())]
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])

@@ -189,7 +189,7 @@ class DraftSlot:
 
     def grow(self, head: EagleHead, shape: TreeShape, length: int, last_hidden, last_normed):
         """``grow_tree`` over the first ``length`` entries; the outputs stay valid until
-        the slot's next ``grow``."""
+        the next replay of a graph in the slot's pool (the drafter's slots share one)."""
         self._length.fill_(length)
         self._last_hidden.copy_(last_hidden)
         self._last_normed.copy_(last_normed)
@@ -239,6 +239,13 @@ class DraftSlots:
     def give_back(self, slot: DraftSlot) -> None:
         with self._lock:
             self._free.append(slot)
+
+    @property
+    def graphs_failed(self) -> bool:
+        """Whether a capture failed on one of the slots not in use now (it then grows its
+        trees eagerly)."""
+        with self._lock:
+            return any(slot.graphs.failed for slot in self._free)
 
 
 def draft_slots(head: EagleHead, cuda_graphs: bool, tokens: int) -> DraftSlots | None:

@@ -452,13 +452,25 @@ class Engine:
             )
         self._free_slots.append(slot)
 
+    @staticmethod
+    def _step_clock(seq: Sequence) -> Callable[[], float]:
+        """A clock for one step of ``seq``: seconds since this call, less any CUDA graph
+        captured meanwhile on its slot, a one-off cost that is not the step's."""
+        started = time.perf_counter()
+        graphs = seq.slot.graphs if seq.slot is not None else None
+        captured_before = graphs.capture_seconds if graphs is not None else 0.0
+
+        def elapsed() -> float:
+            captured = graphs.capture_seconds - captured_before if graphs is not None else 0.0
+            return time.perf_counter() - started - captured
+
+        return elapsed
+
     def _decode_one(self, seq: Sequence) -> None:
         seq.tree = None
-        started = time.perf_counter()
+        elapsed = self._step_clock(seq)
         if seq.slot is not None:
-            captures_before = seq.slot.graphs.capture_seconds
             logits = seq.slot.decode(seq.output_ids[-1])
-            started += seq.slot.graphs.capture_seconds - captures_before  # not a step's cost
         else:
             input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
             logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
@@ -466,7 +478,7 @@ class Engine:
             ]
         token = next_token(logits, seq.params, seq.generator)
         if self.pace_guard is not None:
-            self.pace_guard.observe_plain_step(time.perf_counter() - started)
+            self.pace_guard.observe_plain_step(elapsed())
         seq.append_tokens([token])
 
     @torch.inference_mode()
@@ -512,12 +524,10 @@ class Engine:
         return seqs
 
     def _verify_tree(self, seq: Sequence) -> None:
-        started = time.perf_counter()
+        elapsed = self._step_clock(seq)
         tree, seq.tree = seq.tree, None
         if seq.slot is not None:
-            captures_before = seq.slot.graphs.capture_seconds
             logits, features = seq.slot.verify(seq.output_ids[-1], tree, seq.capture_layer_ids)
-            started += seq.slot.graphs.capture_seconds - captures_before  # not a step's cost
         else:
             past_len = seq.cache.get_seq_length()
             inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
@@ -532,13 +542,13 @@ class Engine:
             seq.slot.keep(accepted)
         else:
             keep_cache_entries(seq.cache, past_len, accepted)
-        seq.spec_stats.record(len(tree), len(accepted), time.perf_counter() - started)
+        seq.spec_stats.record(len(tree), len(accepted), elapsed())
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
         seq.append_tokens(new_tokens)
         if seq.finish_reason is None:
             verified = features[[0, *(i + 1 for i in accepted)]]
             self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
-        seq.spec_seconds += time.perf_counter() - started
+        seq.spec_seconds += elapsed()
         seq.spec_tokens += len(new_tokens)
         guard = self.pace_guard
         if (

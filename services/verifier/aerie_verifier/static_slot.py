@@ -16,7 +16,8 @@ and every address, so a slot keeps them fixed:
 - a draft tree is padded to a power-of-two row count with rows that see only themselves.
 
 The captured target features (``HiddenCapture``) and the logits are outputs of the graph:
-they stay valid until the slot's next forward. On a CPU the same code runs uncaptured
+they stay valid until the next replay of any graph in the slot's pool (an engine's slots
+share one), so the engine reads them before its next forward. On a CPU the same code runs uncaptured
 (the unit tests); there the engine's growing cache is faster, so slots are a GPU default.
 """
 
@@ -180,12 +181,21 @@ class StaticSlot:
 
     # -- what the engine calls ---------------------------------------------------
 
-    def warm(self) -> None:
-        """Capture the plain step's graph now, unless it is captured already (or graphs
-        are off: then there is nothing to prepare)."""
-        if self.graphs.enabled and (1, ()) not in self.graphs:
-            self.prefill([0])
-            self.decode(0)
+    def warm(self, tree_nodes: int = 0, layer_ids: tuple[int, ...] = ()) -> None:
+        """Capture now the graphs of the plain step and, with ``tree_nodes``, of verifying
+        trees of up to that many nodes (capturing ``layer_ids``' features): every row bucket
+        up to the largest. Graphs captured already are kept; with graphs off there is
+        nothing to prepare. A capture aims its writes at the scratch slots, so warming
+        leaves whatever the slot holds as it was."""
+        keys = [(1, ())]
+        rows = 2  # the root and one node
+        while tree_nodes and rows <= row_bucket(tree_nodes + 1):
+            keys.append((rows, layer_ids))
+            rows *= 2
+        for rows, layers in keys:
+            if not self.graphs.enabled:
+                return
+            self.graphs.get((rows, layers), lambda rows=rows, layers=layers: self._capturable(rows, layers))
 
     def prefill(self, prompt_ids: list[int], layer_ids: tuple[int, ...] = ()):
         """Cache the prompt; returns the last row's logits and every row's features."""

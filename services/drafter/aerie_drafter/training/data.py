@@ -109,13 +109,16 @@ def _text(content) -> str:
     return content if isinstance(content, str) else ""
 
 
-def later_turn_prompts(conversations: Iterable[Messages], min_words: int = 6) -> list[Messages]:
+def later_turn_prompts(
+    conversations: Iterable[Messages], min_words: int = 6, seen: set[str] | None = None
+) -> list[Messages]:
     """Every user turn after the first, as a conversation of its own (behind the
     conversation's system message, if any): more prompts from the same corpus, for runs
     that regenerate the answers, as the recorded answers to these turns lean on the turns
     before them. Turns under ``min_words`` words ("go on", "thanks") are left out, and so
-    is a prompt met before."""
-    seen: set[str] = set()
+    is a prompt met before: one whose text is in ``seen``, which the call updates (pass
+    the same set to go on over more conversations)."""
+    seen = set() if seen is None else seen
     prompts: list[Messages] = []
     for messages in conversations:
         system = [m for m in messages if m["role"] == "system"]
