@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from aerie_common.draft_tree import DraftTree
-from aerie_drafter.proposer import TreeShape
+from aerie_drafter.proposer import TreeShape, draft_slots
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.kv_cache import GrowingCache
@@ -205,11 +205,13 @@ def run_requests(engine, requests):
 )
 def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer, device, drafter):
     """On a GPU too, the slots' forwards replayed as CUDA graphs, with the engine's capture
-    hooks and slot warm-up in play (fp32, so that near-ties hold)."""
+    hooks and slot warm-up in play, and the head's tree growth replayed from its draft
+    slots' graphs in between, as in the verifier (fp32, so that near-ties hold)."""
     model = target if device == "cpu" else copy.deepcopy(target).to(device)
     if drafter == "head":
         head = random_head(model).for_drafting(device, torch.float32)
-        factory = InProcessDrafterFactory(head, TreeShape(depth=4, top_k=3, total_tokens=12))
+        head_slots = draft_slots(head, True, 256)  # None on a CPU
+        factory = InProcessDrafterFactory(head, TreeShape(depth=4, top_k=3, total_tokens=12), head_slots)
     else:
         factory = Factory(lambda: OracleDrafter(target, 5), capture_layer_ids=LAYERS)
     # Eight at once, four running, on two slots of 96 tokens: some requests take a slot,
@@ -233,6 +235,8 @@ def test_an_engine_with_slots_decodes_exactly_as_without(target, tiny_tokenizer,
             assert len(engine._free_slots) == 2  # every request gave its slot back
             assert sum(slot.verified for slot in slots) > 0
             assert all(slot.graphs.enabled == (device == "cuda") for slot in slots)
+    if device == "cuda" and drafter == "head":
+        assert head_slots.made and not head_slots.graphs_failed
     assert outputs["slots"] == outputs["growing"]
 
 
