@@ -17,8 +17,9 @@ and every address, so a slot keeps them fixed:
 
 The captured target features (``HiddenCapture``) and the logits are outputs of the graph:
 they stay valid until the next replay of any graph in the slot's pool (an engine's slots
-share one), so the engine reads them before its next forward. On a CPU the same code runs uncaptured
-(the unit tests); there the engine's growing cache is faster, so slots are a GPU default.
+share one), so the engine reads them before its next forward. On a CPU the same code runs
+uncaptured (the unit tests); there the engine's growing cache is faster, so slots are a
+GPU default.
 """
 
 from __future__ import annotations
