@@ -291,3 +291,48 @@ def test_warming_prepares_every_tree_bucket_and_leaves_the_slot_as_it_was(target
     assert asked == [(1, ())]
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
+
+
+class RecordsCaptures:
+    """A GraphCache stand-in that records which graphs are asked for and captures none
+    (the slot then runs eagerly)."""
+
+    enabled, failed, capture_seconds = True, False, 0.0
+
+    def __init__(self):
+        self.asked = []
+
+    def get(self, key, prepare):
+        self.asked.append(key)
+        return None
+
+
+@pytest.mark.parametrize("drafter_up", [True, False])
+def test_an_engine_captures_its_slots_tree_graphs_before_the_first_request(
+    target, tiny_tokenizer, drafter_up
+):
+    """With the drafter's layers and the tree's size known at start, every row bucket's
+    graph is captured before any request; a drafter not up yet leaves the plain step's."""
+    head = random_head(target)
+    layers = tuple(head.config.capture_layer_ids)
+
+    class Factory(InProcessDrafterFactory):
+        def capture_layer_ids(self):
+            if not drafter_up:
+                raise ConnectionError("drafter not up yet")
+            return super().capture_layer_ids()
+
+    slots = make_slots(target, 2, 96)
+    for slot in slots:
+        slot.graphs = RecordsCaptures()
+    engine = Engine(
+        target, tiny_tokenizer, max_running=1, drafter_factory=Factory(head, TreeShape(4, 3, 12)), slots=slots
+    )
+    engine.start()
+    try:
+        run_requests(engine, [(prompts(1, seed=3)[0], SamplingParams(max_tokens=4), False)])
+    finally:
+        engine.stop()
+    warmed = [(1, ()), (2, layers), (4, layers), (8, layers), (16, layers)] if drafter_up else [(1, ())]
+    for slot in slots:
+        assert slot.graphs.asked[: len(warmed)] == warmed

@@ -338,12 +338,25 @@ class Engine:
 
     @torch.inference_mode()
     def _warm_slots(self) -> None:
-        """Capture every slot's plain step before the first request, so that no request's
-        steps carry it (the tree shapes' graphs come with the first tree of each size).
-        Slots an earlier engine warmed are left as they are."""
-        for slot in self._free_slots:
+        """Capture every slot's graphs before the first request, so that no request
+        carries a capture: the plain step's, and, where the drafter says which layers it
+        reads and the tree's size is known, the tree verification's for every row bucket
+        up to that size. A drafter not up yet leaves the trees' graphs to the first tree
+        of each size. Graphs an earlier engine captured on the same slots are kept."""
+        graphed = [slot for slot in self._free_slots if slot.graphs.enabled]
+        if not graphed:
+            return
+        tree_nodes, layer_ids = 0, ()
+        shape = getattr(self.drafter_factory, "shape", None)
+        if shape is not None:
             try:
-                slot.warm()
+                layer_ids = tuple(self.drafter_factory.capture_layer_ids())
+                tree_nodes = shape.total_tokens
+            except Exception as exc:  # declined, or not reachable yet
+                log.info("tree graphs not captured ahead: %s", exc)
+        for slot in graphed:
+            try:
+                slot.warm(tree_nodes, layer_ids)
             except Exception:  # the requests then fail or run eagerly, and say why
                 log.warning("warming a KV cache slot failed", exc_info=True)
 
