@@ -11,8 +11,8 @@ wraps each linear layer so that it multiplies a row count the way that measured 
 faster than MKL unpadded (``PaddedRowsLinear``). A shape that uses oneDNN keeps a copy of
 its weights in oneDNN's layout.
 
-The verifier tunes its target from 2 rows (tree verification; its plain 1-token step stays
-bit for bit Hugging Face's), the drafter its head from 1 row (the draft only proposes).
+The verifier tunes its target from 1 row (its plain step, tree verification and batched
+plain steps), the drafter its head from 1 row.
 """
 
 from __future__ import annotations

@@ -32,13 +32,13 @@ def verify_tree(model, prompt, tree, root=40):
 
 
 def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_heads(monkeypatch):
-    # As if every weight shape were slow at 3 and 13 rows on this machine.
+    # As if every weight shape were slow at 1 (the plain step), 3 and 13 rows on this machine.
     timed_shapes = []
 
     def time_row_counts(linears, min_rows, max_rows, repeats, onednn):
-        assert min_rows == 2  # the plain 1-token step is never timed, so never changed
+        assert min_rows == 1  # the plain 1-token step is timed too
         timed_shapes.append(tuple(linears[0].weight.shape))
-        mkl = {(MKL, rows): 2.0 if rows in (3, 13) else 1.0 for rows in range(1, max_rows + 1)}
+        mkl = {(MKL, rows): 2.0 if rows in (1, 3, 13) else 1.0 for rows in range(1, max_rows + 1)}
         return {**mkl, (ONEDNN, 13): 1.0}
 
     monkeypatch.setattr(cpu_linear, "time_row_counts", time_row_counts)
@@ -50,7 +50,7 @@ def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_head
     wrapped = [m for m in tuned.modules() if isinstance(m, PaddedRowsLinear)]
     assert len(wrapped) == len(linears(stock))  # every linear layer, the output projection too
     assert isinstance(tuned.get_output_embeddings(), PaddedRowsLinear)
-    assert tuned.get_output_embeddings().plan == {3: (MKL, 4), 13: (ONEDNN, 13)}
+    assert tuned.get_output_embeddings().plan == {1: (MKL, 2), 3: (MKL, 4), 13: (ONEDNN, 13)}
 
     repeats = []
     real_repeat_kv = hf_sdpa.repeat_kv
@@ -71,7 +71,9 @@ def test_tuned_target_verifies_a_tree_as_the_stock_one_without_repeating_kv_head
     assert not repeats
     assert torch.allclose(tuned_logits, stock_logits, atol=1e-5)
     assert torch.equal(tuned_logits.argmax(-1), stock_logits.argmax(-1))
-    assert torch.equal(tuned_step, stock_step)  # the plain 1-token step is untouched
+    # the plain 1-token step, padded to 2 rows: the same logits to rounding
+    assert torch.allclose(tuned_step, stock_step, atol=1e-5)
+    assert torch.equal(tuned_step.argmax(-1), stock_step.argmax(-1))
 
 
 def test_verify_cost_bench_times_both_copies_and_compares_their_picks():

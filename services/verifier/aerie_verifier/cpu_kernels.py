@@ -1,11 +1,13 @@
-"""Two CPU fixes that make a draft tree's verification forward cheaper.
+"""Two CPU fixes that make the target's forwards of a few new tokens cheaper: a draft
+tree's verification, a batch of plain steps, and one request's plain 1-token step.
 
-They change forwards of several new tokens (and a batch of several requests' plain steps);
-a single request's 1-token step and the prefill run as before, so plain decoding stays
-bit for bit Hugging Face's.
+The prefill (more rows than are timed) runs as before. Where a 1-token step changes, its
+logits differ from Hugging Face's in the last bits (the greedy outputs of the engine's
+plain and speculative decoding still match token for token: the tests and benchmarks
+check them against each other).
 
 - **Each row count multiplied by the kernel and padding that measured fastest here**
-  (aerie_common.cpu_linear): the engine times every weight shape of its target for 2 to
+  (aerie_common.cpu_linear): the engine times every weight shape of its target for 1 to
   16 rows when it starts (several seconds), with MKL and oneDNN, and each linear layer
   then multiplies a row count the way that measured clearly faster than MKL unpadded. A
   shape that uses oneDNN keeps a copy of its weights in oneDNN's layout (for
@@ -32,8 +34,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 log = logging.getLogger(__name__)
 
 GROUPED_SDPA = "aerie_grouped_sdpa"
-# One row, the plain decoding step, is never changed: it stays bit for bit the reference.
-MIN_TUNED_ROWS = 2
+# From one row, the plain decoding step: on a 2-core AMD EPYC MKL takes a slow path for it,
+# and oneDNN (padded to 3 or 4 rows) made the step 1.5x faster (63.0 -> 42.4 ms at 200
+# tokens of context, 2026-12-04; docs/benchmarks.md).
+MIN_TUNED_ROWS = 1
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
