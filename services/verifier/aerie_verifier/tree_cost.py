@@ -2,7 +2,8 @@
 
 A tree of N nodes costs one target forward of N+1 new tokens. How that cost grows with N
 depends on the machine more than on anything else: on one 2-core machine 3 new tokens
-cost 1.05 plain steps and 5 cost 1.50, on another both about 0.67 (cpu_kernels). Two
+cost 1.05 untuned plain steps and 5 cost 1.50, on another both about 0.67 (cpu_kernels;
+measured before the 1-token step was tuned too, which made it as cheap as these). Two
 more nodes raise the mean acceptance length of the shipped head by about 10% (1.73 ->
 1.91 on MT-bench, docs/benchmarks.md) and cost one more draft step, so they pay only where
 the larger forward costs about the same. The verifier measures that at start and picks.
