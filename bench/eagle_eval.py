@@ -234,13 +234,13 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
                 "by_depth": overall.by_depth(),
                 **({"lossless_mismatches": mismatches} if args.check_lossless else {}),
             }
-            lossless = f", {mismatches} outputs differ from plain decoding" if args.check_lossless else ""
+            optional = f", {mismatches} outputs differ from plain decoding" if args.check_lossless else ""
             if args.target_confidence:
-                lossless += f", target confidence {overall.target_confidence:.3f}"
+                optional += f", target confidence {overall.target_confidence:.3f}"
             print(
                 f"  {template:20s} acceptance length {overall.acceptance_length:.3f} "
                 f"({overall.steps} steps, {overall.tokens} tokens, "
-                f"{overall.draft_vocab_coverage:.1%} in the draft vocabulary{lossless})"
+                f"{overall.draft_vocab_coverage:.1%} in the draft vocabulary{optional})"
             )
     finally:
         engine.stop()
