@@ -33,7 +33,7 @@ import argparse
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from aerie_drafter.eagle import EagleHead
 from aerie_drafter.proposer import TreeShape, default_tree
 from aerie_verifier.speculative import SpeculativeStats
 from torch import nn
+from tqdm.auto import tqdm
 
 from bench.prompts import mtbench_questions, select_questions
 from bench.results_json import write_results
@@ -184,6 +185,7 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
     shape = default_tree(device) if device.startswith("cuda") else ACCEPTANCE_TREE_CPU
     if args.tree:
         shape = TreeShape(*args.tree)
+    shape = replace(shape, context_ngram=args.context_ngram)
     engine = Engine(target, tokenizer, max_running=1, drafter_factory=InProcessDrafterFactory(head, shape))
     engine.start()
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
@@ -197,7 +199,8 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
         for template in args.templates:
             overall, per_category = Tally(), defaultdict(Tally)
             mismatches, wall = 0, 0.0
-            for q in questions:
+            bar = tqdm(questions, desc=f"{Path(head_dir).name} {template}", unit="question", leave=False)
+            for q in bar:
                 answers: list[str] = []
                 for turn in range(min(args.turns, len(q["turns"]))):
                     prompt = build_prompt(tokenizer, template, q["turns"][: turn + 1], answers)
@@ -214,6 +217,7 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
                         plain, _ = generate(engine, prompt, params, speculative=False)
                         mismatches += plain != tokens
                     answers.append(tokenizer.decode(tokens, skip_special_tokens=True))
+                bar.set_postfix(acceptance=f"{overall.acceptance_length:.3f}")
             result[template] = {
                 "acceptance_length": overall.acceptance_length,
                 "steps": overall.steps,
@@ -302,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--templates", nargs="+", default=list(TEMPLATES), choices=list(TEMPLATES))
     parser.add_argument(
         "--tree", nargs=3, type=int, metavar=("DEPTH", "TOP_K", "TOTAL"), help="draft tree shape"
+    )
+    parser.add_argument(
+        "--context-ngram",
+        action="store_true",
+        help="add the context's continuation to each tree (aerie_drafter.context_ngram)",
     )
     parser.add_argument(
         "--head-dtypes",

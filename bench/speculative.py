@@ -12,6 +12,9 @@ configuration alike:
                       request's speculation once it measures slower than plain decoding
     inprocess-oracle  a drafter that knows the plain output: every draft is accepted
     grpc-oracle       the same oracle behind the real Drafter gRPC service
+    inprocess-head-context-off (or -on)
+                      the head in-process with the context branch the other way from
+                      AERIE_DRAFT_TREE_CONTEXT_NGRAM (aerie_drafter.context_ngram)
 
 On a GPU the engines decode on fixed-size KV cache slots whose steps replay CUDA graphs,
 and the head grows its trees as graph replays, as the services do there (AERIE_CUDA_GRAPHS),
@@ -50,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -339,7 +342,10 @@ def main() -> None:
     # the Hugging Face rows run a stock copy of their own, as a user would.
     hf_model, _, _ = in_passing_thread(load_target, settings)
     device = str(model.device)
-    shape = in_passing_thread(serving_tree, model)  # the verifier's: timed on this machine
+    # the verifier's: timed on this machine, with the context branch as configured
+    shape = replace(
+        in_passing_thread(serving_tree, model), context_ngram=DrafterSettings().draft_tree_context_ngram
+    )
 
     def load_head(dtype: str):
         return in_passing_thread(
@@ -379,7 +385,12 @@ def main() -> None:
             "inprocess-oracle": OracleFactory(json.loads(oracle_file.read_text()), layer_ids, shape),
             "grpc-oracle": GrpcDrafterFactory(oracle_addr, shape),
         }
-        extra_rows = {tree_row_name(extra): extra for extra in args.trees}
+        # the head with the context branch the other way, side by side
+        other = replace(shape, context_ngram=not shape.context_ngram)
+        extra_rows = {f"inprocess-head-context-{'on' if other.context_ngram else 'off'}": other}
+        extra_rows.update(
+            {tree_row_name(extra): replace(extra, context_ngram=shape.context_ngram) for extra in args.trees}
+        )
         factories.update(
             {name: InProcessDrafterFactory(head, extra, head_slots) for name, extra in extra_rows.items()}
         )
@@ -447,7 +458,7 @@ def main() -> None:
         or bool(head_slots and head_slots.graphs_failed),
         "head": origin,
         "head_dtype": str(head.fc.weight.dtype).removeprefix("torch."),
-        "tree": {"depth": shape.depth, "top_k": shape.top_k, "total_tokens": shape.total_tokens},
+        "tree": vars(shape),
         "prompts": len(prompts),
         "categories": sorted({q["category"] for q in questions}),
         "max_tokens": args.max_tokens,

@@ -57,3 +57,7 @@ class DraftTreeSettings(AerieSettings):
     draft_tree_depth: int = 0
     draft_tree_top_k: int = 0
     draft_tree_total_tokens: int = 0
+    # Also draft the context's continuation of the last tokens (prompt lookup), as a chain
+    # that takes room in the tree only when it outscores the head's nodes
+    # (aerie_drafter/context_ngram.py).
+    draft_tree_context_ngram: bool = True

@@ -9,6 +9,7 @@ import asyncio
 import queue
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -135,17 +136,31 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.02)
 
 
-def test_trees_over_grpc_equal_the_in_process_proposer(drafter, head):
+@pytest.mark.parametrize("context_ngram", [False, True], ids=["head", "head+context"])
+def test_trees_over_grpc_equal_the_in_process_proposer(drafter, head, context_ngram):
     server, _ = drafter
-    factory = GrpcDrafterFactory(server.addr, SHAPE)
+    shape = replace(SHAPE, context_ngram=context_ngram)
+    factory = GrpcDrafterFactory(server.addr, shape)
     assert tuple(factory.capture_layer_ids()) == head.config.capture_layer_ids
-    remote, local = factory.open("r"), InProcessDrafter(DraftSession(head), SHAPE)
-    token_ids = torch.randint(3, VOCAB, (30,)).tolist()
-    hidden = features(29)
-    assert remote.start(token_ids, hidden) == local.start(token_ids, hidden)
+    remote, local = factory.open("r"), InProcessDrafter(DraftSession(head), shape)
+    base = torch.randint(3, VOCAB, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    token_ids = base + base[10:14]  # ends as it did before base[14]
+    hidden = features(len(token_ids) - 1)
+    tree, expected = remote.start(token_ids, hidden), local.start(token_ids, hidden)
+    assert (tree.token_ids, tree.parents) == (expected.token_ids, expected.parents)
+    assert tree.scores == pytest.approx(expected.scores)  # float32 on the wire
+    root_children = [t for t, parent in zip(tree.token_ids, tree.parents, strict=True) if parent == -1]
+    assert (base[14] in root_children) == context_ngram  # the verifier's choice reached the drafter
     more, more_hidden = [7, 8, 9], features(3, seed=1)
     assert remote.extend(more, more_hidden) == local.extend(more, more_hidden)
     remote.close()
+
+
+def test_unset_tree_fields_take_the_drafters_defaults(head):
+    servicer = DrafterServicer(head, replace(SHAPE, context_ngram=True), 1, "test")
+    assert servicer._tree_shape(drafter_pb2.TreeShape()) == replace(SHAPE, context_ngram=True)
+    asked = servicer._tree_shape(drafter_pb2.TreeShape(depth=2, context_ngram=False))
+    assert asked == TreeShape(2, SHAPE.top_k, SHAPE.total_tokens, context_ngram=False)
 
 
 def test_all_head_work_of_all_sessions_runs_on_one_compute_thread(head):

@@ -75,10 +75,10 @@ def make_engine(target, tiny_tokenizer):
         engine.stop()
 
 
-def test_greedy_is_lossless_with_a_random_head(target, make_engine):
-    engine = make_engine(
-        InProcessDrafterFactory(random_head(target), TreeShape(depth=4, top_k=3, total_tokens=10))
-    )
+@pytest.mark.parametrize("context_ngram", [False, True], ids=["head", "head+context"])
+def test_greedy_is_lossless_with_a_random_head(target, make_engine, context_ngram):
+    shape = TreeShape(depth=4, top_k=3, total_tokens=10, context_ngram=context_ngram)
+    engine = make_engine(InProcessDrafterFactory(random_head(target), shape))
     for i, prompt in enumerate(prompts(12)):
         params = SamplingParams(max_tokens=8 + 5 * i)
         plain, _ = generate(engine, prompt, params, speculative=False)

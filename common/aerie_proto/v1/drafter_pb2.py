@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x65rie_proto/v1/drafter.proto\x12\x08\x61\x65rie.v1\"G\n\x0bTensorChunk\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04more\x18\x04 \x01(\x08\"?\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x84\x01\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12!\n\x04tree\x18\x03 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12,\n\rhidden_states\x18\x04 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"W\n\x0b\x44raftExtend\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12,\n\rhidden_states\x18\x02 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"\x9b\x01\n\x0c\x44raftRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.aerie.v1.DraftStartH\x00\x12\'\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x15.aerie.v1.DraftExtendH\x00\x12\x33\n\x12hidden_states_part\x18\x03 \x01(\x0b\x32\x15.aerie.v1.TensorChunkH\x00\x42\x06\n\x04kind\"?\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"I\n\rDraftResponse\x12!\n\x04tree\x18\x01 \x01(\x0b\x32\x13.aerie.v1.DraftTree\x12\x15\n\rdraft_seconds\x18\x02 \x01(\x01\"\x14\n\x12\x44rafterInfoRequest\"\x8c\x02\n\x0b\x44rafterInfo\x12\x19\n\x11\x63\x61pture_layer_ids\x18\x01 \x03(\x05\x12\x15\n\reagle_version\x18\x02 \x01(\t\x12\x1a\n\x12target_hidden_size\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10\x64raft_vocab_size\x18\x05 \x01(\x05\x12)\n\x0c\x64\x65\x66\x61ult_tree\x18\x06 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12\x11\n\thead_path\x18\x07 \x01(\t\x12\x15\n\rlive_sessions\x18\x08 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\t \x01(\x05\x12\x16\n\x0esessions_total\x18\n \x01(\x03\x32\x8e\x01\n\x07\x44rafter\x12\x43\n\x0c\x44raftSession\x12\x16.aerie.v1.DraftRequest\x1a\x17.aerie.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1c.aerie.v1.DrafterInfoRequest\x1a\x15.aerie.v1.DrafterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x65rie_proto/v1/drafter.proto\x12\x08\x61\x65rie.v1\"G\n\x0bTensorChunk\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04more\x18\x04 \x01(\x08\"m\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\x05\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1a\n\rcontext_ngram\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x10\n\x0e_context_ngram\"\x84\x01\n\nDraftStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12!\n\x04tree\x18\x03 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12,\n\rhidden_states\x18\x04 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"W\n\x0b\x44raftExtend\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12,\n\rhidden_states\x18\x02 \x01(\x0b\x32\x15.aerie.v1.TensorChunk\"\x9b\x01\n\x0c\x44raftRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.aerie.v1.DraftStartH\x00\x12\'\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x15.aerie.v1.DraftExtendH\x00\x12\x33\n\x12hidden_states_part\x18\x03 \x01(\x0b\x32\x15.aerie.v1.TensorChunkH\x00\x42\x06\n\x04kind\"?\n\tDraftTree\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"I\n\rDraftResponse\x12!\n\x04tree\x18\x01 \x01(\x0b\x32\x13.aerie.v1.DraftTree\x12\x15\n\rdraft_seconds\x18\x02 \x01(\x01\"\x14\n\x12\x44rafterInfoRequest\"\x8c\x02\n\x0b\x44rafterInfo\x12\x19\n\x11\x63\x61pture_layer_ids\x18\x01 \x03(\x05\x12\x15\n\reagle_version\x18\x02 \x01(\t\x12\x1a\n\x12target_hidden_size\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x18\n\x10\x64raft_vocab_size\x18\x05 \x01(\x05\x12)\n\x0c\x64\x65\x66\x61ult_tree\x18\x06 \x01(\x0b\x32\x13.aerie.v1.TreeShape\x12\x11\n\thead_path\x18\x07 \x01(\t\x12\x15\n\rlive_sessions\x18\x08 \x01(\x05\x12\x14\n\x0cmax_sessions\x18\t \x01(\x05\x12\x16\n\x0esessions_total\x18\n \x01(\x03\x32\x8e\x01\n\x07\x44rafter\x12\x43\n\x0c\x44raftSession\x12\x16.aerie.v1.DraftRequest\x1a\x17.aerie.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1c.aerie.v1.DrafterInfoRequest\x1a\x15.aerie.v1.DrafterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_start=42
   _globals['_TENSORCHUNK']._serialized_end=113
   _globals['_TREESHAPE']._serialized_start=115
-  _globals['_TREESHAPE']._serialized_end=178
-  _globals['_DRAFTSTART']._serialized_start=181
-  _globals['_DRAFTSTART']._serialized_end=313
-  _globals['_DRAFTEXTEND']._serialized_start=315
-  _globals['_DRAFTEXTEND']._serialized_end=402
-  _globals['_DRAFTREQUEST']._serialized_start=405
-  _globals['_DRAFTREQUEST']._serialized_end=560
-  _globals['_DRAFTTREE']._serialized_start=562
-  _globals['_DRAFTTREE']._serialized_end=625
-  _globals['_DRAFTRESPONSE']._serialized_start=627
-  _globals['_DRAFTRESPONSE']._serialized_end=700
-  _globals['_DRAFTERINFOREQUEST']._serialized_start=702
-  _globals['_DRAFTERINFOREQUEST']._serialized_end=722
-  _globals['_DRAFTERINFO']._serialized_start=725
-  _globals['_DRAFTERINFO']._serialized_end=993
-  _globals['_DRAFTER']._serialized_start=996
-  _globals['_DRAFTER']._serialized_end=1138
+  _globals['_TREESHAPE']._serialized_end=224
+  _globals['_DRAFTSTART']._serialized_start=227
+  _globals['_DRAFTSTART']._serialized_end=359
+  _globals['_DRAFTEXTEND']._serialized_start=361
+  _globals['_DRAFTEXTEND']._serialized_end=448
+  _globals['_DRAFTREQUEST']._serialized_start=451
+  _globals['_DRAFTREQUEST']._serialized_end=606
+  _globals['_DRAFTTREE']._serialized_start=608
+  _globals['_DRAFTTREE']._serialized_end=671
+  _globals['_DRAFTRESPONSE']._serialized_start=673
+  _globals['_DRAFTRESPONSE']._serialized_end=746
+  _globals['_DRAFTERINFOREQUEST']._serialized_start=748
+  _globals['_DRAFTERINFOREQUEST']._serialized_end=768
+  _globals['_DRAFTERINFO']._serialized_start=771
+  _globals['_DRAFTERINFO']._serialized_end=1039
+  _globals['_DRAFTER']._serialized_start=1042
+  _globals['_DRAFTER']._serialized_end=1184
 # @@protoc_insertion_point(module_scope)

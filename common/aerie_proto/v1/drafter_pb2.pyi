@@ -19,14 +19,16 @@ class TensorChunk(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class TreeShape(_message.Message):
-    __slots__ = ("depth", "top_k", "total_tokens")
+    __slots__ = ("depth", "top_k", "total_tokens", "context_ngram")
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_NGRAM_FIELD_NUMBER: _ClassVar[int]
     depth: int
     top_k: int
     total_tokens: int
-    def __init__(self, depth: _Optional[int] = ..., top_k: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    context_ngram: bool
+    def __init__(self, depth: _Optional[int] = ..., top_k: _Optional[int] = ..., total_tokens: _Optional[int] = ..., context_ngram: _Optional[bool] = ...) -> None: ...
 
 class DraftStart(_message.Message):
     __slots__ = ("request_id", "token_ids", "tree", "hidden_states")

@@ -5,7 +5,8 @@ hidden states; the pair (features at t, token t+1) is the head's input at positi
 and its KV cache covers every pair seen so far. ``propose`` grows a dynamic draft tree
 from the last pair (EAGLE-2): expand the top-k children of the best frontier nodes for
 ``depth`` steps, rank every candidate by cumulative log-probability, keep the best
-``total_tokens``. The tree's keys and values are scratch: after verification the
+``total_tokens`` (with ``TreeShape.context_ngram``, the context's continuation of the last
+tokens competes for those places as one more chain: context_ngram.py). The tree's keys and values are scratch: after verification the
 verifier sends the accepted tokens with their *real* target features, and only those
 enter the cache.
 
@@ -22,6 +23,7 @@ import torch
 from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 
+from aerie_drafter.context_ngram import ContextNgrams, chain_scores
 from aerie_drafter.eagle import EagleHead
 
 MAX_DEPTH = 16
@@ -34,6 +36,9 @@ class TreeShape:
     depth: int
     top_k: int
     total_tokens: int
+    # Also propose the context's continuation of the last tokens as a chain of up to
+    # ``depth`` nodes (aerie_drafter.context_ngram), competing with the head's on score.
+    context_ngram: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= MAX_DEPTH:
@@ -263,6 +268,7 @@ class DraftSession:
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
         self.tokens: list[int] = []
+        self._context = ContextNgrams()
         self._pending: list[torch.Tensor] = []  # feature rows not yet run through the head
         self._slots = slots
         self._slot: DraftSlot | None = None
@@ -287,6 +293,7 @@ class DraftSession:
                 f"start needs one more token than feature rows: {len(token_ids)} vs {len(hidden)}"
             )
         self.tokens = list(token_ids)
+        self._context.extend(token_ids)
         self._pending.append(hidden)
         if self._slots is not None and len(hidden) < self._slots.capacity:
             self._slot = self._slots.take()
@@ -301,6 +308,7 @@ class DraftSession:
                 f"extend needs as many feature rows as tokens: {len(token_ids)} vs {len(hidden)}"
             )
         self.tokens.extend(token_ids)
+        self._context.extend(token_ids)
         self._pending.append(hidden)
 
     def close(self) -> None:
@@ -366,21 +374,44 @@ class DraftSession:
                 self._last_hidden,
                 self._last_normed,
             )
-        return self._select(shape.total_tokens, *pool)
+        chain = self._context.continuation(shape.depth) if shape.context_ngram else ([], 0)
+        return self._select(shape.total_tokens, *pool, chain=chain)
 
-    def _select(self, total, tokens, scores, parents, depths) -> DraftTree:
+    def _select(self, total, tokens, scores, parents, depths, chain=([], 0)) -> DraftTree:
         """Keep the ``total`` best-scoring nodes. A child never outscores its parent
         (log-probabilities are <= 0), and ties go to the shallower node, so the kept set
         always contains every kept node's ancestors."""
         # Python lists: reading the pool element by element from a GPU tensor costs a
         # synchronisation per read, hundreds per tree.
+        target_ids = self.head.to_target_ids(tokens).tolist()
         scores, depths, parents = scores.tolist(), depths.tolist(), parents.tolist()
+        if chain[0]:
+            _add_chain(target_ids, scores, parents, depths, *chain)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], depths[i], i))[:total]
         order.sort(key=lambda i: (depths[i], i))  # parents before children
         new_index = {old: new for new, old in enumerate(order)}
-        target_ids = self.head.to_target_ids(tokens[order]).tolist()
         return DraftTree(
-            token_ids=target_ids,
+            token_ids=[target_ids[i] for i in order],
             parents=[new_index[parents[i]] if parents[i] >= 0 else -1 for i in order],
             scores=[scores[i] for i in order],
         )
+
+
+def _add_chain(target_ids, scores, parents, depths, chain: list[int], match_length: int) -> None:
+    """Merge a context chain into the candidate pool (lists, in place): a chain token the
+    head already proposed at that place keeps the better of the two scores, the rest
+    become new nodes. Both scores fall along a path, so a child still never outscores
+    its parent."""
+    node_of = {(parent, token): i for i, (parent, token) in enumerate(zip(parents, target_ids, strict=True))}
+    parent = -1
+    for token, score in zip(chain, chain_scores(match_length, len(chain)), strict=True):
+        node = node_of.get((parent, token))
+        if node is None:
+            node = len(target_ids)
+            target_ids.append(token)
+            scores.append(score)
+            parents.append(parent)
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        else:
+            scores[node] = max(scores[node], score)
+        parent = node

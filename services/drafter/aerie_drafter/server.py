@@ -101,6 +101,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             depth=requested.depth or d.depth,
             top_k=requested.top_k or d.top_k,
             total_tokens=requested.total_tokens or d.total_tokens,
+            context_ngram=requested.context_ngram if requested.HasField("context_ngram") else d.context_ngram,
         )
 
     def _features(self, parts, rows: int, what: str) -> torch.Tensor:
@@ -200,7 +201,9 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             target_hidden_size=config.target_hidden_size or config.hidden_size,
             vocab_size=config.vocab_size,
             draft_vocab_size=config.draft_vocab_size,
-            default_tree=drafter_pb2.TreeShape(depth=d.depth, top_k=d.top_k, total_tokens=d.total_tokens),
+            default_tree=drafter_pb2.TreeShape(
+                depth=d.depth, top_k=d.top_k, total_tokens=d.total_tokens, context_ngram=d.context_ngram
+            ),
             head_path=self.head_origin,
             live_sessions=self.live_sessions,
             max_sessions=self.max_sessions,

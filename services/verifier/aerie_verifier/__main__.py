@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
@@ -30,6 +31,7 @@ def make_drafter_factory(settings: VerifierSettings, model):
     shape = serving_tree(
         model, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
     )
+    shape = replace(shape, context_ngram=settings.draft_tree_context_ngram)
     from aerie_drafter.loading import UNTRAINED, load_drafter_head
     from aerie_drafter.proposer import draft_slots
     from aerie_drafter.settings import DrafterSettings

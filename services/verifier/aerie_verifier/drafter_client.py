@@ -105,7 +105,10 @@ class GrpcDrafter:
 
     def start(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree:
         shape = drafter_pb2.TreeShape(
-            depth=self.shape.depth, top_k=self.shape.top_k, total_tokens=self.shape.total_tokens
+            depth=self.shape.depth,
+            top_k=self.shape.top_k,
+            total_tokens=self.shape.total_tokens,
+            context_ngram=self.shape.context_ngram,
         )
         start = drafter_pb2.DraftStart(request_id=self.request_id, token_ids=token_ids, tree=shape)
         return self._send(drafter_pb2.DraftRequest(start=start), hidden, "start")
