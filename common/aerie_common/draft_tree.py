@@ -62,6 +62,17 @@ class DraftTree:
             kids[parent].append(i)
         return kids
 
+    def path(self, token_ids: list[int]) -> list[int]:
+        """The nodes spelling ``token_ids`` from the root, as far as the tree follows them."""
+        kids = self.children()
+        nodes, current = [], -1
+        for token in token_ids:
+            current = next((c for c in kids[current] if self.token_ids[c] == token), None)
+            if current is None:
+                break
+            nodes.append(current)
+        return nodes
+
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
         n = len(self)

@@ -127,3 +127,21 @@ def test_a_chain_the_head_also_drafted_is_merged_not_repeated(target):  # noqa: 
     assert got[(best,)] == pytest.approx(max(pool[(best,)], step[0]), abs=1e-5)
     assert got[(best, 99)] == pytest.approx(max(pool.get((best, 99), -math.inf), step[1]), abs=1e-5)
     assert set(got) == set(pool) | {(best, 99)}
+
+
+@pytest.mark.parametrize("context_ngram", [False, True])
+def test_the_session_counts_what_the_context_branch_drafted_and_got_accepted(target, context_ngram):  # noqa: F811
+    head = make_head(target, seed=2)
+    outside = next(t for t in range(VOCAB) if not head.t2d[t])
+    token_ids = [11, 12, 13, outside, 7, 8, 40, 41, 11, 12, 13]
+    hidden = features(len(token_ids) + 2, 64, seed=1)
+    session = DraftSession(head)
+    session.start(token_ids, hidden[: len(token_ids) - 1])
+    tree = session.propose(TreeShape(depth=3, top_k=3, total_tokens=8, context_ngram=context_ngram))
+    chain_nodes = tree.path([outside, 7, 8])
+    assert len(chain_nodes) == (3 if context_ngram else 0)
+    # the head proposes none of them: outside its vocabulary, and (7, 8) below that
+    assert session.context_drafted == len(chain_nodes)
+    # the verifier accepted "outside, 7", then its bonus token 99
+    session.extend([outside, 7, 99], features(3, 64, seed=2))
+    assert session.context_accepted == (2 if context_ngram else 0)

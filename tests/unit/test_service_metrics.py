@@ -211,6 +211,11 @@ def test_metrics_count_what_the_verifier_and_drafter_did(target, head, tiny_toke
         assert closed(sessions, "ended") + closed(sessions, "cancelled") == 1
         assert closed(sessions, "invalid") == closed(sessions, "error") == 0
         assert sessions[("aerie:drafter_trees_total", ())] >= usage["speculative"]["drafts"]
+        servicer = drafter.servicer
+        assert sessions[("aerie:drafter_context_draft_tokens_total", ())] == servicer.context_drafted_total
+        assert (
+            sessions[("aerie:drafter_context_accepted_tokens_total", ())] == servicer.context_accepted_total
+        )
     finally:
         verifier.stop()
         drafter.stop()

@@ -49,3 +49,13 @@ class SessionCollector(Collector):
             value=servicer.sessions_rejected,
         )
         yield CounterMetricFamily("aerie:drafter_trees", "Draft trees proposed.", value=servicer.trees_total)
+        yield CounterMetricFamily(
+            "aerie:drafter_context_draft_tokens",
+            "Tree nodes only the context branch proposed (AERIE_DRAFT_TREE_CONTEXT_NGRAM).",
+            value=servicer.context_drafted_total,
+        )
+        yield CounterMetricFamily(
+            "aerie:drafter_context_accepted_tokens",
+            "Of those, the ones the verifier accepted.",
+            value=servicer.context_accepted_total,
+        )

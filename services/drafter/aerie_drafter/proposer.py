@@ -269,6 +269,12 @@ class DraftSession:
         self.dtype = head.fc.weight.dtype
         self.tokens: list[int] = []
         self._context = ContextNgrams()
+        # Tree nodes only the context branch proposed, and how many of them the verifier
+        # accepted (read from the next extend): its contribution, for the metrics.
+        self.context_drafted = 0
+        self.context_accepted = 0
+        self._last_tree: DraftTree | None = None
+        self._last_context_nodes: set[int] = set()
         self._pending: list[torch.Tensor] = []  # feature rows not yet run through the head
         self._slots = slots
         self._slot: DraftSlot | None = None
@@ -310,6 +316,10 @@ class DraftSession:
         self.tokens.extend(token_ids)
         self._context.extend(token_ids)
         self._pending.append(hidden)
+        if self._last_context_nodes:
+            self.context_accepted += sum(
+                node in self._last_context_nodes for node in self._last_tree.path(token_ids[:-1])
+            )
 
     def close(self) -> None:
         """Give the slot back (the session is done)."""
@@ -375,26 +385,32 @@ class DraftSession:
                 self._last_normed,
             )
         chain = self._context.continuation(shape.depth) if shape.context_ngram else ([], 0)
-        return self._select(shape.total_tokens, *pool, chain=chain)
+        tree, self._last_context_nodes = self._select(shape.total_tokens, *pool, chain=chain)
+        self._last_tree = tree
+        self.context_drafted += len(self._last_context_nodes)
+        return tree
 
-    def _select(self, total, tokens, scores, parents, depths, chain=([], 0)) -> DraftTree:
+    def _select(self, total, tokens, scores, parents, depths, chain=([], 0)) -> tuple[DraftTree, set[int]]:
         """Keep the ``total`` best-scoring nodes. A child never outscores its parent
         (log-probabilities are <= 0), and ties go to the shallower node, so the kept set
-        always contains every kept node's ancestors."""
+        always contains every kept node's ancestors. Also returns the kept nodes that only
+        the chain proposed."""
         # Python lists: reading the pool element by element from a GPU tensor costs a
         # synchronisation per read, hundreds per tree.
         target_ids = self.head.to_target_ids(tokens).tolist()
         scores, depths, parents = scores.tolist(), depths.tolist(), parents.tolist()
+        head_nodes = len(target_ids)
         if chain[0]:
             _add_chain(target_ids, scores, parents, depths, *chain)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], depths[i], i))[:total]
         order.sort(key=lambda i: (depths[i], i))  # parents before children
         new_index = {old: new for new, old in enumerate(order)}
-        return DraftTree(
+        tree = DraftTree(
             token_ids=[target_ids[i] for i in order],
             parents=[new_index[parents[i]] if parents[i] >= 0 else -1 for i in order],
             scores=[scores[i] for i in order],
         )
+        return tree, {new for new, old in enumerate(order) if old >= head_nodes}
 
 
 def _add_chain(target_ids, scores, parents, depths, chain: list[int], match_length: int) -> None:

@@ -90,6 +90,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.sessions_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self.sessions_rejected = 0
         self.trees_total = 0
+        self.context_drafted_total = 0  # tree nodes only the context branch proposed
+        self.context_accepted_total = 0  # and of those, accepted
         config = head.config
         self.feature_width = len(config.capture_layer_ids) * (config.target_hidden_size or config.hidden_size)
         self.vocab_size = config.vocab_size
@@ -130,7 +132,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         hidden = self._features(parts, len(token_ids) - 1, "start")
         drafting_from = time.perf_counter()
         session.start(token_ids, hidden)
-        return session.propose(shape), time.perf_counter() - drafting_from
+        return self._propose(session, shape), time.perf_counter() - drafting_from
 
     def _extend(self, session: DraftSession | None, message, parts, shape: TreeShape):
         """On the compute thread: check an extend, add it to the session and draft."""
@@ -141,8 +143,16 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             raise DraftProtocolError(f"extend needs 1 or more token ids and at most {self.max_tokens} in all")
         hidden = self._features(parts, len(token_ids), "extend")
         drafting_from = time.perf_counter()
+        accepted_before = session.context_accepted
         session.extend(token_ids, hidden)
-        return session.propose(shape), time.perf_counter() - drafting_from
+        self.context_accepted_total += session.context_accepted - accepted_before
+        return self._propose(session, shape), time.perf_counter() - drafting_from
+
+    def _propose(self, session: DraftSession, shape: TreeShape):
+        drafted_before = session.context_drafted
+        tree = session.propose(shape)
+        self.context_drafted_total += session.context_drafted - drafted_before
+        return tree
 
     async def DraftSession(self, request_iterator, context):
         if self.live_sessions >= self.max_sessions:
