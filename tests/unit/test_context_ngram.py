@@ -6,7 +6,7 @@ import math
 import random
 
 import pytest
-from aerie_drafter.context_ngram import MAX_N, PRECISION, ContextNgrams, chain_scores
+from aerie_drafter.context_ngram import MAX_N, PRECISION, PRIOR_WEIGHT, ContextNgrams
 from aerie_drafter.proposer import DraftSession, TreeShape
 
 from tests.unit.test_drafter import VOCAB, features, make_head, target  # noqa: F401 (fixture)
@@ -48,9 +48,36 @@ def test_incremental_lookups_match_a_brute_force_scan():
             assert context.continuation(4) == brute_force_continuation(seen, 4), seen
 
 
+def chain_scores(match_length, length):  # a fresh session's: the prior's
+    return ContextNgrams().chain_scores(match_length, length)
+
+
 def test_chain_scores_fall_with_depth_and_match_length():
     assert chain_scores(3, 2) == pytest.approx([math.log(PRECISION[3]), 2 * math.log(PRECISION[3])])
     assert chain_scores(1, 1)[0] < chain_scores(2, 1)[0] < chain_scores(3, 1)[0] < 0
+
+
+def test_the_precision_follows_the_sessions_own_outcomes():
+    context = ContextNgrams()
+    context.extend([1, 2, 3, 4, 1, 2, 3])
+    misses = 3 * PRIOR_WEIGHT
+    for i in range(misses):  # "1 2 3" -> what followed it last; the target says something new
+        assert context.continuation(2)[1] == 3
+        context.extend([100 + i, 1, 2, 3])
+    # only the first token of each proposal counts, and only once
+    assert context.precision(3) == pytest.approx(PRIOR_WEIGHT * PRECISION[3] / (misses + PRIOR_WEIGHT))
+    assert context.precision(2) == pytest.approx(PRECISION[2])  # untried: the prior
+    hits = ContextNgrams()
+    hits.extend([5, 6, 7, 8, 5, 6, 7])
+    for _ in range(misses):
+        first = hits.continuation(1)[0][0]
+        hits.extend([first, 5, 6, 7])
+    assert PRECISION[3] < hits.precision(3) < 1
+    assert hits.chain_scores(3, 1)[0] > chain_scores(3, 1)[0]
+    hits.extend([1])  # no proposal pending: nothing recorded
+    assert hits.precision(3) == pytest.approx(
+        (misses + PRIOR_WEIGHT * PRECISION[3]) / (misses + PRIOR_WEIGHT)
+    )
 
 
 def paths(tree) -> dict[tuple[int, ...], float]:

@@ -23,7 +23,7 @@ import torch
 from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 
-from aerie_drafter.context_ngram import ContextNgrams, chain_scores
+from aerie_drafter.context_ngram import ContextNgrams
 from aerie_drafter.eagle import EagleHead
 
 MAX_DEPTH = 16
@@ -384,13 +384,16 @@ class DraftSession:
                 self._last_hidden,
                 self._last_normed,
             )
-        chain = self._context.continuation(shape.depth) if shape.context_ngram else ([], 0)
-        tree, self._last_context_nodes = self._select(shape.total_tokens, *pool, chain=chain)
+        chain, scores = [], []
+        if shape.context_ngram:
+            chain, match_length = self._context.continuation(shape.depth)
+            scores = self._context.chain_scores(match_length, len(chain)) if chain else []
+        tree, self._last_context_nodes = self._select(shape.total_tokens, *pool, chain=(chain, scores))
         self._last_tree = tree
         self.context_drafted += len(self._last_context_nodes)
         return tree
 
-    def _select(self, total, tokens, scores, parents, depths, chain=([], 0)) -> tuple[DraftTree, set[int]]:
+    def _select(self, total, tokens, scores, parents, depths, chain=([], [])) -> tuple[DraftTree, set[int]]:
         """Keep the ``total`` best-scoring nodes. A child never outscores its parent
         (log-probabilities are <= 0), and ties go to the shallower node, so the kept set
         always contains every kept node's ancestors. Also returns the kept nodes that only
@@ -413,14 +416,14 @@ class DraftSession:
         return tree, {new for new, old in enumerate(order) if old >= head_nodes}
 
 
-def _add_chain(target_ids, scores, parents, depths, chain: list[int], match_length: int) -> None:
+def _add_chain(target_ids, scores, parents, depths, chain: list[int], chain_scores: list[float]) -> None:
     """Merge a context chain into the candidate pool (lists, in place): a chain token the
     head already proposed at that place keeps the better of the two scores, the rest
     become new nodes. Both scores fall along a path, so a child still never outscores
     its parent."""
     node_of = {(parent, token): i for i, (parent, token) in enumerate(zip(parents, target_ids, strict=True))}
     parent = -1
-    for token, score in zip(chain, chain_scores(match_length, len(chain)), strict=True):
+    for token, score in zip(chain, chain_scores, strict=True):
         node = node_of.get((parent, token))
         if node is None:
             node = len(target_ids)
