@@ -130,3 +130,21 @@ def test_target_confidence_is_the_targets_probability_of_each_token_it_chose(tin
     tally = EvalTally()
     tally.add(SpeculativeStats(drafts=2), tokens=4, in_draft_vocab=4, own_probabilities=got)
     assert tally.target_confidence == pytest.approx(sum(expected) / 4)
+
+
+def test_the_oracle_session_serves_behind_the_drafter_servicer(tiny_model):
+    """bench.oracle_drafter runs OracleSession in the real DrafterServicer, which reads the
+    session's context-branch counters after every tree."""
+    from aerie_drafter.eagle import EagleConfig, EagleHead
+    from aerie_drafter.server import DrafterServicer
+
+    from bench.speculative import OracleSession
+
+    config = EagleConfig.for_target(tiny_model.config, draft_vocab_size=16)
+    head = EagleHead(config, tiny_model.model.embed_tokens)
+    shape = TreeShape(depth=3, top_k=1, total_tokens=3, context_ngram=True)
+    servicer = DrafterServicer(head, shape, 1, "oracle", lambda: OracleSession([[5, 6, 7, 8, 9, 10]]))
+    session = servicer.new_session()
+    session.start([5, 6, 7], None)
+    tree = servicer._propose(session, shape)
+    assert tree.token_ids == [8, 9, 10] and servicer.context_drafted_total == 0
