@@ -10,6 +10,7 @@ from aerie_drafter.context_ngram import MAX_N, PRECISION, PRIOR_WEIGHT, ContextN
 from aerie_drafter.proposer import DraftSession, TreeShape
 
 from tests.unit.test_drafter import VOCAB, features, make_head, target  # noqa: F401 (fixture)
+from tests.unit.test_drafter import tree_paths as paths
 
 
 def brute_force_continuation(tokens: list[int], length: int) -> tuple[list[int], int]:
@@ -78,17 +79,6 @@ def test_the_precision_follows_the_sessions_own_outcomes():
     assert hits.precision(3) == pytest.approx(
         (misses + PRIOR_WEIGHT * PRECISION[3]) / (misses + PRIOR_WEIGHT)
     )
-
-
-def paths(tree) -> dict[tuple[int, ...], float]:
-    out = {}
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.token_ids[node])
-            node = tree.parents[node]
-        out[tuple(path[::-1])] = tree.scores[i]
-    return out
 
 
 def head_pool(head, token_ids, hidden, depth, top_k) -> dict[tuple[int, ...], float]:

@@ -342,6 +342,18 @@ def grown_without_cache(head, token_ids, hidden, shape):
     return {tuple(int(head.to_target_ids(torch.tensor(t))) for t in path): score for path, score in best}
 
 
+def tree_paths(tree) -> dict[tuple[int, ...], float]:
+    """Each node's score, keyed by the tokens from the root down to it."""
+    paths = {}
+    for i in range(len(tree)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.token_ids[node])
+            node = tree.parents[node]
+        paths[tuple(path[::-1])] = tree.scores[i]
+    return paths
+
+
 # (5, 3, 39) keeps every candidate (3 + 4 * 9): a random head's flat scores would
 # otherwise leave the deeper steps out of the comparison.
 @pytest.mark.parametrize("shape", [TreeShape(3, 2, 4), TreeShape(4, 3, 12), TreeShape(5, 3, 39)])
@@ -351,14 +363,7 @@ def test_tree_is_the_one_grown_node_by_node_without_a_cache(target, shape):
     hidden = features(10, 64, seed=8)
     session = DraftSession(head)
     session.start(token_ids, hidden)
-    tree = session.propose(shape)
-    paths = {}
-    for i in range(len(tree)):
-        path, node = [], i
-        while node >= 0:
-            path.append(tree.token_ids[node])
-            node = tree.parents[node]
-        paths[tuple(path[::-1])] = tree.scores[i]
+    paths = tree_paths(session.propose(shape))
     want = grown_without_cache(head, token_ids, hidden, shape)
     assert paths.keys() == want.keys()
     for path, score in want.items():
