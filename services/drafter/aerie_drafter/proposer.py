@@ -5,10 +5,10 @@ hidden states; the pair (features at t, token t+1) is the head's input at positi
 and its KV cache covers every pair seen so far. ``propose`` grows a dynamic draft tree
 from the last pair (EAGLE-2): expand the top-k children of the best frontier nodes for
 ``depth`` steps, rank every candidate by cumulative log-probability, keep the best
-``total_tokens`` (with ``TreeShape.context_ngram``, the context's continuation of the last
-tokens competes for those places as one more chain: context_ngram.py). The tree's keys and values are scratch: after verification the
-verifier sends the accepted tokens with their *real* target features, and only those
-enter the cache.
+``total_tokens`` (with ``TreeShape.context_ngram``, the context's continuation of the
+last tokens competes for those places as one more chain: context_ngram.py). The tree's
+keys and values are scratch: after verification the verifier sends the accepted tokens
+with their *real* target features, and only those enter the cache.
 
 ``grow_tree`` reads nothing back to the host until the tree is chosen, so on a GPU a
 session that holds a DraftSlot replays its growth as one CUDA graph per tree shape.
