@@ -345,9 +345,7 @@ def main() -> None:
     hf_model, _, _ = in_passing_thread(load_target, settings)
     device = str(model.device)
     # the verifier's: timed on this machine, with the context branch as configured
-    shape = replace(
-        in_passing_thread(serving_tree, model), context_ngram=DrafterSettings().draft_tree_context_ngram
-    )
+    shape = in_passing_thread(serving_tree, model, context_ngram=DrafterSettings().draft_tree_context_ngram)
 
     def load_head(dtype: str):
         return in_passing_thread(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from aerie_drafter.proposer import CPU_TREE, CPU_WIDE_TREE, TreeShape
 from aerie_verifier import tree_cost
 from aerie_verifier.cpu_kernels import GROUPED_SDPA
@@ -44,3 +46,6 @@ def test_the_serving_tree_is_timed_on_the_tuned_model_unless_set(monkeypatch):
     assert serving_tree(model, depth=4) == TreeShape(4, CPU_TREE.top_k, CPU_TREE.total_tokens)
     assert serving_tree(model, total_tokens=3).total_tokens == 3
     assert len(picked) == 1  # a tree set by AERIE_DRAFT_TREE_* is not second-guessed
+    # the context branch rides along either way
+    assert serving_tree(model, context_ngram=True) == replace(CPU_WIDE_TREE, context_ngram=True)
+    assert serving_tree(model, depth=4, context_ngram=True).context_ngram

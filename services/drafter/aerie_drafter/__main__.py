@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 
 import torch
 from aerie_common.grpc_utils import GrpcService
@@ -39,9 +38,12 @@ async def serve(settings: DrafterSettings) -> None:
     )
     device = str(head.fc.weight.device)
     shape = tree_shape(
-        device, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
+        device,
+        settings.draft_tree_depth,
+        settings.draft_tree_top_k,
+        settings.draft_tree_total_tokens,
+        settings.draft_tree_context_ngram,
     )
-    shape = replace(shape, context_ngram=settings.draft_tree_context_ngram)
     slots = draft_slots(head, settings.cuda_graphs, settings.cuda_graph_slot_tokens)
     servicer = DrafterServicer(
         head,

@@ -66,13 +66,16 @@ def default_tree(device: str) -> TreeShape:
     return GPU_TREE if str(device).startswith("cuda") else CPU_TREE
 
 
-def tree_shape(device: str, depth: int = 0, top_k: int = 0, total_tokens: int = 0) -> TreeShape:
+def tree_shape(
+    device: str, depth: int = 0, top_k: int = 0, total_tokens: int = 0, context_ngram: bool = False
+) -> TreeShape:
     """The device's default shape with any non-zero field overridden."""
     default = default_tree(device)
     return TreeShape(
         depth=depth or default.depth,
         top_k=top_k or default.top_k,
         total_tokens=total_tokens or default.total_tokens,
+        context_ngram=context_ngram,
     )
 
 
@@ -267,8 +270,7 @@ class DraftSession:
         self.head = head
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
-        self.tokens: list[int] = []
-        self._context = ContextNgrams()
+        self._context = ContextNgrams()  # holds the session's tokens
         # Tree nodes only the context branch proposed, and how many of them the verifier
         # accepted (read from the next extend): its contribution, for the metrics.
         self.context_drafted = 0
@@ -287,6 +289,11 @@ class DraftSession:
         self._last_normed: torch.Tensor | None = None  # [H] gives the root's children
 
     @property
+    def tokens(self) -> list[int]:
+        """The prompt and every token decided since."""
+        return self._context.tokens
+
+    @property
     def num_pairs(self) -> int:
         return self._processed + sum(len(p) for p in self._pending)
 
@@ -298,7 +305,6 @@ class DraftSession:
             raise ValueError(
                 f"start needs one more token than feature rows: {len(token_ids)} vs {len(hidden)}"
             )
-        self.tokens = list(token_ids)
         self._context.extend(token_ids)
         self._pending.append(hidden)
         if self._slots is not None and len(hidden) < self._slots.capacity:
@@ -313,7 +319,6 @@ class DraftSession:
             raise ValueError(
                 f"extend needs as many feature rows as tokens: {len(token_ids)} vs {len(hidden)}"
             )
-        self.tokens.extend(token_ids)
         self._context.extend(token_ids)
         self._pending.append(hidden)
         if self._last_context_nodes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
@@ -29,9 +28,12 @@ def make_drafter_factory(settings: VerifierSettings, model):
     if settings.drafter_mode == "off":
         return None
     shape = serving_tree(
-        model, settings.draft_tree_depth, settings.draft_tree_top_k, settings.draft_tree_total_tokens
+        model,
+        settings.draft_tree_depth,
+        settings.draft_tree_top_k,
+        settings.draft_tree_total_tokens,
+        settings.draft_tree_context_ngram,
     )
-    shape = replace(shape, context_ngram=settings.draft_tree_context_ngram)
     from aerie_drafter.loading import UNTRAINED, load_drafter_head
     from aerie_drafter.proposer import draft_slots
     from aerie_drafter.settings import DrafterSettings

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from aerie_common.draft_tree import DraftTree
@@ -70,15 +71,19 @@ def pick_cpu_tree(model, tolerance: float = WIDE_TREE_TOLERANCE) -> tuple[TreeSh
     return (CPU_WIDE_TREE if seconds[wide] <= tolerance * seconds[default] else CPU_TREE), seconds
 
 
-def serving_tree(model, depth: int = 0, top_k: int = 0, total_tokens: int = 0) -> TreeShape:
+def serving_tree(
+    model, depth: int = 0, top_k: int = 0, total_tokens: int = 0, context_ngram: bool = False
+) -> TreeShape:
     """The tree the verifier asks for: the device's default with any non-zero field
     overridden (AERIE_DRAFT_TREE_*), or, on a CPU with none set, the one this machine
-    verifies best (the model is tuned for tree verification first, as the engine runs it)."""
+    verifies best (the model is tuned for tree verification first, as the engine runs it);
+    with the context branch or not (AERIE_DRAFT_TREE_CONTEXT_NGRAM)."""
     device = str(next(model.parameters()).device)
     if not device.startswith("cpu") or depth or top_k or total_tokens:
-        return tree_shape(device, depth, top_k, total_tokens)
+        return tree_shape(device, depth, top_k, total_tokens, context_ngram)
     speed_up_tree_verification(model)
     shape, seconds = pick_cpu_tree(model)
+    shape = replace(shape, context_ngram=context_ngram)
     log.info(
         "draft tree %s: a forward of %s new tokens took %s ms here",
         shape,
