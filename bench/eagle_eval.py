@@ -22,9 +22,9 @@ Templates: "standard" is the target's chat template as served (what the head was
 on); the others perturb it with system prompts and formats never seen in training, the
 attention-drift case EAGLE 3.1 is meant to fix. --check-lossless also decodes without
 speculation and counts outputs that differ (there must be none). The draft tree is the
-GPU's serving tree on a GPU; on the CPU, whose serving tree has only two nodes, it is
-depth 5, top-k 4, 12 nodes (the CPU's serving tree until 2026-12-01), so that every
-round's figures compare. --tree sets another.
+GPU's serving tree on a GPU; on the CPU, whose serving tree has only two or four nodes
+(the verifier picks by timing), it is depth 5, top-k 4, 12 nodes (the CPU's serving tree
+until 2026-12-01), so that every round's figures compare. --tree sets another.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
     head = in_passing_thread(load)
     draftable = head.t2d.tolist()  # target id -> inside the draft vocabulary
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
-    # show it, not on the CPU's serving tree (two nodes: at most 3 tokens a step).
+    # show it, not on the CPU's serving tree (2 or 4 nodes: at most 3 or 4 tokens a step).
     shape = default_tree(device) if device.startswith("cuda") else ACCEPTANCE_TREE_CPU
     if args.tree:
         shape = TreeShape(*args.tree)
