@@ -391,14 +391,10 @@ async def synthesize(
 
     # Step 1: facts, direct and inferred, from every chunk, all calls at once.
     async def facts(step: str, doc_id: str, chunk: str) -> list[Reflection]:
-        started = time.monotonic()
         prompt = prompt_direct(chunk) if step == "facts_direct" else prompt_inferred(chunk)
         max_tokens = config.direct_max_tokens if step == "facts_direct" else config.other_max_tokens
-        out = await runner.call(step, prompt, max_tokens)
-        kept = _keep_pairs(stats, out, chunk, step, (doc_id,))
-        stats[step].seconds += time.monotonic() - started
-        await tick()
-        return kept
+        out = await _ask(runner, stats[step], prompt, max_tokens, tick)
+        return _keep_pairs(stats, out, chunk, step, (doc_id,))
 
     jobs = [
         facts(step, doc_id, chunk)
@@ -502,6 +498,16 @@ def _keep_pairs(
     return kept
 
 
+async def _ask(runner, step: StepStats, prompt: str, max_tokens: int, tick) -> str | None:
+    """One generator call of a step (None if it failed): its time goes to the step's
+    stats, and the progress bar ticks."""
+    started = time.monotonic()
+    out = await runner.call(step.step, prompt, max_tokens)
+    step.seconds += time.monotonic() - started
+    await tick()
+    return out
+
+
 async def _consolidate(runner, stats, doc, doc_facts, config, tick) -> list[Reflection]:
     step = stats["consolidation"]
     pairs = []
@@ -515,10 +521,7 @@ async def _consolidate(runner, stats, doc, doc_facts, config, tick) -> list[Refl
     await tick(0, len(pairs))
 
     async def one(a: Reflection, b: Reflection) -> Reflection | None:
-        started = time.monotonic()
-        out = await runner.call("consolidation", prompt_consolidate(a, b), config.other_max_tokens)
-        step.seconds += time.monotonic() - started
-        await tick()
+        out = await _ask(runner, step, prompt_consolidate(a, b), config.other_max_tokens, tick)
         if out is None:
             return None
         parsed, junk = parse_qa_lines(out)
@@ -554,12 +557,7 @@ async def _self_contain(runner, stats, doc, candidates, config, tick) -> list[Re
     await tick(0, len(to_rewrite))
 
     async def one(r: Reflection) -> Reflection | None:
-        started = time.monotonic()
-        out = await runner.call(
-            "self_containment", prompt_rewrite(r.question, doc.text), config.other_max_tokens
-        )
-        step.seconds += time.monotonic() - started
-        await tick()
+        out = await _ask(runner, step, prompt_rewrite(r.question, doc.text), config.other_max_tokens, tick)
         q = parse_question(out or "")
         if q is None or not is_self_contained(q) or r.answer.lower() in q.lower():
             step.dropped += 1
@@ -583,10 +581,7 @@ async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
 
     async def one(entity: str) -> Reflection | None:
         about = [f for f in facts if entity in f.question or entity in f.answer and f.answer != entity][:3]
-        started = time.monotonic()
-        out = await runner.call("entity_surfacing", prompt_surface(entity, about), config.other_max_tokens)
-        step.seconds += time.monotonic() - started
-        await tick()
+        out = await _ask(runner, step, prompt_surface(entity, about), config.other_max_tokens, tick)
         if out is None:
             return None
         step.candidates += 1
@@ -627,10 +622,7 @@ async def _cross_document(runner, stats, documents, reflections, config, tick) -
 
     async def one(entity: str, docs: dict[str, list[Reflection]]) -> Reflection | None:
         clues = [facts[0] for facts in docs.values() if facts][:3]
-        started = time.monotonic()
-        out = await runner.call("cross_document", prompt_clues(entity, clues), config.other_max_tokens)
-        step.seconds += time.monotonic() - started
-        await tick()
+        out = await _ask(runner, step, prompt_clues(entity, clues), config.other_max_tokens, tick)
         if out is None:
             return None
         step.candidates += 1
