@@ -25,7 +25,11 @@ async def serve(settings: DrafterSettings, references: list[list[int]]) -> None:
     # The untrained head only supplies the shapes the servicer validates against.
     head, _ = load_drafter_head(settings.target_model, settings.model_cache, UNTRAINED)
     servicer = DrafterServicer(
-        head, tree_shape("cpu"), settings.drafter_max_sessions, "oracle", lambda: OracleSession(references)
+        head,
+        tree_shape("cpu"),
+        settings.drafter_max_sessions,
+        "oracle",
+        lambda counts: OracleSession(references),
     )
     service = GrpcService(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME]

@@ -95,8 +95,6 @@ class OracleSession:
     """DraftSession's interface, proposing the next ``depth`` tokens of the known plain
     output as a chain. Costs nothing to run, so it isolates the machinery's cost."""
 
-    context_drafted = context_accepted = 0  # it has no context branch
-
     def __init__(self, references: list[list[int]]):
         self.references = references
         self.tokens: list[int] = []

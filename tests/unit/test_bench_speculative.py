@@ -133,18 +133,21 @@ def test_target_confidence_is_the_targets_probability_of_each_token_it_chose(tin
 
 
 def test_the_oracle_session_serves_behind_the_drafter_servicer(tiny_model):
-    """bench.oracle_drafter runs OracleSession in the real DrafterServicer, which reads the
-    session's context-branch counters after every tree."""
+    """bench.oracle_drafter runs OracleSession in the real DrafterServicer: its session
+    factory, its checks of a start, and its drafting."""
+    from aerie_common.tensors import to_chunks
     from aerie_drafter.eagle import EagleConfig, EagleHead
     from aerie_drafter.server import DrafterServicer
+    from aerie_proto.v1 import drafter_pb2
 
     from bench.speculative import OracleSession
 
     config = EagleConfig.for_target(tiny_model.config, draft_vocab_size=16)
     head = EagleHead(config, tiny_model.model.embed_tokens)
     shape = TreeShape(depth=3, top_k=1, total_tokens=3, context_ngram=True)
-    servicer = DrafterServicer(head, shape, 1, "oracle", lambda: OracleSession([[5, 6, 7, 8, 9, 10]]))
-    session = servicer.new_session()
-    session.start([5, 6, 7], None)
-    tree = servicer._propose(session, shape)
-    assert tree.token_ids == [8, 9, 10] and servicer.context_drafted_total == 0
+    servicer = DrafterServicer(head, shape, 1, "oracle", lambda counts: OracleSession([[5, 6, 7, 8, 9, 10]]))
+    session = servicer.new_session(servicer.context_counts)
+    start = drafter_pb2.DraftStart(request_id="r", token_ids=[5, 6, 7])
+    hidden = to_chunks(torch.zeros(2, servicer.feature_width))
+    tree, _ = servicer._start(session, start, hidden, shape)
+    assert tree.token_ids == [8, 9, 10] and servicer.context_counts.drafted == 0

@@ -158,7 +158,7 @@ def test_the_session_counts_what_the_context_branch_drafted_and_got_accepted(tar
     chain_nodes = tree.path([outside, 7, 8])
     assert len(chain_nodes) == (3 if context_ngram else 0)
     # the head proposes none of them: outside its vocabulary, and (7, 8) below that
-    assert session.context_drafted == len(chain_nodes)
+    assert session.context_counts.drafted == len(chain_nodes)
     # the verifier accepted "outside, 7", then its bonus token 99
     session.extend([outside, 7, 99], features(3, 64, seed=2))
-    assert session.context_accepted == (2 if context_ngram else 0)
+    assert session.context_counts.accepted == (2 if context_ngram else 0)

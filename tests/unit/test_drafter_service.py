@@ -177,7 +177,7 @@ def test_all_head_work_of_all_sessions_runs_on_one_compute_thread(head):
             threads.append(threading.current_thread())
             return super().propose(shape)
 
-    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda: RecordingSession(head))
+    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda counts: RecordingSession(head))
     server = ServerThread(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
     ).start()
@@ -441,6 +441,9 @@ def test_malformed_generate_requests_get_invalid_argument(target, tiny_tokenizer
 
 
 class SlowSession:
+    def __init__(self, context_counts=None):
+        pass
+
     def start(self, token_ids, hidden):
         pass
 
@@ -487,7 +490,7 @@ class PausedSession(DraftSession):
 
 
 def test_the_drafter_reports_its_own_time_so_the_hop_is_the_rest_of_the_wait(head):
-    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda: PausedSession(head))
+    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda counts: PausedSession(head))
     server = ServerThread(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
     ).start()

@@ -31,9 +31,10 @@ from aerie_drafter.settings import DrafterSettings
 from aerie_gateway.app import create_app
 from aerie_gateway.settings import GatewaySettings
 from aerie_proto.v1 import drafter_pb2_grpc, verifier_pb2_grpc
-from aerie_verifier.drafter_client import GrpcDrafterFactory
+from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.metrics import EngineCollector
+from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.server import SERVICE_NAME as VERIFIER_SERVICE
 from aerie_verifier.server import VerifierServicer
 from aerie_verifier.settings import VerifierSettings
@@ -44,7 +45,7 @@ from tests.unit.k8s_render import render
 from tests.unit.test_drafter_service import ServerThread
 from tests.unit.test_gateway import asgi_client, free_port, metric_samples, served_over_http
 from tests.unit.test_k8s import K8S, aerie_containers, container_env, container_ports, setting
-from tests.unit.test_speculative import VOCAB, random_head
+from tests.unit.test_speculative import VOCAB, generate, random_head
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = TreeShape(depth=3, top_k=3, total_tokens=8)
@@ -77,7 +78,7 @@ class Drafter:
     on the same port stand for a drafter that goes down and comes back."""
 
     def __init__(self, head, port: int = 0, slow: bool = False):
-        new_session = (lambda: SlowDraftSession(head)) if slow else None
+        new_session = (lambda counts: SlowDraftSession(head, context_counts=counts)) if slow else None
         self.servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=new_session)
         self.server = ServerThread(
             lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(self.servicer, s), DRAFTER_SERVICE, port
@@ -212,9 +213,9 @@ def test_metrics_count_what_the_verifier_and_drafter_did(target, head, tiny_toke
         assert closed(sessions, "invalid") == closed(sessions, "error") == 0
         assert sessions[("aerie:drafter_trees_total", ())] >= usage["speculative"]["drafts"]
         servicer = drafter.servicer
-        assert sessions[("aerie:drafter_context_draft_tokens_total", ())] == servicer.context_drafted_total
+        assert sessions[("aerie:drafter_context_draft_tokens_total", ())] == servicer.context_counts.drafted
         assert (
-            sessions[("aerie:drafter_context_accepted_tokens_total", ())] == servicer.context_accepted_total
+            sessions[("aerie:drafter_context_accepted_tokens_total", ())] == servicer.context_counts.accepted
         )
     finally:
         verifier.stop()
@@ -335,6 +336,27 @@ def test_metrics_registries_are_per_instance_and_port_zero_serves_none(target, h
         )
     assert start_metrics_server(EngineCollector(engines[0]), "127.0.0.1", 0) is None
     assert start_metrics_server(SessionCollector(servicers[0]), "127.0.0.1", 0) is None
+
+
+def test_an_in_process_drafter_exports_what_its_context_branch_added(target, head, tiny_tokenizer):
+    factory = InProcessDrafterFactory(head, TreeShape(depth=3, top_k=3, total_tokens=8, context_ngram=True))
+    engine = Engine(target, tiny_tokenizer, max_running=1, drafter_factory=factory)
+    engine.start()
+    try:  # a prompt that repeats itself, so that the context has continuations to offer
+        generate(engine, [5, 6, 7, 8, 9] * 6, SamplingParams(max_tokens=24), speculative=True)
+    finally:
+        engine.stop()
+    samples = metric_samples(generate_latest(registry_for(EngineCollector(engine))).decode())
+    counts = factory.context_counts
+    assert samples[("aerie:verifier_drafter_context_draft_tokens_total", ())] == counts.drafted > 0
+    assert samples[("aerie:verifier_drafter_context_accepted_tokens_total", ())] == counts.accepted
+    # Over gRPC the drafter service exports them, and the verifier has none of its own.
+    remote = Engine(target, tiny_tokenizer, drafter_factory=GrpcDrafterFactory("127.0.0.1:1", SHAPE))
+    names = {
+        name for name, _ in metric_samples(generate_latest(registry_for(EngineCollector(remote))).decode())
+    }
+    assert "aerie:verifier_spec_decode_num_drafts_total" in names
+    assert not any(name.startswith("aerie:verifier_drafter_context") for name in names)
 
 
 # --- the deployments serve the metrics where the settings say --------------------------------

@@ -50,7 +50,7 @@ async def serve(settings: DrafterSettings) -> None:
         shape,
         settings.drafter_max_sessions,
         origin,
-        new_session=lambda: DraftSession(head, slots),
+        new_session=lambda counts: DraftSession(head, slots, counts),
         compute=compute,
     )
     start_metrics_server(SessionCollector(servicer), settings.drafter_host, settings.drafter_metrics_port)

@@ -52,10 +52,10 @@ class SessionCollector(Collector):
         yield CounterMetricFamily(
             "aerie:drafter_context_draft_tokens",
             "Tree nodes only the context branch proposed (AERIE_DRAFT_TREE_CONTEXT_NGRAM).",
-            value=servicer.context_drafted_total,
+            value=servicer.context_counts.drafted,
         )
         yield CounterMetricFamily(
             "aerie:drafter_context_accepted_tokens",
             "Of those, the ones the verifier accepted.",
-            value=servicer.context_accepted_total,
+            value=servicer.context_counts.accepted,
         )

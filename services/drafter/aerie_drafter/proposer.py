@@ -265,16 +265,28 @@ def draft_slots(head: EagleHead, cuda_graphs: bool, tokens: int) -> DraftSlots |
     return None
 
 
+@dataclass
+class ContextBranchCounts:
+    """Tree nodes only the context branch proposed, and how many of them the verifier
+    accepted (read from the next extend): the branch's contribution, for the metrics. The
+    sessions of one drafter add to one of these."""
+
+    drafted: int = 0
+    accepted: int = 0
+
+
 class DraftSession:
-    def __init__(self, head: EagleHead, slots: DraftSlots | None = None):
+    def __init__(
+        self,
+        head: EagleHead,
+        slots: DraftSlots | None = None,
+        context_counts: ContextBranchCounts | None = None,
+    ):
         self.head = head
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
         self._context = ContextNgrams()  # holds the session's tokens
-        # Tree nodes only the context branch proposed, and how many of them the verifier
-        # accepted (read from the next extend): its contribution, for the metrics.
-        self.context_drafted = 0
-        self.context_accepted = 0
+        self.context_counts = context_counts if context_counts is not None else ContextBranchCounts()
         self._last_tree: DraftTree | None = None
         self._last_context_nodes: set[int] = set()
         self._pending: list[torch.Tensor] = []  # feature rows not yet run through the head
@@ -322,7 +334,7 @@ class DraftSession:
         self._context.extend(token_ids)
         self._pending.append(hidden)
         if self._last_context_nodes:
-            self.context_accepted += sum(
+            self.context_counts.accepted += sum(
                 node in self._last_context_nodes for node in self._last_tree.path(token_ids[:-1])
             )
 
@@ -395,7 +407,7 @@ class DraftSession:
             scores = self._context.chain_scores(match_length, len(chain)) if chain else []
         tree, self._last_context_nodes = self._select(shape.total_tokens, *pool, chain=(chain, scores))
         self._last_tree = tree
-        self.context_drafted += len(self._last_context_nodes)
+        self.context_counts.drafted += len(self._last_context_nodes)
         return tree
 
     def _select(self, total, tokens, scores, parents, depths, chain=([], [])) -> tuple[DraftTree, set[int]]:

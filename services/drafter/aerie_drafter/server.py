@@ -23,7 +23,7 @@ from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
 from aerie_drafter.eagle import EagleHead
-from aerie_drafter.proposer import DraftSession, TreeShape
+from aerie_drafter.proposer import ContextBranchCounts, DraftSession, TreeShape
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
@@ -72,14 +72,15 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         default_shape: TreeShape,
         max_sessions: int,
         head_origin: str,
-        new_session: Callable[[], DraftSession] | None = None,
+        new_session: Callable[[ContextBranchCounts], DraftSession] | None = None,
         compute: ThreadPoolExecutor | None = None,
     ):
         self.head = head
         # The one thread that runs torch work; __main__ loads the head on it too.
         self.compute = compute or compute_thread("drafter-compute")
-        # What proposes the trees: the EAGLE proposer; benchmarks swap in an oracle.
-        self.new_session = new_session or (lambda: DraftSession(head))
+        # What proposes the trees, given the counts its context branch adds to: the EAGLE
+        # proposer; benchmarks swap in an oracle.
+        self.new_session = new_session or (lambda counts: DraftSession(head, context_counts=counts))
         self.default_shape = default_shape
         self.max_sessions = max_sessions
         self.head_origin = head_origin
@@ -90,8 +91,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.sessions_closed = dict.fromkeys(CLOSE_REASONS, 0)
         self.sessions_rejected = 0
         self.trees_total = 0
-        self.context_drafted_total = 0  # tree nodes only the context branch proposed
-        self.context_accepted_total = 0  # and of those, accepted
+        self.context_counts = ContextBranchCounts()  # every session's
         config = head.config
         self.feature_width = len(config.capture_layer_ids) * (config.target_hidden_size or config.hidden_size)
         self.vocab_size = config.vocab_size
@@ -132,7 +132,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         hidden = self._features(parts, len(token_ids) - 1, "start")
         drafting_from = time.perf_counter()
         session.start(token_ids, hidden)
-        return self._propose(session, shape), time.perf_counter() - drafting_from
+        return session.propose(shape), time.perf_counter() - drafting_from
 
     def _extend(self, session: DraftSession | None, message, parts, shape: TreeShape):
         """On the compute thread: check an extend, add it to the session and draft."""
@@ -143,16 +143,8 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
             raise DraftProtocolError(f"extend needs 1 or more token ids and at most {self.max_tokens} in all")
         hidden = self._features(parts, len(token_ids), "extend")
         drafting_from = time.perf_counter()
-        accepted_before = session.context_accepted
         session.extend(token_ids, hidden)
-        self.context_accepted_total += session.context_accepted - accepted_before
-        return self._propose(session, shape), time.perf_counter() - drafting_from
-
-    def _propose(self, session: DraftSession, shape: TreeShape):
-        drafted_before = session.context_drafted
-        tree = session.propose(shape)
-        self.context_drafted_total += session.context_drafted - drafted_before
-        return tree
+        return session.propose(shape), time.perf_counter() - drafting_from
 
     async def DraftSession(self, request_iterator, context):
         if self.live_sessions >= self.max_sessions:
@@ -171,7 +163,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
                     if session is not None:
                         raise DraftProtocolError("a session takes one start")
                     shape = self._tree_shape(message.tree)
-                    session = self.new_session()
+                    session = self.new_session(self.context_counts)
                 work = self._start if kind == "start" else self._extend
                 tree, draft_seconds = await asyncio.get_running_loop().run_in_executor(
                     self.compute, work, session, message, parts, shape

@@ -47,9 +47,12 @@ class InProcessDrafter:
 
 class InProcessDrafterFactory:
     def __init__(self, head, shape, slots=None):
+        from aerie_drafter.proposer import ContextBranchCounts
+
         self.head = head
         self.shape = shape
         self.slots = slots  # aerie_drafter.proposer.DraftSlots, on a GPU
+        self.context_counts = ContextBranchCounts()  # every session's, for the metrics
 
     def capture_layer_ids(self) -> tuple[int, ...]:
         return tuple(self.head.config.capture_layer_ids)
@@ -57,7 +60,7 @@ class InProcessDrafterFactory:
     def open(self, request_id: str) -> InProcessDrafter:
         from aerie_drafter.proposer import DraftSession
 
-        return InProcessDrafter(DraftSession(self.head, self.slots), self.shape)
+        return InProcessDrafter(DraftSession(self.head, self.slots, self.context_counts), self.shape)
 
     def forget(self) -> None:
         pass

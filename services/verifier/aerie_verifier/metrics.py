@@ -94,3 +94,18 @@ class EngineCollector(Collector):
         for position, count in enumerate(list(spec.accepted_per_position)):
             per_position.add_metric([str(position)], count)
         yield per_position
+        # A drafter in this process (AERIE_DRAFTER_MODE=inprocess): what its context branch
+        # adds, as the drafter service exports it.
+        context = getattr(engine.drafter_factory, "context_counts", None)
+        if context is not None:
+            yield CounterMetricFamily(
+                "aerie:verifier_drafter_context_draft_tokens",
+                "Tree nodes only the in-process drafter's context branch proposed "
+                "(AERIE_DRAFT_TREE_CONTEXT_NGRAM).",
+                value=context.drafted,
+            )
+            yield CounterMetricFamily(
+                "aerie:verifier_drafter_context_accepted_tokens",
+                "Of those, accepted by verification.",
+                value=context.accepted,
+            )
