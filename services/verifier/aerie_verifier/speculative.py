@@ -141,20 +141,28 @@ class HiddenCapture:
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, layer in enumerate(model.model.layers)
         ]
+        # The CPU's lean forward (lean_forward.py) runs the layers without calling them.
+        self._lean = getattr(model.model, "_aerie_lean_forward", None)
+        if self._lean is not None:
+            self._lean.observers.append(self._record)
 
     def close(self) -> None:
         """Take the hooks off the model (an engine that stops leaves its model clean)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._lean is not None and self._record in self._lean.observers:
+            self._lean.observers.remove(self._record)
 
     def _hook(self, layer_id: int):
         def hook(module, args, kwargs):
-            if layer_id in self._wanted:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self._captured[layer_id] = hidden[0]
+            self._record(layer_id, args[0] if args else kwargs["hidden_states"])
 
         return hook
+
+    def _record(self, layer_id: int, hidden: torch.Tensor) -> None:
+        if layer_id in self._wanted:
+            self._captured[layer_id] = hidden[0]
 
     @contextlib.contextmanager
     def layers(self, layer_ids: tuple[int, ...]):

@@ -1,0 +1,98 @@
+"""The lean CPU forward (aerie_verifier.lean_forward) gives the target's own logits and
+captured features bit for bit on the steps it takes over, and leaves the rest to
+transformers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from aerie_common.draft_tree import DraftTree
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.kv_cache import GrowingCache
+from aerie_verifier.lean_forward import install_lean_forward
+from aerie_verifier.speculative import HiddenCapture
+from aerie_verifier.tree_verify import tree_inputs
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from tests.conftest import build_tiny_llama
+
+VOCAB = 259
+TREE = DraftTree(token_ids=[40, 41, 42, 43, 44], parents=[-1, -1, 0, 0, 2], scores=[0.0] * 5)
+
+
+def lean_target():
+    """A tiny target with the engine's CPU fixes, the lean forward among them."""
+    model = build_tiny_llama(VOCAB, seed=5)
+    speed_up_tree_verification(model)
+    return model
+
+
+@contextlib.contextmanager
+def transformers_forward(model):
+    """The same model (weights, tuned kernels) on transformers' own forward for a while."""
+    lean = model.model._aerie_lean_forward
+    model.model.forward = lean.original
+    try:
+        yield
+    finally:
+        model.model.forward = lean
+
+
+def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit():
+    model = lean_target()
+    ran = []
+    model.model._aerie_lean_forward.observers.append(lambda layer, hidden: ran.append(layer))
+    capture = HiddenCapture(model)
+    prompt = torch.randint(3, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    caches = {"stock": GrowingCache(), "lean": GrowingCache()}
+
+    def forward(name, **kwargs):
+        with transformers_forward(model) if name == "stock" else contextlib.nullcontext():
+            with capture.layers((0, 2, 3)):
+                return model(past_key_values=caches[name], **kwargs).logits, capture.features((0, 2, 3))
+
+    with torch.inference_mode():
+        for name in caches:
+            model(prompt, past_key_values=caches[name])
+        assert ran == []  # a prefill is transformers'
+        for step in range(3):
+            results = {}
+            for name, cache in caches.items():
+                if step % 2 == 0:  # a plain step
+                    results[name] = forward(name, input_ids=torch.tensor([[7 + step]]), logits_to_keep=1)
+                else:  # a tree verification
+                    inputs = tree_inputs(7, TREE, cache.get_seq_length(), "cpu", torch.float32)
+                    results[name] = forward(name, **inputs.model_kwargs())
+            (stock_logits, stock_features), (lean_logits, lean_features) = results["stock"], results["lean"]
+            assert torch.equal(stock_logits, lean_logits)
+            assert torch.equal(stock_features, lean_features)
+            assert torch.equal(caches["stock"].layers[1].keys, caches["lean"].layers[1].keys)
+    assert len(ran) == 3 * len(model.model.layers)
+
+
+def test_other_caches_and_batches_go_to_transformers():
+    lean = lean_target()
+    ran = []
+    lean.model._aerie_lean_forward.observers.append(lambda layer, hidden: ran.append(layer))
+    with torch.inference_mode():
+        cache = DynamicCache()
+        lean(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        lean(input_ids=torch.tensor([[8]]), past_key_values=cache)  # not a GrowingCache
+        growing = GrowingCache()
+        lean(torch.tensor([[5, 6, 7], [5, 6, 8]]), past_key_values=growing)  # a batch
+    assert ran == []
+
+
+def test_only_llama_layers_get_the_lean_forward():
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    assert install_lean_forward(Qwen2ForCausalLM(config)) is None
+    llama = build_tiny_llama(VOCAB)
+    assert install_lean_forward(llama) is install_lean_forward(llama) is not None  # once
