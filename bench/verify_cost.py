@@ -25,9 +25,9 @@ from aerie_common.cpu_linear import PaddedRowsLinear
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
-from transformers import DynamicCache
 
 from bench.results_json import write_results
 
@@ -57,7 +57,7 @@ def measure(stock, tuned, context: int, sizes: list[int], repeats: int) -> list[
     with torch.inference_mode():
         caches = {}
         for name, model in models.items():
-            caches[name] = DynamicCache()
+            caches[name] = GrowingCache()  # as the engine keeps a request's (lean_forward.py)
             model(prefix, past_key_values=caches[name])
         for _ in range(repeats):
             for n in sizes:
