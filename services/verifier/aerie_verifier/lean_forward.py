@@ -35,7 +35,7 @@ MAX_NEW_TOKENS = 16  # the engine's tree verifications and plain steps; prefills
 
 class LeanForward:
     def __init__(self, inner_model):
-        from aerie_verifier.cpu_kernels import GROUPED_SDPA
+        from aerie_verifier.cpu_kernels import GROUPED_SDPA  # here: cpu_kernels imports this module
 
         self.model = inner_model
         self.original = inner_model.forward
