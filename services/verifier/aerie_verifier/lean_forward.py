@@ -19,6 +19,7 @@ each layer's input through ``observers`` instead.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class LeanForward:
         self.attention_implementations = ("sdpa", GROUPED_SDPA)
         # Called with (layer index, the layer's input hidden states) on every lean forward.
         self.observers: list[Callable[[int, torch.Tensor], None]] = []
+        self._pieces: list[_Layer] | None = None
 
     def handles(self, input_ids, attention_mask, cache, inputs_embeds, kwargs) -> bool:
         return (
@@ -90,37 +92,78 @@ class LeanForward:
             )
         cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
         new_shape = (*hidden.shape[:-1], -1)
-        for index, layer in enumerate(model.layers[: model.config.num_hidden_layers]):
+        for index, layer in enumerate(self._layers()):
             for observe in self.observers:
                 observe(index, hidden)
-            attn, mlp = layer.self_attn, layer.mlp
-            head_shape = (*hidden.shape[:-1], -1, attn.head_dim)
-            normed = _rms_norm(hidden, layer.input_layernorm)
-            query = attn.q_proj.forward(normed).view(head_shape).transpose(1, 2)
-            key = attn.k_proj.forward(normed).view(head_shape).transpose(1, 2)
-            value = attn.v_proj.forward(normed).view(head_shape).transpose(1, 2)
+            head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
+            normed = _rms_norm(hidden, layer.input_norm, layer.eps)
+            query = layer.q_proj(normed).view(head_shape).transpose(1, 2)
+            key = layer.k_proj(normed).view(head_shape).transpose(1, 2)
+            value = layer.v_proj(normed).view(head_shape).transpose(1, 2)
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             key, value = cache.layers[index].update(key, value)
             # What transformers' SDPA attention runs here: one query (no mask) or a tree
             # (its mask), never causal, grouped key/value heads taken as they are.
             attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, scale=attn.scaling, enable_gqa=True
+                query, key, value, attn_mask=attention_mask, scale=layer.scaling, enable_gqa=True
             )
-            hidden = hidden + attn.o_proj.forward(attended.transpose(1, 2).reshape(new_shape).contiguous())
-            normed = _rms_norm(hidden, layer.post_attention_layernorm)
-            hidden = hidden + mlp.down_proj.forward(
-                mlp.act_fn(mlp.gate_proj.forward(normed)) * mlp.up_proj.forward(normed)
-            )
-        return BaseModelOutputWithPast(last_hidden_state=_rms_norm(hidden, model.norm), cache=cache)
+            hidden = hidden + layer.o_proj(attended.transpose(1, 2).reshape(new_shape).contiguous())
+            normed = _rms_norm(hidden, layer.post_norm, layer.eps)
+            hidden = hidden + layer.down_proj(layer.act(layer.gate_proj(normed)) * layer.up_proj(normed))
+        return BaseModelOutputWithPast(
+            last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon), cache=cache
+        )
+
+    def _layers(self) -> list[_Layer]:
+        """Each decoder layer's pieces, looked up once: attribute lookups through nn.Module
+        cost more than the small operations between the products. Built on first use, after
+        the engine has tuned the projections (so their ``forward`` is the tuned one)."""
+        if self._pieces is None:
+            self._pieces = [
+                _Layer(
+                    input_norm=layer.input_layernorm.weight,
+                    post_norm=layer.post_attention_layernorm.weight,
+                    eps=layer.input_layernorm.variance_epsilon,
+                    q_proj=layer.self_attn.q_proj.forward,
+                    k_proj=layer.self_attn.k_proj.forward,
+                    v_proj=layer.self_attn.v_proj.forward,
+                    o_proj=layer.self_attn.o_proj.forward,
+                    head_dim=layer.self_attn.head_dim,
+                    scaling=layer.self_attn.scaling,
+                    gate_proj=layer.mlp.gate_proj.forward,
+                    up_proj=layer.mlp.up_proj.forward,
+                    down_proj=layer.mlp.down_proj.forward,
+                    act=layer.mlp.act_fn,
+                )
+                for layer in self.model.layers[: self.model.config.num_hidden_layers]
+            ]
+        return self._pieces
 
 
-def _rms_norm(hidden: torch.Tensor, norm) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    q_proj: Callable
+    k_proj: Callable
+    v_proj: Callable
+    o_proj: Callable
+    head_dim: int
+    scaling: float
+    gate_proj: Callable
+    up_proj: Callable
+    down_proj: Callable
+    act: Callable
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm, operation for operation."""
     dtype = hidden.dtype
     hidden = hidden.to(torch.float32)
     variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + norm.variance_epsilon)
-    return norm.weight * hidden.to(dtype)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return weight * hidden.to(dtype)
 
 
 def install_lean_forward(model) -> LeanForward | None:
