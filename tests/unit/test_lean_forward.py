@@ -71,6 +71,20 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit():
     assert len(ran) == 3 * len(model.model.layers)
 
 
+def test_a_capture_made_before_the_lean_forward_still_records_its_steps():
+    model = build_tiny_llama(VOCAB, seed=5)
+    capture = HiddenCapture(model)  # before the engine's CPU fixes install the lean forward
+    speed_up_tree_verification(model)
+    cache = GrowingCache()
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        with capture.layers((1,)):
+            model(input_ids=torch.tensor([[8]]), past_key_values=cache, logits_to_keep=1)
+            assert capture.features((1,)).shape == (1, model.config.hidden_size)
+    capture.close()
+    assert model.model._aerie_lean_forward.observers == []
+
+
 def test_other_caches_and_batches_go_to_transformers():
     lean = lean_target()
     ran = []

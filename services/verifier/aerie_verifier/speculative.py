@@ -141,10 +141,17 @@ class HiddenCapture:
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, layer in enumerate(model.model.layers)
         ]
-        # The CPU's lean forward (lean_forward.py) runs the layers without calling them.
-        self._lean = getattr(model.model, "_aerie_lean_forward", None)
-        if self._lean is not None:
-            self._lean.observers.append(self._record)
+        self._inner = model.model
+        self._lean = None
+        self._observe_lean_forward()
+
+    def _observe_lean_forward(self) -> None:
+        """The CPU's lean forward (lean_forward.py) runs the layers without calling them, so
+        their hooks do not fire: observe it instead, once it is installed."""
+        lean = getattr(self._inner, "_aerie_lean_forward", None)
+        if lean is not None and self._lean is None:
+            lean.observers.append(self._record)
+            self._lean = lean
 
     def close(self) -> None:
         """Take the hooks off the model (an engine that stops leaves its model clean)."""
@@ -169,6 +176,7 @@ class HiddenCapture:
         for i in layer_ids:
             if not 0 <= i < self.num_layers:
                 raise ValueError(f"capture layer {i} is out of range for a {self.num_layers}-layer target")
+        self._observe_lean_forward()
         self._captured.clear()
         self._wanted = tuple(layer_ids)
         try:
