@@ -14,6 +14,7 @@ from aerie_common.draft_tree import DraftTree
 from aerie_common.grpc_utils import CHANNEL_OPTIONS
 from aerie_common.tensors import to_chunks
 from aerie_drafter.loading import UNTRAINED  # DrafterInfo.head_path of a random head
+from aerie_drafter.proposer import ContextBranchCounts, DraftSession
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
 from aerie_verifier.speculative import SpeculationDeclined
@@ -47,8 +48,6 @@ class InProcessDrafter:
 
 class InProcessDrafterFactory:
     def __init__(self, head, shape, slots=None):
-        from aerie_drafter.proposer import ContextBranchCounts
-
         self.head = head
         self.shape = shape
         self.slots = slots  # aerie_drafter.proposer.DraftSlots, on a GPU
@@ -58,8 +57,6 @@ class InProcessDrafterFactory:
         return tuple(self.head.config.capture_layer_ids)
 
     def open(self, request_id: str) -> InProcessDrafter:
-        from aerie_drafter.proposer import DraftSession
-
         return InProcessDrafter(DraftSession(self.head, self.slots, self.context_counts), self.shape)
 
     def forget(self) -> None:

@@ -31,7 +31,9 @@ from aerie_verifier.kv_cache import GrowingCache
 # Architectures whose decoder layer is exactly Llama's: pre-norm RMSNorm, attention with
 # rotary embeddings, residual, RMSNorm, gated MLP, residual.
 SUPPORTED_MODEL_TYPES = ("llama",)
-MAX_NEW_TOKENS = 16  # the engine's tree verifications and plain steps; prefills go to transformers
+# The CPU's serving trees and plain steps, the sizes measured; a larger tree asked for on a
+# CPU (AERIE_DRAFT_TREE_*) goes to transformers.
+MAX_NEW_TOKENS = 16
 
 
 class LeanForward:
