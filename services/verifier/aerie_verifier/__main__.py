@@ -12,6 +12,7 @@ from aerie_common.model_store import load_target
 from aerie_common.torch_threads import in_passing_thread
 from aerie_proto.v1 import verifier_pb2_grpc
 
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.metrics import EngineCollector
@@ -76,6 +77,7 @@ def build_engine(settings: VerifierSettings):
     """Load the target (and an in-process head) and wrap them in an engine; returns
     (engine, model directory)."""
     model, tokenizer, model_dir = load_target(settings)
+    speed_up_tree_verification(model, settings.packed_weights)  # before the tree is timed on it
     # One KV cache slot per running request on a GPU; none on a CPU, where the growing
     # cache is faster.
     graphed = settings.cuda_graphs and model.device.type == "cuda"

@@ -1,4 +1,4 @@
-"""Three CPU fixes that make the target's forwards of a few new tokens cheaper: a draft
+"""Four CPU fixes that make the target's forwards of a few new tokens cheaper: a draft
 tree's verification, a batch of plain steps, and one request's plain 1-token step.
 
 The prefill (more rows than are timed) runs as before. Where a 1-token step changes, its
@@ -6,7 +6,10 @@ logits differ from Hugging Face's in the last bits (the greedy outputs of the en
 plain and speculative decoding still match token for token: the tests and benchmarks
 check them against each other).
 
-- **Each row count multiplied by the kernel and padding that measured fastest here**
+- **Weights read from exact packed copies** (packed_weights.py): a layer whose fp32
+  weights are all exactly Q4_1, Q8_0 or bf16 values (the default target's GGUF layers)
+  multiplies up to 16 rows reading 0.6 to 2 bytes a weight instead of 4.
+- **The other layers' row counts multiplied by the kernel and padding that measured fastest here**
   (aerie_common.cpu_linear): the engine times every weight shape of its target for 1 to
   16 rows when it starts (several seconds), with MKL and oneDNN, and each linear layer
   then multiplies a row count the way that measured clearly faster than MKL unpadded. A
@@ -34,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from aerie_verifier.lean_forward import install_lean_forward
+from aerie_verifier.packed_weights import pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +79,20 @@ AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
 
 
-def speed_up_tree_verification(model) -> None:
-    """Apply the fixes to a target on the CPU; a no-op elsewhere, or when already applied.
-    The model is changed in place, so a Hugging Face baseline must load its own copy."""
+def speed_up_tree_verification(model, packed_weights: bool = True) -> None:
+    """Apply the fixes to a target on the CPU; a no-op elsewhere, or when already applied
+    (the first call decides ``packed_weights``: read the linear layers whose weights pack
+    exactly from packed copies, packed_weights.py). The model is changed in place, so a
+    Hugging Face baseline must load its own copy."""
     if next(model.parameters()).device.type != "cpu":
         return
     if not getattr(model, "_aerie_rows_timed", False):
         # On a thread of its own: the caller may be a thread that lives on without
         # running forwards, and its OpenMP team would slow the engine's (torch_threads).
-        plans = in_passing_thread(tune_linear_layers, model, MIN_TUNED_ROWS)
+        if packed_weights:
+            packed = in_passing_thread(pack_linear_layers, model)
+            log.info("linear layers read from packed weights (format: layers): %s", packed or "none")
+        plans = in_passing_thread(tune_linear_layers, model, MIN_TUNED_ROWS)  # the layers left
         model._aerie_rows_timed = True
         log.info(
             "linear layers' row counts multiplied another way (rows: kernel, rows): %s",

@@ -1,0 +1,162 @@
+"""Linear layers read from exact packed copies of their weights (aerie_verifier.packed_weights).
+
+The weights here are made as a GGUF's unpack: random levels and fp16 scales, unpacked the
+way gguf-py does (``(scale * q) + minimum`` in fp32). As llama.cpp quantises, every block
+has its extreme levels (a block's scale comes from its range). The kernel is built on
+first use."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
+from aerie_verifier.packed_weights import (
+    BF16,
+    MAX_PACKED_ROWS,
+    Q4_1,
+    Q8_0,
+    PackedLinear,
+    kernels,
+    pack_linear_layers,
+    pack_weight,
+)
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+BLOCK = 32
+
+
+def q4_1_weight(rows: int, cols: int, seed: int = 0, step: float = 0.01) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    blocks = cols // BLOCK
+    levels = torch.randint(0, 16, (rows, blocks, BLOCK), generator=g).float()
+    levels[..., 3], levels[..., 20] = 0, 15
+    scale = (torch.rand(rows, blocks, 1, generator=g) * step).half().float()
+    minimum = (-torch.rand(rows, blocks, 1, generator=g) * 8 * step).half().float()
+    return ((scale * levels) + minimum).reshape(rows, cols)
+
+
+def q8_0_weight(rows: int, cols: int, seed: int = 0, step: float = 0.001) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(-127, 128, (rows, cols // BLOCK, BLOCK), generator=g).float()
+    levels[..., 9] = 127
+    scale = (torch.rand(rows, cols // BLOCK, 1, generator=g) * step).half().float()
+    return (scale * levels).reshape(rows, cols)
+
+
+def bf16_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g) * 0.02).bfloat16().float()
+
+
+MAKERS = {Q4_1: q4_1_weight, Q8_0: q8_0_weight, BF16: bf16_weight}
+
+
+def test_the_kernel_is_built_and_vectorised_here():
+    # The CI machines have a C++ compiler and AVX-512; elsewhere the engine runs without it.
+    assert kernels() is not None
+
+
+@pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
+def test_each_format_packs_exactly_and_multiplies_as_fp32(fmt):
+    weight = MAKERS[fmt](96, 160)
+    packed = pack_weight(weight)
+    assert packed is not None and packed.format == fmt
+    assert torch.equal(packed.unpack(), weight)  # bit for bit
+    multiply = getattr(kernels(), f"{fmt}_linear")
+    for rows in (1, 2, 3, 4, 5, 9, 16):
+        x = torch.randn(rows, 160)
+        torch.testing.assert_close(multiply(x, *packed.tensors), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
+def test_the_kernel_unpacks_the_very_fp32_weights(fmt):
+    # x = a row of the identity picks out one column of W: w * 1 plus zeros, exact in any
+    # order of summation, so this checks the kernel's unpacking bit for bit.
+    weight = MAKERS[fmt](40, 128, seed=3)
+    packed = pack_weight(weight)
+    multiply = getattr(kernels(), f"{fmt}_linear")
+    columns = torch.cat([multiply(rows, *packed.tensors) for rows in torch.eye(128).split(MAX_PACKED_ROWS)])
+    assert torch.equal(columns.T, weight)
+
+
+@pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt):
+    packed = pack_weight(MAKERS[fmt](64, 256))
+    multiply = getattr(kernels(), f"{fmt}_linear")
+    x = torch.randn(11, 256)
+    together = multiply(x, *packed.tensors)
+    alone = torch.cat([multiply(x[i : i + 1], *packed.tensors) for i in range(11)])
+    assert torch.equal(together, alone)
+
+
+def test_weights_that_are_not_exactly_packable_stay_unpacked():
+    assert pack_weight(torch.randn(32, 64)) is None  # arbitrary fp32 values
+    assert pack_weight(q4_1_weight(32, 64)[:, :48].contiguous()) is None  # rows not made of 32-weight blocks
+    assert pack_weight(q4_1_weight(8, 64).half()) is None  # not fp32
+    nudged = q4_1_weight(32, 64)
+    nudged[5, 7] = torch.nextafter(nudged[5, 7], torch.tensor(1.0))
+    packed = pack_weight(nudged)
+    # one weight off the Q4_1 grid: not Q4_1; it may still be bf16 or Q8_0, but exact
+    assert packed is None or torch.equal(packed.unpack(), nudged)
+    assert packed is None or packed.format != Q4_1
+
+
+def test_a_packed_layer_hands_larger_products_and_training_to_the_fp32_weights():
+    linear = nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(q4_1_weight(48, 64))
+    layer = PackedLinear(linear, pack_weight(linear.weight))
+    prefill = torch.randn(1, MAX_PACKED_ROWS + 1, 64)
+    assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
+    step = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(step), linear(step), rtol=1e-5, atol=1e-5)
+    trained = torch.randn(2, 64, requires_grad=True)
+    layer(trained).sum().backward()  # the kernel has no backward: the fp32 path takes it
+    assert trained.grad is not None
+
+
+def gguf_like_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama whose projections are Q4_1 and whose (tied) output projection is Q8_0,
+    as the default target's GGUF."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for seed_offset, module in enumerate(model.modules()):
+            if type(module) is nn.Linear and module is not model.lm_head:
+                module.weight.copy_(q4_1_weight(*module.weight.shape, seed=seed_offset, step=0.03))
+        model.model.embed_tokens.weight.copy_(q8_0_weight(256, 64, seed=99, step=0.02))
+    return model
+
+
+def test_a_gguf_like_model_packs_every_projection_and_decodes_the_same():
+    reference = gguf_like_llama()
+    model = gguf_like_llama()
+    assert pack_linear_layers(model) == {Q4_1: 14, Q8_0: 1}
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference.generate(prompt, max_new_tokens=24, do_sample=False)
+        got = model.generate(prompt, max_new_tokens=24, do_sample=False)
+        assert torch.equal(got, expected)
+        step = model(got[:, :-1]).logits[:, -1:]  # prefill rows: fp32 weights
+        assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)
+        torch.testing.assert_close(step, reference(got[:, :-1]).logits[:, -1:], rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_packs_its_target_unless_told_not_to():
+    packed, unpacked = gguf_like_llama(), gguf_like_llama()
+    speed_up_tree_verification(packed)
+    speed_up_tree_verification(unpacked, packed_weights=False)
+    assert isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear)
+    assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())
