@@ -52,6 +52,38 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 4, ctx: int =
     return LlamaForCausalLM(config).eval()
 
 
+def quantize_like_gguf(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Round the model's weights (in place) as llama.cpp quantises them and transformers
+    unpacks them again into fp32: the linear layers to Q4_1 blocks (32 weights, an fp16
+    scale and minimum from the block's range, 4-bit levels), the tied embedding and output
+    projection to Q8_0 (an fp16 scale from the block's largest magnitude, 8-bit levels), as
+    in the default target's GGUF."""
+
+    def blocks_of(weight):
+        return weight.reshape(weight.shape[0], -1, 32)
+
+    def q4_1(weight):
+        blocks = blocks_of(weight)
+        low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        scale, minimum = ((high - low) / 15).half().float(), low.half().float()
+        levels = torch.where(scale == 0, 0.0, torch.round((blocks - minimum) / scale)).clamp(0, 15)
+        return ((scale * levels) + minimum).reshape(weight.shape)
+
+    def q8_0(weight):
+        blocks = blocks_of(weight)
+        scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+        levels = torch.where(scale == 0, 0.0, torch.round(blocks / scale)).clamp(-127, 127)
+        return (scale * levels).reshape(weight.shape)
+
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is torch.nn.Linear and module.weight is not embeddings:
+                module.weight.copy_(q4_1(module.weight))
+        embeddings.copy_(q8_0(embeddings))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()

@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.lean_forward import install_lean_forward
+from aerie_verifier.packed_weights import PackedLinear
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from tests.conftest import build_tiny_llama
+from tests.conftest import build_tiny_llama, quantize_like_gguf
 
 VOCAB = 259
 TREE = DraftTree(token_ids=[40, 41, 42, 43, 44], parents=[-1, -1, 0, 0, 2], scores=[0.0] * 5)
 
 
-def lean_target():
-    """A tiny target with the engine's CPU fixes, the lean forward among them."""
+def lean_target(gguf_like: bool = False):
+    """A tiny target with the engine's CPU fixes, the lean forward among them; GGUF-like:
+    its weights packed, q/k/v and gate/up each one kernel call (packed_weights.py)."""
     model = build_tiny_llama(VOCAB, seed=5)
+    if gguf_like:
+        quantize_like_gguf(model)
     speed_up_tree_verification(model)
     return model
 
@@ -39,8 +44,10 @@ def transformers_forward(model):
         model.model.forward = lean
 
 
-def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit():
-    model = lean_target()
+@pytest.mark.parametrize("gguf_like", [False, True], ids=["fp32-weights", "packed-weights"])
+def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_like):
+    model = lean_target(gguf_like)
+    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear) == gguf_like
     ran = []
     model.model._aerie_lean_forward.observers.append(lambda layer, hidden: ran.append(layer))
     capture = HiddenCapture(model)

@@ -20,7 +20,9 @@ from aerie_verifier.packed_weights import (
     pack_weight,
 )
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from tests.conftest import build_tiny_llama, quantize_like_gguf
 
 BLOCK = 32
 
@@ -117,32 +119,13 @@ def test_a_packed_layer_hands_larger_products_and_training_to_the_fp32_weights()
 
 
 def gguf_like_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama whose projections are Q4_1 and whose (tied) output projection is Q8_0,
-    as the default target's GGUF."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for seed_offset, module in enumerate(model.modules()):
-            if type(module) is nn.Linear and module is not model.lm_head:
-                module.weight.copy_(q4_1_weight(*module.weight.shape, seed=seed_offset, step=0.03))
-        model.model.embed_tokens.weight.copy_(q8_0_weight(256, 64, seed=99, step=0.02))
-    return model
+    return quantize_like_gguf(build_tiny_llama(256, seed=seed, layers=2))
 
 
 def test_a_gguf_like_model_packs_every_projection_and_decodes_the_same():
     reference = gguf_like_llama()
     model = gguf_like_llama()
-    assert pack_linear_layers(model) == {Q4_1: 14, Q8_0: 1}
+    assert pack_linear_layers(model) == {Q4_1: 14, Q8_0: 1}  # 7 projections a layer, and the output
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from aerie_verifier.kv_cache import GrowingCache
+from aerie_verifier.packed_weights import fused_projection
 
 # Architectures whose decoder layer is exactly Llama's: pre-norm RMSNorm, attention with
 # rotary embeddings, residual, RMSNorm, gated MLP, residual.
@@ -99,9 +100,7 @@ class LeanForward:
                 observe(index, hidden)
             head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
             normed = _rms_norm(hidden, layer.input_norm, layer.eps)
-            query = layer.q_proj(normed).view(head_shape).transpose(1, 2)
-            key = layer.k_proj(normed).view(head_shape).transpose(1, 2)
-            value = layer.v_proj(normed).view(head_shape).transpose(1, 2)
+            query, key, value = (p.view(head_shape).transpose(1, 2) for p in layer.qkv_proj(normed))
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             key, value = cache.layers[index].update(key, value)
             # What transformers' SDPA attention runs here: one query (no mask) or a tree
@@ -111,7 +110,8 @@ class LeanForward:
             )
             hidden = hidden + layer.o_proj(attended.transpose(1, 2).reshape(new_shape).contiguous())
             normed = _rms_norm(hidden, layer.post_norm, layer.eps)
-            hidden = hidden + layer.down_proj(layer.act(layer.gate_proj(normed)) * layer.up_proj(normed))
+            gate, up = layer.gate_up_proj(normed)
+            hidden = hidden + layer.down_proj(layer.act(gate) * up)
         return BaseModelOutputWithPast(
             last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon), cache=cache
         )
@@ -126,14 +126,11 @@ class LeanForward:
                     input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight,
                     eps=layer.input_layernorm.variance_epsilon,
-                    q_proj=layer.self_attn.q_proj.forward,
-                    k_proj=layer.self_attn.k_proj.forward,
-                    v_proj=layer.self_attn.v_proj.forward,
+                    qkv_proj=_projections(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                     o_proj=layer.self_attn.o_proj.forward,
                     head_dim=layer.self_attn.head_dim,
                     scaling=layer.self_attn.scaling,
-                    gate_proj=layer.mlp.gate_proj.forward,
-                    up_proj=layer.mlp.up_proj.forward,
+                    gate_up_proj=_projections(layer.mlp.gate_proj, layer.mlp.up_proj),
                     down_proj=layer.mlp.down_proj.forward,
                     act=layer.mlp.act_fn,
                 )
@@ -147,16 +144,23 @@ class _Layer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
-    q_proj: Callable
-    k_proj: Callable
-    v_proj: Callable
+    qkv_proj: Callable  # x -> (q, k, v)
     o_proj: Callable
     head_dim: int
     scaling: float
-    gate_proj: Callable
-    up_proj: Callable
+    gate_up_proj: Callable  # x -> (gate, up)
     down_proj: Callable
     act: Callable
+
+
+def _projections(*layers) -> Callable:
+    """The layers' outputs for one input: one packed kernel call for all of them where they
+    fuse (packed_weights.fused_projection; the same values), else one call each."""
+    fused = fused_projection(list(layers))
+    if fused is not None:
+        return fused
+    forwards = [layer.forward for layer in layers]
+    return lambda x: tuple(forward(x) for forward in forwards)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

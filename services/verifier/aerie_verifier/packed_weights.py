@@ -229,3 +229,30 @@ def _cpu_description() -> str:
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
+
+
+def fused_projection(layers: list[nn.Module]):
+    """One kernel call for several projections of the same input (q, k and v; gate and up),
+    when all are PackedLinear of one format without bias: a function of x returning each
+    layer's output, equal bit for bit to the layers' own (rows of W are summed alone).
+    The layers then read their weights from the fused copy, so memory is not doubled. None
+    when they cannot be fused."""
+    if not layers or not all(type(layer) is PackedLinear and layer.bias is None for layer in layers):
+        return None
+    formats = {layer.packed.format for layer in layers}
+    if len(formats) != 1:
+        return None
+    fused = tuple(torch.cat(parts) for parts in zip(*(layer.packed.tensors for layer in layers), strict=True))
+    sizes = [layer.weight.shape[0] for layer in layers]
+    start = 0
+    for layer, size in zip(layers, sizes, strict=True):
+        layer.packed = PackedWeight(layer.packed.format, tuple(t[start : start + size] for t in fused))
+        start += size
+    multiply = layers[0]._multiply
+
+    def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.shape[:-1].numel() > MAX_PACKED_ROWS:
+            return tuple(layer(x) for layer in layers)
+        return multiply(x, *fused).split(sizes, dim=-1)
+
+    return project

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -139,9 +140,21 @@ torch::Tensor packed_linear(const torch::Tensor& input, int64_t N, RowOf row_of)
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const auto row = row_of(n);
-      int64_t r = 0;
-      for (; r + 4 <= M; r += 4) dot_rows<4>(xp + r * K, K, row, op + r * N + n, N);
-      for (; r < M; ++r) dot_rows<1>(xp + r * K, K, row, op + r * N + n, N);
+      // Up to 8 rows of x per pass over the row of W (16 accumulators in registers).
+      for (int64_t r = 0; r < M; r += 8) {
+        const float* xr = xp + r * K;
+        float* out_r = op + r * N + n;
+        switch (std::min<int64_t>(M - r, 8)) {
+          case 1: dot_rows<1>(xr, K, row, out_r, N); break;
+          case 2: dot_rows<2>(xr, K, row, out_r, N); break;
+          case 3: dot_rows<3>(xr, K, row, out_r, N); break;
+          case 4: dot_rows<4>(xr, K, row, out_r, N); break;
+          case 5: dot_rows<5>(xr, K, row, out_r, N); break;
+          case 6: dot_rows<6>(xr, K, row, out_r, N); break;
+          case 7: dot_rows<7>(xr, K, row, out_r, N); break;
+          default: dot_rows<8>(xr, K, row, out_r, N); break;
+        }
+      }
     }
   });
   return out;
