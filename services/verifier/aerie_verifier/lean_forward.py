@@ -126,7 +126,9 @@ class LeanForward:
                     input_norm=layer.input_layernorm.weight,
                     post_norm=layer.post_attention_layernorm.weight,
                     eps=layer.input_layernorm.variance_epsilon,
-                    qkv_proj=_projections(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                    qkv_proj=_projections(
+                        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj
+                    ),
                     o_proj=layer.self_attn.o_proj.forward,
                     head_dim=layer.self_attn.head_dim,
                     scaling=layer.self_attn.scaling,
