@@ -1,6 +1,7 @@
 """What a draft tree's verification forward costs, by its number of new tokens, on the
 stock target and on the target as the engine tunes it (aerie_verifier.cpu_kernels: the
-row counts it pads, timed on this machine, are printed and recorded).
+layers it reads from packed weights, and the row counts it pads, timed on this machine,
+are printed and recorded).
 
 A tree of N nodes is one forward of N+1 new tokens (the root and the nodes) over a KV
 cache; the 1-token row is the plain decoding step. Both copies of the target run
@@ -18,6 +19,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
+from aerie_verifier.packed_weights import PackedLinear
 from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
 
@@ -105,7 +108,9 @@ def main() -> None:
         for m in tuned.modules()
         if isinstance(m, PaddedRowsLinear)
     }
+    packed = Counter(m.packed.format for m in tuned.modules() if isinstance(m, PackedLinear))
     rows = measure(stock, tuned, args.context, args.sizes, args.repeats)
+    print(f"linear layers read from packed weights, by format: {dict(packed) or 'none'}")
     print(f"row counts multiplied another way, by weight shape (rows: kernel x rows): {padding or 'none'}")
     print(f"{args.context} tokens of context, {torch.get_num_threads()} threads, medians of {args.repeats}")
     print("new tokens | stock ms | tuned ms | tuned/stock | tuned in plain steps | argmax differs")
@@ -120,6 +125,7 @@ def main() -> None:
         "context": args.context,
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
+        "packed_layers": dict(packed),
         "padding": padding,
         "rows": rows,
     }
