@@ -53,8 +53,9 @@ def bf16_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 MAKERS = {Q4_1: q4_1_weight, Q8_0: q8_0_weight, BF16: bf16_weight}
 
 
-def test_the_kernel_is_built_and_vectorised_here():
-    # The CI machines have a C++ compiler and AVX-512; elsewhere the engine runs without it.
+def test_the_kernel_is_built_here():
+    # The project's machines have a C++ compiler (make setup installs g++); the tests below
+    # run its portable path where the CPU has no AVX-512, and the engine then leaves it out.
     assert kernels() is not None
 
 
@@ -125,7 +126,10 @@ def gguf_like_llama(seed: int = 0) -> LlamaForCausalLM:
 def test_a_gguf_like_model_packs_every_projection_and_decodes_the_same():
     reference = gguf_like_llama()
     model = gguf_like_llama()
-    assert pack_linear_layers(model) == {Q4_1: 14, Q8_0: 1}  # 7 projections a layer, and the output
+    assert pack_linear_layers(model, only_where_vectorised=False) == {
+        Q4_1: 14,
+        Q8_0: 1,
+    }  # 7 projections a layer, and the output
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -141,5 +145,6 @@ def test_the_engine_packs_its_target_unless_told_not_to():
     packed, unpacked = gguf_like_llama(), gguf_like_llama()
     speed_up_tree_verification(packed)
     speed_up_tree_verification(unpacked, packed_weights=False)
-    assert isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear)
+    # only where the kernel is vectorised (AVX-512, as on the project's machines)
+    assert isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear) == kernels().vectorised()
     assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())

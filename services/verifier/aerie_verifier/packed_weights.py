@@ -154,11 +154,16 @@ class PackedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def pack_linear_layers(model) -> dict[str, int]:
+def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, int]:
     """Wrap each fp32 linear layer of a CPU model whose weight packs exactly in PackedLinear
     (in place). Returns how many layers took each format (``unpacked``: the others), or {}
-    where the kernel is not available (it logs why)."""
-    if kernels() is None:
+    where the kernel is not available, or not vectorised on this CPU and
+    ``only_where_vectorised`` (its portable path is correct but slower than MKL); it logs why."""
+    module = kernels()
+    if module is None:
+        return {}
+    if only_where_vectorised and not module.vectorised():
+        log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512); not used")
         return {}
     counts: dict[str, int] = {}
     for parent in list(model.modules()):
@@ -179,8 +184,8 @@ _kernels_loaded = False
 
 
 def kernels():
-    """The kernel's module (csrc/packed_linear.cpp), built on first use (once per CPU and source; then cached),
-    or None where it cannot be built or would not be vectorised on this CPU."""
+    """The kernel's module (csrc/packed_linear.cpp), built on first use (once per CPU and
+    source; then cached), or None where it cannot be built."""
     global _kernels, _kernels_loaded
     if not _kernels_loaded:
         _kernels_loaded = True
@@ -188,10 +193,6 @@ def kernels():
             _kernels = _build()
         except Exception as error:  # no compiler or ninja: the engine runs as before
             log.warning("packed-weight kernel not built (%s); linear layers stay on MKL", error)
-            _kernels = None
-        if _kernels is not None and not _kernels.vectorised():
-            log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512); not used")
-            _kernels = None
     return _kernels
 
 
