@@ -8,7 +8,7 @@ check them against each other).
 
 - **Weights read from exact packed copies** (packed_weights.py): a layer whose fp32
   weights are all exactly Q4_1, Q8_0 or bf16 values (the default target's GGUF layers)
-  multiplies up to 16 rows reading 0.6 to 2 bytes a weight instead of 4.
+  multiplies up to 16 rows reading 0.75 to 2 bytes a weight instead of 4.
 - **The other layers' row counts multiplied by the kernel and padding that measured fastest here**
   (aerie_common.cpu_linear): the engine times every weight shape of its target for 1 to
   16 rows when it starts (several seconds), with MKL and oneDNN, and each linear layer

@@ -7,8 +7,8 @@ transformers' 33.0, with the same logits. The engine's hot forwards are few-toke
 over a request's GrowingCache: the plain step and the tree verification. For those,
 ``LeanForward`` replaces the inner model's forward with one loop over the decoder layers
 that runs the same pieces (transformers' RMSNorm arithmetic, the projections as the
-engine tuned them, transformers' rotary embedding, the SDPA call its attention makes) in
-the same order, so the logits are the same bit for bit (tests/unit/test_lean_forward.py).
+engine tuned them, q/k/v and gate/up in one call each where their weights are packed,
+transformers' rotary embedding, the SDPA call its attention makes) in the same order, so the logits are the same bit for bit (tests/unit/test_lean_forward.py).
 Anything else (a prefill, a batch, another cache, another attention implementation or
 architecture) goes to transformers' forward as before.
 
