@@ -120,3 +120,17 @@ def test_only_llama_layers_get_the_lean_forward():
     assert install_lean_forward(Qwen2ForCausalLM(config)) is None
     llama = build_tiny_llama(VOCAB)
     assert install_lean_forward(llama) is install_lean_forward(llama) is not None  # once
+
+
+def test_the_rotary_kernel_matches_transformers_bit_for_bit():
+    from aerie_verifier import cpu_extension
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(4)
+    query, key = torch.randn(1, 5, 9, 64, generator=g), torch.randn(1, 5, 3, 64, generator=g)
+    angles = torch.rand(1, 5, 64, generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
+    rotate = cpu_extension.load().rotary
+    expected_query, expected_key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    assert torch.equal(rotate(query, cos, sin).transpose(1, 2), expected_query)
+    assert torch.equal(rotate(key, cos, sin).transpose(1, 2), expected_key)

@@ -20,7 +20,8 @@ check them against each other).
   copying the whole KV cache of every layer at every tree verification. torch's CPU kernel
   takes the grouped heads as they are (``enable_gqa``), with the same result.
 - **One request's steps without transformers' per-layer machinery** (lean_forward.py):
-  the same arithmetic in one loop over the layers, with the same logits.
+  the same arithmetic in one loop over the layers, with the same logits; the rotary
+  embedding in one C++ call (csrc/rotary.cpp).
 
 `python -m bench.verify_cost` measures them against the stock target.
 """

@@ -8,7 +8,9 @@ over a request's GrowingCache: the plain step and the tree verification. For tho
 ``LeanForward`` replaces the inner model's forward with one loop over the decoder layers
 that runs the same pieces (transformers' RMSNorm arithmetic, the projections as the
 engine tuned them, q/k/v and gate/up in one call each where their weights are packed,
-transformers' rotary embedding, the SDPA call its attention makes) in the same order, so the logits are the same bit for bit (tests/unit/test_lean_forward.py).
+transformers' rotary embedding, in one call where the C++ kernels build, the SDPA call
+its attention makes) in the same order, so the logits are the same bit for bit
+(tests/unit/test_lean_forward.py).
 Anything else (a prefill, a batch, another cache, another attention implementation or
 architecture) goes to transformers' forward as before.
 
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from aerie_verifier import cpu_extension
 from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.packed_weights import fused_projection
 
@@ -48,6 +51,9 @@ class LeanForward:
         # Called with (layer index, the layer's input hidden states) on every lean forward.
         self.observers: list[Callable[[int, torch.Tensor], None]] = []
         self._pieces: list[_Layer] | None = None
+        # transformers' rotary embedding in one call, where the C++ kernels build
+        extension = cpu_extension.load()
+        self._rotate = extension.rotary if extension is not None else None
 
     def handles(self, input_ids, attention_mask, cache, inputs_embeds, kwargs) -> bool:
         return (
@@ -94,14 +100,19 @@ class LeanForward:
                 torch.arange(input_ids.shape[1], device=hidden.device)[None] + cache.get_seq_length()
             )
         cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
+        rotate = self._rotate
         new_shape = (*hidden.shape[:-1], -1)
         for index, layer in enumerate(self._layers()):
             for observe in self.observers:
                 observe(index, hidden)
             head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
             normed = _rms_norm(hidden, layer.input_norm, layer.eps)
-            query, key, value = (p.view(head_shape).transpose(1, 2) for p in layer.qkv_proj(normed))
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            query, key, value = (p.view(head_shape) for p in layer.qkv_proj(normed))
+            if rotate is not None:  # the same values in one call (csrc/rotary.cpp)
+                query, key = rotate(query, cos, sin).transpose(1, 2), rotate(key, cos, sin).transpose(1, 2)
+            else:
+                query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+            value = value.transpose(1, 2)
             key, value = cache.layers[index].update(key, value)
             # What transformers' SDPA attention runs here: one query (no mask) or a tree
             # (its mask), never causal, grouped key/value heads taken as they are.

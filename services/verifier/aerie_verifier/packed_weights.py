@@ -12,8 +12,8 @@ unpacking gives back every fp32 weight bit for bit (it checks all of them; a lay
 does not pack exactly stays as it was), and wraps the layer in ``PackedLinear``: up to
 MAX_PACKED_ROWS rows (the plain steps, tree verifications and small batches) are
 multiplied by a kernel that unpacks each weight row in registers and multiplies in fp32
-(csrc/packed_linear.cpp, built on first use with torch's C++ extension tools: a C++
-compiler and ninja). Larger products (a prefill) keep MKL on the fp32 weights.
+(csrc/packed_linear.cpp, built on first use: cpu_extension.py). Larger products (a
+prefill) keep MKL on the fp32 weights.
 
 So the model computes the same function with the same weights; only the order in which a
 dot product is summed differs from MKL's, as between any two BLAS kernels. Unlike BLAS, the
@@ -23,16 +23,14 @@ logits do not depend on the tree or batch around it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from aerie_verifier import cpu_extension
 
 log = logging.getLogger(__name__)
 
@@ -179,57 +177,9 @@ def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, i
     return counts
 
 
-_kernels = None
-_kernels_loaded = False
-
-
 def kernels():
-    """The kernel's module (csrc/packed_linear.cpp), built on first use (once per CPU and
-    source; then cached), or None where it cannot be built."""
-    global _kernels, _kernels_loaded
-    if not _kernels_loaded:
-        _kernels_loaded = True
-        try:
-            _kernels = _build()
-        except Exception as error:  # no compiler or ninja: the engine runs as before
-            log.warning("packed-weight kernel not built (%s); linear layers stay on MKL", error)
-    return _kernels
-
-
-def _build():
-    from torch.utils import cpp_extension
-
-    try:  # the ninja wheel's binary, for an environment that was not activated
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    except ImportError:
-        pass
-    source = Path(__file__).with_name("csrc") / "packed_linear.cpp"
-    # Built for this CPU (-march=native): a cache shared with another CPU must not reuse it.
-    cpu = hashlib.sha1(_cpu_description().encode()).hexdigest()[:12]
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    build_dir = root / f"aerie_packed_linear_{cpu}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name="aerie_packed_linear",
-        sources=[str(source)],
-        # -fopenmp: at::parallel_for is inlined here, and runs serially without it. The
-        # library it links is the libgomp.so.1 torch has already loaded, so both share one
-        # OpenMP runtime and its threads.
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-    )
-
-
-def _cpu_description() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
+    """The C++ kernels' module (cpu_extension.py), or None where it cannot be built."""
+    return cpu_extension.load()
 
 
 def fused_projection(layers: list[nn.Module]):

@@ -190,9 +190,9 @@ bool vectorised() { return kVectorised; }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+void define_packed_linear(pybind11::module& module) {
   module.def("q4_1_linear", &q4_1_linear, "x @ W.T, W packed as Q4_1 blocks (qs, scale, minimum)");
   module.def("q8_0_linear", &q8_0_linear, "x @ W.T, W packed as Q8_0 blocks (qs, scale)");
   module.def("bf16_linear", &bf16_linear, "x @ W.T, W in bf16");
-  module.def("vectorised", &vectorised, "whether this build has the AVX-512 path");
+  module.def("vectorised", &vectorised, "whether this build has the AVX-512 path of the packed kernels");
 }

@@ -1,0 +1,74 @@
+"""The verifier's C++ CPU kernels (csrc/), built on first use with torch's C++ extension
+tools (a C++ compiler and ninja) for the CPU they run on, and cached.
+
+- packed_linear.cpp: products with weights kept in an exact packed form (packed_weights.py);
+- rotary.cpp: transformers' rotary embedding in one call (lean_forward.py).
+
+Where the module cannot be built, ``load`` logs why and returns None, and the engine runs
+without it: every caller has a fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp")
+
+_module = None
+_loaded = False
+
+
+def load():
+    """The built module, or None where it cannot be built (once per process)."""
+    global _module, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _module = _build()
+        except Exception as error:  # no compiler or ninja: the engine runs as before
+            log.warning("the verifier's C++ CPU kernels were not built (%s); running without them", error)
+    return _module
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    try:  # the ninja wheel's binary, for an environment that was not activated
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    sources = [str(Path(__file__).with_name("csrc") / name) for name in SOURCES]
+    # Built for this CPU (-march=native): a cache shared with another CPU must not reuse it.
+    cpu = hashlib.sha1(_cpu_description().encode()).hexdigest()[:12]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    build_dir = root / f"aerie_cpu_kernels_{cpu}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("loading the verifier's C++ CPU kernels (built on first use, about 40 s)")
+    return cpp_extension.load(
+        name="aerie_cpu_kernels",
+        sources=sources,
+        # -fopenmp: at::parallel_for is inlined here, and runs serially without it. The
+        # library it links is the libgomp.so.1 torch has already loaded, so both share one
+        # OpenMP runtime and its threads. -ffp-contract=off: products and sums rounded
+        # apart, as torch's elementwise operations round them (rotary.cpp).
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+    )
+
+
+def _cpu_description() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
