@@ -9,13 +9,15 @@ import contextlib
 import pytest
 import torch
 from aerie_common.draft_tree import DraftTree
+from aerie_verifier import cpu_extension
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.lean_forward import install_lean_forward
-from aerie_verifier.packed_weights import PackedLinear, kernels
+from aerie_verifier.packed_weights import PackedLinear
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tests.conftest import build_tiny_llama, quantize_like_gguf
 
@@ -49,7 +51,7 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_
     model = lean_target(gguf_like)
     # packed where the kernel is vectorised (AVX-512, as on the project's machines)
     assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear) == (
-        gguf_like and kernels().vectorised()
+        gguf_like and cpu_extension.load().vectorised()
     )
     ran = []
     model.model._aerie_lean_forward.observers.append(lambda layer, hidden: ran.append(layer))
@@ -123,8 +125,6 @@ def test_only_llama_layers_get_the_lean_forward():
 
 
 def test_the_rotary_kernel_matches_transformers_bit_for_bit():
-    from aerie_verifier import cpu_extension
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     g = torch.Generator().manual_seed(4)
     query, key = torch.randn(1, 5, 9, 64, generator=g), torch.randn(1, 5, 3, 64, generator=g)

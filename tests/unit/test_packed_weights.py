@@ -8,6 +8,7 @@ first use."""
 import pytest
 import torch
 import torch.nn.functional as F
+from aerie_verifier import cpu_extension
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.packed_weights import (
     BF16,
@@ -15,7 +16,6 @@ from aerie_verifier.packed_weights import (
     Q4_1,
     Q8_0,
     PackedLinear,
-    kernels,
     pack_linear_layers,
     pack_weight,
 )
@@ -56,7 +56,7 @@ MAKERS = {Q4_1: q4_1_weight, Q8_0: q8_0_weight, BF16: bf16_weight}
 def test_the_kernel_is_built_here():
     # The project's machines have a C++ compiler (make setup installs g++); the tests below
     # run its portable path where the CPU has no AVX-512, and the engine then leaves it out.
-    assert kernels() is not None
+    assert cpu_extension.load() is not None
 
 
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
@@ -65,7 +65,7 @@ def test_each_format_packs_exactly_and_multiplies_as_fp32(fmt):
     packed = pack_weight(weight)
     assert packed is not None and packed.format == fmt
     assert torch.equal(packed.unpack(), weight)  # bit for bit
-    multiply = getattr(kernels(), f"{fmt}_linear")
+    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
     for rows in (1, 2, 3, 4, 5, 9, 16):
         x = torch.randn(rows, 160)
         torch.testing.assert_close(multiply(x, *packed.tensors), F.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -77,7 +77,7 @@ def test_the_kernel_unpacks_the_very_fp32_weights(fmt):
     # order of summation, so this checks the kernel's unpacking bit for bit.
     weight = MAKERS[fmt](40, 128, seed=3)
     packed = pack_weight(weight)
-    multiply = getattr(kernels(), f"{fmt}_linear")
+    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
     columns = torch.cat([multiply(rows, *packed.tensors) for rows in torch.eye(128).split(MAX_PACKED_ROWS)])
     assert torch.equal(columns.T, weight)
 
@@ -85,7 +85,7 @@ def test_the_kernel_unpacks_the_very_fp32_weights(fmt):
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt):
     packed = pack_weight(MAKERS[fmt](64, 256))
-    multiply = getattr(kernels(), f"{fmt}_linear")
+    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
     x = torch.randn(11, 256)
     together = multiply(x, *packed.tensors)
     alone = torch.cat([multiply(x[i : i + 1], *packed.tensors) for i in range(11)])
@@ -146,5 +146,7 @@ def test_the_engine_packs_its_target_unless_told_not_to():
     speed_up_tree_verification(packed)
     speed_up_tree_verification(unpacked, packed_weights=False)
     # only where the kernel is vectorised (AVX-512, as on the project's machines)
-    assert isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear) == kernels().vectorised()
+    assert (
+        isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear) == cpu_extension.load().vectorised()
+    )
     assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())

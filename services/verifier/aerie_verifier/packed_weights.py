@@ -143,7 +143,7 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.packed = packed
-        self._multiply = getattr(kernels(), f"{packed.format}_linear")
+        self._multiply = getattr(cpu_extension.load(), f"{packed.format}_linear")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() > MAX_PACKED_ROWS or (x.requires_grad and torch.is_grad_enabled()):
@@ -157,7 +157,7 @@ def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, i
     (in place). Returns how many layers took each format (``unpacked``: the others), or {}
     where the kernel is not available, or not vectorised on this CPU and
     ``only_where_vectorised`` (its portable path is correct but slower than MKL); it logs why."""
-    module = kernels()
+    module = cpu_extension.load()
     if module is None:
         return {}
     if only_where_vectorised and not module.vectorised():
@@ -175,11 +175,6 @@ def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, i
             setattr(parent, name, PackedLinear(child, packed))
             counts[packed.format] = counts.get(packed.format, 0) + 1
     return counts
-
-
-def kernels():
-    """The C++ kernels' module (cpu_extension.py), or None where it cannot be built."""
-    return cpu_extension.load()
 
 
 def fused_projection(layers: list[nn.Module]):
