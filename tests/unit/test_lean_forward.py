@@ -125,7 +125,6 @@ def test_only_llama_layers_get_the_lean_forward():
 
 
 def test_the_rotary_kernel_matches_transformers_bit_for_bit():
-
     g = torch.Generator().manual_seed(4)
     query, key = torch.randn(1, 5, 9, 64, generator=g), torch.randn(1, 5, 3, 64, generator=g)
     angles = torch.rand(1, 5, 64, generator=g) * 100
