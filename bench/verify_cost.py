@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from aerie_common.cpu_linear import PaddedRowsLinear
 from aerie_common.model_store import load_target
+from aerie_common.packed_weights import PackedLinear
 from aerie_common.settings import ModelSettings
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
-from aerie_verifier.packed_weights import PackedLinear
 from aerie_verifier.tree_cost import bushy_tree
 from aerie_verifier.tree_verify import tree_inputs
 

@@ -8,12 +8,12 @@ import contextlib
 
 import pytest
 import torch
+from aerie_common import cpu_extension
 from aerie_common.draft_tree import DraftTree
-from aerie_verifier import cpu_extension
+from aerie_common.packed_weights import PackedLinear
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.lean_forward import install_lean_forward
-from aerie_verifier.packed_weights import PackedLinear
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM

@@ -1,4 +1,4 @@
-"""Linear layers read from exact packed copies of their weights (aerie_verifier.packed_weights).
+"""Linear layers read from exact packed copies of their weights (aerie_common.packed_weights).
 
 The weights here are made as a GGUF's unpack: random levels and fp16 scales, unpacked the
 way gguf-py does (``(scale * q) + minimum`` in fp32). As llama.cpp quantises, every block
@@ -8,9 +8,8 @@ first use."""
 import pytest
 import torch
 import torch.nn.functional as F
-from aerie_verifier import cpu_extension
-from aerie_verifier.cpu_kernels import speed_up_tree_verification
-from aerie_verifier.packed_weights import (
+from aerie_common import cpu_extension
+from aerie_common.packed_weights import (
     BF16,
     MAX_PACKED_ROWS,
     Q4_1,
@@ -19,6 +18,7 @@ from aerie_verifier.packed_weights import (
     pack_linear_layers,
     pack_weight,
 )
+from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from torch import nn
 from transformers import LlamaForCausalLM
 

@@ -6,7 +6,7 @@ logits differ from Hugging Face's in the last bits (the greedy outputs of the en
 plain and speculative decoding still match token for token: the tests and benchmarks
 check them against each other).
 
-- **Weights read from exact packed copies** (packed_weights.py): a layer whose fp32
+- **Weights read from exact packed copies** (aerie_common.packed_weights): a layer whose fp32
   weights are all exactly Q4_1, Q8_0 or bf16 values (the default target's GGUF layers)
   multiplies up to 16 rows reading 0.75 to 2 bytes a weight instead of 4.
 - **The other layers' row counts multiplied by the kernel and padding that measured fastest here**
@@ -21,7 +21,7 @@ check them against each other).
   takes the grouped heads as they are (``enable_gqa``), with the same result.
 - **One request's steps without transformers' per-layer machinery** (lean_forward.py):
   the same arithmetic in one loop over the layers, with the same logits; the rotary
-  embedding in one C++ call (csrc/rotary.cpp).
+  embedding in one C++ call (aerie_common/csrc/rotary.cpp).
 
 `python -m bench.verify_cost` measures them against the stock target.
 """
@@ -32,13 +32,13 @@ import logging
 
 import torch.nn.functional as F
 from aerie_common.cpu_linear import changed_plans, tune_linear_layers
+from aerie_common.packed_weights import pack_linear_layers
 from aerie_common.torch_threads import in_passing_thread
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from aerie_verifier.lean_forward import install_lean_forward
-from aerie_verifier.packed_weights import pack_linear_layers
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
 def speed_up_tree_verification(model, packed_weights: bool = True) -> None:
     """Apply the fixes to a target on the CPU; a no-op elsewhere, or when already applied
     (the first call decides ``packed_weights``: read the linear layers whose weights pack
-    exactly from packed copies, packed_weights.py). The model is changed in place, so a
+    exactly from packed copies, aerie_common.packed_weights). The model is changed in place, so a
     Hugging Face baseline must load its own copy."""
     if next(model.parameters()).device.type != "cpu":
         return

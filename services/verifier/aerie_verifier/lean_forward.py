@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from aerie_common import cpu_extension
+from aerie_common.packed_weights import fused_projection
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from aerie_verifier import cpu_extension
 from aerie_verifier.kv_cache import GrowingCache
-from aerie_verifier.packed_weights import fused_projection
 
 # Architectures whose decoder layer is exactly Llama's: pre-norm RMSNorm, attention with
 # rotary embeddings, residual, RMSNorm, gated MLP, residual.
@@ -108,7 +108,7 @@ class LeanForward:
             head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
             normed = _rms_norm(hidden, layer.input_norm, layer.eps)
             query, key, value = (p.view(head_shape) for p in layer.qkv_proj(normed))
-            if rotate is not None:  # the same values in one call (csrc/rotary.cpp)
+            if rotate is not None:  # the same values in one call (aerie_common/csrc/rotary.cpp)
                 query, key = rotate(query, cos, sin).transpose(1, 2), rotate(key, cos, sin).transpose(1, 2)
             else:
                 query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)

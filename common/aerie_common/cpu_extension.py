@@ -1,8 +1,9 @@
-"""The verifier's C++ CPU kernels (csrc/), built on first use with torch's C++ extension
+"""The project's C++ CPU kernels (csrc/), built on first use with torch's C++ extension
 tools (a C++ compiler and ninja) for the CPU they run on, and cached.
 
-- packed_linear.cpp: products with weights kept in an exact packed form (packed_weights.py);
-- rotary.cpp: transformers' rotary embedding in one call (lean_forward.py).
+- packed_linear.cpp: products with weights kept in an exact packed form (packed_weights.py),
+  for the verifier's target and the drafter's head;
+- rotary.cpp: transformers' rotary embedding in one call (aerie_verifier/lean_forward.py).
 
 Where the module cannot be built, ``load`` logs why and returns None, and the engine runs
 without it: every caller has a fallback.
@@ -32,7 +33,7 @@ def load():
         try:
             _module = _build()
         except Exception as error:  # no compiler or ninja: the engine runs as before
-            log.warning("the verifier's C++ CPU kernels were not built (%s); running without them", error)
+            log.warning("the C++ CPU kernels were not built (%s); running without them", error)
     return _module
 
 
@@ -51,7 +52,7 @@ def _build():
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     build_dir = root / f"aerie_cpu_kernels_{cpu}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("loading the verifier's C++ CPU kernels (built on first use, about 40 s)")
+    log.info("loading the C++ CPU kernels (built on first use, about 40 s)")
     return cpp_extension.load(
         name="aerie_cpu_kernels",
         sources=sources,

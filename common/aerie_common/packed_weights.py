@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aerie_verifier import cpu_extension
+from aerie_common import cpu_extension
 
 log = logging.getLogger(__name__)
 

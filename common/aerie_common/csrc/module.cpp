@@ -1,4 +1,4 @@
-// The verifier's CPU kernels as one Python module (cpu_extension.py builds it).
+// The project's C++ CPU kernels as one Python module (cpu_extension.py builds it).
 #include <torch/extension.h>
 
 void define_packed_linear(pybind11::module& module);
