@@ -160,7 +160,7 @@ def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, i
     module = cpu_extension.load()
     if module is None:
         return {}
-    if only_where_vectorised and not module.vectorised():
+    if only_where_vectorised and not packing_pays():
         log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512); not used")
         return {}
     counts: dict[str, int] = {}
@@ -175,6 +175,19 @@ def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, i
             setattr(parent, name, PackedLinear(child, packed))
             counts[packed.format] = counts.get(packed.format, 0) + 1
     return counts
+
+
+def packing_pays() -> bool:
+    """Whether the packed kernel is built and vectorised here (AVX-512): elsewhere its
+    portable path is correct but slower than MKL."""
+    module = cpu_extension.load()
+    return module is not None and module.vectorised()
+
+
+def packs_exactly(model) -> bool:
+    """Whether every linear layer of the model has an exact packed form."""
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    return bool(linears) and all(pack_weight(m.weight) is not None for m in linears)
 
 
 def fused_projection(layers: list[nn.Module]):

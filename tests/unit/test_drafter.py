@@ -541,3 +541,28 @@ def test_only_builtin_target_names_find_a_shipped_head(tmp_path, monkeypatch):
     assert shipped_head(str(model_dir)) is None
     assert shipped_head("../local-model") is None
     assert shipped_head("no-such-target") is None
+
+
+def test_a_bf16_head_drafts_in_fp32_over_packed_weights_on_the_cpu(target, tmp_path):
+    from aerie_common.packed_weights import PackedLinear, packing_pays
+
+    target_dir = tmp_path / "target"
+    target.save_pretrained(target_dir)  # config.json and safetensors: the embeddings are read from it
+    trained = make_head(target, seed=11)
+    with torch.no_grad():  # as a trained head's checkpoint is: bf16 values (the target's embeddings aside)
+        for name, param in trained.named_parameters():
+            if not name.startswith("embed_tokens"):
+                param.copy_(param.to(torch.bfloat16).float())
+    save_head(trained, tmp_path / "head")
+    head, _ = loading.load_drafter_head(str(target_dir), tmp_path, str(tmp_path / "head"), "cpu", "auto")
+    packed = [m for m in head.modules() if isinstance(m, PackedLinear)]
+    # where the packed kernel runs (AVX-512, as on the project's machines)
+    assert len(packed) == (9 if packing_pays() else 0)  # fc, q, k, v, o, gate, up, down, lm_head
+    assert head.fc_norm[0].weight.dtype == torch.float32 or not packing_pays()
+    assert same_drafts(trained, head)
+    asked_bf16, _ = loading.load_drafter_head(
+        str(target_dir), tmp_path, str(tmp_path / "head"), "cpu", "bfloat16"
+    )
+    assert not any(isinstance(m, PackedLinear) for m in asked_bf16.modules())
+    untrained, _ = loading.load_drafter_head(str(target_dir), tmp_path, "untrained", "cpu", "auto")
+    assert not any(isinstance(m, PackedLinear) for m in untrained.modules())  # fp32 values: nothing packs

@@ -15,9 +15,11 @@ class DrafterSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # "untrained" asks for the untrained head outright (benchmarks).
     drafter_head: str = ""
     drafter_eagle_version: str = "3.1"  # architecture of the untrained fallback head
-    # The head's dtype, apart from the target's (AERIE_DTYPE): "auto" is bf16 on a GPU and
-    # on a CPU with native bf16 (AVX512-BF16, AMX), else fp32. Drafts only propose, so
-    # this never changes the output (loading.pick_head_dtype).
+    # The head's dtype, apart from the target's (AERIE_DTYPE): "auto" is bf16 on a GPU; on
+    # a CPU, fp32 over packed copies of its weights where they are exactly bf16 (a trained
+    # head's) and the packed kernel runs (aerie_common.packed_weights), else bf16 with native
+    # bf16 (AVX512-BF16, AMX), else fp32. Drafts only propose, so this never changes the
+    # output (loading.load_drafter_head).
     drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Concurrent DraftSession streams; each holds a small KV cache for its request.
     drafter_max_sessions: int = 64
