@@ -28,7 +28,7 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drop_slow_speculation: bool = True
     # On the CPU, multiply a few rows by linear layers whose fp32 weights are exactly Q4_1,
     # Q8_0 or bf16 values (a GGUF's, a bf16 checkpoint's) from packed copies of them: the
-    # same weights, read in a third to a sixth of the time (aerie_common/packed_weights.py).
+    # same weights, a fifth to a half of the bytes read (aerie_common/packed_weights.py).
     packed_weights: bool = True
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0
