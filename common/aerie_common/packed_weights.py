@@ -152,28 +152,35 @@ class PackedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def pack_linear_layers(model, only_where_vectorised: bool = True) -> dict[str, int]:
+def pack_linear_layers(
+    model, only_where_vectorised: bool = True, only_if_all_pack: bool = False
+) -> dict[str, int]:
     """Wrap each fp32 linear layer of a CPU model whose weight packs exactly in PackedLinear
     (in place). Returns how many layers took each format (``unpacked``: the others), or {}
     where the kernel is not available, or not vectorised on this CPU and
-    ``only_where_vectorised`` (its portable path is correct but slower than MKL); it logs why."""
+    ``only_where_vectorised`` (its portable path is correct but slower than MKL; it logs
+    why), or some layer does not pack and ``only_if_all_pack`` (then none is wrapped)."""
     module = cpu_extension.load()
     if module is None:
         return {}
     if only_where_vectorised and not packing_pays():
         log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512); not used")
         return {}
+    layers = [
+        (parent, name, child, pack_weight(child.weight))
+        for parent in list(model.modules())
+        for name, child in list(parent.named_children())
+        if type(child) is nn.Linear
+    ]
+    if only_if_all_pack and (not layers or any(packed is None for *_, packed in layers)):
+        return {}
     counts: dict[str, int] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            packed = pack_weight(child.weight)
-            if packed is None:
-                counts["unpacked"] = counts.get("unpacked", 0) + 1
-                continue
-            setattr(parent, name, PackedLinear(child, packed))
-            counts[packed.format] = counts.get(packed.format, 0) + 1
+    for parent, name, child, packed in layers:
+        if packed is None:
+            counts["unpacked"] = counts.get("unpacked", 0) + 1
+            continue
+        setattr(parent, name, PackedLinear(child, packed))
+        counts[packed.format] = counts.get(packed.format, 0) + 1
     return counts
 
 
@@ -182,12 +189,6 @@ def packing_pays() -> bool:
     portable path is correct but slower than MKL."""
     module = cpu_extension.load()
     return module is not None and module.vectorised()
-
-
-def packs_exactly(model) -> bool:
-    """Whether every linear layer of the model has an exact packed form."""
-    linears = [m for m in model.modules() if type(m) is nn.Linear]
-    return bool(linears) and all(pack_weight(m.weight) is not None for m in linears)
 
 
 def fused_projection(layers: list[nn.Module]):

@@ -150,3 +150,12 @@ def test_the_engine_packs_its_target_unless_told_not_to():
         isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear) == cpu_extension.load().vectorised()
     )
     assert not any(isinstance(m, PackedLinear) for m in unpacked.modules())
+
+
+def test_all_or_none_packs_nothing_when_one_layer_does_not_pack():
+    model = gguf_like_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3  # off the Q4_1 grid
+    assert pack_linear_layers(model, only_where_vectorised=False, only_if_all_pack=True) == {}
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert pack_linear_layers(model, only_where_vectorised=False)["unpacked"] == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from aerie_common.cpu_linear import changed_plans, tune_linear_layers
 from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
-from aerie_common.packed_weights import pack_linear_layers, packing_pays, packs_exactly
+from aerie_common.packed_weights import pack_linear_layers, packing_pays
 from aerie_common.torch_threads import in_passing_thread
 from safetensors import safe_open
 from torch import nn
@@ -121,12 +121,14 @@ def load_drafter_head(
         head = untrained_head(target_config, embed_tokens, eagle_version)
         origin = "untrained"
     resolved_device = pick_device(device)
-    if resolved_device == "cpu" and dtype == "auto" and packing_pays() and packs_exactly(head):
-        # fp32 activations over the packed bf16 weights (a trained head's checkpoint is bf16):
-        # the products read half of fp32's bytes and, on 2 cores, drafted a tree in 5.3 ms
-        # against 6.5 with oneDNN's bf16 ones (docs/benchmarks.md).
+    packed = {}
+    if resolved_device == "cpu" and dtype == "auto" and packing_pays():
+        # fp32 activations over the packed bf16 weights where every one packs (a trained
+        # head's checkpoint is bf16): the products read half of fp32's bytes and, on 2 cores,
+        # drafted a tree in 5.3 ms against 6.5 with oneDNN's bf16 ones (docs/benchmarks.md).
         head = head.for_drafting(resolved_device, torch.float32)
-        packed = in_passing_thread(pack_linear_layers, head)
+        packed = in_passing_thread(pack_linear_layers, head, only_if_all_pack=True)
+    if packed:
         log.info("head's linear layers read from packed weights (format: layers): %s", packed)
     else:
         head = head.for_drafting(resolved_device, pick_head_dtype(dtype, resolved_device))
