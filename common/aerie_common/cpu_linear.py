@@ -17,12 +17,15 @@ plain steps), the drafter its head from 1 row.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 MAX_PADDED_ROWS = 16  # a tree of up to 15 nodes, or 16 requests decoded in one batch
 # Switch only to a way that measured at most this fraction of plain MKL's time: the
@@ -150,8 +153,14 @@ def tune_linear_layers(
     plans = {}
     for shape, layers in by_shape.items():
         linears = [linear for _, _, linear in layers]
-        supported = onednn_available() and linears[0].weight.dtype in ONEDNN_DTYPES
-        onednn = [onednn_weights(linear) for linear in linears] if supported else None
+        onednn = None
+        if onednn_available() and linears[0].weight.dtype in ONEDNN_DTYPES:
+            try:
+                onednn = [onednn_weights(linear) for linear in linears]
+            except RuntimeError as error:  # e.g. bf16 where oneDNN lacks the instructions
+                log.info(
+                    "oneDNN not timed for %s weights of shape %s: %s", linears[0].weight.dtype, shape, error
+                )
         seconds = time_row_counts(linears, min_rows, max_rows, repeats, onednn)
         plans[shape] = padding_plan(seconds, min_rows=min_rows)
         if plans[shape]:

@@ -83,3 +83,24 @@ def test_tuning_times_from_min_rows_and_wraps_every_layer_of_a_shape_with_a_plan
     assert isinstance(model[0], PaddedRowsLinear) and isinstance(model[3], PaddedRowsLinear)
     assert type(model[2]) is nn.Linear
     assert torch.allclose(out.float(), expected.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_tuning_leaves_onednn_out_where_it_cannot_reorder_the_weights(monkeypatch):
+    # oneDNN refuses bf16 weights on a CPU without the instructions its bf16 path needs
+    # (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU showed it): MKL is timed alone.
+    from aerie_common import cpu_linear
+
+    def refuse(linear):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+
+    timed_with_onednn = []
+
+    def time_row_counts(linears, min_rows, max_rows, repeats, onednn):
+        timed_with_onednn.append(onednn is not None)
+        return {(MKL, r): 1.0 for r in range(min_rows, max_rows + 1)}
+
+    monkeypatch.setattr(cpu_linear, "onednn_weights", refuse)
+    monkeypatch.setattr(cpu_linear, "time_row_counts", time_row_counts)
+    model = nn.Sequential(nn.Linear(16, 24))
+    assert tune_linear_layers(model, min_rows=1) == {(24, 16): {}}
+    assert timed_with_onednn == [False] and type(model[0]) is nn.Linear
