@@ -15,7 +15,10 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 from pathlib import Path
+
+from aerie_common.settings import AerieSettings
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +28,29 @@ _module = None
 _loaded = False
 
 
+class CpuKernelSettings(AerieSettings):
+    # Compiler flags added to the kernels' build (-O3 -march=native ...), as a shell would
+    # split them: "-mno-avx512f" builds their AVX2 path, which an AVX2-only CPU runs, on an
+    # AVX-512 one (docs/benchmarks.md).
+    cpu_kernel_cflags: str = ""
+
+
 def load():
     """The built module, or None where it cannot be built (once per process)."""
     global _module, _loaded
     if not _loaded:
         _loaded = True
         try:
-            _module = _build()
+            _module = build(tuple(shlex.split(CpuKernelSettings().cpu_kernel_cflags)))
         except Exception as error:  # no compiler or ninja: the engine runs as before
             log.warning("the C++ CPU kernels were not built (%s); running without them", error)
     return _module
 
 
-def _build():
+def build(extra_cflags: tuple[str, ...] = ()):
+    """The module built for this CPU, with ``extra_cflags`` added: the tests build the AVX2
+    path on an AVX-512 CPU with ("-mno-avx512f",). Each set of flags has its own module
+    name and build directory, so both can be loaded in one process."""
     from torch.utils import cpp_extension
 
     try:  # the ninja wheel's binary, for an environment that was not activated
@@ -49,18 +62,21 @@ def _build():
     sources = [str(Path(__file__).with_name("csrc") / name) for name in SOURCES]
     # Built for this CPU (-march=native): a cache shared with another CPU must not reuse it.
     cpu = hashlib.sha1(_cpu_description().encode()).hexdigest()[:12]
+    name = "aerie_cpu_kernels"
+    if extra_cflags:
+        name += "_" + hashlib.sha1(" ".join(extra_cflags).encode()).hexdigest()[:8]
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    build_dir = root / f"aerie_cpu_kernels_{cpu}"
+    build_dir = root / f"{name}_{cpu}"
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("loading the C++ CPU kernels (built on first use, about 40 s)")
     return cpp_extension.load(
-        name="aerie_cpu_kernels",
+        name=name,
         sources=sources,
         # -fopenmp: at::parallel_for is inlined here, and runs serially without it. The
         # library it links is the libgomp.so.1 torch has already loaded, so both share one
         # OpenMP runtime and its threads. -ffp-contract=off: products and sums rounded
         # apart, as torch's elementwise operations round them (rotary.cpp).
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *extra_cflags],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )

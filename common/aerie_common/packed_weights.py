@@ -164,7 +164,7 @@ def pack_linear_layers(
     if module is None:
         return {}
     if only_where_vectorised and not packing_pays():
-        log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512); not used")
+        log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512 or AVX2); not used")
         return {}
     layers = [
         (parent, name, child, pack_weight(child.weight))
@@ -185,7 +185,7 @@ def pack_linear_layers(
 
 
 def packing_pays() -> bool:
-    """Whether the packed kernel is built and vectorised here (AVX-512): elsewhere its
+    """Whether the packed kernel is built and vectorised here (AVX-512 or AVX2): elsewhere its
     portable path is correct but slower than MKL."""
     module = cpu_extension.load()
     return module is not None and module.vectorised()

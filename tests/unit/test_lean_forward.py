@@ -49,7 +49,7 @@ def transformers_forward(model):
 @pytest.mark.parametrize("gguf_like", [False, True], ids=["fp32-weights", "packed-weights"])
 def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_like):
     model = lean_target(gguf_like)
-    # packed where the kernel is vectorised (AVX-512, as on the project's machines)
+    # packed where the kernel is vectorised (AVX-512 or AVX2, as on the project's machines)
     assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear) == (
         gguf_like and cpu_extension.load().vectorised()
     )

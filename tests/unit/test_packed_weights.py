@@ -53,39 +53,59 @@ def bf16_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 MAKERS = {Q4_1: q4_1_weight, Q8_0: q8_0_weight, BF16: bf16_weight}
 
 
-def test_the_kernel_is_built_here():
+# The kernel as the engine builds it for this CPU, and built without AVX-512: its AVX2 path
+# on the project's AVX-512 machines (the same build again on an AVX2-only CPU, the portable
+# path on a CPU with neither).
+BUILDS = {
+    "native": cpu_extension.load,
+    "without_avx512": lambda: cpu_extension.build(("-mno-avx512f",)),
+}
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        return {flag for line in cpuinfo if line.startswith("flags") for flag in line.split(":")[1].split()}
+
+
+def test_the_kernel_is_built_here_with_a_vectorised_path_where_the_cpu_has_one():
     # The project's machines have a C++ compiler (make setup installs g++); the tests below
-    # run its portable path where the CPU has no AVX-512, and the engine then leaves it out.
-    assert cpu_extension.load() is not None
+    # run its portable path where the CPU has neither AVX-512 nor AVX2, and the engine then
+    # leaves it out.
+    flags = cpu_flags()
+    assert BUILDS["native"]().vectorised() == bool(flags & {"avx512f", "avx2"})
+    assert BUILDS["without_avx512"]().vectorised() == ({"avx2", "fma"} <= flags)
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
-def test_each_format_packs_exactly_and_multiplies_as_fp32(fmt):
+def test_each_format_packs_exactly_and_multiplies_as_fp32(fmt, build):
     weight = MAKERS[fmt](96, 160)
     packed = pack_weight(weight)
     assert packed is not None and packed.format == fmt
     assert torch.equal(packed.unpack(), weight)  # bit for bit
-    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
+    multiply = getattr(BUILDS[build](), f"{fmt}_linear")
     for rows in (1, 2, 3, 4, 5, 9, 16):
         x = torch.randn(rows, 160)
         torch.testing.assert_close(multiply(x, *packed.tensors), F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
-def test_the_kernel_unpacks_the_very_fp32_weights(fmt):
+def test_the_kernel_unpacks_the_very_fp32_weights(fmt, build):
     # x = a row of the identity picks out one column of W: w * 1 plus zeros, exact in any
     # order of summation, so this checks the kernel's unpacking bit for bit.
     weight = MAKERS[fmt](40, 128, seed=3)
     packed = pack_weight(weight)
-    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
+    multiply = getattr(BUILDS[build](), f"{fmt}_linear")
     columns = torch.cat([multiply(rows, *packed.tensors) for rows in torch.eye(128).split(MAX_PACKED_ROWS)])
     assert torch.equal(columns.T, weight)
 
 
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0, BF16])
-def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt):
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt, build):
     packed = pack_weight(MAKERS[fmt](64, 256))
-    multiply = getattr(cpu_extension.load(), f"{fmt}_linear")
+    multiply = getattr(BUILDS[build](), f"{fmt}_linear")
     x = torch.randn(11, 256)
     together = multiply(x, *packed.tensors)
     alone = torch.cat([multiply(x[i : i + 1], *packed.tensors) for i in range(11)])
@@ -145,7 +165,7 @@ def test_the_engine_packs_its_target_unless_told_not_to():
     packed, unpacked = gguf_like_llama(), gguf_like_llama()
     speed_up_tree_verification(packed)
     speed_up_tree_verification(unpacked, packed_weights=False)
-    # only where the kernel is vectorised (AVX-512, as on the project's machines)
+    # only where the kernel is vectorised (AVX-512 or AVX2, as on the project's machines)
     assert (
         isinstance(packed.model.layers[1].self_attn.o_proj, PackedLinear) == cpu_extension.load().vectorised()
     )

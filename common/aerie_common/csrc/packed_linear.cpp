@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -25,6 +25,7 @@ constexpr int64_t kBlock = 32;  // GGUF's block of weights sharing a scale
 
 #ifdef __AVX512F__
 constexpr bool kVectorised = true;
+constexpr int kRowsPerPass = 8;  // 8 rows x 2 sums in registers
 
 // Each unpacks block b of one row of W into two registers: weights 0-15 and 16-31.
 struct Q4_1Row {
@@ -83,8 +84,78 @@ inline void dot_rows(const float* x, int64_t K, const Row& row, float* out, int6
   for (int r = 0; r < R; ++r) out[r * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 (most AMD EPYCs before Zen 4, most desktop CPUs): 8 lanes, so a block of 32 weights
+// is four registers, and each row of x keeps four partial sums, one per quarter of a block.
+constexpr bool kVectorised = true;
+// Rows per pass: 3 fill the 16 registers (12 sums, 4 weights); with the spills of 5 the
+// 5-token forward of the default target took 23.7 ms, against 25.5 with 3 and 24.1 with 8.
+constexpr int kRowsPerPass = 5;
+
+struct Q4_1Row {
+  const uint8_t* q;
+  const float* d;
+  const float* m;
+  inline void unpack(int64_t b, __m256 w[4]) const {
+    // Bytes 0-7 hold weights 0-7 (low nibbles) and 16-23 (high), bytes 8-15 weights 8-15
+    // and 24-31: widen 8 bytes to 32-bit lanes once, then take either nibble in place.
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    const __m256 scale = _mm256_set1_ps(d[b]), min = _mm256_set1_ps(m[b]);
+    for (int half = 0; half < 2; ++half) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b * 16 + 8 * half));
+      const __m256i both = _mm256_cvtepu8_epi32(bytes);
+      const __m256i levels[2] = {_mm256_and_si256(both, low4), _mm256_srli_epi32(both, 4)};
+      for (int nibble = 0; nibble < 2; ++nibble)  // scale * q is exact in fp32: fused or not, the same sum
+        w[2 * nibble + half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(levels[nibble]), scale, min);
+    }
+  }
+};
+
+struct Q8_0Row {
+  const int8_t* q;
+  const float* d;
+  inline void unpack(int64_t b, __m256 w[4]) const {
+    const __m256 scale = _mm256_set1_ps(d[b]);
+    for (int i = 0; i < 4; ++i) {
+      const __m128i levels = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b * kBlock + 8 * i));
+      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(levels)), scale);
+    }
+  }
+};
+
+struct BF16Row {
+  const uint16_t* q;
+  inline void unpack(int64_t b, __m256 w[4]) const {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * kBlock + 8 * i));
+      w[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    }
+  }
+};
+
+template <int R, typename Row>
+inline void dot_rows(const float* x, int64_t K, const Row& row, float* out, int64_t N) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    __m256 w[4];
+    row.unpack(b, w);
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * K + b * kBlock + 8 * i), w[i], acc[r][i]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+    __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    out[r * N] = _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+  }
+}
+
 #else  // portable and slow: correct everywhere; the engine packs only where kVectorised
 constexpr bool kVectorised = false;
+constexpr int kRowsPerPass = 8;
 
 struct Q4_1Row {
   const uint8_t* q;
@@ -140,11 +211,11 @@ torch::Tensor packed_linear(const torch::Tensor& input, int64_t N, RowOf row_of)
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const auto row = row_of(n);
-      // Up to 8 rows of x per pass over the row of W (16 accumulators in registers).
-      for (int64_t r = 0; r < M; r += 8) {
+      // Up to kRowsPerPass rows of x per pass over the row of W, their sums in registers.
+      for (int64_t r = 0; r < M; r += kRowsPerPass) {
         const float* xr = xp + r * K;
         float* out_r = op + r * N + n;
-        switch (std::min<int64_t>(M - r, 8)) {
+        switch (std::min<int64_t>(M - r, kRowsPerPass)) {
           case 1: dot_rows<1>(xr, K, row, out_r, N); break;
           case 2: dot_rows<2>(xr, K, row, out_r, N); break;
           case 3: dot_rows<3>(xr, K, row, out_r, N); break;
@@ -194,5 +265,5 @@ void define_packed_linear(pybind11::module& module) {
   module.def("q4_1_linear", &q4_1_linear, "x @ W.T, W packed as Q4_1 blocks (qs, scale, minimum)");
   module.def("q8_0_linear", &q8_0_linear, "x @ W.T, W packed as Q8_0 blocks (qs, scale)");
   module.def("bf16_linear", &bf16_linear, "x @ W.T, W in bf16");
-  module.def("vectorised", &vectorised, "whether this build has the AVX-512 path of the packed kernels");
+  module.def("vectorised", &vectorised, "whether this build has a vectorised (AVX-512 or AVX2) path of the packed kernels");
 }
