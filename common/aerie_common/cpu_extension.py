@@ -3,7 +3,9 @@ tools (a C++ compiler and ninja) for the CPU they run on, and cached.
 
 - packed_linear.cpp: products with weights kept in an exact packed form (packed_weights.py),
   for the verifier's target and the drafter's head;
-- rotary.cpp: transformers' rotary embedding in one call (aerie_verifier/lean_forward.py).
+- rotary.cpp: transformers' rotary embedding in one call (aerie_verifier/lean_forward.py);
+- lean_layers.cpp: the lean forward's loop over the decoder layers, for a target whose
+  projections are all packed (aerie_verifier/lean_forward.py).
 
 Where the module cannot be built, ``load`` logs why and returns None, and the engine runs
 without it: every caller has a fallback.
@@ -22,7 +24,7 @@ from aerie_common.settings import AerieSettings
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp")
+SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp", "lean_layers.cpp")
 
 _module = None
 _loaded = False

@@ -191,11 +191,25 @@ def packing_pays() -> bool:
     return module is not None and module.vectorised()
 
 
-def fused_projection(layers: list[nn.Module]):
-    """One kernel call for several projections of the same input (q, k and v; gate and up),
-    when all are PackedLinear of one format without bias: a function of x returning each
-    layer's output, equal bit for bit to the layers' own (rows of W are summed alone).
-    The layers then read their weights from the fused copy, so memory is not doubled. None
+@dataclass(frozen=True)
+class FusedProjection:
+    """Several projections of one input (q, k and v; gate and up) as one kernel call: the
+    outputs, split apart, are each layer's own bit for bit (rows of W are summed alone)."""
+
+    format: str
+    tensors: tuple[torch.Tensor, ...]  # the layers' packed tensors, concatenated
+    sizes: tuple[int, ...]  # each layer's output features
+    layers: tuple[nn.Module, ...]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if x.shape[:-1].numel() > MAX_PACKED_ROWS:
+            return tuple(layer(x) for layer in self.layers)
+        return self.layers[0]._multiply(x, *self.tensors).split(self.sizes, dim=-1)
+
+
+def fused_projection(layers: list[nn.Module]) -> FusedProjection | None:
+    """The layers as one FusedProjection, when all are PackedLinear of one format without
+    bias; they then read their weights from the fused copy, so memory is not doubled. None
     when they cannot be fused."""
     if not layers or not all(type(layer) is PackedLinear and layer.bias is None for layer in layers):
         return None
@@ -203,16 +217,9 @@ def fused_projection(layers: list[nn.Module]):
     if len(formats) != 1:
         return None
     fused = tuple(torch.cat(parts) for parts in zip(*(layer.packed.tensors for layer in layers), strict=True))
-    sizes = [layer.weight.shape[0] for layer in layers]
+    sizes = tuple(layer.weight.shape[0] for layer in layers)
     start = 0
     for layer, size in zip(layers, sizes, strict=True):
         layer.packed = PackedWeight(layer.packed.format, tuple(t[start : start + size] for t in fused))
         start += size
-    multiply = layers[0]._multiply
-
-    def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if x.shape[:-1].numel() > MAX_PACKED_ROWS:
-            return tuple(layer(x) for layer in layers)
-        return multiply(x, *fused).split(sizes, dim=-1)
-
-    return project
+    return FusedProjection(formats.pop(), fused, sizes, tuple(layers))

@@ -10,6 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
@@ -231,6 +233,10 @@ torch::Tensor packed_linear(const torch::Tensor& input, int64_t N, RowOf row_of)
   return out;
 }
 
+}  // namespace
+
+namespace aerie {
+
 torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m) {
   const int64_t K = x.size(-1), blocks = K / kBlock;
   TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.size(1) * 2 == K && d.size(1) == blocks && m.size(1) == blocks,
@@ -259,9 +265,10 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor weight) {
 
 bool vectorised() { return kVectorised; }
 
-}  // namespace
+}  // namespace aerie
 
 void define_packed_linear(pybind11::module& module) {
+  using namespace aerie;
   module.def("q4_1_linear", &q4_1_linear, "x @ W.T, W packed as Q4_1 blocks (qs, scale, minimum)");
   module.def("q8_0_linear", &q8_0_linear, "x @ W.T, W packed as Q8_0 blocks (qs, scale)");
   module.def("bf16_linear", &bf16_linear, "x @ W.T, W in bf16");

@@ -5,7 +5,9 @@
 // lean forward's logits stay equal to transformers' bit for bit.
 #include <torch/extension.h>
 
-namespace {
+#include "kernels.h"
+
+namespace aerie {
 
 // x: [B, T, H, D] (a projection's output viewed as heads), cos and sin: [B or 1, T, D].
 // Returns x * cos + rotate_half(x) * sin, laid out as x: [B, T, H, D], contiguous.
@@ -37,8 +39,8 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
-}  // namespace
+}  // namespace aerie
 
 void define_rotary(pybind11::module& module) {
-  module.def("rotary", &rotary, "x * cos + rotate_half(x) * sin over [B, T, H, D]");
+  module.def("rotary", &aerie::rotary, "x * cos + rotate_half(x) * sin over [B, T, H, D]");
 }

@@ -87,3 +87,15 @@ class GrowingCache(DynamicCache):
 
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+    def buffers_for(self, new_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each layer's key and value buffers, with room for ``new_tokens`` more entries, for
+        a forward that writes them itself (lean_layers.cpp; then ``filled``)."""
+        for layer in self.layers:
+            layer._reserve(layer.length + new_tokens)
+        return [layer._key_buffer for layer in self.layers], [layer._value_buffer for layer in self.layers]
+
+    def filled(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Take each layer's filled keys and values (views of its buffers) after such a forward."""
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
+            layer.keys, layer.values, layer.length = layer_keys, layer_values, layer_keys.shape[-2]

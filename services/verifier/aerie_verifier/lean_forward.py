@@ -10,7 +10,9 @@ that runs the same pieces (transformers' RMSNorm arithmetic, the projections as 
 engine tuned them, q/k/v and gate/up in one call each where their weights are packed,
 transformers' rotary embedding, in one call where the C++ kernels build, the SDPA call
 its attention makes) in the same order, so the logits are the same bit for bit
-(tests/unit/test_lean_forward.py).
+(tests/unit/test_lean_forward.py). Where every projection is packed (the default target),
+the loop itself runs in C++ (aerie_common/csrc/lean_layers.cpp), calling the same
+operations without the Python between them.
 Anything else (a prefill, a batch, another cache, another attention implementation or
 architecture) goes to transformers' forward as before.
 
@@ -26,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from aerie_common import cpu_extension
-from aerie_common.packed_weights import fused_projection
+from aerie_common.packed_weights import FusedProjection, PackedLinear, fused_projection
+from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -52,8 +55,9 @@ class LeanForward:
         self.observers: list[Callable[[int, torch.Tensor], None]] = []
         self._pieces: list[_Layer] | None = None
         # transformers' rotary embedding in one call, where the C++ kernels build
-        extension = cpu_extension.load()
-        self._rotate = extension.rotary if extension is not None else None
+        self._extension = cpu_extension.load()
+        self._rotate = self._extension.rotary if self._extension is not None else None
+        self._native = None  # the loop in C++, where it applies (built with the pieces)
 
     def handles(self, input_ids, attention_mask, cache, inputs_embeds, kwargs) -> bool:
         return (
@@ -100,9 +104,23 @@ class LeanForward:
                 torch.arange(input_ids.shape[1], device=hidden.device)[None] + cache.get_seq_length()
             )
         cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
+        layers = self._layers()
+        if self._native is not None and len(cache.layers) == len(layers):
+            past = cache.get_seq_length()
+            key_buffers, value_buffers = cache.buffers_for(input_ids.shape[1])
+            hidden, layer_inputs, keys, values = self._native.forward(
+                hidden, cos, sin, attention_mask, key_buffers, value_buffers, past, bool(self.observers)
+            )
+            cache.filled(keys, values)
+            for index, layer_input in enumerate(layer_inputs):
+                for observe in self.observers:
+                    observe(index, layer_input)
+            return BaseModelOutputWithPast(
+                last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon), cache=cache
+            )
         rotate = self._rotate
         new_shape = (*hidden.shape[:-1], -1)
-        for index, layer in enumerate(self._layers()):
+        for index, layer in enumerate(layers):
             for observe in self.observers:
                 observe(index, hidden)
             head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
@@ -149,7 +167,43 @@ class LeanForward:
                 )
                 for layer in self.model.layers[: self.model.config.num_hidden_layers]
             ]
+            self._native = self._native_loop(self._pieces)
         return self._pieces
+
+    def _native_loop(self, pieces: list[_Layer]):
+        """The loop in C++ (lean_layers.cpp) over these pieces, where every projection is
+        packed (q/k/v and gate/up fused) and the MLP's activation is SiLU; else None."""
+        if self._extension is None:
+            return None
+        native = self._extension.LeanLayers()
+        for piece, layer in zip(pieces, self.model.layers, strict=False):
+            qkv, gate_up = piece.qkv_proj, piece.gate_up_proj
+            o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+            if not (
+                isinstance(qkv, FusedProjection)
+                and isinstance(gate_up, FusedProjection)
+                and all(type(p) is PackedLinear and p.bias is None for p in (o_proj, down_proj))
+                and type(piece.act) is SiLUActivation
+            ):
+                return None
+            native.add_layer(
+                piece.input_norm,
+                piece.post_norm,
+                piece.eps,
+                qkv.format,
+                list(qkv.tensors),
+                list(qkv.sizes),
+                o_proj.packed.format,
+                list(o_proj.packed.tensors),
+                gate_up.format,
+                list(gate_up.tensors),
+                list(gate_up.sizes),
+                down_proj.packed.format,
+                list(down_proj.packed.tensors),
+                piece.head_dim,
+                piece.scaling,
+            )
+        return native
 
 
 @dataclass(frozen=True)
