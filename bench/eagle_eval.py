@@ -32,11 +32,12 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from aerie_common.packed_weights import PackedLinear
 from aerie_common.torch_threads import in_passing_thread
 from aerie_drafter.eagle import EagleHead
 from aerie_drafter.proposer import TreeShape, default_tree
@@ -162,23 +163,22 @@ def own_token_probabilities(target, prompt: list[int], tokens: list[int]) -> lis
 
 def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions, args) -> dict:
     from aerie_drafter.checkpoint import load_head
-    from aerie_drafter.loading import pick_head_dtype
+    from aerie_drafter.loading import head_for_drafting
     from aerie_verifier.drafter_client import InProcessDrafterFactory
     from aerie_verifier.engine import Engine
     from aerie_verifier.sampling import SamplingParams
 
     device = str(next(target.parameters()).device)
 
-    dtype = pick_head_dtype(head_dtype, device)  # as the drafter serves it
-
     def load() -> EagleHead:  # on a passing thread: only the engine's runs torch for long
-        embeddings = target.model.embed_tokens
-        if embeddings.weight.dtype != dtype:  # a copy: casting the head would cast the target's
-            embeddings = nn.Embedding.from_pretrained(embeddings.weight.detach().to(dtype), freeze=True)
+        # a copy of the target's embeddings: casting the head must not cast the target's
+        embeddings = nn.Embedding.from_pretrained(target.model.embed_tokens.weight.detach().clone(), freeze=True)
         head = load_head(head_dir, embeddings, len(target.model.layers))
-        return head.for_drafting(device, dtype)
+        return head_for_drafting(head, device, head_dtype)  # as the drafter serves it
 
     head = in_passing_thread(load)
+    packed = Counter(m.packed.format for m in head.modules() if isinstance(m, PackedLinear))
+    dtype = head.norm.weight.dtype
     draftable = head.t2d.tolist()  # target id -> inside the draft vocabulary
     # Acceptance is a property of the head, so it is measured on a tree deep enough to
     # show it, not on the CPU's serving tree (2 or 4 nodes: at most 3 or 4 tokens a step).
@@ -192,7 +192,8 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
     result = {
         "head": str(head_dir),
         "eagle_version": head.config.eagle_version,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch.") + "".join(f" over {f}" for f in packed),
+        "packed_weights": dict(packed),
         "tree": vars(shape),
     }
     try:
@@ -256,7 +257,7 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
 
 def print_report(results: list[dict], templates: list[str]) -> None:
     names = [Path(r["head"]).parent.name or r["head"] for r in results]
-    width = max(14, *(len(n) + 18 for n in names))
+    width = max(14, *(len(n) + 30 for n in names))
     print("\nmean acceptance length (tokens per verification step)")
     print(
         f"{'template':22s}"
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         "--head-dtypes",
         nargs="+",
         default=["auto"],
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
         help="the heads' dtype, one for all or one per head (auto: as the drafter serves it, "
         "AERIE_DRAFTER_DTYPE)",
     )

@@ -323,7 +323,7 @@ def main() -> None:
         "--head-dtypes",
         nargs="*",
         default=[],
-        choices=["float32", "bfloat16", "float16"],
+        choices=["float32", "bfloat16", "float16", "int8"],
         help="more inprocess-head rows, the head in each of these dtypes (the head rows take "
         "AERIE_DRAFTER_DTYPE, auto by default)",
     )

@@ -93,6 +93,19 @@ def pack_q8_0(weight: torch.Tensor) -> PackedWeight | None:
     return PackedWeight(Q8_0, (levels.to(torch.int8).flatten(1).contiguous(), scale.contiguous()))
 
 
+def round_to_q8_0(weight: torch.Tensor) -> PackedWeight | None:
+    """The weight rounded to Q8_0 blocks as llama.cpp rounds them (each block's scale its
+    largest magnitude over 127, in fp16): not exact, for a model whose rounding never
+    reaches the output (the drafter's head). None where the rows are not 32-weight blocks."""
+    blocks = _blocks(weight)
+    if blocks is None:
+        return None
+    with torch.no_grad():
+        scale = _fp16_scale(blocks.abs().amax(-1) / 127)
+        levels = _q8_0_levels(blocks, scale)
+    return PackedWeight(Q8_0, (levels.to(torch.int8).flatten(1).contiguous(), scale.contiguous()))
+
+
 def pack_bf16(weight: torch.Tensor) -> PackedWeight | None:
     """The weight in bf16, if every weight is a bf16 value; else None."""
     if _blocks(weight) is None:
@@ -153,10 +166,11 @@ class PackedLinear(nn.Module):
 
 
 def pack_linear_layers(
-    model, only_where_vectorised: bool = True, only_if_all_pack: bool = False
+    model, only_where_vectorised: bool = True, only_if_all_pack: bool = False, pack=pack_weight
 ) -> dict[str, int]:
     """Wrap each fp32 linear layer of a CPU model whose weight packs exactly in PackedLinear
-    (in place). Returns how many layers took each format (``unpacked``: the others), or {}
+    (in place; ``pack``: round_to_q8_0 packs them inexactly). Returns how many layers took
+    each format (``unpacked``: the others), or {}
     where the kernel is not available, or not vectorised on this CPU and
     ``only_where_vectorised`` (its portable path is correct but slower than MKL; it logs
     why), or some layer does not pack and ``only_if_all_pack`` (then none is wrapped)."""
@@ -167,7 +181,7 @@ def pack_linear_layers(
         log.warning("packed-weight kernel has no vectorised path for this CPU (AVX-512 or AVX2); not used")
         return {}
     layers = [
-        (parent, name, child, pack_weight(child.weight))
+        (parent, name, child, pack(child.weight))
         for parent in list(model.modules())
         for name, child in list(parent.named_children())
         if type(child) is nn.Linear

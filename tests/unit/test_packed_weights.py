@@ -17,6 +17,7 @@ from aerie_common.packed_weights import (
     PackedLinear,
     pack_linear_layers,
     pack_weight,
+    round_to_q8_0,
 )
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from torch import nn
@@ -110,6 +111,20 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt, build):
     together = multiply(x, *packed.tensors)
     alone = torch.cat([multiply(x[i : i + 1], *packed.tensors) for i in range(11)])
     assert torch.equal(together, alone)
+
+
+def test_rounding_to_q8_0_keeps_exact_q8_0_weights_and_rounds_others_to_half_a_level():
+    exact = q8_0_weight(48, 96, seed=6)
+    assert torch.equal(round_to_q8_0(exact).unpack(), exact)
+    weight = torch.randn(48, 96)
+    rounded = round_to_q8_0(weight)
+    assert rounded.format == Q8_0 and rounded.tensors[0].dtype == torch.int8
+    scale = rounded.tensors[1].repeat_interleave(BLOCK, dim=1)
+    # half a level from each weight, a block's largest one level at most (its fp16 scale
+    # may round down, and the level is clamped to 127)
+    assert ((rounded.unpack() - weight).abs() <= scale * 0.5 + 1e-7).float().mean() > 0.99
+    assert ((rounded.unpack() - weight).abs() <= scale * 1.01).all()
+    assert round_to_q8_0(torch.randn(8, 40)) is None  # rows not made of 32-weight blocks
 
 
 def test_weights_that_are_not_exactly_packable_stay_unpacked():

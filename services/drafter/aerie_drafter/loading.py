@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from aerie_common.cpu_linear import changed_plans, tune_linear_layers
 from aerie_common.model_store import pick_device, pick_dtype, resolve_model_dir
-from aerie_common.packed_weights import pack_linear_layers, packing_pays
+from aerie_common.packed_weights import pack_linear_layers, packing_pays, round_to_q8_0
 from aerie_common.torch_threads import in_passing_thread
 from safetensors import safe_open
 from torch import nn
@@ -63,7 +63,7 @@ def cpu_has_native_bf16() -> bool:
 
 def pick_head_dtype(dtype: str, device: str) -> torch.dtype:
     """The head's dtype; "auto" is bf16 on a GPU and on a CPU with native bf16, else fp32
-    (load_drafter_head first takes fp32 over packed weights where the head packs exactly).
+    (head_for_drafting first takes fp32 over int8 copies where the packed kernel runs).
     The head only proposes and the target verifies, so its precision never changes the
     output. On the CPU its matrix-vector products are bound by reading the weights, and
     bf16 halves that: a 2-node draft over 200 tokens took 8.9 ms against 16.4 in fp32 (one
@@ -120,21 +120,32 @@ def load_drafter_head(
         )
         head = untrained_head(target_config, embed_tokens, eagle_version)
         origin = "untrained"
-    resolved_device = pick_device(device)
+    return head_for_drafting(head, pick_device(device), dtype), origin
+
+
+def head_for_drafting(head: EagleHead, device: str, dtype: str = "auto") -> EagleHead:
+    """The head on ``device``, in eval mode, its weights as AERIE_DRAFTER_DTYPE asks:
+
+    - on a CPU where the packed kernel runs (aerie_common.packed_weights), "auto" and "int8"
+      draft in fp32 over copies of the weights rounded to 8-bit blocks (Q8_0, as llama.cpp
+      rounds them): a quarter of fp32's bytes, where a step's products are bound by reading
+      the weights, the lm_head's 12288 x 576 above all. On 2 cores a tree took 4.8 ms against
+      5.9 over exact bf16 copies, and on the 80 MT-bench questions the shipped head accepted
+      as much (2.100 against 2.102 tokens a step; docs/benchmarks.md);
+    - else pick_head_dtype's rule."""
     packed = {}
-    if resolved_device == "cpu" and dtype == "auto" and packing_pays():
-        # fp32 activations over the packed bf16 weights where every one packs (a trained
-        # head's checkpoint is bf16): the products read half of fp32's bytes and, on 2 cores,
-        # drafted a tree in 5.3 ms against 6.5 with oneDNN's bf16 ones (docs/benchmarks.md).
-        head = head.for_drafting(resolved_device, torch.float32)
-        packed = in_passing_thread(pack_linear_layers, head, only_if_all_pack=True)
+    if device == "cpu" and dtype in ("auto", "int8") and packing_pays():
+        head = head.for_drafting(device, torch.float32)
+        packed = in_passing_thread(pack_linear_layers, head, only_if_all_pack=True, pack=round_to_q8_0)
     if packed:
         log.info("head's linear layers read from packed weights (format: layers): %s", packed)
     else:
-        head = head.for_drafting(resolved_device, pick_head_dtype(dtype, resolved_device))
-    if resolved_device == "cpu":
+        if dtype == "int8":
+            log.warning("int8 drafts need the packed kernel on a CPU: drafting in %s", pick_head_dtype("auto", device))
+        head = head.for_drafting(device, pick_head_dtype("auto" if dtype == "int8" else dtype, device))
+    if device == "cpu":
         tune_for_cpu(head)  # the layers left
-    return head, origin
+    return head
 
 
 def tune_for_cpu(head: EagleHead) -> None:

@@ -16,11 +16,11 @@ class DrafterSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drafter_head: str = ""
     drafter_eagle_version: str = "3.1"  # architecture of the untrained fallback head
     # The head's dtype, apart from the target's (AERIE_DTYPE): "auto" is bf16 on a GPU; on
-    # a CPU, fp32 over packed copies of its weights where they are exactly bf16 (a trained
-    # head's) and the packed kernel runs (aerie_common.packed_weights), else bf16 with native
-    # bf16 (AVX512-BF16, AMX), else fp32. Drafts only propose, so this never changes the
-    # output (loading.load_drafter_head).
-    drafter_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # a CPU where the packed kernel runs (aerie_common.packed_weights), fp32 over copies of
+    # its weights rounded to 8-bit blocks (Q8_0; "int8" asks for it by name), else bf16
+    # with native bf16 (AVX512-BF16, AMX), else fp32. Drafts only propose, so this never
+    # changes the output (loading.head_for_drafting).
+    drafter_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
     # Concurrent DraftSession streams; each holds a small KV cache for its request.
     drafter_max_sessions: int = 64
     # Prometheus metrics on http://AERIE_DRAFTER_HOST:PORT/metrics; 0 turns them off.
