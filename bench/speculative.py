@@ -175,6 +175,7 @@ def start_drafter_process(
             break
         except Exception:
             if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
                 raise RuntimeError("drafter process did not start") from None
             time.sleep(0.5)
     factory.channel.close()
@@ -372,9 +373,11 @@ def main() -> None:
 
     processes = []
     try:
+        # each stopped in the end even if a later one fails to start
         head_proc, head_addr = start_drafter_process(args.head, None, graphed)
+        processes.append(head_proc)
         oracle_proc, oracle_addr = start_drafter_process(UNTRAINED, oracle_file, graphed)
-        processes += [head_proc, oracle_proc]
+        processes.append(oracle_proc)
         factories = {
             "plain": None,
             "inprocess-head": InProcessDrafterFactory(head, shape, head_slots),
