@@ -172,7 +172,9 @@ def evaluate_head(head_dir: Path, head_dtype: str, target, tokenizer, questions,
 
     def load() -> EagleHead:  # on a passing thread: only the engine's runs torch for long
         # a copy of the target's embeddings: casting the head must not cast the target's
-        embeddings = nn.Embedding.from_pretrained(target.model.embed_tokens.weight.detach().clone(), freeze=True)
+        embeddings = nn.Embedding.from_pretrained(
+            target.model.embed_tokens.weight.detach().clone(), freeze=True
+        )
         head = load_head(head_dir, embeddings, len(target.model.layers))
         return head_for_drafting(head, device, head_dtype)  # as the drafter serves it
 

@@ -82,7 +82,9 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_
             assert torch.equal(caches["stock"].layers[1].keys, caches["lean"].layers[1].keys)
     assert len(ran) == 3 * len(model.model.layers)
     # packed, the loop ran in C++ (lean_layers.cpp); else in Python
-    assert (model.model._aerie_lean_forward._native is not None) == (gguf_like and cpu_extension.load().vectorised())
+    assert (model.model._aerie_lean_forward._native is not None) == (
+        gguf_like and cpu_extension.load().vectorised()
+    )
 
 
 def test_a_capture_made_before_the_lean_forward_still_records_its_steps():

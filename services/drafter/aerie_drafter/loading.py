@@ -141,7 +141,9 @@ def head_for_drafting(head: EagleHead, device: str, dtype: str = "auto") -> Eagl
         log.info("head's linear layers read from packed weights (format: layers): %s", packed)
     else:
         if dtype == "int8":
-            log.warning("int8 drafts need the packed kernel on a CPU: drafting in %s", pick_head_dtype("auto", device))
+            log.warning(
+                "int8 drafts need the packed kernel on a CPU: drafting in %s", pick_head_dtype("auto", device)
+            )
         head = head.for_drafting(device, pick_head_dtype("auto" if dtype == "int8" else dtype, device))
     if device == "cpu":
         tune_for_cpu(head)  # the layers left

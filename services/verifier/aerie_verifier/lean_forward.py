@@ -116,7 +116,8 @@ class LeanForward:
                 for observe in self.observers:
                     observe(index, layer_input)
             return BaseModelOutputWithPast(
-                last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon), cache=cache
+                last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon),
+                cache=cache,
             )
         rotate = self._rotate
         new_shape = (*hidden.shape[:-1], -1)
