@@ -655,3 +655,16 @@ def test_every_launcher_of_torch_services_sets_the_same_openmp_spin_count():
         'env.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)' in (ROOT / "scripts" / "launch.py").read_text()
     )
     assert "OMP_WAIT_POLICY" not in (ROOT / "docker-compose.yml").read_text() + makefile
+
+
+def test_every_kernel_source_ships_with_the_package():
+    # The service images pip-install the project: a header left out of the package data
+    # would fail the kernels' build there (and the engine would run without them).
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "aerie_common"
+    ]
+    package = ROOT / "common" / "aerie_common"
+    sources = [path.relative_to(package).as_posix() for path in (package / "csrc").iterdir()]
+    assert sources and all(any(fnmatch(source, p) for p in patterns) for source in sources), sources
