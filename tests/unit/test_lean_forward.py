@@ -16,7 +16,15 @@ from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.lean_forward import install_lean_forward
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_inputs
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    DynamicCache,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tests.conftest import build_tiny_llama, quantize_like_gguf
@@ -50,9 +58,44 @@ def transformers_forward(model):
 def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_like):
     model = lean_target(gguf_like)
     # packed where the kernel is vectorised (AVX-512 or AVX2, as on the project's machines)
-    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear) == (
-        gguf_like and cpu_extension.load().vectorised()
-    )
+    packed = gguf_like and cpu_extension.load().vectorised()
+    assert isinstance(model.model.layers[0].mlp.up_proj, PackedLinear) == packed
+    # packed, the loop runs in C++ (lean_layers.cpp); else in Python
+    assert_lean_forward_matches_transformers(model, native_loop=packed)
+
+
+def tiny_model(architecture: str, bf16_weights: bool, **config):
+    """A tiny Mistral or Qwen2 (q/k/v with biases) target with the engine's CPU fixes;
+    bf16 weights: every weight a bf16 value, as in most Hugging Face checkpoints, so the
+    linear layers pack as bf16."""
+    config_class, model_class = {
+        "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[architecture]
+    torch.manual_seed(3)
+    dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    model = model_class(config_class(vocab_size=VOCAB, num_key_value_heads=2, **dims, **config)).eval()
+    if bf16_weights:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.to(torch.bfloat16).float())
+    return model
+
+
+@pytest.mark.parametrize("bf16_weights", [False, True], ids=["fp32-weights", "bf16-weights"])
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_targets_match_transformers_bit_for_bit(architecture, bf16_weights):
+    model = tiny_model(architecture, bf16_weights, sliding_window=None)
+    speed_up_tree_verification(model)
+    packed = bf16_weights and cpu_extension.load().vectorised()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear) == packed
+    # Qwen2's q/k/v biases keep its loop in Python, where each layer adds its own bias
+    assert_lean_forward_matches_transformers(model, native_loop=packed and architecture == "mistral")
+
+
+def assert_lean_forward_matches_transformers(model, native_loop: bool) -> None:
+    """Plain steps and tree verifications on the lean forward and on transformers' own,
+    over two caches: the same logits, captured features and cache, bit for bit."""
     ran = []
     model.model._aerie_lean_forward.observers.append(lambda layer, hidden: ran.append(layer))
     capture = HiddenCapture(model)
@@ -61,8 +104,8 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_
 
     def forward(name, **kwargs):
         with transformers_forward(model) if name == "stock" else contextlib.nullcontext():
-            with capture.layers((0, 2, 3)):
-                return model(past_key_values=caches[name], **kwargs).logits, capture.features((0, 2, 3))
+            with capture.layers((0, 2)):
+                return model(past_key_values=caches[name], **kwargs).logits, capture.features((0, 2))
 
     with torch.inference_mode():
         for name in caches:
@@ -81,10 +124,7 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_
             assert torch.equal(stock_features, lean_features)
             assert torch.equal(caches["stock"].layers[1].keys, caches["lean"].layers[1].keys)
     assert len(ran) == 3 * len(model.model.layers)
-    # packed, the loop ran in C++ (lean_layers.cpp); else in Python
-    assert (model.model._aerie_lean_forward._native is not None) == (
-        gguf_like and cpu_extension.load().vectorised()
-    )
+    assert (model.model._aerie_lean_forward._native is not None) == native_loop
 
 
 def test_a_capture_made_before_the_lean_forward_still_records_its_steps():
@@ -114,18 +154,28 @@ def test_other_caches_and_batches_go_to_transformers():
     assert ran == []
 
 
-def test_only_llama_layers_get_the_lean_forward():
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    assert install_lean_forward(Qwen2ForCausalLM(config)) is None
+def test_llama_mistral_and_qwen2_layers_get_the_lean_forward_where_they_attend_to_everything():
     llama = build_tiny_llama(VOCAB)
     assert install_lean_forward(llama) is install_lean_forward(llama) is not None  # once
+    assert install_lean_forward(tiny_model("qwen2", False)) is not None  # layer types: full attention
+    assert (
+        install_lean_forward(
+            tiny_model("qwen2", False, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+        )
+        is None
+    )
+    assert install_lean_forward(tiny_model("mistral", False, sliding_window=None)) is not None
+    assert install_lean_forward(tiny_model("mistral", False, sliding_window=16)) is None
+    qwen3 = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
+    )
+    assert install_lean_forward(qwen3) is None  # its q/k norms are not in the loop
 
 
 def test_the_rotary_kernel_matches_transformers_bit_for_bit():

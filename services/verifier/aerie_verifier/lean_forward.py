@@ -10,7 +10,8 @@ that runs the same pieces (transformers' RMSNorm arithmetic, the projections as 
 engine tuned them, q/k/v and gate/up in one call each where their weights are packed,
 transformers' rotary embedding, in one call where the C++ kernels build, the SDPA call
 its attention makes) in the same order, so the logits are the same bit for bit
-(tests/unit/test_lean_forward.py). Where every projection is packed (the default target),
+(tests/unit/test_lean_forward.py). Where every projection is packed and has no bias (the
+default target),
 the loop itself runs in C++ (aerie_common/csrc/lean_layers.cpp), calling the same
 operations without the Python between them.
 Anything else (a prefill, a batch, another cache, another attention implementation or
@@ -35,9 +36,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from aerie_verifier.kv_cache import GrowingCache
 
-# Architectures whose decoder layer is exactly Llama's: pre-norm RMSNorm, attention with
-# rotary embeddings, residual, RMSNorm, gated MLP, residual.
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Architectures whose decoder layer computes exactly as Llama's: pre-norm RMSNorm, attention
+# with rotary embeddings, residual, RMSNorm, gated MLP, residual. Qwen2's q/k/v carry
+# biases, which the loop takes through the layers' own forward (the Python loop); Mistral's
+# and Qwen2's layers qualify only where each attends to the whole context
+# (``attends_to_whole_context``).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The CPU's serving trees and plain steps, the sizes measured; a larger tree asked for on a
 # CPU (AERIE_DRAFT_TREE_*) goes to transformers.
 MAX_NEW_TOKENS = 16
@@ -240,11 +244,21 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * hidden.to(dtype)
 
 
+def attends_to_whole_context(config) -> bool:
+    """No sliding-window layer: the loop masks nothing for one token and takes a tree's
+    mask as it comes, as transformers' full-attention layers do."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None
+
+
 def install_lean_forward(model) -> LeanForward | None:
     """Give a supported target's inner model a LeanForward (in place; once); returns it,
     or None where the architecture is not supported."""
     inner = getattr(model, "model", None)
-    if model.config.model_type not in SUPPORTED_MODEL_TYPES or inner is None:
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES or not attends_to_whole_context(config) or inner is None:
         return None
     lean = getattr(inner, "_aerie_lean_forward", None)
     if lean is None:
