@@ -11,9 +11,8 @@ engine tuned them, q/k/v and gate/up in one call each where their weights are pa
 transformers' rotary embedding, in one call where the C++ kernels build, the SDPA call
 its attention makes) in the same order, so the logits are the same bit for bit
 (tests/unit/test_lean_forward.py). Where every projection is packed and has no bias (the
-default target),
-the loop itself runs in C++ (aerie_common/csrc/lean_layers.cpp), calling the same
-operations without the Python between them.
+default target), the loop itself runs in C++ (aerie_common/csrc/lean_layers.cpp), calling
+the same operations without the Python between them.
 Anything else (a prefill, a batch, another cache, another attention implementation or
 architecture) goes to transformers' forward as before.
 
@@ -258,7 +257,11 @@ def install_lean_forward(model) -> LeanForward | None:
     or None where the architecture is not supported."""
     inner = getattr(model, "model", None)
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES or not attends_to_whole_context(config) or inner is None:
+    if (
+        config.model_type not in SUPPORTED_MODEL_TYPES
+        or not attends_to_whole_context(config)
+        or inner is None
+    ):
         return None
     lean = getattr(inner, "_aerie_lean_forward", None)
     if lean is None:
