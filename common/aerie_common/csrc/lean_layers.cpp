@@ -49,16 +49,11 @@ Projection projection(const std::string& format, std::vector<torch::Tensor> tens
 
 class LeanLayers {
  public:
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, double eps, const std::string& qkv_format,
-                 std::vector<torch::Tensor> qkv, std::vector<int64_t> qkv_sizes, const std::string& o_format,
-                 std::vector<torch::Tensor> o, const std::string& gate_up_format, std::vector<torch::Tensor> gate_up,
-                 std::vector<int64_t> gate_up_sizes, const std::string& down_format, std::vector<torch::Tensor> down,
-                 int64_t head_dim, double scaling) {
-    TORCH_CHECK(qkv_sizes.size() == 3 && gate_up_sizes.size() == 2, "q/k/v and gate/up come fused");
-    layers_.push_back(Layer{input_norm, post_norm, eps, projection(qkv_format, std::move(qkv), std::move(qkv_sizes)),
-                            projection(o_format, std::move(o), {}),
-                            projection(gate_up_format, std::move(gate_up), std::move(gate_up_sizes)),
-                            projection(down_format, std::move(down), {}), head_dim, scaling});
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, double eps, Projection qkv, Projection o,
+                 Projection gate_up, Projection down, int64_t head_dim, double scaling) {
+    TORCH_CHECK(qkv.sizes.size() == 3 && gate_up.sizes.size() == 2, "q/k/v and gate/up come fused");
+    layers_.push_back(Layer{input_norm, post_norm, eps, std::move(qkv), std::move(o), std::move(gate_up),
+                            std::move(down), head_dim, scaling});
   }
 
   // hidden: [1, T, H], the new tokens' embeddings; cos, sin: their rotary angles; mask: a
@@ -110,6 +105,10 @@ class LeanLayers {
 }  // namespace
 
 void define_lean_layers(pybind11::module& module) {
+  // A packed projection, or several fused (their output sizes, in order).
+  pybind11::class_<Projection>(module, "Projection")
+      .def(pybind11::init(&projection), pybind11::arg("format"), pybind11::arg("tensors"),
+           pybind11::arg("sizes") = std::vector<int64_t>{});
   pybind11::class_<LeanLayers>(module, "LeanLayers")
       .def(pybind11::init<>())
       .def("add_layer", &LeanLayers::add_layer)

@@ -180,6 +180,7 @@ class LeanForward:
         if self._extension is None:
             return None
         native = self._extension.LeanLayers()
+        Projection = self._extension.Projection  # noqa: N806 (the C++ class)
         for piece, layer in zip(pieces, self.model.layers, strict=False):
             qkv, gate_up = piece.qkv_proj, piece.gate_up_proj
             o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
@@ -194,16 +195,10 @@ class LeanForward:
                 piece.input_norm,
                 piece.post_norm,
                 piece.eps,
-                qkv.format,
-                list(qkv.tensors),
-                list(qkv.sizes),
-                o_proj.packed.format,
-                list(o_proj.packed.tensors),
-                gate_up.format,
-                list(gate_up.tensors),
-                list(gate_up.sizes),
-                down_proj.packed.format,
-                list(down_proj.packed.tensors),
+                Projection(qkv.format, list(qkv.tensors), list(qkv.sizes)),
+                Projection(o_proj.packed.format, list(o_proj.packed.tensors)),
+                Projection(gate_up.format, list(gate_up.tensors), list(gate_up.sizes)),
+                Projection(down_proj.packed.format, list(down_proj.packed.tensors)),
                 piece.head_dim,
                 piece.scaling,
             )
