@@ -82,26 +82,21 @@ def pack_q4_1(weight: torch.Tensor) -> PackedWeight | None:
 def pack_q8_0(weight: torch.Tensor) -> PackedWeight | None:
     """The weight as Q8_0 blocks (w = scale * q, q in -128..127, scale an fp16 value), if
     every weight is exactly such a value; else None."""
-    blocks = _blocks(weight)
-    if blocks is None:
-        return None
-    largest = blocks.abs().amax(-1)  # the block's largest magnitude has |q| = 127
-    scale = _fp16_scale(largest / 127)
-    levels = _q8_0_levels(blocks, scale)
-    if not torch.equal(scale[..., None] * levels, blocks):
-        return None
-    return PackedWeight(Q8_0, (levels.to(torch.int8).flatten(1).contiguous(), scale.contiguous()))
+    rounded = round_to_q8_0(weight)
+    return rounded if rounded is not None and torch.equal(rounded.unpack(), weight) else None
 
 
 def round_to_q8_0(weight: torch.Tensor) -> PackedWeight | None:
     """The weight rounded to Q8_0 blocks as llama.cpp rounds them (each block's scale its
-    largest magnitude over 127, in fp16): not exact, for a model whose rounding never
-    reaches the output (the drafter's head). None where the rows are not 32-weight blocks."""
+    largest magnitude over 127, in fp16): exact for a weight made of such blocks
+    (pack_q8_0), else for a model whose rounding never reaches the output (the drafter's
+    head). None where the rows are not 32-weight blocks."""
     blocks = _blocks(weight)
     if blocks is None:
         return None
     with torch.no_grad():
-        scale = _fp16_scale(blocks.abs().amax(-1) / 127)
+        largest = blocks.abs().amax(-1)  # the block's largest magnitude has |q| = 127
+        scale = _fp16_scale(largest / 127)
         levels = _q8_0_levels(blocks, scale)
     return PackedWeight(Q8_0, (levels.to(torch.int8).flatten(1).contiguous(), scale.contiguous()))
 
@@ -170,10 +165,10 @@ def pack_linear_layers(
 ) -> dict[str, int]:
     """Wrap each fp32 linear layer of a CPU model whose weight packs exactly in PackedLinear
     (in place; ``pack``: round_to_q8_0 packs them inexactly). Returns how many layers took
-    each format (``unpacked``: the others), or {}
-    where the kernel is not available, or not vectorised on this CPU and
-    ``only_where_vectorised`` (its portable path is correct but slower than MKL; it logs
-    why), or some layer does not pack and ``only_if_all_pack`` (then none is wrapped)."""
+    each format (``unpacked``: the others), or {} where the kernel is not available, or not
+    vectorised on this CPU and ``only_where_vectorised`` (its portable path is correct but
+    slower than MKL; it logs why), or some layer does not pack and ``only_if_all_pack``
+    (then none is wrapped)."""
     module = cpu_extension.load()
     if module is None:
         return {}

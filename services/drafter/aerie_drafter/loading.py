@@ -140,11 +140,10 @@ def head_for_drafting(head: EagleHead, device: str, dtype: str = "auto") -> Eagl
     if packed:
         log.info("head's linear layers read from packed weights (format: layers): %s", packed)
     else:
+        head_dtype = pick_head_dtype("auto" if dtype == "int8" else dtype, device)
         if dtype == "int8":
-            log.warning(
-                "int8 drafts need the packed kernel on a CPU: drafting in %s", pick_head_dtype("auto", device)
-            )
-        head = head.for_drafting(device, pick_head_dtype("auto" if dtype == "int8" else dtype, device))
+            log.warning("int8 drafts need the packed kernel on a CPU: drafting in %s", head_dtype)
+        head = head.for_drafting(device, head_dtype)
     if device == "cpu":
         tune_for_cpu(head)  # the layers left
     return head
