@@ -5,7 +5,9 @@ tools (a C++ compiler and ninja) for the CPU they run on, and cached.
   for the verifier's target and the drafter's head;
 - rotary.cpp: transformers' rotary embedding in one call (aerie_verifier/lean_forward.py);
 - lean_layers.cpp: the lean forward's loop over the decoder layers, for a target whose
-  projections are all packed (aerie_verifier/lean_forward.py).
+  projections are all packed (aerie_verifier/lean_forward.py);
+- eagle_draft.cpp: the EAGLE head's steps and tree growth, for a head whose linear layers
+  are all packed (aerie_drafter/native_draft.py).
 
 Where the module cannot be built, ``load`` logs why and returns None, and the engine runs
 without it: every caller has a fallback.
@@ -24,7 +26,7 @@ from aerie_common.settings import AerieSettings
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp", "lean_layers.cpp")
+SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp", "lean_layers.cpp", "eagle_draft.cpp")
 
 _module = None
 _loaded = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aerie_common import cpu_extension
 from aerie_common.draft_tree import DraftTree
 from aerie_verifier import kv_cache
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
@@ -43,10 +44,21 @@ def decode(model, cache, prompt, prune):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("keep", ["native", "python"])  # keep_cache_entries in C++ or not
 @pytest.mark.parametrize("tuned", [False, True])
 @pytest.mark.parametrize("capacity", [4, 256])  # 4: the buffers grow on most steps
-def test_growing_cache_gives_dynamic_cache_logits_bitwise(monkeypatch, tuned, capacity):
+def test_growing_cache_gives_dynamic_cache_logits_bitwise(monkeypatch, tuned, capacity, keep):
     monkeypatch.setattr(kv_cache, "MIN_CAPACITY", capacity)
+    native_keeps = []  # what each C++ keep returned
+    native_keep = GrowingCache.keep_entries
+
+    def keep_entries(cache, past_len, accepted):
+        if keep == "python":
+            return False
+        native_keeps.append(native_keep(cache, past_len, accepted))
+        return native_keeps[-1]
+
+    monkeypatch.setattr(GrowingCache, "keep_entries", keep_entries)
     model = build_tiny_llama(VOCAB, seed=5)
     if tuned:
         speed_up_tree_verification(model)
@@ -57,6 +69,7 @@ def test_growing_cache_gives_dynamic_cache_logits_bitwise(monkeypatch, tuned, ca
         got = decode(model, growing, prompt, keep_cache_entries)
     assert torch.equal(got, expected)
     assert all(isinstance(layer, GrowingLayer) for layer in growing.layers)
+    assert native_keeps == ([True] * 3 if keep == "native" and cpu_extension.load() else [])
 
 
 def test_appending_writes_in_place_until_the_buffer_doubles():

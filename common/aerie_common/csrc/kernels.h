@@ -1,6 +1,9 @@
-// The kernels one C++ file of the module calls in another (lean_layers.cpp calls the others).
+// What the C++ files of the module share (lean_layers.cpp and eagle_draft.cpp call the others).
 #pragma once
 #include <torch/extension.h>
+
+#include <string>
+#include <vector>
 
 namespace aerie {
 
@@ -12,5 +15,31 @@ bool vectorised();
 
 // transformers' rotary embedding over [B, T, H, D] (rotary.cpp)
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
+// One call of the packed kernel for one or more projections of the same input (q, k and v;
+// gate and up), their outputs split apart (packed_weights.fused_projection). Python builds
+// them (the pybind type is defined in lean_layers.cpp).
+struct Projection {
+  std::string format;
+  std::vector<torch::Tensor> tensors;
+  std::vector<int64_t> sizes;
+
+  torch::Tensor multiply(const torch::Tensor& x) const {
+    if (format == "q4_1") return q4_1_linear(x, tensors[0], tensors[1], tensors[2]);
+    if (format == "q8_0") return q8_0_linear(x, tensors[0], tensors[1]);
+    return bf16_linear(x, tensors[0]);
+  }
+
+  std::vector<torch::Tensor> split(const torch::Tensor& x) const {
+    return multiply(x).split_with_sizes(sizes, -1);
+  }
+};
+
+// transformers' LlamaRMSNorm, operation for operation (lean_forward._rms_norm).
+inline torch::Tensor rms_norm(const torch::Tensor& hidden, const torch::Tensor& weight, double eps) {
+  const torch::Tensor h = hidden.to(torch::kFloat32);
+  const torch::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+  return weight * (h * torch::rsqrt(variance + eps)).to(hidden.scalar_type());
+}
 
 }  // namespace aerie

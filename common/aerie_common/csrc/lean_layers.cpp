@@ -5,6 +5,7 @@
 // (a 1-token step of SmolLM2-135M on 2 cores took 11.7 ms against 14.7; docs/benchmarks.md).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -13,19 +14,8 @@
 
 namespace {
 
-// One call of the packed kernel for one or more projections of the same input (q, k and v;
-// gate and up), their outputs split apart (packed_weights.fused_projection).
-struct Projection {
-  std::string format;
-  std::vector<torch::Tensor> tensors;
-  std::vector<int64_t> sizes;
-
-  torch::Tensor multiply(const torch::Tensor& x) const {
-    if (format == "q4_1") return aerie::q4_1_linear(x, tensors[0], tensors[1], tensors[2]);
-    if (format == "q8_0") return aerie::q8_0_linear(x, tensors[0], tensors[1]);
-    return aerie::bf16_linear(x, tensors[0]);
-  }
-};
+using aerie::Projection;
+using aerie::rms_norm;
 
 struct Layer {
   torch::Tensor input_norm, post_norm;
@@ -34,13 +24,6 @@ struct Layer {
   int64_t head_dim;
   double scaling;
 };
-
-// transformers' LlamaRMSNorm, operation for operation (lean_forward._rms_norm).
-torch::Tensor rms_norm(const torch::Tensor& hidden, const torch::Tensor& weight, double eps) {
-  const torch::Tensor h = hidden.to(torch::kFloat32);
-  const torch::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
-  return weight * (h * torch::rsqrt(variance + eps)).to(hidden.scalar_type());
-}
 
 Projection projection(const std::string& format, std::vector<torch::Tensor> tensors, std::vector<int64_t> sizes) {
   TORCH_CHECK(format == "q4_1" || format == "q8_0" || format == "bf16", "unknown packed format ", format);
@@ -79,7 +62,7 @@ class LeanLayers {
       if (keep_layer_inputs) layer_inputs.push_back(hidden);
       const std::vector<int64_t> head_shape{1, tokens, -1, layer.head_dim};
       torch::Tensor normed = rms_norm(hidden, layer.input_norm, layer.eps);
-      const auto qkv = layer.qkv.multiply(normed).split_with_sizes(layer.qkv.sizes, -1);
+      const auto qkv = layer.qkv.split(normed);
       const torch::Tensor query = aerie::rotary(qkv[0].view(head_shape), cos, sin).transpose(1, 2);
       const torch::Tensor key = aerie::rotary(qkv[1].view(head_shape), cos, sin).transpose(1, 2);
       const torch::Tensor value = qkv[2].view(head_shape).transpose(1, 2);
@@ -92,7 +75,7 @@ class LeanLayers {
                                                                       layer.scaling, /*enable_gqa=*/true);
       hidden = hidden + layer.o.multiply(attended.transpose(1, 2).reshape({1, tokens, -1}).contiguous());
       normed = rms_norm(hidden, layer.post_norm, layer.eps);
-      const auto gate_up = layer.gate_up.multiply(normed).split_with_sizes(layer.gate_up.sizes, -1);
+      const auto gate_up = layer.gate_up.split(normed);
       hidden = hidden + layer.down.multiply(torch::silu(gate_up[0]) * gate_up[1]);
     }
     return {hidden, layer_inputs, keys, values};
@@ -102,15 +85,44 @@ class LeanLayers {
   std::vector<Layer> layers_;
 };
 
+// tree_verify.keep_cache_entries over the loop's cache buffers: after a tree verification
+// of ``past`` cached entries, the root and the tree's nodes, keep the root and the accepted
+// nodes (tree indices, root to leaf), moving the accepted ones' keys and values after the
+// root's, and return each layer's kept entries (views of its buffers). In one call, not some
+// hundred small operations over 30 layers.
+std::tuple<std::vector<torch::Tensor>, std::vector<torch::Tensor>> keep_entries(
+    const std::vector<torch::Tensor>& key_buffers, const std::vector<torch::Tensor>& value_buffers, int64_t past,
+    const std::vector<int64_t>& accepted) {
+  const int64_t kept = past + 1 + static_cast<int64_t>(accepted.size());
+  bool moves = false;  // a first-child chain is already in place
+  for (size_t i = 0; i < accepted.size(); ++i) moves |= accepted[i] != static_cast<int64_t>(i);
+  std::vector<int64_t> sources;
+  for (const int64_t node : accepted) sources.push_back(past + 1 + node);
+  const torch::Tensor source = torch::tensor(sources, torch::kLong);
+  std::vector<torch::Tensor> keys, values;
+  for (const auto* buffers : {&key_buffers, &value_buffers}) {
+    auto& kept_views = buffers == &key_buffers ? keys : values;
+    for (const torch::Tensor& buffer : *buffers) {
+      TORCH_CHECK(buffer.size(2) >= past + 1 + (accepted.empty() ? 0 : *std::max_element(accepted.begin(), accepted.end()) + 1),
+                  "an accepted node lies beyond the cache buffer");
+      if (moves) buffer.slice(2, past + 1, kept).copy_(buffer.index_select(2, source));
+      kept_views.push_back(buffer.slice(2, 0, kept));
+    }
+  }
+  return {keys, values};
+}
+
 }  // namespace
 
 void define_lean_layers(pybind11::module& module) {
   // A packed projection, or several fused (their output sizes, in order).
-  pybind11::class_<Projection>(module, "Projection")
+  // module_local: a second build of the module (other flags) registers its own
+  pybind11::class_<Projection>(module, "Projection", pybind11::module_local())
       .def(pybind11::init(&projection), pybind11::arg("format"), pybind11::arg("tensors"),
            pybind11::arg("sizes") = std::vector<int64_t>{});
   pybind11::class_<LeanLayers>(module, "LeanLayers")
       .def(pybind11::init<>())
       .def("add_layer", &LeanLayers::add_layer)
       .def("forward", &LeanLayers::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("keep_entries", &keep_entries, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

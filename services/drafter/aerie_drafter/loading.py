@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig
 
+from aerie_drafter import native_draft
 from aerie_drafter.checkpoint import load_head
 from aerie_drafter.eagle import EagleConfig, EagleHead
 
@@ -131,7 +132,8 @@ def head_for_drafting(head: EagleHead, device: str, dtype: str = "auto") -> Eagl
       rounds them): a quarter of fp32's bytes, where a step's products are bound by reading
       the weights, the lm_head's 12288 x 576 above all. On 2 cores a tree took 4.8 ms against
       5.9 over exact bf16 copies, and on the 80 MT-bench questions the shipped head accepted
-      as much (2.100 against 2.102 tokens a step; docs/benchmarks.md);
+      as much (2.100 against 2.102 tokens a step; docs/benchmarks.md). Its draft steps and
+      tree growth then run in C++ (native_draft);
     - else pick_head_dtype's rule."""
     packed = {}
     if device == "cpu" and dtype in ("auto", "int8") and packing_pays():
@@ -139,6 +141,8 @@ def head_for_drafting(head: EagleHead, device: str, dtype: str = "auto") -> Eagl
         packed = in_passing_thread(pack_linear_layers, head, only_if_all_pack=True, pack=round_to_q8_0)
     if packed:
         log.info("head's linear layers read from packed weights (format: layers): %s", packed)
+        if native_draft.attach(head):
+            log.info("head's draft steps and tree growth run in C++")
     else:
         head_dtype = pick_head_dtype("auto" if dtype == "int8" else dtype, device)
         if dtype == "int8":

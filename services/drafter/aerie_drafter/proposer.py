@@ -23,6 +23,7 @@ import torch
 from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 
+from aerie_drafter import native_draft
 from aerie_drafter.context_ngram import ContextNgrams
 from aerie_drafter.eagle import EagleHead
 
@@ -283,6 +284,7 @@ class DraftSession:
         context_counts: ContextBranchCounts | None = None,
     ):
         self.head = head
+        self._native = native_draft.attached(head)  # the head's steps in C++, where it has them
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
         self._context = ContextNgrams()  # holds the session's tokens
@@ -353,9 +355,14 @@ class DraftSession:
         start, count = self._processed, len(features)
         tokens = torch.tensor([self.tokens[start + 1 : start + 1 + count]], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
-        hidden = self.head.fuse(features)[None]
         past = (self._keys[..., :start, :], self._values[..., :start, :]) if start else None
-        next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=past)
+        if self._native is not None and native_draft.takes(count):
+            next_hidden, normed, k, v = self._native.step(
+                self._native.fuse(features)[None], tokens, positions, None, *(past or (None, None))
+            )
+        else:
+            hidden = self.head.fuse(features)[None]
+            next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=past)
         self._make_room(start + count)
         self._keys[..., start : start + count, :] = k
         self._values[..., start : start + count, :] = v
@@ -390,6 +397,11 @@ class DraftSession:
         n = self._processed
         if self._slot is not None:
             pool = self._slot.grow(self.head, shape, n, self._last_hidden, self._last_normed)
+        elif self._native is not None and native_draft.takes(shape.top_k):
+            keys, values = self._keys[..., :n, :], self._values[..., :n, :]
+            pool = self._native.grow(
+                shape.depth, shape.top_k, keys, values, n, self._last_hidden, self._last_normed
+            )
         else:
             pool = grow_tree(
                 self.head,

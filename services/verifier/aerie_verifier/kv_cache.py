@@ -16,6 +16,7 @@ DynamicCache (tests/unit/test_kv_cache.py).
 from __future__ import annotations
 
 import torch
+from aerie_common import cpu_extension
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -94,6 +95,24 @@ class GrowingCache(DynamicCache):
         for layer in self.layers:
             layer._reserve(layer.length + new_tokens)
         return [layer._key_buffer for layer in self.layers], [layer._value_buffer for layer in self.layers]
+
+    def keep_entries(self, past_len: int, accepted: list[int]) -> bool:
+        """tree_verify.keep_cache_entries in one C++ call (lean_layers.cpp) for a cache on the
+        CPU, where the kernels are built; whether it ran."""
+        layers = self.layers
+        if not layers or not all(layer.is_initialized and layer.device.type == "cpu" for layer in layers):
+            return False
+        extension = cpu_extension.load()
+        if extension is None:
+            return False
+        keys, values = extension.keep_entries(
+            [layer._key_buffer for layer in self.layers],
+            [layer._value_buffer for layer in self.layers],
+            past_len,
+            accepted,
+        )
+        self.filled(keys, values)
+        return True
 
     def filled(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Take each layer's filled keys and values (views of its buffers) after such a forward."""

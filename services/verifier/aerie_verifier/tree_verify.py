@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from aerie_common.draft_tree import DraftTree
 
+from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.sampling import SamplingParams, target_probs
 
 
@@ -112,6 +113,8 @@ def keep_cache_entries(cache, past_len: int, accepted: list[int]) -> None:
     accepted path, in order, so the cache reads as if only those tokens had been fed.
     Only the accepted entries move (each to a slot at or before its own, so in place);
     the prefix is never copied."""
+    if isinstance(cache, GrowingCache) and cache.keep_entries(past_len, accepted):
+        return
     kept = past_len + 1 + len(accepted)
     moves = accepted != list(range(len(accepted)))  # a first-child chain is already in place
     for layer in cache.layers:
