@@ -11,7 +11,10 @@ of the in-process figures.
 
 With ``--speculative`` the gateway's requests speculate (the verifier drafting with the
 drafter service over gRPC, as `make up` runs it) while the in-process engine decodes
-plainly, so the tokens/s ratio is the speedup of the whole stack over plain decoding.
+plainly, so the tokens/s ratio is the speedup of the whole stack over plain decoding; a
+``gateway-plain`` mode then sends the same requests through the gateway without
+speculation, so that what speculation adds through the stack is measured apart from what
+the gateway costs.
 ``--hf-baseline`` adds Hugging Face ``generate()`` (greedy, on a stock copy of the target)
 at concurrency 1, interleaved with the other two, so the whole stack is also measured
 against the peer a user starts from (no streaming there: its TTFT and ITL are blank).
@@ -204,9 +207,18 @@ def format_table(levels: list[LevelResult]) -> str:
     hf = by_key.get(("hf-generate", 1))
     if hf:
         lines += ["", "| concurrency | mode | tokens/s over HF generate() |", "|---:|---|---:|"]
-        for mode in ("in-process", "gateway"):
+        for mode in ("in-process", "gateway", "gateway-plain"):
             if (mode, 1) in by_key:
                 lines.append(f"| 1 | {mode} | {by_key[(mode, 1)].tokens_per_s / hf.tokens_per_s:.2f}× |")
+    speculative = [
+        (c, by_key[("gateway", c)], by_key[("gateway-plain", c)])
+        for c in sorted({lv.concurrency for lv in levels})
+        if ("gateway", c) in by_key and ("gateway-plain", c) in by_key
+    ]
+    if speculative:
+        lines += ["", "| concurrency | through the gateway, speculative over plain (tokens/s) |", "|---:|---:|"]
+        for c, spec, plain in speculative:
+            lines.append(f"| {c} | {spec.tokens_per_s / plain.tokens_per_s:.2f}× |")
     return "\n".join(lines)
 
 
@@ -229,10 +241,15 @@ async def main_async(args) -> list[LevelResult]:
         stack = start_stack()
         url = stack.url
     client, via_gateway = gateway_client(url, args.model, args.max_tokens, args.speculative)
+    clients = [client]
     batches = {
         "in-process": inprocess_batches(model, tokenizer, args.max_tokens, max(args.concurrency)),
         "gateway": partial(run_level, via_gateway),
     }
+    if args.speculative:
+        plain_client, via_gateway_plainly = gateway_client(url, args.model, args.max_tokens, False)
+        clients.append(plain_client)
+        batches["gateway-plain"] = partial(run_level, via_gateway_plainly)
     if args.hf_baseline:
         batches["hf-generate"] = partial(run_level, hf_generate_client(encoder, args.max_tokens))
     levels: list[LevelResult] = []
@@ -264,7 +281,8 @@ async def main_async(args) -> list[LevelResult]:
                     file=sys.stderr,
                 )
     finally:
-        await client.aclose()
+        for each in clients:
+            await each.aclose()
         if stack is not None:
             stack.stop()
     return levels

@@ -22,6 +22,12 @@ def test_the_table_gives_each_mode_over_hf_generate_only_when_it_ran():
     assert "| 1 | in-process | 1.25× |" in table
     assert "| 1 | gateway | 2.00× |" in table
     assert "1.60×" in table  # gateway over in-process, as before
+    assert "speculative over plain" not in table
+
+
+def test_with_a_plain_gateway_mode_the_table_gives_speculation_over_it():
+    table = format_table([level("in-process", 15.0), level("gateway", 24.0), level("gateway-plain", 16.0)])
+    assert "| 1 | 1.50× |" in table.split("speculative over plain")[1]
 
 
 def test_an_in_process_batch_leaves_no_engine_thread_behind(tiny_model, tiny_tokenizer):

@@ -101,7 +101,7 @@ def native_draft_head(head: EagleHead):
     )
 
 
-def takes(rows: int) -> bool:
-    """Whether a native step over ``rows`` rows multiplies as the Python one does (the packed
-    weights; more rows take the fp32 ones there)."""
+def handles(rows: int) -> bool:
+    """Whether the C++ head takes a step over ``rows`` rows: the Python multiplies more rows
+    with the fp32 weights, not the packed ones, and the C++ keeps to the Python's results."""
     return rows <= MAX_PACKED_ROWS

@@ -11,7 +11,9 @@ keys and values are scratch: after verification the verifier sends the accepted 
 with their *real* target features, and only those enter the cache.
 
 ``grow_tree`` reads nothing back to the host until the tree is chosen, so on a GPU a
-session that holds a DraftSlot replays its growth as one CUDA graph per tree shape.
+session that holds a DraftSlot replays its growth as one CUDA graph per tree shape. On a
+CPU, a head that loading.head_for_drafting packed runs its steps and the growth in C++
+instead (native_draft.py: the same trees, bit for bit).
 """
 
 from __future__ import annotations
@@ -356,9 +358,11 @@ class DraftSession:
         tokens = torch.tensor([self.tokens[start + 1 : start + 1 + count]], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
         past = (self._keys[..., :start, :], self._values[..., :start, :]) if start else None
-        if self._native is not None and native_draft.takes(count):
+        if self._native is not None and native_draft.handles(count):
+            past_keys, past_values = past or (None, None)
+            hidden = self._native.fuse(features)[None]
             next_hidden, normed, k, v = self._native.step(
-                self._native.fuse(features)[None], tokens, positions, None, *(past or (None, None))
+                hidden, tokens, positions, None, past_keys, past_values
             )
         else:
             hidden = self.head.fuse(features)[None]
@@ -397,7 +401,7 @@ class DraftSession:
         n = self._processed
         if self._slot is not None:
             pool = self._slot.grow(self.head, shape, n, self._last_hidden, self._last_normed)
-        elif self._native is not None and native_draft.takes(shape.top_k):
+        elif self._native is not None and native_draft.handles(shape.top_k):
             keys, values = self._keys[..., :n, :], self._values[..., :n, :]
             pool = self._native.grow(
                 shape.depth, shape.top_k, keys, values, n, self._last_hidden, self._last_normed
