@@ -216,7 +216,11 @@ def format_table(levels: list[LevelResult]) -> str:
         if ("gateway", c) in by_key and ("gateway-plain", c) in by_key
     ]
     if speculative:
-        lines += ["", "| concurrency | through the gateway, speculative over plain (tokens/s) |", "|---:|---:|"]
+        lines += [
+            "",
+            "| concurrency | through the gateway, speculative over plain (tokens/s) |",
+            "|---:|---:|",
+        ]
         for c, spec, plain in speculative:
             lines.append(f"| {c} | {spec.tokens_per_s / plain.tokens_per_s:.2f}× |")
     return "\n".join(lines)
