@@ -63,7 +63,11 @@ def build(extra_cflags: tuple[str, ...] = ()):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    sources = [str(Path(__file__).with_name("csrc") / name) for name in SOURCES]
+    csrc = Path(__file__).with_name("csrc")
+    sources = [str(csrc / name) for name in SOURCES]
+    # torch rebuilds when a source or a flag changes, not a header: the headers' hash goes
+    # in as a flag.
+    headers = hashlib.sha1(b"".join(path.read_bytes() for path in sorted(csrc.glob("*.h")))).hexdigest()[:12]
     # Built for this CPU (-march=native): a cache shared with another CPU must not reuse it.
     cpu = hashlib.sha1(_cpu_description().encode()).hexdigest()[:12]
     name = "aerie_cpu_kernels"
@@ -80,7 +84,14 @@ def build(extra_cflags: tuple[str, ...] = ()):
         # library it links is the libgomp.so.1 torch has already loaded, so both share one
         # OpenMP runtime and its threads. -ffp-contract=off: products and sums rounded
         # apart, as torch's elementwise operations round them (rotary.cpp).
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", *extra_cflags],
+        extra_cflags=[
+            "-O3",
+            "-march=native",
+            "-fopenmp",
+            "-ffp-contract=off",
+            f"-DAERIE_HEADERS={headers}",
+            *extra_cflags,
+        ],
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )

@@ -209,21 +209,26 @@ class FusedProjection:
     tensors: tuple[torch.Tensor, ...]  # the layers' packed tensors, concatenated
     sizes: tuple[int, ...]  # each layer's output features
     layers: tuple[nn.Module, ...]
+    bias: torch.Tensor | None = None  # the layers' biases, concatenated (Qwen2's q/k/v)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if x.shape[:-1].numel() > MAX_PACKED_ROWS:
             return tuple(layer(x) for layer in self.layers)
-        return self.layers[0]._multiply(x, *self.tensors).split(self.sizes, dim=-1)
+        out = self.layers[0]._multiply(x, *self.tensors)
+        if self.bias is not None:  # added as PackedLinear adds each layer's own
+            out = out + self.bias
+        return out.split(self.sizes, dim=-1)
 
 
 def fused_projection(layers: list[nn.Module]) -> FusedProjection | None:
-    """The layers as one FusedProjection, when all are PackedLinear of one format without
-    bias; they then read their weights from the fused copy, so memory is not doubled. None
-    when they cannot be fused."""
-    if not layers or not all(type(layer) is PackedLinear and layer.bias is None for layer in layers):
+    """The layers as one FusedProjection, when all are PackedLinear of one format, with a
+    bias each or none; they then read their weights from the fused copy, so memory is not
+    doubled. None when they cannot be fused."""
+    if not layers or not all(type(layer) is PackedLinear for layer in layers):
         return None
     formats = {layer.packed.format for layer in layers}
-    if len(formats) != 1:
+    biased = {layer.bias is not None for layer in layers}
+    if len(formats) != 1 or len(biased) != 1:
         return None
     fused = tuple(torch.cat(parts) for parts in zip(*(layer.packed.tensors for layer in layers), strict=True))
     sizes = tuple(layer.weight.shape[0] for layer in layers)
@@ -231,4 +236,5 @@ def fused_projection(layers: list[nn.Module]) -> FusedProjection | None:
     for layer, size in zip(layers, sizes, strict=True):
         layer.packed = PackedWeight(layer.packed.format, tuple(t[start : start + size] for t in fused))
         start += size
-    return FusedProjection(formats.pop(), fused, sizes, tuple(layers))
+    bias = torch.cat([layer.bias.detach() for layer in layers]) if biased.pop() else None
+    return FusedProjection(formats.pop(), fused, sizes, tuple(layers), bias)

@@ -5,6 +5,8 @@ way gguf-py does (``(scale * q) + minimum`` in fp32). As llama.cpp quantises, ev
 has its extreme levels (a block's scale comes from its range). The kernel is built on
 first use."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from aerie_common.packed_weights import (
     Q4_1,
     Q8_0,
     PackedLinear,
+    fused_projection,
     pack_linear_layers,
     pack_weight,
     round_to_q8_0,
@@ -194,3 +197,43 @@ def test_all_or_none_packs_nothing_when_one_layer_does_not_pack():
     assert pack_linear_layers(model, only_where_vectorised=False, only_if_all_pack=True) == {}
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert pack_linear_layers(model, only_where_vectorised=False)["unpacked"] == 1
+
+
+@pytest.mark.parametrize("biased", [False, True], ids=["without-bias", "with-bias"])
+def test_fused_projections_give_each_layers_own_output(biased):
+    """q/k/v or gate/up as one product: each output is its layer's own, bit for bit, biases
+    (Qwen2's q/k/v) included; a layer with a bias beside one without does not fuse."""
+    layers = []
+    for seed, rows in enumerate((64, 32, 32)):
+        linear = nn.Linear(64, rows, bias=biased)
+        with torch.no_grad():
+            linear.weight.copy_(bf16_weight(rows, 64, seed=seed))
+        layers.append(PackedLinear(linear, pack_weight(linear.weight)))
+    fused = fused_projection(layers)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for got, layer in zip(fused(x), layers, strict=True):
+            assert torch.equal(got, layer(x))
+    assert (fused.bias is not None) == biased
+    unbiased = PackedLinear(nn.Linear(64, 32, bias=not biased), pack_weight(bf16_weight(32, 64, seed=9)))
+    assert fused_projection([layers[0], unbiased]) is None
+
+
+def test_a_changed_header_changes_the_build_flags_so_the_kernels_rebuild(monkeypatch, tmp_path):
+    """torch rebuilds an extension when a source file or a flag changes, not a header."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    package = tmp_path / "aerie_common"
+    shutil.copytree(Path(cpu_extension.__file__).with_name("csrc"), package / "csrc")
+    monkeypatch.setattr(cpu_extension, "__file__", str(package / "cpu_extension.py"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "builds"))
+    flags = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: flags.append(kwargs["extra_cflags"]))
+    cpu_extension.build()
+    cpu_extension.build()
+    with (package / "csrc" / "kernels.h").open("a") as header:
+        header.write("\n// changed\n")
+    cpu_extension.build()
+    assert flags[0] == flags[1] != flags[2]

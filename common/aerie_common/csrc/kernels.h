@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,17 +18,25 @@ bool vectorised();
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 // One call of the packed kernel for one or more projections of the same input (q, k and v;
-// gate and up), their outputs split apart (packed_weights.fused_projection). Python builds
-// them (the pybind type is defined in lean_layers.cpp).
+// gate and up), their outputs split apart, and their biases added where they have them
+// (packed_weights.fused_projection and PackedLinear). Python builds them (the pybind type
+// is defined in lean_layers.cpp).
 struct Projection {
   std::string format;
   std::vector<torch::Tensor> tensors;
   std::vector<int64_t> sizes;
+  std::optional<torch::Tensor> bias;
 
   torch::Tensor multiply(const torch::Tensor& x) const {
-    if (format == "q4_1") return q4_1_linear(x, tensors[0], tensors[1], tensors[2]);
-    if (format == "q8_0") return q8_0_linear(x, tensors[0], tensors[1]);
-    return bf16_linear(x, tensors[0]);
+    torch::Tensor out;
+    if (format == "q4_1") {
+      out = q4_1_linear(x, tensors[0], tensors[1], tensors[2]);
+    } else if (format == "q8_0") {
+      out = q8_0_linear(x, tensors[0], tensors[1]);
+    } else {
+      out = bf16_linear(x, tensors[0]);
+    }
+    return bias.has_value() ? out + *bias : out;
   }
 
   std::vector<torch::Tensor> split(const torch::Tensor& x) const {

@@ -25,9 +25,10 @@ struct Layer {
   double scaling;
 };
 
-Projection projection(const std::string& format, std::vector<torch::Tensor> tensors, std::vector<int64_t> sizes) {
+Projection projection(const std::string& format, std::vector<torch::Tensor> tensors, std::vector<int64_t> sizes,
+                      std::optional<torch::Tensor> bias) {
   TORCH_CHECK(format == "q4_1" || format == "q8_0" || format == "bf16", "unknown packed format ", format);
-  return Projection{format, std::move(tensors), std::move(sizes)};
+  return Projection{format, std::move(tensors), std::move(sizes), std::move(bias)};
 }
 
 class LeanLayers {
@@ -119,7 +120,7 @@ void define_lean_layers(pybind11::module& module) {
   // module_local: a second build of the module (other flags) registers its own
   pybind11::class_<Projection>(module, "Projection", pybind11::module_local())
       .def(pybind11::init(&projection), pybind11::arg("format"), pybind11::arg("tensors"),
-           pybind11::arg("sizes") = std::vector<int64_t>{});
+           pybind11::arg("sizes") = std::vector<int64_t>{}, pybind11::arg("bias") = std::nullopt);
   pybind11::class_<LeanLayers>(module, "LeanLayers")
       .def(pybind11::init<>())
       .def("add_layer", &LeanLayers::add_layer)

@@ -72,7 +72,7 @@ def native_draft_head(head: EagleHead):
 
     def projection(part: PackedLinear | FusedProjection):
         if isinstance(part, FusedProjection):
-            return extension.Projection(part.format, list(part.tensors), list(part.sizes))
+            return extension.Projection(part.format, list(part.tensors), list(part.sizes), part.bias)
         return extension.Projection(part.packed.format, list(part.packed.tensors))
 
     config = head.config

@@ -10,9 +10,10 @@ that runs the same pieces (transformers' RMSNorm arithmetic, the projections as 
 engine tuned them, q/k/v and gate/up in one call each where their weights are packed,
 transformers' rotary embedding, in one call where the C++ kernels build, the SDPA call
 its attention makes) in the same order, so the logits are the same bit for bit
-(tests/unit/test_lean_forward.py). Where every projection is packed and has no bias (the
-default target), the loop itself runs in C++ (aerie_common/csrc/lean_layers.cpp), calling
-the same operations without the Python between them.
+(tests/unit/test_lean_forward.py). Where every projection is packed (the default target;
+q/k/v may carry biases, as Qwen2's do), the loop itself runs in C++
+(aerie_common/csrc/lean_layers.cpp), calling the same operations without the Python
+between them.
 Anything else (a prefill, a batch, another cache, another attention implementation or
 architecture) goes to transformers' forward as before.
 
@@ -37,9 +38,8 @@ from aerie_verifier.kv_cache import GrowingCache
 
 # Architectures whose decoder layer computes exactly as Llama's: pre-norm RMSNorm, attention
 # with rotary embeddings, residual, RMSNorm, gated MLP, residual. Qwen2's q/k/v carry
-# biases, which the loop takes through the layers' own forward (the Python loop); Mistral's
-# and Qwen2's layers qualify only where each attends to the whole context
-# (``attends_to_whole_context``).
+# biases, added after their products as each layer adds its own; Mistral's and Qwen2's
+# layers qualify only where each attends to the whole context (``attends_to_whole_context``).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The CPU's serving trees and plain steps, the sizes measured; a larger tree asked for on a
 # CPU (AERIE_DRAFT_TREE_*) goes to transformers.
@@ -195,9 +195,9 @@ class LeanForward:
                 piece.input_norm,
                 piece.post_norm,
                 piece.eps,
-                Projection(qkv.format, list(qkv.tensors), list(qkv.sizes)),
+                Projection(qkv.format, list(qkv.tensors), list(qkv.sizes), qkv.bias),
                 Projection(o_proj.packed.format, list(o_proj.packed.tensors)),
-                Projection(gate_up.format, list(gate_up.tensors), list(gate_up.sizes)),
+                Projection(gate_up.format, list(gate_up.tensors), list(gate_up.sizes), gate_up.bias),
                 Projection(down_proj.packed.format, list(down_proj.packed.tensors)),
                 piece.head_dim,
                 piece.scaling,
