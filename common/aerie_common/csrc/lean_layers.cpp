@@ -96,21 +96,24 @@ std::tuple<std::vector<torch::Tensor>, std::vector<torch::Tensor>> keep_entries(
     const std::vector<int64_t>& accepted) {
   const int64_t kept = past + 1 + static_cast<int64_t>(accepted.size());
   bool moves = false;  // a first-child chain is already in place
-  for (size_t i = 0; i < accepted.size(); ++i) moves |= accepted[i] != static_cast<int64_t>(i);
+  int64_t needed = kept;
   std::vector<int64_t> sources;
-  for (const int64_t node : accepted) sources.push_back(past + 1 + node);
-  const torch::Tensor source = torch::tensor(sources, torch::kLong);
-  std::vector<torch::Tensor> keys, values;
-  for (const auto* buffers : {&key_buffers, &value_buffers}) {
-    auto& kept_views = buffers == &key_buffers ? keys : values;
-    for (const torch::Tensor& buffer : *buffers) {
-      TORCH_CHECK(buffer.size(2) >= past + 1 + (accepted.empty() ? 0 : *std::max_element(accepted.begin(), accepted.end()) + 1),
-                  "an accepted node lies beyond the cache buffer");
-      if (moves) buffer.slice(2, past + 1, kept).copy_(buffer.index_select(2, source));
-      kept_views.push_back(buffer.slice(2, 0, kept));
-    }
+  for (size_t i = 0; i < accepted.size(); ++i) {
+    moves |= accepted[i] != static_cast<int64_t>(i);
+    sources.push_back(past + 1 + accepted[i]);
+    needed = std::max(needed, sources.back() + 1);
   }
-  return {keys, values};
+  const torch::Tensor source = torch::tensor(sources, torch::kLong);  // the buffers are on the CPU
+  const auto keep = [&](const std::vector<torch::Tensor>& buffers) {
+    std::vector<torch::Tensor> kept_entries;
+    for (const torch::Tensor& buffer : buffers) {
+      TORCH_CHECK(buffer.size(2) >= needed, "an accepted node lies beyond the cache buffer");
+      if (moves) buffer.slice(2, past + 1, kept).copy_(buffer.index_select(2, source));
+      kept_entries.push_back(buffer.slice(2, 0, kept));
+    }
+    return kept_entries;
+  };
+  return {keep(key_buffers), keep(value_buffers)};
 }
 
 }  // namespace

@@ -106,8 +106,8 @@ class GrowingCache(DynamicCache):
         if extension is None:
             return False
         keys, values = extension.keep_entries(
-            [layer._key_buffer for layer in self.layers],
-            [layer._value_buffer for layer in self.layers],
+            [layer._key_buffer for layer in layers],
+            [layer._value_buffer for layer in layers],
             past_len,
             accepted,
         )
