@@ -53,6 +53,13 @@ def keys_and_values(head, entries, seed):
     return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
 
+def buffers_holding(keys, values, room):
+    """KV buffers with ``room`` more entries after ``keys`` and ``values``, filled with
+    garbage (what a session's buffers hold past their filled entries)."""
+    more = (*keys.shape[:2], room, keys.shape[3])
+    return torch.cat([keys, torch.full(more, 1e4)], 2), torch.cat([values, torch.full(more, -1e4)], 2)
+
+
 @pytest.mark.parametrize(("version", "overrides"), HEADS)
 @pytest.mark.parametrize(("rows", "past"), [(1, 0), (1, 7), (3, 0), (4, 9)])
 def test_a_native_head_step_is_the_python_one_bit_for_bit(target, version, overrides, rows, past):
@@ -63,15 +70,24 @@ def test_a_native_head_step_is_the_python_one_bit_for_bit(target, version, overr
     features = torch.randn(rows, 3 * head.config.target_hidden_size, generator=gen)
     tokens = torch.randint(0, VOCAB, (1, rows), generator=gen)
     positions = torch.arange(past, past + rows)[None]
-    cache = keys_and_values(head, past, seed=past) if past else None
+    cache = keys_and_values(head, past, seed=past)
+    key_buffer, value_buffer = buffers_holding(*cache, room=rows + 2)
     with torch.inference_mode():
         fused = head.fuse(features)
         assert torch.equal(native.fuse(features), fused)
-        want_hidden, want_normed, (want_k, want_v) = head(fused[None], tokens, positions, past_kv=cache)
-        got = native.step(fused[None], tokens, positions, None, *(cache or (None, None)))
-    for got_tensor, want_tensor in zip(got, (want_hidden, want_normed, want_k, want_v), strict=True):
-        assert got_tensor.shape == want_tensor.shape
-        assert torch.equal(got_tensor, want_tensor)
+        want_hidden, want_normed, (want_k, want_v) = head(
+            fused[None], tokens, positions, past_kv=cache if past else None
+        )
+        got_hidden, got_normed = native.step(
+            fused[None], tokens, positions, None, key_buffer, value_buffer, past
+        )
+    assert torch.equal(got_hidden, want_hidden) and torch.equal(got_normed, want_normed)
+    # the step's keys and values written after the past's, which stay as they were
+    assert torch.equal(key_buffer[..., past : past + rows, :], want_k)
+    assert torch.equal(value_buffer[..., past : past + rows, :], want_v)
+    assert torch.equal(key_buffer[..., :past, :], cache[0]) and torch.equal(
+        value_buffer[..., :past, :], cache[1]
+    )
 
 
 @pytest.mark.parametrize(("version", "overrides"), HEADS)
@@ -87,9 +103,13 @@ def test_native_tree_growth_is_grow_tree_bit_for_bit(target, version, overrides,
     keys, values = keys_and_values(head, entries, seed=4)
     gen = torch.Generator().manual_seed(5)
     last_hidden, last_normed = torch.randn(2, head.config.hidden_size, generator=gen)
+    key_buffer, value_buffer = buffers_holding(keys, values, room=(shape.depth - 1) * shape.top_k)
     with torch.inference_mode():
         want = grow_tree(head, shape, keys, values, None, entries, last_hidden, last_normed)
-        got = native.grow(shape.depth, shape.top_k, keys, values, entries, last_hidden, last_normed)
+        got = native.grow(
+            shape.depth, shape.top_k, key_buffer, value_buffer, entries, last_hidden, last_normed
+        )
+    assert torch.equal(key_buffer[..., :entries, :], keys)  # the tree's entries went after them
     names = ("tokens", "scores", "parents", "depths")
     for name, got_tensor, want_tensor in zip(names, got, want, strict=True):
         assert got_tensor.dtype == want_tensor.dtype, name

@@ -20,9 +20,9 @@ using aerie::Projection;
 using aerie::rms_norm;
 using torch::Tensor;
 
-// What one head step returns: the hidden state fed to the next step, the normed output the
-// logits read, and this step's keys and values.
-using Step = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+// What one head step returns: the hidden state fed to the next step, and the normed output
+// the logits read.
+using Step = std::tuple<Tensor, Tensor>;
 
 // aerie_drafter.eagle.causal_mask: each new position sees the past, itself and the new
 // positions before it.
@@ -75,11 +75,14 @@ class EagleDraftHead {
     return fc_.multiply(at::cat(normed, -1));
   }
 
-  // EagleHead.forward: hidden [1, T, H], token_ids and positions [1, T]; mask: additive
-  // [1, 1, T, S + T], or None for causal; past keys and values [1, KV heads, S, D] or None.
+  // EagleHead.forward over a KV cache held in buffers: hidden [1, T, H], token_ids and
+  // positions [1, T]; mask: additive [1, 1, T, S + T], or None for causal; key_buffer and
+  // value_buffer [1, KV heads, room, D], the first S = ``past`` entries filled. Writes the
+  // step's keys and values after them and attends over the S + T entries: the values the
+  // Python's concatenation of the past with the new ones gives, without copying the past.
   Step step(const Tensor& hidden, const Tensor& token_ids, const Tensor& positions,
-            const std::optional<Tensor>& mask, const std::optional<Tensor>& past_keys,
-            const std::optional<Tensor>& past_values) const {
+            const std::optional<Tensor>& mask, const Tensor& key_buffer, const Tensor& value_buffer,
+            int64_t past) const {
     const Tensor embeds = at::embedding(embed_tokens_, token_ids).to(hidden.scalar_type());
     // LlamaRotaryEmbedding.forward (older transformers take the product as a matmul over
     // one term: the same single rounding)
@@ -102,33 +105,33 @@ class EagleDraftHead {
     const std::vector<int64_t> head_shape{1, tokens, -1, head_dim_};
     const auto qkv = qkv_.split(x);
     const Tensor query = aerie::rotary(qkv[0].view(head_shape), cos, sin).transpose(1, 2);
-    const Tensor new_keys = aerie::rotary(qkv[1].view(head_shape), cos, sin).transpose(1, 2);
-    const Tensor new_values = qkv[2].view(head_shape).transpose(1, 2);
-    Tensor keys = new_keys, values = new_values;
-    if (past_keys.has_value()) {
-      keys = at::cat({*past_keys, new_keys}, 2);
-      values = at::cat({*past_values, new_values}, 2);
-    }
+    const int64_t end = past + tokens;
+    TORCH_CHECK(key_buffer.size(2) >= end && value_buffer.size(2) >= end, "no room in the KV buffers");
+    key_buffer.slice(2, past, end).copy_(aerie::rotary(qkv[1].view(head_shape), cos, sin).transpose(1, 2));
+    value_buffer.slice(2, past, end).copy_(qkv[2].view(head_shape).transpose(1, 2));
+    const Tensor keys = key_buffer.slice(2, 0, end), values = value_buffer.slice(2, 0, end);
     std::optional<Tensor> attention_mask = mask;
-    if (!attention_mask.has_value() && tokens > 1)
-      attention_mask = causal_mask(tokens, keys.size(2) - tokens, query.scalar_type());
+    if (!attention_mask.has_value() && tokens > 1) attention_mask = causal_mask(tokens, past, query.scalar_type());
     const Tensor attended = at::scaled_dot_product_attention(query, keys, values, attention_mask, 0.0, false,
                                                              std::nullopt, num_kv_heads_ != num_heads_);
     Tensor out = residual + o_.multiply(attended.transpose(1, 2).reshape({1, tokens, -1}));
     const auto gate_up = gate_up_.split(rms_norm(out, post_norm_, eps_));
     out = out + down_.multiply(torch::silu(gate_up[0]) * gate_up[1]);
     const Tensor normed = rms_norm(out, final_norm_, eps_);
-    return {norm_output_ ? normed : out, normed, new_keys, new_values};
+    return {norm_output_ ? normed : out, normed};
   }
 
   // grow_tree with every prefix entry visible: the candidate pool as (draft token ids,
-  // cumulative log-probabilities, parents in the pool with -1 for the root, depths).
-  std::tuple<Tensor, Tensor, Tensor, Tensor> grow(int64_t depth, int64_t top_k, const Tensor& prefix_keys,
-                                                 const Tensor& prefix_values, int64_t prefix_len,
+  // cumulative log-probabilities, parents in the pool with -1 for the root, depths). The
+  // buffers hold the session's ``prefix_len`` entries, with room for (depth - 1) * top_k
+  // more after them, where the tree's keys and values go (scratch: the next catch-up
+  // writes over them).
+  std::tuple<Tensor, Tensor, Tensor, Tensor> grow(int64_t depth, int64_t top_k, const Tensor& key_buffer,
+                                                 const Tensor& value_buffer, int64_t prefix_len,
                                                  const Tensor& last_hidden, const Tensor& last_normed) const {
     const auto dtype = torch::kFloat32;  // the head's, over packed weights
     const auto boolean = torch::kBool;
-    const int64_t width = prefix_keys.size(2);
+    const int64_t width = prefix_len;
     Tensor logp = at::log_softmax(logits(last_normed.unsqueeze(0)).squeeze(0).to(torch::kFloat32), -1);
     auto [first_values, first_indices] = logp.topk(std::min(top_k, logp.size(-1)));
     std::vector<Tensor> pool_tokens{first_indices}, pool_scores{first_values},
@@ -139,8 +142,6 @@ class EagleDraftHead {
     Tensor frontier_hidden = last_hidden.expand({frontier.size(0), -1});
     Tensor all_tokens = first_indices;
 
-    Tensor tree_keys = prefix_keys.new_zeros({prefix_keys.size(0), prefix_keys.size(1), 0, prefix_keys.size(3)});
-    Tensor tree_values = tree_keys.clone();
     Tensor slot_ancestors = torch::zeros({0, 0}, boolean);
     std::optional<Tensor> parent_slots;
 
@@ -153,11 +154,9 @@ class EagleDraftHead {
                               .masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
       const Tensor token_ids = to_target_ids(all_tokens.index({frontier})).unsqueeze(0);
       const Tensor positions = torch::zeros({1, f}, torch::kLong) + (prefix_len + level - 1);
-      const auto [next_hidden, normed, new_keys, new_values] =
-          step(frontier_hidden.unsqueeze(0).to(dtype), token_ids, positions, mask.unsqueeze(0).unsqueeze(0),
-               at::cat({prefix_keys, tree_keys}, 2), at::cat({prefix_values, tree_values}, 2));
-      tree_keys = at::cat({tree_keys, new_keys}, 2);
-      tree_values = at::cat({tree_values, new_values}, 2);
+      const auto [next_hidden, normed] = step(frontier_hidden.unsqueeze(0).to(dtype), token_ids, positions,
+                                              mask.unsqueeze(0).unsqueeze(0), key_buffer, value_buffer,
+                                              prefix_len + slots);
       slot_ancestors = at::cat({at::cat({slot_ancestors, torch::zeros({slots, f}, boolean)}, 1),
                                 visible.slice(1, width)});
 

@@ -357,19 +357,19 @@ class DraftSession:
         start, count = self._processed, len(features)
         tokens = torch.tensor([self.tokens[start + 1 : start + 1 + count]], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)[None]
-        past = (self._keys[..., :start, :], self._values[..., :start, :]) if start else None
+        self._make_room(start + count)
         if self._native is not None and native_draft.handles(count):
-            past_keys, past_values = past or (None, None)
+            # writes the step's keys and values into the buffers itself
             hidden = self._native.fuse(features)[None]
-            next_hidden, normed, k, v = self._native.step(
-                hidden, tokens, positions, None, past_keys, past_values
+            next_hidden, normed = self._native.step(
+                hidden, tokens, positions, None, self._keys, self._values, start
             )
         else:
+            past = (self._keys[..., :start, :], self._values[..., :start, :]) if start else None
             hidden = self.head.fuse(features)[None]
             next_hidden, normed, (k, v) = self.head(hidden, tokens, positions, past_kv=past)
-        self._make_room(start + count)
-        self._keys[..., start : start + count, :] = k
-        self._values[..., start : start + count, :] = v
+            self._keys[..., start : start + count, :] = k
+            self._values[..., start : start + count, :] = v
         self._processed += count
         self._last_hidden, self._last_normed = next_hidden[0, -1], normed[0, -1]
 
@@ -402,9 +402,9 @@ class DraftSession:
         if self._slot is not None:
             pool = self._slot.grow(self.head, shape, n, self._last_hidden, self._last_normed)
         elif self._native is not None and native_draft.handles(shape.top_k):
-            keys, values = self._keys[..., :n, :], self._values[..., :n, :]
+            self._make_room(n + (shape.depth - 1) * shape.top_k)  # the tree's scratch entries
             pool = self._native.grow(
-                shape.depth, shape.top_k, keys, values, n, self._last_hidden, self._last_normed
+                shape.depth, shape.top_k, self._keys, self._values, n, self._last_hidden, self._last_normed
             )
         else:
             pool = grow_tree(
