@@ -314,7 +314,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "serving.json")
     args = parser.parse_args()
     levels = asyncio.run(main_async(args))
-    write_results(args.json, [asdict(lv) for lv in levels])
+    write_results(args.json, {"levels": [asdict(lv) for lv in levels]})  # with the machine
     print(format_table(levels))
 
 
