@@ -38,6 +38,7 @@ same greedy rule).
     python -m bench.speculative --trees 3/3/6 2/4/6   # also the head in-process with these
                                                       # tree shapes (depth/top-k/nodes)
     python -m bench.speculative --head-dtypes float32 # also the head in-process in fp32
+    python -m bench.speculative --python-drafting     # also the head drafting in Python, not C++
                                                       # (the head rows: AERIE_DRAFTER_DTYPE)
     python -m bench.speculative --no-cuda-graphs      # on a GPU: every engine eager
 """
@@ -61,6 +62,7 @@ from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
 from aerie_common.torch_threads import in_passing_thread
+from aerie_drafter import native_draft
 from aerie_drafter.eagle import default_capture_layers
 from aerie_drafter.loading import UNTRAINED, load_drafter_head
 from aerie_drafter.proposer import TreeShape, draft_slots
@@ -329,6 +331,12 @@ def main() -> None:
         "AERIE_DRAFTER_DTYPE, auto by default)",
     )
     parser.add_argument(
+        "--python-drafting",
+        action="store_true",
+        help="one more inprocess-head row, the head drafting in Python where it would draft in C++ "
+        "(aerie_drafter.native_draft), so the two compare side by side",
+    )
+    parser.add_argument(
         "--no-cuda-graphs",
         action="store_true",
         help="on a GPU, run every engine eagerly (default: on CUDA graph slots, plus eager rows)",
@@ -399,9 +407,14 @@ def main() -> None:
         factories.update(
             {name: InProcessDrafterFactory(load_head(dtype)[0], shape) for name, dtype in dtype_rows.items()}
         )
+        python_rows = ["inprocess-head-python-drafting"] if args.python_drafting else []
+        for name in python_rows:  # the same head, loaded again, without its C++ drafting
+            python_head = load_head(DrafterSettings().drafter_dtype)[0]
+            native_draft.detach(python_head)
+            factories[name] = InProcessDrafterFactory(python_head, shape)
         eager_rows = EAGER_CONFIGS if graphed else ()
         factories.update({"plain-eager": None, "inprocess-head-eager": InProcessDrafterFactory(head, shape)})
-        configs = [*CONFIGS, *eager_rows, *extra_rows, *dtype_rows]
+        configs = [*CONFIGS, *eager_rows, *extra_rows, *dtype_rows, *python_rows]
         tallies = {name: Tally() for name in configs}
 
         def run_engine(name, prompt, max_tokens):

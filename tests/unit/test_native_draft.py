@@ -146,6 +146,8 @@ def test_sessions_on_the_native_head_propose_the_python_sessions_trees(target):
     native_session, native_trees = trees()
     assert native_session._native is not None
     assert native_trees == python_trees
+    native_draft.detach(head)  # the benchmarks' Python row
+    assert DraftSession(head)._native is None
     assert torch.equal(
         native_session._keys[..., : native_session._processed, :],
         python_session._keys[..., : python_session._processed, :],

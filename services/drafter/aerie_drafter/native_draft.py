@@ -33,10 +33,15 @@ def attach(head: EagleHead) -> bool:
     (``native_draft_head``); whether it does. Call it once ``head`` is where it will draft."""
     native = native_draft_head(head)
     if native is None:
-        _attached.pop(head, None)
+        detach(head)
         return False
     _attached[head] = native
     return True
+
+
+def detach(head: EagleHead) -> None:
+    """Let ``head``'s new draft sessions draft in Python (the benchmarks compare the two)."""
+    _attached.pop(head, None)
 
 
 def attached(head: EagleHead):
