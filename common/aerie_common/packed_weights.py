@@ -238,3 +238,12 @@ def fused_projection(layers: list[nn.Module]) -> FusedProjection | None:
         start += size
     bias = torch.cat([layer.bias.detach() for layer in layers]) if biased.pop() else None
     return FusedProjection(formats.pop(), fused, sizes, tuple(layers), bias)
+
+
+def native_projection(part: PackedLinear | FusedProjection):
+    """A packed layer, or several fused, as the C++ kernels' Projection (csrc/kernels.h),
+    for the loops that run in C++ (lean_layers.cpp, eagle_draft.cpp). Needs the kernels."""
+    projection = cpu_extension.load().Projection
+    if isinstance(part, FusedProjection):
+        return projection(part.format, list(part.tensors), list(part.sizes), part.bias)
+    return projection(part.packed.format, list(part.packed.tensors), [], part.bias)

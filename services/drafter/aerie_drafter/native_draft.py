@@ -16,7 +16,7 @@ import weakref
 
 import torch
 from aerie_common import cpu_extension
-from aerie_common.packed_weights import MAX_PACKED_ROWS, FusedProjection, PackedLinear, fused_projection
+from aerie_common.packed_weights import MAX_PACKED_ROWS, PackedLinear, fused_projection, native_projection
 from transformers.activations import SiLUActivation
 
 from aerie_drafter.eagle import EagleHead
@@ -75,25 +75,20 @@ def native_draft_head(head: EagleHead):
     if qkv is None or gate_up is None:
         return None
 
-    def projection(part: PackedLinear | FusedProjection):
-        if isinstance(part, FusedProjection):
-            return extension.Projection(part.format, list(part.tensors), list(part.sizes), part.bias)
-        return extension.Projection(part.packed.format, list(part.packed.tensors))
-
     config = head.config
     return extension.EagleDraftHead(
         fc_norms=[norm.weight for norm in head.fc_norm] if head.fc_norm is not None else [],
-        fc=projection(head.fc),
+        fc=native_projection(head.fc),
         hidden_norm=layer.hidden_norm.weight,
         input_norm=layer.input_layernorm.weight,
         post_norm=layer.post_attention_layernorm.weight,
         final_norm=head.norm.weight,
         eps=config.rms_norm_eps,
-        qkv=projection(qkv),
-        o=projection(attention.o_proj),
-        gate_up=projection(gate_up),
-        down=projection(mlp.down_proj),
-        lm_head=projection(head.lm_head),
+        qkv=native_projection(qkv),
+        o=native_projection(attention.o_proj),
+        gate_up=native_projection(gate_up),
+        down=native_projection(mlp.down_proj),
+        lm_head=native_projection(head.lm_head),
         embed_tokens=head.embed_tokens.weight,
         d2t=head.d2t,
         inv_freq=head.rotary_emb.inv_freq,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from aerie_common import cpu_extension
-from aerie_common.packed_weights import FusedProjection, PackedLinear, fused_projection
+from aerie_common.packed_weights import FusedProjection, PackedLinear, fused_projection, native_projection
 from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -180,7 +180,6 @@ class LeanForward:
         if self._extension is None:
             return None
         native = self._extension.LeanLayers()
-        Projection = self._extension.Projection  # noqa: N806 (the C++ class)
         for piece, layer in zip(pieces, self.model.layers, strict=False):
             qkv, gate_up = piece.qkv_proj, piece.gate_up_proj
             o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
@@ -195,10 +194,10 @@ class LeanForward:
                 piece.input_norm,
                 piece.post_norm,
                 piece.eps,
-                Projection(qkv.format, list(qkv.tensors), list(qkv.sizes), qkv.bias),
-                Projection(o_proj.packed.format, list(o_proj.packed.tensors)),
-                Projection(gate_up.format, list(gate_up.tensors), list(gate_up.sizes), gate_up.bias),
-                Projection(down_proj.packed.format, list(down_proj.packed.tensors)),
+                native_projection(qkv),
+                native_projection(o_proj),
+                native_projection(gate_up),
+                native_projection(down_proj),
                 piece.head_dim,
                 piece.scaling,
             )
