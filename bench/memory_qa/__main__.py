@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from bench.memory_qa.corpus import Question, generate, is_correct
+from bench.memory_qa.corpus import STYLES, Question, generate, is_correct
 from bench.results_json import write_results
 from bench.stack import start_stack
 
@@ -287,11 +287,12 @@ def summarise(runs: list[Run]) -> dict:
 
 
 def markdown(summary: dict, args, started: str) -> str:
+    style = getattr(args, "style", "named")  # runs recorded before --style were all named
     lines = [
         SECTION,
         "",
-        f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --mode {args.mode} "
-        f"--questions {args.questions} --concurrency {args.concurrency}` ({started}; {os.cpu_count()} CPU "
+        f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --style {style} "
+        f"--mode {args.mode} --questions {args.questions} --concurrency {args.concurrency}` ({started}; {os.cpu_count()} CPU "
         "cores; default models: SmolLM2-135M-Instruct as executive, reflection generator and memory "
         "base). Accuracy: the gold answer appears in the reply.",
         "",
@@ -375,6 +376,9 @@ def main() -> None:
     parser.add_argument("--url", help="a running gateway; default: start a stack")
     parser.add_argument("--documents", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--style", choices=STYLES, default="named", help="the corpus's prose (bench/memory_qa/corpus.py)"
+    )
     parser.add_argument("--mode", choices=["three_stage", "single_pass"], default="three_stage")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {SYSTEMS}")
     parser.add_argument("--namespace", default="", help="default: bench-<seed>-<documents>-<time>")
@@ -396,7 +400,7 @@ def main() -> None:
     if unknown := set(systems) - set(SYSTEMS):
         parser.error(f"unknown systems {sorted(unknown)}")
 
-    corpus = generate(args.seed, args.documents)
+    corpus = generate(args.seed, args.documents, args.style)
     questions = corpus.questions[: args.questions] if args.questions else corpus.questions
     namespace = args.namespace or f"bench-{args.seed}-{args.documents}-{int(time.time())}"
     proc = None

@@ -6,6 +6,10 @@ A person document says what the person does, where they live and what they colle
 town document says which river it lies on, what it exports and who governs it. Single-hop
 questions ask one fact of one document; cross-document questions need a town document
 (who governs it) and that governor's person document (their craft, or their home).
+
+Two prose styles state the same facts: ``named`` repeats the entity's name in every
+sentence; ``pronouns`` names it once and then refers back to it ("She collects ...", "Its
+main export is ...", "The town is governed by ..."), as most writing does.
 """
 
 from __future__ import annotations
@@ -76,38 +80,53 @@ def _people_and_towns(rng: random.Random, used: set[str], pairs: int, prefix: st
         town = {"name": _name(rng, used, 1), "river": _name(rng, used, 1), "export": rng.choice(EXPORTS)}
         person["home"] = town["name"] if rng.random() < 0.5 else _name(rng, used, 1)
         town["governor"] = person["name"]
+        # From the name, not the generator, so that a seed gives the same corpus as before.
+        person["pronoun"] = ("He", "She")[sum(map(ord, person["name"])) % 2]
         people.append((f"{prefix}person-{i:02d}", person))
         towns.append((f"{prefix}town-{i:02d}", town))
     return people, towns
 
 
-def _person_text(p: dict) -> str:
+STYLES = ("named", "pronouns")
+
+
+def _person_text(p: dict, style: str) -> str:
+    subject = p["name"] if style == "named" else p["pronoun"]
     return (
         f"{p['name']} is a {p['profession']} who lives in {p['home']}. "
-        f"{p['name']} collects {p['collection']} and has done so since childhood."
+        f"{subject} collects {p['collection']} and has done so since childhood."
     )
 
 
-def _town_text(t: dict) -> str:
+def _town_text(t: dict, style: str) -> str:
+    if style == "named":
+        return (
+            f"{t['name']} is a small town on the {t['river']} river. "
+            f"The main export of {t['name']} is {t['export']}. "
+            f"{t['name']} is governed by {t['governor']}."
+        )
     return (
         f"{t['name']} is a small town on the {t['river']} river. "
-        f"The main export of {t['name']} is {t['export']}. "
-        f"{t['name']} is governed by {t['governor']}."
+        f"Its main export is {t['export']}. "
+        f"The town is governed by {t['governor']}."
     )
 
 
-def generate(seed: int = 0, documents: int = 20) -> Corpus:
-    """``documents`` (even) documents: half people, half towns; as many distractors."""
+def generate(seed: int = 0, documents: int = 20, style: str = "named") -> Corpus:
+    """``documents`` (even) documents: half people, half towns; as many distractors. The
+    style changes the prose, not the facts or the questions."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     rng = random.Random(seed)
     used: set[str] = set()
     pairs = documents // 2
     people, towns = _people_and_towns(rng, used, pairs, "")
     d_people, d_towns = _people_and_towns(rng, used, pairs, "distractor-")
-    docs = [{"id": i, "text": _person_text(p)} for i, p in people] + [
-        {"id": i, "text": _town_text(t)} for i, t in towns
+    docs = [{"id": i, "text": _person_text(p, style)} for i, p in people] + [
+        {"id": i, "text": _town_text(t, style)} for i, t in towns
     ]
-    distractors = [{"id": i, "text": _person_text(p)} for i, p in d_people] + [
-        {"id": i, "text": _town_text(t)} for i, t in d_towns
+    distractors = [{"id": i, "text": _person_text(p, style)} for i, p in d_people] + [
+        {"id": i, "text": _town_text(t, style)} for i, t in d_towns
     ]
     questions = []
     for (pid, p), (tid, t) in zip(people, towns, strict=True):

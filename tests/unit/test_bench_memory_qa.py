@@ -32,6 +32,19 @@ def test_corpus_is_seeded_fictional_and_answerable():
     assert not any(n in d["text"] for n in names for d in a.distractors)
 
 
+def test_pronoun_prose_states_the_same_facts_naming_each_entity_once():
+    named, pronouns = generate(7, 20), generate(7, 20, "pronouns")
+    assert [q.question for q in pronouns.questions] == [q.question for q in named.questions]
+    for plain, referring in zip(named.documents, pronouns.documents, strict=True):
+        assert plain["id"] == referring["id"] and plain["text"] != referring["text"]
+        name = plain["text"].split(" is a ")[0]
+        assert plain["text"].count(name) > 1 and referring["text"].count(name) == 1
+        assert referring["text"].split(". ")[1].startswith(("He ", "She ", "Its ", "The town "))
+    for q in pronouns.questions:  # the answers are still in the documents
+        text = " ".join(d["text"] for d in pronouns.documents if d["id"] in q.sources)
+        assert q.answer in text
+
+
 def test_scoring():
     assert is_correct("She is a Glassblower in town.", "glassblower")
     assert is_correct("Governed by Lumfen Uskyth.", "Lumfen Uskyth")

@@ -17,6 +17,7 @@ from aerie_memory.reflection import (
     is_self_contained,
     parse_qa_lines,
     parse_question,
+    sentence_entities,
     stating_sentence,
     synthesize,
 )
@@ -273,6 +274,66 @@ def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
     passages = {(r.question, r.answer) for r in result.reflections if r.step == "passages"}
     assert ("Tell me about Mira Vell.", "Tarnow is governed by Mira Vell.") in passages
     assert ("What do you know about Tarnow?", DOC_B.text) in passages
+
+
+LIGHTHOUSE = SourceDocument(
+    "lighthouse",
+    "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk. It stands 42 metres tall on the "
+    "island of Vell. Its lamp was converted to solar power in 2009. The keeper today is Tomas Rhee. He "
+    "also runs a small museum about shipwrecks. Dunmore is the harbour town of Vell. It has "
+    "ferries twice a day.",
+)
+
+
+def test_sentences_that_refer_back_are_about_the_entity_named_before():
+    from aerie_memory.text import split_sentences
+
+    sentences = split_sentences(LIGHTHOUSE.text)
+    about, topics = sentence_entities(sentences, find_entities(LIGHTHOUSE.text))
+    assert about == [
+        ["Kestrel Bay", "Maren Osk"],
+        ["Vell", "Kestrel Bay"],  # "It stands ...": a pronoun
+        ["Kestrel Bay"],  # "Its lamp ..."
+        ["Tomas Rhee", "Kestrel Bay"],  # "The keeper ...": a common noun opening
+        ["Kestrel Bay"],  # "He ...": the topic, not the person named last (crude)
+        ["Vell", "Dunmore"],  # opens with a name: the latest topic (in the order of find_entities)
+        ["Kestrel Bay", "Dunmore"],  # "It has ...": the document's topic and the latest
+    ]
+    assert topics == ("Kestrel Bay", "Dunmore")
+    # the topics carry into the next chunk
+    assert sentence_entities(["It has a lighthouse."], [], ("Vell", "Vell")) == ([["Vell"]], ("Vell", "Vell"))
+    assert sentence_entities(["It has a lighthouse."], []) == ([[]], (None, None))
+    solar = sentence_entities(["Solar power came in 2009."], [], ("Vell", "Osk"))  # names none
+    assert solar == ([["Vell", "Osk"]], ("Vell", "Osk"))
+
+
+def test_a_fact_stated_with_a_pronoun_is_learned_about_its_entity():
+    async def junk(messages, max_tokens):
+        return ""
+
+    result = asyncio.run(synthesize([LIGHTHOUSE], junk))
+    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    sentences = LIGHTHOUSE.text.split(". ")
+    assert passages["What do you know about Kestrel Bay?"] == ". ".join(sentences[:5] + sentences[6:])
+    # every sentence is in some passage: nothing of the document is lost
+    learned = " ".join(passages.values())
+    assert all(s.rstrip(".") in learned for s in sentences)
+    # a question is about the sentence answering it even when that one says "it"
+    text = LIGHTHOUSE.text
+    assert evidence("How tall is the Kestrel Bay lighthouse?", text) == (
+        "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk. It stands 42 metres tall on "
+        "the island of Vell."
+    )
+    assert acceptable_pair("How tall is the Kestrel Bay lighthouse?", "42 metres", text, 0)
+    # a stated answer that says "it" comes with the sentence naming what "it" is
+    first = "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk."
+    assert stating_sentence("How tall is the Kestrel Bay lighthouse?", "42 metres", text) == (
+        f"{first} It stands 42 metres tall on the island of Vell."
+    )
+    assert stating_sentence("When was the lamp of Kestrel Bay converted to solar power?", "2009", text) == (
+        f"{first} Its lamp was converted to solar power in 2009."
+    )
+    assert stating_sentence("Who built the Kestrel Bay lighthouse?", "Maren Osk", text) == first
 
 
 def test_an_entity_named_in_several_documents_gets_one_passage_its_own_document_first():

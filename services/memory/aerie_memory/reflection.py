@@ -37,6 +37,7 @@ import itertools
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -204,18 +205,80 @@ def truncated(answer: str, source: str) -> bool:
     return last in STOPWORDS or last not in whole
 
 
-def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int], str]]:
-    """The sentences of ``source`` sharing content words with the question, best first,
-    ranked by (names an entity the question names, content words shared); ties in source
-    order. A sentence naming the question's entity comes first: "What is the main export
-    of <a person>?" is not about the sentence giving a town's export."""
-    q_words = content_words(question)
+# A sentence refers back to something named before it when it holds a third-person
+# pronoun or opens with a common noun ("The town is governed by ...").
+_PRONOUN = re.compile(r"\b(?:it|its|he|she|him|his|her|hers|they|them|their)\b", re.IGNORECASE)
+_COMMON_NOUN_OPENING = re.compile(r"^(?:The|This|These|That|Those)\s+[a-z]")
+
+
+Topics = tuple[str | None, str | None]  # (the document's, the latest)
+
+
+def sentence_entities(
+    sentences: Sequence[str], entities: Sequence[str], topics: Topics = (None, None)
+) -> tuple[list[list[str]], Topics]:
+    """For each sentence, which of ``entities`` it is about: those it names, and, when it
+    refers back (a pronoun, "The town ...") or names none of them, the topics: the entity
+    the document's first sentence opening with a name opens with ("Mira Vell is ...", "The
+    Kestrel Bay lighthouse ..."), and that of the latest such sentence. Crude coreference,
+    but most writing names a thing once and then says "it" or "she": without it, "Mira Vell
+    is a weaver. She collects keys." would teach the memory nothing of her keys. Both
+    topics, because without a parser "she" in "Warsaw was then Russian. She moved to
+    Paris." may be the document's physicist or the town just named, and a sentence in one
+    passage too many costs less than one missing from the right one. Returns the lists and
+    the topics after the last sentence, to carry into the document's next chunk."""
+    document_topic, latest_topic = topics
+    about = []
+    for sentence in sentences:
+        named = [e for e in entities if e in sentence]
+        opening = next((e for e in named if sentence.startswith((e, f"The {e}"))), None)
+        if opening is not None:
+            document_topic = document_topic or opening
+            latest_topic = opening
+        if not named or _PRONOUN.search(sentence) or _COMMON_NOUN_OPENING.match(sentence):
+            named += [t for t in dict.fromkeys((document_topic, latest_topic)) if t and t not in named]
+        about.append(named)
+    return about, (document_topic, latest_topic)
+
+
+def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int], str, str]]:
+    """The sentences of ``source`` that are about an entity the question names
+    (``sentence_entities``) or share content words with it, best first, ranked by (about
+    the question's entity, content words shared besides the entity's name); ties in source
+    order. A sentence about the question's entity comes first: "What is the main export
+    of <a person>?" is not about the sentence giving a town's export. The name's own words
+    do not count, or "How tall is the Kestrel Bay lighthouse?" would be about the sentence
+    naming the lighthouse rather than "It stands 42 metres tall.".
+
+    Items are (score, sentence, antecedent): the antecedent is the latest sentence before
+    it naming the entity, when the sentence is about the entity only by referring back to
+    it (else "")."""
     names = [name for name in find_entities(question) if name in source]
-    scored = [
-        ((any(name in s for name in names), len(q_words & content_words(s))), s)
-        for s in split_sentences(source)
-    ]
-    return sorted((item for item in scored if item[0][1] > 0), key=lambda item: item[0], reverse=True)
+    q_words = content_words(question) - content_words(" ".join(names))
+    sentences = split_sentences(source)
+    about, _ = sentence_entities(sentences, find_entities(source))
+    scored = []
+    for i, (sentence, entities) in enumerate(zip(sentences, about, strict=True)):
+        names_it = any(name in sentence for name in names)
+        refers = not names_it and any(name in e for name in names for e in entities)
+        antecedent = ""
+        if refers:
+            naming = (s for s in reversed(sentences[:i]) if any(name in s for name in names))
+            antecedent = next(naming, "")
+        scored.append(((names_it or refers, len(q_words & content_words(sentence))), sentence, antecedent))
+    return sorted((item for item in scored if any(item[0])), key=lambda item: item[0], reverse=True)
+
+
+def _with_antecedents(items: Sequence[tuple[tuple[bool, int], str, str]]) -> str:
+    """The items' sentences, each one that refers back preceded by the sentence naming
+    what it refers to (once): "Its main export is slate." alone would teach the memory an
+    answer that names no town, which it then gives about any town."""
+    out: list[str] = []
+    for _, sentence, antecedent in items:
+        for s in (antecedent, sentence):
+            if s and s not in out:
+                out.append(s)
+    return " ".join(out)
 
 
 def supported(question: str, answer: str, source: str, extra_sentences: int = 0) -> bool:
@@ -227,26 +290,29 @@ def supported(question: str, answer: str, source: str, extra_sentences: int = 0)
     if not ranked:
         return False
     best = ranked[0][0]
-    top = [s for score, s in ranked if score == best]
-    rest = [s for score, s in ranked if score < best][:extra_sentences]
+    top = [s for score, s, _ in ranked if score == best]
+    rest = [s for score, s, _ in ranked if score < best][:extra_sentences]
     return grounded(answer, " ".join(top + rest))
 
 
 def evidence(question: str, source: str, limit: int = 2) -> str | None:
     """The sentences of ``source`` the question is about: the best ranked by
-    ``_sentences_about`` (ties included, at most ``limit``, in source order); None when none does."""
+    ``_sentences_about`` (ties included, at most ``limit``, in source order, with their
+    antecedents); None when none is."""
     ranked = _sentences_about(question, source)
     if not ranked:
         return None
-    return " ".join([s for score, s in ranked if score == ranked[0][0]][:limit])
+    return _with_antecedents([item for item in ranked if item[0] == ranked[0][0]][:limit])
 
 
 def stating_sentence(question: str, answer: str, source: str) -> str | None:
     """The source sentence that states the pair's fact: the first of the sentences the
-    question is about that holds the answer; None when the answer spans sentences."""
-    for _, sentence in _sentences_about(question, source):
-        if grounded(answer, sentence):
-            return sentence
+    question is about that holds the answer, preceded by its antecedent when it refers
+    back ("Ondhul is a town on the Voryth river. Its main export is slate."); None when
+    the answer spans sentences."""
+    for item in _sentences_about(question, source):
+        if grounded(answer, item[1]):
+            return _with_antecedents([item])
     return None
 
 
@@ -683,19 +749,25 @@ PASSAGE_QUESTIONS = (FACTS_QUESTION, "Tell me about {}.")
 
 
 def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int = 6) -> list[Reflection]:
-    """One answer per entity, from every chunk that names it among its main entities: the
-    sentences naming it, those of the chunks naming it most first (its own document before
+    """One answer per entity, from every chunk that is about it among its three main
+    entities: the sentences about it (``sentence_entities``: naming it, or referring back
+    to it), those of the chunks most about it first (its own document before
     one that mentions it in passing), at most ``max_sentences``. One answer, not one per
     document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
     another document ("the person who governs Tarnow")."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
+        topics: Topics = (None, None)
         for chunk in doc_chunks:
             sentences = split_sentences(chunk)
-            for entity in find_entities(chunk)[:3]:
-                naming = [s for s in sentences if entity in s] or [chunk]
-                mentions.setdefault(entity, []).append((chunk.count(entity), doc_id, naming))
+            named = find_entities(chunk)
+            about, topics = sentence_entities(sentences, named, topics)
+            counts = Counter(e for entities in about for e in entities)
+            rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order
+            for entity in sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))[:3]:
+                naming = [s for s, entities in zip(sentences, about, strict=True) if entity in entities]
+                mentions.setdefault(entity, []).append((counts[entity], doc_id, naming))
     out = []
     for entity, found in mentions.items():
         found.sort(key=lambda item: -item[0])  # stable: ties keep document order
