@@ -31,6 +31,7 @@ section of docs/benchmarks.md, both rewritten after each phase.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
@@ -43,7 +44,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from bench.memory_qa.corpus import STYLES, Question, generate, is_correct
+from bench.memory_qa.corpus import STYLES, Corpus, Question, generate, is_correct
 from bench.results_json import write_results
 from bench.stack import start_stack
 
@@ -288,11 +289,16 @@ def summarise(runs: list[Run]) -> dict:
 
 def markdown(summary: dict, args, started: str) -> str:
     style = getattr(args, "style", "named")  # runs recorded before --style were all named
+    corpus = getattr(args, "corpus", None)
+    if corpus in (None, "None"):  # recorded args are strings
+        corpus = f"--documents {args.documents} --seed {args.seed} --style {style}"
+    else:
+        corpus = f"--corpus {corpus}"
     lines = [
         SECTION,
         "",
-        f"`python -m bench.memory_qa --documents {args.documents} --seed {args.seed} --style {style} "
-        f"--mode {args.mode} --questions {args.questions} --concurrency {args.concurrency}` ({started}; {os.cpu_count()} CPU "
+        f"`python -m bench.memory_qa {corpus} --mode {args.mode} --questions {args.questions} "
+        f"--concurrency {args.concurrency}` ({started}; {os.cpu_count()} CPU "
         "cores; default models: SmolLM2-135M-Instruct as executive, reflection generator and memory "
         "base). Accuracy: the gold answer appears in the reply.",
         "",
@@ -379,6 +385,11 @@ def main() -> None:
     parser.add_argument(
         "--style", choices=STYLES, default="named", help="the corpus's prose (bench/memory_qa/corpus.py)"
     )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        help="a corpus JSON instead of the generated one (bench/memory_qa/handwritten.json)",
+    )
     parser.add_argument("--mode", choices=["three_stage", "single_pass"], default="three_stage")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {SYSTEMS}")
     parser.add_argument("--namespace", default="", help="default: bench-<seed>-<documents>-<time>")
@@ -400,7 +411,10 @@ def main() -> None:
     if unknown := set(systems) - set(SYSTEMS):
         parser.error(f"unknown systems {sorted(unknown)}")
 
-    corpus = generate(args.seed, args.documents, args.style)
+    if args.corpus is not None:
+        corpus = Corpus.from_json(json.loads(args.corpus.read_text()))
+    else:
+        corpus = generate(args.seed, args.documents, args.style)
     questions = corpus.questions[: args.questions] if args.questions else corpus.questions
     namespace = args.namespace or f"bench-{args.seed}-{args.documents}-{int(time.time())}"
     proc = None

@@ -56,6 +56,22 @@ class Corpus:
             "questions": [asdict(q) for q in self.questions],
         }
 
+    @classmethod
+    def from_json(cls, data: dict) -> Corpus:
+        """A corpus written by hand (``--corpus``): documents, optional distractors, and
+        questions whose sources name documents and whose kind is single_hop or
+        cross_document."""
+        corpus = cls(
+            data["documents"], data.get("distractors", []), [Question(**q) for q in data["questions"]]
+        )
+        ids = {d["id"] for d in corpus.documents}
+        for q in corpus.questions:
+            if q.kind not in ("single_hop", "cross_document") or not set(q.sources) <= ids:
+                raise ValueError(
+                    f"question {q.question!r}: kind {q.kind!r}, sources {q.sources} (documents {sorted(ids)})"
+                )
+        return corpus
+
 
 def _name(rng: random.Random, used: set[str], parts: int) -> str:
     while True:

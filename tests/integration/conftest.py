@@ -81,6 +81,7 @@ def stack(tmp_path_factory) -> Stack:
         # The memory learns small test documents quickly: short generations, two epochs.
         AERIE_MEMORY_GENERATOR_MAX_TOKENS="32",
         AERIE_MEMORY_TRAIN_EPOCHS="2",
+        AERIE_MEMORY_MIN_TRAIN_STEPS="0",
     )
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "launch.py")],

@@ -121,6 +121,7 @@ def test_redis_kill9_loses_nothing_and_jobs_resume(tmp_path, tiny_model_dir, ser
             memory_generator_model="fake",
             memory_base_model=tiny_model_dir,
             memory_train_epochs=1,
+            memory_min_train_steps=0,
         )
         gateway = spawn(
             "aerie_gateway",

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from bench.memory_qa.__main__ import markdown, write_section
-from bench.memory_qa.corpus import generate, is_correct
+from bench.memory_qa.corpus import Corpus, generate, is_correct
 
 
 def test_corpus_is_seeded_fictional_and_answerable():
@@ -43,6 +45,22 @@ def test_pronoun_prose_states_the_same_facts_naming_each_entity_once():
     for q in pronouns.questions:  # the answers are still in the documents
         text = " ".join(d["text"] for d in pronouns.documents if d["id"] in q.sources)
         assert q.answer in text
+
+
+def test_a_corpus_written_by_hand_loads_and_is_answerable():
+    path = Path(__file__).parents[2] / "bench/memory_qa/handwritten.json"
+    corpus = Corpus.from_json(json.loads(path.read_text()))
+    texts = {d["id"]: d["text"] for d in corpus.documents}
+    assert corpus.questions and {q.kind for q in corpus.questions} == {"single_hop", "cross_document"}
+    for q in corpus.questions:
+        assert is_correct(" ".join(texts[s] for s in q.sources), q.answer)
+    bad = {"documents": [{"id": "a", "text": "A."}], "questions": []}
+    for question in (
+        {"question": "Q?", "answer": "A", "kind": "single_hop", "sources": ["b"]},  # no such document
+        {"question": "Q?", "answer": "A", "kind": "multi_hop", "sources": ["a"]},
+    ):
+        with pytest.raises(ValueError):
+            Corpus.from_json({**bad, "questions": [question]})
 
 
 def test_scoring():

@@ -29,6 +29,7 @@ from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
 class FakeMemory(memory_pb2_grpc.MemoryServicer):
     def __init__(self):
         self.queries: list[str] = []
+        self.max_tokens: dict[str, int] = {}  # per question, the last asked
         self.slow_s = 0.0
 
     def Ingest(self, request, context):
@@ -79,6 +80,7 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
 
     def Query(self, request, context):
         self.queries.append(request.question)
+        self.max_tokens[request.question] = request.max_tokens
         time.sleep(self.slow_s)
         if "Naxpry" in request.question:
             return memory_pb2.QueryResponse(
@@ -228,6 +230,16 @@ async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fak
     # the fake executive answers no question: stages fall back to the user's question
     assert info["fallbacks"] >= 1 and info["findings"][0]["answer"] == "Lumfen Uskyth"
     assert payloads[-1] == "[DONE]" and all("memory" not in json.loads(p) for p in payloads[1:-1])
+
+
+async def test_passage_questions_let_the_memory_answer_longer(app, fakes):
+    _, memory, _ = fakes
+    body = chat_body("Who governs Naxpry?", memory={"namespace": "ns"})
+    async with asgi_client(app(memory_passage_max_tokens=96)) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert memory.max_tokens["What do you know about Naxpry?"] == 96  # a passage: up to six sentences
+    assert memory.max_tokens["Who governs Naxpry?"] == 0  # the memory service's default
 
 
 async def test_chat_without_knowledge_or_memory_still_answers(app, fakes):

@@ -307,6 +307,25 @@ def test_sentences_that_refer_back_are_about_the_entity_named_before():
     assert solar == ([["Vell", "Osk"]], ("Vell", "Osk"))
 
 
+def test_a_common_noun_ending_a_name_refers_to_that_entity():
+    from aerie_memory.text import split_sentences
+
+    text = (
+        "Orrin Vastel founded the Halvard Instrument Company in 1962. He had trained in Geneva. The company "
+        "first made barometers. In 1975 it moved into compasses. The town of Brenmoor grew with it."
+    )
+    about, topics = sentence_entities(split_sentences(text), find_entities(text))
+    founder, company = "Orrin Vastel", "Halvard Instrument Company"
+    assert about == [
+        [company, founder],
+        ["Geneva", founder],
+        [company],  # "The company": the entity whose name ends with it, and the latest topic
+        [founder, company],  # "it": the document's topic and the latest
+        ["Brenmoor", founder, company],  # "The town": no name ends with it
+    ]
+    assert topics == (founder, company)
+
+
 def test_a_fact_stated_with_a_pronoun_is_learned_about_its_entity():
     async def junk(messages, max_tokens):
         return ""

@@ -70,6 +70,7 @@ def settings_for(tmp_path, url, **overrides) -> MemorySettings:
         redis_url=url,
         model_cache=tmp_path,
         memory_train_epochs=2,
+        memory_min_train_steps=0,
         memory_batch_size=4,
         memory_lora_rank=4,
         memory_lora_alpha=8,

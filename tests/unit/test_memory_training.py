@@ -78,6 +78,25 @@ def test_replay_sample_is_seeded_bounded_and_lets_new_answers_win():
     assert replay_sample([], new, ratio=1.0, seed=7) == []
 
 
+def test_a_small_job_trains_more_epochs_up_to_the_minimum_steps(tiny_tokenizer):
+    config = TrainConfig(epochs=8, batch_size=8, min_steps=32)
+    assert config.schedule(13) == (16, 32)  # 2 batches an epoch
+    assert config.schedule(5) == (32, 32)
+    assert config.schedule(25) == (8, 32)  # 4 batches: 8 epochs make the minimum
+    assert config.schedule(100) == (8, 104)
+    assert TrainConfig(epochs=8, batch_size=8).schedule(13) == (8, 16)
+    model = memorising_tiny_llama(len(tiny_tokenizer))
+    examples = build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=200)
+    small = TrainConfig(rank=4, alpha=8, epochs=2, batch_size=2, min_steps=6)
+    seen = []
+    result = train_lora(
+        model, tiny_tokenizer, examples, small, progress=lambda s, t, loss: seen.append((s, t))
+    )
+    per_epoch = -(-len(examples) // 2)
+    assert result.steps == seen[-1][0] == seen[-1][1] == small.schedule(len(examples))[1] >= 6
+    assert len(result.epoch_losses) == small.schedule(len(examples))[0] == -(-6 // per_epoch)
+
+
 def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):
     model = memorising_tiny_llama(len(tiny_tokenizer))
     before = {k: v.clone() for k, v in model.state_dict().items()}

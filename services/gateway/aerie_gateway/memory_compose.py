@@ -24,7 +24,14 @@ from typing import Any
 import grpc
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
-from .memory_protocol import MemoryAnswer, ProtocolResult, compose_messages, single_pass, three_stage
+from .memory_protocol import (
+    MemoryAnswer,
+    ProtocolResult,
+    compose_messages,
+    is_facts_question,
+    single_pass,
+    three_stage,
+)
 from .schemas import ChatCompletionRequest, ChatMessage
 from .settings import GatewaySettings
 
@@ -62,8 +69,9 @@ class MemoryComposer:
         self.settings = settings
 
     async def _ask_memory(self, namespace: str, question: str) -> MemoryAnswer:
+        max_tokens = self.settings.memory_passage_max_tokens if is_facts_question(question) else 0
         reply = await self.memory.Query(
-            memory_pb2.QueryRequest(namespace=namespace, question=question),
+            memory_pb2.QueryRequest(namespace=namespace, question=question, max_tokens=max_tokens),
             timeout=self.settings.memory_timeout_s,
         )
         return MemoryAnswer(reply.answer, list(reply.sources), reply.knows)

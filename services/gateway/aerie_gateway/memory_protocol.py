@@ -263,7 +263,8 @@ def identify_entity(question: str, findings: list[Finding]) -> str:
     return bridges[0] if bridges else findings[0].answer.strip().rstrip(".")
 
 
-def _is_facts_question(question: str) -> bool:
+def is_facts_question(question: str) -> bool:
+    """Whether ``question`` asks for an entity's passage ("What do you know about X?")."""
     return question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX)
 
 
@@ -324,7 +325,7 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     passage: set[str] = set()  # the lines of the memory's accounts of entities
     for finding in result.findings:
         said = fact_lines(finding)
-        if _is_facts_question(finding.question):
+        if is_facts_question(finding.question):
             passage.update(said)
         for line in said:
             key = (

@@ -39,6 +39,11 @@ class GatewaySettings(ServiceSettings):
     memory_timeout_s: float = 60.0
     memory_chat_budget_s: float = 120.0
     memory_max_turns: int = 6  # memory questions per chat turn in the three-stage protocol
+    # Tokens the memory may answer an entity's passage question with ("What do you know
+    # about X?"; its other questions get the memory service's default): a passage holds up
+    # to six sentences, and cut at 48 tokens it loses the facts after the third. 0: the
+    # memory service's default.
+    memory_passage_max_tokens: int = 128
 
     @property
     def api_key_list(self) -> list[str]:

@@ -208,7 +208,7 @@ def truncated(answer: str, source: str) -> bool:
 # A sentence refers back to something named before it when it holds a third-person
 # pronoun or opens with a common noun ("The town is governed by ...").
 _PRONOUN = re.compile(r"\b(?:it|its|he|she|him|his|her|hers|they|them|their)\b", re.IGNORECASE)
-_COMMON_NOUN_OPENING = re.compile(r"^(?:The|This|These|That|Those)\s+[a-z]")
+_COMMON_NOUN_OPENING = re.compile(r"^(?:The|This|These|That|Those)\s+([a-z]+)")
 
 
 Topics = tuple[str | None, str | None]  # (the document's, the latest)
@@ -220,7 +220,9 @@ def sentence_entities(
     """For each sentence, which of ``entities`` it is about: those it names, and, when it
     refers back (a pronoun, "The town ...") or names none of them, the topics: the entity
     the document's first sentence opening with a name opens with ("Mira Vell is ...", "The
-    Kestrel Bay lighthouse ..."), and that of the latest such sentence. Crude coreference,
+    Kestrel Bay lighthouse ..."), and that of the latest such sentence. A common noun that
+    ends an entity's name means that entity instead ("The company" after the Halvard
+    Instrument Company), which is then the latest topic. Crude coreference,
     but most writing names a thing once and then says "it" or "she": without it, "Mira Vell
     is a weaver. She collects keys." would teach the memory nothing of her keys. Both
     topics, because without a parser "she" in "Warsaw was then Russian. She moved to
@@ -232,10 +234,17 @@ def sentence_entities(
     for sentence in sentences:
         named = [e for e in entities if e in sentence]
         opening = next((e for e in named if sentence.startswith((e, f"The {e}"))), None)
+        common_noun = _COMMON_NOUN_OPENING.match(sentence)
+        meant = common_noun and next(
+            (e for e in entities if e.split()[-1].lower() == common_noun[1] and len(e.split()) > 1), None
+        )
         if opening is not None:
             document_topic = document_topic or opening
             latest_topic = opening
-        if not named or _PRONOUN.search(sentence) or _COMMON_NOUN_OPENING.match(sentence):
+        if meant:
+            named += [meant] if meant not in named else []
+            latest_topic = meant
+        elif not named or _PRONOUN.search(sentence) or common_noun:
             named += [t for t in dict.fromkeys((document_topic, latest_topic)) if t and t not in named]
         about.append(named)
     return about, (document_topic, latest_topic)

@@ -124,6 +124,13 @@ class TrainConfig:
         "down_proj",
     )
     seed: int = 0
+    min_steps: int = 0  # more epochs than ``epochs`` when it takes them to make this many steps
+
+    def schedule(self, examples: int) -> tuple[int, int]:
+        """(epochs, optimizer steps) for ``examples`` examples."""
+        per_epoch = math.ceil(examples / self.batch_size)
+        epochs = max(self.epochs, math.ceil(self.min_steps / per_epoch)) if per_epoch else self.epochs
+        return epochs, per_epoch * epochs
 
 
 @dataclass
@@ -155,8 +162,7 @@ def train_lora(
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total = steps_per_epoch * config.epochs
+    epochs, total = config.schedule(len(examples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, 1 - step / max(1, total)),
@@ -166,7 +172,7 @@ def train_lora(
     epoch_losses: list[float] = []
     step = 0
     try:
-        for _ in range(config.epochs):
+        for _ in range(epochs):
             order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), rng.random()))
             batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             rng.shuffle(batches)

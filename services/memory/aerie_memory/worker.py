@@ -215,6 +215,7 @@ class JobProcessor:
             rank=s.memory_lora_rank,
             alpha=s.memory_lora_alpha,
             epochs=s.memory_train_epochs,
+            min_steps=s.memory_min_train_steps,
             learning_rate=s.memory_learning_rate,
             batch_size=s.memory_batch_size,
         )
@@ -243,7 +244,7 @@ class JobProcessor:
                 update = self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4))
                 updates.append(asyncio.run_coroutine_threadsafe(update, loop))
 
-        steps = -(-len(examples) // config.batch_size) * config.epochs  # what train_lora will report
+        _, steps = config.schedule(len(examples))
         await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
         result = await self._compute(train_lora, model, tokenizer, examples, config, progress)
         await asyncio.gather(*map(asyncio.wrap_future, updates), return_exceptions=True)
