@@ -23,9 +23,10 @@ Two rule-based steps (no generator) back the five up, each reported as its own s
   checks (a small generator asks better than it answers) is kept with the chunk's
   sentences it is about as the answer, so the memory learns that phrasing of the question
   with an answer that is true by construction;
-- ``passages``: every entity the chunks name gets "What do you know about <entity>?" and
-  "Tell me about <entity>." with the sentences naming it, across documents, as the answer,
-  so the memory also learns the source text itself.
+- ``passages``: each chunk's main entities get "What do you know about <entity>?" and
+  "Tell me about <entity>." with the sentences about them (naming them or referring back
+  to them: ``sentence_entities``), across documents, as the answer, so the memory also
+  learns the source text itself.
 
 Every reflection keeps the ids of its source documents (provenance).
 """
@@ -222,13 +223,15 @@ def sentence_entities(
     the document's first sentence opening with a name opens with ("Mira Vell is ...", "The
     Kestrel Bay lighthouse ..."), and that of the latest such sentence. A common noun that
     ends an entity's name means that entity instead ("The company" after the Halvard
-    Instrument Company), which is then the latest topic. Crude coreference,
-    but most writing names a thing once and then says "it" or "she": without it, "Mira Vell
-    is a weaver. She collects keys." would teach the memory nothing of her keys. Both
-    topics, because without a parser "she" in "Warsaw was then Russian. She moved to
-    Paris." may be the document's physicist or the town just named, and a sentence in one
-    passage too many costs less than one missing from the right one. Returns the lists and
-    the topics after the last sentence, to carry into the document's next chunk."""
+    Instrument Company), which is then the latest topic.
+
+    Crude coreference, but most writing names a thing once and then says "it" or "she":
+    without it, "Mira Vell is a weaver. She collects keys." would teach the memory nothing
+    of her keys. Both topics, because without a parser "she" in "Warsaw was then Russian.
+    She moved to Paris." may be the document's physicist or the town just named, and a
+    sentence in one passage too many costs less than one missing from the right one.
+    Returns the lists and the topics after the last sentence, to carry into the
+    document's next chunk."""
     document_topic, latest_topic = topics
     about = []
     for sentence in sentences:
