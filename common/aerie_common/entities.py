@@ -24,6 +24,12 @@ _NOT_ENTITY_HEADS = {
     "His", "Her", "Their", "After", "Before", "When", "While", "Each", "Every", "Both", "Most",
     "Some", "Many", "Q", "A:", "Yes", "No", "What", "Who", "Which", "Where", "How", "Why",
 }  # fmt: skip
+# Capitalised words that name a time, not a thing a question is about ("held every
+# August"): alone they are no entity.
+_CALENDAR = set(
+    """January February March April May June July August September October November December
+    Monday Tuesday Wednesday Thursday Friday Saturday Sunday""".split()
+)
 _ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
 _POSSESSIVE = re.compile(r"['\u2019]s$")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
@@ -40,7 +46,7 @@ def find_entities(text: str) -> list[str]:
         if not words:
             continue
         name = " ".join(words)
-        if name.lower() in STOPWORDS or len(name) < 3:
+        if name.lower() in STOPWORDS or len(name) < 3 or name in _CALENDAR:
             continue
         counts[name] = counts.get(name, 0) + 1
     # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").

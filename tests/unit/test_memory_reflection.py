@@ -71,6 +71,9 @@ def test_self_containment_and_entities():
     assert not is_self_contained("What does the text say about keys?")
     assert is_self_contained("Where does Mira Vell live?")
     assert find_entities(DOC_A.text + " " + DOC_B.text)[:2] == ["Mira Vell", "Tarnow"]
+    # a month or a weekday alone is no entity; in a name it stays
+    assert find_entities("The regatta is held every August. Mira Vell sails on Sunday.") == ["Mira Vell"]
+    assert find_entities("August Strindberg wrote plays.") == ["August Strindberg"]
 
 
 class Scripted:
