@@ -63,8 +63,10 @@ STEPS = (
     "passages",
 )
 
+# A question holding one of these dangles; a sentence holding one refers back.
+_THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
 _DANGLING = re.compile(
-    r"\b(he|she|him|her|his|hers|they|them|their|it|its|this|that|these|those)\b|"
+    rf"\b({_THIRD_PERSON}|this|that|these|those)\b|"
     r"\bthe (above|text|passage|document|article|story|author|person|man|woman|place|city|town)\b",
     re.IGNORECASE,
 )
@@ -208,7 +210,7 @@ def truncated(answer: str, source: str) -> bool:
 
 # A sentence refers back to something named before it when it holds a third-person
 # pronoun or opens with a common noun ("The town is governed by ...").
-_PRONOUN = re.compile(r"\b(?:it|its|he|she|him|his|her|hers|they|them|their)\b", re.IGNORECASE)
+_PRONOUN = re.compile(rf"\b(?:{_THIRD_PERSON})\b", re.IGNORECASE)
 _COMMON_NOUN_OPENING = re.compile(r"^(?:The|This|These|That|Those)\s+([a-z]+)")
 
 
