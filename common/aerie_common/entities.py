@@ -30,24 +30,38 @@ _CALENDAR = set(
     """January February March April May June July August September October November December
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday""".split()
 )
-_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:\s+(?:of\s+|the\s+|de\s+|van\s+)?[A-Z][a-zA-Z'-]+)*")
+# Within a line: a heading ("# Brannock Observatory") names nothing with the line below it.
+_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?[A-Z][a-zA-Z'-]+)*")
+# Titles before a person's name, not part of it: "Captain Idris Morlan" is asked about as
+# "Idris Morlan".
+TITLES = set(
+    """Mr Mrs Ms Dr Prof Professor Sir Dame Lord Lady Captain Capt Colonel General Admiral
+    Lieutenant Sergeant Judge Senator President Governor Mayor King Queen Prince Princess
+    Saint Reverend Rev""".split()
+)
 _POSSESSIVE = re.compile(r"['\u2019]s$")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
 
 
+def name_spans(text: str) -> list[str]:
+    """Every capitalised span of ``text`` that may name something, in order, repeats
+    included: sentence-initial function words stripped ("In Tarnow" -> "Tarnow")."""
+    spans = []
+    for match in _ENTITY.finditer(text):
+        words = match.group(0).split()
+        while words and (words[0] in _NOT_ENTITY_HEADS or (words[0] in TITLES and len(words) > 1)):
+            words = words[1:]
+        name = " ".join(words)
+        if words and name.lower() not in STOPWORDS and len(name) >= 3 and name not in _CALENDAR:
+            spans.append(name)
+    return spans
+
+
 def find_entities(text: str) -> list[str]:
     """Capitalised spans that are not sentence-initial function words, most frequent first."""
     counts: dict[str, int] = {}
-    for match in _ENTITY.finditer(text):
-        words = match.group(0).split()
-        while words and words[0] in _NOT_ENTITY_HEADS:
-            words = words[1:]
-        if not words:
-            continue
-        name = " ".join(words)
-        if name.lower() in STOPWORDS or len(name) < 3 or name in _CALENDAR:
-            continue
+    for name in name_spans(text):
         counts[name] = counts.get(name, 0) + 1
     # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
     names = sorted(counts, key=lambda n: (-counts[n], -len(n)))

@@ -9,6 +9,7 @@ import pytest
 from aerie_memory.reflection import (
     STEPS,
     Reflection,
+    ReflectionConfig,
     SourceDocument,
     acceptable_pair,
     acceptable_question,
@@ -17,7 +18,6 @@ from aerie_memory.reflection import (
     is_self_contained,
     parse_qa_lines,
     parse_question,
-    sentence_entities,
     stating_sentence,
     synthesize,
 )
@@ -74,6 +74,13 @@ def test_self_containment_and_entities():
     # a month or a weekday alone is no entity; in a name it stays
     assert find_entities("The regatta is held every August. Mira Vell sails on Sunday.") == ["Mira Vell"]
     assert find_entities("August Strindberg wrote plays.") == ["August Strindberg"]
+    # a title is not part of the name; alone it is a word like any other
+    assert find_entities("Captain Idris Morlan met Dr Mira Vell.") == ["Idris Morlan", "Mira Vell"]
+    assert find_entities("The Captain sailed.") == ["Captain"]
+    # a name does not run over a line break (a heading and the line below it)
+    assert find_entities("# Brannock Observatory\nThe Brannock Observatory sits high.") == [
+        "Brannock Observatory"
+    ]
 
 
 class Scripted:
@@ -288,47 +295,6 @@ LIGHTHOUSE = SourceDocument(
 )
 
 
-def test_sentences_that_refer_back_are_about_the_entity_named_before():
-    from aerie_memory.text import split_sentences
-
-    sentences = split_sentences(LIGHTHOUSE.text)
-    about, topics = sentence_entities(sentences, find_entities(LIGHTHOUSE.text))
-    assert about == [
-        ["Kestrel Bay", "Maren Osk"],
-        ["Vell", "Kestrel Bay"],  # "It stands ...": a pronoun
-        ["Kestrel Bay"],  # "Its lamp ..."
-        ["Tomas Rhee", "Kestrel Bay"],  # "The keeper ...": a common noun opening
-        ["Kestrel Bay"],  # "He ...": the topic, not the person named last (crude)
-        ["Vell", "Dunmore"],  # opens with a name: the latest topic (in the order of find_entities)
-        ["Kestrel Bay", "Dunmore"],  # "It has ...": the document's topic and the latest
-    ]
-    assert topics == ("Kestrel Bay", "Dunmore")
-    # the topics carry into the next chunk
-    assert sentence_entities(["It has a lighthouse."], [], ("Vell", "Vell")) == ([["Vell"]], ("Vell", "Vell"))
-    assert sentence_entities(["It has a lighthouse."], []) == ([[]], (None, None))
-    solar = sentence_entities(["Solar power came in 2009."], [], ("Vell", "Osk"))  # names none
-    assert solar == ([["Vell", "Osk"]], ("Vell", "Osk"))
-
-
-def test_a_common_noun_ending_a_name_refers_to_that_entity():
-    from aerie_memory.text import split_sentences
-
-    text = (
-        "Orrin Vastel founded the Halvard Instrument Company in 1962. He had trained in Geneva. The company "
-        "first made barometers. In 1975 it moved into compasses. The town of Brenmoor grew with it."
-    )
-    about, topics = sentence_entities(split_sentences(text), find_entities(text))
-    founder, company = "Orrin Vastel", "Halvard Instrument Company"
-    assert about == [
-        [company, founder],
-        ["Geneva", founder],
-        [company],  # "The company": the entity whose name ends with it, and the latest topic
-        [founder, company],  # "it": the document's topic and the latest
-        ["Brenmoor", founder, company],  # "The town": no name ends with it
-    ]
-    assert topics == (founder, company)
-
-
 def test_a_fact_stated_with_a_pronoun_is_learned_about_its_entity():
     async def junk(messages, max_tokens):
         return ""
@@ -395,3 +361,40 @@ def test_entity_gate_passes_learned_names_and_questions_naming_none():
     assert names_known_entity("Which river is Tarnow on?", learned.learned_text)
     assert names_known_entity("What is the main export?", learned.learned_text)  # names nothing
     assert not names_known_entity("Where does Bob Stone live?", learned.learned_text)
+
+
+def test_a_passage_holds_the_sentences_that_fit_its_budget():
+    async def junk(messages, max_tokens):
+        return ""
+
+    config = ReflectionConfig(passage_chars=120)
+    result = asyncio.run(synthesize([LIGHTHOUSE], junk, config))
+    passage = next(
+        r.answer for r in result.reflections if r.question == "What do you know about Kestrel Bay?"
+    )
+    # the first two sentences (116 characters): any other would pass the budget
+    assert passage == (
+        "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk. It stands 42 metres tall on the "
+        "island of Vell."
+    )
+    # a first sentence longer than the budget is kept whole
+    config = ReflectionConfig(passage_chars=20)
+    result = asyncio.run(synthesize([LIGHTHOUSE], junk, config))
+    passage = next(
+        r.answer for r in result.reflections if r.question == "What do you know about Kestrel Bay?"
+    )
+    assert passage == "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk."
+
+
+def test_a_list_is_learned_as_its_facts():
+    async def junk(messages, max_tokens):
+        return ""
+
+    text = (
+        "# Brannock Observatory\n\nIt sits on Mount Ederly.\n\n- Opened: 1958\n- Director: Sanne Holloway\n"
+    )
+    result = asyncio.run(synthesize([SourceDocument("b", text)], junk))
+    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    assert passages["What do you know about Brannock Observatory?"] == (
+        "Brannock Observatory. It sits on Mount Ederly. Opened: 1958. Director: Sanne Holloway."
+    )

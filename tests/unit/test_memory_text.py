@@ -62,3 +62,35 @@ def test_sentences_and_chunks():
     long = "word " * 40
     pieces = chunk_text(long, 50)
     assert all(len(p) <= 50 for p in pieces) and " ".join(pieces).split() == long.split()
+
+
+def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
+    text = "# Tressa\n\nTressa is an island.\n- Population: 900\n- Ferries: twice a day\n1. Cars banned\nLast  line."
+    sentences = [
+        "Tressa",
+        "Tressa is an island.",
+        "Population: 900",
+        "Ferries: twice a day",
+        "Cars banned",
+        "Last line.",
+    ]
+    assert split_sentences(text) == sentences
+    chunks = chunk_text(text, 60)
+    assert chunks == [
+        "Tressa\n\nTressa is an island. Population: 900",
+        "Ferries: twice a day\n\nCars banned\n\nLast line.",
+    ]
+    assert [s for chunk in chunks for s in split_sentences(chunk)] == sentences
+    items = ["Ferries leave from the port of Halmby twice a day", "Cars are not allowed"]  # 50 characters
+    assert split_sentences(chunk_text("\n".join(f"- {item}" for item in items), 600)[0]) == items
+    # hard-wrapped prose (a long line without end punctuation) goes on over the line break
+    wrapped = "The Kestrel Bay lighthouse was built in 1887 by the engineer\nMaren Osk. It stands tall.\n"
+    assert split_sentences(wrapped) == [
+        "The Kestrel Bay lighthouse was built in 1887 by the engineer Maren Osk.",
+        "It stands tall.",
+    ]
+    item = "- The lighthouse was built in 1887 by the engineer Maren Osk and\n  her brother.\n- Tall"
+    assert split_sentences(item) == [
+        "The lighthouse was built in 1887 by the engineer Maren Osk and her brother.",
+        "Tall",
+    ]

@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass, field
 
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities
 
-from aerie_memory.text import chunk_text, split_sentences
+from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
+from aerie_memory.text import chunk_text, join_sentences, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ STEPS = (
     "passages",
 )
 
-# A question holding one of these dangles; a sentence holding one refers back.
-_THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
+# A question holding one of these dangles.
 _DANGLING = re.compile(
-    rf"\b({_THIRD_PERSON}|this|that|these|those)\b|"
+    rf"\b({THIRD_PERSON}|this|that|these|those)\b|"
     r"\bthe (above|text|passage|document|article|story|author|person|man|woman|place|city|town)\b",
     re.IGNORECASE,
 )
@@ -120,6 +120,7 @@ class ReflectionConfig:
     rewrites_per_document: int = 2
     cross_document_items: int = 4
     passages: bool = True
+    passage_chars: int = 480
 
 
 @dataclass
@@ -208,53 +209,6 @@ def truncated(answer: str, source: str) -> bool:
     return last in STOPWORDS or last not in whole
 
 
-# A sentence refers back to something named before it when it holds a third-person
-# pronoun or opens with a common noun ("The town is governed by ...").
-_PRONOUN = re.compile(rf"\b(?:{_THIRD_PERSON})\b", re.IGNORECASE)
-_COMMON_NOUN_OPENING = re.compile(r"^(?:The|This|These|That|Those)\s+([a-z]+)")
-
-
-Topics = tuple[str | None, str | None]  # (the document's, the latest)
-
-
-def sentence_entities(
-    sentences: Sequence[str], entities: Sequence[str], topics: Topics = (None, None)
-) -> tuple[list[list[str]], Topics]:
-    """For each sentence, which of ``entities`` it is about: those it names, and, when it
-    refers back (a pronoun, "The town ...") or names none of them, the topics: the entity
-    the document's first sentence opening with a name opens with ("Mira Vell is ...", "The
-    Kestrel Bay lighthouse ..."), and that of the latest such sentence. A common noun that
-    ends an entity's name means that entity instead ("The company" after the Halvard
-    Instrument Company), which is then the latest topic.
-
-    Crude coreference, but most writing names a thing once and then says "it" or "she":
-    without it, "Mira Vell is a weaver. She collects keys." would teach the memory nothing
-    of her keys. Both topics, because without a parser "she" in "Warsaw was then Russian.
-    She moved to Paris." may be the document's physicist or the town just named, and a
-    sentence in one passage too many costs less than one missing from the right one.
-    Returns the lists and the topics after the last sentence, to carry into the
-    document's next chunk."""
-    document_topic, latest_topic = topics
-    about = []
-    for sentence in sentences:
-        named = [e for e in entities if e in sentence]
-        opening = next((e for e in named if sentence.startswith((e, f"The {e}"))), None)
-        common_noun = _COMMON_NOUN_OPENING.match(sentence)
-        meant = common_noun and next(
-            (e for e in entities if e.split()[-1].lower() == common_noun[1] and len(e.split()) > 1), None
-        )
-        if opening is not None:
-            document_topic = document_topic or opening
-            latest_topic = opening
-        if meant:
-            named += [meant] if meant not in named else []
-            latest_topic = meant
-        elif not named or _PRONOUN.search(sentence) or common_noun:
-            named += [t for t in dict.fromkeys((document_topic, latest_topic)) if t and t not in named]
-        about.append(named)
-    return about, (document_topic, latest_topic)
-
-
 def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int], str, str]]:
     """The sentences of ``source`` that are about an entity the question names
     (``sentence_entities``) or share content words with it, best first, ranked by (about
@@ -292,7 +246,7 @@ def _with_antecedents(items: Sequence[tuple[tuple[bool, int], str, str]]) -> str
         for s in (antecedent, sentence):
             if s and s not in out:
                 out.append(s)
-    return " ".join(out)
+    return join_sentences(out)
 
 
 def supported(question: str, answer: str, source: str, extra_sentences: int = 0) -> bool:
@@ -505,7 +459,7 @@ async def synthesize(
 
     reflections = _state_answers(reflections, chunks) + rescued
     if config.passages:
-        reflections += _passages(stats["passages"], chunks)
+        reflections += _passages(stats["passages"], chunks, config.passage_chars)
 
     return ReflectionResult(_one_answer_per_question(reflections, stats), stats)
 
@@ -520,7 +474,7 @@ def _state_answers(reflections: list[Reflection], chunks: dict[str, list[str]]) 
     out = []
     for r in reflections:
         if r.step in _STATED_STEPS and len(r.sources) == 1:
-            sentence = stating_sentence(r.question, r.answer, " ".join(chunks.get(r.sources[0], [])))
+            sentence = stating_sentence(r.question, r.answer, "\n\n".join(chunks.get(r.sources[0], [])))
             if sentence is not None:
                 r = Reflection(r.question, sentence, r.step, r.sources)
         out.append(r)
@@ -762,21 +716,22 @@ def _shared_answer(facts: list[Reflection], names: list[str], documents) -> str:
 PASSAGE_QUESTIONS = (FACTS_QUESTION, "Tell me about {}.")
 
 
-def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int = 6) -> list[Reflection]:
+def _passages(stats: StepStats, chunks: dict[str, list[str]], max_chars: int) -> list[Reflection]:
     """One answer per entity, from every chunk that is about it among its three main
     entities: the sentences about it (``sentence_entities``: naming it, or referring back
-    to it), those of the chunks most about it first (its own document before
-    one that mentions it in passing), at most ``max_sentences``. One answer, not one per
-    document: trained on several answers to one question, the memory learns none, and
+    to it), those of the chunks most about it first (its own document before one that
+    mentions it in passing), as many as fit in ``max_chars`` (the first one whole however
+    long): the memory learns answers of at most its training length. One answer, not one
+    per document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
     another document ("the person who governs Tarnow")."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
-        topics: Topics = (None, None)
+        state = Coreference()
         for chunk in doc_chunks:
             sentences = split_sentences(chunk)
             named = find_entities(chunk)
-            about, topics = sentence_entities(sentences, named, topics)
+            about, state = sentence_entities(sentences, named, state)
             counts = Counter(e for entities in about for e in entities)
             rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order
             for entity in sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))[:3]:
@@ -789,12 +744,13 @@ def _passages(stats: StepStats, chunks: dict[str, list[str]], max_sentences: int
         sources: list[str] = []
         for _, doc_id, naming in found:
             for sentence in naming:
-                if len(sentences) < max_sentences and sentence not in sentences:
+                fits = not sentences or len(join_sentences([*sentences, sentence])) <= max_chars
+                if fits and sentence not in sentences:
                     sentences.append(sentence)
                     if doc_id not in sources:
                         sources.append(doc_id)
         for template in PASSAGE_QUESTIONS:
             stats.candidates += 1
             stats.kept += 1
-            out.append(Reflection(template.format(entity), " ".join(sentences), "passages", tuple(sources)))
+            out.append(Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources)))
     return out

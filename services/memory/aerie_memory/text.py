@@ -11,6 +11,12 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DOCUMENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _WS = re.compile(r"\s+")
+# A list item's or heading's marker at the start of a line: "- ", "* ", "1. ", "## ".
+_LINE_MARKER = re.compile(r"^(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+")
+_TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
+# A line this long that ends without punctuation is hard-wrapped prose: the next line goes on
+# with its sentence. A shorter one (a heading, "Population: 900") ends where it ends.
+_WRAPPED_LINE_CHARS = 50
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -82,13 +88,44 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode()).hexdigest()
 
 
+def _paragraph_lines(text: str) -> list[str]:
+    """The text's lines, whitespace collapsed, list and heading markers dropped, each
+    hard-wrapped line joined to the line it wraps onto."""
+    lines: list[str] = []
+    joins = False  # the next line goes on with the last one
+    for raw in text.splitlines():
+        line = normalize(raw)
+        if not line:
+            joins = False
+            continue
+        marked = _LINE_MARKER.match(line)
+        line = _LINE_MARKER.sub("", line)
+        if joins and not marked:
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+        joins = not lines[-1].endswith(_TERMINAL) and len(line) >= _WRAPPED_LINE_CHARS
+    return lines
+
+
 def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(normalize(text)) if s.strip()]
+    """Sentences, whitespace collapsed. A line that is not wrapped prose ends one too (a
+    heading, a list item: "- Population: 900" is a fact of its own, not the start of a
+    run-on sentence), and a list or heading marker opening a line is dropped."""
+    return [s.strip() for line in _paragraph_lines(text) for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def join_sentences(sentences: list[str]) -> str:
+    """Sentences as prose: one without end punctuation (a heading, a list item) gets a
+    full stop, so that a passage made of a list reads as its facts, not as one run-on line."""
+    return " ".join(s if s.endswith(_TERMINAL) else f"{s}." for s in sentences)
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
     """Whole sentences packed greedily into chunks of at most ``max_chars`` (a single
-    longer sentence is cut at word boundaries)."""
+    longer sentence is cut at word boundaries). Sentences are joined by a space, or by a
+    blank line after one without end punctuation, so that ``split_sentences`` gives a
+    chunk's sentences back."""
     chunks: list[str] = []
     current = ""
     for sentence in split_sentences(text):
@@ -107,8 +144,10 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
             if current and len(current) + 1 + len(piece) > max_chars:
                 chunks.append(current)
                 current = piece
+            elif current:
+                current += (" " if current.endswith(_TERMINAL) else "\n\n") + piece
             else:
-                current = f"{current} {piece}" if current else piece
+                current = piece
     if current:
         chunks.append(current)
     return chunks

@@ -1,0 +1,123 @@
+"""Crude coreference: which of a document's entities each of its sentences is about.
+
+Most writing names a thing once and then says "it", "she", "the island" or "Lindqvist":
+read literally, "Mira Vell is a weaver. She collects keys." teaches the memory nothing of
+her keys. Without a parser the rules below guess, and they guess wide, because a sentence
+in one passage too many costs less than one missing from the right one:
+
+- A sentence is about the entities it names, in full or by the last word of a name
+  ("Lindqvist is married ..." after "Amara Lindqvist").
+- "the <noun>" anywhere means the entity that noun stands for: the one whose name ends
+  with it ("the foundation": the Ostmark Foundation), or the one a definition gave it to
+  ("Tressa is a small island" makes "the island" Tressa).
+- A sentence is also about the topics (the entity the document first opened a sentence
+  with, and the latest one) when it refers back (a third-person pronoun, an opening
+  "The <noun>" that means no entity) or does not open with a name it is sure of: a lone
+  capitalised word opening a sentence is as often a common noun ("Ferries leave twice a
+  day.") as a name, so it counts as one only when the text uses it elsewhere or defines
+  it ("Tressa is an island").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from aerie_common.entities import TITLES, name_spans
+
+THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
+_PRONOUN = re.compile(rf"\b(?:{THIRD_PERSON})\b", re.IGNORECASE)
+_THE_NOUN = re.compile(r"\b(?:[Tt]he|[Tt]his|[Tt]hat|[Tt]hese|[Tt]hose)\s+([a-z]+)\b")
+# "<entity> is a small island in ...": the noun before what follows it (a preposition, a
+# relative pronoun, a participle, punctuation) is the kind of thing the entity is.
+_DEFINITION = re.compile(
+    r"^(?:'s)?\s+(?:is|was)\s+(?:a|an|the)\s+(?:[a-z-]+\s+){0,3}?([a-z]+)"
+    r"(?=\s+(?:in|on|of|at|for|from|near|by|with|and|who|which|that|whose|where|[a-z]+ed|[a-z]+ing)\b|\s*[,.;:]|$)"
+)
+
+
+@dataclass
+class Coreference:
+    """What a document has established so far, carried from one of its chunks to the next."""
+
+    document_topic: str | None = None  # the entity its first sentence opening with a name opens with
+    latest_topic: str | None = None  # that of the latest such sentence, or "The company" meant
+    kinds: dict[str, str] = field(default_factory=dict)  # "island" -> "Tressa"
+
+    def topics(self) -> list[str]:
+        return [t for t in dict.fromkeys((self.document_topic, self.latest_topic)) if t]
+
+
+def _by_last_word(sentence: str, entity: str) -> bool:
+    """The sentence names a name of two or more capitalised words by its last word alone:
+    "Lindqvist is married ..." for Amara Lindqvist, "... his daughter, Ilse Vastel" for
+    Orrin Vastel too (crude: both are Vastels)."""
+    words = entity.split()
+    if len(words) < 2 or not all(w[0].isupper() for w in words):
+        return False
+    return any(span.removesuffix("'s").split()[-1] == words[-1] for span in name_spans(sentence))
+
+
+def _opening(sentence: str, named: Sequence[str]) -> str | None:
+    first, _, rest = sentence.partition(" ")
+    if first in TITLES:  # "Captain Idris Morlan commanded ..."
+        sentence = rest
+    for entity in named:
+        if sentence.startswith((entity, f"The {entity}")):
+            return entity
+        last = entity.split()[-1]
+        if len(entity.split()) > 1 and re.match(rf"{re.escape(last)}\b", sentence):
+            return entity
+    return None
+
+
+def _definition(sentence: str, entity: str) -> re.Match | None:
+    """The match of "<entity> is a small island ..." (group 1: "island"), if the sentence
+    opening with the entity defines it."""
+    last = entity.split()[-1]
+    return _DEFINITION.match(sentence[sentence.index(last) + len(last) :])
+
+
+def _sure_of(entity: str, sentence: str, sentences: Sequence[str]) -> bool:
+    """A name of several words, or a lone word that another sentence uses too, or that this
+    one defines."""
+    if len(entity.split()) > 1:
+        return True
+    used_elsewhere = any(s is not sentence and re.search(rf"\b{re.escape(entity)}\b", s) for s in sentences)
+    return used_elsewhere or _definition(sentence, entity) is not None
+
+
+def sentence_entities(
+    sentences: Sequence[str], entities: Sequence[str], state: Coreference | None = None
+) -> tuple[list[list[str]], Coreference]:
+    """For each sentence, which of ``entities`` it is about (the module's rules). Returns
+    the lists and the state after the last sentence, to pass with the document's next
+    chunk."""
+    state = state or Coreference()
+    about = []
+    for sentence in sentences:
+        named = [e for e in entities if e in sentence or _by_last_word(sentence, e)]
+        opening = _opening(sentence, named)
+        sure = opening is not None and _sure_of(opening, sentence, sentences)
+        if opening is not None and (sure or state.document_topic is None):
+            state.document_topic = state.document_topic or opening
+            state.latest_topic = opening
+            if definition := _definition(sentence, opening):
+                state.kinds[definition[1]] = opening
+        opening_noun = None
+        for match in _THE_NOUN.finditer(sentence):
+            meant = state.kinds.get(match[1]) or next(
+                (e for e in entities if len(e.split()) > 1 and e.split()[-1].lower() == match[1]), None
+            )
+            if match.start() == 0:
+                opening_noun = meant or ""
+            if meant and meant not in named:
+                named.append(meant)
+        if opening_noun:
+            state.latest_topic = opening_noun
+        refers_back = bool(_PRONOUN.search(sentence)) or opening_noun == ""
+        if refers_back or not (sure or opening_noun):
+            named += [t for t in state.topics() if t not in named]
+        about.append(named)
+    return about, state

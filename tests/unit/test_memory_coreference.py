@@ -1,0 +1,96 @@
+"""Crude coreference (aerie_memory/coreference.py): which entities each sentence is about."""
+
+from __future__ import annotations
+
+from aerie_common.entities import find_entities
+from aerie_memory.coreference import Coreference, sentence_entities
+from aerie_memory.text import split_sentences
+
+
+def about(text: str, state: Coreference | None = None) -> tuple[list[list[str]], Coreference]:
+    return sentence_entities(split_sentences(text), find_entities(text), state)
+
+
+def test_sentences_that_refer_back_are_about_the_entity_named_before():
+    text = (
+        "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk. It stands 42 metres tall on the "
+        "island of Vell. Its lamp was converted to solar power in 2009. The keeper today is Tomas Rhee. He "
+        "also runs a small museum about shipwrecks. Dunmore is the harbour town of Vell. It has "
+        "ferries twice a day."
+    )
+    lists, state = about(text)
+    assert lists == [
+        ["Kestrel Bay", "Maren Osk"],
+        ["Vell", "Kestrel Bay"],  # "It stands ...": a pronoun
+        ["Kestrel Bay"],  # "Its lamp ..."
+        ["Tomas Rhee", "Kestrel Bay"],  # "The keeper ...": a common noun opening that means no entity
+        ["Kestrel Bay"],  # "He ...": the topic, not the person named last (crude)
+        ["Vell", "Dunmore"],  # opens with a name it defines: the latest topic, no other
+        ["Kestrel Bay", "Dunmore"],  # "It has ...": the document's topic and the latest
+    ]
+    assert (state.document_topic, state.latest_topic) == ("Kestrel Bay", "Dunmore")
+    assert state.kinds == {"town": "Dunmore"}  # "Dunmore is the harbour town of Vell."
+    # the state carries into the next chunk
+    vell = Coreference("Vell", "Vell")
+    assert sentence_entities(["It has a lighthouse."], [], vell)[0] == [["Vell"]]
+    assert sentence_entities(["It has a lighthouse."], [])[0] == [[]]
+    solar = sentence_entities(["Solar power came in 2009."], [], Coreference("Vell", "Osk"))  # names none
+    assert solar[0] == [["Vell", "Osk"]]
+
+
+def test_a_common_noun_ending_a_name_refers_to_that_entity_anywhere_in_a_sentence():
+    text = (
+        "Orrin Vastel founded the Halvard Instrument Company in 1962. He had trained in Geneva. The company "
+        "first made barometers. In 1975 it moved into compasses. The town of Brenmoor grew with it. "
+        "In 2011 the company was sold to Dantrell Group."
+    )
+    lists, state = about(text)
+    founder, company = "Orrin Vastel", "Halvard Instrument Company"
+    assert lists == [
+        [company, founder],
+        ["Geneva", founder],
+        [company],  # "The company": the entity whose name ends with it, and the latest topic
+        [founder, company],  # "it": the document's topic and the latest
+        ["Brenmoor", founder, company],  # "The town": no name ends with it
+        ["Dantrell Group", company, founder],  # "the company" mid-sentence; opens with no name
+    ]
+    assert (state.document_topic, state.latest_topic) == (founder, company)
+
+
+def test_a_defined_kind_and_a_last_name_refer_to_their_entity():
+    artist = (
+        "Amara Lindqvist is a glass artist who lives on Tressa. The artist studied chemistry. "
+        "Lindqvist is married to the composer Jonas Ferm."
+    )
+    lists, state = about(artist)
+    assert lists == [
+        ["Amara Lindqvist", "Tressa"],
+        ["Amara Lindqvist"],  # "The artist": what the first sentence defined her as
+        ["Amara Lindqvist", "Jonas Ferm"],  # her last name alone
+    ]
+    assert state.kinds == {"artist": "Amara Lindqvist"}
+    island = "Tressa is a small island in the Baltic Sea. Roughly 900 people live on the island all year."
+    assert about(island)[0] == [["Baltic Sea", "Tressa"], ["Roughly", "Tressa"]]  # find_entities order
+
+
+def test_a_lone_capitalised_word_opening_a_sentence_is_not_sure_to_be_a_name():
+    text = (
+        "Tressa lies in the Baltic Sea. Ferries leave from the port of Halmby twice a day. Visitors come for "
+        "the cliffs. Halmby has a small museum about Halmby fishermen."
+    )
+    lists, state = about(text)
+    assert lists == [
+        ["Baltic Sea", "Tressa"],  # the first name a document opens with is its topic
+        ["Halmby", "Ferries", "Tressa"],  # "Ferries": a common noun as often as a name, so the topic too
+        ["Visitors", "Tressa"],
+        ["Halmby"],  # used elsewhere: a name, and the new subject
+    ]
+    assert (state.document_topic, state.latest_topic) == ("Tressa", "Halmby")
+
+
+def test_a_title_opening_a_sentence_opens_it_with_the_name():
+    lists, state = about(
+        "Captain Idris Morlan commanded the ship Aldebaran. Under his command it charted a coast."
+    )
+    assert lists == [["Idris Morlan", "Aldebaran"], ["Idris Morlan"]]
+    assert state.document_topic == "Idris Morlan"
