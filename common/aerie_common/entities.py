@@ -31,7 +31,9 @@ _CALENDAR = set(
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday""".split()
 )
 # Within a line: a heading ("# Brannock Observatory") names nothing with the line below it.
-_ENTITY = re.compile(r"\b[A-Z][a-zA-Z'-]+(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?[A-Z][a-zA-Z'-]+)*")
+_ENTITY = re.compile(
+    r"\b[A-Z][a-zA-Z'-]+(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?[A-Z][a-zA-Z'-]+)*"
+)
 # Titles before a person's name, not part of it: "Captain Idris Morlan" is asked about as
 # "Idris Morlan".
 TITLES = set(

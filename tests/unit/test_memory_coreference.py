@@ -94,3 +94,10 @@ def test_a_title_opening_a_sentence_opens_it_with_the_name():
     )
     assert lists == [["Idris Morlan", "Aldebaran"], ["Idris Morlan"]]
     assert state.document_topic == "Idris Morlan"
+
+
+def test_another_name_ending_with_the_same_word_is_not_a_mention():
+    text = "Orrin Vastel founded a company. Vastel retired and handed it to Ilse Vastel. Ilse Vastel sold the firm."
+    lists, state = about(text)
+    assert lists == [["Orrin Vastel"], ["Ilse Vastel", "Orrin Vastel"], ["Ilse Vastel"]]
+    assert state.latest_topic == "Ilse Vastel"

@@ -10,6 +10,7 @@ from aerie_memory.text import (
     check_namespace,
     chunk_text,
     content_hash,
+    is_heading,
     split_sentences,
 )
 
@@ -62,6 +63,15 @@ def test_sentences_and_chunks():
     long = "word " * 40
     pieces = chunk_text(long, 50)
     assert all(len(p) <= 50 for p in pieces) and " ".join(pieces).split() == long.split()
+
+
+def test_a_heading_is_a_short_line_of_capitalised_words():
+    assert is_heading("Brannock Observatory") and is_heading("Early Life and Work") and is_heading("Facts")
+    assert (
+        not is_heading("Opened: 1958")
+        and not is_heading("Cars banned")
+        and not is_heading("Tressa is an island.")
+    )
 
 
 def test_a_line_break_ends_a_sentence_and_chunks_keep_it():

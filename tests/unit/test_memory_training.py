@@ -12,6 +12,7 @@ from aerie_memory.training import (
     TrainConfig,
     answer,
     build_examples,
+    fits_training,
     load_adapter,
     replay_sample,
     save_adapter,
@@ -51,6 +52,13 @@ def test_examples_mask_the_prompt(tiny_tokenizer):
         assert labelled[-1] == tiny_tokenizer.eos_token_id
         assert ex.labels[: len(ex.labels) - len(labelled)] == [-100] * (len(ex.labels) - len(labelled))
     assert build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=10) == []  # answer cut off entirely
+
+
+def test_a_pair_fits_the_training_length_when_its_example_is_not_cut(tiny_tokenizer):
+    question, answer = PAIRS[0]
+    length = len(build_examples(tiny_tokenizer, [(question, answer)], max_seq_tokens=200)[0].input_ids)
+    assert fits_training(tiny_tokenizer, question, answer, length)
+    assert not fits_training(tiny_tokenizer, question, answer, length - 1)
 
 
 def test_training_pairs_add_idk_examples():

@@ -51,12 +51,12 @@ class Coreference:
 
 def _by_last_word(sentence: str, entity: str) -> bool:
     """The sentence names a name of two or more capitalised words by its last word alone:
-    "Lindqvist is married ..." for Amara Lindqvist, "... his daughter, Ilse Vastel" for
-    Orrin Vastel too (crude: both are Vastels)."""
+    "Lindqvist is married ..." for Amara Lindqvist (but "Ilse Vastel" does not name Orrin
+    Vastel)."""
     words = entity.split()
     if len(words) < 2 or not all(w[0].isupper() for w in words):
         return False
-    return any(span.removesuffix("'s").split()[-1] == words[-1] for span in name_spans(sentence))
+    return any(span.removesuffix("'s") == words[-1] for span in name_spans(sentence))
 
 
 def _opening(sentence: str, named: Sequence[str]) -> str | None:
@@ -66,8 +66,9 @@ def _opening(sentence: str, named: Sequence[str]) -> str | None:
     for entity in named:
         if sentence.startswith((entity, f"The {entity}")):
             return entity
+    for entity in named:  # by its last word: one the sentence does not name in full
         last = entity.split()[-1]
-        if len(entity.split()) > 1 and re.match(rf"{re.escape(last)}\b", sentence):
+        if len(entity.split()) > 1 and entity not in sentence and re.match(rf"{re.escape(last)}\b", sentence):
             return entity
     return None
 

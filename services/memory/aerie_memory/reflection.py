@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities
 
 from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
-from aerie_memory.text import chunk_text, join_sentences, split_sentences
+from aerie_memory.text import chunk_text, is_heading, join_sentences, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,10 @@ class ReflectionConfig:
     rewrites_per_document: int = 2
     cross_document_items: int = 4
     passages: bool = True
-    passage_chars: int = 480
+    # Whether an entity passage (question, answer) is learned whole at the memory's training
+    # length; the worker counts with the memory's tokenizer (training.fits_training). The
+    # default guesses 3 characters a token (invented names tokenise that densely).
+    passage_fits: Callable[[str, str], bool] = lambda question, answer: len(answer) <= 390
 
 
 @dataclass
@@ -459,7 +462,7 @@ async def synthesize(
 
     reflections = _state_answers(reflections, chunks) + rescued
     if config.passages:
-        reflections += _passages(stats["passages"], chunks, config.passage_chars)
+        reflections += _passages(stats["passages"], chunks, config.passage_fits)
 
     return ReflectionResult(_one_answer_per_question(reflections, stats), stats)
 
@@ -716,12 +719,14 @@ def _shared_answer(facts: list[Reflection], names: list[str], documents) -> str:
 PASSAGE_QUESTIONS = (FACTS_QUESTION, "Tell me about {}.")
 
 
-def _passages(stats: StepStats, chunks: dict[str, list[str]], max_chars: int) -> list[Reflection]:
+def _passages(
+    stats: StepStats, chunks: dict[str, list[str]], fits: Callable[[str, str], bool]
+) -> list[Reflection]:
     """One answer per entity, from every chunk that is about it among its three main
     entities: the sentences about it (``sentence_entities``: naming it, or referring back
     to it), those of the chunks most about it first (its own document before one that
-    mentions it in passing), as many as fit in ``max_chars`` (the first one whole however
-    long): the memory learns answers of at most its training length. One answer, not one
+    mentions it in passing), as many as ``fits`` the training length (the first one whole
+    however long): an answer cut there is learned without its end. One answer, not one
     per document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
     another document ("the person who governs Tarnow")."""
@@ -735,7 +740,11 @@ def _passages(stats: StepStats, chunks: dict[str, list[str]], max_chars: int) ->
             counts = Counter(e for entities in about for e in entities)
             rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order
             for entity in sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))[:3]:
-                naming = [s for s, entities in zip(sentences, about, strict=True) if entity in entities]
+                naming = [
+                    s
+                    for s, entities in zip(sentences, about, strict=True)
+                    if entity in entities and not is_heading(s)
+                ]
                 mentions.setdefault(entity, []).append((counts[entity], doc_id, naming))
     out = []
     for entity, found in mentions.items():
@@ -744,13 +753,17 @@ def _passages(stats: StepStats, chunks: dict[str, list[str]], max_chars: int) ->
         sources: list[str] = []
         for _, doc_id, naming in found:
             for sentence in naming:
-                fits = not sentences or len(join_sentences([*sentences, sentence])) <= max_chars
-                if fits and sentence not in sentences:
+                longer = join_sentences([*sentences, sentence])
+                if sentence not in sentences and (
+                    not sentences or fits(FACTS_QUESTION.format(entity), longer)
+                ):
                     sentences.append(sentence)
                     if doc_id not in sources:
                         sources.append(doc_id)
         for template in PASSAGE_QUESTIONS:
             stats.candidates += 1
             stats.kept += 1
-            out.append(Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources)))
+            out.append(
+                Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources))
+            )
     return out

@@ -115,6 +115,17 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for line in _paragraph_lines(text) for s in _SENTENCE_END.split(line) if s.strip()]
 
 
+_HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
+
+
+def is_heading(sentence: str) -> bool:
+    """A title line ("Brannock Observatory", "Early Life and Work"): a few words, each
+    capitalised (or a small joining word), and no punctuation at its end. It says what
+    the lines below are about, which the coreference uses; it states no fact itself."""
+    words = sentence.split()
+    return 0 < len(words) <= 8 and all(_HEADING_WORD.match(w) for w in words)
+
+
 def join_sentences(sentences: list[str]) -> str:
     """Sentences as prose: one without end punctuation (a heading, a list item) gets a
     full stop, so that a passage made of a list reads as its facts, not as one run-on line."""

@@ -67,6 +67,15 @@ class Example:
     labels: list[int]
 
 
+def fits_training(tokenizer, question: str, answer: str, max_seq_tokens: int) -> bool:
+    """``build_examples`` keeps the pair whole: its answer and end of turn are learned."""
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return (
+        len(_prompt_ids(tokenizer, question)) + len(answer_ids) + len(_end_of_turn_ids(tokenizer))
+        <= max_seq_tokens
+    )
+
+
 def build_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_seq_tokens: int) -> list[Example]:
     examples = []
     for question, answer in pairs:

@@ -49,6 +49,7 @@ from aerie_memory.training import (
     TrainConfig,
     adapter_meta,
     build_examples,
+    fits_training,
     replay_sample,
     save_adapter,
     train_lora,
@@ -184,6 +185,8 @@ class JobProcessor:
         async def progress(done: int, total: int) -> None:
             await self.store.update_job(job.job_id, done=done, total=total)
 
+        _, tokenizer = await self._compute(self.base)
+        max_seq_tokens = self.settings.memory_max_seq_tokens
         started = time.monotonic()
         result = await synthesize(
             [SourceDocument(item["id"], text) for item, text in documents],
@@ -192,6 +195,9 @@ class JobProcessor:
                 chunk_chars=self.settings.memory_chunk_chars,
                 direct_max_tokens=self.settings.memory_generator_max_tokens,
                 other_max_tokens=max(16, self.settings.memory_generator_max_tokens * 2 // 3),
+                passage_fits=lambda question, answer: fits_training(
+                    tokenizer, question, answer, max_seq_tokens
+                ),
             ),
             concurrency=self.settings.memory_generator_concurrency,
             progress=progress,
