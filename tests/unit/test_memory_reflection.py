@@ -363,6 +363,28 @@ def test_entity_gate_passes_learned_names_and_questions_naming_none():
     assert not names_known_entity("Where does Bob Stone live?", learned.learned_text)
 
 
+def test_a_facts_question_about_part_of_a_learned_name_asks_about_that_name():
+    from aerie_memory.models import LoadedMemory, link_facts_question
+
+    def passage(entity: str) -> Reflection:
+        return Reflection(f"What do you know about {entity}?", "...", "passages", ("d",))
+
+    names = ["Halvard Instrument Company", "Orrin Vastel", "Ilse Vastel", "Idris Morlan", "Kelmouth"]
+    learned = LoadedMemory("v1", None, None, [passage(n) for n in names + ["Kelmouth"]], None)
+    assert learned.passage_entities == names  # once each, however many adapters learned it
+
+    def link(name: str) -> str:
+        return link_facts_question(f"What do you know about {name}?", learned.passage_entities)
+
+    assert link("Halvard") == "What do you know about Halvard Instrument Company?"
+    assert link("halvard instrument company") == "What do you know about Halvard Instrument Company?"
+    assert link("Captain Idris Morlan") == "What do you know about Idris Morlan?"  # more than the name
+    assert link("Vastel") == "What do you know about Vastel?"  # Orrin or Ilse: asked as it is
+    assert link("Kelmouth University") == "What do you know about Kelmouth University?"  # not a one-word name
+    assert link("Stone") == "What do you know about Stone?"  # learned nothing of it
+    assert link_facts_question("Who founded Halvard?", learned.passage_entities) == "Who founded Halvard?"
+
+
 def test_a_passage_holds_the_sentences_that_fit_its_budget():
     async def junk(messages, max_tokens):
         return ""

@@ -407,6 +407,11 @@ async def test_grpc_adapter(env, tmp_path):
                 memory_pb2.QueryRequest(namespace="g", question="What does Bob Stone collect?")
             )
             assert (stranger.knows, stranger.answer, stranger.model_version) == (False, IDK, "v0001")
+            # a facts question naming more than a learned name is asked about that name
+            fuller = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What do you know about Doctor Mira Vell?")
+            )
+            assert fuller.answer != IDK
             stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
             assert (stats.documents, stats.current_version, stats.exists) == (2, "v0001", True)
             assert stats.reflections > 0 and stats.chunks == 2

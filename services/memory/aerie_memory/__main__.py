@@ -27,7 +27,14 @@ from aerie_common.redis_client import connect
 from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
-from aerie_memory.models import MemoryCache, attribute_sources, build_memory, load_base, names_known_entity
+from aerie_memory.models import (
+    MemoryCache,
+    attribute_sources,
+    build_memory,
+    link_facts_question,
+    load_base,
+    names_known_entity,
+)
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore, forgetting
 from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
@@ -229,6 +236,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         memory = await self._memory(request.namespace)
         if memory is None:
             return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
+        question = link_facts_question(question, memory.passage_entities)
         if not names_known_entity(question, memory.learned_text):
             return memory_pb2.QueryResponse(
                 answer=IDK, knows=False, model_version=memory.version, seconds=time.monotonic() - started

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.entities import content_words, names_in
+from aerie_common.entities import FACTS_QUESTION, content_words, names_in
 
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
@@ -76,9 +76,44 @@ class LoadedMemory:
     reflections: list[Reflection]
     lock: threading.Lock
     learned_text: str = field(init=False)  # every reflection's text, lower-cased
+    passage_entities: list[str] = field(init=False)  # the entities it learned the facts of
 
     def __post_init__(self):
         self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
+        named = (_facts_question_entity(r.question) for r in self.reflections)
+        self.passage_entities = [e for e in dict.fromkeys(named) if e]
+
+
+_FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
+
+
+def _facts_question_entity(question: str) -> str | None:
+    if question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX):
+        return question[len(_FACTS_PREFIX) : len(question) - len(_FACTS_SUFFIX)].strip() or None
+    return None
+
+
+def _contains(longer: list[str], shorter: list[str]) -> bool:
+    return any(longer[i : i + len(shorter)] == shorter for i in range(len(longer) - len(shorter) + 1))
+
+
+def link_facts_question(question: str, entities: list[str]) -> str:
+    """ "What do you know about X?" asked about the one learned entity X names in part or
+    in full: the memory learned each entity's facts under that question with its name as
+    the documents gave it, word for word, and a user says less ("Lindqvist", "the Halvard
+    factory") or more ("Captain Idris Morlan"), or writes it in other case. A name that
+    fits several ("Vastel": Orrin and Ilse) or none is asked as it is."""
+    name = _facts_question_entity(question)
+    if name is None:
+        return question
+    words = name.lower().split()
+    exact = [e for e in entities if e.lower().split() == words]
+    candidates = exact or [
+        e
+        for e in entities
+        if _contains(e.lower().split(), words) or (len(e.split()) > 1 and _contains(words, e.lower().split()))
+    ]
+    return FACTS_QUESTION.format(candidates[0]) if len(candidates) == 1 else question
 
 
 def names_known_entity(question: str, learned_text: str) -> bool:
