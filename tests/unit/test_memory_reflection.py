@@ -421,3 +421,19 @@ def test_a_list_is_learned_as_its_facts():
     assert passages["What do you know about Brannock Observatory?"] == (
         "It sits on Mount Ederly. Opened: 1958. Director: Sanne Holloway."
     )
+
+
+def test_a_passage_that_opens_a_longer_one_is_dropped():
+    async def junk(messages, max_tokens):
+        return ""
+
+    tressa = SourceDocument("t", "Tressa is a small island in the Baltic Sea. About 900 people live there.")
+    result = asyncio.run(synthesize([tressa], junk))
+    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    # trained on the first sentence alone for the Baltic Sea, the memory stopped Tressa's there
+    assert passages == {
+        "What do you know about Tressa?": tressa.text,
+        "Tell me about Tressa.": tressa.text,
+    }
+    stats = result.stats["passages"]
+    assert (stats.candidates, stats.kept, stats.dropped) == (4, 2, 2)

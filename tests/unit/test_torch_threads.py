@@ -49,7 +49,13 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
 
     async def loaded(namespace):
         return types.SimpleNamespace(
-            lock=threading.Lock(), model=None, tokenizer=None, learned_text="", reflections=[], version="v1"
+            lock=threading.Lock(),
+            model=None,
+            tokenizer=None,
+            learned_text="",
+            reflections=[],
+            version="v1",
+            passage_entities=[],
         )
 
     servicer._memory = loaded

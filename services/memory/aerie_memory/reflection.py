@@ -729,7 +729,8 @@ def _passages(
     however long): an answer cut there is learned without its end. One answer, not one
     per document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
-    another document ("the person who governs Tarnow")."""
+    another document ("the person who governs Tarnow"). A passage that is the start of
+    another is dropped; its entity is in the longer one."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
         state = Coreference()
@@ -746,7 +747,7 @@ def _passages(
                     if entity in entities and not is_heading(s)
                 ]
                 mentions.setdefault(entity, []).append((counts[entity], doc_id, naming))
-    out = []
+    passages: dict[str, tuple[list[str], list[str]]] = {}  # entity -> (sentences, sources)
     for entity, found in mentions.items():
         found.sort(key=lambda item: -item[0])  # stable: ties keep document order
         sentences: list[str] = []
@@ -760,10 +761,22 @@ def _passages(
                     sentences.append(sentence)
                     if doc_id not in sources:
                         sources.append(doc_id)
-        for template in PASSAGE_QUESTIONS:
-            stats.candidates += 1
-            stats.kept += 1
-            out.append(
-                Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources))
-            )
+        passages[entity] = (sentences, sources)
+    out = []
+    for entity, (sentences, sources) in passages.items():
+        stats.candidates += len(PASSAGE_QUESTIONS)
+        # A passage that opens another and stops sooner teaches the memory to stop there:
+        # "What do you know about Baltic Sea?" answered with the first sentence of Tressa's
+        # passage made the memory end Tressa's after that sentence.
+        if any(
+            len(other) > len(sentences) and other[: len(sentences)] == sentences
+            for other, _ in passages.values()
+        ):
+            stats.dropped += len(PASSAGE_QUESTIONS)
+            continue
+        stats.kept += len(PASSAGE_QUESTIONS)
+        out += [
+            Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources))
+            for template in PASSAGE_QUESTIONS
+        ]
     return out
