@@ -423,7 +423,7 @@ def test_a_list_is_learned_as_its_facts():
     )
 
 
-def test_a_passage_that_opens_a_longer_one_is_dropped():
+def test_a_passage_that_opens_a_longer_one_is_given_the_longer_one():
     async def junk(messages, max_tokens):
         return ""
 
@@ -434,6 +434,6 @@ def test_a_passage_that_opens_a_longer_one_is_dropped():
     assert passages == {
         "What do you know about Tressa?": tressa.text,
         "Tell me about Tressa.": tressa.text,
+        "What do you know about Baltic Sea?": tressa.text,
+        "Tell me about Baltic Sea.": tressa.text,
     }
-    stats = result.stats["passages"]
-    assert (stats.candidates, stats.kept, stats.dropped) == (4, 2, 2)

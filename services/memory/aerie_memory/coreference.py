@@ -49,14 +49,12 @@ class Coreference:
         return [t for t in dict.fromkeys((self.document_topic, self.latest_topic)) if t]
 
 
-def _by_last_word(sentence: str, entity: str) -> bool:
-    """The sentence names a name of two or more capitalised words by its last word alone:
-    "Lindqvist is married ..." for Amara Lindqvist (but "Ilse Vastel" does not name Orrin
-    Vastel)."""
+def _by_last_word(spans: set[str], entity: str) -> bool:
+    """A sentence whose name spans are ``spans`` names a name of two or more capitalised
+    words by its last word alone: "Lindqvist is married ..." for Amara Lindqvist (but
+    "Ilse Vastel" does not name Orrin Vastel)."""
     words = entity.split()
-    if len(words) < 2 or not all(w[0].isupper() for w in words):
-        return False
-    return any(span.removesuffix("'s") == words[-1] for span in name_spans(sentence))
+    return len(words) > 1 and all(w[0].isupper() for w in words) and words[-1] in spans
 
 
 def _opening(sentence: str, named: Sequence[str]) -> str | None:
@@ -98,7 +96,8 @@ def sentence_entities(
     state = state or Coreference()
     about = []
     for sentence in sentences:
-        named = [e for e in entities if e in sentence or _by_last_word(sentence, e)]
+        spans = {span.removesuffix("'s") for span in name_spans(sentence)}
+        named = [e for e in entities if e in sentence or _by_last_word(spans, e)]
         opening = _opening(sentence, named)
         sure = opening is not None and _sure_of(opening, sentence, sentences)
         if opening is not None and (sure or state.document_topic is None):
@@ -106,19 +105,19 @@ def sentence_entities(
             state.latest_topic = opening
             if definition := _definition(sentence, opening):
                 state.kinds[definition[1]] = opening
-        opening_noun = None
+        opens_with_noun, opening_meant = False, None  # "The company ...", and whom it means
         for match in _THE_NOUN.finditer(sentence):
             meant = state.kinds.get(match[1]) or next(
                 (e for e in entities if len(e.split()) > 1 and e.split()[-1].lower() == match[1]), None
             )
             if match.start() == 0:
-                opening_noun = meant or ""
+                opens_with_noun, opening_meant = True, meant
             if meant and meant not in named:
                 named.append(meant)
-        if opening_noun:
-            state.latest_topic = opening_noun
-        refers_back = bool(_PRONOUN.search(sentence)) or opening_noun == ""
-        if refers_back or not (sure or opening_noun):
+        if opening_meant:
+            state.latest_topic = opening_meant
+        refers_back = bool(_PRONOUN.search(sentence)) or (opens_with_noun and not opening_meant)
+        if refers_back or not (sure or opening_meant):
             named += [t for t in state.topics() if t not in named]
         about.append(named)
     return about, state

@@ -730,7 +730,7 @@ def _passages(
     per document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
     another document ("the person who governs Tarnow"). A passage that is the start of
-    another is dropped; its entity is in the longer one."""
+    another is given the longer one."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
         state = Coreference()
@@ -764,16 +764,15 @@ def _passages(
         passages[entity] = (sentences, sources)
     out = []
     for entity, (sentences, sources) in passages.items():
-        stats.candidates += len(PASSAGE_QUESTIONS)
         # A passage that opens another and stops sooner teaches the memory to stop there:
         # "What do you know about Baltic Sea?" answered with the first sentence of Tressa's
-        # passage made the memory end Tressa's after that sentence.
-        if any(
-            len(other) > len(sentences) and other[: len(sentences)] == sentences
-            for other, _ in passages.values()
-        ):
-            stats.dropped += len(PASSAGE_QUESTIONS)
-            continue
+        # passage made the memory end Tressa's after that sentence. It takes the longest
+        # passage it opens instead, which holds it. (Dropping it instead cut the training
+        # steps of a small job, and its memory mixed up its people's facts.)
+        for other, other_sources in passages.values():
+            if len(other) > len(sentences) and other[: len(sentences)] == sentences:
+                sentences, sources = other, other_sources
+        stats.candidates += len(PASSAGE_QUESTIONS)
         stats.kept += len(PASSAGE_QUESTIONS)
         out += [
             Reflection(template.format(entity), join_sentences(sentences), "passages", tuple(sources))
