@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import snowballstemmer
+
 STOPWORDS = set(
     """a an the and or but if of to in on at by for with from as is are was were be been being
     it its this that these those he she they them his her their him there here what which who whom
@@ -44,6 +46,7 @@ TITLES = set(
 _POSSESSIVE = re.compile(r"['\u2019]s$")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
+_STEMMER = snowballstemmer.stemmer("english")
 
 
 def name_spans(text: str) -> list[str]:
@@ -87,6 +90,7 @@ def new_entities(text: str, known: str) -> list[str]:
 
 
 def content_words(text: str) -> set[str]:
-    """Lower-cased words that are not stopwords, crudely stemmed (first five letters), so
-    "collects" and "collect", "governor" and "governed" match."""
-    return {w.lower()[:5] for w in WORD.findall(text) if w.lower() not in STOPWORDS}
+    """Lower-cased words that are not stopwords, stemmed (Snowball, English) and cut to
+    five letters, so "collects" and "collect", "governor" and "governed", and "open" and
+    "opened" match (five letters alone made "opened" "opene")."""
+    return {_STEMMER.stemWord(w.lower())[:5] for w in WORD.findall(text) if w.lower() not in STOPWORDS}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from aerie_common.entities import content_words
 from aerie_gateway.memory_protocol import (
     ANSWER_FROM_CONTEXT,
     MAX_FACT_LINES,
@@ -309,3 +310,19 @@ def test_single_pass():
     assert result.turns == 1 and result.findings[0].sources == ["town-01"]
     result = asyncio.run(single_pass(QUESTION, memory))
     assert result.findings == [] and result.pruned == 1
+
+
+def test_a_recalled_list_is_composed_item_by_item():
+    # a document's "Key: value" list, learned as its sentences: each item is a fact line of
+    # its own, and "open" finds "Opened" (stems, not five letters: "opene")
+    passage = "The Brannock Observatory sits on Mount Ederly. Opened: 1958. Director: Sanne Holloway."
+    finding = Finding("entity", "What do you know about Brannock Observatory?", passage, ["b"])
+    result = ProtocolResult(
+        mode="three_stage",
+        question="When did the Brannock Observatory open?",
+        findings=[finding],
+        entity="Brannock Observatory",
+    )
+    assert compose_facts(result) == ["Opened: 1958."]
+    assert content_words("open") == content_words("opened") == content_words("opens")
+    assert content_words("governor") == content_words("governed")  # as with five letters
