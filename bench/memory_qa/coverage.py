@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from aerie_common.entities import FACTS_QUESTION
+from aerie_common.entities import facts_question_entity
 
 from bench.memory_qa.corpus import STYLES, Corpus, generate, is_correct
 
@@ -34,11 +34,10 @@ def passages(documents: list[dict], fits: Callable[[str, str], bool]) -> dict[st
     from aerie_memory.text import chunk_text
 
     chunks = {d["id"]: chunk_text(d["text"], ReflectionConfig().chunk_chars) for d in documents}
-    prefix, suffix = FACTS_QUESTION.split("{}")
     return {
-        r.question.removeprefix(prefix).removesuffix(suffix): r.answer
+        entity: r.answer
         for r in _passages(StepStats("passages"), chunks, fits)
-        if r.question.startswith(prefix)
+        if (entity := facts_question_entity(r.question))
     }
 
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from aerie_common.entities import facts_question_entity
 from aerie_memory.models import build_memory, load_reflections
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import Version
@@ -25,8 +26,6 @@ from aerie_memory.text import split_sentences
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import answer, load_adapter
 from aerie_memory.worker import make_base_loader
-
-QUESTION = "What do you know about"
 
 
 def main() -> None:
@@ -65,7 +64,7 @@ def main() -> None:
     passages: dict[str, tuple[str, str]] = {}  # question -> (adapter that first learned it, answer)
     for adapter_id in ids:
         for r in load_reflections(args.namespace_dir / "adapters" / adapter_id):
-            if r.question.startswith(QUESTION) and r.question not in passages:
+            if facts_question_entity(r.question) and r.question not in passages:
                 passages[r.question] = (adapter_id, r.answer)
 
     whole = dict.fromkeys(ids, 0)

@@ -46,6 +46,7 @@ TITLES = set(
 _POSSESSIVE = re.compile(r"['\u2019]s$")
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
+_FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
 _STEMMER = snowballstemmer.stemmer("english")
 
 
@@ -71,6 +72,13 @@ def find_entities(text: str) -> list[str]:
     # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
     names = sorted(counts, key=lambda n: (-counts[n], -len(n)))
     return [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
+
+
+def facts_question_entity(question: str) -> str | None:
+    """The X of "What do you know about X?" (stripped), or None for any other question."""
+    if question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX):
+        return question[len(_FACTS_PREFIX) : len(question) - len(_FACTS_SUFFIX)].strip()
+    return None
 
 
 def bare_name(entity: str) -> str:

@@ -238,7 +238,7 @@ async def test_passage_questions_let_the_memory_answer_longer(app, fakes):
     async with asgi_client(app(memory_passage_max_tokens=96)) as client:
         response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
-    assert memory.max_tokens["What do you know about Naxpry?"] == 96  # a passage: up to six sentences
+    assert memory.max_tokens["What do you know about Naxpry?"] == 96  # a passage: longer than other answers
     assert memory.max_tokens["Who governs Naxpry?"] == 0  # the memory service's default
 
 

@@ -37,7 +37,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
-from aerie_common.entities import FACTS_QUESTION, WORD, content_words, names_in, new_entities
+from aerie_common.entities import (
+    FACTS_QUESTION,
+    WORD,
+    content_words,
+    facts_question_entity,
+    names_in,
+    new_entities,
+)
 
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
 # A capitalised sentence of 4+ words, or a labelled value ("Opened: 1958.", a list item of
@@ -51,7 +58,6 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
 MAX_FACT_LINES = 8
-_FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
 # Word-sequence similarity (difflib ratio) from which two lines about one entity are two
 # versions of one statement: "X collects A and has done so since childhood." against the
 # same with B is 0.8; "Naxpry is governed by Old Tom." against "... by Lumfen Uskyth." 0.67.
@@ -267,7 +273,7 @@ def identify_entity(question: str, findings: list[Finding]) -> str:
 
 def is_facts_question(question: str) -> bool:
     """Whether ``question`` asks for an entity's passage ("What do you know about X?")."""
-    return question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX)
+    return facts_question_entity(question) is not None
 
 
 def _words(text: str) -> list[str]:

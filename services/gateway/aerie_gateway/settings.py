@@ -41,8 +41,8 @@ class GatewaySettings(ServiceSettings):
     memory_max_turns: int = 6  # memory questions per chat turn in the three-stage protocol
     # Tokens the memory may answer an entity's passage question with ("What do you know
     # about X?"; its other questions get the memory service's default): a passage holds up
-    # to six sentences, and cut at 48 tokens it loses the facts after the third. 0: the
-    # memory service's default.
+    # to what the memory's training length keeps (about 130 tokens), and cut at 48 tokens
+    # it lost the facts after the third sentence. 0: the memory service's default.
     memory_passage_max_tokens: int = 128
 
     @property

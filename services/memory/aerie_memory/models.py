@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.entities import FACTS_QUESTION, content_words, names_in
+from aerie_common.entities import FACTS_QUESTION, content_words, facts_question_entity, names_in
 
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
@@ -80,17 +80,8 @@ class LoadedMemory:
 
     def __post_init__(self):
         self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
-        named = (_facts_question_entity(r.question) for r in self.reflections)
+        named = (facts_question_entity(r.question) for r in self.reflections)
         self.passage_entities = [e for e in dict.fromkeys(named) if e]
-
-
-_FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
-
-
-def _facts_question_entity(question: str) -> str | None:
-    if question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX):
-        return question[len(_FACTS_PREFIX) : len(question) - len(_FACTS_SUFFIX)].strip() or None
-    return None
 
 
 def _contains(longer: list[str], shorter: list[str]) -> bool:
@@ -103,8 +94,8 @@ def link_facts_question(question: str, entities: list[str]) -> str:
     the documents gave it, word for word, and a user says less ("Lindqvist", "the Halvard
     factory") or more ("Captain Idris Morlan"), or writes it in other case. A name that
     fits several ("Vastel": Orrin and Ilse) or none is asked as it is."""
-    name = _facts_question_entity(question)
-    if name is None:
+    name = facts_question_entity(question)
+    if not name:
         return question
     words = name.lower().split()
     exact = [e for e in entities if e.lower().split() == words]
