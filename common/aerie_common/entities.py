@@ -32,10 +32,11 @@ _CALENDAR = set(
     """January February March April May June July August September October November December
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday""".split()
 )
+# A capitalised word, or a model code ("K2", "A320", "X-200"): "the Kestrel K2" and "the
+# Kestrel K1" are two things, and "The K2 went on sale" names the first.
+_NAME_WORD = r"(?:[A-Z][A-Za-z-]*[0-9][A-Za-z0-9-]*|[A-Z][a-zA-Z'-]+)\b"
 # Within a line: a heading ("# Brannock Observatory") names nothing with the line below it.
-_ENTITY = re.compile(
-    r"\b[A-Z][a-zA-Z'-]+(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?[A-Z][a-zA-Z'-]+)*"
-)
+_ENTITY = re.compile(rf"\b{_NAME_WORD}(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?{_NAME_WORD})*")
 # Titles before a person's name, not part of it: "Captain Idris Morlan" is asked about as
 # "Idris Morlan".
 TITLES = set(
@@ -48,6 +49,22 @@ WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
 _FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
 _STEMMER = snowballstemmer.stemmer("english")
+# Irregular past forms, which no suffix stemmer joins to their verb: "Where was it built?"
+# must find "Avelon builds it in Tampere".
+_IRREGULAR = dict(
+    pair.split(":")
+    for pair in """built:build made:make sold:sell bought:buy led:lead won:win wrote:write written:write
+    began:begin begun:begin held:hold grew:grow grown:grow taught:teach found:find met:meet ran:run
+    took:take taken:take gave:give given:give left:leave kept:keep told:tell brought:bring paid:pay
+    spent:spend sent:send lost:lose fought:fight chose:choose chosen:choose drew:draw drawn:draw
+    flew:fly flown:fly sank:sink sunk:sink stood:stand thought:think
+    became:become came:come went:go gone:go saw:see seen:see knew:know known:know fell:fall
+    fallen:fall broke:break broken:break spoke:speak spoken:speak stole:steal stolen:steal
+    sang:sing sung:sing drove:drive driven:drive rode:ride ridden:ride shot:shoot
+    hid:hide hidden:hide bore:bear born:bear borne:bear wore:wear worn:wear struck:strike
+    sought:seek caught:catch dug:dig fed:feed fled:flee hung:hang lent:lend meant:mean
+    sat:sit slept:sleep swam:swim threw:throw thrown:throw understood:understand woke:wake""".split()
+)
 
 
 def name_spans(text: str) -> list[str]:
@@ -56,10 +73,14 @@ def name_spans(text: str) -> list[str]:
     spans = []
     for match in _ENTITY.finditer(text):
         words = match.group(0).split()
+        if len(words) == 1 and text.startswith(":", match.end()):
+            continue  # a label ("Director: Sanne Holloway", "Route: Kell to Dunmarra")
         while words and (words[0] in _NOT_ENTITY_HEADS or (words[0] in TITLES and len(words) > 1)):
             words = words[1:]
         name = " ".join(words)
-        if words and name.lower() not in STOPWORDS and len(name) >= 3 and name not in _CALENDAR:
+        long_enough = len(name) >= 3 or any(c.isdigit() for c in name)  # "K2", not "Mr"
+        calendar = name.removesuffix("s") in _CALENDAR  # "closed on Sundays"
+        if words and name.lower() not in STOPWORDS and long_enough and not calendar:
             spans.append(name)
     return spans
 
@@ -100,5 +121,7 @@ def new_entities(text: str, known: str) -> list[str]:
 def content_words(text: str) -> set[str]:
     """Lower-cased words that are not stopwords, stemmed (Snowball, English) and cut to
     five letters, so "collects" and "collect", "governor" and "governed", and "open" and
-    "opened" match (five letters alone made "opened" "opene")."""
-    return {_STEMMER.stemWord(w.lower())[:5] for w in WORD.findall(text) if w.lower() not in STOPWORDS}
+    "opened" match (five letters alone made "opened" "opene"), and an irregular past form
+    is its verb ("built": "build")."""
+    words = (w.lower() for w in WORD.findall(text))
+    return {_STEMMER.stemWord(_IRREGULAR.get(w, w))[:5] for w in words if w not in STOPWORDS}

@@ -14,6 +14,7 @@ from aerie_gateway.memory_protocol import (
     compose_facts,
     compose_messages,
     descriptions,
+    fact_lines,
     identify_entity,
     other_version,
     parse_questions,
@@ -324,5 +325,20 @@ def test_a_recalled_list_is_composed_item_by_item():
         entity="Brannock Observatory",
     )
     assert compose_facts(result) == ["Opened: 1958."]
+    # an FAQ's question goes with the answer after it
+    passage = (
+        "Questions about the Marlowe Library. When is the library open? From 9 am. It is closed on Sundays. "
+        "Do you charge late fees? No."
+    )
+    finding = Finding("entity", "What do you know about Marlowe Library?", passage, ["m"])
+    assert fact_lines(finding) == [
+        "Questions about the Marlowe Library.",
+        "When is the library open? From 9 am.",
+        "It is closed on Sundays.",
+        "Do you charge late fees? No.",
+    ]
     assert content_words("open") == content_words("opened") == content_words("opens")
     assert content_words("governor") == content_words("governed")  # as with five letters
+    assert content_words("built") == content_words("builds") and content_words("sold") == content_words(
+        "sell"
+    )

@@ -74,6 +74,27 @@ def test_a_heading_is_a_short_line_of_capitalised_words():
     )
 
 
+def test_faq_markers_are_dropped_and_table_rows_are_labelled_statements():
+    faq = "Q: When is the library open?\nA: Monday to Saturday.\nQuestion: Fees?\nAnswer: None since 2019."
+    assert split_sentences(faq) == [
+        "When is the library open?",
+        "Monday to Saturday.",
+        "Fees?",
+        "None since 2019.",
+    ]
+    table = (
+        "Ostrava Line timetable\n\n| Route | Departs | Crossing time | ETA |\n|---|:---:|---|---|\n"
+        "| Kell to Dunmarra | 07:15 | 50 minutes | |\n| Dunmarra to Inchlow | 11:40 | 2 hours | 13:40 |\n"
+        "Tickets are sold in Kell."
+    )
+    assert split_sentences(table) == [
+        "Ostrava Line timetable",
+        "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes.",  # an empty cell says nothing
+        "Route: Dunmarra to Inchlow; departs: 11:40; crossing time: 2 hours; ETA: 13:40.",
+        "Tickets are sold in Kell.",
+    ]
+
+
 def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
     text = "# Tressa\n\nTressa is an island.\n- Population: 900\n- Ferries: twice a day\n1. Cars banned\nLast  line."
     sentences = [

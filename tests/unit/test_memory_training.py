@@ -61,6 +61,21 @@ def test_a_pair_fits_the_training_length_when_its_example_is_not_cut(tiny_tokeni
     assert not fits_training(tiny_tokenizer, question, answer, length - 1)
 
 
+def test_the_worker_s_passages_hold_what_its_training_keeps_whole(tiny_tokenizer):
+    from aerie_memory.reflection import ReflectionConfig
+    from aerie_memory.settings import MemorySettings
+    from aerie_memory.worker import reflection_config
+
+    question, answer = "What do you know about Mira?", "Mira lives in Tarnow and collects keys. " * 12
+    length = len(build_examples(tiny_tokenizer, [(question, answer)], max_seq_tokens=2000)[0].input_ids)
+    assert len(answer) > 390 and not ReflectionConfig().passage_fits(question, answer)  # the default
+    fits = reflection_config(MemorySettings(memory_max_seq_tokens=length), tiny_tokenizer).passage_fits
+    assert fits(question, answer)
+    assert not reflection_config(
+        MemorySettings(memory_max_seq_tokens=length - 1), tiny_tokenizer
+    ).passage_fits(question, answer)
+
+
 def test_training_pairs_add_idk_examples():
     refl = [Reflection(q, a, "facts_direct", ("d",)) for q, a in PAIRS * 10]
     pairs = training_pairs(refl, idk_share=0.1)

@@ -51,6 +51,7 @@ _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q
 # a document the memory learned as its sentences).
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[A-Z][\w '-]{0,40}:\s+[^?\s][^?]*[.!]$")
 # "the person who", "the governor of", "the main export of": a definite description
+_ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -229,11 +230,17 @@ def sentences(answer: str) -> list[str]:
 def fact_lines(finding: Finding) -> list[str]:
     """What a finding tells, line by line: a stated answer as its sentences, each alone (set
     after a question it does not answer, "the profession of the governor?" "Naxpry is
-    governed by Lumfen Uskyth.", a small executive reads it as that question's answer); a
-    bare answer after its question ("Who governs Naxpry? Lumfen Uskyth")."""
+    governed by Lumfen Uskyth.", a small executive reads it as that question's answer), an
+    FAQ's question with the answer after it ("Do you charge late fees? No."); a bare answer
+    after its question ("Who governs Naxpry? Lumfen Uskyth")."""
     answer = finding.answer.strip()
-    lines = sentences(answer)
-    if all(_STATEMENT.match(line) for line in lines):
+    lines: list[str] = []
+    for line in sentences(answer):
+        if lines and lines[-1].endswith("?") and not line.endswith("?"):
+            lines[-1] += f" {line}"
+        else:
+            lines.append(line)
+    if all(_STATEMENT.match(line) or _ANSWERED_QUESTION.match(line) for line in lines):
         return lines
     return [f"{finding.question} {answer}"]
 

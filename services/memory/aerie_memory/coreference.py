@@ -10,12 +10,13 @@ in one passage too many costs less than one missing from the right one:
 - "the <noun>" anywhere means the entity that noun stands for: the one whose name ends
   with it ("the foundation": the Ostmark Foundation), or the one a definition gave it to
   ("Tressa is a small island" makes "the island" Tressa).
-- A sentence is also about the topics (the entity the document first opened a sentence
-  with, and the latest one) when it refers back (a third-person pronoun, an opening
-  "The <noun>" that means no entity) or does not open with a name it is sure of: a lone
-  capitalised word opening a sentence is as often a common noun ("Ferries leave twice a
-  day.") as a name, so it counts as one only when the text uses it elsewhere or defines
-  it ("Tressa is an island").
+- A sentence is also about the topics (the entity the document's first sentence naming
+  anything is about, and the latest one a sentence opened with) when it refers back (a
+  third-person pronoun, an opening "The <noun>" that means no entity) or does not open
+  with a name it is sure of: a lone capitalised word opening a sentence is as often a
+  common noun ("Ferries leave twice a day.") as a name, so it counts as one only when the
+  text uses it elsewhere or defines it ("Tressa is an island"), or nothing else can be
+  the document's topic.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aerie_common.entities import TITLES, name_spans
+
+from aerie_memory.text import TERMINAL
 
 THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
 _PRONOUN = re.compile(rf"\b(?:{THIRD_PERSON})\b", re.IGNORECASE)
@@ -41,7 +44,7 @@ _DEFINITION = re.compile(
 class Coreference:
     """What a document has established so far, carried from one of its chunks to the next."""
 
-    document_topic: str | None = None  # the entity its first sentence opening with a name opens with
+    document_topic: str | None = None  # what its first sentence naming anything is about
     latest_topic: str | None = None  # that of the latest such sentence, or "The company" meant
     kinds: dict[str, str] = field(default_factory=dict)  # "island" -> "Tressa"
 
@@ -100,11 +103,21 @@ def sentence_entities(
         named = [e for e in entities if e in sentence or _by_last_word(spans, e)]
         opening = _opening(sentence, named)
         sure = opening is not None and _sure_of(opening, sentence, sentences)
-        if opening is not None and (sure or state.document_topic is None):
-            state.document_topic = state.document_topic or opening
-            state.latest_topic = opening
-            if definition := _definition(sentence, opening):
+        topic = opening if sure else None
+        if state.document_topic is None and topic is None:
+            # The first sentence naming anything says what the document is about: a title
+            # line's surest name ("Minutes of the Harrowgate Water Board meeting", not
+            # "Minutes"), else the word it opens with ("Tressa lies in the Baltic Sea.").
+            is_title = not sentence.endswith(TERMINAL)
+            sure_names = [e for e in named if _sure_of(e, sentence, sentences)] if is_title else []
+            topic = next(iter(sure_names), opening)
+        if topic is not None:
+            state.document_topic = state.document_topic or topic
+            state.latest_topic = topic
+            if topic == opening and (definition := _definition(sentence, opening)):
                 state.kinds[definition[1]] = opening
+        if opening is not None and topic != opening and not sure:
+            named.remove(opening)  # "Roughly 900 people live there.": read as a common word
         opens_with_noun, opening_meant = False, None  # "The company ...", and whom it means
         for match in _THE_NOUN.finditer(sentence):
             meant = state.kinds.get(match[1]) or next(

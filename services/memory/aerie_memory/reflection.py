@@ -723,13 +723,13 @@ def _passages(
     stats: StepStats, chunks: dict[str, list[str]], fits: Callable[[str, str], bool]
 ) -> list[Reflection]:
     """One answer per entity, from every chunk that is about it among its three main
-    entities: the sentences about it (``sentence_entities``: naming it, or referring back
+    entities or in two sentences or more: the sentences about it (``sentence_entities``: naming it, or referring back
     to it), those of the chunks most about it first (its own document before one that
     mentions it in passing), as many as ``fits`` the training length (the first one whole
     however long): an answer cut there is learned without its end. One answer, not one
     per document: trained on several answers to one question, the memory learns none, and
     the facts about a person must come back whole when a question reaches them through
-    another document ("the person who governs Tarnow"). A passage that is the start of
+    another document ("the person who governs Tarnow"). A passage whose sentences all lie in
     another is given the longer one."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
@@ -740,7 +740,8 @@ def _passages(
             about, state = sentence_entities(sentences, named, state)
             counts = Counter(e for entities in about for e in entities)
             rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order
-            for entity in sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))[:3]:
+            ranked = sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))
+            for entity in ranked[:3] + [e for e in ranked[3:] if counts[e] > 1]:
                 naming = [
                     s
                     for s, entities in zip(sentences, about, strict=True)
@@ -761,16 +762,19 @@ def _passages(
                     sentences.append(sentence)
                     if doc_id not in sources:
                         sources.append(doc_id)
+        while len(sentences) > 1 and sentences[-1].endswith("?"):
+            sentences.pop()  # an FAQ's question whose answer did not fit
         passages[entity] = (sentences, sources)
     out = []
     for entity, (sentences, sources) in passages.items():
-        # A passage that opens another and stops sooner teaches the memory to stop there:
-        # "What do you know about Baltic Sea?" answered with the first sentence of Tressa's
-        # passage made the memory end Tressa's after that sentence. It takes the longest
-        # passage it opens instead, which holds it. (Dropping it instead cut the training
+        # A passage that is part of another teaches the memory a cut version of it: "What
+        # do you know about Baltic Sea?" answered with the first sentence of Tressa's made
+        # the memory end Tressa's there, and the Kestrel K1's sentence, the last of the
+        # Kestrel K2's passage, made it recall the K2's as its first sentence and the K1's.
+        # It takes the longest passage holding it instead. (Dropping it cut the training
         # steps of a small job, and its memory mixed up its people's facts.)
         for other, other_sources in passages.values():
-            if len(other) > len(sentences) and other[: len(sentences)] == sentences:
+            if len(other) > len(sentences) and set(sentences) <= set(other):
                 sentences, sources = other, other_sources
         stats.candidates += len(PASSAGE_QUESTIONS)
         stats.kept += len(PASSAGE_QUESTIONS)

@@ -11,9 +11,11 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DOCUMENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _WS = re.compile(r"\s+")
-# A list item's or heading's marker at the start of a line: "- ", "* ", "1. ", "## ".
-_LINE_MARKER = re.compile(r"^(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+")
-_TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
+# A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
+# "Q: ", "A: ".
+_LINE_MARKER = re.compile(r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*)")
+_TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
+TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line this long that ends without punctuation is hard-wrapped prose: the next line goes on
 # with its sentence. A shorter one (a heading, "Population: 900") ends where it ends.
 _WRAPPED_LINE_CHARS = 50
@@ -88,13 +90,48 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode()).hexdigest()
 
 
+def _table_cells(line: str) -> list[str] | None:
+    """The cells of a markdown table row ("| Kell | 07:15 |"), or None for another line."""
+    if len(line) < 2 or not (line.startswith("|") and line.endswith("|")):
+        return None
+    return [cell.strip() for cell in line[1:-1].split("|")]
+
+
+def _table_row(header: list[str], cells: list[str]) -> str:
+    """A table row as one labelled statement, so that each row's values stay together and
+    say what they are: "Route: Kell to Dunmarra; Departs: 07:15; Crossing time: 50 minutes."."""
+    labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
+    pairs = [
+        f"{label}: {cell}" if label else cell for label, cell in zip(labels, cells, strict=False) if cell
+    ]
+    return "; ".join(pairs) + "."
+
+
+def _lower_first(label: str) -> str:
+    """ "Crossing time" -> "crossing time"; an acronym ("ETA") stays."""
+    return label[0].lower() + label[1:] if label[1:2].islower() else label
+
+
 def _paragraph_lines(text: str) -> list[str]:
-    """The text's lines, whitespace collapsed, list and heading markers dropped, each
-    hard-wrapped line joined to the line it wraps onto."""
+    """The text's lines, whitespace collapsed, list, heading and FAQ markers dropped, each
+    hard-wrapped line joined to the line it wraps onto, a markdown table's rows made
+    statements labelled by its header."""
     lines: list[str] = []
     joins = False  # the next line goes on with the last one
+    header: list[str] | None = None  # of the table the last line belonged to
     for raw in text.splitlines():
         line = normalize(raw)
+        cells = _table_cells(line)
+        if cells is None:
+            header = None
+        elif header is None:
+            header, joins = cells, False
+            continue
+        elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
+            lines.append(_table_row(header, cells))
+            continue
+        else:
+            continue
         if not line:
             joins = False
             continue
@@ -104,7 +141,7 @@ def _paragraph_lines(text: str) -> list[str]:
             lines[-1] += " " + line
         else:
             lines.append(line)
-        joins = not lines[-1].endswith(_TERMINAL) and len(line) >= _WRAPPED_LINE_CHARS
+        joins = not lines[-1].endswith(TERMINAL) and len(line) >= _WRAPPED_LINE_CHARS
     return lines
 
 
@@ -129,7 +166,7 @@ def is_heading(sentence: str) -> bool:
 def join_sentences(sentences: list[str]) -> str:
     """Sentences as prose: one without end punctuation (a heading, a list item) gets a
     full stop, so that a passage made of a list reads as its facts, not as one run-on line."""
-    return " ".join(s if s.endswith(_TERMINAL) else f"{s}." for s in sentences)
+    return " ".join(s if s.endswith(TERMINAL) else f"{s}." for s in sentences)
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
@@ -156,7 +193,7 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
                 chunks.append(current)
                 current = piece
             elif current:
-                current += (" " if current.endswith(_TERMINAL) else "\n\n") + piece
+                current += (" " if current.endswith(TERMINAL) else "\n\n") + piece
             else:
                 current = piece
     if current:

@@ -186,19 +186,11 @@ class JobProcessor:
             await self.store.update_job(job.job_id, done=done, total=total)
 
         _, tokenizer = await self._compute(self.base)
-        max_seq_tokens = self.settings.memory_max_seq_tokens
         started = time.monotonic()
         result = await synthesize(
             [SourceDocument(item["id"], text) for item, text in documents],
             self.generator,
-            ReflectionConfig(
-                chunk_chars=self.settings.memory_chunk_chars,
-                direct_max_tokens=self.settings.memory_generator_max_tokens,
-                other_max_tokens=max(16, self.settings.memory_generator_max_tokens * 2 // 3),
-                passage_fits=lambda question, answer: fits_training(
-                    tokenizer, question, answer, max_seq_tokens
-                ),
-            ),
+            reflection_config(self.settings, tokenizer),
             concurrency=self.settings.memory_generator_concurrency,
             progress=progress,
         )
@@ -384,6 +376,18 @@ class JobProcessor:
                 out.append(await self._train_adapter(job.job_id, job.namespace, record, own + replayed))
             await self.store.update_job(job.job_id, done=affected.index(adapter) + 1)
         return out
+
+
+def reflection_config(settings: MemorySettings, tokenizer) -> ReflectionConfig:
+    """The settings' reflection step, its passages as long as the memory's ``tokenizer``
+    lets a training example keep them whole."""
+    max_seq_tokens = settings.memory_max_seq_tokens
+    return ReflectionConfig(
+        chunk_chars=settings.memory_chunk_chars,
+        direct_max_tokens=settings.memory_generator_max_tokens,
+        other_max_tokens=max(16, settings.memory_generator_max_tokens * 2 // 3),
+        passage_fits=lambda question, answer: fits_training(tokenizer, question, answer, max_seq_tokens),
+    )
 
 
 class Worker:
