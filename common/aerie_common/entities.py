@@ -95,6 +95,26 @@ def find_entities(text: str) -> list[str]:
     return [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+# A full stop that ends an abbreviation or an initial, not a sentence: "Dr. Eliska Marovic",
+# "J. R. Tolkien", "St. Petersburg".
+_ABBREVIATION = re.compile(
+    r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Capt|Col|Gen|Lt|Rev|Fr|vs|approx|ca)|\b[A-Z])\.$"
+)
+
+
+def prose_sentences(text: str) -> list[str]:
+    """The sentences of one line of prose: split after end punctuation and before a
+    capital, a digit or an opening quote, except after an abbreviation or an initial."""
+    sentences: list[str] = []
+    for part in _SENTENCE_END.split(text.strip()):
+        if sentences and _ABBREVIATION.search(sentences[-1]):
+            sentences[-1] += f" {part}"
+        elif part.strip():
+            sentences.append(part.strip())
+    return sentences
+
+
 def facts_question_entity(question: str) -> str | None:
     """The X of "What do you know about X?" (stripped), or None for any other question."""
     if question.startswith(_FACTS_PREFIX) and question.endswith(_FACTS_SUFFIX):

@@ -284,6 +284,13 @@ def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
     passages = {(r.question, r.answer) for r in result.reflections if r.step == "passages"}
     # her one sentence is part of Tarnow's passage, which she is given
     assert ("Tell me about Mira Vell.", DOC_B.text) in passages
+    # a name is asked about without its possessive ending
+    workshop = SourceDocument("w", "Mira Vell's workshop is in Tarnow. Mira Vell's keys are copper.")
+    result = asyncio.run(synthesize([workshop], junk))
+    assert {r.question for r in result.reflections if r.question.startswith("What do")} == {
+        "What do you know about Mira Vell?",
+        "What do you know about Tarnow?",
+    }
     assert ("What do you know about Tarnow?", DOC_B.text) in passages
 
 

@@ -11,6 +11,7 @@ from aerie_memory.text import (
     chunk_text,
     content_hash,
     is_heading,
+    join_sentences,
     split_sentences,
 )
 
@@ -71,6 +72,21 @@ def test_a_heading_is_a_short_line_of_capitalised_words():
         not is_heading("Opened: 1958")
         and not is_heading("Cars banned")
         and not is_heading("Tressa is an island.")
+    )
+
+
+def test_abbreviations_and_initials_end_no_sentence_and_a_lead_in_gets_no_full_stop():
+    text = "Dr. Eliska Marovic met J. R. Tolkien in St. Petersburg. It rained.\nIngredients:\n- 3 eggs"
+    sentences = split_sentences(text)
+    assert sentences == [
+        "Dr. Eliska Marovic met J. R. Tolkien in St. Petersburg.",
+        "It rained.",
+        "Ingredients:",
+        "3 eggs",
+    ]
+    assert (
+        join_sentences(sentences)
+        == "Dr. Eliska Marovic met J. R. Tolkien in St. Petersburg. It rained. Ingredients: 3 eggs."
     )
 
 

@@ -44,6 +44,7 @@ from aerie_common.entities import (
     facts_question_entity,
     names_in,
     new_entities,
+    prose_sentences,
 )
 
 _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
@@ -54,7 +55,6 @@ _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[A-Z][\w '-]{0,40}:
 _ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # Findings of the later stages are about the identified entity and come from the memory's
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
@@ -221,7 +221,7 @@ async def three_stage(
 def sentences(answer: str) -> list[str]:
     """The sentences of a memory answer, less a final one the answer's length limit cut off
     ("... Naxpry is governed by Lum")."""
-    parts = [p.strip() for p in _SENTENCE_END.split(answer.strip()) if p.strip()]
+    parts = prose_sentences(answer)
     if len(parts) > 1 and not parts[-1].endswith((".", "!", "?")):
         parts.pop()
     return parts

@@ -62,7 +62,7 @@ def _by_last_word(spans: set[str], entity: str) -> bool:
 
 def _opening(sentence: str, named: Sequence[str]) -> str | None:
     first, _, rest = sentence.partition(" ")
-    if first in TITLES:  # "Captain Idris Morlan commanded ..."
+    if first.removesuffix(".") in TITLES:  # "Captain Idris Morlan commanded ...", "Dr. Eliska Marovic"
         sentence = rest
     for entity in named:
         if sentence.startswith((entity, f"The {entity}")):

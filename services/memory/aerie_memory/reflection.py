@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities
+from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities, names_in
 
 from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
 from aerie_memory.text import chunk_text, is_heading, join_sentences, split_sentences
@@ -736,7 +736,7 @@ def _passages(
         state = Coreference()
         for chunk in doc_chunks:
             sentences = split_sentences(chunk)
-            named = find_entities(chunk)
+            named = list(dict.fromkeys(names_in(chunk)))  # "Granny Ostrow" for "Granny Ostrow's"
             about, state = sentence_entities(sentences, named, state)
             counts = Counter(e for entities in about for e in entities)
             rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order

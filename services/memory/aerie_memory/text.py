@@ -7,9 +7,10 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from aerie_common.entities import prose_sentences
+
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DOCUMENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 _WS = re.compile(r"\s+")
 # A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
 # "Q: ", "A: ".
@@ -148,8 +149,9 @@ def _paragraph_lines(text: str) -> list[str]:
 def split_sentences(text: str) -> list[str]:
     """Sentences, whitespace collapsed. A line that is not wrapped prose ends one too (a
     heading, a list item: "- Population: 900" is a fact of its own, not the start of a
-    run-on sentence), and a list or heading marker opening a line is dropped."""
-    return [s.strip() for line in _paragraph_lines(text) for s in _SENTENCE_END.split(line) if s.strip()]
+    run-on sentence), and a list or heading marker opening a line is dropped. "Dr." and
+    other abbreviations end none."""
+    return [s for line in _paragraph_lines(text) for s in prose_sentences(line)]
 
 
 _HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
@@ -165,8 +167,9 @@ def is_heading(sentence: str) -> bool:
 
 def join_sentences(sentences: list[str]) -> str:
     """Sentences as prose: one without end punctuation (a heading, a list item) gets a
-    full stop, so that a passage made of a list reads as its facts, not as one run-on line."""
-    return " ".join(s if s.endswith(TERMINAL) else f"{s}." for s in sentences)
+    full stop, so that a passage made of a list reads as its facts, not as one run-on line;
+    one that leads into the next ("Ingredients:", "Hi team,") does not."""
+    return " ".join(s if s.endswith((*TERMINAL, ":", ",")) else f"{s}." for s in sentences)
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
