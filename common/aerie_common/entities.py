@@ -88,7 +88,11 @@ def name_spans(text: str) -> list[str]:
 def find_entities(text: str) -> list[str]:
     """Capitalised spans that are not sentence-initial function words, most frequent first."""
     counts: dict[str, int] = {}
-    for name in name_spans(text):
+    spans = name_spans(text)
+    titled = {s.title(): s for s in spans if not s.isupper()}
+    for name in spans:
+        # "BRISTOW, 3 March - The council of Bristow ...": a dateline's capitals are the name
+        name = titled.get(name.title(), name) if name.isupper() and len(name) > 3 else name
         counts[name] = counts.get(name, 0) + 1
     # Drop spans contained in a longer entity seen as often ("Quell" inside "Zorvath Quell").
     names = sorted(counts, key=lambda n: (-counts[n], -len(n)))

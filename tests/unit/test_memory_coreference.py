@@ -131,6 +131,8 @@ def test_names_hold_model_codes_but_not_labels_or_days():
     # "K2" alone is the Kestrel K2's last word; "Director:" labels a value; "Sundays" is a time
     assert find_entities(text) == ["Avelon Robotics", "Sanne Holloway", "Kestrel K2", "Kestrel K1"]
     assert about(text)[0][1] == ["Kestrel K2", "Kestrel K1"]
+    # a dateline in capitals names the town the text names; an acronym stays one
+    assert find_entities("BRISTOW, 3 March - The council of Bristow met NASA.") == ["Bristow", "NASA"]
 
 
 def test_a_title_with_a_full_stop_opens_a_sentence_with_the_name_after_it():

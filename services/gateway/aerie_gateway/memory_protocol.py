@@ -51,8 +51,9 @@ _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q
 # A capitalised sentence of 4+ words, or a labelled value ("Opened: 1958.", a list item of
 # a document the memory learned as its sentences).
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[A-Z][\w '-]{0,40}:\s+[^?\s][^?]*[.!]$")
-# "the person who", "the governor of", "the main export of": a definite description
+# An FAQ's question and its answer: "Do you charge late fees? No."
 _ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
+# "the person who", "the governor of", "the main export of": a definite description
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
 # Findings of the later stages are about the identified entity and come from the memory's

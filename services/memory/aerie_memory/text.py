@@ -100,7 +100,7 @@ def _table_cells(line: str) -> list[str] | None:
 
 def _table_row(header: list[str], cells: list[str]) -> str:
     """A table row as one labelled statement, so that each row's values stay together and
-    say what they are: "Route: Kell to Dunmarra; Departs: 07:15; Crossing time: 50 minutes."."""
+    say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes."."""
     labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
     pairs = [
         f"{label}: {cell}" if label else cell for label, cell in zip(labels, cells, strict=False) if cell
@@ -109,7 +109,8 @@ def _table_row(header: list[str], cells: list[str]) -> str:
 
 
 def _lower_first(label: str) -> str:
-    """ "Crossing time" -> "crossing time"; an acronym ("ETA") stays."""
+    """A header label in lower case, as it reads inside a row ("crossing time"); an
+    acronym ("ETA") stays."""
     return label[0].lower() + label[1:] if label[1:2].islower() else label
 
 
@@ -123,16 +124,13 @@ def _paragraph_lines(text: str) -> list[str]:
     for raw in text.splitlines():
         line = normalize(raw)
         cells = _table_cells(line)
-        if cells is None:
-            header = None
-        elif header is None:
-            header, joins = cells, False
+        if cells is not None:
+            if header is None:
+                header, joins = cells, False
+            elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
+                lines.append(_table_row(header, cells))
             continue
-        elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
-            lines.append(_table_row(header, cells))
-            continue
-        else:
-            continue
+        header = None
         if not line:
             joins = False
             continue
