@@ -730,7 +730,7 @@ def _passages(
     end. One answer, not one per document: trained on several answers to one question,
     the memory learns none, and the facts about a person must come back whole when a
     question reaches them through another document ("the person who governs Tarnow"). A
-    passage whose sentences all lie in another is given the longer one."""
+    passage that is the start of another is given the longer one."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
         state = Coreference()
@@ -767,14 +767,14 @@ def _passages(
         passages[entity] = (sentences, sources)
     out = []
     for entity, (sentences, sources) in passages.items():
-        # A passage that is part of another teaches the memory a cut version of it: "What
-        # do you know about Baltic Sea?" answered with the first sentence of Tressa's made
-        # the memory end Tressa's there, and the Kestrel K1's sentence, the last of the
-        # Kestrel K2's passage, made it recall the K2's as its first sentence and the K1's.
-        # It takes the longest passage holding it instead. (Dropping it cut the training
-        # steps of a small job, and its memory mixed up its people's facts.)
+        # A passage that opens another and stops sooner teaches the memory to stop there:
+        # "What do you know about Baltic Sea?" answered with the first sentence of Tressa's
+        # passage made the memory end Tressa's after that sentence. It takes the longest
+        # passage it opens instead, which holds it. (Dropping it instead cut the training
+        # steps of a small job, and its memory mixed up its people's facts. Giving every
+        # passage that lies inside another the longer one changed no answer measured.)
         for other, other_sources in passages.values():
-            if len(other) > len(sentences) and set(sentences) <= set(other):
+            if len(other) > len(sentences) and other[: len(sentences)] == sentences:
                 sentences, sources = other, other_sources
         stats.candidates += len(PASSAGE_QUESTIONS)
         stats.kept += len(PASSAGE_QUESTIONS)
