@@ -276,21 +276,27 @@ def test_a_good_question_with_a_wrong_answer_is_kept_with_its_evidence():
     assert (stats["evidence"].candidates, stats["evidence"].kept, stats["evidence"].dropped) == (2, 1, 1)
 
 
-def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
-    async def junk(messages, max_tokens):
+def rule_passages(documents: list[SourceDocument], config: ReflectionConfig | None = None) -> dict[str, str]:
+    """The passages (question -> answer) made of ``documents`` when the generator writes
+    nothing, so that only the rule-based steps yield."""
+
+    async def silent(messages, max_tokens):
         return ""
 
-    result = asyncio.run(synthesize([DOC_B], junk))
-    passages = {(r.question, r.answer) for r in result.reflections if r.step == "passages"}
-    assert ("Tell me about Mira Vell.", "Tarnow is governed by Mira Vell.") in passages
+    result = asyncio.run(synthesize(documents, silent, config))
+    return {r.question: r.answer for r in result.reflections if r.step == "passages"}
+
+
+def test_passages_ask_about_each_entity_and_answer_with_its_sentences():
+    passages = rule_passages([DOC_B])
+    assert passages["Tell me about Mira Vell."] == "Tarnow is governed by Mira Vell."
     # a name is asked about without its possessive ending
     workshop = SourceDocument("w", "Mira Vell's workshop is in Tarnow. Mira Vell's keys are copper.")
-    result = asyncio.run(synthesize([workshop], junk))
-    assert {r.question for r in result.reflections if r.question.startswith("What do")} == {
+    assert {q for q in rule_passages([workshop]) if q.startswith("What do")} == {
         "What do you know about Mira Vell?",
         "What do you know about Tarnow?",
     }
-    assert ("What do you know about Tarnow?", DOC_B.text) in passages
+    assert passages["What do you know about Tarnow?"] == DOC_B.text
 
 
 LIGHTHOUSE = SourceDocument(
@@ -303,11 +309,7 @@ LIGHTHOUSE = SourceDocument(
 
 
 def test_a_fact_stated_with_a_pronoun_is_learned_about_its_entity():
-    async def junk(messages, max_tokens):
-        return ""
-
-    result = asyncio.run(synthesize([LIGHTHOUSE], junk))
-    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    passages = rule_passages([LIGHTHOUSE])
     sentences = LIGHTHOUSE.text.split(". ")
     assert passages["What do you know about Kestrel Bay?"] == ". ".join(sentences[:5] + sentences[6:])
     # every sentence is in some passage: nothing of the document is lost
@@ -393,14 +395,8 @@ def test_a_facts_question_about_part_of_a_learned_name_asks_about_that_name():
 
 
 def test_a_passage_holds_the_sentences_that_fit_its_budget():
-    async def junk(messages, max_tokens):
-        return ""
-
     config = ReflectionConfig(passage_fits=lambda question, answer: len(answer) <= 120)
-    result = asyncio.run(synthesize([LIGHTHOUSE], junk, config))
-    passage = next(
-        r.answer for r in result.reflections if r.question == "What do you know about Kestrel Bay?"
-    )
+    passage = rule_passages([LIGHTHOUSE], config)["What do you know about Kestrel Bay?"]
     # the first two sentences (116 characters): any other would pass the budget
     assert passage == (
         "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk. It stands 42 metres tall on the "
@@ -408,22 +404,15 @@ def test_a_passage_holds_the_sentences_that_fit_its_budget():
     )
     # a first sentence longer than the budget is kept whole
     config = ReflectionConfig(passage_fits=lambda question, answer: len(answer) <= 20)
-    result = asyncio.run(synthesize([LIGHTHOUSE], junk, config))
-    passage = next(
-        r.answer for r in result.reflections if r.question == "What do you know about Kestrel Bay?"
-    )
+    passage = rule_passages([LIGHTHOUSE], config)["What do you know about Kestrel Bay?"]
     assert passage == "The Kestrel Bay lighthouse was built in 1887 by engineer Maren Osk."
 
 
 def test_a_list_is_learned_as_its_facts():
-    async def junk(messages, max_tokens):
-        return ""
-
     text = (
         "# Brannock Observatory\n\nIt sits on Mount Ederly.\n\n- Opened: 1958\n- Director: Sanne Holloway\n"
     )
-    result = asyncio.run(synthesize([SourceDocument("b", text)], junk))
-    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    passages = rule_passages([SourceDocument("b", text)])
     # the heading names the topic that "It" refers to, and states no fact itself
     assert passages["What do you know about Brannock Observatory?"] == (
         "It sits on Mount Ederly. Opened: 1958. Director: Sanne Holloway."
@@ -431,16 +420,12 @@ def test_a_list_is_learned_as_its_facts():
 
 
 def test_past_its_three_main_entities_a_chunk_teaches_those_two_sentences_are_about():
-    async def junk(messages, max_tokens):
-        return ""
-
     text = (
         "The Harrowgate Water Board met in May. Tomas Brenn and Ruth Achterberg were there. The board "
         "approved a reservoir at Pellow Fen. Tomas Brenn reported fewer leaks. Ruth Achterberg will review "
         "prices. Pellow Fen will be surveyed by drone. Delia Okafor sent apologies."
     )
-    result = asyncio.run(synthesize([SourceDocument("m", text)], junk))
-    entities = {r.question for r in result.reflections if r.question.startswith("What do you know")}
+    entities = {q for q in rule_passages([SourceDocument("m", text)]) if q.startswith("What do you know")}
     assert entities == {
         f"What do you know about {e}?"
         for e in ("Harrowgate Water Board", "Tomas Brenn", "Ruth Achterberg", "Pellow Fen")
@@ -448,28 +433,20 @@ def test_past_its_three_main_entities_a_chunk_teaches_those_two_sentences_are_ab
 
 
 def test_a_passage_does_not_end_on_a_question_whose_answer_did_not_fit():
-    async def junk(messages, max_tokens):
-        return ""
-
     faq = (
         "Questions about the Marlowe Library\n\nQ: When is the library open?\nA: From 9 am.\n"
         "Q: Who runs the library?\nA: The head librarian, Oona Brightwater."
     )
     config = ReflectionConfig(passage_fits=lambda question, answer: len(answer) <= 100)
-    result = asyncio.run(synthesize([SourceDocument("f", faq)], junk, config))
-    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    passages = rule_passages([SourceDocument("f", faq)], config)
     assert passages["What do you know about Marlowe Library?"] == (
         "Questions about the Marlowe Library. When is the library open? From 9 am."
     )
 
 
 def test_a_passage_that_opens_a_longer_one_is_given_the_longer_one():
-    async def junk(messages, max_tokens):
-        return ""
-
     tressa = SourceDocument("t", "Tressa is a small island in the Baltic Sea. About 900 people live there.")
-    result = asyncio.run(synthesize([tressa], junk))
-    passages = {r.question: r.answer for r in result.reflections if r.step == "passages"}
+    passages = rule_passages([tressa])
     # trained on the first sentence alone for the Baltic Sea, the memory stopped Tressa's there
     assert passages == {
         "What do you know about Tressa?": tressa.text,

@@ -108,9 +108,10 @@ def sentence_entities(
             # The first sentence naming anything says what the document is about: a title
             # line's surest name ("Minutes of the Harrowgate Water Board meeting", not
             # "Minutes"), else the word it opens with ("Tressa lies in the Baltic Sea.").
-            is_title = not sentence.endswith(TERMINAL)
-            sure_names = [e for e in named if _sure_of(e, sentence, sentences)] if is_title else []
-            topic = next(iter(sure_names), opening)
+            if sentence.endswith(TERMINAL):
+                topic = opening
+            else:
+                topic = next((e for e in named if _sure_of(e, sentence, sentences)), opening)
         if topic is not None:
             state.document_topic = state.document_topic or topic
             state.latest_topic = topic

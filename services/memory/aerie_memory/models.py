@@ -89,8 +89,8 @@ def _contains(longer: list[str], shorter: list[str]) -> bool:
 
 
 def link_facts_question(question: str, entities: list[str]) -> str:
-    """ "What do you know about X?" asked about the one learned entity X names in part or
-    in full: the memory learned each entity's facts under that question with its name as
+    """The facts question ("What do you know about X?") asked about the one learned entity
+    X names in part or in full: the memory learned each entity's facts under that question with its name as
     the documents gave it, word for word, and a user says less ("Lindqvist", "the Halvard
     factory") or more ("Captain Idris Morlan"), or writes it in other case. A name that
     fits several ("Vastel": Orrin and Ilse) or none is asked as it is."""

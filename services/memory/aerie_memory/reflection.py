@@ -739,7 +739,7 @@ def _passages(
             named = list(dict.fromkeys(names_in(chunk)))  # "Granny Ostrow" for "Granny Ostrow's"
             about, state = sentence_entities(sentences, named, state)
             counts = Counter(e for entities in about for e in entities)
-            rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order
+            rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order, kept by names_in
             ranked = sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))
             for entity in ranked[:3] + [e for e in ranked[3:] if counts[e] > 1]:
                 naming = [
