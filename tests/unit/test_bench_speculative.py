@@ -76,12 +76,25 @@ def test_rows_split_step_time_per_tree_and_per_verification():
     stats.accepted_tokens, stats.accepted_per_position = 6, [3, 2, 1]
     tally = Tally(tokens=10, seconds=0.4)
     tally.add_speculation(stats)
-    row = tally.row("grpc-head", plain_tps=20.0, hf_tps=20.0)
+    row = tally.row("grpc-head", plain_tps=20.0, hf_tps=20.0, tie_tolerance=0.0)
     assert row["mean_acceptance_length"] == 2.5
     assert row["ms_per_step"] == {"draft": 10.0, "hop": 2.0, "verify": 50.0, "step": 100.0}
-    guarded = tally.row("grpc-head-guarded", plain_tps=20.0, hf_tps=20.0)
+    guarded = tally.row("grpc-head-guarded", plain_tps=20.0, hf_tps=20.0, tie_tolerance=0.0)
     assert guarded["ms_per_step"]["step"] is None  # its requests also decoded plainly
-    assert Tally(tokens=1, seconds=1.0).row("plain", 1.0, 1.0)["ms_per_step"] is None
+    assert Tally(tokens=1, seconds=1.0).row("plain", 1.0, 1.0, 0.0)["ms_per_step"] is None
+
+
+def test_rows_count_the_divergences_beyond_the_tie_tolerance():
+    tally = Tally(tokens=10, seconds=1.0, divergence_gaps=[0.25, 3.0, 0.0])
+    row = tally.row("grpc-head", plain_tps=10.0, hf_tps=10.0, tie_tolerance=2.0)
+    assert row["outputs_differing_from_plain"] == 3
+    assert row["divergences_beyond_tie_tolerance"] == 1
+    assert row["largest_gap_at_divergence"] == 3.0
+    strict = tally.row("grpc-head", plain_tps=10.0, hf_tps=10.0, tie_tolerance=0.0)
+    assert strict["divergences_beyond_tie_tolerance"] == 2  # an exact tie (gap 0) may go either way
+    clean = Tally(tokens=10, seconds=1.0).row("plain", 10.0, 10.0, 0.0)
+    assert clean["outputs_differing_from_plain"] == clean["divergences_beyond_tie_tolerance"] == 0
+    assert clean["largest_gap_at_divergence"] is None
 
 
 def test_tree_shapes_parse_from_the_command_line():

@@ -64,6 +64,14 @@ def test_plain_steps_and_tree_verifications_match_transformers_bit_for_bit(gguf_
     assert_lean_forward_matches_transformers(model, native_loop=packed)
 
 
+def test_a_bfloat16_target_matches_transformers_bit_for_bit():
+    # AERIE_DTYPE=bfloat16 on a CPU: the Python loop, with transformers' rotary embedding
+    # (the C++ one takes float32)
+    model = build_tiny_llama(VOCAB, seed=5).to(torch.bfloat16)
+    speed_up_tree_verification(model)
+    assert_lean_forward_matches_transformers(model, native_loop=False)
+
+
 def tiny_model(architecture: str, bf16_weights: bool, **config):
     """A tiny Mistral or Qwen2 (q/k/v with biases) target with the engine's CPU fixes;
     bf16 weights: every weight a bf16 value, as in most Hugging Face checkpoints, so the
@@ -119,7 +127,7 @@ def assert_lean_forward_matches_transformers(model, native_loop: bool) -> None:
                 if step % 2 == 0:  # a plain step
                     results[name] = forward(name, input_ids=torch.tensor([[7 + step]]), logits_to_keep=1)
                 else:  # a tree verification
-                    inputs = tree_inputs(7, TREE, cache.get_seq_length(), "cpu", torch.float32)
+                    inputs = tree_inputs(7, TREE, cache.get_seq_length(), "cpu", model.dtype)
                     results[name] = forward(name, **inputs.model_kwargs())
             (stock_logits, stock_features), (lean_logits, lean_features) = results["stock"], results["lean"]
             assert torch.equal(stock_logits, lean_logits)

@@ -130,7 +130,8 @@ class LeanForward:
             head_shape = (*hidden.shape[:-1], -1, layer.head_dim)
             normed = _rms_norm(hidden, layer.input_norm, layer.eps)
             query, key, value = (p.view(head_shape) for p in layer.qkv_proj(normed))
-            if rotate is not None:  # the same values in one call (aerie_common/csrc/rotary.cpp)
+            # the same values in one call (aerie_common/csrc/rotary.cpp), which takes float32
+            if rotate is not None and query.dtype == torch.float32:
                 query, key = rotate(query, cos, sin).transpose(1, 2), rotate(key, cos, sin).transpose(1, 2)
             else:
                 query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
