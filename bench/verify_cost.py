@@ -42,7 +42,9 @@ def timed_forward(model, prefix_cache, context: int, new_tokens: int):
     if new_tokens == 1:  # the engine's plain step
         kwargs = {"input_ids": torch.tensor([[7]]), "logits_to_keep": 1}
     else:
-        kwargs = tree_inputs(7, bushy_tree(new_tokens - 1), context, "cpu", torch.float32).model_kwargs()
+        kwargs = tree_inputs(
+            7, bushy_tree(new_tokens - 1), context, model.config, "cpu", torch.float32
+        ).model_kwargs()
     started = time.perf_counter()
     logits = model(past_key_values=cache, **kwargs).logits
     return time.perf_counter() - started, logits[0].argmax(-1)

@@ -25,7 +25,7 @@ def linears(model) -> list[nn.Linear]:
 def verify_tree(model, prompt, tree, root=40):
     cache = DynamicCache()
     model(prompt, past_key_values=cache)
-    inputs = tree_inputs(root, tree, prompt.shape[1], "cpu", torch.float32)
+    inputs = tree_inputs(root, tree, prompt.shape[1], model.config, "cpu", torch.float32)
     logits = model(**inputs.model_kwargs(), past_key_values=cache).logits[0]
     step = model(torch.tensor([[root]]), past_key_values=cache).logits[0, -1]
     return logits, step

@@ -36,7 +36,7 @@ def decode(model, cache, prompt, prune):
         rows.append(model(torch.tensor([[token]]), past_key_values=cache).logits[0, -1])
     for accepted in ([1, 4, 5], [0, 2, 3], []):
         past = cache.get_seq_length()
-        inputs = tree_inputs(40, TREE, past, "cpu", torch.float32)
+        inputs = tree_inputs(40, TREE, past, model.config, "cpu", torch.float32)
         rows.extend(model(**inputs.model_kwargs(), past_key_values=cache).logits[0])
         prune(cache, past, accepted)
         assert cache.get_seq_length() == past + 1 + len(accepted)

@@ -127,7 +127,7 @@ def assert_lean_forward_matches_transformers(model, native_loop: bool) -> None:
                 if step % 2 == 0:  # a plain step
                     results[name] = forward(name, input_ids=torch.tensor([[7 + step]]), logits_to_keep=1)
                 else:  # a tree verification
-                    inputs = tree_inputs(7, TREE, cache.get_seq_length(), "cpu", model.dtype)
+                    inputs = tree_inputs(7, TREE, cache.get_seq_length(), model.config, "cpu", model.dtype)
                     results[name] = forward(name, **inputs.model_kwargs())
             (stock_logits, stock_features), (lean_logits, lean_features) = results["stock"], results["lean"]
             assert torch.equal(stock_logits, lean_logits)

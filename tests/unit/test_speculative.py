@@ -233,7 +233,7 @@ def test_tree_forward_matches_sequential_and_cache_keeps_the_path(target):
         tree = DraftTree(
             token_ids=[11, 12, 13, 14, 15], parents=[-1, -1, 0, 2, 1], scores=[0, -1, -1, -2, -2]
         )
-        inputs = tree_inputs(root, tree, 9, "cpu", torch.float32)
+        inputs = tree_inputs(root, tree, 9, target.config, "cpu", torch.float32)
         logits = target(**inputs.model_kwargs(), past_key_values=cache).logits[0]
         path = torch.tensor([[root, 11, 13, 14]])
         sequential = target(torch.cat([prompt, path], 1)).logits[0, 9:]

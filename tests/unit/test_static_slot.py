@@ -63,7 +63,7 @@ class Reference:
 
     def verify(self, root, tree):
         self.past = self.cache.get_seq_length()
-        inputs = tree_inputs(root, tree, self.past, self.device, torch.float32)
+        inputs = tree_inputs(root, tree, self.past, self.model.config, self.device, torch.float32)
         with self.capture.layers(LAYERS):
             logits = self.model(**inputs.model_kwargs(), past_key_values=self.cache).logits[0]
             return logits, self.capture.features(LAYERS)

@@ -543,7 +543,9 @@ class Engine:
             logits, features = seq.slot.verify(seq.output_ids[-1], tree, seq.capture_layer_ids)
         else:
             past_len = seq.cache.get_seq_length()
-            inputs = tree_inputs(seq.output_ids[-1], tree, past_len, self.device, self.dtype)
+            inputs = tree_inputs(
+                seq.output_ids[-1], tree, past_len, self.model.config, self.device, self.dtype
+            )
             with self.capture.layers(seq.capture_layer_ids):
                 logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
                 features = self.capture.features(seq.capture_layer_ids)

@@ -29,6 +29,7 @@ from aerie_common.cuda_graphs import GraphCache
 from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aerie_verifier.attention_mask import target_attention_mask
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_visibility
 
@@ -132,13 +133,16 @@ class StaticSlot:
         new_slots = self._past + self._slot_ids[:rows]
         visible = (self._slot_ids < self._past).expand(rows, -1).clone()
         visible.index_copy_(1, new_slots, sees)  # column past + j of every row is sees[:, j]
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        positions = self._past + depths
+        # the prefix's slots hold their own positions; the new rows' go where they are written
+        key_positions = self._slot_ids.index_copy(0, new_slots, positions)
         self.cache.write_at = new_slots
         kwargs = {
             "input_ids": ids,
-            "position_ids": (self._past + depths)[None],
-            "attention_mask": mask[None, None],
+            "position_ids": positions[None],
+            "attention_mask": target_attention_mask(
+                self.model.config, visible, positions, key_positions, self.dtype
+            ),
             "past_key_values": self.cache,
             "logits_to_keep": 1 if last_logits_only else 0,
         }

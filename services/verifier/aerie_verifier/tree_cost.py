@@ -58,7 +58,7 @@ def forward_seconds(model, new_tokens: list[int], context: int = 200, repeats: i
         model(prefix.to(device), past_key_values=cache)
         for _ in range(repeats + 1):  # the first round warms up
             for n in new_tokens:
-                inputs = tree_inputs(7, bushy_tree(n - 1), context, device, dtype)
+                inputs = tree_inputs(7, bushy_tree(n - 1), context, model.config, device, dtype)
                 started = time.perf_counter()
                 model(**inputs.model_kwargs(), past_key_values=cache)
                 seconds[n].append(time.perf_counter() - started)

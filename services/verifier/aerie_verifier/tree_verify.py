@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from aerie_common.draft_tree import DraftTree
 
+from aerie_verifier.attention_mask import target_attention_mask
 from aerie_verifier.kv_cache import GrowingCache
 from aerie_verifier.sampling import SamplingParams, target_probs
 
@@ -30,7 +31,8 @@ from aerie_verifier.sampling import SamplingParams, target_probs
 class TreeInputs:
     input_ids: torch.Tensor  # [1, 1+N]
     position_ids: torch.Tensor  # [1, 1+N]
-    attention_mask: torch.Tensor  # additive [1, 1, 1+N, past+1+N]
+    # additive [1, 1, 1+N, past+1+N], or one per layer type (aerie_verifier.attention_mask)
+    attention_mask: torch.Tensor | dict[str, torch.Tensor]
     cache_position: torch.Tensor  # [1+N]: where the new keys/values are written
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
@@ -47,16 +49,18 @@ def tree_visibility(tree: DraftTree) -> torch.Tensor:
     return visible
 
 
-def tree_inputs(root_token: int, tree: DraftTree, past_len: int, device, dtype) -> TreeInputs:
+def tree_inputs(root_token: int, tree: DraftTree, past_len: int, config, device, dtype) -> TreeInputs:
+    """The forward's inputs for ``tree`` below ``root_token`` on a cache of ``past_len``
+    entries, for a target of ``config`` (its sliding-window layers, if any)."""
     n = len(tree) + 1
     visible = tree_visibility(tree)
     full = torch.cat([torch.ones(n, past_len, dtype=torch.bool), visible], dim=1).to(device)
-    mask = torch.zeros(full.shape, dtype=dtype, device=device).masked_fill(~full, torch.finfo(dtype).min)
-    depths = [0, *tree.depths()]
+    positions = torch.tensor([past_len + d for d in [0, *tree.depths()]], device=device)
+    key_positions = torch.cat([torch.arange(past_len, device=device), positions])
     return TreeInputs(
         input_ids=torch.tensor([[root_token, *tree.token_ids]], device=device),
-        position_ids=torch.tensor([[past_len + d for d in depths]], device=device),
-        attention_mask=mask[None, None],
+        position_ids=positions[None],
+        attention_mask=target_attention_mask(config, full, positions, key_positions, dtype),
         cache_position=torch.arange(past_len, past_len + n, device=device),
     )
 
