@@ -1,6 +1,7 @@
 """The generation engine on a tiny random-weight model: KV-cached decoding must match
 Hugging Face generate(), and limits, stops, queueing and cancellation must hold."""
 
+import copy
 import threading
 import time
 
@@ -133,6 +134,18 @@ def test_prompt_longer_than_context_is_refused_with_the_overage(engine):
 def test_out_of_vocab_prompt_is_refused(engine):
     with pytest.raises(ValueError, match="token ids"):
         engine.submit("r", [5, 10**6], SamplingParams(), Collector())
+
+
+def test_a_chat_template_refusal_is_bad_input_that_names_the_reason(tiny_model, tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    engine = Engine(tiny_model, tokenizer, max_running=1)  # never started: encode_chat needs no loop
+    assert engine.encode_chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="chat template refuses these messages: System role not supported"):
+        engine.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
 
 
 def test_queue_bound_and_cancellation(tiny_model, tiny_tokenizer):

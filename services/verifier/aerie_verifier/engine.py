@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from aerie_common.draft_tree import DraftTree
+from jinja2 import TemplateError
 from transformers import DynamicCache
 
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
@@ -236,7 +237,10 @@ class Engine:
         return self.totals.ended["cancelled"]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        try:
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # the template's own refusal: Gemma's of a system turn, say
+            raise ValueError(f"the model's chat template refuses these messages: {exc}") from None
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def submit(
