@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 from aerie_memory.text import (
     IncomingDocument,
@@ -140,4 +142,43 @@ def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
     assert split_sentences(item) == [
         "The lighthouse was built in 1887 by the engineer Maren Osk and her brother.",
         "Tall",
+    ]
+
+
+def test_prose_wrapped_narrowly_reads_as_its_sentences():
+    sentences = [
+        "Orrin Vastel founded the Halvard Instrument Company in 1962 in the town of Brenmoor.",
+        "Its factory on the Tarrow estuary employed 340 people and protected old-growth forest.",
+        "Vastel retired in 1989 and handed the business to his daughter, Ilse Vastel.",
+    ]
+    for width in (20, 25, 32, 45, 60):
+        # textwrap breaks "old-growth" at its hyphen too
+        wrapped = "\n".join(textwrap.wrap(" ".join(sentences), width))
+        assert split_sentences(f"Early Life and Work of the Engineer\n{wrapped}") == [
+            "Early Life and Work of the Engineer",  # a title line before a capital stays one
+            *sentences,
+        ], width
+    # a single wrapped sentence, and lines that go on in lower case or after "of", ","
+    assert split_sentences(
+        "The Brannock Observatory\nsits on Mount Ederly, 2,100\nmetres above sea level."
+    ) == ["The Brannock Observatory sits on Mount Ederly, 2,100 metres above sea level."]
+    assert split_sentences("The mayor of\nKelmouth is Pieter\nAnsgar.") == [
+        "The mayor of Kelmouth is Pieter Ansgar."
+    ]
+    # no full stop anywhere, but a line ends on "and"
+    assert split_sentences("Present: Delia Okafor, Tomas Brenn and\nRuth Achterberg") == [
+        "Present: Delia Okafor, Tomas Brenn and Ruth Achterberg"
+    ]
+
+
+def test_short_lines_of_a_list_or_a_heading_stay_apart():
+    text = "Tressa\nPopulation: 900\nFerries: twice a day\nCars banned"
+    assert split_sentences(text) == ["Tressa", "Population: 900", "Ferries: twice a day", "Cars banned"]
+    # a prose line above items that would have fitted on it: the items end where they end
+    text = "Tressa is an island. It has a port.\nPopulation: 900\nFerries: twice a day"
+    assert split_sentences(text) == [
+        "Tressa is an island.",
+        "It has a port.",
+        "Population: 900",
+        "Ferries: twice a day",
     ]

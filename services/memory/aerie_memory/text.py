@@ -18,8 +18,22 @@ _LINE_MARKER = re.compile(r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Ques
 _TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line this long that ends without punctuation is hard-wrapped prose: the next line goes on
-# with its sentence. A shorter one (a heading, "Population: 900") ends where it ends.
+# with its sentence. A shorter one (a heading, "Population: 900") ends where it ends, unless
+# it ends on a word or comma no sentence or heading ends on, or the next line opens in lower
+# case after a line of a few words: prose wrapped narrowly ("The ferry to Dunmarra takes\n
+# fifty minutes.").
 _WRAPPED_LINE_CHARS = 50
+_OPEN_ENDING = re.compile(
+    r"(?:,|\b(?:a|an|the|of|and|or|but|to|in|on|at|by|for|with|from|as|that|which|who|whose|"
+    r"is|are|was|were|has|have|had|its|his|her|their|our|my|your))$",
+    re.IGNORECASE,
+)
+_PROSE_LINE_WORDS = 4
+# A sentence ending inside a line and another beginning: a block of such lines is prose
+# (a list's lines end where their items end).
+_SENTENCE_INSIDE = re.compile(r"[\w)][.!?][\"”')]?\s+[\"“'(]?[A-Z0-9]")
+# A word broken at its hyphen ("well-" then "regarded"): joined without a space
+_HYPHENATED = re.compile(r"[^\W\d_]-$")
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -119,29 +133,63 @@ def _paragraph_lines(text: str) -> list[str]:
     hard-wrapped line joined to the line it wraps onto, a markdown table's rows made
     statements labelled by its header."""
     lines: list[str] = []
-    joins = False  # the next line goes on with the last one
+    previous = ""  # the last line of prose read, as written; "" after a break
+    title = False  # previous is a title line
     header: list[str] | None = None  # of the table the last line belonged to
-    for raw in text.splitlines():
-        line = normalize(raw)
+    normalized = [normalize(raw) for raw in text.splitlines()]
+    for line, width in zip(normalized, _wrap_widths(normalized), strict=True):
         cells = _table_cells(line)
         if cells is not None:
             if header is None:
-                header, joins = cells, False
+                header, previous = cells, ""
             elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
                 lines.append(_table_row(header, cells))
             continue
         header = None
         if not line:
-            joins = False
+            previous = ""
             continue
         marked = _LINE_MARKER.match(line)
         line = _LINE_MARKER.sub("", line)
-        if joins and not marked:
-            lines[-1] += " " + line
+        if previous and not marked and _wraps_onto(previous, line, width, title):
+            lines[-1] += ("" if _HYPHENATED.search(previous) else " ") + line
         else:
             lines.append(line)
-        joins = not lines[-1].endswith(TERMINAL) and len(line) >= _WRAPPED_LINE_CHARS
+        title = not previous and is_heading(line)  # a block's first line, reading as a title
+        previous = line
     return lines
+
+
+def _wrap_widths(lines: list[str]) -> list[int | None]:
+    """Per line, the width its block (the lines between blank ones, less a title line
+    opening it) was hard-wrapped at: its longest line's length; None where the block does
+    not read as wrapped prose: two lines or more, and a sentence ending inside one of them
+    or the block one sentence (only its last line ends one)."""
+    widths: list[int | None] = [None] * len(lines)
+    start = 0
+    for end in range(len(lines) + 1):
+        if end < len(lines) and lines[end]:
+            continue
+        body = lines[start + 1 if start < end and is_heading(lines[start]) else start : end]
+        one_sentence = [line.endswith(TERMINAL) for line in body] == [False] * (len(body) - 1) + [True]
+        if len(body) >= 2 and (one_sentence or any(_SENTENCE_INSIDE.search(line) for line in body)):
+            widths[start:end] = [max(map(len, body))] * (end - start)
+        start = end + 1
+    return widths
+
+
+def _wraps_onto(previous: str, line: str, width: int | None, title: bool) -> bool:
+    """Whether ``line`` goes on with the sentence the line before it (``previous``) began;
+    ``width``: what the lines were wrapped at, if they were (``_wrap_widths``). A line
+    broken before a word that would have fitted ended there (a heading, a short item), and
+    so does a ``title`` line (a block's first, reading as one) before a capital."""
+    if previous.endswith(TERMINAL):
+        return False
+    if len(previous) >= _WRAPPED_LINE_CHARS or _OPEN_ENDING.search(previous) or _HYPHENATED.search(previous):
+        return True
+    if line[:1].islower():
+        return len(previous.split()) >= _PROSE_LINE_WORDS or width is not None
+    return width is not None and len(previous) + 1 + len(line.split()[0]) > width and not title
 
 
 def split_sentences(text: str) -> list[str]:
