@@ -369,3 +369,42 @@ def test_pace_guard_judges_seconds_per_token_after_the_probe():
     assert guard.plain_step_s == pytest.approx(0.15)
     assert guard.pays(2, 10.0, 1)  # still probing
     assert guard.pays(3, 0.45, 3) and not guard.pays(3, 0.46, 3)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
+def test_targets_whose_layers_are_not_model_layers_speculate_losslessly(architecture, tiny_tokenizer):
+    # GPT-2 keeps its decoder layers in transformer.h, GPT-NeoX in gpt_neox.layers
+    import transformers
+
+    config = {
+        "gpt2": transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=6, n_head=4, n_positions=128),
+        "gpt_neox": transformers.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+        ),
+    }[architecture]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    capture = HiddenCapture(model)
+    assert capture.num_layers == 6
+    capture.close()
+    engine = Engine(
+        model,
+        tiny_tokenizer,
+        max_running=1,
+        drafter_factory=Factory(lambda: OracleDrafter(model, 4), (1, 3, 5)),
+    )
+    engine.start()
+    try:
+        for prompt in prompts(3, seed=4):
+            params = SamplingParams(max_tokens=20)
+            plain, _ = generate(engine, prompt, params, speculative=False)
+            spec, final = generate(engine, prompt, params, speculative=True)
+            assert spec == plain
+            if len(plain) > 5:
+                assert final.speculative.mean_acceptance_length > 2
+    finally:
+        engine.stop()

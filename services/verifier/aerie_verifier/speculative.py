@@ -127,6 +127,16 @@ class PaceGuard:
         return seconds / tokens <= self.plain_step_s
 
 
+def decoder_layers(inner_model) -> torch.nn.ModuleList:
+    """The decoder layers of a target's inner model (``model.base_model``): ``layers`` in
+    Llama and most others, ``h`` in GPT-2 and Falcon."""
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(inner_model, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"{type(inner_model).__name__} has no decoder layer list (layers, h or blocks)")
+
+
 class HiddenCapture:
     """Records the residual stream entering chosen decoder layers (EAGLE-3's capture
     points) during forwards run inside ``with capture.layers(ids):``; ``features()``
@@ -134,14 +144,14 @@ class HiddenCapture:
     is hooked once, so each drafter session can name its own layers."""
 
     def __init__(self, model):
-        self.num_layers = len(model.model.layers)
+        self._inner = model.base_model
+        layers = decoder_layers(self._inner)
+        self.num_layers = len(layers)
         self._wanted: tuple[int, ...] = ()
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks = [
-            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-            for i, layer in enumerate(model.model.layers)
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)
         ]
-        self._inner = model.model
         self._lean = None
         self._observe_lean_forward()
 
