@@ -17,16 +17,14 @@ _WS = re.compile(r"\s+")
 _LINE_MARKER = re.compile(r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*)")
 _TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
-# A line this long that ends without punctuation is hard-wrapped prose: the next line goes on
-# with its sentence. A shorter one (a heading, "Population: 900") ends where it ends, unless
-# it ends on a word or comma no sentence or heading ends on, or the next line opens in lower
-# case after a line of a few words: prose wrapped narrowly ("The ferry to Dunmarra takes\n
-# fifty minutes.").
+# A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
+# is this long, when it ends on a word or comma no sentence or heading ends on, when the next
+# line opens in lower case, or, in a block that reads as wrapped prose, when the next word
+# would not have fitted on it. Otherwise (a heading, "Population: 900") it ends there.
 _WRAPPED_LINE_CHARS = 50
 _OPEN_ENDING = re.compile(
     r"(?:,|\b(?:a|an|the|of|and|or|but|to|in|on|at|by|for|with|from|as|that|which|who|whose|"
-    r"is|are|was|were|has|have|had|its|his|her|their|our|my|your))$",
-    re.IGNORECASE,
+    r"is|are|was|were|has|have|had|its|his|her|their|our|my|your))$"
 )
 _PROSE_LINE_WORDS = 4
 # A sentence ending inside a line and another beginning: a block of such lines is prose
