@@ -572,3 +572,29 @@ def test_on_the_cpu_a_head_drafts_in_fp32_over_int8_copies_of_its_weights(target
         assert (rounded - exact).abs().max() < 0.02 * exact.abs().max()
     assert not any(isinstance(m, PackedLinear) for m in load("bfloat16").modules())
     assert not any(isinstance(m, PackedLinear) for m in load("float32").modules())
+
+
+def test_the_targets_embeddings_are_found_under_other_names(tmp_path):
+    import transformers
+    from safetensors.torch import save_file
+
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    )
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    table = loading.load_target_embeddings(tmp_path / "gpt2")
+    assert torch.equal(table.weight, gpt2.transformer.wte.weight)
+    # a multimodal checkpoint's language model, its table under a prefix
+    weights = torch.randn(VOCAB, 16)
+    (tmp_path / "vlm").mkdir()
+    save_file(
+        {
+            "vision_tower.patch_embed.weight": torch.randn(4, 4),
+            "language_model.model.embed_tokens.weight": weights,
+        },
+        tmp_path / "vlm" / "model.safetensors",
+    )
+    assert torch.equal(loading.load_target_embeddings(tmp_path / "vlm").weight, weights)
+    save_file({"lm_head.weight": weights}, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no token embeddings"):
+        loading.load_target_embeddings(tmp_path)

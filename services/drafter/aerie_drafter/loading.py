@@ -24,6 +24,9 @@ from aerie_drafter.eagle import EagleConfig, EagleHead
 log = logging.getLogger(__name__)
 
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
+# Where other layouts keep them: under a prefix (a multimodal checkpoint's language model),
+# or named as GPT-2 ("wte"), GPT-NeoX ("embed_in") and Falcon ("word_embeddings") name them.
+EMBEDDING_KEY_ENDINGS = (".embed_tokens.weight", ".wte.weight", ".embed_in.weight", ".word_embeddings.weight")
 # Heads shipped with Aerie, by built-in target name (see aerie_common.model_store).
 UNTRAINED = "untrained"
 SHIPPED_HEADS_DIR = Path(__file__).resolve().parent / "heads"
@@ -33,17 +36,20 @@ def load_target_embeddings(model_dir: Path) -> nn.Embedding:
     """The target's token embedding table, from its safetensors files (sharded or not)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        candidates = [(model_dir / weight_map[k], k) for k in EMBEDDING_KEYS if k in weight_map]
+        files = {key: model_dir / name for key, name in json.loads(index.read_text())["weight_map"].items()}
     else:
-        candidates = [(model_dir / "model.safetensors", k) for k in EMBEDDING_KEYS]
-    for path, key in candidates:
+        path = model_dir / "model.safetensors"
         if not path.is_file():
-            continue
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
         with safe_open(str(path), framework="pt") as f:
-            if key in f.keys():
-                return nn.Embedding.from_pretrained(f.get_tensor(key), freeze=True)
-    raise FileNotFoundError(f"no token embeddings ({' or '.join(EMBEDDING_KEYS)}) in {model_dir}")
+            files = dict.fromkeys(f.keys(), path)
+    keys = [k for k in EMBEDDING_KEYS if k in files] or sorted(
+        k for k in files if k.endswith(EMBEDDING_KEY_ENDINGS)
+    )
+    if not keys:
+        raise FileNotFoundError(f"no token embeddings ({' or '.join(EMBEDDING_KEYS)}, ...) in {model_dir}")
+    with safe_open(str(files[keys[0]]), framework="pt") as f:
+        return nn.Embedding.from_pretrained(f.get_tensor(keys[0]), freeze=True)
 
 
 def shipped_head(target_model: str) -> Path | None:
