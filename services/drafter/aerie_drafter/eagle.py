@@ -82,22 +82,26 @@ class EagleConfig:
     def for_target(
         cls, target_config, draft_vocab_size: int, eagle_version: str = "3.1", **overrides
     ) -> EagleConfig:
-        """A head shaped like one layer of the target, as EAGLE-3 heads are."""
+        """A head shaped like one layer of the target, as EAGLE-3 heads are (a Llama layer:
+        for a target without grouped KV heads, RMSNorm or a named MLP width, such as GPT-2,
+        as many KV heads as heads, a 4x MLP and the usual epsilon)."""
         if eagle_version not in EAGLE_VERSIONS:
             raise ValueError(f"eagle_version must be one of {EAGLE_VERSIONS}, got {eagle_version!r}")
         is_31 = eagle_version == "3.1"
         rope = getattr(target_config, "rope_parameters", None) or {}
         values = dict(
             hidden_size=target_config.hidden_size,
-            intermediate_size=target_config.intermediate_size,
+            intermediate_size=getattr(target_config, "intermediate_size", None)
+            or 4 * target_config.hidden_size,
             num_attention_heads=target_config.num_attention_heads,
-            num_key_value_heads=target_config.num_key_value_heads,
+            num_key_value_heads=getattr(target_config, "num_key_value_heads", None)
+            or target_config.num_attention_heads,
             vocab_size=target_config.vocab_size,
             draft_vocab_size=draft_vocab_size,
             head_dim=getattr(target_config, "head_dim", None),
-            rms_norm_eps=target_config.rms_norm_eps,
+            rms_norm_eps=getattr(target_config, "rms_norm_eps", None) or 1e-6,
             rope_theta=rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0)),
-            max_position_embeddings=target_config.max_position_embeddings,
+            max_position_embeddings=getattr(target_config, "max_position_embeddings", None) or 2048,
             fc_norm=is_31,
             norm_output=is_31,
             capture_layer_ids=default_capture_layers(target_config.num_hidden_layers),
