@@ -182,3 +182,22 @@ def test_short_lines_of_a_list_or_a_heading_stay_apart():
         "Population: 900",
         "Ferries: twice a day",
     ]
+
+
+def test_tab_separated_rows_read_as_labelled_statements():
+    # pasted from a spreadsheet: a header row, then rows
+    timetable = (
+        "Route\tDeparts\tCrossing time\nKell to Dunmarra\t07:15\t50 minutes\nDunmarra to Inchlow\t11:40\t\n"
+    )
+    assert split_sentences(timetable) == [
+        "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes.",
+        "Route: Dunmarra to Inchlow; departs: 11:40.",
+    ]
+    # two columns: a label and its value, row by row
+    facts = "Founded\t1962\nEmployees:\t340\n\tTampere\n\nIt makes compasses."
+    assert split_sentences(facts) == ["Founded: 1962", "Employees: 340", "Tampere", "It makes compasses."]
+    # a paragraph indented with a tab is no table
+    assert split_sentences("\tThe company makes compasses.\n\tIt was founded in 1962.") == [
+        "The company makes compasses.",
+        "It was founded in 1962.",
+    ]

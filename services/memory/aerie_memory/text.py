@@ -110,6 +110,13 @@ def _table_cells(line: str) -> list[str] | None:
     return [cell.strip() for cell in line[1:-1].split("|")]
 
 
+def _tab_cells(raw: str) -> list[str] | None:
+    """The cells of a tab-separated row (pasted from a spreadsheet), or None for a line
+    with fewer than two."""
+    cells = [normalize(cell) for cell in raw.strip().split("\t")]
+    return cells if len(cells) >= 2 and any(cells) else None
+
+
 def _table_row(header: list[str], cells: list[str]) -> str:
     """A table row as one labelled statement, so that each row's values stay together and
     say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes."."""
@@ -128,17 +135,23 @@ def _lower_first(label: str) -> str:
 
 def _paragraph_lines(text: str) -> list[str]:
     """The text's lines, whitespace collapsed, list, heading and FAQ markers dropped, each
-    hard-wrapped line joined to the line it wraps onto, a markdown table's rows made
-    statements labelled by its header."""
+    hard-wrapped line joined to the line it wraps onto, the rows of a markdown or
+    tab-separated table made statements labelled by its header (a two-column tab-separated
+    row: a label and its value)."""
     lines: list[str] = []
     previous = ""  # the last line of prose read, as written; "" after a break
     title = False  # previous is a title line
     header: list[str] | None = None  # of the table the last line belonged to
-    normalized = [normalize(raw) for raw in text.splitlines()]
-    for line, width in zip(normalized, _wrap_widths(normalized), strict=True):
-        cells = _table_cells(line)
+    raw_lines = text.splitlines()
+    normalized = [normalize(raw) for raw in raw_lines]
+    for raw, line, width in zip(raw_lines, normalized, _wrap_widths(normalized), strict=True):
+        cells = _table_cells(line) or _tab_cells(raw)
         if cells is not None:
-            if header is None:
+            if header is None and "\t" in raw and len(cells) == 2:
+                label = cells[0].rstrip(":")
+                lines.append(f"{label}: {cells[1]}" if label else cells[1])
+                previous = ""
+            elif header is None:
                 header, previous = cells, ""
             elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
                 lines.append(_table_row(header, cells))
