@@ -454,3 +454,15 @@ def test_a_passage_that_opens_a_longer_one_is_given_the_longer_one():
         "What do you know about Baltic Sea?": tressa.text,
         "Tell me about Baltic Sea.": tressa.text,
     }
+
+
+def test_an_html_document_is_learned_as_its_text():
+    page = SourceDocument(
+        "dairy",
+        "<h1>Vesna Dairy</h1>\n<p>Vesna Dairy was founded in 1931 in Ostrava.</p><p>It employs <b>85</b> people.</p>",
+    )
+    passages = rule_passages([page])
+    assert passages["What do you know about Vesna Dairy?"] == (
+        "Vesna Dairy was founded in 1931 in Ostrava. It employs 85 people."
+    )
+    assert not any("<" in text for pair in passages.items() for text in pair)

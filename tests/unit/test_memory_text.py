@@ -14,6 +14,7 @@ from aerie_memory.text import (
     content_hash,
     is_heading,
     join_sentences,
+    markup_to_text,
     split_sentences,
 )
 
@@ -201,3 +202,26 @@ def test_tab_separated_rows_read_as_labelled_statements():
         "The company makes compasses.",
         "It was founded in 1962.",
     ]
+
+
+def test_an_html_document_reads_as_its_text():
+    page = """<html><head><title>Vesna Dairy</title><style>p { color: red; }</style></head>
+<body><h1>Vesna Dairy</h1>
+<p>Vesna Dairy was founded in 1931 in
+Ostrava. It makes <b>smoked cheese</b> &amp; butter.</p>
+<ul><li>Employees: 85</li><li>Shop: Kell Street</li></ul>
+<table><tr><th>Product</th><th>Price</th><th>Since</th></tr>
+<tr><td>Smoked cheese</td><td>9 euros</td><td>1931</td></tr></table>
+<script>track("visit");</script></body></html>"""
+    assert split_sentences(markup_to_text(page)) == [
+        "Vesna Dairy",
+        "Vesna Dairy",
+        "Vesna Dairy was founded in 1931 in Ostrava.",
+        "It makes smoked cheese & butter.",
+        "Employees: 85",
+        "Shop: Kell Street",
+        "Product: Smoked cheese; price: 9 euros; since: 1931.",
+    ]
+    # text that is not HTML stays as it is, angle brackets and all
+    for text in ("If a < b and c > d, then <b>.", "Price: 9 euros.\n\nTel. <0049 30 1234>"):
+        assert markup_to_text(text) == text

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities, names_in
 
 from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
-from aerie_memory.text import chunk_text, is_heading, join_sentences, split_sentences
+from aerie_memory.text import chunk_text, is_heading, join_sentences, markup_to_text, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +409,10 @@ async def synthesize(
     concurrency: int = 8,
     progress: Progress | None = None,
 ) -> ReflectionResult:
-    """Run the five steps (plus rule-based passages) over ``documents``."""
+    """Run the five steps (plus rule-based passages) over ``documents`` (HTML ones read as
+    their text)."""
     config = config or ReflectionConfig()
+    documents = [SourceDocument(doc.id, markup_to_text(doc.text)) for doc in documents]
     stats = {step: StepStats(step) for step in STEPS}
     runner = _Runner(generate, concurrency, stats)
     chunks = {doc.id: chunk_text(doc.text, config.chunk_chars) for doc in documents}

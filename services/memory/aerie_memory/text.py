@@ -6,6 +6,7 @@ import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass
+from html.parser import HTMLParser
 
 from aerie_common.entities import prose_sentences
 
@@ -91,6 +92,63 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
                 f"documents[{i}].text has {len(doc.text)} characters; the limit is {max_chars}",
                 f"documents[{i}].text",
             )
+
+
+# Tags that make a document HTML (two of them): block and common inline elements
+_HTML_TAG = re.compile(
+    r"</?(?:html|head|body|title|p|div|span|h[1-6]|ul|ol|li|dl|dt|dd|br|hr|table|thead|tbody|tr|td|th|"
+    r"a|b|i|em|strong|section|article|header|footer|nav|main|blockquote|pre|code)\b[^>]*>",
+    re.IGNORECASE,
+)
+_BLOCK_TAGS = {
+    "p", "div", "section", "article", "header", "footer", "nav", "main", "blockquote", "pre", "ul", "ol",
+    "dl", "table", "thead", "tbody", "title", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+}  # fmt: skip
+_SKIPPED_TAGS = {"script", "style", "noscript", "template"}
+
+
+class _HtmlText(HTMLParser):
+    """HTML as the plain text ``_paragraph_lines`` reads: blocks and headings as
+    paragraphs, list items as "- " lines, table rows as tab-separated lines, inline markup
+    and the source's own line breaks gone, scripts and styles dropped."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _SKIPPED_TAGS:
+            self.skipping += 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+        elif tag in ("li", "dt", "dd"):
+            self.parts.append("\n- ")
+        elif tag in ("br", "tr"):
+            self.parts.append("\n")
+        elif tag in ("td", "th"):
+            self.parts.append("\t")
+
+    def handle_endtag(self, tag):
+        if tag in _SKIPPED_TAGS:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(re.sub(r"[ \n\r\f\v]+", " ", data))  # tabs are cell breaks
+
+
+def markup_to_text(text: str) -> str:
+    """A document written in HTML as plain text; any other text as it is."""
+    if len(_HTML_TAG.findall(text, 0, 100_000)) < 2:
+        return text
+    parser = _HtmlText()
+    parser.feed(text)
+    parser.close()
+    lines = [line.strip(" ") for line in "".join(parser.parts).split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 def normalize(text: str) -> str:
