@@ -225,3 +225,21 @@ Ostrava. It makes <b>smoked cheese</b> &amp; butter.</p>
     # text that is not HTML stays as it is, angle brackets and all
     for text in ("If a < b and c > d, then <b>.", "Price: 9 euros.\n\nTel. <0049 30 1234>"):
         assert markup_to_text(text) == text
+
+
+def test_a_pdfs_page_furniture_is_dropped_and_its_hyphenation_undone():
+    page = "Halvard Institute Annual Report      {n}\n\n{body}\n\nPage {n} of 3\n"  # header, body, footer
+    bodies = [
+        "The institute studies oceano-\ngraphy in the Tarrow estuary.",
+        "Its well-\nregarded school of oceanography opened in 1931.",
+        "- 3 -\nThe institute has 120 staff.\nPrice: 9 euros\nPrice: 9 euros\nPrice: 9 euros",
+    ]
+    text = "".join(page.format(n=n, body=body) for n, body in enumerate(bodies, start=1))
+    assert split_sentences(text) == [
+        "The institute studies oceanography in the Tarrow estuary.",  # "oceanography" is written whole below
+        "Its well-regarded school of oceanography opened in 1931.",  # "wellregarded" nowhere
+        "The institute has 120 staff.",
+        *["Price: 9 euros"] * 3,  # a label line recurring is no running header
+    ]
+    # a line that recurs twice, or a number of its own without "Page", stays
+    assert split_sentences("Notes\n\nKell\n\nNotes\n\n1962") == ["Notes", "Kell", "Notes", "1962"]

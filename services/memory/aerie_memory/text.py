@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -31,8 +32,22 @@ _PROSE_LINE_WORDS = 4
 # A sentence ending inside a line and another beginning: a block of such lines is prose
 # (a list's lines end where their items end).
 _SENTENCE_INSIDE = re.compile(r"[\w)][.!?][\"”')]?\s+[\"“'(]?[A-Z0-9]")
-# A word broken at its hyphen ("well-" then "regarded"): joined without a space
-_HYPHENATED = re.compile(r"[^\W\d_]-$")
+# A word broken at its hyphen ("well-" then "regarded"): joined without a space, and
+# without the hyphen where the document writes the whole word elsewhere ("oceano-" then
+# "graphy")
+_HYPHENATED = re.compile(r"([^\W\d_]+)-$")
+_LEADING_LETTERS = re.compile(r"^[^\W\d_]+")
+# A page's furniture in text taken out of a PDF: a page number on a line of its own ("Page
+# 3", "3 of 12", "- 3 -"), or after a wide gap at the end of a running header ("Annual
+# Report 2024      3"), and a running header or footer, a short line without end
+# punctuation that recurs word for word
+_PAGE_NUMBER = (
+    r"(?:[Pp]age\s+\d{1,4}(?:\s*(?:of|/)\s*\d{1,4})?|\d{1,4}\s*(?:of|/)\s*\d{1,4}|[-–—]\s*\d{1,4}\s*[-–—])"
+)
+_PAGE_NUMBER_LINE = re.compile(rf"^\s*{_PAGE_NUMBER}\s*$")
+_TRAILING_PAGE_NUMBER = re.compile(rf"(?<=\S)[ \t]{{3,}}(?:{_PAGE_NUMBER}|\d{{1,4}})\s*$")
+_RUNNING_LINE_REPEATS = 3
+_RUNNING_LINE_CHARS = 80
 
 
 def shown(value: str, limit: int = 64) -> str:
@@ -200,7 +215,7 @@ def _paragraph_lines(text: str) -> list[str]:
     previous = ""  # the last line of prose read, as written; "" after a break
     title = False  # previous is a title line
     header: list[str] | None = None  # of the table the last line belonged to
-    raw_lines = text.splitlines()
+    raw_lines = _without_page_furniture(text.splitlines())
     normalized = [normalize(raw) for raw in raw_lines]
     for raw, line, width in zip(raw_lines, normalized, _wrap_widths(normalized), strict=True):
         cells = _table_cells(line) or _tab_cells(raw)
@@ -221,12 +236,44 @@ def _paragraph_lines(text: str) -> list[str]:
         marked = _LINE_MARKER.match(line)
         line = _LINE_MARKER.sub("", line)
         if previous and not marked and _wraps_onto(previous, line, width, title):
-            lines[-1] += ("" if _HYPHENATED.search(previous) else " ") + line
+            lines[-1] = _joined(lines[-1], line, text)
         else:
             lines.append(line)
         title = not previous and is_heading(line)  # a block's first line, reading as a title
         previous = line
     return lines
+
+
+def _without_page_furniture(raw_lines: list[str]) -> list[str]:
+    """The lines less a PDF's page furniture (``_PAGE_NUMBER``): page numbers, and running
+    headers and footers, lines that recur three times or more word for word, short and
+    without end punctuation, labels, list items and table rows aside."""
+    lines = [_TRAILING_PAGE_NUMBER.sub("", raw) for raw in raw_lines if not _PAGE_NUMBER_LINE.match(raw)]
+
+    def running(line: str) -> bool:
+        return (
+            0 < len(line) <= _RUNNING_LINE_CHARS
+            and not line.endswith(TERMINAL)
+            and ":" not in line
+            and "\t" not in line
+            and not line.startswith("|")
+            and not _LINE_MARKER.match(line)
+        )
+
+    repeats = Counter(normalize(line) for line in lines if running(normalize(line)))
+    return [line for line in lines if repeats[normalize(line)] < _RUNNING_LINE_REPEATS]
+
+
+def _joined(text: str, line: str, document: str) -> str:
+    """``text`` with ``line``, the rest of its sentence, after it: a space between them,
+    or none after a hyphen, which goes too where ``document`` writes the word whole."""
+    broken = _HYPHENATED.search(text)
+    if broken is None:
+        return f"{text} {line}"
+    rest = _LEADING_LETTERS.match(line)
+    if rest and re.search(rf"\b{broken[1]}{rest[0]}\b", document, re.IGNORECASE):
+        return text[:-1] + line
+    return text + line
 
 
 def _wrap_widths(lines: list[str]) -> list[int | None]:
