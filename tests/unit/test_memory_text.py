@@ -215,7 +215,6 @@ Ostrava. It makes <b>smoked cheese</b> &amp; butter.</p>
 <script>track("visit");</script></body></html>"""
     assert split_sentences(markup_to_text(page)) == [
         "Vesna Dairy",
-        "Vesna Dairy",
         "Vesna Dairy was founded in 1931 in Ostrava.",
         "It makes smoked cheese & butter.",
         "Employees: 85",

@@ -117,15 +117,16 @@ _HTML_TAG = re.compile(
 )
 _BLOCK_TAGS = {
     "p", "div", "section", "article", "header", "footer", "nav", "main", "blockquote", "pre", "ul", "ol",
-    "dl", "table", "thead", "tbody", "title", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "dl", "table", "thead", "tbody", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
 }  # fmt: skip
-_SKIPPED_TAGS = {"script", "style", "noscript", "template"}
+# not the page's text: a head's title is the site's name as often as the page's
+_SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
 
 
 class _HtmlText(HTMLParser):
     """HTML as the plain text ``_paragraph_lines`` reads: blocks and headings as
     paragraphs, list items as "- " lines, table rows as tab-separated lines, inline markup
-    and the source's own line breaks gone, scripts and styles dropped."""
+    and the source's own line breaks gone, the head, scripts and styles dropped."""
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
