@@ -30,8 +30,9 @@ HANDWRITTEN = sorted((Path(__file__).parent).glob("handwritten*.json"))
 
 def passages(documents: list[dict], fits: Callable[[str, str], bool]) -> dict[str, str]:
     """Entity -> its passage, as the reflection step makes them."""
+    from aerie_memory.layout import markup_to_text
     from aerie_memory.reflection import ReflectionConfig, StepStats, _passages
-    from aerie_memory.text import chunk_text, markup_to_text
+    from aerie_memory.text import chunk_text
 
     chunks = {
         d["id"]: chunk_text(markup_to_text(d["text"]), ReflectionConfig().chunk_chars) for d in documents

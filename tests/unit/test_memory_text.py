@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+from aerie_memory.layout import is_heading, markup_to_text
 from aerie_memory.text import (
     IncomingDocument,
     InvalidInput,
@@ -12,9 +13,7 @@ from aerie_memory.text import (
     check_namespace,
     chunk_text,
     content_hash,
-    is_heading,
     join_sentences,
-    markup_to_text,
     split_sentences,
 )
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from aerie_common.entities import TITLES, name_spans
 
-from aerie_memory.text import TERMINAL
+from aerie_memory.layout import TERMINAL
 
 THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
 _PRONOUN = re.compile(rf"\b(?:{THIRD_PERSON})\b", re.IGNORECASE)

@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass, field
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities, names_in
 
 from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
-from aerie_memory.text import chunk_text, is_heading, join_sentences, markup_to_text, split_sentences
+from aerie_memory.layout import is_heading, markup_to_text
+from aerie_memory.text import chunk_text, join_sentences, split_sentences
 
 log = logging.getLogger(__name__)
 

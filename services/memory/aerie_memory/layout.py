@@ -1,0 +1,256 @@
+"""A document's layout, read as lines of prose: what the sentence splitter
+(``aerie_memory.text.split_sentences``) is given.
+
+A document arrives as plain text, markdown, text taken out of a PDF or HTML. Each becomes
+lines that each hold whole sentences: HTML as its text, a PDF's page furniture dropped,
+hard-wrapped lines joined to the line they wrap onto, list, heading and FAQ markers
+dropped, and a table's rows (markdown or tab-separated) made statements labelled by its
+header.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from html.parser import HTMLParser
+
+_WS = re.compile(r"\s+")
+# A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
+# "Q: ", "A: ".
+_LINE_MARKER = re.compile(r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*)")
+_TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
+TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
+# A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
+# is this long, when it ends on a word or comma no sentence or heading ends on, when the next
+# line opens in lower case, or, in a block that reads as wrapped prose, when the next word
+# would not have fitted on it. Otherwise (a heading, "Population: 900") it ends there.
+_WRAPPED_LINE_CHARS = 50
+_OPEN_ENDING = re.compile(
+    r"(?:,|\b(?:a|an|the|of|and|or|but|to|in|on|at|by|for|with|from|as|that|which|who|whose|"
+    r"is|are|was|were|has|have|had|its|his|her|their|our|my|your))$"
+)
+_PROSE_LINE_WORDS = 4
+# A sentence ending inside a line and another beginning: a block of such lines is prose
+# (a list's lines end where their items end).
+_SENTENCE_INSIDE = re.compile(r"[\w)][.!?][\"”')]?\s+[\"“'(]?[A-Z0-9]")
+# A word broken at its hyphen ("well-" then "regarded"): joined without a space, and
+# without the hyphen where the document writes the whole word elsewhere ("oceano-" then
+# "graphy")
+_HYPHENATED = re.compile(r"([^\W\d_]+)-$")
+_LEADING_LETTERS = re.compile(r"^[^\W\d_]+")
+# A page's furniture in text taken out of a PDF: a page number on a line of its own ("Page
+# 3", "3 of 12", "- 3 -"), or after a wide gap at the end of a running header ("Annual
+# Report 2024      3"), and a running header or footer, a short line without end
+# punctuation that recurs word for word
+_PAGE_NUMBER = (
+    r"(?:[Pp]age\s+\d{1,4}(?:\s*(?:of|/)\s*\d{1,4})?|\d{1,4}\s*(?:of|/)\s*\d{1,4}|[-–—]\s*\d{1,4}\s*[-–—])"
+)
+_PAGE_NUMBER_LINE = re.compile(rf"^\s*{_PAGE_NUMBER}\s*$")
+_TRAILING_PAGE_NUMBER = re.compile(rf"(?<=\S)[ \t]{{3,}}(?:{_PAGE_NUMBER}|\d{{1,4}})\s*$")
+_RUNNING_LINE_REPEATS = 3
+_RUNNING_LINE_CHARS = 80
+# Tags that make a document HTML (two of them): block and common inline elements
+_HTML_TAG = re.compile(
+    r"</?(?:html|head|body|title|p|div|span|h[1-6]|ul|ol|li|dl|dt|dd|br|hr|table|thead|tbody|tr|td|th|"
+    r"a|b|i|em|strong|section|article|header|footer|nav|main|blockquote|pre|code)\b[^>]*>",
+    re.IGNORECASE,
+)
+_BLOCK_TAGS = {
+    "p", "div", "section", "article", "header", "footer", "nav", "main", "blockquote", "pre", "ul", "ol",
+    "dl", "table", "thead", "tbody", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+}  # fmt: skip
+# not the page's text: a head's title is the site's name as often as the page's
+_SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
+_HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
+
+
+class _HtmlText(HTMLParser):
+    """HTML as the plain text ``paragraph_lines`` reads: blocks and headings as
+    paragraphs, list items as "- " lines, table rows as tab-separated lines, inline markup
+    and the source's own line breaks gone, the head, scripts and styles dropped."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _SKIPPED_TAGS:
+            self.skipping += 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+        elif tag in ("li", "dt", "dd"):
+            self.parts.append("\n- ")
+        elif tag in ("br", "tr"):
+            self.parts.append("\n")
+        elif tag in ("td", "th"):
+            self.parts.append("\t")
+
+    def handle_endtag(self, tag):
+        if tag in _SKIPPED_TAGS:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(re.sub(r"[ \n\r\f\v]+", " ", data))  # tabs are cell breaks
+
+
+def markup_to_text(text: str) -> str:
+    """A document written in HTML as plain text; any other text as it is."""
+    if len(_HTML_TAG.findall(text, 0, 100_000)) < 2:
+        return text
+    parser = _HtmlText()
+    parser.feed(text)
+    parser.close()
+    lines = [line.strip(" ") for line in "".join(parser.parts).split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def normalize(text: str) -> str:
+    """NFC, whitespace collapsed, trimmed: a line as the layout reads it, and the text the
+    content hash is taken over (``aerie_memory.text``), so that re-sending a document with
+    different line wrapping is still a duplicate."""
+    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def _table_cells(line: str) -> list[str] | None:
+    """The cells of a markdown table row ("| Kell | 07:15 |"), or None for another line."""
+    if len(line) < 2 or not (line.startswith("|") and line.endswith("|")):
+        return None
+    return [cell.strip() for cell in line[1:-1].split("|")]
+
+
+def _tab_cells(raw: str) -> list[str] | None:
+    """The cells of a tab-separated row (pasted from a spreadsheet), or None for a line
+    with fewer than two."""
+    cells = [normalize(cell) for cell in raw.strip().split("\t")]
+    return cells if len(cells) >= 2 and any(cells) else None
+
+
+def _table_row(header: list[str], cells: list[str]) -> str:
+    """A table row as one labelled statement, so that each row's values stay together and
+    say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes."."""
+    labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
+    pairs = [
+        f"{label}: {cell}" if label else cell for label, cell in zip(labels, cells, strict=False) if cell
+    ]
+    return "; ".join(pairs) + "."
+
+
+def _lower_first(label: str) -> str:
+    """A header label in lower case, as it reads inside a row ("crossing time"); an
+    acronym ("ETA") stays."""
+    return label[0].lower() + label[1:] if label[1:2].islower() else label
+
+
+def paragraph_lines(text: str) -> list[str]:
+    """The text's lines, whitespace collapsed, list, heading and FAQ markers dropped, each
+    hard-wrapped line joined to the line it wraps onto, the rows of a markdown or
+    tab-separated table made statements labelled by its header (a two-column tab-separated
+    row: a label and its value)."""
+    lines: list[str] = []
+    previous = ""  # the last line of prose read, as written; "" after a break
+    title = False  # previous is a title line
+    header: list[str] | None = None  # of the table the last line belonged to
+    raw_lines = _without_page_furniture(text.splitlines())
+    normalized = [normalize(raw) for raw in raw_lines]
+    for raw, line, width in zip(raw_lines, normalized, _wrap_widths(normalized), strict=True):
+        cells = _table_cells(line) or _tab_cells(raw)
+        if cells is not None:
+            if header is None and "\t" in raw and len(cells) == 2:
+                label = cells[0].rstrip(":")
+                lines.append(f"{label}: {cells[1]}" if label else cells[1])
+                previous = ""
+            elif header is None:
+                header, previous = cells, ""
+            elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
+                lines.append(_table_row(header, cells))
+            continue
+        header = None
+        if not line:
+            previous = ""
+            continue
+        marked = _LINE_MARKER.match(line)
+        line = _LINE_MARKER.sub("", line)
+        if previous and not marked and _wraps_onto(previous, line, width, title):
+            lines[-1] = _joined(lines[-1], line, text)
+        else:
+            lines.append(line)
+        title = not previous and is_heading(line)  # a block's first line, reading as a title
+        previous = line
+    return lines
+
+
+def _without_page_furniture(raw_lines: list[str]) -> list[str]:
+    """The lines less a PDF's page furniture (``_PAGE_NUMBER``): page numbers, and running
+    headers and footers, lines that recur three times or more word for word, short and
+    without end punctuation, labels, list items and table rows aside."""
+    lines = [_TRAILING_PAGE_NUMBER.sub("", raw) for raw in raw_lines if not _PAGE_NUMBER_LINE.match(raw)]
+
+    def running(line: str) -> bool:
+        return (
+            0 < len(line) <= _RUNNING_LINE_CHARS
+            and not line.endswith(TERMINAL)
+            and ":" not in line
+            and "\t" not in line
+            and not line.startswith("|")
+            and not _LINE_MARKER.match(line)
+        )
+
+    repeats = Counter(normalize(line) for line in lines if running(normalize(line)))
+    return [line for line in lines if repeats[normalize(line)] < _RUNNING_LINE_REPEATS]
+
+
+def _joined(text: str, line: str, document: str) -> str:
+    """``text`` with ``line``, the rest of its sentence, after it: a space between them,
+    or none after a hyphen, which goes too where ``document`` writes the word whole."""
+    broken = _HYPHENATED.search(text)
+    if broken is None:
+        return f"{text} {line}"
+    rest = _LEADING_LETTERS.match(line)
+    if rest and re.search(rf"\b{broken[1]}{rest[0]}\b", document, re.IGNORECASE):
+        return text[:-1] + line
+    return text + line
+
+
+def _wrap_widths(lines: list[str]) -> list[int | None]:
+    """Per line, the width its block (the lines between blank ones, less a title line
+    opening it) was hard-wrapped at: its longest line's length; None where the block does
+    not read as wrapped prose: two lines or more, and a sentence ending inside one of them
+    or the block one sentence (only its last line ends one)."""
+    widths: list[int | None] = [None] * len(lines)
+    start = 0
+    for end in range(len(lines) + 1):
+        if end < len(lines) and lines[end]:
+            continue
+        body = lines[start + 1 if start < end and is_heading(lines[start]) else start : end]
+        one_sentence = [line.endswith(TERMINAL) for line in body] == [False] * (len(body) - 1) + [True]
+        if len(body) >= 2 and (one_sentence or any(_SENTENCE_INSIDE.search(line) for line in body)):
+            widths[start:end] = [max(map(len, body))] * (end - start)
+        start = end + 1
+    return widths
+
+
+def _wraps_onto(previous: str, line: str, width: int | None, title: bool) -> bool:
+    """Whether ``line`` goes on with the sentence the line before it (``previous``) began;
+    ``width``: what the lines were wrapped at, if they were (``_wrap_widths``). A line
+    broken before a word that would have fitted ended there (a heading, a short item), and
+    so does a ``title`` line (a block's first, reading as one) before a capital."""
+    if previous.endswith(TERMINAL):
+        return False
+    if len(previous) >= _WRAPPED_LINE_CHARS or _OPEN_ENDING.search(previous) or _HYPHENATED.search(previous):
+        return True
+    if line[:1].islower():
+        return len(previous.split()) >= _PROSE_LINE_WORDS or width is not None
+    return width is not None and len(previous) + 1 + len(line.split()[0]) > width and not title
+
+
+def is_heading(sentence: str) -> bool:
+    """A title line ("Brannock Observatory", "Early Life and Work"): a few words, each
+    capitalised (or a small joining word), and no punctuation at its end. It says what
+    the lines below are about, which the coreference uses; it states no fact itself."""
+    words = sentence.split()
+    return 0 < len(words) <= 8 and all(_HEADING_WORD.match(w) for w in words)
