@@ -241,3 +241,14 @@ def test_a_pdfs_page_furniture_is_dropped_and_its_hyphenation_undone():
     ]
     # a line that recurs twice, or a number of its own without "Page", stays
     assert split_sentences("Notes\n\nKell\n\nNotes\n\n1962") == ["Notes", "Kell", "Notes", "1962"]
+
+
+def test_numbered_clauses_lose_their_numbers_and_end_at_the_line():
+    contract = "1.1 The landlord is Harrow Estates Ltd\n1.2 The tenant is Ruth Achterberg.\n(b) The deposit is 1,700 euros."
+    assert split_sentences(contract) == [
+        "The landlord is Harrow Estates Ltd",
+        "The tenant is Ruth Achterberg.",
+        "The deposit is 1,700 euros.",
+    ]
+    # a decimal number opening a sentence is no clause number
+    assert split_sentences("3.5 million people live in Kell.") == ["3.5 million people live in Kell."]

@@ -17,8 +17,12 @@ from html.parser import HTMLParser
 
 _WS = re.compile(r"\s+")
 # A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
-# "Q: ", "A: ".
-_LINE_MARKER = re.compile(r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*)")
+# "Q: ", "A: ", and a clause's number before a capital: "2.1 The rent ...", "(b) The
+# tenant ..." (not "3.5 million people ...").
+_LINE_MARKER = re.compile(
+    r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*"
+    r"|(?:\d{1,3}(?:\.\d{1,3})+\.?|\((?:\d{1,3}|[a-z]{1,4})\))\s+(?=[A-Z]))"
+)
 _TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
