@@ -131,6 +131,23 @@ def test_prompt_longer_than_context_is_refused_with_the_overage(engine):
         engine.submit("r", [5] * (ctx - 10), SamplingParams(max_tokens=16), Collector())
 
 
+def test_a_target_with_recurrent_layers_is_refused_at_start(tiny_tokenizer):
+    import transformers
+
+    config = transformers.Lfm2Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        layer_types=["conv", "full_attention"],
+        pad_token_id=0,
+    )
+    with pytest.raises(ValueError, match="has conv layers"):
+        Engine(transformers.Lfm2ForCausalLM(config).eval(), tiny_tokenizer, max_running=1)
+
+
 def test_out_of_vocab_prompt_is_refused(engine):
     with pytest.raises(ValueError, match="token ids"):
         engine.submit("r", [5, 10**6], SamplingParams(), Collector())

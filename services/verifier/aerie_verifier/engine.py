@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
-from aerie_verifier.kv_cache import GrowingCache
+from aerie_verifier.kv_cache import GrowingCache, check_attention_only
 from aerie_verifier.sampling import SamplingParams, next_token
 from aerie_verifier.speculative import (
     CircuitBreaker,
@@ -179,6 +179,7 @@ class Engine:
         pace_guard: PaceGuard | None = None,
         slots: Iterable[StaticSlot] = (),
     ):
+        check_attention_only(model.config)
         speed_up_tree_verification(model)
         self.model = model
         self.tokenizer = tokenizer

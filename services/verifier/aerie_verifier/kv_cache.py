@@ -21,6 +21,19 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 MIN_CAPACITY = 256  # entries a layer's buffer starts with, at least
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def check_attention_only(config) -> None:
+    """Refuse a target with layers other than attention (Mamba, linear attention or
+    convolution layers, as in Qwen3-Next or LFM2): these caches hold keys and values only,
+    and a draft tree cannot branch a recurrent state."""
+    other = set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if other:
+        raise ValueError(
+            f"the target has {', '.join(sorted(other))} layers; Aerie's verifier serves targets "
+            "whose layers are all attention layers"
+        )
 
 
 class GrowingLayer(DynamicLayer):
