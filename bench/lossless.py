@@ -15,8 +15,8 @@ logits of the two tokens chosen there must lie within the dtype's numerical nois
 ``python -m bench.lossless`` measures that noise for the configured target and dtype: the
 largest difference between a full forward's logits and those of incremental decoding of
 the same tokens (on a 2-core Xeon, SmolLM2-135M over 3 MT-bench prompts of 48 tokens:
-about 1e-4 in float32, up to 1.31 in bfloat16, whose argmax then disagrees at 4-8% of the
-positions).
+below 1e-4 in float32; up to 1.31 in bfloat16, whose argmax then differs at up to 8% of
+the positions).
 """
 
 from __future__ import annotations
