@@ -25,6 +25,9 @@ _NOT_ENTITY_HEADS = {
     "The", "A", "An", "He", "She", "It", "They", "In", "On", "At", "This", "That", "There", "Its",
     "His", "Her", "Their", "After", "Before", "When", "While", "Each", "Every", "Both", "Most",
     "Some", "Many", "Q", "A:", "Yes", "No", "What", "Who", "Which", "Where", "How", "Why",
+    "Then", "But", "And", "So", "Also", "However", "Now", "Today", "Yesterday", "Tomorrow",
+    "Later", "Meanwhile", "Still", "Yet", "Thus", "Since", "Because", "Although", "If", "Once",
+    "During", "For", "From", "With", "By", "We", "You", "Our", "My", "Your", "These", "Those",
 }  # fmt: skip
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.

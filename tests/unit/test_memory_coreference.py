@@ -135,6 +135,11 @@ def test_names_hold_model_codes_but_not_labels_or_days():
     assert find_entities("BRISTOW, 3 March - The council of Bristow met NASA.") == ["Bristow", "NASA"]
 
 
+def test_a_sentence_opening_adverb_or_pronoun_is_no_part_of_a_name():
+    text = "Then Ruth will write the notes. However Tomas Brenn disagreed. We met in Kell. Our Kell office is new."
+    assert find_entities(text) == ["Kell", "Tomas Brenn", "Ruth"]
+
+
 def test_a_title_with_a_full_stop_opens_a_sentence_with_the_name_after_it():
     lists, state = about("Dr. Eliska Marovic is a marine biologist. She has led the institute since 2012.")
     assert lists == [["Eliska Marovic"], ["Eliska Marovic"]]
