@@ -252,3 +252,23 @@ def test_numbered_clauses_lose_their_numbers_and_end_at_the_line():
     ]
     # a decimal number opening a sentence is no clause number
     assert split_sentences("3.5 million people live in Kell.") == ["3.5 million people live in Kell."]
+
+
+def test_a_dialogues_speakers_are_named_as_saying_their_lines():
+    chat = (
+        "Priya: I think we should ship Lumen 2.4 on Friday.\nTomas: Agreed.\n"
+        "Priya: Then Ruth will write the notes.\nRUTH OKAFOR: I can do that by Thursday."
+    )
+    assert split_sentences(chat) == [
+        "Priya said: I think we should ship Lumen 2.4 on Friday.",
+        "Tomas said: Agreed.",
+        "Priya said: Then Ruth will write the notes.",
+        "Ruth Okafor said: I can do that by Thursday.",
+    ]
+    # labels that are no speakers, a role's questions, and two lines are no dialogue
+    for text in (
+        "Note: Bring a coat.\nTip: The ferry is cheaper in May.\nNote: Shops close at six.",
+        "INTERVIEWER: When did you open?\nMARTA: In 1998.\nINTERVIEWER: Why?\nMARTA: I love bread.",
+        "Priya Raman: The Kell office opens in May.\nTomas Brenn: We hired 12 engineers there.",
+    ):
+        assert not any(" said: " in sentence for sentence in split_sentences(text)), text

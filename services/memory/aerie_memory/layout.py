@@ -66,6 +66,17 @@ _BLOCK_TAGS = {
 }  # fmt: skip
 # not the page's text: a head's title is the site's name as often as the page's
 _SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
+# A turn of a dialogue or transcript: a speaker's name (one or two capitalised words) and
+# what they said, a sentence. Labels that are no speakers are left as they are.
+_TURN = re.compile(r"^(?P<speaker>[A-Z][\w'-]*(?: [A-Z][\w'-]*)?):\s+(?P<said>\S.*[.!?][\"”')]?)$")
+_NOT_SPEAKERS = {
+    "Note", "Notes", "Tip", "Warning", "Caution", "Important", "Example", "Summary", "Step", "Source",
+    "Update", "Status", "Subject", "Date", "Time", "Location", "From", "To", "Re", "Cc", "Result",
+    "Decision", "Action", "Agenda", "Answer", "Question", "Reason", "Conclusion", "Comment",
+    # roles, whose lines ask what the other's answer says: they stay with the document's topic
+    "Interviewer", "INTERVIEWER", "Host", "HOST", "Moderator", "Reporter", "Speaker", "User",
+    "Assistant", "Customer", "Agent", "Caller",
+}  # fmt: skip
 _HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
 
 
@@ -161,6 +172,7 @@ def paragraph_lines(text: str) -> list[str]:
     header: list[str] | None = None  # of the table the last line belonged to
     raw_lines = _without_page_furniture(text.splitlines())
     normalized = [normalize(raw) for raw in raw_lines]
+    speakers = _speakers(normalized)
     for raw, line, width in zip(raw_lines, normalized, _wrap_widths(normalized), strict=True):
         cells = _table_cells(line) or _tab_cells(raw)
         if cells is not None:
@@ -179,6 +191,9 @@ def paragraph_lines(text: str) -> list[str]:
             continue
         marked = _LINE_MARKER.match(line)
         line = _LINE_MARKER.sub("", line)
+        if (turn := _TURN.match(line)) and turn["speaker"] in speakers:
+            # "Priya: I think ..." -> "Priya said: I think ...": the speaker is a name, not a label
+            marked, line = turn, f"{speakers[turn['speaker']]} said: {turn['said']}"
         if previous and not marked and _wraps_onto(previous, line, width, title):
             lines[-1] = _joined(lines[-1], line, text)
         else:
@@ -186,6 +201,17 @@ def paragraph_lines(text: str) -> list[str]:
         title = not previous and is_heading(line)  # a block's first line, reading as a title
         previous = line
     return lines
+
+
+def _speakers(lines: list[str]) -> dict[str, str]:
+    """The speakers of a dialogue or transcript, each as the name it says (capitals in title
+    case): the labels of sentence lines ("Priya: I think ..."), where two or more speak in
+    three turns or more. Else none: a "Note: ..." line is no turn."""
+    counts = Counter(turn["speaker"] for line in lines if (turn := _TURN.match(line)))
+    names = [label for label in counts if label not in _NOT_SPEAKERS]
+    if len(names) < 2 or sum(counts[label] for label in names) < 3:
+        return {}
+    return {label: label.title() if label.isupper() and len(label) > 3 else label for label in names}
 
 
 def _without_page_furniture(raw_lines: list[str]) -> list[str]:
