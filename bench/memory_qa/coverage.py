@@ -30,13 +30,10 @@ HANDWRITTEN = sorted((Path(__file__).parent).glob("handwritten*.json"))
 
 def passages(documents: list[dict], fits: Callable[[str, str], bool]) -> dict[str, str]:
     """Entity -> its passage, as the reflection step makes them."""
-    from aerie_memory.layout import markup_to_text
-    from aerie_memory.reflection import ReflectionConfig, StepStats, _passages
-    from aerie_memory.text import chunk_text
+    from aerie_memory.reflection import ReflectionConfig, SourceDocument, StepStats, _passages, read_documents
 
-    chunks = {
-        d["id"]: chunk_text(markup_to_text(d["text"]), ReflectionConfig().chunk_chars) for d in documents
-    }
+    sources = [SourceDocument(d["id"], d["text"]) for d in documents]
+    _, chunks = read_documents(sources, ReflectionConfig().chunk_chars)
     return {
         entity: r.answer
         for r in _passages(StepStats("passages"), chunks, fits)

@@ -170,10 +170,10 @@ def paragraph_lines(text: str) -> list[str]:
     previous = ""  # the last line of prose read, as written; "" after a break
     title = False  # previous is a title line
     header: list[str] | None = None  # of the table the last line belonged to
-    raw_lines = _without_page_furniture(text.splitlines())
-    normalized = [normalize(raw) for raw in raw_lines]
+    kept = _without_page_furniture(text.splitlines())
+    normalized = [line for _, line in kept]
     speakers = _speakers(normalized)
-    for raw, line, width in zip(raw_lines, normalized, _wrap_widths(normalized), strict=True):
+    for (raw, line), width in zip(kept, _wrap_widths(normalized), strict=True):
         cells = _table_cells(line) or _tab_cells(raw)
         if cells is not None:
             if header is None and "\t" in raw and len(cells) == 2:
@@ -214,11 +214,13 @@ def _speakers(lines: list[str]) -> dict[str, str]:
     return {label: label.title() if label.isupper() and len(label) > 3 else label for label in names}
 
 
-def _without_page_furniture(raw_lines: list[str]) -> list[str]:
-    """The lines less a PDF's page furniture (``_PAGE_NUMBER``): page numbers, and running
-    headers and footers, lines that recur three times or more word for word, short and
-    without end punctuation, labels, list items and table rows aside."""
-    lines = [_TRAILING_PAGE_NUMBER.sub("", raw) for raw in raw_lines if not _PAGE_NUMBER_LINE.match(raw)]
+def _without_page_furniture(raw_lines: list[str]) -> list[tuple[str, str]]:
+    """The lines, each as written and normalised, less a PDF's page furniture
+    (``_PAGE_NUMBER``): page numbers, and running headers and footers, lines that recur
+    three times or more word for word, short and without end punctuation, labels, list
+    items and table rows aside."""
+    raw_lines = [_TRAILING_PAGE_NUMBER.sub("", raw) for raw in raw_lines if not _PAGE_NUMBER_LINE.match(raw)]
+    lines = [(raw, normalize(raw)) for raw in raw_lines]
 
     def running(line: str) -> bool:
         return (
@@ -230,8 +232,8 @@ def _without_page_furniture(raw_lines: list[str]) -> list[str]:
             and not _LINE_MARKER.match(line)
         )
 
-    repeats = Counter(normalize(line) for line in lines if running(normalize(line)))
-    return [line for line in lines if repeats[normalize(line)] < _RUNNING_LINE_REPEATS]
+    repeats = Counter(line for _, line in lines if running(line))
+    return [(raw, line) for raw, line in lines if repeats[line] < _RUNNING_LINE_REPEATS]
 
 
 def _joined(text: str, line: str, document: str) -> str:

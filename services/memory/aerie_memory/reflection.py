@@ -403,6 +403,14 @@ class _Runner:
                 return None
 
 
+def read_documents(
+    documents: Sequence[SourceDocument], chunk_chars: int
+) -> tuple[list[SourceDocument], dict[str, list[str]]]:
+    """The documents as the steps read them (HTML as its text), and each one's chunks."""
+    read = [SourceDocument(doc.id, markup_to_text(doc.text)) for doc in documents]
+    return read, {doc.id: chunk_text(doc.text, chunk_chars) for doc in read}
+
+
 async def synthesize(
     documents: Sequence[SourceDocument],
     generate: Generator,
@@ -413,10 +421,9 @@ async def synthesize(
     """Run the five steps (plus rule-based passages) over ``documents`` (HTML ones read as
     their text)."""
     config = config or ReflectionConfig()
-    documents = [SourceDocument(doc.id, markup_to_text(doc.text)) for doc in documents]
+    documents, chunks = read_documents(documents, config.chunk_chars)
     stats = {step: StepStats(step) for step in STEPS}
     runner = _Runner(generate, concurrency, stats)
-    chunks = {doc.id: chunk_text(doc.text, config.chunk_chars) for doc in documents}
     done_calls = 0
     planned = 2 * sum(len(c) for c in chunks.values())
 

@@ -20,8 +20,10 @@ from aerie_common import cpu_extension
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aerie_verifier.attention_mask import FULL, SLIDING
+
 MIN_CAPACITY = 256  # entries a layer's buffer starts with, at least
-ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+ATTENTION_LAYER_TYPES = {FULL, SLIDING}
 
 
 def check_attention_only(config) -> None:

@@ -34,12 +34,13 @@ from transformers.activations import SiLUActivation
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from aerie_verifier.attention_mask import sliding_window
 from aerie_verifier.kv_cache import GrowingCache
 
 # Architectures whose decoder layer computes exactly as Llama's: pre-norm RMSNorm, attention
 # with rotary embeddings, residual, RMSNorm, gated MLP, residual. Qwen2's q/k/v carry
 # biases, added after their products as each layer adds its own; Mistral's and Qwen2's
-# layers qualify only where each attends to the whole context (``attends_to_whole_context``).
+# layers qualify only where each attends to the whole context (no ``sliding_window``).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The CPU's serving trees and plain steps, the sizes measured; a larger tree asked for on a
 # CPU (AERIE_DRAFT_TREE_*) goes to transformers.
@@ -238,15 +239,6 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * hidden.to(dtype)
 
 
-def attends_to_whole_context(config) -> bool:
-    """No sliding-window layer: the loop masks nothing for one token and takes a tree's
-    mask as it comes, as transformers' full-attention layers do."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(kind == "full_attention" for kind in layer_types)
-    return getattr(config, "sliding_window", None) is None
-
-
 def install_lean_forward(model) -> LeanForward | None:
     """Give a supported target's inner model a LeanForward (in place; once); returns it,
     or None where the architecture is not supported."""
@@ -254,7 +246,9 @@ def install_lean_forward(model) -> LeanForward | None:
     config = model.config
     if (
         config.model_type not in SUPPORTED_MODEL_TYPES
-        or not attends_to_whole_context(config)
+        # the loop masks nothing for one token and takes a tree's mask as it comes, as
+        # full-attention layers do
+        or sliding_window(config) is not None
         or inner is None
     ):
         return None
