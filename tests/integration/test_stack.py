@@ -98,20 +98,23 @@ def test_openai_client_streaming_and_not(stack):
     assert text == completion.choices[0].message.content
 
 
-def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack):
+@pytest.mark.parametrize("repetition_penalty", [None, 1.3], ids=["plain", "repetition_penalty"])
+def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack, repetition_penalty):
     """The engine's KV-cached decoding reproduces transformers' greedy generate() on the
-    real model in fp32, and so does tree speculation with the stack's drafter over gRPC."""
+    real model in fp32, and so does tree speculation with the stack's drafter over gRPC;
+    with a repetition penalty too (transformers' own, over the prompt and the output)."""
     from aerie_common.model_store import load_target
     from aerie_common.settings import ModelSettings
 
     model, tokenizer, _ = load_target(ModelSettings())
     prompts = ["Name three primary colours.", "Write a haiku about the sea.", "What is 12 times 7?"]
+    penalty = {} if repetition_penalty is None else {"repetition_penalty": repetition_penalty}
 
     async def generate(channel, prompt, speculative):
         stub = verifier_pb2_grpc.VerifierStub(channel)
         request = verifier_pb2.GenerateRequest(
             messages=[verifier_pb2.ChatMessage(role="user", content=prompt)],
-            sampling=verifier_pb2.SamplingParams(max_tokens=40),
+            sampling=verifier_pb2.SamplingParams(max_tokens=40, **penalty),
             speculative=speculative,
         )
         responses = [r async for r in stub.Generate(request)]
@@ -128,7 +131,9 @@ def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack)
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
         )
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        reference = model.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
+        reference = model.generate(ids, max_new_tokens=40, do_sample=False, **penalty)[
+            0, ids.shape[1] :
+        ].tolist()
         eos = tokenizer.eos_token_id
         reference = reference[: reference.index(eos)] if eos in reference else reference
         assert tokens == reference, prompt
@@ -161,6 +166,43 @@ def test_chat_speculative_on_and_off_give_the_same_text(stack):
     assert value(after, "aerie:spec_decode_num_drafts_total") > value(
         before, "aerie:spec_decode_num_drafts_total"
     )
+
+
+def test_logprobs_and_penalties_with_and_without_speculation(stack):
+    messages = [{"role": "user", "content": "List five fruits, one per line."}]
+    asked = {"temperature": 0, "max_tokens": 32, "logprobs": True, "top_logprobs": 3}
+    plain = chat(stack, messages=messages, speculative=False, **asked).json()
+    penalized = {"presence_penalty": 1.0, "frequency_penalty": 0.5, "repetition_penalty": 1.2}
+    replies = [
+        chat(stack, messages=messages, speculative=spec, **asked, **penalized).json()
+        for spec in (False, True)
+    ]
+    off, on = replies
+    assert on["choices"][0]["message"]["content"] == off["choices"][0]["message"]["content"]
+    assert on["usage"]["speculative"]["accepted_tokens"] > 0
+    assert off["choices"][0]["message"]["content"] != plain["choices"][0]["message"]["content"]
+    for reply in (plain, off, on):
+        content = reply["choices"][0]["logprobs"]["content"]
+        assert len(content) == reply["usage"]["completion_tokens"]
+        assert (
+            b"".join(bytes(entry["bytes"]) for entry in content).decode()
+            == reply["choices"][0]["message"]["content"]
+        )
+        for entry in content:
+            top = [alternative["logprob"] for alternative in entry["top_logprobs"]]
+            assert len(top) == 3 and top == sorted(top, reverse=True) and top[0] <= 0
+            assert entry["logprob"] <= top[0] + 1e-4
+    # greedy without penalties takes the most likely token every time
+    assert all(
+        entry["token"] == entry["top_logprobs"][0]["token"]
+        for entry in plain["choices"][0]["logprobs"]["content"]
+    )
+    # the same tokens scored by a tree forward and by plain steps: fp32 noise apart, the same
+    for spec_entry, plain_entry in zip(
+        on["choices"][0]["logprobs"]["content"], off["choices"][0]["logprobs"]["content"], strict=True
+    ):
+        assert spec_entry["token"] == plain_entry["token"]
+        assert abs(spec_entry["logprob"] - plain_entry["logprob"]) < 1e-3
 
 
 def test_cancelled_stream_stops_generation(stack):

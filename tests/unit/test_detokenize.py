@@ -1,4 +1,6 @@
-from aerie_verifier.detokenize import IncrementalDetokenizer
+from aerie_verifier.detokenize import IncrementalDetokenizer, token_bytes_table
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
 
 
 def stream(tokenizer, text, stop=()):
@@ -37,3 +39,23 @@ def test_partial_stop_prefix_is_released_when_it_does_not_complete(tiny_tokenize
 def test_earliest_of_several_stop_strings_wins(tiny_tokenizer):
     pieces, _ = stream(tiny_tokenizer, "alpha beta gamma", stop=("gamma", "beta"))
     assert "".join(pieces) == "alpha "
+
+
+def test_token_bytes_of_a_byte_level_tokenizer_spell_the_text_exactly(tiny_tokenizer):
+    table = token_bytes_table(tiny_tokenizer)
+    text = "héllo wörld — 日本"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(table[i] for i in ids) == text.encode()
+    # a token holding part of a character is that part, not U+FFFD
+    assert table[ids[1]] == "é".encode()[:1]
+    assert table[tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")] == b"<|im_end|>"
+
+
+def test_token_bytes_of_a_sentencepiece_tokenizer():
+    vocab = {"<unk>": 0, "\u2581the": 1, "<0x0A>": 2, "cat": 3, "<0xE6>": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert token_bytes_table(tokenizer)[1:] == [b" the", b"\n", b"cat", b"\xe6"]

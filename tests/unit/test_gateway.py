@@ -45,6 +45,16 @@ TOO_LONG_MESSAGE = "prompt has 9000 tokens; the context holds 8192"
 CONTEXT_LENGTH = 8192  # the fake's, in words: a longer prompt is refused like the real verifier's
 
 
+def fake_logprob(index: int, text: str, top_n: int) -> verifier_pb2.TokenLogprob:
+    """The fake's token ``index`` spelling ``text``: log probability -index/4, and top_n
+    alternatives of which the first is the token itself and the last half a character."""
+    top = [verifier_pb2.TokenLogprob(token_id=index, token_bytes=text.encode(), logprob=-index / 4)]
+    top += [verifier_pb2.TokenLogprob(token_id=100, token_bytes="é".encode()[:1], logprob=-float("inf"))]
+    return verifier_pb2.TokenLogprob(
+        token_id=index, token_bytes=text.encode(), logprob=-index / 4, top=top[:top_n]
+    )
+
+
 class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
     """Streams a canned reply word by word (one token per word), honouring max_tokens."""
 
@@ -75,12 +85,12 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             if not context.is_active():
                 self.cancelled.add(request.request_id)
                 return
+            text = word if index == 0 else f" {word}"
             response = verifier_pb2.GenerateResponse(
-                token_ids=[index],
-                text=word if index == 0 else f" {word}",
-                prompt_tokens=prompt_tokens,
-                completion_tokens=index + 1,
+                token_ids=[index], text=text, prompt_tokens=prompt_tokens, completion_tokens=index + 1
             )
+            if request.sampling.logprobs:
+                response.logprobs.append(fake_logprob(index, text, request.sampling.top_logprobs))
             if index == limit - 1:
                 response.finish_reason = (
                     verifier_pb2.FINISH_REASON_LENGTH
@@ -271,7 +281,11 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "speculative": False,
         "memory": {"namespace": "docs"},
         "user": "someone",  # OpenAI fields Aerie does not use are ignored
-        "presence_penalty": 0.0,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1.25,
+        "repetition_penalty": 1.2,
+        "logprobs": True,
+        "top_logprobs": 2,
     }
     async with asgi_client(gateway_app()) as client:
         response = await client.post("/v1/chat/completions", json=body)
@@ -287,6 +301,9 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.HasField("seed") and sent.sampling.seed == 7
     assert list(sent.sampling.stop) == ["\n\n"]
     assert sent.sampling.max_tokens == 20  # max_completion_tokens wins over max_tokens
+    assert (sent.sampling.presence_penalty, sent.sampling.frequency_penalty) == (0.5, -1.25)
+    assert sent.sampling.repetition_penalty == pytest.approx(1.2)
+    assert sent.sampling.logprobs and sent.sampling.top_logprobs == 2
     assert sent.speculative is False
 
 
@@ -300,7 +317,52 @@ async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.top_k == 0
     assert not sent.sampling.HasField("seed")
     assert sent.sampling.max_tokens == 0
+    assert (
+        sent.sampling.presence_penalty,
+        sent.sampling.frequency_penalty,
+        sent.sampling.repetition_penalty,
+    ) == (
+        0,
+        0,
+        1,
+    )
+    assert not sent.sampling.logprobs and sent.sampling.top_logprobs == 0
     assert sent.speculative is True
+
+
+async def test_logprobs_one_entry_per_token_with_exact_bytes(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=2))
+        plain = await client.post("/v1/chat/completions", json=chat_body())
+    assert plain.json()["choices"][0]["logprobs"] is None
+    completion = response.json()
+    content = completion["choices"][0]["logprobs"]["content"]
+    assert len(content) == completion["usage"]["completion_tokens"]
+    assert "".join(entry["token"] for entry in content) == completion["choices"][0]["message"]["content"]
+    for index, entry in enumerate(content):
+        assert entry["logprob"] == -index / 4
+        assert bytes(entry["bytes"]) == entry["token"].encode()
+        first, half_character = entry["top_logprobs"]
+        assert first == {"token": entry["token"], "logprob": entry["logprob"], "bytes": entry["bytes"]}
+        # part of a character: the token spells it as an escape, the bytes exactly; no chance
+        # at all is OpenAI's -9999 (JSON has no -inf)
+        assert half_character == {"token": "\\xc3", "logprob": -9999.0, "bytes": [0xC3]}
+
+
+async def test_streamed_logprobs_come_with_their_tokens(gateway_app):
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body(stream=True, logprobs=True, max_tokens=3)
+        )
+    chunks = [json.loads(payload) for payload in sse_payloads(response.text)[:-1]]
+    content_chunks = [chunk["choices"][0] for chunk in chunks[1:-1]]
+    assert len(content_chunks) == 3
+    for choice in content_chunks:
+        [entry] = choice["logprobs"]["content"]
+        assert entry["token"] == choice["delta"]["content"] and entry["top_logprobs"] == []
+    assert (
+        chunks[-1]["choices"][0]["logprobs"] is None and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    )
 
 
 async def test_streaming_chunks_then_usage_then_done(gateway_app):
@@ -357,6 +419,15 @@ async def test_openai_client_streaming_and_not(gateway_app):
         assert completion.choices[0].finish_reason == "length"
         assert completion.usage.total_tokens == 2 + 4
         assert completion.usage.model_extra["speculative"]["drafts"] == 4
+        assert completion.choices[0].logprobs is None
+
+        completion = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=2, logprobs=True, top_logprobs=1, presence_penalty=1.0
+        )
+        assert [entry.token for entry in completion.choices[0].logprobs.content] == REPLY_WORDS[:1] + [
+            f" {REPLY_WORDS[1]}"
+        ]
+        assert completion.choices[0].logprobs.content[1].top_logprobs[0].logprob == -0.25
 
         stream = await client.chat.completions.create(
             model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
@@ -383,6 +454,11 @@ async def test_openai_client_streaming_and_not(gateway_app):
         (chat_body(max_tokens=0), "max_tokens"),
         (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
         (chat_body(memory=True), "memory"),
+        (chat_body(frequency_penalty=2.5), "frequency_penalty"),
+        (chat_body(presence_penalty=-3), "presence_penalty"),
+        (chat_body(repetition_penalty=0), "repetition_penalty"),
+        (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (chat_body(top_logprobs=2), "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         (
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

@@ -132,6 +132,11 @@ BAD_GENERATE = {
     "negative max_tokens": (generate(sampling={"max_tokens": -1}), "max_tokens"),
     "max_tokens int32 max": (generate(sampling={"max_tokens": INT32_MAX}), "too many"),
     "too many stop strings": (generate(sampling={"stop": [f"s{i}" for i in range(1000)]}), "stop"),
+    "NaN frequency_penalty": (generate(sampling={"frequency_penalty": math.nan}), "frequency_penalty"),
+    "presence_penalty 3": (generate(sampling={"presence_penalty": 3}), "presence_penalty"),
+    "repetition_penalty 0": (generate(sampling={"repetition_penalty": 0}), "repetition_penalty"),
+    "top_logprobs 1000": (generate(sampling={"logprobs": True, "top_logprobs": 1000}), "top_logprobs"),
+    "top_logprobs without logprobs": (generate(sampling={"top_logprobs": 1}), "top_logprobs"),
     "huge stop string": (generate(sampling={"stop": [HUGE]}), "stop"),
     # Refused by its length in characters, before seconds of tokenising.
     "huge message": (
@@ -195,6 +200,14 @@ def test_the_verifier_still_generates_after_bad_input(verifier):
     replies = list(stub.Generate(generate(sampling={"max_tokens": 3}), timeout=DEADLINE_S))
     assert sum(len(r.token_ids) for r in replies) == 3
     assert replies[-1].finish_reason == verifier_pb2.FINISH_REASON_LENGTH
+    assert not any(r.logprobs for r in replies)
+    asked = generate(
+        sampling={"max_tokens": 3, "logprobs": True, "top_logprobs": 2, "repetition_penalty": 1.5}
+    )
+    replies = list(stub.Generate(asked, timeout=DEADLINE_S))
+    entries = [entry for r in replies for entry in r.logprobs]
+    assert [entry.token_id for entry in entries] == [t for r in replies for t in r.token_ids]
+    assert all(len(entry.top) == 2 and entry.logprob <= 0 and entry.token_bytes for entry in entries)
     tokens = stub.Tokenize(verifier_pb2.TokenizeRequest(text="hi"), timeout=DEADLINE_S)
     assert list(tokens.token_ids)
     assert is_serving(server.addr)

@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
-from aerie_verifier.sampling import SamplingParams, next_token, target_probs
+from aerie_verifier.sampling import SamplingParams, next_token, penalize, target_probs, token_logprobs
+from transformers import RepetitionPenaltyLogitsProcessor
 
 
 def test_greedy_is_one_hot_on_argmax():
@@ -53,3 +56,69 @@ def test_seeded_sampling_is_reproducible():
 def test_invalid_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"frequency_penalty": 2.5},
+        {"presence_penalty": -2.01},
+        {"frequency_penalty": float("nan")},
+        {"repetition_penalty": 0.0},
+        {"repetition_penalty": float("inf")},
+        {"logprobs": True, "top_logprobs": 21},
+        {"top_logprobs": 2},  # without logprobs
+    ],
+)
+def test_invalid_penalties_and_logprobs_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25)
+    scored = penalize(logits, params, counts, torch.zeros(4, dtype=torch.bool))
+    # OpenAI: logit - count * frequency_penalty - (count > 0) * presence_penalty
+    assert scored.tolist() == [[1.0, 2.0 - 0.5 - 0.25, 3.0 - 1.5 - 0.25, 4.0]]
+
+
+def test_repetition_penalty_matches_hugging_face_over_prompt_and_output():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+    prompt, output = [3, 7, 7], [7, 12, 40]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prompt + output]), logits.clone())
+    counts = torch.zeros(1, 50).index_add_(1, torch.tensor(output), torch.ones(1, len(output)))
+    seen = torch.zeros(50, dtype=torch.bool)
+    seen[prompt] = True
+    scored = penalize(logits, SamplingParams(repetition_penalty=1.3), counts, seen)
+    assert torch.equal(scored, expected)
+    assert not torch.equal(scored, logits)
+
+
+def test_penalties_change_the_greedy_choice():
+    logits = torch.tensor([[0.0, 5.0, 4.5]])
+    counts = torch.tensor([[0.0, 1.0, 0.0]])
+    params = SamplingParams(presence_penalty=1.0)
+    assert params.penalized and not SamplingParams().penalized
+    assert (
+        next_token(penalize(logits, params, counts, torch.zeros(3, dtype=torch.bool))[0], params, None) == 2
+    )
+
+
+def test_token_logprobs_are_log_softmax_with_the_top_tokens_best_first():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 30)
+    entries = token_logprobs(logits, [4, 9, 0], top_n=5)
+    expected = logits.log_softmax(-1)
+    for row, (entry, token) in enumerate(zip(entries, [4, 9, 0], strict=True)):
+        assert entry.token_id == token
+        assert entry.logprob == pytest.approx(expected[row, token].item(), abs=1e-6)
+        assert [token_id for token_id, _ in entry.top] == expected[row].topk(5).indices.tolist()
+        values = [value for _, value in entry.top]
+        assert values == sorted(values, reverse=True)
+        assert sum(math.exp(v) for v in expected[row].tolist()) == pytest.approx(1.0, abs=1e-5)
+    # fewer tokens than rows (a stop cut the step short): the first rows
+    assert [e.token_id for e in token_logprobs(logits, [4], top_n=0)] == [4]
+    assert token_logprobs(logits, [4], top_n=0)[0].top == []

@@ -11,9 +11,10 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_drafter.eagle import EagleConfig, EagleHead
 from aerie_drafter.proposer import TreeShape
+from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.drafter_client import InProcessDrafterFactory
-from aerie_verifier.engine import Engine
-from aerie_verifier.sampling import SamplingParams, target_probs
+from aerie_verifier.engine import Engine, Sequence
+from aerie_verifier.sampling import SamplingParams, penalize, target_probs
 from aerie_verifier.speculative import HiddenCapture, PaceGuard
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 from transformers import DynamicCache
@@ -408,3 +409,106 @@ def test_gpt2_and_gpt_neox_targets_speculate_losslessly(architecture, tiny_token
                     assert final.speculative.mean_acceptance_length > 2
         finally:
             engine.stop()
+
+
+PENALTIES = [
+    {"presence_penalty": 1.5},
+    {"frequency_penalty": 0.8, "presence_penalty": -0.3},
+    {"repetition_penalty": 1.6},
+]
+
+
+def reference_greedy(target, prompt, params, max_tokens):
+    """Greedy decoding with the request's penalties, one full forward per token."""
+    output: list[int] = []
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    seen[prompt] = True
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = target(torch.tensor([prompt + output])).logits[0, -1:]
+            counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=VOCAB).float()[None]
+            output.append(int(penalize(logits, params, counts, seen).argmax()))
+    return output
+
+
+@pytest.mark.parametrize("penalties", PENALTIES, ids=["presence", "frequency+presence", "repetition"])
+def test_greedy_with_penalties_is_lossless_and_penalized(target, make_engine, penalties):
+    engines = {
+        "head": make_engine(
+            InProcessDrafterFactory(random_head(target), TreeShape(depth=3, top_k=3, total_tokens=8))
+        ),
+        "branching": make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=2))),
+        "oracle": make_engine(Factory(lambda: OracleDrafter(target, 4))),
+    }
+    changed = 0
+    for prompt in prompts(3, seed=5):
+        params = SamplingParams(max_tokens=24, **penalties)
+        plain, _ = generate(engines["head"], prompt, params, speculative=False)
+        # EOS may end the reference's run early in the engine
+        assert plain == reference_greedy(target, prompt, params, 24)[: len(plain)]
+        for name, engine in engines.items():
+            spec, final = generate(engine, prompt, params, speculative=True)
+            assert spec == plain, name
+            assert final.speculative.drafts > 0
+        unpenalized, _ = generate(engines["head"], prompt, SamplingParams(max_tokens=24), speculative=False)
+        changed += unpenalized != plain
+    assert changed  # the penalties did something
+
+
+def test_tree_rows_are_penalized_along_their_own_paths(tiny_tokenizer):
+    params = SamplingParams(frequency_penalty=0.7, presence_penalty=0.2, repetition_penalty=1.3)
+    seq = Sequence(
+        request_id="r",
+        prompt_ids=[5, 6, 7],
+        params=params,
+        max_new_tokens=50,
+        on_event=lambda event: None,
+        detokenizer=IncrementalDetokenizer(tiny_tokenizer),
+        generator=None,
+        eos_ids=frozenset(),
+    )
+    seq.count_repetitions(VOCAB, torch.device("cpu"))
+    seq.append_tokens([9, 9, 12])
+    tree = DraftTree(token_ids=[9, 30, 12, 9], parents=[-1, -1, 0, 2], scores=[0.0] * 4)
+    logits = torch.randn(5, VOCAB)
+    scored = seq.scores(logits, tree)
+    seen = torch.zeros(VOCAB, dtype=torch.bool)
+    seen[[5, 6, 7]] = True
+    for row, path in enumerate([[], [9], [30], [9, 12], [9, 12, 9]]):
+        output = [9, 9, 12, *path]
+        counts = torch.bincount(torch.tensor(output), minlength=VOCAB).float()[None]
+        assert torch.allclose(scored[row], penalize(logits[row : row + 1], params, counts, seen)[0]), row
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_logprobs_are_the_targets_own_at_every_token(target, make_engine, speculative):
+    engine = make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=2, levels=2)))
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_tokens=20, logprobs=True, top_logprobs=3, presence_penalty=1.0)
+    events = []
+    done = threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit("r", prompt, params, on_event, speculative=speculative)
+    assert done.wait(120)
+    tokens = [t for e in events for t in e.token_ids]
+    entries = [entry for e in events for entry in e.logprobs]
+    assert all(len(e.logprobs) == len(e.token_ids) for e in events)
+    with torch.inference_mode():
+        expected = target(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+    assert [entry.token_id for entry in entries] == tokens
+    for position, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(expected[position, entry.token_id].item(), abs=1e-4)
+        assert [token_id for token_id, _ in entry.top] == expected[position].topk(3).indices.tolist()
+    if speculative:
+        assert events[-1].speculative.accepted_tokens > 0  # several tokens came from one tree
+
+
+def test_no_logprobs_unless_asked(target, make_engine):
+    engine = make_engine(None)
+    _, final = generate(engine, [5, 6], SamplingParams(max_tokens=3), speculative=False)
+    assert final.logprobs is None

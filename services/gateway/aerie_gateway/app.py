@@ -148,7 +148,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
             )
             if not body.stream:
-                completion = await run_unless_disconnected(request, collect_completion(generation, identity))
+                completion = await run_unless_disconnected(
+                    request, collect_completion(generation, identity, body.logprobs)
+                )
                 payload = completion.model_dump(mode="json")
                 if memory_info is not None:
                     payload["memory"] = memory_info  # Aerie extension: what memory contributed
@@ -156,7 +158,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             # Wait for the first response before sending headers, so that the verifier
             # refusing the request (too long, too busy, down) is still an HTTP status.
             first = await run_unless_disconnected(request, generation.next())
-            events = stream_chunks(generation, first, identity, body.include_usage)
+            events = stream_chunks(generation, first, identity, body.include_usage, body.logprobs)
             if memory_info is not None:
                 events = with_memory_in_first_chunk(events, memory_info)
             streaming = True

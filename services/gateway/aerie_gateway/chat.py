@@ -19,14 +19,18 @@ from starlette.types import Receive, Scope, Send
 from .errors import APIError, error_from_grpc
 from .metrics import FINISH_REASONS, RequestTracker
 from .schemas import (
+    LEAST_LOGPROB,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     SpeculativeUsage,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -42,6 +46,11 @@ def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifie
         top_k=body.top_k,
         stop=body.stop,
         max_tokens=body.completion_token_limit,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs,
     )
     if body.seed is not None:
         sampling.seed = body.seed
@@ -121,20 +130,48 @@ def usage_of(final: verifier_pb2.GenerateResponse) -> Usage:
     )
 
 
-async def collect_completion(generation: Generation, identity: CompletionIdentity) -> ChatCompletion:
-    text = []
+def _top_logprob(entry: verifier_pb2.TokenLogprob) -> TopLogprob:
+    return TopLogprob(
+        # A token holding part of a character spells the rest as escapes; ``bytes`` is exact.
+        token=entry.token_bytes.decode("utf-8", errors="backslashreplace"),
+        logprob=max(entry.logprob, LEAST_LOGPROB),
+        bytes=list(entry.token_bytes),
+    )
+
+
+def logprobs_of(response: verifier_pb2.GenerateResponse) -> list[TokenLogprob]:
+    """The OpenAI logprobs entries of the tokens ``response`` carries."""
+    return [
+        TokenLogprob(
+            **_top_logprob(entry).model_dump(), top_logprobs=[_top_logprob(top) for top in entry.top]
+        )
+        for entry in response.logprobs
+    ]
+
+
+async def collect_completion(
+    generation: Generation, identity: CompletionIdentity, logprobs: bool
+) -> ChatCompletion:
+    text: list[str] = []
+    token_logprobs: list[TokenLogprob] = []
     response = await generation.next()
     while True:
         text.append(response.text)
+        token_logprobs += logprobs_of(response)
         finish_reason = FINISH_REASONS.get(response.finish_reason)
         if finish_reason is not None:
             break
         response = await generation.next()
+    choice = Choice(
+        message=AssistantMessage(content="".join(text)),
+        logprobs=ChoiceLogprobs(content=token_logprobs) if logprobs else None,
+        finish_reason=finish_reason,
+    )
     return ChatCompletion(
         id=identity.id,
         created=identity.created,
         model=identity.model,
-        choices=[Choice(message=AssistantMessage(content="".join(text)), finish_reason=finish_reason)],
+        choices=[choice],
         usage=usage_of(response),
     )
 
@@ -148,9 +185,12 @@ async def stream_chunks(
     first: verifier_pb2.GenerateResponse,
     identity: CompletionIdentity,
     include_usage: bool,
+    logprobs: bool,
 ) -> AsyncIterator[str]:
     """Server-sent chat.completion.chunk events for a stream whose first response has
-    already arrived. Errors after the headers went out can only be reported in-band."""
+    already arrived. Errors after the headers went out can only be reported in-band. With
+    ``logprobs``, each chunk carries the entries of the tokens that came with it, and a
+    chunk goes out for tokens whose text is still held back (a possible stop string)."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -162,7 +202,10 @@ async def stream_chunks(
     response = first
     try:
         while True:
-            if response.text:
+            if logprobs and response.logprobs:
+                content = ChoiceLogprobs(content=logprobs_of(response))
+                yield chunk([ChunkChoice(delta=Delta(content=response.text), logprobs=content)])
+            elif response.text:
                 yield chunk([ChunkChoice(delta=Delta(content=response.text))])
             finish_reason = FINISH_REASONS.get(response.finish_reason)
             if finish_reason is not None:

@@ -1,7 +1,7 @@
 """OpenAI chat completion request and response bodies, plus Aerie's extensions.
 
 Requests accept what OpenAI clients commonly send and ignore fields Aerie does not use
-(``user``, ``presence_penalty``, ...). A few unions of the OpenAI schema (``content`` as a
+(``user``, ``metadata``, ...). A few unions of the OpenAI schema (``content`` as a
 string or parts, ``stop`` as a string or list, ``memory`` as false or options) are
 normalised by before-validators instead of pydantic unions, so validation errors point at
 the field itself rather than at a union branch.
@@ -15,10 +15,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+# OpenAI's bounds.
+MAX_TOP_LOGPROBS = 20
+MAX_PENALTY = 2.0
+# What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
+LEAST_LOGPROB = -9999.0
 MAX_STOP_STRINGS = 4
 # The verifier holds back any tail of the output that could still become a stop string,
 # checking every prefix of every stop string at every token: long ones cost time per token.
@@ -161,6 +175,13 @@ class ChatCompletionRequest(RequestBody):
         StopStrings, BeforeValidator(_str_as_list, json_schema_input_type=StopString | StopStrings)
     ] = Field(default_factory=list)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    frequency_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(default=0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    # Aerie extension (vLLM's and Hugging Face's): over the prompt and the output, a
+    # positive logit is divided by it, a negative one multiplied; 1 disables.
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=FLOAT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})  # see _only_one_choice
@@ -187,6 +208,13 @@ class ChatCompletionRequest(RequestBody):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, top_logprobs: int, info: ValidationInfo) -> int:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top_logprobs
 
     @property
     def completion_token_limit(self) -> int:
@@ -221,10 +249,28 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's UTF-8 bytes: a token may hold part of a character
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """Log probabilities of the completion's tokens, one entry per token, under the model's
+    own distribution (before penalties, temperature and filtering)."""
+
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -245,7 +291,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

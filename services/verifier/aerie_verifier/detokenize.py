@@ -8,7 +8,10 @@ become a stop string, because a stop string must never reach the client.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 class IncrementalDetokenizer:
@@ -70,3 +73,32 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """Release whatever was held back (the generation ended without a stop string)."""
         return self._take(len(self.text))
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """Each token id's own bytes, as OpenAI's logprobs report them: a byte-level BPE token
+    (GPT-2, Llama 3, SmolLM2) may hold part of a character, which decoding it alone would
+    turn into U+FFFD; a SentencePiece token spells its leading space as "▁" and a lone
+    byte as "<0xHH>". Special tokens are their text."""
+    vocab = tokenizer.get_vocab()
+    pieces = [""] * (max(vocab.values()) + 1)
+    for piece, token_id in vocab.items():
+        pieces[token_id] = piece
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in repr(backend.decoder)
+    byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
+    special = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+    table = []
+    for token_id, piece in enumerate(pieces):
+        if token_id in special:
+            table.append(special[token_id].encode())
+        elif byte_level and all(char in byte_of_char for char in piece):
+            table.append(bytes(byte_of_char[char] for char in piece))
+        elif match := _BYTE_FALLBACK.fullmatch(piece):
+            table.append(bytes([int(match.group(1), 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode())
+    return table

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.kv_cache import GrowingCache, check_attention_only
-from aerie_verifier.sampling import SamplingParams, next_token
+from aerie_verifier.sampling import SamplingParams, TokenLogprob, next_token, penalize, token_logprobs
 from aerie_verifier.speculative import (
     CircuitBreaker,
     Drafter,
@@ -90,6 +90,7 @@ class GenerationEvent:
     finish_reason: str | None = None  # None while running, then "stop" | "length"
     error: str | None = None  # set when the engine failed on this request
     speculative: SpeculativeStats | None = None  # on the last event of a speculative request
+    logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, when asked
 
 
 @dataclass(eq=False)  # a request is itself: compared by identity
@@ -119,14 +120,42 @@ class Sequence:
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
     spec_tokens: int = 0  # the tokens those steps yielded
+    # For repetition penalties: [vocab] counts of each token in the output, and whether
+    # the prompt holds it; None when the request has none.
+    output_counts: torch.Tensor | None = None
+    prompt_seen: torch.Tensor | None = None
+
+    def count_repetitions(self, vocab_size: int, device: torch.device) -> None:
+        """Start the counts the request's repetition penalties need."""
+        self.output_counts = torch.zeros(vocab_size, device=device)
+        self.prompt_seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.prompt_seen[torch.tensor(self.prompt_ids, device=device)] = True
 
     @property
     def prefilled(self) -> bool:
         return self.cache is not None or self.slot is not None
 
-    def append_tokens(self, tokens: list[int]) -> None:
+    def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
+        """``logits`` [rows, vocab] as the request's repetition penalties leave them: row 0
+        follows the output so far; with a ``tree``, row i+1 also follows node i's path."""
+        if not self.params.penalized:
+            return logits
+        counts = self.output_counts.expand(len(logits), -1)
+        if tree is not None and len(tree):
+            on_path = tree.ancestor_mask().to(logits.device, torch.float32)  # node j on node i's path
+            along = torch.zeros(len(tree), logits.shape[-1], device=logits.device)
+            along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
+            counts = counts + torch.cat([torch.zeros_like(along[:1]), along])
+        return penalize(logits, self.params, counts, self.prompt_seen)
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """The token to follow the output, from the target's [vocab] logits after it."""
+        return next_token(self.scores(logits[None])[0], self.params, self.generator)
+
+    def append_tokens(self, tokens: list[int], logits: torch.Tensor | None = None) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
-        even when they fall in the middle of ``tokens``; emit one event."""
+        even when they fall in the middle of ``tokens``; emit one event. ``logits`` (a row
+        per token, the target's before it) are needed when the request asks for logprobs."""
         taken: list[int] = []
         text = ""
         for token in tokens:
@@ -144,6 +173,14 @@ class Sequence:
                 break
         if self.finish_reason is not None and not self.detokenizer.stopped:
             text += self.detokenizer.flush()
+        if self.output_counts is not None and taken:
+            device = self.output_counts.device
+            self.output_counts.index_add_(
+                0, torch.tensor(taken, device=device), torch.ones(len(taken), device=device)
+            )
+        logprobs = None
+        if self.params.logprobs:
+            logprobs = token_logprobs(logits, taken, self.params.top_logprobs) if taken else []
         self.on_event(
             GenerationEvent(
                 token_ids=taken,
@@ -152,6 +189,7 @@ class Sequence:
                 completion_tokens=len(self.output_ids),
                 finish_reason=self.finish_reason,
                 speculative=self.spec_stats if self.speculative and self.finish_reason else None,
+                logprobs=logprobs,
             )
         )
 
@@ -271,6 +309,8 @@ class Engine:
             eos_ids=self.eos_ids,
             speculative=speculative and self.drafter_factory is not None,
         )
+        if params.penalized:
+            seq.count_repetitions(self.vocab_size, self.device)
         with self._cond:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
@@ -437,8 +477,8 @@ class Engine:
                     0, -1
                 ]
                 features = self.capture.features(layer_ids) if layer_ids else None
-        token = next_token(logits, seq.params, seq.generator)
-        seq.append_tokens([token])
+        token = seq.next_token(logits)
+        seq.append_tokens([token], logits[None])
         if layer_ids and seq.finish_reason is None:
             seq.capture_layer_ids = layer_ids
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
@@ -494,10 +534,10 @@ class Engine:
             logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
                 0, -1
             ]
-        token = next_token(logits, seq.params, seq.generator)
+        token = seq.next_token(logits)
         if self.pace_guard is not None:
             self.pace_guard.observe_plain_step(elapsed())
-        seq.append_tokens([token])
+        seq.append_tokens([token], logits[None])
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Sequence]) -> list[Sequence]:
@@ -530,15 +570,15 @@ class Engine:
         except Exception:
             log.exception("batched decoding of %d requests failed; stepping each alone", len(seqs))
             return []
-        tokens = [next_token(logits[row, -1], seq.params, seq.generator) for row, seq in enumerate(seqs)]
+        tokens = [seq.next_token(logits[row, -1]) for row, seq in enumerate(seqs)]
         for layer_idx, layer in enumerate(batch_cache.layers):
             for row, seq in enumerate(seqs):
                 seq.cache.update(
                     layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:], layer_idx
                 )
-        for seq, token in zip(seqs, tokens, strict=True):
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             seq.tree = None
-            seq.append_tokens([token])
+            seq.append_tokens([token], logits[row, -1:])
         return seqs
 
     def _verify_tree(self, seq: Sequence) -> None:
@@ -554,19 +594,21 @@ class Engine:
             with self.capture.layers(seq.capture_layer_ids):
                 logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
                 features = self.capture.features(seq.capture_layer_ids)
+        scores = seq.scores(logits, tree)
         if seq.params.greedy:
-            accepted, bonus = accept_greedy(tree, logits)
+            accepted, bonus = accept_greedy(tree, scores)
         else:
-            accepted, bonus = accept_sampling(tree, logits, seq.params, seq.generator)
+            accepted, bonus = accept_sampling(tree, scores, seq.params, seq.generator)
         if seq.slot is not None:
             seq.slot.keep(accepted)
         else:
             keep_cache_entries(seq.cache, past_len, accepted)
         seq.spec_stats.record(len(tree), len(accepted), elapsed())
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
-        seq.append_tokens(new_tokens)
+        rows = [0, *(i + 1 for i in accepted)]  # the rows that chose the new tokens
+        seq.append_tokens(new_tokens, logits[rows] if seq.params.logprobs else None)
         if seq.finish_reason is None:
-            verified = features[[0, *(i + 1 for i in accepted)]]
+            verified = features[rows]
             self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
         seq.spec_seconds += elapsed()
         seq.spec_tokens += len(new_tokens)

@@ -1,4 +1,5 @@
-"""Turning logits into tokens: temperature, top-k and top-p (nucleus) filtering.
+"""Turning logits into tokens: repetition penalties, temperature, top-k and top-p
+(nucleus) filtering; and the log probabilities reported with the tokens.
 
 Kept apart from the engine so that speculative verification can build the very same
 target distribution that plain sampling draws from (the basis of losslessness).
@@ -14,6 +15,9 @@ import torch
 MAX_STOP_STRINGS = 4
 # Every prefix of every stop string is checked at every token: long ones cost time per token.
 MAX_STOP_CHARS = 256
+# OpenAI's bounds: at most 20 alternatives per token, penalties within [-2, 2].
+MAX_TOP_LOGPROBS = 20
+MAX_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,15 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     max_tokens: int = 0  # 0 means "up to the context length"
+    # OpenAI's: subtracted from a token's logit per occurrence in the output so far, and
+    # once if it occurs there at all.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # Hugging Face's and vLLM's: a token of the prompt or the output so far has its logit
+    # divided by this when positive, multiplied when negative; 1 disables.
+    repetition_penalty: float = 1.0
+    logprobs: bool = False  # report each chosen token's log probability
+    top_logprobs: int = 0  # and those of this many most likely tokens at its position
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -40,10 +53,66 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
+
+
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, output_counts: torch.Tensor, prompt_seen: torch.Tensor
+) -> torch.Tensor:
+    """``logits`` [rows, vocab] with the repetition penalties of ``params`` applied, each row
+    after its own output so far: ``output_counts`` [rows, vocab] holds how often each token
+    occurs in that row's output, ``prompt_seen`` [vocab] which tokens the prompt holds. (A
+    draft tree's rows each follow their own path, so their counts differ.)"""
+    logits = logits.float()
+    in_output = output_counts > 0
+    if params.repetition_penalty != 1:
+        seen = in_output | prompt_seen
+        scaled = torch.where(
+            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+        )
+        logits = torch.where(seen, scaled, logits)
+    return logits - params.frequency_penalty * output_counts - params.presence_penalty * in_output
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log probability, and the most likely tokens' at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log probability), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    """The log probabilities of ``token_ids``, one per row of ``logits`` [rows, vocab], under
+    the model's own distribution (before penalties, temperature and filtering: vLLM's
+    default, and what the request's sampling settings cannot distort)."""
+    logprobs = torch.log_softmax(logits[: len(token_ids)].float(), dim=-1)
+    rows = torch.arange(len(token_ids), device=logits.device)
+    chosen = logprobs[rows, torch.tensor(token_ids, device=logits.device)].tolist()
+    if top_n:
+        values, ids = torch.topk(logprobs, top_n, dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in token_ids]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids, chosen, tops, strict=True)]
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

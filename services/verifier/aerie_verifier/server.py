@@ -8,8 +8,9 @@ import logging
 import grpc
 from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
 
+from aerie_verifier.detokenize import token_bytes_table
 from aerie_verifier.engine import Engine, GenerationEvent, PromptTooLongError, QueueFullError
-from aerie_verifier.sampling import SamplingParams
+from aerie_verifier.sampling import SamplingParams, TokenLogprob
 from aerie_verifier.speculative import SpeculativeStats
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         max_tokens=p.max_tokens,
+        frequency_penalty=p.frequency_penalty,
+        presence_penalty=p.presence_penalty,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        logprobs=p.logprobs,
+        top_logprobs=p.top_logprobs,
     )
 
 
@@ -45,6 +51,26 @@ def _stats_to_proto(stats: SpeculativeStats | None) -> verifier_pb2.SpeculativeS
     )
 
 
+def _logprobs_to_proto(
+    logprobs: list[TokenLogprob] | None, token_bytes: list[bytes]
+) -> list[verifier_pb2.TokenLogprob]:
+    def spell(token_id: int) -> bytes:  # a model's vocabulary may have rows past its tokenizer's
+        return token_bytes[token_id] if token_id < len(token_bytes) else b""
+
+    return [
+        verifier_pb2.TokenLogprob(
+            token_id=entry.token_id,
+            token_bytes=spell(entry.token_id),
+            logprob=entry.logprob,
+            top=[
+                verifier_pb2.TokenLogprob(token_id=token_id, token_bytes=spell(token_id), logprob=logprob)
+                for token_id, logprob in entry.top
+            ],
+        )
+        for entry in logprobs or ()
+    ]
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, engine: Engine, model_id: str, device: str, dtype: str):
         self.engine = engine
@@ -56,6 +82,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         # seconds a megabyte on this event loop.
         self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()))
         self.max_prompt_chars = engine.context_length * self.max_token_chars
+        self.token_bytes = token_bytes_table(engine.tokenizer)  # for logprobs
 
     def _check_prompt_chars(self, messages) -> None:
         self._check_chars(sum(len(m.role) + len(m.content) for m in messages), "the messages hold")
@@ -113,6 +140,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     speculative=_stats_to_proto(event.speculative),
+                    logprobs=_logprobs_to_proto(event.logprobs, self.token_bytes),
                 )
         finally:
             # Runs on normal completion too (harmless then); on a caller that went away
