@@ -205,6 +205,26 @@ def test_logprobs_and_penalties_with_and_without_speculation(stack):
         assert abs(spec_entry["logprob"] - plain_entry["logprob"]) < 1e-3
 
 
+def test_logit_bias_bans_a_token_with_and_without_speculation(stack):
+    async def token_ids(text):
+        async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
+            reply = await verifier_pb2_grpc.VerifierStub(channel).Tokenize(
+                verifier_pb2.TokenizeRequest(text=text)
+            )
+            return list(reply.token_ids)
+
+    banned = {str(token): -100 for text in (" Paris", "Paris") for token in asyncio.run(token_ids(text))}
+    replies = [
+        chat(
+            stack, messages=CAPITAL, temperature=0, max_tokens=32, logit_bias=banned, speculative=spec
+        ).json()
+        for spec in (False, True)
+    ]
+    texts = [reply["choices"][0]["message"]["content"] for reply in replies]
+    assert texts[0] == texts[1]
+    assert "Paris" not in texts[0] and len(texts[0]) > 10
+
+
 def test_cancelled_stream_stops_generation(stack):
     async def scenario():
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:

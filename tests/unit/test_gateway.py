@@ -284,6 +284,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "presence_penalty": 0.5,
         "frequency_penalty": -1.25,
         "repetition_penalty": 1.2,
+        "logit_bias": {"17": -100, "3": 2.5},
         "logprobs": True,
         "top_logprobs": 2,
     }
@@ -304,6 +305,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert (sent.sampling.presence_penalty, sent.sampling.frequency_penalty) == (0.5, -1.25)
     assert sent.sampling.repetition_penalty == pytest.approx(1.2)
     assert sent.sampling.logprobs and sent.sampling.top_logprobs == 2
+    assert dict(sent.sampling.logit_bias) == {17: -100.0, 3: 2.5}
     assert sent.speculative is False
 
 
@@ -459,6 +461,9 @@ async def test_openai_client_streaming_and_not(gateway_app):
         (chat_body(repetition_penalty=0), "repetition_penalty"),
         (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
         (chat_body(top_logprobs=2), "top_logprobs"),
+        (chat_body(logit_bias={"x": 1}), "logit_bias"),
+        (chat_body(logit_bias={"5": 101}), "logit_bias.5"),
+        (chat_body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias"),
         ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         (
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

@@ -137,6 +137,8 @@ BAD_GENERATE = {
     "repetition_penalty 0": (generate(sampling={"repetition_penalty": 0}), "repetition_penalty"),
     "top_logprobs 1000": (generate(sampling={"logprobs": True, "top_logprobs": 1000}), "top_logprobs"),
     "top_logprobs without logprobs": (generate(sampling={"top_logprobs": 1}), "top_logprobs"),
+    "logit_bias past the vocabulary": (generate(sampling={"logit_bias": {TINY_VOCAB: 1.0}}), "logit_bias"),
+    "logit_bias 1000": (generate(sampling={"logit_bias": {5: 1000.0}}), "logit_bias"),
     "huge stop string": (generate(sampling={"stop": [HUGE]}), "stop"),
     # Refused by its length in characters, before seconds of tokenising.
     "huge message": (

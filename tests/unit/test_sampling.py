@@ -2,7 +2,14 @@ import math
 
 import pytest
 import torch
-from aerie_verifier.sampling import SamplingParams, next_token, penalize, target_probs, token_logprobs
+from aerie_verifier.sampling import (
+    LogitAdjuster,
+    SamplingParams,
+    next_token,
+    penalize,
+    target_probs,
+    token_logprobs,
+)
 from transformers import RepetitionPenaltyLogitsProcessor
 
 
@@ -68,6 +75,9 @@ def test_invalid_params_are_refused(kwargs):
         {"repetition_penalty": float("inf")},
         {"logprobs": True, "top_logprobs": 21},
         {"top_logprobs": 2},  # without logprobs
+        {"logit_bias": ((5, 100.5),)},
+        {"logit_bias": ((-1, 1.0),)},
+        {"logit_bias": tuple((i, 1.0) for i in range(301))},
     ],
 )
 def test_invalid_penalties_and_logprobs_are_refused(kwargs):
@@ -105,6 +115,18 @@ def test_penalties_change_the_greedy_choice():
     assert (
         next_token(penalize(logits, params, counts, torch.zeros(3, dtype=torch.bool))[0], params, None) == 2
     )
+
+
+def test_logit_bias_is_added_then_penalties_follow_each_rows_counts():
+    params = SamplingParams(logit_bias=((1, -100.0), (3, 2.5)), presence_penalty=1.0)
+    adjuster = LogitAdjuster(params, prompt_ids=[0], vocab_size=4, device=torch.device("cpu"))
+    logits = torch.zeros(2, 4)
+    assert adjuster(logits).tolist() == [[0.0, -100.0, 0.0, 2.5]] * 2
+    adjuster.observe([3, 3])
+    path_counts = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert adjuster(logits, path_counts).tolist() == [[0.0, -100.0, 0.0, 1.5], [0.0, -100.0, -1.0, 1.5]]
+    with pytest.raises(ValueError, match="logit_bias token ids"):
+        LogitAdjuster(SamplingParams(logit_bias=((4, 1.0),)), [0], vocab_size=4, device=torch.device("cpu"))
 
 
 def test_token_logprobs_are_log_softmax_with_the_top_tokens_best_first():

@@ -14,7 +14,7 @@ from aerie_drafter.proposer import TreeShape
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, Sequence
-from aerie_verifier.sampling import SamplingParams, penalize, target_probs
+from aerie_verifier.sampling import LogitAdjuster, SamplingParams, penalize, target_probs
 from aerie_verifier.speculative import HiddenCapture, PaceGuard
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 from transformers import DynamicCache
@@ -415,11 +415,12 @@ PENALTIES = [
     {"presence_penalty": 1.5},
     {"frequency_penalty": 0.8, "presence_penalty": -0.3},
     {"repetition_penalty": 1.6},
+    {"logit_bias": tuple((token, 3.0) for token in range(60, 90)) + ((5, -100.0),)},
 ]
 
 
 def reference_greedy(target, prompt, params, max_tokens):
-    """Greedy decoding with the request's penalties, one full forward per token."""
+    """Greedy decoding with the request's bias and penalties, one full forward per token."""
     output: list[int] = []
     seen = torch.zeros(VOCAB, dtype=torch.bool)
     seen[prompt] = True
@@ -427,11 +428,15 @@ def reference_greedy(target, prompt, params, max_tokens):
         for _ in range(max_tokens):
             logits = target(torch.tensor([prompt + output])).logits[0, -1:]
             counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=VOCAB).float()[None]
+            for token, bias in params.logit_bias:
+                logits[0, token] += bias
             output.append(int(penalize(logits, params, counts, seen).argmax()))
     return output
 
 
-@pytest.mark.parametrize("penalties", PENALTIES, ids=["presence", "frequency+presence", "repetition"])
+@pytest.mark.parametrize(
+    "penalties", PENALTIES, ids=["presence", "frequency+presence", "repetition", "logit_bias"]
+)
 def test_greedy_with_penalties_is_lossless_and_penalized(target, make_engine, penalties):
     engines = {
         "head": make_engine(
@@ -467,7 +472,7 @@ def test_tree_rows_are_penalized_along_their_own_paths(tiny_tokenizer):
         generator=None,
         eos_ids=frozenset(),
     )
-    seq.count_repetitions(VOCAB, torch.device("cpu"))
+    seq.adjuster = LogitAdjuster(params, seq.prompt_ids, VOCAB, torch.device("cpu"))
     seq.append_tokens([9, 9, 12])
     tree = DraftTree(token_ids=[9, 30, 12, 9], parents=[-1, -1, 0, 2], scores=[0.0] * 4)
     logits = torch.randn(5, VOCAB)

@@ -49,6 +49,7 @@ def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifie
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty,
+        logit_bias=body.token_logit_bias,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )

@@ -31,6 +31,8 @@ FLOAT32_MAX = 3.4028234663852886e38
 # OpenAI's bounds.
 MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 300
 # What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
 LEAST_LOGPROB = -9999.0
 MAX_STOP_STRINGS = 4
@@ -180,6 +182,10 @@ class ChatCompletionRequest(RequestBody):
     # Aerie extension (vLLM's and Hugging Face's): over the prompt and the output, a
     # positive logit is divided by it, a negative one multiplied; 1 disables.
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=FLOAT32_MAX)
+    # OpenAI's: token id (a JSON object's key, so a string) -> bias added to its logit.
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS
+    )
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
@@ -208,6 +214,18 @@ class ChatCompletionRequest(RequestBody):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_as_keys(cls, logit_bias: dict[str, float]) -> dict[str, float]:
+        for key in logit_bias:
+            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+        return logit_bias
+
+    @property
+    def token_logit_bias(self) -> dict[int, float]:
+        return {int(key): bias for key, bias in self.logit_bias.items()}
 
     @field_validator("top_logprobs")
     @classmethod

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.kv_cache import GrowingCache, check_attention_only
-from aerie_verifier.sampling import SamplingParams, TokenLogprob, next_token, penalize, token_logprobs
+from aerie_verifier.sampling import LogitAdjuster, SamplingParams, TokenLogprob, next_token, token_logprobs
 from aerie_verifier.speculative import (
     CircuitBreaker,
     Drafter,
@@ -120,33 +120,26 @@ class Sequence:
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
     spec_tokens: int = 0  # the tokens those steps yielded
-    # For repetition penalties: [vocab] counts of each token in the output, and whether
-    # the prompt holds it; None when the request has none.
-    output_counts: torch.Tensor | None = None
-    prompt_seen: torch.Tensor | None = None
-
-    def count_repetitions(self, vocab_size: int, device: torch.device) -> None:
-        """Start the counts the request's repetition penalties need."""
-        self.output_counts = torch.zeros(vocab_size, device=device)
-        self.prompt_seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.prompt_seen[torch.tensor(self.prompt_ids, device=device)] = True
+    # The request's logit bias and repetition penalties; None when it has neither.
+    adjuster: LogitAdjuster | None = None
 
     @property
     def prefilled(self) -> bool:
         return self.cache is not None or self.slot is not None
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
-        """``logits`` [rows, vocab] as the request's repetition penalties leave them: row 0
-        follows the output so far; with a ``tree``, row i+1 also follows node i's path."""
-        if not self.params.penalized:
+        """``logits`` [rows, vocab] as the request's logit bias and repetition penalties leave
+        them: row 0 follows the output so far; with a ``tree``, row i+1 also follows node
+        i's path."""
+        if self.adjuster is None:
             return logits
-        counts = self.output_counts.expand(len(logits), -1)
-        if tree is not None and len(tree):
+        path_counts = None
+        if tree is not None and len(tree) and self.params.penalized:
             on_path = tree.ancestor_mask().to(logits.device, torch.float32)  # node j on node i's path
             along = torch.zeros(len(tree), logits.shape[-1], device=logits.device)
             along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
-            counts = counts + torch.cat([torch.zeros_like(along[:1]), along])
-        return penalize(logits, self.params, counts, self.prompt_seen)
+            path_counts = torch.cat([torch.zeros_like(along[:1]), along])
+        return self.adjuster(logits, path_counts)
 
     def next_token(self, logits: torch.Tensor) -> int:
         """The token to follow the output, from the target's [vocab] logits after it."""
@@ -173,11 +166,8 @@ class Sequence:
                 break
         if self.finish_reason is not None and not self.detokenizer.stopped:
             text += self.detokenizer.flush()
-        if self.output_counts is not None and taken:
-            device = self.output_counts.device
-            self.output_counts.index_add_(
-                0, torch.tensor(taken, device=device), torch.ones(len(taken), device=device)
-            )
+        if self.adjuster is not None and taken:
+            self.adjuster.observe(taken)
         logprobs = None
         if self.params.logprobs:
             logprobs = token_logprobs(logits, taken, self.params.top_logprobs) if taken else []
@@ -309,8 +299,8 @@ class Engine:
             eos_ids=self.eos_ids,
             speculative=speculative and self.drafter_factory is not None,
         )
-        if params.penalized:
-            seq.count_repetitions(self.vocab_size, self.device)
+        if params.adjusts_logits:
+            seq.adjuster = LogitAdjuster(params, seq.prompt_ids, self.vocab_size, self.device)
         with self._cond:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")

@@ -1,5 +1,5 @@
-"""Turning logits into tokens: repetition penalties, temperature, top-k and top-p
-(nucleus) filtering; and the log probabilities reported with the tokens.
+"""Turning logits into tokens: logit bias, repetition penalties, temperature, top-k and
+top-p (nucleus) filtering; and the log probabilities reported with the tokens.
 
 Kept apart from the engine so that speculative verification can build the very same
 target distribution that plain sampling draws from (the basis of losslessness).
@@ -15,9 +15,12 @@ import torch
 MAX_STOP_STRINGS = 4
 # Every prefix of every stop string is checked at every token: long ones cost time per token.
 MAX_STOP_CHARS = 256
-# OpenAI's bounds: at most 20 alternatives per token, penalties within [-2, 2].
+# OpenAI's bounds: at most 20 alternatives per token, penalties within [-2, 2], biases
+# within [-100, 100] (of at most 300 tokens).
 MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 300
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class SamplingParams:
     # Hugging Face's and vLLM's: a token of the prompt or the output so far has its logit
     # divided by this when positive, multiplied when negative; 1 disables.
     repetition_penalty: float = 1.0
+    # OpenAI's: (token id, bias) pairs, each bias added to that token's logit.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False  # report each chosen token's log probability
     top_logprobs: int = 0  # and those of this many most likely tokens at its position
 
@@ -59,6 +64,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(
+                f"logit_bias holds {len(self.logit_bias)} tokens, more than {MAX_LOGIT_BIAS_TOKENS}"
+            )
+        for token_id, bias in self.logit_bias:
+            if token_id < 0:
+                raise ValueError(f"logit_bias names token id {token_id}: token ids are >= 0")
+            if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                raise ValueError(f"logit_bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:
@@ -72,14 +86,18 @@ class SamplingParams:
     def penalized(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.penalized or bool(self.logit_bias)
+
 
 def penalize(
     logits: torch.Tensor, params: SamplingParams, output_counts: torch.Tensor, prompt_seen: torch.Tensor
 ) -> torch.Tensor:
     """``logits`` [rows, vocab] with the repetition penalties of ``params`` applied, each row
-    after its own output so far: ``output_counts`` [rows, vocab] holds how often each token
-    occurs in that row's output, ``prompt_seen`` [vocab] which tokens the prompt holds. (A
-    draft tree's rows each follow their own path, so their counts differ.)"""
+    after its own output so far: ``output_counts`` [rows or 1, vocab] holds how often each
+    token occurs in that row's output, ``prompt_seen`` [vocab] which tokens the prompt
+    holds. (A draft tree's rows each follow their own path, so their counts differ.)"""
     logits = logits.float()
     in_output = output_counts > 0
     if params.repetition_penalty != 1:
@@ -89,6 +107,41 @@ def penalize(
         )
         logits = torch.where(seen, scaled, logits)
     return logits - params.frequency_penalty * output_counts - params.presence_penalty * in_output
+
+
+class LogitAdjuster:
+    """One request's logit bias and repetition penalties, with the counts they need."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device: torch.device):
+        if any(token_id >= vocab_size for token_id, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab_size})")
+        self.params = params
+        self.bias = None
+        if params.logit_bias:
+            token_ids, biases = zip(*params.logit_bias, strict=True)
+            self.bias = torch.zeros(vocab_size, device=device)
+            self.bias[torch.tensor(token_ids, device=device)] = torch.tensor(biases, device=device)
+        self.output_counts = torch.zeros(vocab_size, device=device)
+        self.prompt_seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.prompt_seen[torch.tensor(prompt_ids, device=device)] = True
+
+    def observe(self, token_ids: list[int]) -> None:
+        """Count tokens that joined the output."""
+        device = self.output_counts.device
+        self.output_counts.index_add_(
+            0, torch.tensor(token_ids, device=device), torch.ones(len(token_ids), device=device)
+        )
+
+    def __call__(self, logits: torch.Tensor, path_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` [rows, vocab] as the bias and penalties leave them, each row after the
+        output so far plus, where given, ``path_counts`` [rows, vocab] tokens of its own."""
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        if not self.params.penalized:
+            return logits
+        counts = self.output_counts if path_counts is None else self.output_counts + path_counts
+        return penalize(logits, self.params, counts, self.prompt_seen)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         frequency_penalty=p.frequency_penalty,
         presence_penalty=p.presence_penalty,
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        logit_bias=tuple(sorted(p.logit_bias.items())),
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
     )
