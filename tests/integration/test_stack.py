@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,6 +224,53 @@ def test_logit_bias_bans_a_token_with_and_without_speculation(stack):
     texts = [reply["choices"][0]["message"]["content"] for reply in replies]
     assert texts[0] == texts[1]
     assert "Paris" not in texts[0] and len(texts[0]) > 10
+
+
+COUNTRY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "capital": {"type": "string", "maxLength": 40},
+        "continent": {"enum": ["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]},
+    },
+    "required": ["name", "capital", "continent"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_with_and_without_speculation(stack):
+    jsonschema = pytest.importorskip("jsonschema")
+    messages = [{"role": "user", "content": "Describe France as JSON: its name, capital and continent."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "country", "schema": COUNTRY}}
+    replies = [
+        chat(
+            stack,
+            messages=messages,
+            temperature=0,
+            max_tokens=80,
+            response_format=response_format,
+            speculative=spec,
+        ).json()
+        for spec in (False, True)
+    ]
+    texts = [reply["choices"][0]["message"]["content"] for reply in replies]
+    assert texts[0] == texts[1]
+    assert replies[1]["usage"]["speculative"]["accepted_tokens"] > 0
+    jsonschema.validate(json.loads(texts[0]), COUNTRY)
+    assert replies[0]["choices"][0]["finish_reason"] == "stop"
+
+    question = [{"role": "user", "content": "Is Paris in France? Answer yes or no."}]
+    choice = chat(
+        stack, messages=question, temperature=0, structured_outputs={"choice": ["yes", "no"]}
+    ).json()
+    assert choice["choices"][0]["message"]["content"] in ("yes", "no")
+    date = chat(
+        stack, messages=question, temperature=0, structured_outputs={"regex": r"[0-9]{4}-[0-9]{2}"}
+    ).json()
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}", date["choices"][0]["message"]["content"])
+
+    bad = chat(stack, messages=question, structured_outputs={"regex": "(unclosed"})
+    assert bad.status_code == 400 and "regex does not compile" in bad.json()["error"]["message"]
 
 
 def test_cancelled_stream_stops_generation(stack):

@@ -285,6 +285,10 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "frequency_penalty": -1.25,
         "repetition_penalty": 1.2,
         "logit_bias": {"17": -100, "3": 2.5},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "reply", "schema": {"type": "integer"}},
+        },
         "logprobs": True,
         "top_logprobs": 2,
     }
@@ -306,6 +310,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.repetition_penalty == pytest.approx(1.2)
     assert sent.sampling.logprobs and sent.sampling.top_logprobs == 2
     assert dict(sent.sampling.logit_bias) == {17: -100.0, 3: 2.5}
+    assert json.loads(sent.sampling.structured.json_schema) == {"type": "integer"}
     assert sent.speculative is False
 
 
@@ -329,7 +334,35 @@ async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_veri
         1,
     )
     assert not sent.sampling.logprobs and sent.sampling.top_logprobs == 0
+    assert sent.sampling.structured.WhichOneof("constraint") is None
     assert sent.speculative is True
+
+
+@pytest.mark.parametrize(
+    ("fields", "constraint", "value"),
+    [
+        ({"response_format": {"type": "text"}}, None, None),
+        ({"response_format": {"type": "json_object"}}, "json_object", True),
+        ({"structured_outputs": {"json": {"type": "object"}}}, "json_schema", '{"type": "object"}'),
+        ({"structured_outputs": {"json": '{"type": "string"}'}}, "json_schema", '{"type": "string"}'),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, "regex", "[0-9]+"),
+        ({"structured_outputs": {"grammar": 'root ::= "a"'}}, "grammar", 'root ::= "a"'),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ["yes", "no"]),
+    ],
+)
+async def test_structured_outputs_map_onto_the_verifiers_constraint(
+    gateway_app, gateway_fake_verifier, fields, constraint, value
+):
+    fake, _ = gateway_fake_verifier
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(**fields))
+    assert response.status_code == 200, response.text
+    structured = fake.requests[response.json()["id"]].sampling.structured
+    assert structured.WhichOneof("constraint") == constraint
+    if constraint == "choice":
+        assert list(structured.choice.options) == value
+    elif constraint is not None:
+        assert getattr(structured, constraint) == value
 
 
 async def test_logprobs_one_entry_per_token_with_exact_bytes(gateway_app):
@@ -462,6 +495,18 @@ async def test_openai_client_streaming_and_not(gateway_app):
         (chat_body(logprobs=True, top_logprobs=21), "top_logprobs"),
         (chat_body(top_logprobs=2), "top_logprobs"),
         (chat_body(logit_bias={"x": 1}), "logit_bias"),
+        (chat_body(response_format={"type": "json_schema"}), "response_format"),
+        (chat_body(response_format={"type": "xml"}), "response_format.type"),
+        (
+            chat_body(response_format={"type": "json_schema", "json_schema": {"schema": {}}}),
+            "response_format.json_schema.name",
+        ),
+        (chat_body(structured_outputs={"regex": "a", "choice": ["b"]}), "structured_outputs"),
+        (chat_body(structured_outputs={"choice": []}), "structured_outputs.choice"),
+        (
+            chat_body(structured_outputs={"regex": "a"}, response_format={"type": "json_object"}),
+            "structured_outputs",
+        ),
         (chat_body(logit_bias={"5": 101}), "logit_bias.5"),
         (chat_body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias"),
         ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),

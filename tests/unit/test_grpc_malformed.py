@@ -139,6 +139,15 @@ BAD_GENERATE = {
     "top_logprobs without logprobs": (generate(sampling={"top_logprobs": 1}), "top_logprobs"),
     "logit_bias past the vocabulary": (generate(sampling={"logit_bias": {TINY_VOCAB: 1.0}}), "logit_bias"),
     "logit_bias 1000": (generate(sampling={"logit_bias": {5: 1000.0}}), "logit_bias"),
+    "regex that does not compile": (
+        generate(sampling={"structured": {"regex": "(a"}}),
+        "regex does not compile",
+    ),
+    "schema that does not compile": (
+        generate(sampling={"structured": {"json_schema": '{"type": 5}'}}),
+        "json schema does not compile",
+    ),
+    "choice of nothing": (generate(sampling={"structured": {"choice": {}}}), "at least one option"),
     "huge stop string": (generate(sampling={"stop": [HUGE]}), "stop"),
     # Refused by its length in characters, before seconds of tokenising.
     "huge message": (
@@ -210,6 +219,9 @@ def test_the_verifier_still_generates_after_bad_input(verifier):
     entries = [entry for r in replies for entry in r.logprobs]
     assert [entry.token_id for entry in entries] == [t for r in replies for t in r.token_ids]
     assert all(len(entry.top) == 2 and entry.logprob <= 0 and entry.token_bytes for entry in entries)
+    structured = generate(sampling={"max_tokens": 20, "structured": {"regex": "(yes|no)!"}})
+    replies = list(stub.Generate(structured, timeout=DEADLINE_S))
+    assert "".join(r.text for r in replies) in ("yes!", "no!")
     tokens = stub.Tokenize(verifier_pb2.TokenizeRequest(text="hi"), timeout=DEADLINE_S)
     assert list(tokens.token_ids)
     assert is_serving(server.addr)

@@ -39,6 +39,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def structured_output(body: ChatCompletionRequest) -> verifier_pb2.StructuredOutput | None:
+    """The request's response_format or structured_outputs, as the verifier takes them."""
+    response_format, structured = body.response_format, body.structured_outputs
+    if response_format is not None and response_format.type == "json_object":
+        return verifier_pb2.StructuredOutput(json_object=True)
+    if response_format is not None and response_format.type == "json_schema":
+        return verifier_pb2.StructuredOutput(json_schema=json.dumps(response_format.json_schema.json_schema))
+    if structured is None:
+        return None
+    if isinstance(structured.json_schema, str):
+        return verifier_pb2.StructuredOutput(json_schema=structured.json_schema)
+    if structured.json_schema is not None:
+        return verifier_pb2.StructuredOutput(json_schema=json.dumps(structured.json_schema))
+    if structured.choice is not None:
+        return verifier_pb2.StructuredOutput(
+            choice=verifier_pb2.StructuredOutput.Choice(options=structured.choice)
+        )
+    if structured.regex is not None:
+        return verifier_pb2.StructuredOutput(regex=structured.regex)
+    return verifier_pb2.StructuredOutput(grammar=structured.grammar)
+
+
 def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
     sampling = verifier_pb2.SamplingParams(
         temperature=body.temperature,
@@ -50,6 +72,7 @@ def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifie
         presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty,
         logit_bias=body.token_logit_bias,
+        structured=structured_output(body),
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs,
     )

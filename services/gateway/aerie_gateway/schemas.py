@@ -140,6 +140,52 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(StrictModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute; absent, any JSON value matches.
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(StrictModel):
+    """OpenAI's response_format: free text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is needed with type "json_schema", and only then')
+        return self
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's structured_outputs: exactly one of a JSON schema, a regular expression, a
+    choice of strings or an EBNF grammar (GBNF's dialect, rule root first)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")  # a schema, or its JSON text
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [
+            name for name in ("json_schema", "regex", "choice", "grammar") if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, regex, choice and grammar")
+        return self
+
+
 class MemoryOptions(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -186,6 +232,8 @@ class ChatCompletionRequest(RequestBody):
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
         default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS
     )
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     stream: bool = False
@@ -226,6 +274,16 @@ class ChatCompletionRequest(RequestBody):
     @property
     def token_logit_bias(self) -> dict[int, float]:
         return {int(key): bias for key, bias in self.logit_bias.items()}
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(
+        cls, structured: StructuredOutputs | None, info: ValidationInfo
+    ) -> StructuredOutputs | None:
+        response_format = info.data.get("response_format")
+        if structured is not None and response_format is not None and response_format.type != "text":
+            raise ValueError("give either structured_outputs or a JSON response_format, not both")
+        return structured
 
     @field_validator("top_logprobs")
     @classmethod

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from aerie_common.draft_tree import DraftTree
 from jinja2 import TemplateError
 from transformers import DynamicCache
+from xgrammar import CompiledGrammar
 
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
@@ -45,6 +46,7 @@ from aerie_verifier.speculative import (
     SpeculativeStats,
 )
 from aerie_verifier.static_slot import StaticSlot
+from aerie_verifier.structured_output import GrammarCompiler, GrammarConstraint
 from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
 
 log = logging.getLogger(__name__)
@@ -122,24 +124,30 @@ class Sequence:
     spec_tokens: int = 0  # the tokens those steps yielded
     # The request's logit bias and repetition penalties; None when it has neither.
     adjuster: LogitAdjuster | None = None
+    grammar: GrammarConstraint | None = None  # its structured output's, if any
 
     @property
     def prefilled(self) -> bool:
         return self.cache is not None or self.slot is not None
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
-        """``logits`` [rows, vocab] as the request's logit bias and repetition penalties leave
-        them: row 0 follows the output so far; with a ``tree``, row i+1 also follows node
-        i's path."""
-        if self.adjuster is None:
-            return logits
-        path_counts = None
-        if tree is not None and len(tree) and self.params.penalized:
-            on_path = tree.ancestor_mask().to(logits.device, torch.float32)  # node j on node i's path
-            along = torch.zeros(len(tree), logits.shape[-1], device=logits.device)
-            along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
-            path_counts = torch.cat([torch.zeros_like(along[:1]), along])
-        return self.adjuster(logits, path_counts)
+        """``logits`` [rows, vocab] as the request's logit bias, repetition penalties and
+        structured output leave them: row 0 follows the output so far; with a ``tree``, row
+        i+1 also follows node i's path."""
+        scores = logits
+        if self.adjuster is not None:
+            path_counts = None
+            if tree is not None and len(tree) and self.params.penalized:
+                on_path = tree.ancestor_mask().to(logits.device, torch.float32)  # node j on node i's path
+                along = torch.zeros(len(tree), logits.shape[-1], device=logits.device)
+                along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
+                path_counts = torch.cat([torch.zeros_like(along[:1]), along])
+            scores = self.adjuster(logits, path_counts)
+        if self.grammar is not None:
+            if scores is logits:  # masked in place: the logits stay as they are, for logprobs
+                scores = logits.to(torch.float32, copy=True)
+            self.grammar.mask(scores, tree)
+        return scores
 
     def next_token(self, logits: torch.Tensor) -> int:
         """The token to follow the output, from the target's [vocab] logits after it."""
@@ -168,6 +176,8 @@ class Sequence:
             text += self.detokenizer.flush()
         if self.adjuster is not None and taken:
             self.adjuster.observe(taken)
+        if self.grammar is not None:
+            self.grammar.accept(taken)
         logprobs = None
         if self.params.logprobs:
             logprobs = token_logprobs(logits, taken, self.params.top_logprobs) if taken else []
@@ -218,6 +228,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.context_length = _context_length(model)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
         self.drafter_factory = drafter_factory
         self.capture = HiddenCapture(model) if drafter_factory else None
         # Fixed-size KV cache slots (make_slots), free ones last in, first out. Engines
@@ -279,7 +290,10 @@ class Engine:
         params: SamplingParams,
         on_event: Callable[[GenerationEvent], None],
         speculative: bool = False,
+        grammar: CompiledGrammar | None = None,
     ) -> RequestHandle:
+        """Queue a request. A structured output's ``grammar`` may come compiled already
+        (``self.grammars.compile``, off the caller's event loop); else it is compiled here."""
         max_new_tokens = self._check_lengths(len(prompt_ids), params.max_tokens)
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
@@ -301,6 +315,10 @@ class Engine:
         )
         if params.adjusts_logits:
             seq.adjuster = LogitAdjuster(params, seq.prompt_ids, self.vocab_size, self.device)
+        if params.structured is not None:
+            seq.grammar = GrammarConstraint(
+                grammar or self.grammars.compile(params.structured), self.vocab_size
+            )
         with self._cond:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aerie_verifier.structured_output import StructuredOutput
+
 MAX_STOP_STRINGS = 4
 # Every prefix of every stop string is checked at every token: long ones cost time per token.
 MAX_STOP_CHARS = 256
@@ -40,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # OpenAI's: (token id, bias) pairs, each bias added to that token's logit.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None  # what the output must match
     logprobs: bool = False  # report each chosen token's log probability
     top_logprobs: int = 0  # and those of this many most likely tokens at its position
 

@@ -12,6 +12,7 @@ from aerie_verifier.detokenize import token_bytes_table
 from aerie_verifier.engine import Engine, GenerationEvent, PromptTooLongError, QueueFullError
 from aerie_verifier.sampling import SamplingParams, TokenLogprob
 from aerie_verifier.speculative import SpeculativeStats
+from aerie_verifier.structured_output import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,17 @@ _FINISH = {
     "length": verifier_pb2.FINISH_REASON_LENGTH,
 }
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
+
+
+def _structured_from_proto(p: verifier_pb2.StructuredOutput) -> StructuredOutput | None:
+    kind = p.WhichOneof("constraint")
+    if kind is None:
+        return None
+    if kind == "choice":
+        return StructuredOutput.choice(list(p.choice.options))
+    if kind == "json_object":
+        return StructuredOutput("json_object") if p.json_object else None
+    return StructuredOutput(kind, getattr(p, kind))
 
 
 def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
@@ -35,6 +47,7 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         presence_penalty=p.presence_penalty,
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
         logit_bias=tuple(sorted(p.logit_bias.items())),
+        structured=_structured_from_proto(p.structured),
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
     )
@@ -108,6 +121,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             params = sampling_from_proto(request.sampling)
             # Tokenising (and the chat template) takes a while on long prompts: off the loop.
             prompt_ids = await asyncio.to_thread(self._prompt_ids, request.messages, request.prompt_token_ids)
+            # and so does compiling a structured output's grammar
+            grammar = None
+            if params.structured is not None:
+                grammar = await asyncio.to_thread(self.engine.grammars.compile, params.structured)
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         loop = asyncio.get_running_loop()
@@ -118,7 +135,12 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
         try:
             handle = self.engine.submit(
-                request.request_id, prompt_ids, params, on_event, speculative=request.speculative
+                request.request_id,
+                prompt_ids,
+                params,
+                on_event,
+                speculative=request.speculative,
+                grammar=grammar,
             )
         except PromptTooLongError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
