@@ -273,6 +273,45 @@ def test_structured_outputs_with_and_without_speculation(stack):
     assert bad.status_code == 400 and "regex does not compile" in bad.json()["error"]["message"]
 
 
+def test_legacy_completions_continue_a_raw_prompt(stack):
+    prompt = "The capital of France is"
+    url = f"{stack.base_url}/v1/completions"
+    fields = {"model": "smollm2-135m-instruct", "max_tokens": 12, "temperature": 0}
+    replies = [
+        httpx.post(
+            url, json={**fields, "prompt": prompt, "logprobs": 1, "speculative": spec}, timeout=120
+        ).json()
+        for spec in (False, True)
+    ]
+    texts = [reply["choices"][0]["text"] for reply in replies]
+    assert texts[0] == texts[1] and "Paris" in texts[0]
+    assert replies[1]["usage"]["speculative"]["drafts"] > 0
+    logprobs = replies[0]["choices"][0]["logprobs"]
+    assert (
+        "".join(logprobs["tokens"]) == texts[0]
+        and len(logprobs["tokens"]) == replies[0]["usage"]["completion_tokens"]
+    )
+
+    async def token_ids():
+        async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
+            reply = await verifier_pb2_grpc.VerifierStub(channel).Tokenize(
+                verifier_pb2.TokenizeRequest(text=prompt)
+            )
+            return list(reply.token_ids)
+
+    by_ids = httpx.post(url, json={**fields, "prompt": asyncio.run(token_ids())}, timeout=120).json()
+    assert by_ids["choices"][0]["text"] == texts[0]
+    assert by_ids["usage"]["prompt_tokens"] == replies[0]["usage"]["prompt_tokens"]
+
+    events = []
+    with httpx.stream(
+        "POST", url, json={**fields, "prompt": prompt, "stream": True, "echo": True}, timeout=120
+    ) as response:
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "".join(json.loads(event)["choices"][0]["text"] for event in events[:-1]) == prompt + texts[0]
+
+
 def test_cancelled_stream_stops_generation(stack):
     async def scenario():
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:

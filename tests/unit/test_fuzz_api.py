@@ -39,6 +39,7 @@ def test_fuzz_the_http_api_from_its_openapi_schema(app):  # noqa: F811
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {operation.label for operation in operations} >= {
         "POST /v1/chat/completions",
+        "POST /v1/completions",
         "POST /memory/ingest",
         "POST /memory/query",
         "DELETE /memory/documents/{document_id}",
@@ -57,7 +58,12 @@ def test_fuzz_the_http_api_from_its_openapi_schema(app):  # noqa: F811
     finally:
         shutdown_lifespans()  # schemathesis ran the app's lifespan; end it with the fakes still up
     # The fuzzing reached past validation to the (fake) backends, and was refused too.
-    for label in ("POST /v1/chat/completions", "POST /memory/ingest", "POST /memory/query"):
+    for label in (
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "POST /memory/ingest",
+        "POST /memory/query",
+    ):
         assert {status // 100 for status in statuses[label]} >= {2, 4}, (label, statuses[label])
 
 

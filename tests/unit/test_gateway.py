@@ -64,7 +64,9 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
 
     def Generate(self, request, context):
         self.requests[request.request_id] = request
-        prompt = request.messages[-1].content
+        # chat messages, a text prompt or token ids (one word each)
+        prompt = request.messages[-1].content if request.messages else request.prompt
+        prompt = prompt or " ".join(map(str, request.prompt_token_ids))
         if BUSY in prompt:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_MESSAGE)
         if TOO_LONG in prompt:
@@ -72,7 +74,9 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         words = SLOW_REPLY_WORDS if SLOW in prompt else REPLY_WORDS
         delay_s = SLOW_WORD_DELAY_S if SLOW in prompt else 0.0
         limit = min(request.sampling.max_tokens or len(words), len(words))
-        prompt_tokens = sum(len(message.content.split()) for message in request.messages)
+        prompt_tokens = sum(len(message.content.split()) for message in request.messages) or len(
+            prompt.split()
+        )
         if prompt_tokens >= CONTEXT_LENGTH:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -285,6 +289,8 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "frequency_penalty": -1.25,
         "repetition_penalty": 1.2,
         "logit_bias": {"17": -100, "3": 2.5},
+        "ignore_eos": True,
+        "min_tokens": 3,
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "reply", "schema": {"type": "integer"}},
@@ -310,6 +316,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.repetition_penalty == pytest.approx(1.2)
     assert sent.sampling.logprobs and sent.sampling.top_logprobs == 2
     assert dict(sent.sampling.logit_bias) == {17: -100.0, 3: 2.5}
+    assert sent.sampling.ignore_eos and sent.sampling.min_tokens == 3
     assert json.loads(sent.sampling.structured.json_schema) == {"type": "integer"}
     assert sent.speculative is False
 
@@ -505,7 +512,7 @@ async def test_openai_client_streaming_and_not(gateway_app):
         (chat_body(structured_outputs={"choice": []}), "structured_outputs.choice"),
         (
             chat_body(structured_outputs={"regex": "a"}, response_format={"type": "json_object"}),
-            "structured_outputs",
+            "response_format",
         ),
         (chat_body(logit_bias={"5": 101}), "logit_bias.5"),
         (chat_body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias"),

@@ -517,3 +517,50 @@ def test_no_logprobs_unless_asked(target, make_engine):
     engine = make_engine(None)
     _, final = generate(engine, [5, 6], SamplingParams(max_tokens=3), speculative=False)
     assert final.logprobs is None
+
+
+def test_min_tokens_and_ignore_eos_with_and_without_speculation(target, make_engine, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    engines = [
+        make_engine(None),
+        make_engine(
+            InProcessDrafterFactory(random_head(target), TreeShape(depth=3, top_k=3, total_tokens=8))
+        ),
+        make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=2))),
+    ]
+    eager_to_end = {"logit_bias": ((eos, 12.0),)}  # the target would end at once
+    prompt = [5, 6, 7]
+    tokens, final = generate(
+        engines[0], prompt, SamplingParams(max_tokens=20, **eager_to_end), speculative=False
+    )
+    assert tokens == [] and final.finish_reason == "stop"
+    for engine in engines:
+        speculative = engine is not engines[0]
+        tokens, final = generate(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=20, min_tokens=6, **eager_to_end),
+            speculative=speculative,
+        )
+        assert len(tokens) == 6 and eos not in tokens and final.finish_reason == "stop"
+        held, _ = generate(
+            engines[0], prompt, SamplingParams(max_tokens=20, min_tokens=6, **eager_to_end), False
+        )
+        assert tokens == held
+        tokens, final = generate(
+            engine,
+            prompt,
+            SamplingParams(max_tokens=12, ignore_eos=True, **eager_to_end),
+            speculative=speculative,
+        )
+        assert len(tokens) == 12 and tokens.count(eos) >= 6 and final.finish_reason == "length"
+        if speculative:
+            assert final.speculative.drafts > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"min_tokens": -1}, {"min_tokens": 5, "max_tokens": 4}], ids=["negative", "over max_tokens"]
+)
+def test_impossible_min_tokens_are_refused(kwargs):
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(**kwargs)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import grpc
+from aerie_proto.v1 import verifier_pb2
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
+from . import completions as legacy
 from .auth import KeyRegistry, authenticated_key
 from .backends import Backends
 from .body_limit import BodySizeLimit
@@ -39,7 +42,7 @@ from .memory_routes import INGEST_PATH
 from .memory_routes import build_router as build_memory_router
 from .metrics import GatewayMetrics
 from .rate_limit import AdmittedKey, RateLimiter, admitted_key
-from .schemas import ChatCompletionRequest, ModelCard, ModelList
+from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -123,42 +126,41 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         models = ModelList(data=[ModelCard(id=await served_model(), created=started_at)])
         return JSONResponse(models.model_dump(mode="json"))
 
-    # With "stream": true the reply is server-sent events; the OpenAPI schema says so.
-    @v1.post("/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
-    async def chat_completions(body: ChatCompletionRequest, request: Request, key: AdmittedKey) -> Response:
-        if body.memory is not None:
-            key.check_namespace(body.memory.namespace)
+    async def admit(body: GenerationRequest, id_prefix: str) -> tuple[CompletionIdentity, Generation]:
+        """The served model's check and an admission slot (held by the Generation)."""
         model = await served_model()
         if body.model != model:
             raise model_not_found(body.model)
         if not admission.try_enter():
             raise rate_limited(f"Over {admission.limit} requests in flight; retry shortly.")
-
         identity = CompletionIdentity(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model
+            id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model
         )
-        generation = Generation(metrics.track_request(), release=admission.leave)
+        return identity, Generation(metrics.track_request(), release=admission.leave)
+
+    async def respond(
+        request: Request,
+        generation: Generation,
+        identity: CompletionIdentity,
+        begin: Callable[[], Awaitable[dict | None]],
+        collect: Callable[[], Awaitable[BaseModel]],
+        stream: Callable[[verifier_pb2.GenerateResponse], AsyncIterator[str]] | None,
+    ) -> Response:
+        """Runs ``begin`` (which starts the generation and may return what memory added),
+        then replies with ``collect``'s body or, given ``stream``, its server-sent events.
+        The generation is closed however this ends, or, when streaming, once the stream does."""
         streaming = False
-        memory_info = None
         try:
-            if body.memory is not None:
-                composer = MemoryComposer(backends.memory, backends.verifier, settings)
-                body, memory_info = await run_unless_disconnected(request, composer.run(body))
-            generation.start(
-                backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
-            )
-            if not body.stream:
-                completion = await run_unless_disconnected(
-                    request, collect_completion(generation, identity, body.logprobs)
-                )
-                payload = completion.model_dump(mode="json")
+            memory_info = await begin()
+            if stream is None:
+                payload = (await run_unless_disconnected(request, collect())).model_dump(mode="json")
                 if memory_info is not None:
                     payload["memory"] = memory_info  # Aerie extension: what memory contributed
                 return JSONResponse(payload)
             # Wait for the first response before sending headers, so that the verifier
             # refusing the request (too long, too busy, down) is still an HTTP status.
             first = await run_unless_disconnected(request, generation.next())
-            events = stream_chunks(generation, first, identity, body.include_usage, body.logprobs)
+            events = stream(first)
             if memory_info is not None:
                 events = with_memory_in_first_chunk(events, memory_info)
             streaming = True
@@ -174,6 +176,54 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             if not streaming:
                 generation.close()
+
+    # With "stream": true the reply is server-sent events; the OpenAPI schema says so.
+    @v1.post("/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: AdmittedKey) -> Response:
+        if body.memory is not None:
+            key.check_namespace(body.memory.namespace)
+        identity, generation = await admit(body, "chatcmpl")
+
+        async def begin() -> dict | None:
+            nonlocal body
+            memory_info = None
+            if body.memory is not None:
+                composer = MemoryComposer(backends.memory, backends.verifier, settings)
+                body, memory_info = await run_unless_disconnected(request, composer.run(body))
+            generation.start(
+                backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
+            )
+            return memory_info
+
+        return await respond(
+            request,
+            generation,
+            identity,
+            begin,
+            lambda: collect_completion(generation, identity, body.logprobs),
+            (lambda first: stream_chunks(generation, first, identity, body.include_usage, body.logprobs))
+            if body.stream
+            else None,
+        )
+
+    @v1.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        identity, generation = await admit(body, "cmpl")
+
+        async def begin() -> None:
+            request_ = legacy.to_generate_request(body, identity.id)
+            generation.start(backends.verifier, request_, settings.grpc_timeout_s)
+
+        return await respond(
+            request,
+            generation,
+            identity,
+            begin,
+            lambda: legacy.collect_completion(generation, identity, body),
+            (lambda first: legacy.stream_completion(generation, first, identity, body))
+            if body.stream
+            else None,
+        )
 
     app.include_router(v1)
     app.include_router(build_memory_router(backends, settings))

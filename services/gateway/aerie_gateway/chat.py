@@ -28,7 +28,10 @@ from .schemas import (
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    GenerationRequest,
+    ResponseFormat,
     SpeculativeUsage,
+    StructuredOutputs,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -39,9 +42,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def structured_output(body: ChatCompletionRequest) -> verifier_pb2.StructuredOutput | None:
-    """The request's response_format or structured_outputs, as the verifier takes them."""
-    response_format, structured = body.response_format, body.structured_outputs
+def structured_output(
+    structured: StructuredOutputs | None, response_format: ResponseFormat | None = None
+) -> verifier_pb2.StructuredOutput | None:
+    """A request's structured_outputs or response_format, as the verifier takes them."""
     if response_format is not None and response_format.type == "json_object":
         return verifier_pb2.StructuredOutput(json_object=True)
     if response_format is not None and response_format.type == "json_schema":
@@ -61,27 +65,41 @@ def structured_output(body: ChatCompletionRequest) -> verifier_pb2.StructuredOut
     return verifier_pb2.StructuredOutput(grammar=structured.grammar)
 
 
-def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
+def sampling_of(
+    body: GenerationRequest,
+    max_tokens: int,
+    logprobs: bool,
+    top_logprobs: int,
+    response_format: ResponseFormat | None = None,
+) -> verifier_pb2.SamplingParams:
     sampling = verifier_pb2.SamplingParams(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
         stop=body.stop,
-        max_tokens=body.completion_token_limit,
+        max_tokens=max_tokens,
         frequency_penalty=body.frequency_penalty,
         presence_penalty=body.presence_penalty,
         repetition_penalty=body.repetition_penalty,
         logit_bias=body.token_logit_bias,
-        structured=structured_output(body),
-        logprobs=body.logprobs,
-        top_logprobs=body.top_logprobs,
+        structured=structured_output(body.structured_outputs, response_format),
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     if body.seed is not None:
         sampling.seed = body.seed
+    return sampling
+
+
+def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
     return verifier_pb2.GenerateRequest(
         request_id=request_id,
         messages=[verifier_pb2.ChatMessage(role=m.verifier_role, content=m.text) for m in body.messages],
-        sampling=sampling,
+        sampling=sampling_of(
+            body, body.completion_token_limit, body.logprobs, body.top_logprobs, body.response_format
+        ),
         speculative=body.speculative,
     )
 
@@ -154,13 +172,17 @@ def usage_of(final: verifier_pb2.GenerateResponse) -> Usage:
     )
 
 
+def token_text(entry: verifier_pb2.TokenLogprob) -> str:
+    """A token's text; one holding part of a character spells that part as escapes."""
+    return entry.token_bytes.decode("utf-8", errors="backslashreplace")
+
+
+def finite_logprob(entry: verifier_pb2.TokenLogprob) -> float:
+    return max(entry.logprob, LEAST_LOGPROB)
+
+
 def _top_logprob(entry: verifier_pb2.TokenLogprob) -> TopLogprob:
-    return TopLogprob(
-        # A token holding part of a character spells the rest as escapes; ``bytes`` is exact.
-        token=entry.token_bytes.decode("utf-8", errors="backslashreplace"),
-        logprob=max(entry.logprob, LEAST_LOGPROB),
-        bytes=list(entry.token_bytes),
-    )
+    return TopLogprob(token=token_text(entry), logprob=finite_logprob(entry), bytes=list(entry.token_bytes))
 
 
 def logprobs_of(response: verifier_pb2.GenerateResponse) -> list[TokenLogprob]:
@@ -200,7 +222,7 @@ async def collect_completion(
     )
 
 
-def _sse(payload: str) -> str:
+def sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
@@ -220,7 +242,7 @@ async def stream_chunks(
         body = ChatCompletionChunk(
             id=identity.id, created=identity.created, model=identity.model, choices=choices, usage=usage
         )
-        return _sse(body.model_dump_json())
+        return sse(body.model_dump_json())
 
     yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
     response = first
@@ -240,8 +262,8 @@ async def stream_chunks(
             yield chunk([], usage=usage_of(response))
     except APIError as err:
         log.warning("%s failed mid-stream: %s", identity.id, err.message)
-        yield _sse(json.dumps(err.body()))
-    yield _sse("[DONE]")
+        yield sse(json.dumps(err.body()))
+    yield sse("[DONE]")
 
 
 class ClosingStreamingResponse(StreamingResponse):

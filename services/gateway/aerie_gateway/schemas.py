@@ -209,16 +209,16 @@ def _optional_fields_nullable(schema: dict[str, Any]) -> None:
             }
 
 
-class ChatCompletionRequest(RequestBody):
+class GenerationRequest(RequestBody):
+    """What chat completions and (legacy) completions share: the model, sampling, and how
+    the reply comes back."""
+
     model_config = ConfigDict(extra="ignore", json_schema_extra=_optional_fields_nullable)
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=INT32_MAX)  # Aerie extension; 0 disables top-k filtering
-    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    top_k: int = Field(default=0, ge=0, le=INT32_MAX)  # vLLM's; 0 disables top-k filtering
     stop: Annotated[
         StopStrings, BeforeValidator(_str_as_list, json_schema_input_type=StopString | StopStrings)
     ] = Field(default_factory=list)
@@ -232,21 +232,14 @@ class ChatCompletionRequest(RequestBody):
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = Field(
         default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS
     )
-    response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's
-    logprobs: bool = False
-    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # vLLM's: decode past EOS (benchmarks of a fixed output length); no EOS before min_tokens.
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})  # see _only_one_choice
-    # Aerie extensions.
-    speculative: bool = True
-    # MEMO memory: the memory service is questioned and its findings composed into the
-    # prompt (see aerie_gateway.memory_compose); the response says what it contributed.
-    memory: Annotated[
-        MemoryOptions | None,
-        BeforeValidator(_false_as_none, json_schema_input_type=Literal[False] | MemoryOptions | None),
-    ] = None
+    speculative: bool = True  # Aerie extension
 
     @model_validator(mode="before")
     @classmethod
@@ -275,15 +268,38 @@ class ChatCompletionRequest(RequestBody):
     def token_logit_bias(self) -> dict[int, float]:
         return {int(key): bias for key, bias in self.logit_bias.items()}
 
-    @field_validator("structured_outputs")
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # MEMO memory (Aerie extension): the memory service is questioned and its findings
+    # composed into the prompt (see aerie_gateway.memory_compose); the response says what it
+    # contributed.
+    memory: Annotated[
+        MemoryOptions | None,
+        BeforeValidator(_false_as_none, json_schema_input_type=Literal[False] | MemoryOptions | None),
+    ] = None
+
+    @field_validator("response_format")
     @classmethod
     def _one_constraint(
-        cls, structured: StructuredOutputs | None, info: ValidationInfo
-    ) -> StructuredOutputs | None:
-        response_format = info.data.get("response_format")
-        if structured is not None and response_format is not None and response_format.type != "text":
+        cls, response_format: ResponseFormat | None, info: ValidationInfo
+    ) -> ResponseFormat | None:
+        if (
+            response_format is not None
+            and response_format.type != "text"
+            and info.data.get("structured_outputs")
+        ):
             raise ValueError("give either structured_outputs or a JSON response_format, not both")
-        return structured
+        return response_format
 
     @field_validator("top_logprobs")
     @classmethod
@@ -297,9 +313,42 @@ class ChatCompletionRequest(RequestBody):
         """The verifier's max_tokens: 0 means up to the context length."""
         return self.max_completion_tokens or self.max_tokens or 0
 
-    @property
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+
+def _one_prompt(prompt: Any) -> Any:
+    """A text or token ids; a list of one prompt (as batching clients send a batch of one)
+    is that prompt. One error, whichever form was meant, not one per form."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t <= INT32_MAX for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(item, str | list) for item in prompt):
+        raise ValueError("give one prompt per request (batches of prompts are not supported)")
+    raise ValueError("the prompt must be a non-empty text or a non-empty list of token ids (integers >= 0)")
+
+
+PromptInput = str | Annotated[list[int], Field(min_length=1)] | list[str] | list[list[int]]
+
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI's legacy completions (what vLLM's and SGLang's serving benchmarks send)."""
+
+    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt, json_schema_input_type=PromptInput)]
+    max_tokens: int = Field(default=16, ge=1, le=INT32_MAX)  # OpenAI's default here
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+    echo: bool = False
+    suffix: str | None = Field(default=None, max_length=0, description="not supported: must be empty")
+    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_of_text(cls, echo: bool, info: ValidationInfo) -> bool:
+        if echo and not isinstance(info.data.get("prompt", ""), str):
+            raise ValueError("echo needs a text prompt")
+        if echo and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs (the prompt's log probabilities) is not supported")
+        return echo
 
 
 FinishReason = Literal["stop", "length"]
@@ -378,6 +427,34 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     # Only the extra last chunk of a stream with include_usage carries usage.
+    usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy API's logprobs: per token, its text, log probability, the most likely
+    alternatives (and itself) by text, and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """A legacy completion, or one chunk of a streamed one (usage only on the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
     usage: Usage | None = Field(default=None, exclude_if=lambda value: value is None)
 
 

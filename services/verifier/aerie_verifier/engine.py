@@ -131,10 +131,12 @@ class Sequence:
         return self.cache is not None or self.slot is not None
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
-        """``logits`` [rows, vocab] as the request's logit bias, repetition penalties and
-        structured output leave them: row 0 follows the output so far; with a ``tree``, row
-        i+1 also follows node i's path."""
-        scores = logits
+        """``logits`` [rows, vocab] as the request's logit bias, repetition penalties,
+        structured output and min_tokens leave them: row 0 follows the output so far; with a
+        ``tree``, row i+1 also follows node i's path."""
+        eos_held = len(self.output_ids) < self.params.min_tokens
+        if self.adjuster is None and self.grammar is None and not eos_held:
+            return logits
         if self.adjuster is not None:
             path_counts = None
             if tree is not None and len(tree) and self.params.penalized:
@@ -143,10 +145,18 @@ class Sequence:
                 along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
                 path_counts = torch.cat([torch.zeros_like(along[:1]), along])
             scores = self.adjuster(logits, path_counts)
+        else:  # masked in place below: the logits stay as they are, for logprobs
+            scores = logits.to(torch.float32, copy=True)
         if self.grammar is not None:
-            if scores is logits:  # masked in place: the logits stay as they are, for logprobs
-                scores = logits.to(torch.float32, copy=True)
             self.grammar.mask(scores, tree)
+        if eos_held:  # rows whose output (the path's included) is still short of min_tokens
+            depths = [0, *(tree.depths() if tree is not None else ())]
+            short = [
+                row
+                for row, depth in enumerate(depths)
+                if len(self.output_ids) + depth < self.params.min_tokens
+            ]
+            scores[torch.tensor(short)[:, None], torch.tensor(sorted(self.eos_ids))] = float("-inf")
         return scores
 
     def next_token(self, logits: torch.Tensor) -> int:
@@ -160,7 +170,7 @@ class Sequence:
         taken: list[int] = []
         text = ""
         for token in tokens:
-            if token in self.eos_ids:
+            if token in self.eos_ids and not self.params.ignore_eos:
                 self.finish_reason = "stop"
                 break
             taken.append(token)

@@ -43,6 +43,10 @@ class SamplingParams:
     # OpenAI's: (token id, bias) pairs, each bias added to that token's logit.
     logit_bias: tuple[tuple[int, float], ...] = ()
     structured: StructuredOutput | None = None  # what the output must match
+    # vLLM's: decode past EOS (for benchmarks of a fixed length), and not stop at EOS before
+    # this many tokens.
+    ignore_eos: bool = False
+    min_tokens: int = 0
     logprobs: bool = False  # report each chosen token's log probability
     top_logprobs: int = 0  # and those of this many most likely tokens at its position
 
@@ -76,6 +80,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias names token id {token_id}: token ids are >= 0")
             if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
                 raise ValueError(f"logit_bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias}")
+        if self.min_tokens < 0 or (self.max_tokens and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if self.ignore_eos and self.structured is not None:
+            raise ValueError("ignore_eos cannot be combined with a structured output, which ends at EOS")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:

@@ -48,6 +48,8 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
         logit_bias=tuple(sorted(p.logit_bias.items())),
         structured=_structured_from_proto(p.structured),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
     )
@@ -110,17 +112,24 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 f"for this model's context length of {self.engine.context_length} tokens"
             )
 
-    def _prompt_ids(self, messages, prompt_token_ids) -> list[int]:
+    def _prompt_ids(self, messages, prompt_token_ids, prompt: str = "") -> list[int]:
+        if sum(map(bool, (messages, prompt_token_ids, prompt))) > 1:
+            raise ValueError("give one of messages, prompt_token_ids and prompt")
         if messages:
             self._check_prompt_chars(messages)
             return self.engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+        if prompt:
+            self._check_chars(len(prompt), "the prompt holds")
+            return self.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return list(prompt_token_ids)
 
     async def Generate(self, request, context):
         try:
             params = sampling_from_proto(request.sampling)
             # Tokenising (and the chat template) takes a while on long prompts: off the loop.
-            prompt_ids = await asyncio.to_thread(self._prompt_ids, request.messages, request.prompt_token_ids)
+            prompt_ids = await asyncio.to_thread(
+                self._prompt_ids, request.messages, request.prompt_token_ids, request.prompt
+            )
             # and so does compiling a structured output's grammar
             grammar = None
             if params.structured is not None:
