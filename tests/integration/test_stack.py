@@ -312,6 +312,37 @@ def test_legacy_completions_continue_a_raw_prompt(stack):
     assert "".join(json.loads(event)["choices"][0]["text"] for event in events[:-1]) == prompt + texts[0]
 
 
+def test_loglikelihood_requests_as_lm_eval_sends_them(stack):
+    """echo + logprobs + one token: the prompt's own log probabilities, scored by the model."""
+
+    def continuation_logprob(context, continuation):
+        body = {
+            "model": "smollm2-135m-instruct",
+            "prompt": context + continuation,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": 1,
+            "echo": True,
+        }
+        reply = httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=120).json()
+        choice = reply["choices"][0]
+        logprobs = choice["logprobs"]
+        assert choice["text"].startswith(context + continuation)
+        assert len(logprobs["tokens"]) == reply["usage"]["prompt_tokens"] + 1
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        assert all(lp <= 0 for lp in logprobs["token_logprobs"][1:])
+        assert "".join(logprobs["tokens"]) == choice["text"]
+        assert logprobs["text_offset"][-1] == len(context + continuation)
+        # the continuation's tokens: those starting at or after the context's end
+        starts = logprobs["text_offset"][:-1]
+        return sum(
+            lp for start, lp in zip(starts, logprobs["token_logprobs"], strict=False) if start >= len(context)
+        )
+
+    context = "The capital of France is"
+    assert continuation_logprob(context, " Paris") > continuation_logprob(context, " Berlin") + 2
+
+
 def test_cancelled_stream_stops_generation(stack):
     async def scenario():
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:

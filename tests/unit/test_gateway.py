@@ -95,6 +95,13 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
             )
             if request.sampling.logprobs:
                 response.logprobs.append(fake_logprob(index, text, request.sampling.top_logprobs))
+            if request.sampling.prompt_logprobs and index == 0:  # each prompt word scores -1
+                for position, prompt_word in enumerate(prompt.split()):
+                    spelled = prompt_word if position == 0 else f" {prompt_word}"
+                    entry = verifier_pb2.TokenLogprob(token_id=position, token_bytes=spelled.encode())
+                    if position > 0:
+                        entry.logprob = -1.0
+                    response.prompt_logprobs.append(entry)
             if index == limit - 1:
                 response.finish_reason = (
                     verifier_pb2.FINISH_REASON_LENGTH

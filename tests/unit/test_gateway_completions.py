@@ -106,6 +106,41 @@ async def test_echo_puts_the_prompt_first(gateway_app):
     assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == response.json()["choices"][0]["text"]
 
 
+async def test_echo_with_logprobs_scores_the_prompt_too(gateway_app, gateway_fake_verifier):
+    """lm-eval's loglikelihood requests: echo, logprobs and a token of continuation."""
+    fake, _ = gateway_fake_verifier
+    response = await complete(gateway_app, prompt="Once upon a time", echo=True, logprobs=1, max_tokens=1)
+    assert fake.requests[response.json()["id"]].sampling.prompt_logprobs
+    choice = response.json()["choices"][0]
+    assert choice["text"] == "Once upon a time" + REPLY_WORDS[0]
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["Once", " upon", " a", " time", REPLY_WORDS[0]]
+    assert logprobs["token_logprobs"] == [None, -1.0, -1.0, -1.0, 0.0]
+    assert logprobs["top_logprobs"][0] is None and logprobs["top_logprobs"][1] == {" upon": -1.0}
+    assert logprobs["text_offset"] == [0, 4, 9, 11, 16]
+
+    streamed = await complete(
+        gateway_app, prompt="Once upon a time", echo=True, logprobs=1, max_tokens=1, stream=True
+    )
+    chunks = [json.loads(payload)["choices"][0] for payload in sse_payloads(streamed.text)[:-1]]
+    assert chunks[0]["text"] == "Once upon a time" and chunks[0]["logprobs"]["token_logprobs"] == [
+        None,
+        -1.0,
+        -1.0,
+        -1.0,
+    ]
+    assert chunks[1]["logprobs"]["text_offset"] == [16]
+
+
+async def test_echo_of_token_ids_spells_them(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    response = await complete(gateway_app, prompt=[7, 8, 9], echo=True, max_tokens=1)
+    assert fake.requests[response.json()["id"]].sampling.prompt_logprobs
+    assert response.json()["choices"][0]["text"] == "7 8 9" + REPLY_WORDS[0]
+    plain = await complete(gateway_app, prompt="text", echo=True, max_tokens=1)
+    assert not fake.requests[plain.json()["id"]].sampling.prompt_logprobs  # a text echoes as it is
+
+
 async def test_streaming_chunks_then_usage_then_done(gateway_app):
     response = await complete(gateway_app, stream=True, logprobs=0, stream_options={"include_usage": True})
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -130,8 +165,6 @@ async def test_streaming_chunks_then_usage_then_done(gateway_app):
         ({"prompt": [-1]}, "prompt"),
         ({"suffix": "and then"}, "suffix"),
         ({"best_of": 2}, "best_of"),
-        ({"echo": True, "prompt": [1, 2]}, "echo"),
-        ({"echo": True, "logprobs": 1}, "echo"),
         ({"logprobs": 21}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 2}, "n"),

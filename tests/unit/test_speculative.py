@@ -11,6 +11,7 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_drafter.eagle import EagleConfig, EagleHead
 from aerie_drafter.proposer import TreeShape
+from aerie_verifier import engine as engine_module
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, Sequence
@@ -564,3 +565,38 @@ def test_min_tokens_and_ignore_eos_with_and_without_speculation(target, make_eng
 def test_impossible_min_tokens_are_refused(kwargs):
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_prompt_logprobs_scored_in_chunks_are_a_full_forwards(target, make_engine, monkeypatch, speculative):
+    monkeypatch.setattr(engine_module, "PROMPT_CHUNK", 7)  # a 30-token prompt in 5 chunks
+    engine = make_engine(
+        InProcessDrafterFactory(random_head(target), TreeShape(depth=3, top_k=3, total_tokens=8))
+    )
+    prompt = prompts(1, seed=9)[0][:5] * 6
+    params = SamplingParams(max_tokens=16, prompt_logprobs=True, top_logprobs=2)
+    events = []
+    done = threading.Event()
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit("r", prompt, params, on_event, speculative=speculative)
+    assert done.wait(120)
+    entries = events[0].prompt_logprobs
+    assert all(event.prompt_logprobs is None for event in events[1:])
+    assert [entry.token_id for entry in entries] == prompt
+    assert entries[0].logprob is None and entries[0].top == []
+    with torch.inference_mode():
+        expected = target(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    for position, entry in enumerate(entries[1:]):
+        assert entry.logprob == pytest.approx(expected[position, entry.token_id].item(), abs=1e-4)
+        assert [token_id for token_id, _ in entry.top] == expected[position].topk(2).indices.tolist()
+    # the chunked prefill leaves the cache (and the drafter's features) as one forward would
+    tokens = [t for event in events for t in event.token_ids]
+    plain, _ = generate(engine, prompt, SamplingParams(max_tokens=16), speculative=False)
+    assert tokens == plain
+    if speculative:
+        assert events[-1].speculative.drafts > 0

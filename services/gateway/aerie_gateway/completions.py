@@ -22,62 +22,80 @@ log = logging.getLogger(__name__)
 def to_generate_request(body: CompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
     text_prompt = isinstance(body.prompt, str)
     logprobs = body.logprobs is not None
-    return verifier_pb2.GenerateRequest(
+    request = verifier_pb2.GenerateRequest(
         request_id=request_id,
         prompt=body.prompt if text_prompt else "",
         prompt_token_ids=[] if text_prompt else body.prompt,
         sampling=sampling_of(body, body.max_tokens, logprobs, body.logprobs or 0),
         speculative=body.speculative,
     )
+    request.sampling.prompt_logprobs = body.prompt_logprobs
+    return request
 
 
 class LegacyLogprobs:
     """Builds the legacy logprobs of a choice's tokens, keeping each token's offset in the
     choice's text across the chunks of a stream."""
 
-    def __init__(self, start_offset: int):
-        self.offset = start_offset
+    def __init__(self) -> None:
+        self.offset = 0
 
-    def of(self, response: verifier_pb2.GenerateResponse) -> CompletionLogprobs:
+    def of(self, entries) -> CompletionLogprobs:
         tokens, chosen, tops, offsets = [], [], [], []
-        for entry in response.logprobs:
+        for entry in entries:
             text = token_text(entry)
             tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if not entry.HasField("logprob"):  # an echoed prompt's first token
+                chosen.append(None)
+                tops.append(None)
+                continue
             chosen.append(finite_logprob(entry))
             # the alternatives, and the chosen token itself as OpenAI's do
             top = {token_text(alternative): finite_logprob(alternative) for alternative in entry.top}
             tops.append(top | {text: finite_logprob(entry)})
-            offsets.append(self.offset)
-            self.offset += len(text)
         return CompletionLogprobs(
             tokens=tokens, token_logprobs=chosen, top_logprobs=tops, text_offset=offsets
         )
 
 
-def _echoed(body: CompletionRequest) -> str:
-    return body.prompt if body.echo else ""
+def echoed(body: CompletionRequest, first: verifier_pb2.GenerateResponse) -> str:
+    """The prompt as the reply repeats it (with ``echo``): a text as it was sent, token ids
+    as their bytes spell them."""
+    if not body.echo:
+        return ""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    return b"".join(entry.token_bytes for entry in first.prompt_logprobs).decode("utf-8", errors="replace")
 
 
 async def collect_completion(
     generation: Generation, identity: CompletionIdentity, body: CompletionRequest
 ) -> Completion:
-    text = [_echoed(body)]
-    logprobs = LegacyLogprobs(len(text[0])) if body.logprobs is not None else None
-    merged = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     response = await generation.next()
+    text = [echoed(body, response)]
+    logprobs = LegacyLogprobs() if body.logprobs is not None else None
+    parts: list[CompletionLogprobs] = []
+    if logprobs is not None and body.echo:
+        parts.append(logprobs.of(response.prompt_logprobs))
     while True:
         text.append(response.text)
         if logprobs is not None:
-            part = logprobs.of(response)
-            for name in CompletionLogprobs.model_fields:
-                getattr(merged, name).extend(getattr(part, name))
+            parts.append(logprobs.of(response.logprobs))
         finish_reason = FINISH_REASONS.get(response.finish_reason)
         if finish_reason is not None:
             break
         response = await generation.next()
-    choice = CompletionChoice(
-        text="".join(text), logprobs=merged if logprobs is not None else None, finish_reason=finish_reason
-    )
+    merged = None
+    if logprobs is not None:
+        merged = CompletionLogprobs(
+            **{
+                name: [item for part in parts for item in getattr(part, name)]
+                for name in CompletionLogprobs.model_fields
+            }
+        )
+    choice = CompletionChoice(text="".join(text), logprobs=merged, finish_reason=finish_reason)
     return Completion(
         id=identity.id,
         created=identity.created,
@@ -103,15 +121,15 @@ async def stream_completion(
         )
         return sse(completion.model_dump_json())
 
-    echoed = _echoed(body)
-    logprobs = LegacyLogprobs(len(echoed)) if body.logprobs is not None else None
-    if echoed:
-        yield chunk([CompletionChoice(text=echoed)])
+    logprobs = LegacyLogprobs() if body.logprobs is not None else None
+    if body.echo:
+        prompt_part = logprobs.of(first.prompt_logprobs) if logprobs is not None else None
+        yield chunk([CompletionChoice(text=echoed(body, first), logprobs=prompt_part)])
     response = first
     try:
         while True:
             if response.text or (logprobs is not None and response.logprobs):
-                part = logprobs.of(response) if logprobs is not None else None
+                part = logprobs.of(response.logprobs) if logprobs is not None else None
                 yield chunk([CompletionChoice(text=response.text, logprobs=part)])
             finish_reason = FINISH_REASONS.get(response.finish_reason)
             if finish_reason is not None:

@@ -341,14 +341,11 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = Field(default=None, max_length=0, description="not supported: must be empty")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_of_text(cls, echo: bool, info: ValidationInfo) -> bool:
-        if echo and not isinstance(info.data.get("prompt", ""), str):
-            raise ValueError("echo needs a text prompt")
-        if echo and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs (the prompt's log probabilities) is not supported")
-        return echo
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether the verifier must score the prompt: to echo it with logprobs (lm-eval's
+        loglikelihood requests), or to spell out a prompt of token ids."""
+        return self.echo and (self.logprobs is not None or not isinstance(self.prompt, str))
 
 
 FinishReason = Literal["stop", "length"]
@@ -435,8 +432,9 @@ class CompletionLogprobs(BaseModel):
     alternatives (and itself) by text, and where its text starts in the choice's text."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    # None for an echoed prompt's first token: nothing comes before it
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

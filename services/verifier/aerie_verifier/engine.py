@@ -52,6 +52,10 @@ from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cach
 log = logging.getLogger(__name__)
 
 
+# Prompt rows scored at once for prompt logprobs: a chunk's logits are rows x vocabulary floats.
+PROMPT_CHUNK = 512
+
+
 class QueueFullError(Exception):
     """The waiting queue is at its bound."""
 
@@ -93,6 +97,7 @@ class GenerationEvent:
     error: str | None = None  # set when the engine failed on this request
     speculative: SpeculativeStats | None = None  # on the last event of a speculative request
     logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, when asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, on the first event
 
 
 @dataclass(eq=False)  # a request is itself: compared by identity
@@ -122,6 +127,7 @@ class Sequence:
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
     spec_tokens: int = 0  # the tokens those steps yielded
+    prompt_logprobs: list[TokenLogprob] | None = None  # until the first event carries them
     # The request's logit bias and repetition penalties; None when it has neither.
     adjuster: LogitAdjuster | None = None
     grammar: GrammarConstraint | None = None  # its structured output's, if any
@@ -200,8 +206,10 @@ class Sequence:
                 finish_reason=self.finish_reason,
                 speculative=self.spec_stats if self.speculative and self.finish_reason else None,
                 logprobs=logprobs,
+                prompt_logprobs=self.prompt_logprobs,
             )
         )
+        self.prompt_logprobs = None
 
 
 class RequestHandle:
@@ -484,22 +492,44 @@ class Engine:
             layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
             if not layer_ids:
                 self._fall_back(seq)
-        if self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity:
+        # (prompt logprobs need every prompt row's logits, which the slots do not keep)
+        fits_a_slot = self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity
+        if fits_a_slot and not seq.params.prompt_logprobs:
             seq.slot = self._free_slots.pop()
             logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids)
         else:
             seq.cache = GrowingCache()
-            input_ids = torch.tensor([seq.prompt_ids], device=self.device)
             with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
-                logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
-                    0, -1
-                ]
-                features = self.capture.features(layer_ids) if layer_ids else None
+                logits, features = self._prefill_eagerly(seq, layer_ids)
         token = seq.next_token(logits)
         seq.append_tokens([token], logits[None])
         if layer_ids and seq.finish_reason is None:
             seq.capture_layer_ids = layer_ids
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
+
+    def _prefill_eagerly(
+        self, seq: Sequence, layer_ids: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache the prompt on ``seq``'s growing cache; return the last row's logits and the
+        captured features. For prompt logprobs the prompt goes in chunks, every row of each
+        scored, so that no more than PROMPT_CHUNK rows of logits exist at once."""
+        prompt = seq.prompt_ids
+        scored = seq.params.prompt_logprobs
+        chunk = PROMPT_CHUNK if scored else len(prompt)
+        features = []
+        if scored:  # the first token has no log probability: nothing comes before it
+            seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
+        for start in range(0, len(prompt), chunk):
+            input_ids = torch.tensor([prompt[start : start + chunk]], device=self.device)
+            logits = self.model(
+                input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=0 if scored else 1
+            ).logits[0]
+            if layer_ids:
+                features.append(self.capture.features(layer_ids))
+            following = prompt[start + 1 : start + 1 + chunk]
+            if scored and following:  # row i scores the prompt's next token (the last row, the first new one)
+                seq.prompt_logprobs += token_logprobs(logits, following, seq.params.top_logprobs)
+        return logits[-1], torch.cat(features) if layer_ids else None
 
     def _capture_layers(self, seq: Sequence) -> tuple[int, ...] | None:
         try:

@@ -49,6 +49,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: bool = False  # report each chosen token's log probability
     top_logprobs: int = 0  # and those of this many most likely tokens at its position
+    prompt_logprobs: bool = False  # and each prompt token's (with top_logprobs alternatives)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -86,8 +87,8 @@ class SamplingParams:
             raise ValueError("ignore_eos cannot be combined with a structured output, which ends at EOS")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs")
+        if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
+            raise ValueError("top_logprobs needs logprobs or prompt_logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -160,7 +161,7 @@ class TokenLogprob:
     """A chosen token's log probability, and the most likely tokens' at its position."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None for a prompt's first token: nothing comes before it
     top: list[tuple[int, float]]  # (token id, log probability), most likely first
 
 

@@ -52,6 +52,7 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         min_tokens=p.min_tokens,
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
+        prompt_logprobs=p.prompt_logprobs,
     )
 
 
@@ -173,6 +174,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     completion_tokens=event.completion_tokens,
                     speculative=_stats_to_proto(event.speculative),
                     logprobs=_logprobs_to_proto(event.logprobs, self.token_bytes),
+                    prompt_logprobs=_logprobs_to_proto(event.prompt_logprobs, self.token_bytes),
                 )
         finally:
             # Runs on normal completion too (harmless then); on a caller that went away
