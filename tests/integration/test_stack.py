@@ -343,6 +343,19 @@ def test_loglikelihood_requests_as_lm_eval_sends_them(stack):
     assert continuation_logprob(context, " Paris") > continuation_logprob(context, " Berlin") + 2
 
 
+def test_n_sampled_choices_differ_and_each_reproduces(stack):
+    fields = {"messages": CAPITAL, "n": 3, "temperature": 1.0, "seed": 11, "max_tokens": 24}
+    first, again = (chat(stack, **fields).json() for _ in range(2))
+    texts = [choice["message"]["content"] for choice in first["choices"]]
+    assert [choice["index"] for choice in first["choices"]] == [0, 1, 2]
+    assert len(set(texts)) > 1
+    assert texts == [choice["message"]["content"] for choice in again["choices"]]
+    assert first["usage"]["completion_tokens"] == sum(
+        chat(stack, **{**fields, "n": 1, "seed": 11 + index}).json()["usage"]["completion_tokens"]
+        for index in range(3)
+    )
+
+
 def test_cancelled_stream_stops_generation(stack):
     async def scenario():
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:

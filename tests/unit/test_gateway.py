@@ -414,6 +414,39 @@ async def test_streamed_logprobs_come_with_their_tokens(gateway_app):
     )
 
 
+async def test_n_choices_each_decoded_on_its_own(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post(
+            "/v1/chat/completions", json=chat_body(n=3, seed=2**63 - 2, max_tokens=4)
+        )
+    completion = response.json()
+    assert [choice["index"] for choice in completion["choices"]] == [0, 1, 2]
+    assert all(choice["message"]["content"] == " ".join(REPLY_WORDS[:4]) for choice in completion["choices"])
+    sent = [fake.requests[f"{completion['id']}-{index}"] for index in range(3)]
+    # each choice its own seed (wrapping around within int64), so sampled choices differ
+    assert [request.sampling.seed for request in sent] == [2**63 - 2, 2**63 - 1, -(2**63)]
+    assert completion["usage"]["prompt_tokens"] == 2 and completion["usage"]["completion_tokens"] == 12
+    assert completion["usage"]["speculative"]["drafts"] == 3 * SPEC_STATS.drafts
+
+
+async def test_n_choices_stream_interleaved_by_index(gateway_app):
+    body = chat_body(n=2, stream=True, stream_options={"include_usage": True})
+    async with asgi_client(gateway_app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(payload) for payload in sse_payloads(response.text)[:-1]]
+    for index in (0, 1):
+        mine = [
+            chunk["choices"][0]
+            for chunk in chunks
+            if chunk["choices"] and chunk["choices"][0]["index"] == index
+        ]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(choice["delta"].get("content", "") for choice in mine) == " ".join(REPLY_WORDS)
+        assert [choice["finish_reason"] for choice in mine if choice["finish_reason"]] == ["stop"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 2 * len(REPLY_WORDS)
+
+
 async def test_streaming_chunks_then_usage_then_done(gateway_app):
     body = chat_body(stream=True, stream_options={"include_usage": True})
     async with asgi_client(gateway_app()) as client:
@@ -498,7 +531,7 @@ async def test_openai_client_streaming_and_not(gateway_app):
     [
         ({"model": MODEL}, "messages"),
         (chat_body(temperature=5), "temperature"),
-        (chat_body(n=2), "n"),
+        (chat_body(n=17), "n"),
         (chat_body(top_p=0), "top_p"),
         (chat_body(max_tokens=0), "max_tokens"),
         (chat_body(stop=["a", "b", "c", "d", "e"]), "stop"),
@@ -639,7 +672,7 @@ async def test_unexpected_error_is_500_envelope_and_frees_the_slot(gateway_app, 
     def broken(*args, **kwargs):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr("aerie_gateway.app.to_generate_request", broken)
+    monkeypatch.setattr("aerie_gateway.app.to_generate_requests", broken)
     app = gateway_app()
     async with asgi_client(app, raise_app_exceptions=False) as client:
         response = await client.post("/v1/chat/completions", json=chat_body())

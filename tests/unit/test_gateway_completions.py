@@ -167,12 +167,25 @@ async def test_streaming_chunks_then_usage_then_done(gateway_app):
         ({"best_of": 2}, "best_of"),
         ({"logprobs": 21}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
     ],
 )
 async def test_invalid_completion_requests_are_400(gateway_app, fields, param):
     response = await complete(gateway_app, **fields)
     assert_error(response, 400, "invalid_request_error", param)
+
+
+async def test_n_completions(gateway_app):
+    response = await complete(gateway_app, n=2, max_tokens=2, echo=True)
+    choices = response.json()["choices"]
+    assert [choice["index"] for choice in choices] == [0, 1]
+    assert all(choice["text"] == "Once upon a time" + " ".join(REPLY_WORDS[:2]) for choice in choices)
+    streamed = await complete(gateway_app, n=2, max_tokens=2, stream=True)
+    chunks = [json.loads(payload)["choices"][0] for payload in sse_payloads(streamed.text)[:-1]]
+    for index in (0, 1):
+        assert "".join(chunk["text"] for chunk in chunks if chunk["index"] == index) == " ".join(
+            REPLY_WORDS[:2]
+        )
 
 
 async def test_openai_client_completions(gateway_app):

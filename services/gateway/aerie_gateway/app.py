@@ -28,7 +28,7 @@ from .chat import (
     collect_completion,
     run_unless_disconnected,
     stream_chunks,
-    to_generate_request,
+    to_generate_requests,
 )
 from .drain import Drain, DrainMiddleware
 from .errors import (
@@ -136,7 +136,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity = CompletionIdentity(
             id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model
         )
-        return identity, Generation(metrics.track_request(), release=admission.leave)
+        return identity, Generation(metrics, release=admission.leave)
 
     async def respond(
         request: Request,
@@ -144,7 +144,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity: CompletionIdentity,
         begin: Callable[[], Awaitable[dict | None]],
         collect: Callable[[], Awaitable[BaseModel]],
-        stream: Callable[[verifier_pb2.GenerateResponse], AsyncIterator[str]] | None,
+        stream: Callable[[list[verifier_pb2.GenerateResponse]], AsyncIterator[str]] | None,
     ) -> Response:
         """Runs ``begin`` (which starts the generation and may return what memory added),
         then replies with ``collect``'s body or, given ``stream``, its server-sent events.
@@ -157,10 +157,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 if memory_info is not None:
                     payload["memory"] = memory_info  # Aerie extension: what memory contributed
                 return JSONResponse(payload)
-            # Wait for the first response before sending headers, so that the verifier
-            # refusing the request (too long, too busy, down) is still an HTTP status.
-            first = await run_unless_disconnected(request, generation.next())
-            events = stream(first)
+            # Wait for every choice's first response before sending headers, so that the
+            # verifier refusing the request (too long, too busy, down) is still an HTTP status.
+            firsts = await run_unless_disconnected(request, generation.firsts())
+            events = stream(firsts)
             if memory_info is not None:
                 events = with_memory_in_first_chunk(events, memory_info)
             streaming = True
@@ -191,7 +191,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 composer = MemoryComposer(backends.memory, backends.verifier, settings)
                 body, memory_info = await run_unless_disconnected(request, composer.run(body))
             generation.start(
-                backends.verifier, to_generate_request(body, identity.id), settings.grpc_timeout_s
+                backends.verifier, to_generate_requests(body, identity.id), settings.grpc_timeout_s
             )
             return memory_info
 
@@ -201,7 +201,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             identity,
             begin,
             lambda: collect_completion(generation, identity, body.logprobs),
-            (lambda first: stream_chunks(generation, first, identity, body.include_usage, body.logprobs))
+            (lambda firsts: stream_chunks(generation, firsts, identity, body.include_usage, body.logprobs))
             if body.stream
             else None,
         )
@@ -211,8 +211,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity, generation = await admit(body, "cmpl")
 
         async def begin() -> None:
-            request_ = legacy.to_generate_request(body, identity.id)
-            generation.start(backends.verifier, request_, settings.grpc_timeout_s)
+            requests = legacy.to_generate_requests(body, identity.id)
+            generation.start(backends.verifier, requests, settings.grpc_timeout_s)
 
         return await respond(
             request,
@@ -220,7 +220,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             identity,
             begin,
             lambda: legacy.collect_completion(generation, identity, body),
-            (lambda first: legacy.stream_completion(generation, first, identity, body))
+            (lambda firsts: legacy.stream_completion(generation, firsts, identity, body))
             if body.stream
             else None,
         )

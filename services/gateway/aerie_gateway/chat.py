@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, error_from_grpc
-from .metrics import FINISH_REASONS, RequestTracker
+from .metrics import FINISH_REASONS, GatewayMetrics, RequestTracker
 from .schemas import (
     LEAST_LOGPROB,
     AssistantMessage,
@@ -93,8 +93,8 @@ def sampling_of(
     return sampling
 
 
-def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
-    return verifier_pb2.GenerateRequest(
+def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[verifier_pb2.GenerateRequest]:
+    request = verifier_pb2.GenerateRequest(
         request_id=request_id,
         messages=[verifier_pb2.ChatMessage(role=m.verifier_role, content=m.text) for m in body.messages],
         sampling=sampling_of(
@@ -102,47 +102,109 @@ def to_generate_request(body: ChatCompletionRequest, request_id: str) -> verifie
         ),
         speculative=body.speculative,
     )
+    return one_per_choice(request, body.n)
+
+
+def one_per_choice(request: verifier_pb2.GenerateRequest, n: int) -> list[verifier_pb2.GenerateRequest]:
+    """``n`` copies of ``request``, one per choice. Choice i takes seed + i, so that seeded
+    choices differ from each other and each is reproducible."""
+    if n == 1:
+        return [request]
+    requests = []
+    for index in range(n):
+        choice = verifier_pb2.GenerateRequest()
+        choice.CopyFrom(request)
+        choice.request_id = f"{request.request_id}-{index}"
+        if request.sampling.HasField("seed"):  # wrapping around within int64
+            choice.sampling.seed = (request.sampling.seed + index + 2**63) % 2**64 - 2**63
+        requests.append(choice)
+    return requests
 
 
 class Generation:
-    """One Generate call, from admission on. ``next`` maps gRPC failures to HTTP errors
-    and feeds the metrics; ``close`` cancels the call (so the verifier stops generating
-    for a client that left), closes the metrics and frees the admission slot. ``close``
-    is idempotent and safe whether or not the call started."""
+    """One request's Generate calls, one per choice (``n``), from admission on. ``next``
+    maps gRPC failures to HTTP errors and feeds the metrics; ``close`` cancels the calls (so
+    the verifier stops generating for a client that left), closes the metrics and frees the
+    admission slot. ``close`` is idempotent and safe whether or not the calls started."""
 
-    def __init__(self, tracker: RequestTracker, release: Callable[[], None]):
-        self._tracker = tracker
+    def __init__(self, metrics: GatewayMetrics, release: Callable[[], None]):
+        self._metrics = metrics
         self._release = release
-        self._call: grpc.aio.UnaryStreamCall | None = None
+        self._calls: list[grpc.aio.UnaryStreamCall] = []
+        self._trackers: list[RequestTracker] = []
         self._closed = False
 
     def start(
         self,
         verifier: verifier_pb2_grpc.VerifierStub,
-        request: verifier_pb2.GenerateRequest,
+        requests: list[verifier_pb2.GenerateRequest],
         timeout_s: float,
     ) -> None:
-        self._call = verifier.Generate(request, timeout=timeout_s)
+        for request in requests:
+            self._trackers.append(self._metrics.track_request())
+            self._calls.append(verifier.Generate(request, timeout=timeout_s))
 
-    async def next(self) -> verifier_pb2.GenerateResponse:
+    @property
+    def choices(self) -> int:
+        return len(self._calls)
+
+    async def next(self, choice: int = 0) -> verifier_pb2.GenerateResponse:
         try:
-            response = await self._call.read()
+            response = await self._calls[choice].read()
         except grpc.aio.AioRpcError as err:
             raise error_from_grpc(err) from err
         if response is grpc.aio.EOF:
             # The contract puts a finish reason on the last message; callers stop there.
             raise APIError(500, "The model backend ended the reply without a finish reason.", "server_error")
-        self._tracker.observe(response)
+        self._trackers[choice].observe(response)
         return response
+
+    async def firsts(self) -> list[verifier_pb2.GenerateResponse]:
+        """Every choice's first response (the verifier has taken each, or refused)."""
+        return list(await asyncio.gather(*(self.next(choice) for choice in range(self.choices))))
+
+    async def responses(
+        self, firsts: list[verifier_pb2.GenerateResponse]
+    ) -> AsyncIterator[tuple[int, verifier_pb2.GenerateResponse]]:
+        """(choice, response) as they come, from each choice's first response to its last."""
+        queue: asyncio.Queue[tuple[int, verifier_pb2.GenerateResponse | APIError]] = asyncio.Queue()
+
+        async def follow(choice: int, response: verifier_pb2.GenerateResponse) -> None:
+            try:
+                while True:
+                    queue.put_nowait((choice, response))
+                    if finished(response):
+                        return
+                    response = await self.next(choice)
+            except APIError as err:
+                queue.put_nowait((choice, err))
+
+        followers = [asyncio.ensure_future(follow(choice, first)) for choice, first in enumerate(firsts)]
+        try:
+            running = len(followers)
+            while running:
+                choice, item = await queue.get()
+                if isinstance(item, APIError):
+                    raise item
+                yield choice, item
+                running -= finished(item)
+        finally:
+            for follower in followers:
+                follower.cancel()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-        self._tracker.close()
+        for call in self._calls:
+            call.cancel()
+        for tracker in self._trackers:
+            tracker.close()
         self._release()
+
+
+def finished(response: verifier_pb2.GenerateResponse) -> bool:
+    return response.finish_reason in FINISH_REASONS
 
 
 @dataclass(frozen=True)
@@ -154,20 +216,27 @@ class CompletionIdentity:
     model: str
 
 
-def usage_of(final: verifier_pb2.GenerateResponse) -> Usage:
+def usage_of(finals: list[verifier_pb2.GenerateResponse]) -> Usage:
+    """The usage of a request from its choices' last responses: the prompt once, every
+    choice's completion, and the speculation of those that speculated."""
+    prompt_tokens = finals[0].prompt_tokens
+    completion_tokens = sum(final.completion_tokens for final in finals)
+    stats = [
+        final.speculative for final in finals if final.HasField("speculative") and final.speculative.drafts
+    ]
     speculative = None
-    if final.HasField("speculative") and final.speculative.drafts > 0:
-        stats = final.speculative
+    if stats:
+        drafts, accepted = sum(s.drafts for s in stats), sum(s.accepted_tokens for s in stats)
         speculative = SpeculativeUsage(
-            drafts=stats.drafts,
-            draft_tokens=stats.draft_tokens,
-            accepted_tokens=stats.accepted_tokens,
-            mean_acceptance_length=stats.mean_acceptance_length,
+            drafts=drafts,
+            draft_tokens=sum(s.draft_tokens for s in stats),
+            accepted_tokens=accepted,
+            mean_acceptance_length=1 + accepted / drafts,  # vLLM's: the bonus token included
         )
     return Usage(
-        prompt_tokens=final.prompt_tokens,
-        completion_tokens=final.completion_tokens,
-        total_tokens=final.prompt_tokens + final.completion_tokens,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
         speculative=speculative,
     )
 
@@ -198,27 +267,30 @@ def logprobs_of(response: verifier_pb2.GenerateResponse) -> list[TokenLogprob]:
 async def collect_completion(
     generation: Generation, identity: CompletionIdentity, logprobs: bool
 ) -> ChatCompletion:
-    text: list[str] = []
-    token_logprobs: list[TokenLogprob] = []
-    response = await generation.next()
-    while True:
-        text.append(response.text)
-        token_logprobs += logprobs_of(response)
-        finish_reason = FINISH_REASONS.get(response.finish_reason)
-        if finish_reason is not None:
-            break
-        response = await generation.next()
-    choice = Choice(
-        message=AssistantMessage(content="".join(text)),
-        logprobs=ChoiceLogprobs(content=token_logprobs) if logprobs else None,
-        finish_reason=finish_reason,
-    )
+    async def collect(index: int) -> tuple[Choice, verifier_pb2.GenerateResponse]:
+        text: list[str] = []
+        token_logprobs: list[TokenLogprob] = []
+        while True:
+            response = await generation.next(index)
+            text.append(response.text)
+            token_logprobs += logprobs_of(response)
+            if finished(response):
+                break
+        choice = Choice(
+            index=index,
+            message=AssistantMessage(content="".join(text)),
+            logprobs=ChoiceLogprobs(content=token_logprobs) if logprobs else None,
+            finish_reason=FINISH_REASONS[response.finish_reason],
+        )
+        return choice, response
+
+    collected = await asyncio.gather(*(collect(index) for index in range(generation.choices)))
     return ChatCompletion(
         id=identity.id,
         created=identity.created,
         model=identity.model,
-        choices=[choice],
-        usage=usage_of(response),
+        choices=[choice for choice, _ in collected],
+        usage=usage_of([final for _, final in collected]),
     )
 
 
@@ -228,13 +300,14 @@ def sse(payload: str) -> str:
 
 async def stream_chunks(
     generation: Generation,
-    first: verifier_pb2.GenerateResponse,
+    firsts: list[verifier_pb2.GenerateResponse],
     identity: CompletionIdentity,
     include_usage: bool,
     logprobs: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent chat.completion.chunk events for a stream whose first response has
-    already arrived. Errors after the headers went out can only be reported in-band. With
+    """Server-sent chat.completion.chunk events for a stream whose choices' first responses
+    have already arrived; the choices' chunks interleave as they come, each naming its
+    choice. Errors after the headers went out can only be reported in-band. With
     ``logprobs``, each chunk carries the entries of the tokens that came with it, and a
     chunk goes out for tokens whose text is still held back (a possible stop string)."""
 
@@ -244,22 +317,22 @@ async def stream_chunks(
         )
         return sse(body.model_dump_json())
 
-    yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
-    response = first
+    for index in range(len(firsts)):
+        yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+    finals: list[verifier_pb2.GenerateResponse] = list(firsts)
     try:
-        while True:
+        async for index, response in generation.responses(firsts):
             if logprobs and response.logprobs:
                 content = ChoiceLogprobs(content=logprobs_of(response))
-                yield chunk([ChunkChoice(delta=Delta(content=response.text), logprobs=content)])
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=response.text), logprobs=content)])
             elif response.text:
-                yield chunk([ChunkChoice(delta=Delta(content=response.text))])
-            finish_reason = FINISH_REASONS.get(response.finish_reason)
-            if finish_reason is not None:
-                break
-            response = await generation.next()
-        yield chunk([ChunkChoice(delta=Delta(), finish_reason=finish_reason)])
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=response.text))])
+            if finished(response):
+                finals[index] = response
+                finish_reason = FINISH_REASONS[response.finish_reason]
+                yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason)])
         if include_usage:
-            yield chunk([], usage=usage_of(response))
+            yield chunk([], usage=usage_of(finals))
     except APIError as err:
         log.warning("%s failed mid-stream: %s", identity.id, err.message)
         yield sse(json.dumps(err.body()))

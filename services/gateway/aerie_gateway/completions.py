@@ -5,13 +5,24 @@ chat's (aerie_gateway.chat.Generation); only the shapes differ."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
 
 from aerie_proto.v1 import verifier_pb2
 
-from .chat import CompletionIdentity, Generation, finite_logprob, sampling_of, sse, token_text, usage_of
+from .chat import (
+    CompletionIdentity,
+    Generation,
+    finished,
+    finite_logprob,
+    one_per_choice,
+    sampling_of,
+    sse,
+    token_text,
+    usage_of,
+)
 from .errors import APIError
 from .metrics import FINISH_REASONS
 from .schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
@@ -19,7 +30,7 @@ from .schemas import Completion, CompletionChoice, CompletionLogprobs, Completio
 log = logging.getLogger(__name__)
 
 
-def to_generate_request(body: CompletionRequest, request_id: str) -> verifier_pb2.GenerateRequest:
+def to_generate_requests(body: CompletionRequest, request_id: str) -> list[verifier_pb2.GenerateRequest]:
     text_prompt = isinstance(body.prompt, str)
     logprobs = body.logprobs is not None
     request = verifier_pb2.GenerateRequest(
@@ -30,7 +41,7 @@ def to_generate_request(body: CompletionRequest, request_id: str) -> verifier_pb
         speculative=body.speculative,
     )
     request.sampling.prompt_logprobs = body.prompt_logprobs
-    return request
+    return one_per_choice(request, body.n)
 
 
 class LegacyLogprobs:
@@ -73,47 +84,51 @@ def echoed(body: CompletionRequest, first: verifier_pb2.GenerateResponse) -> str
 async def collect_completion(
     generation: Generation, identity: CompletionIdentity, body: CompletionRequest
 ) -> Completion:
-    response = await generation.next()
-    text = [echoed(body, response)]
-    logprobs = LegacyLogprobs() if body.logprobs is not None else None
-    parts: list[CompletionLogprobs] = []
-    if logprobs is not None and body.echo:
-        parts.append(logprobs.of(response.prompt_logprobs))
-    while True:
-        text.append(response.text)
+    async def collect(index: int) -> tuple[CompletionChoice, verifier_pb2.GenerateResponse]:
+        response = await generation.next(index)
+        text = [echoed(body, response)]
+        logprobs = LegacyLogprobs() if body.logprobs is not None else None
+        parts: list[CompletionLogprobs] = []
+        if logprobs is not None and body.echo:
+            parts.append(logprobs.of(response.prompt_logprobs))
+        while True:
+            text.append(response.text)
+            if logprobs is not None:
+                parts.append(logprobs.of(response.logprobs))
+            if finished(response):
+                break
+            response = await generation.next(index)
+        merged = None
         if logprobs is not None:
-            parts.append(logprobs.of(response.logprobs))
-        finish_reason = FINISH_REASONS.get(response.finish_reason)
-        if finish_reason is not None:
-            break
-        response = await generation.next()
-    merged = None
-    if logprobs is not None:
-        merged = CompletionLogprobs(
-            **{
-                name: [item for part in parts for item in getattr(part, name)]
-                for name in CompletionLogprobs.model_fields
-            }
-        )
-    choice = CompletionChoice(text="".join(text), logprobs=merged, finish_reason=finish_reason)
+            fields = CompletionLogprobs.model_fields
+            merged = CompletionLogprobs(
+                **{name: [x for part in parts for x in getattr(part, name)] for name in fields}
+            )
+        finish_reason = FINISH_REASONS[response.finish_reason]
+        return CompletionChoice(
+            index=index, text="".join(text), logprobs=merged, finish_reason=finish_reason
+        ), response
+
+    collected = await asyncio.gather(*(collect(index) for index in range(generation.choices)))
     return Completion(
         id=identity.id,
         created=identity.created,
         model=identity.model,
-        choices=[choice],
-        usage=usage_of(response),
+        choices=[choice for choice, _ in collected],
+        usage=usage_of([final for _, final in collected]),
     )
 
 
 async def stream_completion(
     generation: Generation,
-    first: verifier_pb2.GenerateResponse,
+    firsts: list[verifier_pb2.GenerateResponse],
     identity: CompletionIdentity,
     body: CompletionRequest,
 ) -> AsyncIterator[str]:
-    """Server-sent text_completion chunks for a stream whose first response has already
-    arrived; the echoed prompt, if asked, comes first. Errors after the headers went out can
-    only be reported in-band."""
+    """Server-sent text_completion chunks for a stream whose choices' first responses have
+    already arrived; each choice's echoed prompt, if asked, comes first, then the choices'
+    chunks interleave as they come. Errors after the headers went out can only be reported
+    in-band."""
 
     def chunk(choices: list[CompletionChoice], usage=None) -> str:
         completion = Completion(
@@ -121,23 +136,24 @@ async def stream_completion(
         )
         return sse(completion.model_dump_json())
 
-    logprobs = LegacyLogprobs() if body.logprobs is not None else None
+    logprobs = [LegacyLogprobs() if body.logprobs is not None else None for _ in firsts]
     if body.echo:
-        prompt_part = logprobs.of(first.prompt_logprobs) if logprobs is not None else None
-        yield chunk([CompletionChoice(text=echoed(body, first), logprobs=prompt_part)])
-    response = first
+        for index, first in enumerate(firsts):
+            prompt_part = logprobs[index].of(first.prompt_logprobs) if logprobs[index] is not None else None
+            yield chunk([CompletionChoice(index=index, text=echoed(body, first), logprobs=prompt_part)])
+    finals = list(firsts)
     try:
-        while True:
-            if response.text or (logprobs is not None and response.logprobs):
-                part = logprobs.of(response.logprobs) if logprobs is not None else None
-                yield chunk([CompletionChoice(text=response.text, logprobs=part)])
-            finish_reason = FINISH_REASONS.get(response.finish_reason)
-            if finish_reason is not None:
-                break
-            response = await generation.next()
-        yield chunk([CompletionChoice(text="", finish_reason=finish_reason)])
+        async for index, response in generation.responses(firsts):
+            choice_logprobs = logprobs[index]
+            if response.text or (choice_logprobs is not None and response.logprobs):
+                part = choice_logprobs.of(response.logprobs) if choice_logprobs is not None else None
+                yield chunk([CompletionChoice(index=index, text=response.text, logprobs=part)])
+            if finished(response):
+                finals[index] = response
+                finish_reason = FINISH_REASONS[response.finish_reason]
+                yield chunk([CompletionChoice(index=index, text="", finish_reason=finish_reason)])
         if body.include_usage:
-            yield chunk([], usage=usage_of(response))
+            yield chunk([], usage=usage_of(finals))
     except APIError as err:
         log.warning("%s failed mid-stream: %s", identity.id, err.message)
         yield sse(json.dumps(err.body()))

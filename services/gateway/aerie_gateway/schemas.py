@@ -33,6 +33,8 @@ MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
+# Choices per request: each is a request of its own to the verifier, which queues 64 at most.
+MAX_CHOICES = 16
 # What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
 LEAST_LOGPROB = -9999.0
 MAX_STOP_STRINGS = 4
@@ -238,7 +240,7 @@ class GenerationRequest(RequestBody):
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1})  # see _only_one_choice
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices, each decoded on its own
     speculative: bool = True  # Aerie extension
 
     @model_validator(mode="before")
@@ -248,13 +250,6 @@ class GenerationRequest(RequestBody):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None}
         return data
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("logit_bias")
     @classmethod
