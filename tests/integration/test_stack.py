@@ -343,6 +343,16 @@ def test_loglikelihood_requests_as_lm_eval_sends_them(stack):
     assert continuation_logprob(context, " Paris") > continuation_logprob(context, " Berlin") + 2
 
 
+def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(stack):
+    messages = [{"role": "user", "content": "Write a short poem about rain."}]
+    for seed in (1, 2):
+        fields = {"messages": messages, "temperature": 0.8, "top_p": 0.95, "seed": seed, "max_tokens": 48}
+        off = chat(stack, speculative=False, **fields).json()
+        on = chat(stack, speculative=True, **fields).json()
+        assert on["choices"][0]["message"]["content"] == off["choices"][0]["message"]["content"]
+        assert on["usage"]["speculative"]["accepted_tokens"] > 0
+
+
 def test_n_sampled_choices_differ_and_each_reproduces(stack):
     fields = {"messages": CAPITAL, "n": 3, "temperature": 1.0, "seed": 11, "max_tokens": 24}
     first, again = (chat(stack, **fields).json() for _ in range(2))

@@ -68,8 +68,8 @@ class ReplayDrafter(_TokenTracker):
 
 class TargetTopKDrafter(_TokenTracker):
     """A deterministic tree of the target's own top-k children for one or two levels:
-    drafts that are often accepted, so sampling verification runs through acceptance and
-    rejection."""
+    drafts that are often accepted, and branch, so verification follows one branch and
+    leaves the others."""
 
     def __init__(self, model, top_k: int = 3, levels: int = 2):
         super().__init__()

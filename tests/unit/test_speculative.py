@@ -15,9 +15,9 @@ from aerie_verifier import engine as engine_module
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, Sequence
-from aerie_verifier.sampling import LogitAdjuster, SamplingParams, penalize, target_probs
+from aerie_verifier.sampling import LogitAdjuster, SamplingParams, next_token, penalize, target_probs
 from aerie_verifier.speculative import HiddenCapture, PaceGuard
-from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
+from aerie_verifier.tree_verify import accept, keep_cache_entries, tree_inputs
 from transformers import DynamicCache
 
 from tests.conftest import build_tiny_llama
@@ -158,18 +158,15 @@ def test_greedy_acceptance_follows_target_argmax():
     logits[0, 5] = 1  # root -> node 0 (token 5)
     logits[1, 7] = 1  # node 0 -> node 2 (token 7)
     logits[3, 9] = 1  # node 2 -> 9, which is not node 3's token 8
-    accepted, bonus = accept_greedy(tree, logits)
+    rows = []
+
+    def choose(row, depth):
+        rows.append((row, depth))
+        return next_token(logits[row], SamplingParams(), seed=0, position=depth)
+
+    accepted, bonus = accept(tree, choose)
     assert accepted == [0, 2] and bonus == 9
-
-
-def sample_first_tokens(tree, logits, params, n, seed=0, acceptor=accept_sampling):
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(logits.shape[-1])
-    for _ in range(n):
-        accepted, bonus = acceptor(tree, logits, params, gen)
-        first = tree.token_ids[accepted[0]] if accepted else bonus
-        counts[first] += 1
-    return counts / n
+    assert rows == [(0, 0), (1, 1), (3, 2)]  # only the accepted path's rows are chosen at
 
 
 def total_variation(p, q):
@@ -177,6 +174,8 @@ def total_variation(p, q):
 
 
 def test_sampling_acceptance_keeps_the_target_distribution():
+    """Each seed's noise decides every row's draw; over seeds, the first token is
+    distributed as the target's sampling distribution, whatever the tree proposed."""
     torch.manual_seed(0)
     vocab = 12
     logits = torch.randn(7, vocab) * 2
@@ -185,15 +184,29 @@ def test_sampling_acceptance_keeps_the_target_distribution():
     )
     params = SamplingParams(temperature=0.7, top_p=0.9)
     expected = target_probs(logits[0], params)
-    observed = sample_first_tokens(tree, logits, params, n=20000)
-    assert total_variation(observed, expected) < 0.02
+    counts = torch.zeros(vocab)
+    runs = 20000
+    accepted_any = 0
+    for seed in range(runs):
+        accepted, bonus = accept(
+            tree, lambda row, depth, seed=seed: next_token(logits[row], params, seed, 40 + depth)
+        )
+        counts[tree.token_ids[accepted[0]] if accepted else bonus] += 1
+        accepted_any += bool(accepted)
+        # the same draw as plain sampling at that position
+        assert (tree.token_ids[accepted[0]] if accepted else bonus) == next_token(logits[0], params, seed, 40)
+    assert total_variation(counts / runs, expected) < 0.02
+    # a child is accepted with the target's probability of the children's tokens together
+    assert accepted_any / runs == pytest.approx(expected[[3, 0, 7]].sum().item(), abs=0.02)
 
-    # The test can fail: a verifier that always takes the best draft child is lossy.
-    def greedy_acceptor(tree, logits, params, gen):
-        return [0], 0
 
-    biased = sample_first_tokens(tree, logits, params, n=2000, acceptor=greedy_acceptor)
-    assert total_variation(biased, expected) > 0.2
+def test_a_draw_depends_on_the_seed_and_position_alone():
+    logits = torch.randn(50)
+    params = SamplingParams(temperature=1.0)
+    draws = [next_token(logits, params, seed=7, position=position) for position in range(30)]
+    assert draws == [next_token(logits, params, seed=7, position=position) for position in range(30)]
+    assert len(set(draws)) > 5
+    assert draws != [next_token(logits, params, seed=8, position=position) for position in range(30)]
 
 
 def test_sampling_is_lossless_end_to_end_on_the_second_token(target, make_engine):
@@ -470,7 +483,7 @@ def test_tree_rows_are_penalized_along_their_own_paths(tiny_tokenizer):
         max_new_tokens=50,
         on_event=lambda event: None,
         detokenizer=IncrementalDetokenizer(tiny_tokenizer),
-        generator=None,
+        seed=0,
         eos_ids=frozenset(),
     )
     seq.adjuster = LogitAdjuster(params, seq.prompt_ids, VOCAB, torch.device("cpu"))
@@ -600,3 +613,32 @@ def test_prompt_logprobs_scored_in_chunks_are_a_full_forwards(target, make_engin
     assert tokens == plain
     if speculative:
         assert events[-1].speculative.drafts > 0
+
+
+def test_seeded_sampling_gives_plain_decodings_tokens_with_any_drafter(target, make_engine):
+    """The draw at each position depends on the seed and the position alone, so speculation
+    (any tree, accepted or not) and plain decoding give the same tokens."""
+    engines = [
+        make_engine(
+            InProcessDrafterFactory(random_head(target), TreeShape(depth=3, top_k=3, total_tokens=8))
+        ),
+        make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=2))),
+        make_engine(Factory(lambda: OracleDrafter(target, 4))),
+    ]
+    for seed, extra in [(0, {}), (1, {"top_p": 0.8}), (2, {"top_k": 5, "presence_penalty": 0.5}), (3, {})]:
+        params = SamplingParams(temperature=0.9, seed=seed, max_tokens=24, **extra)
+        plain, _ = generate(engines[0], [5, 6, 7, 8], params, speculative=False)
+        for engine in engines:
+            spec, final = generate(engine, [5, 6, 7, 8], params, speculative=True)
+            assert spec == plain, (seed, engine)
+            assert final.speculative.drafts > 0
+    # different seeds draw differently
+    draws = {
+        tuple(
+            generate(engines[0], [5, 6, 7, 8], SamplingParams(temperature=1.0, seed=s, max_tokens=12), False)[
+                0
+            ]
+        )
+        for s in range(4)
+    }
+    assert len(draws) > 1

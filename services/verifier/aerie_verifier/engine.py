@@ -47,7 +47,7 @@ from aerie_verifier.speculative import (
 )
 from aerie_verifier.static_slot import StaticSlot
 from aerie_verifier.structured_output import GrammarCompiler, GrammarConstraint
-from aerie_verifier.tree_verify import accept_greedy, accept_sampling, keep_cache_entries, tree_inputs
+from aerie_verifier.tree_verify import accept, keep_cache_entries, tree_inputs
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Sequence:
     max_new_tokens: int
     on_event: Callable[[GenerationEvent], None]
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
+    seed: int  # the sampling noise's (sampling.position_noise): the request's, or a random one
     eos_ids: frozenset[int]
     speculative: bool = False
     output_ids: list[int] = field(default_factory=list)
@@ -167,7 +167,7 @@ class Sequence:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """The token to follow the output, from the target's [vocab] logits after it."""
-        return next_token(self.scores(logits[None])[0], self.params, self.generator)
+        return next_token(self.scores(logits[None])[0], self.params, self.seed, len(self.output_ids))
 
     def append_tokens(self, tokens: list[int], logits: torch.Tensor | None = None) -> None:
         """Take newly decided tokens, stopping at EOS, a stop string or the length limit
@@ -315,11 +315,6 @@ class Engine:
         max_new_tokens = self._check_lengths(len(prompt_ids), params.max_tokens)
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=self.device)
-            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            generator.manual_seed(seed)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
@@ -327,7 +322,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             on_event=on_event,
             detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
-            generator=generator,
+            seed=params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"),
             eos_ids=self.eos_ids,
             speculative=speculative and self.drafter_factory is not None,
         )
@@ -643,10 +638,10 @@ class Engine:
                 logits = self.model(**inputs.model_kwargs(), past_key_values=seq.cache).logits[0]
                 features = self.capture.features(seq.capture_layer_ids)
         scores = seq.scores(logits, tree)
-        if seq.params.greedy:
-            accepted, bonus = accept_greedy(tree, scores)
-        else:
-            accepted, bonus = accept_sampling(tree, scores, seq.params, seq.generator)
+        position = len(seq.output_ids)  # of the root's child: a row at depth d chooses at position + d
+        accepted, bonus = accept(
+            tree, lambda row, depth: next_token(scores[row], seq.params, seq.seed, position + depth)
+        )
         if seq.slot is not None:
             seq.slot.keep(accepted)
         else:

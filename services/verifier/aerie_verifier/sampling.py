@@ -7,6 +7,7 @@ target distribution that plain sampling draws from (the basis of losslessness).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -204,12 +205,23 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token id from a 1-D distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def position_noise(seed: int, position: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exp(1) noise over ``size`` tokens for output position ``position`` of a request
+    seeded ``seed``: a function of those alone, however the token there comes to be chosen."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest, "little"))
+    return torch.empty(size, device=device).exponential_(generator=generator)
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def next_token(scores: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """The token at output ``position`` from the target's [vocab] ``scores`` there: the
+    argmax, or a draw from the sampling distribution p, made as the exponential race
+    argmax p(x)/q(x) with q the request's noise at that position (each x wins with
+    probability p(x), as in Gumbel-max sampling; vLLM's sampler draws so too). The draw
+    depends on the position's noise alone, not on how many draws came before, so a
+    seeded request gives the same tokens with speculation as without, at any batch."""
     if params.greedy:
-        return int(logits.argmax(-1).item())
-    return sample(target_probs(logits, params), generator)
+        return int(scores.argmax(-1).item())
+    probs = target_probs(scores, params)
+    return int((probs / position_noise(seed, position, probs.shape[-1], probs.device)).argmax().item())

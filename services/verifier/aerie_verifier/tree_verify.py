@@ -5,18 +5,19 @@ the last decided token (not yet in the cache), each node sees the cached prefix,
 and its own ancestors, and sits at position prefix + depth. Row 0 of the logits scores
 the root's children; row i+1 scores node i's children.
 
-Acceptance walks down from the root:
-- greedy: follow the child whose token is the target's argmax;
-- sampling (SpecInfer / EAGLE multi-candidate rejection): try the children in draft-
-  score order, accepting child x with probability p(x) under the target distribution p;
-  on rejection set p(x) = 0 and renormalise. The draft is a deterministic top-k, so this
-  gives exactly p. When every child is rejected, the bonus token is drawn from what is
-  left of p.
-Either way one more token (the bonus) comes from the target at the last accepted node.
+Acceptance walks down from the root, following the child whose token is the one the
+target chooses at that row: its argmax, or, sampling, the draw sampling.next_token makes
+there, which depends on the request's noise at that output position alone. So a node is
+accepted exactly when plain decoding would have chosen its token after the same path, and
+the output is plain decoding's, token for token. (A child x is accepted with probability
+p(x), and a tree's children together with the sum of theirs: what multi-candidate
+rejection sampling, SpecInfer's and EAGLE's, reaches with a deterministic draft.) One
+more token, the bonus, is the target's choice below the last accepted node.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,7 +25,6 @@ from aerie_common.draft_tree import DraftTree
 
 from aerie_verifier.attention_mask import target_attention_mask
 from aerie_verifier.kv_cache import GrowingCache
-from aerie_verifier.sampling import SamplingParams, target_probs
 
 
 @dataclass(frozen=True)
@@ -65,51 +65,21 @@ def tree_inputs(root_token: int, tree: DraftTree, past_len: int, config, device,
     )
 
 
-def _children_by_score(tree: DraftTree) -> list[list[int]]:
-    kids = tree.children()
-    return [sorted(c, key=lambda i: -tree.scores[i]) for c in kids]
-
-
-def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-    """Returns the accepted nodes (tree indices, root to leaf) and the bonus token."""
-    argmax = logits.argmax(-1).tolist()
+def accept(tree: DraftTree, choose: Callable[[int, int], int]) -> tuple[list[int], int]:
+    """Walk down from the root, following the child whose token is the one the target
+    chooses at each row (``choose(row, depth)``, depth 0 at the root); returns the accepted
+    nodes (tree indices, root to leaf) and the bonus token, the target's choice below them.
+    Only the rows on the accepted path are chosen at."""
     kids = tree.children()
     accepted: list[int] = []
-    row = 0  # logits row of the current node (root)
-    current = -1
+    row, current = 0, -1  # the logits row of the current node (the root), and its index
     while True:
-        match = next((c for c in kids[current] if tree.token_ids[c] == argmax[row]), None)
+        token = choose(row, len(accepted))
+        match = next((child for child in kids[current] if tree.token_ids[child] == token), None)
         if match is None:
-            return accepted, argmax[row]
+            return accepted, token
         accepted.append(match)
         current, row = match, match + 1
-
-
-def accept_sampling(
-    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> tuple[list[int], int]:
-    """Lossless multi-candidate rejection sampling; returns accepted nodes and the bonus."""
-    kids = _children_by_score(tree)
-    accepted: list[int] = []
-    row, current = 0, -1
-    while True:
-        p = target_probs(logits[row], params)
-        chosen = None
-        for child in kids[current]:
-            token = tree.token_ids[child]
-            if torch.rand((), generator=generator, device=p.device) < p[token]:
-                chosen = child
-                break
-            p[token] = 0.0
-            total = p.sum()
-            if total <= 0:  # float rounding: x held all the mass, so it is the target's choice
-                chosen = child
-                break
-            p /= total
-        if chosen is None:
-            return accepted, int(torch.multinomial(p, 1, generator=generator).item())
-        accepted.append(chosen)
-        current, row = chosen, chosen + 1
 
 
 def keep_cache_entries(cache, past_len: int, accepted: list[int]) -> None:
