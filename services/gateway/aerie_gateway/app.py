@@ -136,7 +136,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity = CompletionIdentity(
             id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model
         )
-        return identity, Generation(metrics, release=admission.leave)
+        return identity, Generation(metrics, release=admission.leave, choices=body.n)
 
     async def respond(
         request: Request,

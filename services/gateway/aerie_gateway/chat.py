@@ -17,7 +17,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, error_from_grpc
-from .metrics import FINISH_REASONS, GatewayMetrics, RequestTracker
+from .metrics import FINISH_REASONS, GatewayMetrics
 from .schemas import (
     LEAST_LOGPROB,
     AssistantMessage,
@@ -127,11 +127,11 @@ class Generation:
     the verifier stops generating for a client that left), closes the metrics and frees the
     admission slot. ``close`` is idempotent and safe whether or not the calls started."""
 
-    def __init__(self, metrics: GatewayMetrics, release: Callable[[], None]):
-        self._metrics = metrics
+    def __init__(self, metrics: GatewayMetrics, release: Callable[[], None], choices: int = 1):
         self._release = release
         self._calls: list[grpc.aio.UnaryStreamCall] = []
-        self._trackers: list[RequestTracker] = []
+        # From admission: time to first token counts what comes before the calls (memory).
+        self._trackers = [metrics.track_request() for _ in range(choices)]
         self._closed = False
 
     def start(
@@ -140,9 +140,10 @@ class Generation:
         requests: list[verifier_pb2.GenerateRequest],
         timeout_s: float,
     ) -> None:
-        for request in requests:
-            self._trackers.append(self._metrics.track_request())
-            self._calls.append(verifier.Generate(request, timeout=timeout_s))
+        """One call per choice (as many requests as the choices it was made for)."""
+        if len(requests) != len(self._trackers):
+            raise ValueError(f"{len(requests)} requests for {len(self._trackers)} choices")
+        self._calls = [verifier.Generate(request, timeout=timeout_s) for request in requests]
 
     @property
     def choices(self) -> int:

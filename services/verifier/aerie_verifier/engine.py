@@ -47,7 +47,7 @@ from aerie_verifier.speculative import (
 )
 from aerie_verifier.static_slot import StaticSlot
 from aerie_verifier.structured_output import GrammarCompiler, GrammarConstraint
-from aerie_verifier.tree_verify import accept, keep_cache_entries, tree_inputs
+from aerie_verifier.tree_verify import accept, keep_cache_entries, path_counts, tree_inputs
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,10 @@ class Sequence:
         if self.adjuster is None and self.grammar is None and not eos_held:
             return logits
         if self.adjuster is not None:
-            path_counts = None
-            if tree is not None and len(tree) and self.params.penalized:
-                on_path = tree.ancestor_mask().to(logits.device, torch.float32)  # node j on node i's path
-                along = torch.zeros(len(tree), logits.shape[-1], device=logits.device)
-                along.index_add_(1, torch.tensor(tree.token_ids, device=logits.device), on_path)
-                path_counts = torch.cat([torch.zeros_like(along[:1]), along])
-            scores = self.adjuster(logits, path_counts)
+            on_paths = tree is not None and len(tree) and self.params.penalized
+            scores = self.adjuster(
+                logits, path_counts(tree, logits.shape[-1], logits.device) if on_paths else None
+            )
         else:  # masked in place below: the logits stay as they are, for logprobs
             scores = logits.to(torch.float32, copy=True)
         if self.grammar is not None:

@@ -1,8 +1,10 @@
 """Turning logits into tokens: logit bias, repetition penalties, temperature, top-k and
 top-p (nucleus) filtering; and the log probabilities reported with the tokens.
 
-Kept apart from the engine so that speculative verification can build the very same
-target distribution that plain sampling draws from (the basis of losslessness).
+Kept apart from the engine so that speculative verification builds the very same target
+distribution that plain decoding samples from, and makes the very same draw from it: a
+draw depends on the request's noise at its output position alone (``next_token``), so
+verification can tell whether plain decoding would have chosen a draft token.
 """
 
 from __future__ import annotations
@@ -108,8 +110,8 @@ def penalize(
     logits: torch.Tensor, params: SamplingParams, output_counts: torch.Tensor, prompt_seen: torch.Tensor
 ) -> torch.Tensor:
     """``logits`` [rows, vocab] with the repetition penalties of ``params`` applied, each row
-    after its own output so far: ``output_counts`` [rows or 1, vocab] holds how often each
-    token occurs in that row's output, ``prompt_seen`` [vocab] which tokens the prompt
+    after its own output so far: ``output_counts`` [rows, vocab] (or [vocab], one for all)
+    holds how often each token occurs in that row's output, ``prompt_seen`` [vocab] which tokens the prompt
     holds. (A draft tree's rows each follow their own path, so their counts differ.)"""
     logits = logits.float()
     in_output = output_counts > 0

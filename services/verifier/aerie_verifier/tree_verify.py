@@ -65,6 +65,16 @@ def tree_inputs(root_token: int, tree: DraftTree, past_len: int, config, device,
     )
 
 
+def path_counts(tree: DraftTree, vocab_size: int, device) -> torch.Tensor:
+    """[1+N, vocab] in the forward's numbering: how often each token occurs on the path
+    from the root to each row's node, the node included (none for the root's row): what a
+    row's repetition penalties count beyond the output so far."""
+    on_path = tree.ancestor_mask().to(device, torch.float32)  # node j on node i's path
+    counts = torch.zeros(len(tree) + 1, vocab_size, device=device)
+    counts[1:].index_add_(1, torch.tensor(tree.token_ids, device=device), on_path)
+    return counts
+
+
 def accept(tree: DraftTree, choose: Callable[[int, int], int]) -> tuple[list[int], int]:
     """Walk down from the root, following the child whose token is the one the target
     chooses at each row (``choose(row, depth)``, depth 0 at the root); returns the accepted
