@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -110,3 +111,18 @@ class Factory:
 
     def forget(self):
         pass
+
+
+def request_events(engine, prompt, params, speculative) -> list:
+    """Every event of one request to ``engine``, up to its last."""
+    done = threading.Event()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if event.finish_reason is not None:
+            done.set()
+
+    engine.submit("r", prompt, params, on_event, speculative=speculative)
+    assert done.wait(120)
+    return events

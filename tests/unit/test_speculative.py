@@ -3,7 +3,6 @@ known drafters, cache bookkeeping, hidden-state capture and the fallback."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ from transformers import DynamicCache
 
 from tests.conftest import build_tiny_llama
 
-from .spec_helpers import Factory, OracleDrafter, ReplayDrafter, TargetTopKDrafter
+from .spec_helpers import Factory, OracleDrafter, ReplayDrafter, TargetTopKDrafter, request_events
 
 VOCAB = 259  # the tiny byte-level tokenizer's size
 
@@ -41,16 +40,7 @@ def random_head(target, version="3.1", seed=0):
 
 
 def generate(engine, prompt, params, speculative):
-    done = threading.Event()
-    events = []
-
-    def on_event(event):
-        events.append(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    engine.submit("r", prompt, params, on_event, speculative=speculative)
-    assert done.wait(120)
+    events = request_events(engine, prompt, params, speculative)
     return [t for e in events for t in e.token_ids], events[-1]
 
 
@@ -504,16 +494,7 @@ def test_logprobs_are_the_targets_own_at_every_token(target, make_engine, specul
     engine = make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=2, levels=2)))
     prompt = [5, 6, 7, 8]
     params = SamplingParams(max_tokens=20, logprobs=True, top_logprobs=3, presence_penalty=1.0)
-    events = []
-    done = threading.Event()
-
-    def on_event(event):
-        events.append(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    engine.submit("r", prompt, params, on_event, speculative=speculative)
-    assert done.wait(120)
+    events = request_events(engine, prompt, params, speculative)
     tokens = [t for e in events for t in e.token_ids]
     entries = [entry for e in events for entry in e.logprobs]
     assert all(len(e.logprobs) == len(e.token_ids) for e in events)
@@ -588,16 +569,7 @@ def test_prompt_logprobs_scored_in_chunks_are_a_full_forwards(target, make_engin
     )
     prompt = prompts(1, seed=9)[0][:5] * 6
     params = SamplingParams(max_tokens=16, prompt_logprobs=True, top_logprobs=2)
-    events = []
-    done = threading.Event()
-
-    def on_event(event):
-        events.append(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    engine.submit("r", prompt, params, on_event, speculative=speculative)
-    assert done.wait(120)
+    events = request_events(engine, prompt, params, speculative)
     entries = events[0].prompt_logprobs
     assert all(event.prompt_logprobs is None for event in events[1:])
     assert [entry.token_id for entry in entries] == prompt

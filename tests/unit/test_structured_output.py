@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 
 import jsonschema
 import pytest
@@ -18,7 +17,7 @@ from aerie_verifier.engine import Engine
 from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.structured_output import GrammarCompiler, GrammarConstraint, StructuredOutput
 
-from .spec_helpers import Factory, OracleDrafter, TargetTopKDrafter
+from .spec_helpers import Factory, OracleDrafter, TargetTopKDrafter, request_events
 from .test_speculative import VOCAB, random_head
 
 
@@ -113,15 +112,7 @@ def test_tree_rows_are_masked_along_their_own_paths(compiler, tiny_tokenizer):
 
 
 def generate(engine, prompt, params, speculative):
-    done, events = threading.Event(), []
-
-    def on_event(event):
-        events.append(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    engine.submit("r", prompt, params, on_event, speculative=speculative)
-    assert done.wait(120)
+    events = request_events(engine, prompt, params, speculative)
     return "".join(event.text for event in events), events[-1]
 
 
