@@ -144,3 +144,16 @@ def test_token_logprobs_are_log_softmax_with_the_top_tokens_best_first():
     # fewer tokens than rows (a stop cut the step short): the first rows
     assert [e.token_id for e in token_logprobs(logits, [4], top_n=0)] == [4]
     assert token_logprobs(logits, [4], top_n=0)[0].top == []
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 10.0], ids=["flat (beyond the candidates)", "peaked", "sharp"])
+def test_the_nucleus_is_the_full_sorts(scale):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5000) * scale
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    scaled = logits / 0.8
+    ranked, order = scaled.softmax(-1).sort(dim=-1, descending=True)
+    drop_ranked = (ranked.cumsum(-1) - ranked) >= 0.9
+    expected = scaled.masked_fill(drop_ranked.scatter(-1, order, drop_ranked), float("-inf")).softmax(-1)
+    assert torch.equal(target_probs(logits, params) > 0, expected > 0)
+    assert torch.allclose(target_probs(logits, params), expected)

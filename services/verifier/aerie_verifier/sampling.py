@@ -26,6 +26,7 @@ MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
+NUCLEUS_CANDIDATES = 1024  # see _outside_nucleus
 
 
 @dataclass(frozen=True)
@@ -197,14 +198,24 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already cover top_p; the top
-        # token always stays.
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(_outside_nucleus(logits, params.top_p), float("-inf"))
     return logits.softmax(-1)
+
+
+def _outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which tokens top-p filtering drops: a token goes when the tokens ranked above it
+    already cover top_p (so the top token always stays). The nucleus nearly always lies
+    within the NUCLEUS_CANDIDATES most likely tokens, which are ranked alone (sorting the
+    whole vocabulary costs milliseconds a token on a CPU); otherwise all are."""
+    probs = logits.softmax(-1)
+    candidates = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    ranked, order = probs.topk(candidates, dim=-1)
+    covered_before = ranked.cumsum(-1) - ranked
+    if candidates < logits.shape[-1] and not (covered_before[..., -1] >= top_p).all():
+        ranked, order = probs.sort(dim=-1, descending=True)
+        covered_before = ranked.cumsum(-1) - ranked
+    drop = torch.ones_like(probs, dtype=torch.bool)
+    return drop.scatter(-1, order, covered_before >= top_p)
 
 
 def position_noise(seed: int, position: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
