@@ -189,3 +189,17 @@ def test_an_uncompilable_constraint_is_refused_at_submit(target, tiny_tokenizer)
     engine = Engine(target, tiny_tokenizer)
     with pytest.raises(ValueError, match="regex does not compile"):
         engine.submit("r", [5], SamplingParams(structured=StructuredOutput("regex", "[")), lambda event: None)
+
+
+def test_the_gpus_plain_torch_masking_is_the_cpus(compiler, tiny_tokenizer):
+    """GrammarConstraint masks GPU scores with xgrammar's plain-torch backend (its GPU
+    kernels compile at first use); on the CPU's scores both must agree."""
+    constraint = GrammarConstraint(compiler.compile(StructuredOutput("regex", r"[a-c]+[0-9]")), VOCAB)
+    bitmask = xgrammar.allocate_token_bitmask(1, VOCAB)
+    constraint.matcher.fill_next_token_bitmask(bitmask, 0)
+    masked = {}
+    for backend in ("cpu", "torch_native"):
+        masked[backend] = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0))
+        xgrammar.apply_token_bitmask_inplace(masked[backend], bitmask, vocab_size=VOCAB, backend=backend)
+    assert torch.equal(masked["cpu"], masked["torch_native"])
+    assert torch.isfinite(masked["cpu"]).sum() == 3  # a, b or c

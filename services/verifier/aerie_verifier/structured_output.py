@@ -127,4 +127,9 @@ class GrammarConstraint:
 
             for child in children[-1]:
                 visit(child, 0)
-        xgrammar.apply_token_bitmask_inplace(scores, bitmask.to(scores.device), vocab_size=self.vocab_size)
+        # On a GPU in plain torch: xgrammar's own GPU kernels compile at first use, with
+        # Triton or NVCC, which a serving image need not hold.
+        backend = "cpu" if scores.device.type == "cpu" else "torch_native"
+        xgrammar.apply_token_bitmask_inplace(
+            scores, bitmask.to(scores.device), vocab_size=self.vocab_size, backend=backend
+        )
