@@ -203,3 +203,13 @@ def test_the_gpus_plain_torch_masking_is_the_cpus(compiler, tiny_tokenizer):
         xgrammar.apply_token_bitmask_inplace(masked[backend], bitmask, vocab_size=VOCAB, backend=backend)
     assert torch.equal(masked["cpu"], masked["torch_native"])
     assert torch.isfinite(masked["cpu"]).sum() == 3  # a, b or c
+
+
+def test_a_tokenizer_xgrammar_cannot_index_is_a_clear_refusal(tiny_tokenizer, monkeypatch):
+    def cannot(*args, **kwargs):
+        raise RuntimeError("unsupported vocabulary")
+
+    monkeypatch.setattr(xgrammar.TokenizerInfo, "from_huggingface", cannot)
+    compiler = GrammarCompiler(tiny_tokenizer, VOCAB, frozenset({2}))
+    with pytest.raises(ValueError, match="not available for this model's tokenizer: unsupported vocabulary"):
+        compiler.compile(StructuredOutput("json_object"))

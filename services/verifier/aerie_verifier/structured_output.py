@@ -67,9 +67,14 @@ class GrammarCompiler:
     def _ready(self) -> xgrammar.GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                info = xgrammar.TokenizerInfo.from_huggingface(
-                    self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
-                )
+                try:
+                    info = xgrammar.TokenizerInfo.from_huggingface(
+                        self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=self._stop_token_ids
+                    )
+                except Exception as exc:  # a tokenizer xgrammar cannot index
+                    raise ValueError(
+                        f"structured outputs are not available for this model's tokenizer: {exc}"
+                    ) from exc
                 self._compiler = xgrammar.GrammarCompiler(info)
             return self._compiler
 
