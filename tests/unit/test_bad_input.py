@@ -99,6 +99,7 @@ BAD_FIELD_VALUES: dict[str, list[Any]] = {
     "top_logprobs": ["3", 1.5, -1, 21],
     "min_tokens": ["3", -1, 2**31],
     "ignore_eos": ["yes", 1],
+    "stop_token_ids": [7, "7", At([-1], "stop_token_ids[0]"), list(range(65))],
     "response_format": ["json", At({"type": "yaml"}, "response_format.type"), {"type": "json_schema"}],
     "structured_outputs": [
         "regex",

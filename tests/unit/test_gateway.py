@@ -298,6 +298,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "logit_bias": {"17": -100, "3": 2.5},
         "ignore_eos": True,
         "min_tokens": 3,
+        "stop_token_ids": [7, 9],
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "reply", "schema": {"type": "integer"}},
@@ -324,6 +325,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.logprobs and sent.sampling.top_logprobs == 2
     assert dict(sent.sampling.logit_bias) == {17: -100.0, 3: 2.5}
     assert sent.sampling.ignore_eos and sent.sampling.min_tokens == 3
+    assert list(sent.sampling.stop_token_ids) == [7, 9]
     assert json.loads(sent.sampling.structured.json_schema) == {"type": "integer"}
     assert sent.speculative is False
 

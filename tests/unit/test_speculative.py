@@ -614,3 +614,32 @@ def test_seeded_sampling_gives_plain_decodings_tokens_with_any_drafter(target, m
         for s in range(4)
     }
     assert len(draws) > 1
+
+
+def test_stop_token_ids_end_the_output_as_eos_does(target, make_engine):
+    engines = [
+        make_engine(None),
+        make_engine(
+            InProcessDrafterFactory(random_head(target), TreeShape(depth=3, top_k=3, total_tokens=8))
+        ),
+        make_engine(Factory(lambda: OracleDrafter(target, 4))),
+    ]
+    # seeded sampling (lossless token for token): varied output, so a token new to it to stop at
+    prompt, sampling = [5, 6, 7], {"temperature": 1.0, "seed": 3}
+    free, _ = generate(engines[0], prompt, SamplingParams(max_tokens=24, ignore_eos=True, **sampling), False)
+    stop_at = next(i for i, token in enumerate(free) if i >= 2 and token not in free[:i])
+    stop = frozenset({free[stop_at]})
+    holding = SamplingParams(max_tokens=24, min_tokens=stop_at + 2, stop_token_ids=stop, **sampling)
+    held_plainly, _ = generate(engines[0], prompt, holding, speculative=False)
+    assert len(held_plainly) >= stop_at + 2 and stop.isdisjoint(held_plainly[: stop_at + 2])
+    for engine in engines:
+        speculative = engine is not engines[0]
+        params = SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=stop, **sampling)
+        tokens, final = generate(engine, prompt, params, speculative=speculative)
+        assert tokens == free[:stop_at] and final.finish_reason == "stop"
+        # min_tokens holds them back as it holds EOS
+        assert generate(engine, prompt, holding, speculative)[0] == held_plainly
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engines[0].submit("r", prompt, SamplingParams(stop_token_ids=frozenset({VOCAB})), lambda event: None)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=frozenset(range(65)))

@@ -85,6 +85,7 @@ def sampling_of(
         structured=structured_output(body.structured_outputs, response_format),
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
+        stop_token_ids=body.stop_token_ids,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
     )

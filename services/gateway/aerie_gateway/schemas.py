@@ -35,6 +35,7 @@ MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
 # Choices per request: each is a request of its own to the verifier, which queues 64 at most.
 MAX_CHOICES = 16
+MAX_STOP_TOKEN_IDS = 64
 # What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
 LEAST_LOGPROB = -9999.0
 MAX_STOP_STRINGS = 4
@@ -238,6 +239,10 @@ class GenerationRequest(RequestBody):
     # vLLM's: decode past EOS (benchmarks of a fixed output length); no EOS before min_tokens.
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
+    # vLLM's: token ids that end the output as EOS does (the model's, as Tokenize gives them).
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] = Field(
+        default_factory=list, max_length=MAX_STOP_TOKEN_IDS
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices, each decoded on its own

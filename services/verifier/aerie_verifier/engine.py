@@ -159,7 +159,8 @@ class Sequence:
                 for row, depth in enumerate(depths)
                 if len(self.output_ids) + depth < self.params.min_tokens
             ]
-            scores[torch.tensor(short)[:, None], torch.tensor(sorted(self.eos_ids))] = float("-inf")
+            ends = sorted(self.eos_ids | set(self.params.stop_token_ids))
+            scores[torch.tensor(short)[:, None], torch.tensor(ends)] = float("-inf")
         return scores
 
     def next_token(self, logits: torch.Tensor) -> int:
@@ -173,7 +174,7 @@ class Sequence:
         taken: list[int] = []
         text = ""
         for token in tokens:
-            if token in self.eos_ids and not self.params.ignore_eos:
+            if token in self.params.stop_token_ids or (token in self.eos_ids and not self.params.ignore_eos):
                 self.finish_reason = "stop"
                 break
             taken.append(token)
@@ -312,6 +313,8 @@ class Engine:
         max_new_tokens = self._check_lengths(len(prompt_ids), params.max_tokens)
         if any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         seq = Sequence(
             request_id=request_id,
             prompt_ids=list(prompt_ids),

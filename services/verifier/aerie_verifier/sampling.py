@@ -27,6 +27,7 @@ MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
 NUCLEUS_CANDIDATES = 1024  # see _outside_nucleus
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class SamplingParams:
     # vLLM's: decode past EOS (for benchmarks of a fixed length), and not stop at EOS before
     # this many tokens.
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = 0  # (no stop_token_ids either before then)
+    # vLLM's: tokens that end the output as EOS does (not part of it), even with ignore_eos.
+    stop_token_ids: frozenset[int] = frozenset()
     logprobs: bool = False  # report each chosen token's log probability
     top_logprobs: int = 0  # and those of this many most likely tokens at its position
     prompt_logprobs: bool = False  # and each prompt token's (with top_logprobs alternatives)
@@ -85,6 +88,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias names token id {token_id}: token ids are >= 0")
             if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
                 raise ValueError(f"logit_bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} token ids >= 0")
         if self.min_tokens < 0 or (self.max_tokens and self.min_tokens > self.max_tokens):
             raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         if self.ignore_eos and self.structured is not None:

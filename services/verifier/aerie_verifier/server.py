@@ -50,6 +50,7 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         structured=_structured_from_proto(p.structured),
         ignore_eos=p.ignore_eos,
         min_tokens=p.min_tokens,
+        stop_token_ids=frozenset(p.stop_token_ids),
         logprobs=p.logprobs,
         top_logprobs=p.top_logprobs,
         prompt_logprobs=p.prompt_logprobs,
