@@ -15,6 +15,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from aerie_common.sampling_limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_PENALTY,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+)
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,20 +37,10 @@ from pydantic import (
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-# OpenAI's bounds.
-MAX_TOP_LOGPROBS = 20
-MAX_PENALTY = 2.0
-MAX_LOGIT_BIAS = 100.0
-MAX_LOGIT_BIAS_TOKENS = 300
 # Choices per request: each is a request of its own to the verifier, which queues 64 at most.
 MAX_CHOICES = 16
-MAX_STOP_TOKEN_IDS = 64
 # What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
 LEAST_LOGPROB = -9999.0
-MAX_STOP_STRINGS = 4
-# The verifier holds back any tail of the output that could still become a stop string,
-# checking every prefix of every stop string at every token: long ones cost time per token.
-MAX_STOP_CHARS = 256
 
 
 def _text_as_parts(content: Any) -> Any:

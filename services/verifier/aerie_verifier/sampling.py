@@ -14,20 +14,19 @@ import math
 from dataclasses import dataclass
 
 import torch
+from aerie_common.sampling_limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_PENALTY,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+)
 
 from aerie_verifier.structured_output import StructuredOutput
 
-MAX_STOP_STRINGS = 4
-# Every prefix of every stop string is checked at every token: long ones cost time per token.
-MAX_STOP_CHARS = 256
-# OpenAI's bounds: at most 20 alternatives per token, penalties within [-2, 2], biases
-# within [-100, 100] (of at most 300 tokens).
-MAX_TOP_LOGPROBS = 20
-MAX_PENALTY = 2.0
-MAX_LOGIT_BIAS = 100.0
-MAX_LOGIT_BIAS_TOKENS = 300
 NUCLEUS_CANDIDATES = 1024  # see _outside_nucleus
-MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
