@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.structured_output import StructuredOutput
 from aerie_verifier.tree_cost import serving_tree
 
+from bench.eagle_eval import generate
 from bench.prompts import mtbench_questions, select_questions
 from bench.results_json import write_results
 
@@ -49,21 +49,6 @@ ROWS = {
 }
 
 
-def run(engine: Engine, prompt: list[int], params: SamplingParams, speculative: bool):
-    done, events = threading.Event(), []
-
-    def on_event(event):
-        events.append(event)
-        if event.finish_reason is not None:
-            done.set()
-
-    started = time.perf_counter()
-    engine.submit("bench", prompt, params, on_event, speculative=speculative)
-    if not done.wait(600):
-        raise TimeoutError("a request took over 10 minutes")
-    return [t for e in events for t in e.token_ids], events[-1], time.perf_counter() - started
-
-
 def measure(engines: dict[str, Engine], prompts: list[list[int]], params: SamplingParams) -> dict:
     """Both engines on every prompt, twice (the first pass warms up; the second is timed)."""
     result: dict = {}
@@ -72,9 +57,10 @@ def measure(engines: dict[str, Engine], prompts: list[list[int]], params: Sampli
         tokens, seconds, drafts, accepted, outputs = 0, 0.0, 0, 0, []
         for timed in (False, True):
             for prompt in prompts:
-                output, last, elapsed = run(engine, prompt, params, speculative)
+                started = time.perf_counter()
+                output, last = generate(engine, prompt, params, speculative)
                 if timed:
-                    tokens, seconds = tokens + len(output), seconds + elapsed
+                    tokens, seconds = tokens + len(output), seconds + time.perf_counter() - started
                     outputs.append(output)
                     if last.speculative is not None:
                         drafts += last.speculative.drafts
