@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -70,7 +71,7 @@ def _stats_to_proto(stats: SpeculativeStats | None) -> verifier_pb2.SpeculativeS
 
 
 def _logprobs_to_proto(
-    logprobs: list[TokenLogprob] | None, token_bytes: list[bytes]
+    logprobs: list[TokenLogprob], token_bytes: list[bytes]
 ) -> list[verifier_pb2.TokenLogprob]:
     def spell(token_id: int) -> bytes:  # a model's vocabulary may have rows past its tokenizer's
         return token_bytes[token_id] if token_id < len(token_bytes) else b""
@@ -85,7 +86,7 @@ def _logprobs_to_proto(
                 for token_id, logprob in entry.top
             ],
         )
-        for entry in logprobs or ()
+        for entry in logprobs
     ]
 
 
@@ -100,7 +101,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         # seconds a megabyte on this event loop.
         self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()))
         self.max_prompt_chars = engine.context_length * self.max_token_chars
-        self.token_bytes = token_bytes_table(engine.tokenizer)  # for logprobs
 
     def _check_prompt_chars(self, messages) -> None:
         self._check_chars(sum(len(m.role) + len(m.content) for m in messages), "the messages hold")
@@ -174,14 +174,22 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     speculative=_stats_to_proto(event.speculative),
-                    logprobs=_logprobs_to_proto(event.logprobs, self.token_bytes),
-                    prompt_logprobs=_logprobs_to_proto(event.prompt_logprobs, self.token_bytes),
+                    logprobs=self._logprobs(event.logprobs),
+                    prompt_logprobs=self._logprobs(event.prompt_logprobs),
                 )
         finally:
             # Runs on normal completion too (harmless then); on a caller that went away
             # or passed its deadline it stops the engine working for nobody.
             if not finished:
                 handle.cancel()
+
+    @functools.cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each token id's bytes, for logprobs: built at the first request for them (0.1 s)."""
+        return token_bytes_table(self.engine.tokenizer)
+
+    def _logprobs(self, logprobs: list[TokenLogprob] | None) -> list[verifier_pb2.TokenLogprob]:
+        return _logprobs_to_proto(logprobs, self.token_bytes) if logprobs else []
 
     async def GetModelInfo(self, request, context):
         config = self.engine.model.config
