@@ -22,6 +22,17 @@ def mtbench_questions() -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def by_category_in_turn(questions: list[dict]) -> list[dict]:
+    """The questions reordered so that the categories take turns: every category's first,
+    then every category's second, and so on (so that any first n cover them evenly)."""
+    seen: dict[str, int] = defaultdict(int)
+    ranked = []
+    for q in questions:
+        ranked.append((seen[q["category"]], q))
+        seen[q["category"]] += 1
+    return [q for _, q in sorted(ranked, key=lambda pair: pair[0])]
+
+
 def select_questions(questions: list[dict], limit: int | None, per_category: int | None) -> list[dict]:
     """The first ``per_category`` questions of every category (MT-bench lists them by
     category, so a plain ``limit`` covers the first categories only), then the first ``limit``."""

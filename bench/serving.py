@@ -242,7 +242,9 @@ async def main_async(args) -> list[LevelResult]:
     url = args.url
     if url is None:
         print("starting the stack ...", file=sys.stderr)
-        stack = start_stack()
+        # Without the prefix cache: the in-process engine has none, and every level sends the
+        # same prompts again (bench.multi_turn measures the cache).
+        stack = start_stack(env_overrides={"AERIE_PREFIX_CACHE_MB": "0"})
         url = stack.url
     client, via_gateway = gateway_client(url, args.model, args.max_tokens, args.speculative)
     clients = [client]

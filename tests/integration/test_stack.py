@@ -169,6 +169,32 @@ def test_chat_speculative_on_and_off_give_the_same_text(stack):
     )
 
 
+def test_a_chats_next_turn_starts_from_the_first_turns_cache(stack):
+    """The second turn resends the first and its reply: the verifier's prefix cache holds
+    them, usage says so, and the answer is still the target's own greedy one."""
+    from aerie_common.model_store import load_target
+    from aerie_common.settings import ModelSettings
+
+    first = [{"role": "user", "content": "Name one large city in Japan."}]
+    one = chat(stack, messages=first, temperature=0, max_tokens=24).json()
+    second = [
+        *first,
+        {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "What is that city famous for?"},
+    ]
+    two = chat(stack, messages=second, temperature=0, max_tokens=24).json()
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"]
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] < two["usage"]["prompt_tokens"]
+
+    model, tokenizer, _ = load_target(ModelSettings())
+    ids = tokenizer.apply_chat_template(second, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids.shape[1] == two["usage"]["prompt_tokens"]
+    reference = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+    expected = tokenizer.decode(reference, skip_special_tokens=True)
+    assert two["choices"][0]["message"]["content"] == expected
+
+
 def test_logprobs_and_penalties_with_and_without_speculation(stack):
     messages = [{"role": "user", "content": "List five fruits, one per line."}]
     asked = {"temperature": 0, "max_tokens": 32, "logprobs": True, "top_logprobs": 3}

@@ -91,7 +91,11 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
                 return
             text = word if index == 0 else f" {word}"
             response = verifier_pb2.GenerateResponse(
-                token_ids=[index], text=text, prompt_tokens=prompt_tokens, completion_tokens=index + 1
+                token_ids=[index],
+                text=text,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=index + 1,
+                cached_prompt_tokens=prompt_tokens - 1,  # as if asked before
             )
             if request.sampling.logprobs:
                 response.logprobs.append(fake_logprob(index, text, request.sampling.top_logprobs))
@@ -253,6 +257,7 @@ async def test_non_streaming_reply_with_usage(gateway_app):
         "prompt_tokens": 2,
         "completion_tokens": len(REPLY_WORDS),
         "total_tokens": 2 + len(REPLY_WORDS),
+        "prompt_tokens_details": {"cached_tokens": 1},
         "speculative": {
             "drafts": 4,
             "draft_tokens": 16,
@@ -268,7 +273,12 @@ async def test_max_tokens_stops_with_length_and_no_speculative_usage(gateway_app
     completion = response.json()
     assert completion["choices"][0]["message"]["content"] == " ".join(REPLY_WORDS[:3])
     assert completion["choices"][0]["finish_reason"] == "length"
-    assert completion["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert completion["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
 
 
 async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_verifier):

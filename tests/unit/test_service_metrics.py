@@ -34,6 +34,7 @@ from aerie_proto.v1 import drafter_pb2_grpc, verifier_pb2_grpc
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.metrics import EngineCollector
+from aerie_verifier.prefix_cache import PrefixCache
 from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.server import SERVICE_NAME as VERIFIER_SERVICE
 from aerie_verifier.server import VerifierServicer
@@ -110,7 +111,12 @@ class Verifier:
     ):
         factory = GrpcDrafterFactory(drafter_addr, SHAPE, step_timeout_s=step_timeout_s)
         self.engine = Engine(
-            target, tokenizer, max_running=4, drafter_factory=factory, breaker_cooldown_s=retry_after_s
+            target,
+            tokenizer,
+            max_running=4,
+            drafter_factory=factory,
+            breaker_cooldown_s=retry_after_s,
+            prefix_cache=PrefixCache(2**26),
         )
         self.engine.start()
         servicer = VerifierServicer(self.engine, MODEL, "cpu", "float32")
@@ -217,6 +223,20 @@ def test_metrics_count_what_the_verifier_and_drafter_did(target, head, tiny_toke
         assert (
             sessions[("aerie:drafter_context_accepted_tokens_total", ())] == servicer.context_counts.accepted
         )
+
+        # The same chat again: all of its prompt but the last token comes from the prefix cache.
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert after[("aerie:verifier_prefix_cache_hits_total", ())] == 0
+        with served_over_http(gateway(verifier.server.addr, drafter.addr)) as base_url:
+            again = httpx.post(
+                f"{base_url}/v1/chat/completions", json=chat_body(max_tokens=16), timeout=WAIT_S
+            )
+        cached = usage["prompt_tokens"] - 1
+        assert again.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": cached}
+        last = verifier.scrape()
+        assert last[("aerie:verifier_prefix_cache_hits_total", ())] == cached
+        assert last[("aerie:verifier_prefix_cache_queries_total", ())] == 2 * usage["prompt_tokens"]
+        assert last[("aerie:verifier_prefix_cache_bytes", ())] == verifier.engine.prefix_cache.nbytes > 0
     finally:
         verifier.stop()
         drafter.stop()

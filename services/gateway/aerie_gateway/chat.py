@@ -29,6 +29,7 @@ from .schemas import (
     ChunkChoice,
     Delta,
     GenerationRequest,
+    PromptTokensDetails,
     ResponseFormat,
     SpeculativeUsage,
     StructuredOutputs,
@@ -239,6 +240,7 @@ def usage_of(finals: list[verifier_pb2.GenerateResponse]) -> Usage:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finals[0].cached_prompt_tokens),
         speculative=speculative,
     )
 

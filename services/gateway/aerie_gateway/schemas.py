@@ -357,10 +357,15 @@ class SpeculativeUsage(BaseModel):
     mean_acceptance_length: float
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # the prompt's first tokens the verifier's prefix cache held
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
     # Aerie extension, present only when speculative decoding ran.
     speculative: SpeculativeUsage | None = Field(default=None, exclude_if=lambda value: value is None)
 

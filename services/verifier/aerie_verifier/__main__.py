@@ -16,6 +16,7 @@ from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.metrics import EngineCollector
+from aerie_verifier.prefix_cache import PrefixCache
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
 from aerie_verifier.speculative import PaceGuard
@@ -91,6 +92,7 @@ def build_engine(settings: VerifierSettings):
         breaker_cooldown_s=settings.drafter_retry_after_s,
         pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
         slots=make_slots(model, slots, settings.cuda_graph_slot_tokens),
+        prefix_cache=PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb > 0 else None,
     )
     return engine, model_dir
 

@@ -9,7 +9,8 @@ the weights, so eight of them batched cost little more than one. On the CPU the 
 tunes its model for tree verification when it takes it (cpu_kernels.py). A request's KV
 cache appends in place (kv_cache.py); on a GPU a request that fits takes a fixed-size
 cache slot instead, whose plain steps and tree verifications replay CUDA graphs
-(static_slot.py), and steps alone.
+(static_slot.py), and steps alone. With a prefix cache (prefix_cache.py), a request
+starts from the longest beginning of its prompt an earlier request computed.
 Results go back through a per-request callback on the scheduler thread; the gRPC adapter
 hops them onto its event loop.
 """
@@ -35,6 +36,7 @@ from xgrammar import CompiledGrammar
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.kv_cache import GrowingCache, check_attention_only
+from aerie_verifier.prefix_cache import CachedPrefix, LayerKV, PrefixCache
 from aerie_verifier.sampling import LogitAdjuster, SamplingParams, TokenLogprob, next_token, token_logprobs
 from aerie_verifier.speculative import (
     CircuitBreaker,
@@ -76,7 +78,7 @@ class EngineTotals:
     exists from the start, so reading the dict never races with it growing)."""
 
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(END_REASONS, 0))
-    prompt_tokens: int = 0  # prompt tokens prefilled
+    prompt_tokens: int = 0  # prompt tokens of the requests prefilled, the prefix cache's included
     generation_tokens: int = 0
     # Speculative requests that decoded some or all of their tokens without a drafter
     # (it failed, or had failed less than the breaker's cooldown ago).
@@ -98,6 +100,7 @@ class GenerationEvent:
     speculative: SpeculativeStats | None = None  # on the last event of a speculative request
     logprobs: list[TokenLogprob] | None = None  # one per token of ``token_ids``, when asked
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt token, on the first event
+    cached_prompt_tokens: int = 0  # of the prompt, those the prefix cache held
 
 
 @dataclass(eq=False)  # a request is itself: compared by identity
@@ -131,6 +134,9 @@ class Sequence:
     # The request's logit bias and repetition penalties; None when it has neither.
     adjuster: LogitAdjuster | None = None
     grammar: GrammarConstraint | None = None  # its structured output's, if any
+    cached_prompt_tokens: int = 0  # the prompt's first tokens the prefix cache held
+    # The drafter's features of the cache's first rows, in order, kept for the prefix cache.
+    features: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def prefilled(self) -> bool:
@@ -205,6 +211,7 @@ class Sequence:
                 speculative=self.spec_stats if self.speculative and self.finish_reason else None,
                 logprobs=logprobs,
                 prompt_logprobs=self.prompt_logprobs,
+                cached_prompt_tokens=self.cached_prompt_tokens,
             )
         )
         self.prompt_logprobs = None
@@ -232,6 +239,7 @@ class Engine:
         breaker_cooldown_s: float = 10.0,
         pace_guard: PaceGuard | None = None,
         slots: Iterable[StaticSlot] = (),
+        prefix_cache: PrefixCache | None = None,
     ):
         check_attention_only(model.config)
         speed_up_tree_verification(model)
@@ -253,6 +261,7 @@ class Engine:
         for slot in self._free_slots:
             slot.capture = self.capture
         self.breaker = CircuitBreaker(breaker_cooldown_s)
+        self.prefix_cache = prefix_cache
         # None: speculate for as long as asked (benchmarks of acceptance need that).
         self.pace_guard = pace_guard if drafter_factory else None
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -459,6 +468,8 @@ class Engine:
     def _retire(self, seq: Sequence) -> None:
         if seq.finish_reason is None:
             log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
+        if seq.prefilled and seq.finish_reason != "error":
+            self._remember(seq, [*seq.prompt_ids, *seq.output_ids], seq.capture_layer_ids)
         self.totals.ended[seq.finish_reason or "cancelled"] += 1
         if seq.speculative:
             self.totals.speculative.merge(seq.spec_stats)
@@ -487,15 +498,24 @@ class Engine:
             layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
             if not layer_ids:
                 self._fall_back(seq)
-        # (prompt logprobs need every prompt row's logits, which the slots do not keep)
+        # (prompt logprobs need every prompt row's logits: neither the prefix cache nor the
+        # slots keep them)
+        scored = seq.params.prompt_logprobs
+        prefix = None
+        if self.prefix_cache is not None and not scored:
+            prefix = self.prefix_cache.match(seq.prompt_ids, layer_ids)
+            seq.cached_prompt_tokens = prefix.length if prefix is not None else 0
         fits_a_slot = self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity
-        if fits_a_slot and not seq.params.prompt_logprobs:
+        if fits_a_slot and not scored:
             seq.slot = self._free_slots.pop()
-            logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids)
+            logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids, prefix)
         else:
             seq.cache = GrowingCache()
             with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
-                logits, features = self._prefill_eagerly(seq, layer_ids)
+                logits, features = self._prefill_eagerly(seq, layer_ids, prefix)
+        if layer_ids and self.prefix_cache is not None:
+            seq.features = [features]
+        self._remember(seq, seq.prompt_ids, layer_ids)  # for the other choices of an n > 1 request, say
         token = seq.next_token(logits)
         seq.append_tokens([token], logits[None])
         if layer_ids and seq.finish_reason is None:
@@ -503,18 +523,26 @@ class Engine:
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
 
     def _prefill_eagerly(
-        self, seq: Sequence, layer_ids: tuple[int, ...]
+        self, seq: Sequence, layer_ids: tuple[int, ...], prefix: CachedPrefix | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache the prompt on ``seq``'s growing cache; return the last row's logits and the
-        captured features. For prompt logprobs the prompt goes in chunks, every row of each
-        scored, so that no more than PROMPT_CHUNK rows of logits exist at once."""
+        """Cache the prompt on ``seq``'s growing cache, starting from ``prefix`` when given;
+        return the last row's logits and the captured features. For prompt logprobs the
+        prompt goes in chunks, every row of each scored, so that no more than PROMPT_CHUNK
+        rows of logits exist at once."""
         prompt = seq.prompt_ids
         scored = seq.params.prompt_logprobs
         chunk = PROMPT_CHUNK if scored else len(prompt)
         features = []
         if scored:  # the first token has no log probability: nothing comes before it
             seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
-        for start in range(0, len(prompt), chunk):
+        held = 0
+        if prefix is not None:
+            held = prefix.length
+            for layer_idx, (keys, values) in enumerate(prefix.layers):
+                seq.cache.update(keys, values, layer_idx)  # a copy: the cache grows in place
+            if layer_ids:
+                features.append(prefix.features)
+        for start in range(held, len(prompt), chunk):
             input_ids = torch.tensor([prompt[start : start + chunk]], device=self.device)
             logits = self.model(
                 input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=0 if scored else 1
@@ -525,6 +553,26 @@ class Engine:
             if scored and following:  # row i scores the prompt's next token (the last row, the first new one)
                 seq.prompt_logprobs += token_logprobs(logits, following, seq.params.top_logprobs)
         return logits[-1], torch.cat(features) if layer_ids else None
+
+    def _remember(self, seq: Sequence, token_ids: list[int], layer_ids: tuple[int, ...]) -> None:
+        """Give the prefix cache ``seq``'s cache of ``token_ids`` (as many of them as it
+        holds: a stop may end the output before the last tokens verified), with the
+        drafter's features of its rows when they were captured from ``layer_ids``."""
+        if self.prefix_cache is None:
+            return
+        layers: list[LayerKV] = (
+            seq.slot.layer_kv()
+            if seq.slot is not None
+            else [(layer.keys, layer.values) for layer in seq.cache.layers]
+        )
+        if not layers:
+            return
+        rows = min(len(token_ids), layers[0][0].shape[-2])
+        features = torch.cat(seq.features)[:rows] if layer_ids and seq.features else None
+        try:
+            self.prefix_cache.store(token_ids[:rows], layers, features, layer_ids)
+        except Exception:  # out of memory, say: the request goes on, uncached
+            log.warning("caching the prefix of request %s failed", seq.request_id, exc_info=True)
 
     def _capture_layers(self, seq: Sequence) -> tuple[int, ...] | None:
         try:
@@ -649,9 +697,12 @@ class Engine:
         seq.spec_stats.record(len(tree), len(accepted), elapsed())
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
         rows = [0, *(i + 1 for i in accepted)]  # the rows that chose the new tokens
+        verified = features[rows]
+        # (in order with the cache's rows: drafting never resumes after a plain step)
+        if self.prefix_cache is not None:
+            seq.features.append(verified)
         seq.append_tokens(new_tokens, logits[rows] if seq.params.logprobs else None)
         if seq.finish_reason is None:
-            verified = features[rows]
             self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
         seq.spec_seconds += elapsed()
         seq.spec_tokens += len(new_tokens)

@@ -40,8 +40,28 @@ class EngineCollector(Collector):
             ended.add_metric([reason], count)
         yield ended
         yield CounterMetricFamily(
-            "aerie:verifier_prompt_tokens", "Prompt tokens prefilled.", value=totals.prompt_tokens
+            "aerie:verifier_prompt_tokens",
+            "Prompt tokens of the requests prefilled, those the prefix cache held included.",
+            value=totals.prompt_tokens,
         )
+        if engine.prefix_cache is not None:
+            prefix_cache = engine.prefix_cache
+            yield CounterMetricFamily(
+                "aerie:verifier_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries).",
+                value=prefix_cache.queried_tokens,
+            )
+            yield CounterMetricFamily(
+                "aerie:verifier_prefix_cache_hits",
+                "Prompt tokens the prefix cache held, and that were not prefilled again.",
+                value=prefix_cache.hit_tokens,
+            )
+            yield GaugeMetricFamily(
+                "aerie:verifier_prefix_cache_bytes",
+                "Bytes of keys, values and drafter features the prefix cache holds "
+                "(at most AERIE_PREFIX_CACHE_MB).",
+                value=prefix_cache.nbytes,
+            )
         yield CounterMetricFamily(
             "aerie:verifier_generation_tokens", "Tokens generated.", value=totals.generation_tokens
         )

@@ -172,6 +172,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                     text=event.text,
                     finish_reason=_FINISH[event.finish_reason],
                     prompt_tokens=event.prompt_tokens,
+                    cached_prompt_tokens=event.cached_prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     speculative=_stats_to_proto(event.speculative),
                     logprobs=self._logprobs(event.logprobs),

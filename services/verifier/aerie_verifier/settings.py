@@ -14,6 +14,10 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # queue, and past that the verifier answers RESOURCE_EXHAUSTED (the gateway's 429).
     max_running_requests: int = 8
     max_waiting_requests: int = 64
+    # Keys and values of recent requests kept for later ones that begin with the same tokens
+    # (a chat's next turn, the other choices of n > 1, a shared system prompt), in MiB of the
+    # verifier's device memory; 0 turns the prefix cache off (aerie_verifier/prefix_cache.py).
+    prefix_cache_mb: int = 1024
     # Where draft trees come from: "grpc" (the drafter service at AERIE_DRAFTER_ADDR),
     # "inprocess" (the EAGLE head inside this process, configured by the same AERIE_DRAFTER_*
     # variables as the drafter service) or "off".

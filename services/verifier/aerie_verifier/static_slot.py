@@ -30,6 +30,7 @@ from aerie_common.draft_tree import MAX_TREE_NODES, DraftTree
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aerie_verifier.attention_mask import target_attention_mask
+from aerie_verifier.prefix_cache import CachedPrefix
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_visibility
 
@@ -202,17 +203,35 @@ class StaticSlot:
                 return
             self.graphs.get((rows, layers), lambda rows=rows, layers=layers: self._capturable(rows, layers))
 
-    def prefill(self, prompt_ids: list[int], layer_ids: tuple[int, ...] = ()):
-        """Cache the prompt; returns the last row's logits and every row's features."""
-        n = len(prompt_ids)
+    def prefill(
+        self, prompt_ids: list[int], layer_ids: tuple[int, ...] = (), prefix: CachedPrefix | None = None
+    ):
+        """Cache the prompt, starting from ``prefix`` (its first tokens, computed before)
+        when given; returns the last row's logits and every row's features."""
         self.reset()
-        self._past.fill_(0)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        depths = torch.arange(n, device=self.device)
+        held = 0
+        if prefix is not None:
+            held = prefix.length
+            for layer, (keys, values) in enumerate(prefix.layers):
+                self.kv[layer, 0, ..., :held, :] = keys
+                self.kv[layer, 1, ..., :held, :] = values
+        self._past.fill_(held)
+        rows = len(prompt_ids) - held
+        ids = torch.tensor([prompt_ids[held:]], device=self.device)
+        causal = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+        depths = torch.arange(rows, device=self.device)
         logits, features = self._forward(ids, depths, causal, layer_ids, last_logits_only=True)
-        self.cache.length = n
+        self.cache.length = len(prompt_ids)
+        if layer_ids and held:
+            features = torch.cat([prefix.features, features])
         return logits[-1], features
+
+    def layer_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cached keys and values: views, valid until the slot is written again."""
+        return [
+            (self.kv[i, 0, ..., : self.length, :], self.kv[i, 1, ..., : self.length, :])
+            for i in range(len(self.kv))
+        ]
 
     def decode(self, token: int) -> torch.Tensor:
         """One plain step: feeds ``token`` (the last decided) and caches it; returns its logits."""
