@@ -23,16 +23,14 @@ from pathlib import Path
 
 from aerie_common.model_store import load_target
 from aerie_common.settings import ModelSettings
-from aerie_drafter.loading import load_drafter_head
-from aerie_drafter.settings import DrafterSettings
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine
 from aerie_verifier.prefix_cache import PrefixCache
 from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.settings import VerifierSettings
-from aerie_verifier.tree_cost import serving_tree
 
 from bench.prompts import by_category_in_turn, mtbench_questions
+from bench.request_features import serving_head
 from bench.results_json import write_results
 
 
@@ -93,13 +91,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/multi_turn.json"))
     args = parser.parse_args()
 
-    settings = ModelSettings()
-    model, tokenizer, _ = load_target(settings)
-    drafter = DrafterSettings()
-    head, origin = load_drafter_head(
-        settings.target_model, settings.model_cache, drafter.drafter_head, dtype=drafter.drafter_dtype
-    )
-    shape = serving_tree(model, context_ngram=drafter.draft_tree_context_ngram)
+    model, tokenizer, _ = load_target(ModelSettings())
+    head, origin, shape = serving_head(model)
     cache_mb = VerifierSettings().prefix_cache_mb
     engines = {
         name: Engine(

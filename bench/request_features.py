@@ -49,6 +49,16 @@ ROWS = {
 }
 
 
+def serving_head(model):
+    """The head the stack drafts for ``model`` with (AERIE_DRAFTER_*: the shipped one by
+    default), loaded in-process, its origin, and the serving tree: (head, origin, shape)."""
+    settings, drafter = ModelSettings(), DrafterSettings()
+    head, origin = load_drafter_head(
+        settings.target_model, settings.model_cache, drafter.drafter_head, dtype=drafter.drafter_dtype
+    )
+    return head, origin, serving_tree(model, context_ngram=drafter.draft_tree_context_ngram)
+
+
 def measure(engines: dict[str, Engine], prompts: list[list[int]], params: SamplingParams) -> dict:
     """Both engines on every prompt, twice (the first pass warms up; the second is timed)."""
     result: dict = {}
@@ -80,13 +90,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/request_features.json"))
     args = parser.parse_args()
 
-    settings = ModelSettings()
-    model, tokenizer, _ = load_target(settings)
-    drafter = DrafterSettings()
-    head, origin = load_drafter_head(
-        settings.target_model, settings.model_cache, drafter.drafter_head, dtype=drafter.drafter_dtype
-    )
-    shape = serving_tree(model, context_ngram=drafter.draft_tree_context_ngram)
+    model, tokenizer, _ = load_target(ModelSettings())
+    head, origin, shape = serving_head(model)
     engines = {
         "plain": Engine(model, tokenizer, max_running=1),
         "head": Engine(model, tokenizer, max_running=1, drafter_factory=InProcessDrafterFactory(head, shape)),

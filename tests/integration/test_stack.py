@@ -337,6 +337,36 @@ def test_legacy_completions_continue_a_raw_prompt(stack):
     assert events[-1] == "[DONE]"
     assert "".join(json.loads(event)["choices"][0]["text"] for event in events[:-1]) == prompt + texts[0]
 
+    # a batch: each prompt's choice is what that prompt alone gets
+    other = "The largest planet of the solar system is"
+    alone = httpx.post(url, json={**fields, "prompt": other}, timeout=120).json()
+    batch = httpx.post(url, json={**fields, "prompt": [prompt, other]}, timeout=120).json()
+    assert [choice["text"] for choice in batch["choices"]] == [texts[0], alone["choices"][0]["text"]]
+    assert (
+        batch["usage"]["prompt_tokens"]
+        == replies[0]["usage"]["prompt_tokens"] + alone["usage"]["prompt_tokens"]
+    )
+
+
+def test_tokenize_counts_what_each_endpoint_reads_and_detokenize_inverts_it(stack):
+    prompt = "The capital of France is"
+    tokenized = httpx.post(
+        f"{stack.base_url}/tokenize", json={"prompt": prompt, "return_token_strs": True}, timeout=60
+    ).json()
+    completion = httpx.post(
+        f"{stack.base_url}/v1/completions",
+        json={"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 1},
+        timeout=120,
+    ).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) == completion["usage"]["prompt_tokens"]
+    assert tokenized["token_strs"][-1] == "Ġis" and tokenized["max_model_len"] == 8192
+    back = httpx.post(f"{stack.base_url}/detokenize", json={"tokens": tokenized["tokens"]}, timeout=60)
+    assert back.json() == {"prompt": prompt}
+
+    of_chat = httpx.post(f"{stack.base_url}/tokenize", json={"messages": CAPITAL}, timeout=60).json()
+    reply = chat(stack, messages=CAPITAL, temperature=0, max_tokens=1).json()
+    assert of_chat["count"] == reply["usage"]["prompt_tokens"]
+
 
 def test_loglikelihood_requests_as_lm_eval_sends_them(stack):
     """echo + logprobs + one token: the prompt's own log probabilities, scored by the model."""

@@ -119,6 +119,19 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
     def GetModelInfo(self, request, context):
         return verifier_pb2.ModelInfo(model_id=MODEL, context_length=CONTEXT_LENGTH)
 
+    def Tokenize(self, request, context):
+        """One token per word, its id the word's length (a BOS, 1, first if asked); messages
+        as "role: content" lines."""
+        text = "\n".join(f"{m.role}: {m.content}" for m in request.messages) or request.text
+        words = (["<s>"] if request.add_special_tokens and not request.messages else []) + text.split()
+        ids = [1 if word == "<s>" else len(word) for word in words]
+        return verifier_pb2.TokenizeResponse(token_ids=ids, token_strs=words)
+
+    def Detokenize(self, request, context):
+        if any(token >= 1000 for token in request.token_ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token ids must be in [0, 1000)")
+        return verifier_pb2.DetokenizeResponse(text=" ".join(map(str, request.token_ids)))
+
 
 @contextmanager
 def fake_backends(verifier: FakeVerifier, memory=None) -> Iterator[str]:

@@ -159,7 +159,10 @@ async def test_streaming_chunks_then_usage_then_done(gateway_app):
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": ["one", ""]}, "prompt"),
+        ({"prompt": [[7, 8], []]}, "prompt"),
+        ({"prompt": [[7], [-1]]}, "prompt"),
+        ({"prompt": ["one"] * 33, "n": 2}, None),  # 66 choices
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [-1]}, "prompt"),
@@ -186,6 +189,32 @@ async def test_n_completions(gateway_app):
         assert "".join(chunk["text"] for chunk in chunks if chunk["index"] == index) == " ".join(
             REPLY_WORDS[:2]
         )
+
+
+async def test_a_batch_of_prompts_gets_n_choices_each(gateway_app, gateway_fake_verifier):
+    fake, _ = gateway_fake_verifier
+    prompts = ["Once upon a time", "In a galaxy far away"]
+    response = await complete(gateway_app, prompt=prompts, n=2, max_tokens=2, echo=True)
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    reply = " ".join(REPLY_WORDS[:2])
+    assert [(choice["index"], choice["text"]) for choice in completion["choices"]] == [
+        (0, prompts[0] + reply),
+        (1, prompts[0] + reply),
+        (2, prompts[1] + reply),
+        (3, prompts[1] + reply),
+    ]
+    sent = [fake.requests[f"{completion['id']}-p{p}-{c}"] for p in (0, 1) for c in (0, 1)]
+    assert [request.prompt for request in sent] == [prompts[0]] * 2 + [prompts[1]] * 2
+    # each prompt counted once (the fake verifier counts words, and caches all but one)
+    assert completion["usage"]["prompt_tokens"] == 4 + 5
+    assert completion["usage"]["prompt_tokens_details"] == {"cached_tokens": 3 + 4}
+    assert completion["usage"]["completion_tokens"] == 4 * 2
+
+    ids = await complete(gateway_app, prompt=[[7, 8, 9], [10, 11]], echo=True, max_tokens=1, stream=True)
+    chunks = [json.loads(payload)["choices"][0] for payload in sse_payloads(ids.text)[:-1]]
+    for index, echo in enumerate(["7 8 9", "10 11"]):
+        assert "".join(chunk["text"] for chunk in chunks if chunk["index"] == index) == echo + REPLY_WORDS[0]
 
 
 async def test_openai_client_completions(gateway_app):

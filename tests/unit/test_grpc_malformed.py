@@ -190,6 +190,7 @@ def test_tokenizing_a_huge_text_is_refused_by_its_length(verifier, request_):
     [
         ("Generate", verifier_pb2.GenerateRequest, True),
         ("Tokenize", verifier_pb2.TokenizeRequest, False),
+        ("Detokenize", verifier_pb2.DetokenizeRequest, False),
         ("GetModelInfo", verifier_pb2.ModelInfoRequest, False),
         ("GetLoad", verifier_pb2.LoadRequest, False),
     ],
@@ -222,8 +223,17 @@ def test_the_verifier_still_generates_after_bad_input(verifier):
     structured = generate(sampling={"max_tokens": 20, "structured": {"regex": "(yes|no)!"}})
     replies = list(stub.Generate(structured, timeout=DEADLINE_S))
     assert "".join(r.text for r in replies) in ("yes!", "no!")
-    tokens = stub.Tokenize(verifier_pb2.TokenizeRequest(text="hi"), timeout=DEADLINE_S)
-    assert list(tokens.token_ids)
+    tokens = stub.Tokenize(verifier_pb2.TokenizeRequest(text="hi there"), timeout=DEADLINE_S)
+    assert list(tokens.token_ids) and len(tokens.token_strs) == len(tokens.token_ids)
+    text = stub.Detokenize(verifier_pb2.DetokenizeRequest(token_ids=tokens.token_ids), timeout=DEADLINE_S)
+    assert text.text == "hi there"
+    for out_of_range in ([-1], [10**9]):
+        assert_refused(
+            stub.Detokenize,
+            verifier_pb2.DetokenizeRequest(token_ids=out_of_range),
+            timeout=DEADLINE_S,
+            says="token ids must be in",
+        )
     assert is_serving(server.addr)
 
 

@@ -49,6 +49,11 @@ class VerifierStub:
                 request_serializer=aerie__proto_dot_v1_dot_verifier__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=aerie__proto_dot_v1_dot_verifier__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/aerie.v1.Verifier/Detokenize',
+                request_serializer=aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/aerie.v1.Verifier/GetLoad',
                 request_serializer=aerie__proto_dot_v1_dot_verifier__pb2.LoadRequest.SerializeToString,
@@ -77,6 +82,12 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -100,6 +111,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=aerie__proto_dot_v1_dot_verifier__pb2.TokenizeRequest.FromString,
                     response_serializer=aerie__proto_dot_v1_dot_verifier__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeResponse.SerializeToString,
             ),
             'GetLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLoad,
@@ -188,6 +204,33 @@ class Verifier:
             '/aerie.v1.Verifier/Tokenize',
             aerie__proto_dot_v1_dot_verifier__pb2.TokenizeRequest.SerializeToString,
             aerie__proto_dot_v1_dot_verifier__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Verifier/Detokenize',
+            aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_verifier__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -32,6 +32,7 @@ from .chat import (
 )
 from .drain import Drain, DrainMiddleware
 from .errors import (
+    error_from_grpc,
     install_error_handlers,
     model_not_found,
     rate_limited,
@@ -42,7 +43,17 @@ from .memory_routes import INGEST_PATH
 from .memory_routes import build_router as build_memory_router
 from .metrics import GatewayMetrics
 from .rate_limit import AdmittedKey, RateLimiter, admitted_key
-from .schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest, ModelCard, ModelList
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerationRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -136,7 +147,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity = CompletionIdentity(
             id=f"{id_prefix}-{uuid.uuid4().hex}", created=int(time.time()), model=model
         )
-        return identity, Generation(metrics, release=admission.leave, choices=body.n)
+        return identity, Generation(metrics, release=admission.leave, choices=body.choices)
 
     async def respond(
         request: Request,
@@ -226,6 +237,50 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         )
 
     app.include_router(v1)
+
+    # vLLM's tokenizer endpoints (at the root, as vLLM serves them).
+    tokenizer = APIRouter(dependencies=[Depends(admitted_key)])
+
+    async def check_model(model: str | None) -> None:
+        if model is not None and model != await served_model():
+            raise model_not_found(model)
+
+    @tokenizer.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """A prompt's token ids as /v1/completions reads it, or messages' as
+        /v1/chat/completions renders them; ``count`` is that endpoint's prompt_tokens."""
+        await check_model(body.model)
+        request = verifier_pb2.TokenizeRequest(
+            messages=[
+                verifier_pb2.ChatMessage(role=m.verifier_role, content=m.text) for m in body.messages or []
+            ],
+            text=body.prompt or "",
+            add_special_tokens=body.add_special_tokens,
+        )
+        try:
+            reply = await backends.verifier.Tokenize(request, timeout=settings.grpc_timeout_s)
+            info = await backends.model_info()
+        except grpc.aio.AioRpcError as err:
+            raise error_from_grpc(err) from err
+        return TokenizeResponse(
+            count=len(reply.token_ids),
+            max_model_len=info.context_length,
+            tokens=list(reply.token_ids),
+            token_strs=list(reply.token_strs) if body.return_token_strs else None,
+        )
+
+    @tokenizer.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        await check_model(body.model)
+        try:
+            reply = await backends.verifier.Detokenize(
+                verifier_pb2.DetokenizeRequest(token_ids=body.tokens), timeout=settings.grpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise error_from_grpc(err) from err
+        return DetokenizeResponse(prompt=reply.text)
+
+    app.include_router(tokenizer)
     app.include_router(build_memory_router(backends, settings))
 
     @app.get("/health")

@@ -29,7 +29,7 @@ class Backends:
         self._redis: aioredis.Redis | None = None
         self._verifier: verifier_pb2_grpc.VerifierStub | None = None
         self._memory: memory_pb2_grpc.MemoryStub | None = None
-        self._model_id: str | None = None
+        self._model_info: verifier_pb2.ModelInfo | None = None
 
     @property
     def verifier(self) -> verifier_pb2_grpc.VerifierStub:
@@ -73,14 +73,16 @@ class Backends:
             await self._redis.aclose()
             self._redis = None
 
-    async def model_id(self) -> str:
-        """The verifier's model id, asked once and remembered."""
-        if self._model_id is None:
-            info = await self.verifier.GetModelInfo(
+    async def model_info(self) -> verifier_pb2.ModelInfo:
+        """The verifier's model, asked once and remembered."""
+        if self._model_info is None:
+            self._model_info = await self.verifier.GetModelInfo(
                 verifier_pb2.ModelInfoRequest(), timeout=self._settings.health_timeout_s
             )
-            self._model_id = info.model_id
-        return self._model_id
+        return self._model_info
+
+    async def model_id(self) -> str:
+        return (await self.model_info()).model_id
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each backend answers: gRPC health SERVING, and Redis PING."""

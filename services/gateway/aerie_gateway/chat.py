@@ -219,10 +219,12 @@ class CompletionIdentity:
     model: str
 
 
-def usage_of(finals: list[verifier_pb2.GenerateResponse]) -> Usage:
-    """The usage of a request from its choices' last responses: the prompt once, every
-    choice's completion, and the speculation of those that speculated."""
-    prompt_tokens = finals[0].prompt_tokens
+def usage_of(finals: list[verifier_pb2.GenerateResponse], prompts: int = 1) -> Usage:
+    """The usage of a request from its choices' last responses, the choices of each of its
+    ``prompts`` together: each prompt once, every choice's completion, and the speculation
+    of those that speculated."""
+    firsts_of_prompts = finals[:: len(finals) // prompts]
+    prompt_tokens = sum(final.prompt_tokens for final in firsts_of_prompts)
     completion_tokens = sum(final.completion_tokens for final in finals)
     stats = [
         final.speculative for final in finals if final.HasField("speculative") and final.speculative.drafts
@@ -240,7 +242,9 @@ def usage_of(finals: list[verifier_pb2.GenerateResponse]) -> Usage:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finals[0].cached_prompt_tokens),
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=sum(final.cached_prompt_tokens for final in firsts_of_prompts)
+        ),
         speculative=speculative,
     )
 

@@ -31,17 +31,20 @@ log = logging.getLogger(__name__)
 
 
 def to_generate_requests(body: CompletionRequest, request_id: str) -> list[verifier_pb2.GenerateRequest]:
-    text_prompt = isinstance(body.prompt, str)
-    logprobs = body.logprobs is not None
-    request = verifier_pb2.GenerateRequest(
-        request_id=request_id,
-        prompt=body.prompt if text_prompt else "",
-        prompt_token_ids=[] if text_prompt else body.prompt,
-        sampling=sampling_of(body, body.max_tokens, logprobs, body.logprobs or 0),
-        speculative=body.speculative,
-    )
-    request.sampling.prompt_logprobs = body.prompt_logprobs
-    return one_per_choice(request, body.n)
+    """The verifier requests of every choice, prompt by prompt."""
+    requests = []
+    for position, prompt in enumerate(body.prompt):
+        text_prompt = isinstance(prompt, str)
+        request = verifier_pb2.GenerateRequest(
+            request_id=request_id if len(body.prompt) == 1 else f"{request_id}-p{position}",
+            prompt=prompt if text_prompt else "",
+            prompt_token_ids=[] if text_prompt else prompt,
+            sampling=sampling_of(body, body.max_tokens, body.logprobs is not None, body.logprobs or 0),
+            speculative=body.speculative,
+        )
+        request.sampling.prompt_logprobs = body.scores_prompt(prompt)
+        requests += one_per_choice(request, body.n)
+    return requests
 
 
 class LegacyLogprobs:
@@ -71,13 +74,14 @@ class LegacyLogprobs:
         )
 
 
-def echoed(body: CompletionRequest, first: verifier_pb2.GenerateResponse) -> str:
-    """The prompt as the reply repeats it (with ``echo``): a text as it was sent, token ids
-    as their bytes spell them."""
+def echoed(body: CompletionRequest, index: int, first: verifier_pb2.GenerateResponse) -> str:
+    """Choice ``index``'s prompt as the reply repeats it (with ``echo``): a text as it was
+    sent, token ids as their bytes spell them."""
     if not body.echo:
         return ""
-    if isinstance(body.prompt, str):
-        return body.prompt
+    prompt = body.prompt[index // body.n]
+    if isinstance(prompt, str):
+        return prompt
     return b"".join(entry.token_bytes for entry in first.prompt_logprobs).decode("utf-8", errors="replace")
 
 
@@ -86,7 +90,7 @@ async def collect_completion(
 ) -> Completion:
     async def collect(index: int) -> tuple[CompletionChoice, verifier_pb2.GenerateResponse]:
         response = await generation.next(index)
-        text = [echoed(body, response)]
+        text = [echoed(body, index, response)]
         logprobs = LegacyLogprobs() if body.logprobs is not None else None
         parts: list[CompletionLogprobs] = []
         if logprobs is not None and body.echo:
@@ -115,7 +119,7 @@ async def collect_completion(
         created=identity.created,
         model=identity.model,
         choices=[choice for choice, _ in collected],
-        usage=usage_of([final for _, final in collected]),
+        usage=usage_of([final for _, final in collected], prompts=len(body.prompt)),
     )
 
 
@@ -140,7 +144,9 @@ async def stream_completion(
     if body.echo:
         for index, first in enumerate(firsts):
             prompt_part = logprobs[index].of(first.prompt_logprobs) if logprobs[index] is not None else None
-            yield chunk([CompletionChoice(index=index, text=echoed(body, first), logprobs=prompt_part)])
+            yield chunk(
+                [CompletionChoice(index=index, text=echoed(body, index, first), logprobs=prompt_part)]
+            )
     finals = list(firsts)
     try:
         async for index, response in generation.responses(firsts):
@@ -153,7 +159,7 @@ async def stream_completion(
                 finish_reason = FINISH_REASONS[response.finish_reason]
                 yield chunk([CompletionChoice(index=index, text="", finish_reason=finish_reason)])
         if body.include_usage:
-            yield chunk([], usage=usage_of(finals))
+            yield chunk([], usage=usage_of(finals, prompts=len(body.prompt)))
     except APIError as err:
         log.warning("%s failed mid-stream: %s", identity.id, err.message)
         yield sse(json.dumps(err.body()))

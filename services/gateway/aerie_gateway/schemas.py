@@ -39,6 +39,9 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 # Choices per request: each is a request of its own to the verifier, which queues 64 at most.
 MAX_CHOICES = 16
+# A legacy completion's prompts times its n: each is a verifier call, and the verifier queues
+# 64 requests (AERIE_MAX_WAITING_REQUESTS) by default.
+MAX_BATCH_CHOICES = 64
 # What OpenAI and vLLM report for a token the model gives no chance at all (JSON has no -inf).
 LEAST_LOGPROB = -9999.0
 
@@ -271,6 +274,11 @@ class GenerationRequest(RequestBody):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def choices(self) -> int:
+        """The choices of the reply (each a verifier call)."""
+        return self.n
+
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -313,18 +321,22 @@ class ChatCompletionRequest(GenerationRequest):
         return self.max_completion_tokens or self.max_tokens or 0
 
 
-def _one_prompt(prompt: Any) -> Any:
-    """A text or token ids; a list of one prompt (as batching clients send a batch of one)
-    is that prompt. One error, whichever form was meant, not one per form."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t <= INT32_MAX for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(item, str | list) for item in prompt):
-        raise ValueError("give one prompt per request (batches of prompts are not supported)")
-    raise ValueError("the prompt must be a non-empty text or a non-empty list of token ids (integers >= 0)")
+def _batch_of_prompts(prompt: Any) -> Any:
+    """A text, token ids, or a batch (a list) of texts or token id lists: as a list of
+    prompts. One error per prompt, whichever form was meant, not one per form."""
+    batched = (
+        isinstance(prompt, list) and bool(prompt) and all(isinstance(item, str | list) for item in prompt)
+    )
+    batch = prompt if batched else [prompt]
+    for position, one in enumerate(batch):
+        text = isinstance(one, str) and one
+        ids = isinstance(one, list) and one and all(type(t) is int and 0 <= t <= INT32_MAX for t in one)
+        if not (text or ids):
+            which = f"prompt {position} of the batch" if batched else "the prompt"
+            raise ValueError(
+                f"{which} must be a non-empty text or a non-empty list of token ids (integers >= 0)"
+            )
+    return batch
 
 
 PromptInput = str | Annotated[list[int], Field(min_length=1)] | list[str] | list[list[int]]
@@ -333,18 +345,73 @@ PromptInput = str | Annotated[list[int], Field(min_length=1)] | list[str] | list
 class CompletionRequest(GenerationRequest):
     """OpenAI's legacy completions (what vLLM's and SGLang's serving benchmarks send)."""
 
-    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt, json_schema_input_type=PromptInput)]
+    # A batch of prompts (vLLM's and OpenAI's) gets n choices each: prompt i's choice j is
+    # choice i * n + j of the reply.
+    prompt: Annotated[
+        list[str | list[int]], BeforeValidator(_batch_of_prompts, json_schema_input_type=PromptInput)
+    ]
     max_tokens: int = Field(default=16, ge=1, le=INT32_MAX)  # OpenAI's default here
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
     echo: bool = False
     suffix: str | None = Field(default=None, max_length=0, description="not supported: must be empty")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
 
+    @model_validator(mode="after")
+    def _batch_within_bounds(self) -> CompletionRequest:
+        if self.choices > MAX_BATCH_CHOICES:
+            raise ValueError(
+                f"{len(self.prompt)} prompts with n = {self.n} make {self.choices} choices; "
+                f"at most {MAX_BATCH_CHOICES} per request"
+            )
+        return self
+
     @property
-    def prompt_logprobs(self) -> bool:
-        """Whether the verifier must score the prompt: to echo it with logprobs (lm-eval's
+    def choices(self) -> int:
+        return len(self.prompt) * self.n
+
+    def scores_prompt(self, prompt: str | list[int]) -> bool:
+        """Whether the verifier must score ``prompt``: to echo it with logprobs (lm-eval's
         loglikelihood requests), or to spell out a prompt of token ids."""
-        return self.echo and (self.logprobs is not None or not isinstance(self.prompt, str))
+        return self.echo and (self.logprobs is not None or not isinstance(prompt, str))
+
+
+class TokenizeRequest(RequestBody):
+    """vLLM's /tokenize: a prompt as /v1/completions reads it, or messages as
+    /v1/chat/completions renders them with the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True  # for a prompt (a BOS, for models that have one)
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either a prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestBody):
+    """vLLM's /detokenize: token ids back to text (special tokens included)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=INT32_MAX)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 FinishReason = Literal["stop", "length"]

@@ -217,10 +217,19 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             ids = await asyncio.to_thread(self._tokenize, request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return verifier_pb2.TokenizeResponse(token_ids=ids)
+        return verifier_pb2.TokenizeResponse(
+            token_ids=ids, token_strs=self.engine.tokenizer.convert_ids_to_tokens(ids)
+        )
 
     def _tokenize(self, request) -> list[int]:
         if request.messages:
             return self._prompt_ids(request.messages, [])
         self._check_chars(len(request.text), "the text holds")
-        return self.engine.tokenizer(request.text, add_special_tokens=False)["input_ids"]
+        return self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
+
+    async def Detokenize(self, request, context):
+        vocab_size = self.engine.vocab_size
+        if any(not 0 <= token < vocab_size for token in request.token_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {vocab_size})")
+        text = await asyncio.to_thread(self.engine.tokenizer.decode, list(request.token_ids))
+        return verifier_pb2.DetokenizeResponse(text=text)
