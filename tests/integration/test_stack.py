@@ -368,6 +368,52 @@ def test_tokenize_counts_what_each_endpoint_reads_and_detokenize_inverts_it(stac
     assert of_chat["count"] == reply["usage"]["prompt_tokens"]
 
 
+def test_function_calling_on_the_real_model(stack):
+    """SmolLM2's template has no place for tools: they are described in a system message.
+    A forced call is JSON that matches the function's parameters; a chat that carries a
+    call and its result renders and is answered."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    question = [{"role": "user", "content": "What is the weather like in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = chat(
+        stack, messages=question, tools=[weather], tool_choice=named, temperature=0, max_tokens=40
+    ).json()
+    [call] = reply["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+
+    required = chat(
+        stack, messages=question, tools=[weather], tool_choice="required", temperature=0, max_tokens=60
+    )
+    calls = required.json()["choices"][0]["message"]["tool_calls"]
+    assert required.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(
+        c["function"]["name"] == "get_weather" and "city" in json.loads(c["function"]["arguments"])
+        for c in calls
+    )
+
+    history = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [{**call, "type": "function"}]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 C and sunny"},
+    ]
+    answer = chat(stack, messages=history, tools=[weather], temperature=0, max_tokens=24)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] > 0
+
+
 def test_loglikelihood_requests_as_lm_eval_sends_them(stack):
     """echo + logprobs + one token: the prompt's own log probabilities, scored by the model."""
 

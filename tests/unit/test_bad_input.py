@@ -194,8 +194,13 @@ BAD: dict[str, Bad] = {
     "role missing": message("messages[0].role", content="hi"),
     **{
         f"role {role!r}": message("messages[0].role", role=role, content="hi")
-        for role in ["tool", "function", "", "USER", "root", 1]
+        for role in ["function", "", "USER", "root", 1]
     },
+    "tool message without tool_call_id": message("messages[0].tool_call_id", role="tool", content="42"),
+    "assistant message without content or calls": message("messages[0]", role="assistant"),
+    "tool call without function": message(
+        "messages[0].tool_calls[0].function", role="assistant", tool_calls=[{"id": "c"}]
+    ),
     # Wrong types and values out of range, for every chat field.
     **dict(bad_field_value(name, value) for name, values in BAD_FIELD_VALUES.items() for value in values),
     **{

@@ -39,6 +39,8 @@ SPEC_STATS = verifier_pb2.SpeculativeStats(
 BUSY = "TRIGGER_BUSY"
 TOO_LONG = "TRIGGER_TOO_LONG"
 SLOW = "TRIGGER_SLOW"
+CALL_A_TOOL = "TRIGGER_TOOL_CALL"  # the fake replies with a Hermes tool call
+TOOL_CALL_REPLY = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 FAIL_MIDWAY = "TRIGGER_FAIL_MIDWAY"
 BUSY_MESSAGE = "verifier queue is full"
 TOO_LONG_MESSAGE = "prompt has 9000 tokens; the context holds 8192"
@@ -72,6 +74,8 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         if TOO_LONG in prompt:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, TOO_LONG_MESSAGE)
         words = SLOW_REPLY_WORDS if SLOW in prompt else REPLY_WORDS
+        if CALL_A_TOOL in prompt:
+            words = TOOL_CALL_REPLY.split(" ")
         delay_s = SLOW_WORD_DELAY_S if SLOW in prompt else 0.0
         limit = min(request.sampling.max_tokens or len(words), len(words))
         prompt_tokens = sum(len(message.content.split()) for message in request.messages) or len(
@@ -581,7 +585,9 @@ async def test_openai_client_streaming_and_not(gateway_app):
         ),
         (chat_body(logit_bias={"5": 101}), "logit_bias.5"),
         (chat_body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"model": MODEL, "messages": [{"role": "assistant"}]}, "messages[0]"),  # no content, no calls
         (
             {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content[0].type",

@@ -55,6 +55,7 @@ from .schemas import (
     TokenizeResponse,
 )
 from .settings import GatewaySettings
+from .tools import ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if body.memory is not None:
             key.check_namespace(body.memory.namespace)
         identity, generation = await admit(body, "chatcmpl")
+        tools = ToolUse.of(body)
 
         async def begin() -> dict | None:
             nonlocal body
@@ -211,8 +213,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             generation,
             identity,
             begin,
-            lambda: collect_completion(generation, identity, body.logprobs),
-            (lambda firsts: stream_chunks(generation, firsts, identity, body.include_usage, body.logprobs))
+            lambda: collect_completion(generation, identity, body.logprobs, tools),
+            (
+                lambda firsts: stream_chunks(
+                    generation, firsts, identity, body.include_usage, body.logprobs, tools
+                )
+            )
             if body.stream
             else None,
         )

@@ -24,10 +24,12 @@ from .schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatMessage,
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
     Delta,
+    DeltaToolCall,
     GenerationRequest,
     PromptTokensDetails,
     ResponseFormat,
@@ -37,6 +39,7 @@ from .schemas import (
     TopLogprob,
     Usage,
 )
+from .tools import ToolUse
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +98,41 @@ def sampling_of(
     return sampling
 
 
+def verifier_message(message: ChatMessage) -> verifier_pb2.ChatMessage:
+    calls = getattr(message, "tool_calls", None)
+    return verifier_pb2.ChatMessage(
+        role=message.verifier_role,
+        content=message.text,
+        tool_calls_json=json.dumps([call.model_dump() for call in calls]) if calls else "",
+        tool_call_id=getattr(message, "tool_call_id", ""),
+    )
+
+
 def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[verifier_pb2.GenerateRequest]:
+    tools = ToolUse.of(body)
     request = verifier_pb2.GenerateRequest(
         request_id=request_id,
-        messages=[verifier_pb2.ChatMessage(role=m.verifier_role, content=m.text) for m in body.messages],
+        messages=[verifier_message(m) for m in body.messages],
         sampling=sampling_of(
             body, body.completion_token_limit, body.logprobs, body.top_logprobs, body.response_format
         ),
         speculative=body.speculative,
+        tools_json=tools.tools_json() if tools is not None else "",
     )
+    if tools is not None and tools.forced:
+        request.sampling.structured.CopyFrom(tools.constraint())
     return one_per_choice(request, body.n)
+
+
+def assistant_reply(text: str, finish_reason: str, tools: ToolUse | None) -> tuple[AssistantMessage, str]:
+    """A choice's message and finish reason from its whole output: with tools, the calls it
+    made ("tool_calls", unless one function was forced, where OpenAI says "stop")."""
+    if tools is None:
+        return AssistantMessage(content=text), finish_reason
+    content, calls = tools.reply(text)
+    if calls and tools.named is None:
+        finish_reason = "tool_calls"
+    return AssistantMessage(content=content, tool_calls=calls or None), finish_reason
 
 
 def one_per_choice(request: verifier_pb2.GenerateRequest, n: int) -> list[verifier_pb2.GenerateRequest]:
@@ -273,7 +301,7 @@ def logprobs_of(response: verifier_pb2.GenerateResponse) -> list[TokenLogprob]:
 
 
 async def collect_completion(
-    generation: Generation, identity: CompletionIdentity, logprobs: bool
+    generation: Generation, identity: CompletionIdentity, logprobs: bool, tools: ToolUse | None
 ) -> ChatCompletion:
     async def collect(index: int) -> tuple[Choice, verifier_pb2.GenerateResponse]:
         text: list[str] = []
@@ -284,11 +312,12 @@ async def collect_completion(
             token_logprobs += logprobs_of(response)
             if finished(response):
                 break
+        message, finish_reason = assistant_reply("".join(text), FINISH_REASONS[response.finish_reason], tools)
         choice = Choice(
             index=index,
-            message=AssistantMessage(content="".join(text)),
+            message=message,
             logprobs=ChoiceLogprobs(content=token_logprobs) if logprobs else None,
-            finish_reason=FINISH_REASONS[response.finish_reason],
+            finish_reason=finish_reason,
         )
         return choice, response
 
@@ -312,12 +341,15 @@ async def stream_chunks(
     identity: CompletionIdentity,
     include_usage: bool,
     logprobs: bool,
+    tools: ToolUse | None,
 ) -> AsyncIterator[str]:
     """Server-sent chat.completion.chunk events for a stream whose choices' first responses
     have already arrived; the choices' chunks interleave as they come, each naming its
     choice. Errors after the headers went out can only be reported in-band. With
     ``logprobs``, each chunk carries the entries of the tokens that came with it, and a
-    chunk goes out for tokens whose text is still held back (a possible stop string)."""
+    chunk goes out for tokens whose text is still held back (a possible stop string).
+    With ``tools``, a choice's output is held until it ends, when its content and calls go
+    out in one chunk: whether the text is a call is known only then."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -328,8 +360,27 @@ async def stream_chunks(
     for index in range(len(firsts)):
         yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     finals: list[verifier_pb2.GenerateResponse] = list(firsts)
+    held_text: list[list[str]] = [[] for _ in firsts]
+    held_logprobs: list[list[TokenLogprob]] = [[] for _ in firsts]
     try:
         async for index, response in generation.responses(firsts):
+            if tools is not None:
+                held_text[index].append(response.text)
+                held_logprobs[index] += logprobs_of(response)
+                if finished(response):
+                    finals[index] = response
+                    message, finish_reason = assistant_reply(
+                        "".join(held_text[index]), FINISH_REASONS[response.finish_reason], tools
+                    )
+                    calls = [
+                        DeltaToolCall(index=i, **call.model_dump())
+                        for i, call in enumerate(message.tool_calls or ())
+                    ]
+                    delta = Delta(content=message.content, tool_calls=calls or None)
+                    content_logprobs = ChoiceLogprobs(content=held_logprobs[index]) if logprobs else None
+                    yield chunk([ChunkChoice(index=index, delta=delta, logprobs=content_logprobs)])
+                    yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason)])
+                continue
             if logprobs and response.logprobs:
                 content = ChoiceLogprobs(content=logprobs_of(response))
                 yield chunk([ChunkChoice(index=index, delta=Delta(content=response.text), logprobs=content)])

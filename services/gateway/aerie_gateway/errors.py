@@ -116,16 +116,31 @@ def error_from_grpc(err: grpc.aio.AioRpcError) -> APIError:
     return APIError(500, f"The model backend failed: {details}", "server_error", code="internal_error")
 
 
+# The tags pydantic puts in an error's location after a list index, for a message of a
+# tagged union (schemas.ChatMessage): not part of the path a client sent.
+MESSAGE_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool"}
+
+
 def _field_path(loc: Sequence[str | int]) -> str | None:
-    """("body", "messages", 0, "role") -> "messages[0].role"."""
+    """("body", "messages", 0, "user", "content") -> "messages[0].content"."""
     fields = loc[1:] if loc and loc[0] == "body" else loc
     path = ""
-    for part in fields:
+    for previous, part in zip([None, *fields], fields, strict=False):
         if isinstance(part, int):
             path += f"[{part}]"
+        elif isinstance(previous, int) and part in MESSAGE_ROLE_TAGS:
+            continue
         else:
             path += f".{part}" if path else str(part)
     return path or None
+
+
+def _location(error: dict[str, Any]) -> tuple[str | int, ...]:
+    """Where an error is; for a tagged union's unknown tag, the tag's own field ("role")."""
+    loc = tuple(error["loc"])
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc += (str(error.get("ctx", {}).get("discriminator", "")).strip("'"),)
+    return loc
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -137,9 +152,9 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return invalid_request("The request body must be JSON, sent with `Content-Type: application/json`.")
     described = []
     for error in errors:
-        path = _field_path(error["loc"])
+        path = _field_path(_location(error))
         described.append(f"{path or 'request body'}: {error['msg']}")
-    param = _field_path(errors[0]["loc"]) if errors else None
+    param = _field_path(_location(errors[0])) if errors else None
     return invalid_request("; ".join(described) or "Invalid request.", param=param)
 
 

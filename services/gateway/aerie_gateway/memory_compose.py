@@ -32,7 +32,7 @@ from .memory_protocol import (
     single_pass,
     three_stage,
 )
-from .schemas import ChatCompletionRequest, ChatMessage
+from .schemas import ChatCompletionRequest, TextContentPart
 from .settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,11 @@ class MemoryComposer:
         messages = compose_messages(
             [{"role": m.verifier_role, "content": m.text} for m in body.messages], result
         )
-        composed = body.model_copy(
-            update={"messages": [ChatMessage(role=m["role"], content=m["content"]) for m in messages]}
+        # only the last message changes: the others keep their tool calls
+        last = body.messages[-1].model_copy(
+            update={"content": [TextContentPart(type="text", text=messages[-1]["content"])]}
         )
+        composed = body.model_copy(update={"messages": [*body.messages[:-1], last]})
         return composed, self._done(info, started)
 
     @staticmethod

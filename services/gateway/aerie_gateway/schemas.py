@@ -119,24 +119,78 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
-class ChatMessage(StrictModel):
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's
+MAX_TOOLS = 128  # OpenAI's
+
+
+class FunctionCall(StrictModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(StrictModel):
     model_config = ConfigDict(extra="ignore")
 
-    # "developer" is OpenAI's newer name for "system"; tool messages are not supported.
-    role: Literal["system", "developer", "user", "assistant"]
-    # json_schema_input_type: the OpenAPI schema shows what clients may send, before the
-    # validator normalises it.
-    content: Annotated[
-        ContentParts, BeforeValidator(_text_as_parts, json_schema_input_type=str | ContentParts)
-    ]
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+# json_schema_input_type: the OpenAPI schema shows what clients may send, before the
+# validator normalises it.
+Content = Annotated[ContentParts, BeforeValidator(_text_as_parts, json_schema_input_type=str | ContentParts)]
+
+
+class _Message(StrictModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: Content | None
 
     @property
     def text(self) -> str:
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content or ())
 
     @property
     def verifier_role(self) -> str:
         return "system" if self.role == "developer" else self.role
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]  # "developer" is OpenAI's newer name for "system"
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantTurn(_Message):
+    """An assistant message of the chat so far: text, tool calls, or both."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> AssistantTurn:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content, tool_calls or both")
+        return self
+
+
+class ToolMessage(_Message):
+    """A tool call's result."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(min_length=1, max_length=256)
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantTurn | ToolMessage, Field(discriminator="role")
+]
 
 
 class StreamOptions(StrictModel):
@@ -280,8 +334,40 @@ class GenerationRequest(RequestBody):
         return self.n
 
 
+class FunctionDefinition(StrictModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # the arguments always match ``parameters`` here, when it is forced
+
+
+class Tool(StrictModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    # OpenAI's function calling (aerie_gateway.tools): "auto" lets the model choose, "required"
+    # and a named function hold decoding to the functions' argument schemas.
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     response_format: ResponseFormat | None = None
@@ -307,6 +393,25 @@ class ChatCompletionRequest(GenerationRequest):
         ):
             raise ValueError("give either structured_outputs or a JSON response_format, not both")
         return response_format
+
+    @model_validator(mode="after")
+    def _tool_choice_among_tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ValueError("tools must have different names")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        if choice == "required" and not names:
+            raise ValueError('tool_choice "required" needs tools')
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and (
+            self.structured_outputs or (self.response_format and self.response_format.type != "text")
+        ):
+            raise ValueError(
+                "a forced tool_choice holds the output to the tools' arguments: drop the other constraint"
+            )
+        return self
 
     @field_validator("top_logprobs")
     @classmethod
@@ -414,7 +519,7 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class SpeculativeUsage(BaseModel):
@@ -439,7 +544,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class TopLogprob(BaseModel):
@@ -476,9 +582,14 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(ToolCall):
+    index: int  # the call's place among the choice's calls
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda value: value is None)
     content: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ChunkChoice(BaseModel):

@@ -33,6 +33,7 @@ from jinja2 import TemplateError
 from transformers import DynamicCache
 from xgrammar import CompiledGrammar
 
+from aerie_verifier.chat_format import template_inputs, template_knows_tools
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.kv_cache import GrowingCache, check_attention_only
@@ -252,6 +253,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.context_length = _context_length(model)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.template_knows_tools = template_knows_tools(tokenizer)
         self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_ids)
         self.drafter_factory = drafter_factory
         self.capture = HiddenCapture(model) if drafter_factory else None
@@ -301,9 +303,14 @@ class Engine:
     def cancelled_total(self) -> int:
         return self.totals.ended["cancelled"]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt of a chat: ``messages`` (OpenAI's, tool calls and results included) and
+        the ``tools`` the model may call, through the chat template (chat_format.py)."""
+        messages, tools = template_inputs(messages, tools, self.template_knows_tools)
         try:
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            encoded = self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=True
+            )
         except TemplateError as exc:  # the template's own refusal: Gemma's of a system turn, say
             raise ValueError(f"the model's chat template refuses these messages: {exc}") from None
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 
 import grpc
@@ -90,6 +91,29 @@ def _logprobs_to_proto(
     ]
 
 
+def _json_list(text: str, field: str) -> list | None:
+    """A JSON list sent as text (empty: none)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{field} is not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(f"{field} must be a JSON list of objects")
+    return value
+
+
+def _message_dict(message: verifier_pb2.ChatMessage) -> dict:
+    """A chat message as chat_format.template_inputs takes it."""
+    as_dict: dict = {"role": message.role, "content": message.content}
+    if message.tool_calls_json:
+        as_dict["tool_calls"] = _json_list(message.tool_calls_json, "tool_calls_json")
+    if message.tool_call_id:
+        as_dict["tool_call_id"] = message.tool_call_id
+    return as_dict
+
+
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, engine: Engine, model_id: str, device: str, dtype: str):
         self.engine = engine
@@ -102,8 +126,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.max_token_chars = max(map(len, engine.tokenizer.get_vocab()))
         self.max_prompt_chars = engine.context_length * self.max_token_chars
 
-    def _check_prompt_chars(self, messages) -> None:
-        self._check_chars(sum(len(m.role) + len(m.content) for m in messages), "the messages hold")
+    def _check_prompt_chars(self, messages, tools_json: str) -> None:
+        chars = sum(len(m.role) + len(m.content) + len(m.tool_calls_json) for m in messages) + len(tools_json)
+        self._check_chars(chars, "the messages hold")
 
     def _check_chars(self, chars: int, what: str) -> None:
         if chars > self.max_prompt_chars:
@@ -114,12 +139,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 f"for this model's context length of {self.engine.context_length} tokens"
             )
 
-    def _prompt_ids(self, messages, prompt_token_ids, prompt: str = "") -> list[int]:
+    def _prompt_ids(self, messages, prompt_token_ids, prompt: str = "", tools_json: str = "") -> list[int]:
         if sum(map(bool, (messages, prompt_token_ids, prompt))) > 1:
             raise ValueError("give one of messages, prompt_token_ids and prompt")
         if messages:
-            self._check_prompt_chars(messages)
-            return self.engine.encode_chat([{"role": m.role, "content": m.content} for m in messages])
+            self._check_prompt_chars(messages, tools_json)
+            return self.engine.encode_chat(
+                [_message_dict(m) for m in messages], _json_list(tools_json, "tools_json")
+            )
         if prompt:
             self._check_chars(len(prompt), "the prompt holds")
             return self.engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -130,7 +157,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             params = sampling_from_proto(request.sampling)
             # Tokenising (and the chat template) takes a while on long prompts: off the loop.
             prompt_ids = await asyncio.to_thread(
-                self._prompt_ids, request.messages, request.prompt_token_ids, request.prompt
+                self._prompt_ids,
+                request.messages,
+                request.prompt_token_ids,
+                request.prompt,
+                request.tools_json,
             )
             # and so does compiling a structured output's grammar
             grammar = None
@@ -223,7 +254,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     def _tokenize(self, request) -> list[int]:
         if request.messages:
-            return self._prompt_ids(request.messages, [])
+            return self._prompt_ids(request.messages, [], tools_json=request.tools_json)
         self._check_chars(len(request.text), "the text holds")
         return self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
 

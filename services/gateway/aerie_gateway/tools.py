@@ -1,0 +1,134 @@
+"""OpenAI's function calling over the verifier: what a chat with ``tools`` asks the verifier
+for, and how its output becomes ``tool_calls``.
+
+- ``tool_choice`` "none": the tools are not shown to the model, and the output is text.
+- "auto" (the default with tools): the model sees the tools (through its chat template, or
+  described in the Hermes convention where the template has no place for them; see
+  aerie_verifier/chat_format.py) and may call them. A call is read back from a
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block (Hermes, Qwen, SmolLM3),
+  or from an output that is nothing but such a JSON object (Llama 3.1 writes
+  ``{"name": ..., "parameters": {...}}``); anything else is content.
+- "required", or one function named: decoding is held by xgrammar to JSON that is a call,
+  as vLLM does: a list of ``{"name", "arguments"}`` objects (one at most without
+  ``parallel_tool_calls``), or the named function's arguments themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aerie_proto.v1 import verifier_pb2
+
+from .schemas import ChatCompletionRequest, FunctionCall, NamedToolChoice, Tool, ToolCall
+
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def _arguments_schema(tool: Tool) -> dict[str, Any]:
+    return tool.function.parameters or ANY_OBJECT
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat's tools and how the model may use them; ``of`` gives None when it may not."""
+
+    tools: list[Tool]
+    named: str | None  # the function tool_choice forces, if any
+    required: bool
+    parallel: bool
+
+    @classmethod
+    def of(cls, body: ChatCompletionRequest) -> ToolUse | None:
+        if not body.tools or body.tool_choice == "none":
+            return None
+        named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+        return cls(body.tools, named, body.tool_choice == "required", body.parallel_tool_calls)
+
+    @property
+    def forced(self) -> bool:
+        return self.named is not None or self.required
+
+    def tools_json(self) -> str:
+        return json.dumps([tool.model_dump(exclude_none=True) for tool in self.tools])
+
+    def constraint(self) -> verifier_pb2.StructuredOutput | None:
+        """What decoding is held to: a call, when one is forced."""
+        if self.named is not None:
+            [tool] = [tool for tool in self.tools if tool.function.name == self.named]
+            return verifier_pb2.StructuredOutput(json_schema=json.dumps(_arguments_schema(tool)))
+        if not self.required:
+            return None
+        one_call = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": tool.function.name},
+                        "arguments": _arguments_schema(tool),
+                    },
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for tool in self.tools
+            ]
+        }
+        calls = {
+            "type": "array",
+            "items": one_call,
+            "minItems": 1,
+            **({} if self.parallel else {"maxItems": 1}),
+        }
+        return verifier_pb2.StructuredOutput(json_schema=json.dumps(calls))
+
+    def reply(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The content and the tool calls of a choice's whole output."""
+        if self.named is not None:
+            return None, [self._call(self.named, text.strip())]
+        if self.required:
+            try:
+                calls = [self._call(item["name"], json.dumps(item["arguments"])) for item in json.loads(text)]
+            except (ValueError, TypeError, KeyError):  # cut short by max_tokens
+                return text, []
+            return None, calls
+        return self._read_auto(text)
+
+    def _read_auto(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        names = {tool.function.name for tool in self.tools}
+        calls = []
+        for block in TOOL_CALL_BLOCK.findall(text):
+            call = self._parse_call(block, names)
+            if call is None:  # not a call after all: leave the output as it is
+                return text, []
+            calls.append(call)
+        if calls:
+            content = TOOL_CALL_BLOCK.sub("", text).strip()
+            return content or None, calls[: None if self.parallel else 1]
+        bare = self._parse_call(text.strip(), names) if text.strip().startswith("{") else None
+        return (None, [bare]) if bare is not None else (text, [])
+
+    def _parse_call(self, spelled: str, names: set[str]) -> ToolCall | None:
+        try:
+            call = json.loads(spelled)
+        except ValueError:
+            return None
+        if not isinstance(call, dict) or call.get("name") not in names:
+            return None
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if isinstance(arguments, str):  # some models spell the arguments as JSON text
+            return self._call(call["name"], arguments)
+        if not isinstance(arguments, dict):
+            return None
+        return self._call(call["name"], json.dumps(arguments))
+
+    @staticmethod
+    def _call(name: str, arguments: str) -> ToolCall:
+        return ToolCall(id=call_id(), function=FunctionCall(name=name, arguments=arguments))
