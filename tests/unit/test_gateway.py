@@ -127,6 +127,8 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         """One token per word, its id the word's length (a BOS, 1, first if asked); messages
         as "role: content" lines."""
         text = "\n".join(f"{m.role}: {m.content}" for m in request.messages) or request.text
+        if request.tools_json:  # the tools' names first, as a template might list them
+            text = " ".join(tool["function"]["name"] for tool in json.loads(request.tools_json)) + " " + text
         words = (["<s>"] if request.add_special_tokens and not request.messages else []) + text.split()
         ids = [1 if word == "<s>" else len(word) for word in words]
         return verifier_pb2.TokenizeResponse(token_ids=ids, token_strs=words)

@@ -15,6 +15,7 @@ from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     gateway_fake_verifier,
     gateway_redis_url,
 )
+from tests.unit.test_tools import WEATHER
 
 
 async def post(gateway_app, path: str, body: dict, headers: dict | None = None):
@@ -44,6 +45,17 @@ async def test_messages_are_tokenized_as_chats_render_them(gateway_app):
     response = await post(gateway_app, "/tokenize", {"messages": messages, "return_token_strs": True})
     assert response.status_code == 200, response.text
     assert response.json()["token_strs"] == ["system:", "Be", "brief.", "user:", "Hi", "there"]
+
+
+async def test_tools_count_as_chats_render_them(gateway_app):
+    messages = [{"role": "user", "content": "Hi"}]
+    response = await post(
+        gateway_app, "/tokenize", {"messages": messages, "tools": [WEATHER], "return_token_strs": True}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["token_strs"] == ["get_weather", "user:", "Hi"]
+    bare = await post(gateway_app, "/tokenize", {"prompt": "x", "tools": [WEATHER]})
+    assert_error(bare, 400, "invalid_request_error", None)
 
 
 async def test_tokens_are_detokenized(gateway_app):

@@ -29,6 +29,7 @@ from .chat import (
     run_unless_disconnected,
     stream_chunks,
     to_generate_requests,
+    verifier_message,
 )
 from .drain import Drain, DrainMiddleware
 from .errors import (
@@ -55,7 +56,7 @@ from .schemas import (
     TokenizeResponse,
 )
 from .settings import GatewaySettings
-from .tools import ToolUse
+from .tools import ToolUse, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +258,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         /v1/chat/completions renders them; ``count`` is that endpoint's prompt_tokens."""
         await check_model(body.model)
         request = verifier_pb2.TokenizeRequest(
-            messages=[
-                verifier_pb2.ChatMessage(role=m.verifier_role, content=m.text) for m in body.messages or []
-            ],
+            messages=[verifier_message(m) for m in body.messages or []],
             text=body.prompt or "",
             add_special_tokens=body.add_special_tokens,
+            tools_json=tools_json(body.tools) if body.tools else "",
         )
         try:
             reply = await backends.verifier.Tokenize(request, timeout=settings.grpc_timeout_s)

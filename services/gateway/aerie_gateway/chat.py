@@ -39,7 +39,7 @@ from .schemas import (
     TopLogprob,
     Usage,
 )
-from .tools import ToolUse
+from .tools import ToolUse, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[v
             body, body.completion_token_limit, body.logprobs, body.top_logprobs, body.response_format
         ),
         speculative=body.speculative,
-        tools_json=tools.tools_json() if tools is not None else "",
+        tools_json=tools_json(tools.tools) if tools is not None else "",
     )
     if tools is not None and tools.forced:
         request.sampling.structured.CopyFrom(tools.constraint())

@@ -489,6 +489,7 @@ class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)  # with messages
     add_special_tokens: bool = True  # for a prompt (a BOS, for models that have one)
     return_token_strs: bool = False
 
@@ -496,6 +497,8 @@ class TokenizeRequest(RequestBody):
     def _prompt_or_messages(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either a prompt or messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools go with messages")
         return self
 
 

@@ -33,6 +33,11 @@ def _arguments_schema(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or ANY_OBJECT
 
 
+def tools_json(tools: list[Tool]) -> str:
+    """OpenAI's tools as the verifier takes them (JSON text)."""
+    return json.dumps([tool.model_dump(exclude_none=True) for tool in tools])
+
+
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
@@ -56,9 +61,6 @@ class ToolUse:
     @property
     def forced(self) -> bool:
         return self.named is not None or self.required
-
-    def tools_json(self) -> str:
-        return json.dumps([tool.model_dump(exclude_none=True) for tool in self.tools])
 
     def constraint(self) -> verifier_pb2.StructuredOutput | None:
         """What decoding is held to: a call, when one is forced."""
