@@ -11,6 +11,7 @@ import openai
 from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     CALL_A_TOOL,
     MODEL,
+    REPLY_WORDS,
     asgi_client,
     chat_body,
     gateway_app,
@@ -71,15 +72,23 @@ async def test_a_chat_with_tool_results_reaches_the_verifier_whole(gateway_app, 
     assert sent.messages[2].tool_call_id == "c1" and sent.messages[2].content == "12 C, rain"
 
 
-async def test_streamed_tool_calls_come_in_one_chunk_at_the_end(gateway_app):
+async def test_streamed_content_goes_out_as_it_comes_and_the_calls_at_the_end(gateway_app):
     response = await chat(gateway_app, chat_body(CALL_A_TOOL, tools=[WEATHER], stream=True))
     chunks = [json.loads(payload) for payload in sse_payloads(response.text)[:-1]]
     deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
     assert deltas[0] == {"role": "assistant", "content": ""}
-    assert deltas[1]["content"] == "Checking."
-    [call] = deltas[1]["tool_calls"]
+    assert [delta.get("content") for delta in deltas[1:3]] == ["Checking.", " "]  # before the tag
+    [call] = deltas[-2]["tool_calls"]
+    assert "content" not in deltas[-2]
     assert call["index"] == 0 and call["function"]["arguments"] == '{"city": "Paris"}'
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
+    assert len(chunks) == 5  # nothing of the call went out as content
+    plain = await chat(
+        gateway_app, chat_body(tools=[WEATHER], stream=True)
+    )  # no call: streamed as without tools
+    words = [json.loads(p)["choices"][0]["delta"].get("content") for p in sse_payloads(plain.text)[1:-2]]
+    assert len(words) == len(REPLY_WORDS)
+    assert json.loads(sse_payloads(plain.text)[-2])["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_openai_client_reads_the_tool_calls(gateway_app):

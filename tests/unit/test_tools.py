@@ -8,7 +8,7 @@ import json
 
 import pytest
 from aerie_gateway.schemas import ChatCompletionRequest
-from aerie_gateway.tools import ToolUse
+from aerie_gateway.tools import StreamedReply, ToolUse
 from aerie_verifier.chat_format import template_inputs, template_knows_tools
 from aerie_verifier.engine import Engine
 
@@ -169,3 +169,35 @@ def test_the_engine_renders_tools_with_either_kind_of_template(tiny_model, tiny_
         assert "tool: 12 C, rain" in native
     finally:
         tokenizer.chat_template = plain_template
+
+
+def stream(use: ToolUse, deltas: list[str]) -> tuple[list[str], str | None, list[tuple[str, dict]]]:
+    reply = StreamedReply(use)
+    sent = [reply.feed(delta) for delta in deltas]
+    rest, made = reply.finish()
+    return sent, rest, calls((None, made))
+
+
+def test_streamed_content_stops_where_a_call_may_begin():
+    use = tool_use()
+    call = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    sent, rest, made = stream(use, ["It is ", "late.<tool", call[5:]])
+    assert sent == ["It is ", "late.", ""] and rest is None and made == [("get_time", {})]
+    # a partial tag that was not one goes out once that is clear
+    sent, rest, made = stream(use, ["a <to", "y> b"])
+    assert sent == ["a ", "<toy> b"] and rest is None and made == []
+    # a bare JSON call is held from its first character; a blank start too
+    sent, rest, made = stream(use, ["  ", '{"name": "get_time", ', '"parameters": {}}'])
+    assert sent == ["", "", ""] and rest is None and made == [("get_time", {})]
+    sent, rest, made = stream(use, [" ", "{not a call}"])
+    assert sent == ["", ""] and rest == " {not a call}" and made == []
+    sent, rest, made = stream(use, ["Sunny", " today."])
+    assert sent == ["Sunny", " today."] and rest is None
+    # a forced call holds everything; what did not parse is content at the end
+    forced = tool_use(tool_choice="required")
+    assert stream(forced, ['[{"name": "get_time", ', '"arguments": {}}]']) == (
+        ["", ""],
+        None,
+        [("get_time", {})],
+    )
+    assert stream(forced, ['[{"name": "get_ti']) == ([""], '[{"name": "get_ti', [])

@@ -39,7 +39,7 @@ from .schemas import (
     TopLogprob,
     Usage,
 )
-from .tools import ToolUse, tools_json
+from .tools import StreamedReply, ToolUse, tools_json
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +348,8 @@ async def stream_chunks(
     choice. Errors after the headers went out can only be reported in-band. With
     ``logprobs``, each chunk carries the entries of the tokens that came with it, and a
     chunk goes out for tokens whose text is still held back (a possible stop string).
-    With ``tools``, a choice's output is held until it ends, when its content and calls go
-    out in one chunk: whether the text is a call is known only then."""
+    With ``tools``, content streams until a call may have begun (tools.StreamedReply); the
+    calls go out in one chunk when the choice ends."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -360,35 +360,27 @@ async def stream_chunks(
     for index in range(len(firsts)):
         yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     finals: list[verifier_pb2.GenerateResponse] = list(firsts)
-    held_text: list[list[str]] = [[] for _ in firsts]
-    held_logprobs: list[list[TokenLogprob]] = [[] for _ in firsts]
+    replies = [StreamedReply(tools) for _ in firsts] if tools is not None else None
     try:
         async for index, response in generation.responses(firsts):
-            if tools is not None:
-                held_text[index].append(response.text)
-                held_logprobs[index] += logprobs_of(response)
-                if finished(response):
-                    finals[index] = response
-                    message, finish_reason = assistant_reply(
-                        "".join(held_text[index]), FINISH_REASONS[response.finish_reason], tools
-                    )
-                    calls = [
-                        DeltaToolCall(index=i, **call.model_dump())
-                        for i, call in enumerate(message.tool_calls or ())
-                    ]
-                    delta = Delta(content=message.content, tool_calls=calls or None)
-                    content_logprobs = ChoiceLogprobs(content=held_logprobs[index]) if logprobs else None
-                    yield chunk([ChunkChoice(index=index, delta=delta, logprobs=content_logprobs)])
-                    yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason)])
-                continue
+            text = response.text if replies is None else replies[index].feed(response.text)
             if logprobs and response.logprobs:
                 content = ChoiceLogprobs(content=logprobs_of(response))
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=response.text), logprobs=content)])
-            elif response.text:
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=response.text))])
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=text), logprobs=content)])
+            elif text:
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
             if finished(response):
                 finals[index] = response
                 finish_reason = FINISH_REASONS[response.finish_reason]
+                if replies is not None:
+                    rest, calls = replies[index].finish()
+                    if calls and tools.named is None:
+                        finish_reason = "tool_calls"
+                    if rest or calls:
+                        deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+                        yield chunk(
+                            [ChunkChoice(index=index, delta=Delta(content=rest, tool_calls=deltas or None))]
+                        )
                 yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason)])
         if include_usage:
             yield chunk([], usage=usage_of(finals))

@@ -134,3 +134,51 @@ class ToolUse:
     @staticmethod
     def _call(name: str, arguments: str) -> ToolCall:
         return ToolCall(id=call_id(), function=FunctionCall(name=name, arguments=arguments))
+
+
+class StreamedReply:
+    """One choice's output streamed under tools. Content goes out as it comes, but for
+    what may be the start of a call: text from a ``<tool_call>`` tag on (or a partial tag
+    at the end), an output that so far is blank or opens with "{" (a bare JSON call), and,
+    under a forced tool_choice, everything. ``finish`` gives what was held: the calls, or
+    the held text as content when it made none."""
+
+    OPEN = "<tool_call>"
+
+    def __init__(self, tools: ToolUse):
+        self.tools = tools
+        self.text = ""
+        self.sent = 0  # characters of ``text`` sent as content
+        self.holding = tools.forced  # a call began: the rest waits for the end
+
+    def feed(self, delta: str) -> str:
+        """The content to send now, after ``delta``."""
+        self.text += delta
+        if not self.holding:
+            tag = self.text.find(self.OPEN, self.sent)
+            if tag >= 0:
+                self.holding = True
+                return self._send_up_to(tag)
+            if not self.text[: self.sent].strip() and self.text.lstrip()[:1] in ("", "{"):
+                return ""
+            return self._send_up_to(len(self.text) - _partial_tag(self.text, self.OPEN))
+        return ""
+
+    def finish(self) -> tuple[str | None, list[ToolCall]]:
+        """The held content and the calls, once the output is whole."""
+        content, calls = self.tools.reply(self.text)
+        if calls:
+            return None, calls
+        return self.text[self.sent :] or None, []
+
+    def _send_up_to(self, end: int) -> str:
+        out, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return out
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that begins ``tag``."""
+    for length in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:length]):
+            return length
+    return 0
