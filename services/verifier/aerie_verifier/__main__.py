@@ -93,6 +93,7 @@ def build_engine(settings: VerifierSettings):
         pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
         slots=make_slots(model, slots, settings.cuda_graph_slot_tokens),
         prefix_cache=PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb > 0 else None,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
     return engine, model_dir
 

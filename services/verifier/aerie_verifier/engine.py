@@ -136,12 +136,17 @@ class Sequence:
     adjuster: LogitAdjuster | None = None
     grammar: GrammarConstraint | None = None  # its structured output's, if any
     cached_prompt_tokens: int = 0  # the prompt's first tokens the prefix cache held
+    # The prefill, which may take several rounds: the prompt's tokens cached so far, the
+    # layers whose features it captures, and those features.
+    prompt_cached: int = 0
+    prefill_layer_ids: tuple[int, ...] = ()
+    prompt_features: list[torch.Tensor] = field(default_factory=list)
     # The drafter's features of the cache's first rows, in order, kept for the prefix cache.
     features: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def prefilled(self) -> bool:
-        return self.cache is not None or self.slot is not None
+        return self.prompt_cached == len(self.prompt_ids)
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
         """``logits`` [rows, vocab] as the request's logit bias, repetition penalties,
@@ -241,6 +246,7 @@ class Engine:
         pace_guard: PaceGuard | None = None,
         slots: Iterable[StaticSlot] = (),
         prefix_cache: PrefixCache | None = None,
+        prefill_chunk_tokens: int = 0,
     ):
         check_attention_only(model.config)
         speed_up_tree_verification(model)
@@ -264,6 +270,7 @@ class Engine:
             slot.capture = self.capture
         self.breaker = CircuitBreaker(breaker_cooldown_s)
         self.prefix_cache = prefix_cache
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every prompt whole
         # None: speculate for as long as asked (benchmarks of acceptance need that).
         self.pace_guard = pace_guard if drafter_factory else None
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -499,27 +506,20 @@ class Engine:
             self._decode_one(seq)
 
     def _prefill(self, seq: Sequence) -> None:
-        self.totals.prompt_tokens += len(seq.prompt_ids)
-        layer_ids: tuple[int, ...] = ()
-        if seq.speculative:
-            layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
-            if not layer_ids:
-                self._fall_back(seq)
-        # (prompt logprobs need every prompt row's logits: neither the prefix cache nor the
-        # slots keep them)
-        scored = seq.params.prompt_logprobs
-        prefix = None
-        if self.prefix_cache is not None and not scored:
-            prefix = self.prefix_cache.match(seq.prompt_ids, layer_ids)
-            seq.cached_prompt_tokens = prefix.length if prefix is not None else 0
-        fits_a_slot = self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity
-        if fits_a_slot and not scored:
-            seq.slot = self._free_slots.pop()
+        """One round's share of the prompt (see ``_prefill_eagerly``); after its last, the
+        first token, and the first draft tree."""
+        prefix = self._begin_prefill(seq) if seq.cache is None and seq.slot is None else None
+        layer_ids = seq.prefill_layer_ids
+        if seq.slot is not None:  # a slot takes its prompt whole: a GPU prefills fast
             logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids, prefix)
+            seq.prompt_cached = len(seq.prompt_ids)
         else:
-            seq.cache = GrowingCache()
             with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
-                logits, features = self._prefill_eagerly(seq, layer_ids, prefix)
+                logits = self._prefill_eagerly(seq, layer_ids, prefix)
+            if logits is None:  # the rest in later rounds
+                return
+            features = torch.cat(seq.prompt_features) if layer_ids else None
+            seq.prompt_features = []
         if layer_ids and self.prefix_cache is not None:
             seq.features = [features]
         self._remember(seq, seq.prompt_ids, layer_ids)  # for the other choices of an n > 1 request, say
@@ -529,37 +529,63 @@ class Engine:
             seq.capture_layer_ids = layer_ids
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
 
+    def _begin_prefill(self, seq: Sequence) -> CachedPrefix | None:
+        """Decide the layers to capture, find the prompt's cached beginning, and give the
+        request a slot or a growing cache; returns the cached beginning."""
+        self.totals.prompt_tokens += len(seq.prompt_ids)
+        if seq.speculative:
+            seq.prefill_layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
+            if not seq.prefill_layer_ids:
+                self._fall_back(seq)
+        # (prompt logprobs need every prompt row's logits: neither the prefix cache nor the
+        # slots keep them)
+        scored = seq.params.prompt_logprobs
+        prefix = None
+        if self.prefix_cache is not None and not scored:
+            prefix = self.prefix_cache.match(seq.prompt_ids, seq.prefill_layer_ids)
+            seq.cached_prompt_tokens = prefix.length if prefix is not None else 0
+        fits_a_slot = self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity
+        if fits_a_slot and not scored:
+            seq.slot = self._free_slots.pop()
+        else:
+            seq.cache = GrowingCache()
+        return prefix
+
     def _prefill_eagerly(
         self, seq: Sequence, layer_ids: tuple[int, ...], prefix: CachedPrefix | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cache the prompt on ``seq``'s growing cache, starting from ``prefix`` when given;
-        return the last row's logits and the captured features. For prompt logprobs the
-        prompt goes in chunks, every row of each scored, so that no more than PROMPT_CHUNK
-        rows of logits exist at once."""
+    ) -> torch.Tensor | None:
+        """Cache this round's share of the prompt on ``seq``'s growing cache, starting from
+        ``prefix`` when given; the last row's logits once the whole prompt is in, else None.
+        Alone, a request takes its whole prompt at once; beside others, prefill_chunk_tokens
+        a round (if set), so that their streams do not stall behind a long prompt (vLLM's chunked
+        prefill, a round at a time). For prompt logprobs the prompt goes in chunks of
+        PROMPT_CHUNK, every row scored, so that no more rows of logits than that exist at once."""
         prompt = seq.prompt_ids
         scored = seq.params.prompt_logprobs
-        chunk = PROMPT_CHUNK if scored else len(prompt)
-        features = []
-        if scored:  # the first token has no log probability: nothing comes before it
+        if scored and seq.prompt_cached == 0:  # the first token has no log probability
             seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
-        held = 0
         if prefix is not None:
-            held = prefix.length
             for layer_idx, (keys, values) in enumerate(prefix.layers):
                 seq.cache.update(keys, values, layer_idx)  # a copy: the cache grows in place
             if layer_ids:
-                features.append(prefix.features)
-        for start in range(held, len(prompt), chunk):
-            input_ids = torch.tensor([prompt[start : start + chunk]], device=self.device)
+                seq.prompt_features.append(prefix.features)
+            seq.prompt_cached = prefix.length
+        alone = len(self._running) == 1 or not self.prefill_chunk_tokens
+        end = len(prompt) if alone else min(len(prompt), seq.prompt_cached + self.prefill_chunk_tokens)
+        chunk = PROMPT_CHUNK if scored else end - seq.prompt_cached
+        for start in range(seq.prompt_cached, end, chunk):
+            stop = min(start + chunk, end)
+            input_ids = torch.tensor([prompt[start:stop]], device=self.device)
             logits = self.model(
                 input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=0 if scored else 1
             ).logits[0]
             if layer_ids:
-                features.append(self.capture.features(layer_ids))
-            following = prompt[start + 1 : start + 1 + chunk]
+                seq.prompt_features.append(self.capture.features(layer_ids))
+            following = prompt[start + 1 : stop + 1]
             if scored and following:  # row i scores the prompt's next token (the last row, the first new one)
                 seq.prompt_logprobs += token_logprobs(logits, following, seq.params.top_logprobs)
-        return logits[-1], torch.cat(features) if layer_ids else None
+        seq.prompt_cached = end
+        return logits[-1] if end == len(prompt) else None
 
     def _remember(self, seq: Sequence, token_ids: list[int], layer_ids: tuple[int, ...]) -> None:
         """Give the prefix cache ``seq``'s cache of ``token_ids`` (as many of them as it

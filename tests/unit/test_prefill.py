@@ -1,6 +1,8 @@
-"""The prefix cache (prefix_cache.py) and the engine's use of it: a request that starts
-from an earlier request's keys and values decodes as a cold one does, hands the drafter
-the same features, and reports how many prompt tokens it found cached."""
+"""The prefill's two shortcuts. The prefix cache (prefix_cache.py): a request that starts
+from an earlier request's keys and values decodes as a cold one does, hands the drafter the
+same features, and reports how many prompt tokens it found cached. Chunked prefill: a long
+prompt beside a running stream goes in a chunk a round, the stream decoding in between,
+with the same output, drafter features and prompt logprobs as a whole prefill."""
 
 from __future__ import annotations
 
@@ -234,3 +236,93 @@ def test_the_choices_of_one_request_share_the_prompts_prefill(target, tiny_token
         assert [sink[0].cached_prompt_tokens for sink in events] == [0, 24, 24]
     finally:
         engine.stop()
+
+
+# -- chunked prefill ---------------------------------------------------------------
+
+
+class Timeline:
+    """Every event of several requests, in the order the engine emitted them."""
+
+    def __init__(self):
+        self.order: list[tuple[str, object]] = []
+
+    def sink(self, name: str):
+        def on_event(event):
+            self.order.append((name, event))
+
+        return on_event
+
+    def events(self, name: str) -> list:
+        return [event for who, event in self.order if who == name]
+
+    def wait(self, name: str, timeout_s: float = 60) -> list:
+        deadline = time.monotonic() + timeout_s
+        while not (self.events(name) and self.events(name)[-1].finish_reason):
+            assert time.monotonic() < deadline, f"{name} did not finish"
+            time.sleep(0.005)
+        return self.events(name)
+
+
+def beside_a_stream(engine: Engine, prompt: list[int], params: SamplingParams, speculative=False):
+    """``prompt`` submitted while another request is decoding; returns its events and how
+    many events the other request had from its submission to its first event."""
+    timeline = Timeline()
+    stream = SamplingParams(max_tokens=250, ignore_eos=True)
+    engine.submit("stream", prompt_of(5, seed=20), stream, timeline.sink("stream"))
+    while len(timeline.events("stream")) < 2:
+        time.sleep(0.001)
+    timeline.order.append(("submitted", None))
+    engine.submit("long", prompt, params, timeline.sink("long"), speculative=speculative)
+    events = timeline.wait("long")
+    who = [name for name, _ in timeline.order]
+    meanwhile = who[who.index("submitted") : who.index("long")].count("stream")
+    timeline.wait("stream")
+    return events, meanwhile
+
+
+@pytest.mark.parametrize("chunk", [8, 0], ids=["chunked", "whole"])
+def test_a_long_prompt_prefills_in_chunks_while_another_stream_decodes(target, tiny_tokenizer, chunk):
+    engine = started(Engine(target, tiny_tokenizer, max_running=2, prefill_chunk_tokens=chunk))
+    alone = started(Engine(target, tiny_tokenizer))
+    prompt = prompt_of(64, seed=21)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    try:
+        events, streamed_meanwhile = beside_a_stream(engine, prompt, params)
+        # 64 tokens in chunks of 8 take 8 rounds, each of which also decodes the stream
+        assert streamed_meanwhile >= 7 if chunk else streamed_meanwhile <= 2
+        assert tokens_of(events) == tokens_of(request_events(alone, prompt, params, speculative=False))
+    finally:
+        engine.stop()
+        alone.stop()
+
+
+def test_chunked_prefill_gives_the_drafter_and_prompt_logprobs_what_a_whole_one_does(target, tiny_tokenizer):
+    def engine(chunk):
+        factory = Factory(lambda: RecordingOracle(target, 3), capture_layer_ids=(1, 3, 4))
+        return started(
+            Engine(target, tiny_tokenizer, max_running=2, drafter_factory=factory, prefill_chunk_tokens=chunk)
+        )
+
+    chunked, whole = engine(5), engine(0)
+    prompt = prompt_of(33, seed=22)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    try:
+        RecordingOracle.started_with.clear()
+        events, streamed_meanwhile = beside_a_stream(chunked, prompt, params, speculative=True)
+        assert streamed_meanwhile >= 6
+        in_chunks = RecordingOracle.started_with[-1]
+        expected = request_events(whole, prompt, params, speculative=True)
+        assert in_chunks.shape[0] == len(prompt)
+        torch.testing.assert_close(in_chunks, RecordingOracle.started_with[-1], atol=1e-5, rtol=1e-5)
+        assert tokens_of(events) == tokens_of(expected)
+
+        scored = SamplingParams(max_tokens=2, prompt_logprobs=True, logprobs=True, top_logprobs=2)
+        events, _ = beside_a_stream(chunked, prompt, scored)
+        reference = request_events(whole, prompt, scored, speculative=False)[0].prompt_logprobs
+        assert [e.token_id for e in events[0].prompt_logprobs] == prompt
+        for got, want in zip(events[0].prompt_logprobs[1:], reference[1:], strict=True):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+    finally:
+        chunked.stop()
+        whole.stop()
