@@ -138,7 +138,7 @@ class Sequence:
     cached_prompt_tokens: int = 0  # the prompt's first tokens the prefix cache held
     # The prefill, which may take several rounds: the prompt's tokens cached so far, the
     # layers whose features it captures, and those features.
-    prompt_cached: int = 0
+    prompt_in_cache: int = 0
     prefill_layer_ids: tuple[int, ...] = ()
     prompt_features: list[torch.Tensor] = field(default_factory=list)
     # The drafter's features of the cache's first rows, in order, kept for the prefix cache.
@@ -146,7 +146,7 @@ class Sequence:
 
     @property
     def prefilled(self) -> bool:
-        return self.prompt_cached == len(self.prompt_ids)
+        return self.prompt_in_cache == len(self.prompt_ids)
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
         """``logits`` [rows, vocab] as the request's logit bias, repetition penalties,
@@ -512,7 +512,7 @@ class Engine:
         layer_ids = seq.prefill_layer_ids
         if seq.slot is not None:  # a slot takes its prompt whole: a GPU prefills fast
             logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids, prefix)
-            seq.prompt_cached = len(seq.prompt_ids)
+            seq.prompt_in_cache = len(seq.prompt_ids)
         else:
             with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
                 logits = self._prefill_eagerly(seq, layer_ids, prefix)
@@ -562,18 +562,18 @@ class Engine:
         PROMPT_CHUNK, every row scored, so that no more rows of logits than that exist at once."""
         prompt = seq.prompt_ids
         scored = seq.params.prompt_logprobs
-        if scored and seq.prompt_cached == 0:  # the first token has no log probability
+        if scored and seq.prompt_in_cache == 0:  # the first token has no log probability
             seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
         if prefix is not None:
             for layer_idx, (keys, values) in enumerate(prefix.layers):
                 seq.cache.update(keys, values, layer_idx)  # a copy: the cache grows in place
             if layer_ids:
                 seq.prompt_features.append(prefix.features)
-            seq.prompt_cached = prefix.length
+            seq.prompt_in_cache = prefix.length
         alone = len(self._running) == 1 or not self.prefill_chunk_tokens
-        end = len(prompt) if alone else min(len(prompt), seq.prompt_cached + self.prefill_chunk_tokens)
-        chunk = PROMPT_CHUNK if scored else end - seq.prompt_cached
-        for start in range(seq.prompt_cached, end, chunk):
+        end = len(prompt) if alone else min(len(prompt), seq.prompt_in_cache + self.prefill_chunk_tokens)
+        chunk = PROMPT_CHUNK if scored else end - seq.prompt_in_cache
+        for start in range(seq.prompt_in_cache, end, chunk):
             stop = min(start + chunk, end)
             input_ids = torch.tensor([prompt[start:stop]], device=self.device)
             logits = self.model(
@@ -584,7 +584,7 @@ class Engine:
             following = prompt[start + 1 : stop + 1]
             if scored and following:  # row i scores the prompt's next token (the last row, the first new one)
                 seq.prompt_logprobs += token_logprobs(logits, following, seq.params.top_logprobs)
-        seq.prompt_cached = end
+        seq.prompt_in_cache = end
         return logits[-1] if end == len(prompt) else None
 
     def _remember(self, seq: Sequence, token_ids: list[int], layer_ids: tuple[int, ...]) -> None:
