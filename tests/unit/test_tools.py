@@ -84,6 +84,16 @@ def test_auto_reads_hermes_blocks_and_bare_calls_and_leaves_text_as_content():
         '{"answer": 42}',
     ):
         assert use.reply(text) == (text, [])
+    mistral = '[TOOL_CALLS] [{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    assert calls(use.reply(mistral)) == [("get_time", {}), ("get_weather", {"city": "Oslo"})]
+    assert calls(use.reply(mistral.removeprefix("[TOOL_CALLS] "))) == calls(use.reply(mistral))
+    assert len(tool_use(parallel_tool_calls=False).reply(mistral)[1]) == 1
+    for text in (
+        '[{"name": "get_time", "arguments": {}}, {"answer": 42}]',
+        "[a link](https://example.org)",
+        "[]",
+    ):
+        assert use.reply(text) == (text, [])
     two = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     assert len(use.reply(two)[1]) == 2
     assert len(tool_use(parallel_tool_calls=False).reply(two)[1]) == 1
@@ -191,6 +201,8 @@ def test_streamed_content_stops_where_a_call_may_begin():
     assert sent == ["", "", ""] and rest is None and made == [("get_time", {})]
     sent, rest, made = stream(use, [" ", "{not a call}"])
     assert sent == ["", ""] and rest == " {not a call}" and made == []
+    sent, rest, made = stream(use, ['[{"name": "get_time", ', '"arguments": {}}]'])
+    assert sent == ["", ""] and rest is None and made == [("get_time", {})]
     sent, rest, made = stream(use, ["Sunny", " today."])
     assert sent == ["Sunny", " today."] and rest is None
     # a forced call holds everything; what did not parse is content at the end

@@ -7,7 +7,8 @@ for, and how its output becomes ``tool_calls``.
   aerie_verifier/chat_format.py) and may call them. A call is read back from a
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block (Hermes, Qwen, SmolLM3),
   or from an output that is nothing but such a JSON object (Llama 3.1 writes
-  ``{"name": ..., "parameters": {...}}``); anything else is content.
+  ``{"name": ..., "parameters": {...}}``) or a list of them (Mistral's, after its
+  ``[TOOL_CALLS]``); anything else is content.
 - "required", or one function named: decoding is held by xgrammar to JSON that is a call,
   as vLLM does: a list of ``{"name", "arguments"}`` objects (one at most without
   ``parallel_tool_calls``), or the named function's arguments themselves.
@@ -114,14 +115,26 @@ class ToolUse:
         if calls:
             content = TOOL_CALL_BLOCK.sub("", text).strip()
             return content or None, calls[: None if self.parallel else 1]
-        bare = self._parse_call(text.strip(), names) if text.strip().startswith("{") else None
-        return (None, [bare]) if bare is not None else (text, [])
+        # an output that is nothing but calls: one object, or a list (Mistral's, after its marker)
+        bare = text.strip().removeprefix("[TOOL_CALLS]").strip()
+        if bare[:1] in ("{", "["):
+            try:
+                value = json.loads(bare)
+            except ValueError:
+                return text, []
+            made = [self._call_of(item, names) for item in (value if isinstance(value, list) else [value])]
+            if made and all(made):
+                return None, made[: None if self.parallel else 1]
+        return text, []
 
     def _parse_call(self, spelled: str, names: set[str]) -> ToolCall | None:
         try:
-            call = json.loads(spelled)
+            return self._call_of(json.loads(spelled), names)
         except ValueError:
             return None
+
+    def _call_of(self, call: Any, names: set[str]) -> ToolCall | None:
+        """A call from its JSON: {"name", "arguments"} (or Llama's "parameters"); None if it is not one."""
         if not isinstance(call, dict) or call.get("name") not in names:
             return None
         arguments = call.get("arguments", call.get("parameters", {}))
@@ -139,7 +152,7 @@ class ToolUse:
 class StreamedReply:
     """One choice's output streamed under tools. Content goes out as it comes, but for
     what may be the start of a call: text from a ``<tool_call>`` tag on (or a partial tag
-    at the end), an output that so far is blank or opens with "{" (a bare JSON call), and,
+    at the end), an output that so far is blank or opens with "{" or "[" (bare JSON calls), and,
     under a forced tool_choice, everything. ``finish`` gives what was held: the calls, or
     the held text as content when it made none."""
 
@@ -159,7 +172,7 @@ class StreamedReply:
             if tag >= 0:
                 self.holding = True
                 return self._send_up_to(tag)
-            if not self.text[: self.sent].strip() and self.text.lstrip()[:1] in ("", "{"):
+            if not self.text[: self.sent].strip() and self.text.lstrip()[:1] in ("", "{", "["):
                 return ""
             return self._send_up_to(len(self.text) - _partial_tag(self.text, self.OPEN))
         return ""
