@@ -126,7 +126,7 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     draft: Drafter | None = None
     tree: DraftTree | None = None  # the next tree to verify
-    capture_layer_ids: tuple[int, ...] = ()
+    capture_layer_ids: tuple[int, ...] = ()  # the target layers the drafter reads; () when not drafting
     spec_stats: SpeculativeStats = field(default_factory=SpeculativeStats)
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
@@ -136,17 +136,19 @@ class Sequence:
     adjuster: LogitAdjuster | None = None
     grammar: GrammarConstraint | None = None  # its structured output's, if any
     cached_prompt_tokens: int = 0  # the prompt's first tokens the prefix cache held
-    # The prefill, which may take several rounds: the prompt's tokens cached so far, the
-    # layers whose features it captures, and those features.
-    prompt_in_cache: int = 0
-    prefill_layer_ids: tuple[int, ...] = ()
-    prompt_features: list[torch.Tensor] = field(default_factory=list)
-    # The drafter's features of the cache's first rows, in order, kept for the prefix cache.
+    # The drafter's features of the cache's first rows, in order: the prompt's while it is
+    # prefilled (perhaps over several rounds), then, for the prefix cache, the verified rows'.
     features: list[torch.Tensor] = field(default_factory=list)
 
     @property
+    def cached_rows(self) -> int:
+        if self.slot is not None:
+            return self.slot.length
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    @property
     def prefilled(self) -> bool:
-        return self.prompt_in_cache == len(self.prompt_ids)
+        return self.cached_rows >= len(self.prompt_ids)
 
     def scores(self, logits: torch.Tensor, tree: DraftTree | None = None) -> torch.Tensor:
         """``logits`` [rows, vocab] as the request's logit bias, repetition penalties,
@@ -509,24 +511,20 @@ class Engine:
         """One round's share of the prompt (see ``_prefill_eagerly``); after its last, the
         first token, and the first draft tree."""
         prefix = self._begin_prefill(seq) if seq.cache is None and seq.slot is None else None
-        layer_ids = seq.prefill_layer_ids
+        layer_ids = seq.capture_layer_ids
         if seq.slot is not None:  # a slot takes its prompt whole: a GPU prefills fast
             logits, features = seq.slot.prefill(seq.prompt_ids, layer_ids, prefix)
-            seq.prompt_in_cache = len(seq.prompt_ids)
         else:
             with self.capture.layers(layer_ids) if layer_ids else contextlib.nullcontext():
                 logits = self._prefill_eagerly(seq, layer_ids, prefix)
             if logits is None:  # the rest in later rounds
                 return
-            features = torch.cat(seq.prompt_features) if layer_ids else None
-            seq.prompt_features = []
-        if layer_ids and self.prefix_cache is not None:
-            seq.features = [features]
+            features = torch.cat(seq.features) if layer_ids else None
+        seq.features = [features] if layer_ids and self.prefix_cache is not None else []
         self._remember(seq, seq.prompt_ids, layer_ids)  # for the other choices of an n > 1 request, say
         token = seq.next_token(logits)
         seq.append_tokens([token], logits[None])
         if layer_ids and seq.finish_reason is None:
-            seq.capture_layer_ids = layer_ids
             self._next_tree(seq, lambda draft: draft.start([*seq.prompt_ids, token], features))
 
     def _begin_prefill(self, seq: Sequence) -> CachedPrefix | None:
@@ -534,15 +532,15 @@ class Engine:
         request a slot or a growing cache; returns the cached beginning."""
         self.totals.prompt_tokens += len(seq.prompt_ids)
         if seq.speculative:
-            seq.prefill_layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
-            if not seq.prefill_layer_ids:
+            seq.capture_layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
+            if not seq.capture_layer_ids:
                 self._fall_back(seq)
         # (prompt logprobs need every prompt row's logits: neither the prefix cache nor the
         # slots keep them)
         scored = seq.params.prompt_logprobs
         prefix = None
         if self.prefix_cache is not None and not scored:
-            prefix = self.prefix_cache.match(seq.prompt_ids, seq.prefill_layer_ids)
+            prefix = self.prefix_cache.match(seq.prompt_ids, seq.capture_layer_ids)
             seq.cached_prompt_tokens = prefix.length if prefix is not None else 0
         fits_a_slot = self._free_slots and len(seq.prompt_ids) < self._free_slots[-1].capacity
         if fits_a_slot and not scored:
@@ -562,29 +560,28 @@ class Engine:
         PROMPT_CHUNK, every row scored, so that no more rows of logits than that exist at once."""
         prompt = seq.prompt_ids
         scored = seq.params.prompt_logprobs
-        if scored and seq.prompt_in_cache == 0:  # the first token has no log probability
-            seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
         if prefix is not None:
             for layer_idx, (keys, values) in enumerate(prefix.layers):
                 seq.cache.update(keys, values, layer_idx)  # a copy: the cache grows in place
             if layer_ids:
-                seq.prompt_features.append(prefix.features)
-            seq.prompt_in_cache = prefix.length
+                seq.features.append(prefix.features)
+        done = seq.cached_rows
+        if scored and done == 0:  # the first token has no log probability
+            seq.prompt_logprobs = [TokenLogprob(prompt[0], None, [])]
         alone = len(self._running) == 1 or not self.prefill_chunk_tokens
-        end = len(prompt) if alone else min(len(prompt), seq.prompt_in_cache + self.prefill_chunk_tokens)
-        chunk = PROMPT_CHUNK if scored else end - seq.prompt_in_cache
-        for start in range(seq.prompt_in_cache, end, chunk):
+        end = len(prompt) if alone else min(len(prompt), done + self.prefill_chunk_tokens)
+        chunk = PROMPT_CHUNK if scored else end - done
+        for start in range(done, end, chunk):
             stop = min(start + chunk, end)
             input_ids = torch.tensor([prompt[start:stop]], device=self.device)
             logits = self.model(
                 input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=0 if scored else 1
             ).logits[0]
             if layer_ids:
-                seq.prompt_features.append(self.capture.features(layer_ids))
+                seq.features.append(self.capture.features(layer_ids))
             following = prompt[start + 1 : stop + 1]
             if scored and following:  # row i scores the prompt's next token (the last row, the first new one)
                 seq.prompt_logprobs += token_logprobs(logits, following, seq.params.top_logprobs)
-        seq.prompt_in_cache = end
         return logits[-1] if end == len(prompt) else None
 
     def _remember(self, seq: Sequence, token_ids: list[int], layer_ids: tuple[int, ...]) -> None:
