@@ -126,13 +126,13 @@ def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[v
 
 def assistant_reply(text: str, finish_reason: str, tools: ToolUse | None) -> tuple[AssistantMessage, str]:
     """A choice's message and finish reason from its whole output: with tools, the calls it
-    made ("tool_calls", unless one function was forced, where OpenAI says "stop")."""
+    made (ToolUse.finish_reason)."""
     if tools is None:
         return AssistantMessage(content=text), finish_reason
     content, calls = tools.reply(text)
-    if calls and tools.named is None:
-        finish_reason = "tool_calls"
-    return AssistantMessage(content=content, tool_calls=calls or None), finish_reason
+    return AssistantMessage(content=content, tool_calls=calls or None), tools.finish_reason(
+        calls, finish_reason
+    )
 
 
 def one_per_choice(request: verifier_pb2.GenerateRequest, n: int) -> list[verifier_pb2.GenerateRequest]:
@@ -374,8 +374,7 @@ async def stream_chunks(
                 finish_reason = FINISH_REASONS[response.finish_reason]
                 if replies is not None:
                     rest, calls = replies[index].finish()
-                    if calls and tools.named is None:
-                        finish_reason = "tool_calls"
+                    finish_reason = tools.finish_reason(calls, finish_reason)
                     if rest or calls:
                         deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
                         yield chunk(

@@ -92,6 +92,11 @@ class ToolUse:
         }
         return verifier_pb2.StructuredOutput(json_schema=json.dumps(calls))
 
+    def finish_reason(self, calls: list[ToolCall], finish_reason: str) -> str:
+        """A choice's finish reason: "tool_calls" when it made calls, but OpenAI says "stop"
+        for a function the request named."""
+        return "tool_calls" if calls and self.named is None else finish_reason
+
     def reply(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content and the tool calls of a choice's whole output."""
         if self.named is not None:
