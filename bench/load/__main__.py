@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument(
         "--speculative", choices=["off", "on", "default"], default="off",
-        help="the request's `speculative` field (default: not sent, the gateway's default). Off by "
-        "default, like bench.serving: without a trained head speculation only slows a CPU down",
+        help="the request's `speculative` field (default: not sent, the gateway's default, which "
+        "speculates). Off by default, so that levels measure the batched plain decoding alone",
     )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=16, help="requests before any measurement")
     parser.add_argument("--leak-requests", type=int, default=500, help="0 skips the leak check")

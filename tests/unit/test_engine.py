@@ -10,6 +10,8 @@ import torch
 from aerie_verifier.engine import Engine, PromptTooLongError, QueueFullError
 from aerie_verifier.sampling import SamplingParams
 
+from tests.conftest import build_tiny_llama
+
 
 class Collector:
     def __init__(self):
@@ -196,31 +198,72 @@ def test_concurrent_requests_all_finish_with_their_own_output(engine, tiny_model
         assert c.tokens == alone.tokens
 
 
-def _batch_sizes_of_forwards(model):
-    """Record the batch size of every forward of ``model``; returns (sizes, remove)."""
-    sizes = []
-    handle = model.register_forward_pre_hook(
-        lambda _module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
-    return sizes, handle.remove
+@pytest.fixture(params=["ragged", "padded"])
+def batching_model(request, tiny_model, tiny_tokenizer):
+    """The tiny target as the engine batches its plain steps: on the CPU's lean forward, as
+    one ragged batch; or, with eager attention (which the lean forward does not run),
+    left-padded through transformers' forward."""
+    if request.param == "ragged":
+        return tiny_model
+    model = build_tiny_llama(len(tiny_tokenizer))
+    model.set_attn_implementation("eager")
+    return model
 
 
-def test_plain_steps_of_concurrent_requests_share_one_forward(tiny_model, tiny_tokenizer):
-    """Requests of different lengths decode in one left-padded batch, each exactly as alone."""
+def _requests_per_forward(model, fail_batches: bool = False):
+    """Record how many requests each forward of ``model`` carried, and through which
+    forward: transformers' (``model.forward``) or, for a ragged batch, the engine's lean one.
+    With ``fail_batches``, a forward of several requests raises, after a ragged one has
+    written their caches. Returns (sizes, paths, undo)."""
+    sizes, paths = [], []
+
+    def record(_module, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        paths.append("transformers")
+        if fail_batches and sizes[-1] > 1:
+            raise RuntimeError("no batches today")
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    lean = getattr(model.model, "_aerie_lean_forward", None)
+    if lean is None:
+        return sizes, paths, handle.remove
+    ragged = lean.ragged
+
+    def ragged_recorded(input_ids, position_ids, caches, masks):
+        hidden = ragged(input_ids, position_ids, caches, masks)
+        if len(caches) > 1:  # a lean forward of one request came through the model's forward
+            sizes.append(len(caches))
+            paths.append("ragged")
+            if fail_batches:
+                raise RuntimeError("no batches today")
+        return hidden
+
+    lean.ragged = ragged_recorded
+
+    def undo():
+        handle.remove()
+        del lean.ragged
+
+    return sizes, paths, undo
+
+
+def test_plain_steps_of_concurrent_requests_share_one_forward(batching_model, tiny_model, tiny_tokenizer):
+    """Requests of different lengths decode in one batched forward, each exactly as alone."""
     gen = torch.Generator().manual_seed(7)
     prompts = [
-        torch.randint(3, tiny_model.config.vocab_size, (n,), generator=gen).tolist() for n in (3, 11, 26, 40)
+        torch.randint(3, batching_model.config.vocab_size, (n,), generator=gen).tolist()
+        for n in (3, 11, 26, 40)
     ]
     params = [SamplingParams(max_tokens=12), SamplingParams(max_tokens=5)] * 2
-    alone_engine = Engine(tiny_model, tiny_tokenizer, max_running=1)
+    alone_engine = Engine(batching_model, tiny_tokenizer, max_running=1)
     alone_engine.start()
     try:
         alone = [run(alone_engine, p, sp).tokens for p, sp in zip(prompts, params, strict=True)]
     finally:
         alone_engine.stop()
 
-    engine = Engine(tiny_model, tiny_tokenizer, max_running=4)
-    sizes, remove_hook = _batch_sizes_of_forwards(tiny_model)
+    engine = Engine(batching_model, tiny_tokenizer, max_running=4)
+    sizes, paths, undo = _requests_per_forward(batching_model)
     collectors = [Collector() for _ in prompts]
     try:
         for i, (p, sp, c) in enumerate(zip(prompts, params, collectors, strict=True)):
@@ -229,43 +272,39 @@ def test_plain_steps_of_concurrent_requests_share_one_forward(tiny_model, tiny_t
         for c in collectors:
             assert c.done.wait(60)
     finally:
-        remove_hook()
+        undo()
         engine.stop()
     assert [c.tokens for c in collectors] == alone
     assert max(sizes) == 4  # the four plain steps shared forwards...
     assert sizes.count(1) == 4  # ...and only the four prefills ran alone
+    expected_path = "ragged" if batching_model is tiny_model else "transformers"
+    assert {path for path, size in zip(paths, sizes, strict=True) if size > 1} == {expected_path}
     assert engine.totals.generation_tokens == sum(len(t) for t in alone)
 
 
-def test_a_failed_batched_forward_steps_each_request_alone(tiny_model, tiny_tokenizer, monkeypatch):
-    engine = Engine(tiny_model, tiny_tokenizer, max_running=2)
-    real_forward = tiny_model.forward
-    refused = []
-
-    def forward_refusing_batches(*args, **kwargs):
-        if kwargs["input_ids"].shape[0] > 1:
-            refused.append(kwargs["input_ids"].shape[0])
-            raise RuntimeError("no batches today")
-        return real_forward(*args, **kwargs)
-
-    monkeypatch.setattr(tiny_model, "forward", forward_refusing_batches)
+def test_a_failed_batched_forward_steps_each_request_alone(batching_model, tiny_tokenizer):
+    engine = Engine(batching_model, tiny_tokenizer, max_running=2)
+    sizes, _, undo = _requests_per_forward(batching_model, fail_batches=True)
     collectors = [Collector(), Collector()]
+    # sampled: the noise picks among near-equal choices, so any stray cache entry shows
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=3)
     for i, c in enumerate(collectors):
-        engine.submit(str(i), [5 + i, 6, 7], SamplingParams(max_tokens=6), c)
+        engine.submit(str(i), [5 + i, 6, 7], sampled, c)
     engine.start()
     try:
         for c in collectors:
             assert c.done.wait(60)
     finally:
         engine.stop()
-    monkeypatch.undo()
+    undo()
+    refused = [size for size in sizes if size > 1]
     assert refused  # batches were tried, and refused
-    alone = Engine(tiny_model, tiny_tokenizer, max_running=1)
+    alone = Engine(batching_model, tiny_tokenizer, max_running=1)
     alone.start()
     try:
         for i, c in enumerate(collectors):
             assert c.events[-1].error is None
-            assert c.tokens == run(alone, [5 + i, 6, 7], SamplingParams(max_tokens=6)).tokens
+            assert c.tokens == run(alone, [5 + i, 6, 7], sampled).tokens
     finally:
         alone.stop()
 

@@ -137,6 +137,53 @@ def assert_lean_forward_matches_transformers(model, native_loop: bool) -> None:
     assert (model.model._aerie_lean_forward._native is not None) == native_loop
 
 
+@pytest.mark.parametrize("gguf_like", [False, True], ids=["python-loop", "native-loop"])
+def test_a_ragged_batch_gives_each_request_what_it_gets_alone(gguf_like):
+    """Three requests in one ragged forward (a plain step, a tree, a plain step, on caches
+    of different lengths) get the logits, captured features and cache entries each gets
+    from a forward of its own."""
+    model = lean_target(gguf_like)
+    lean = model.model._aerie_lean_forward
+    capture = HiddenCapture(model)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in (5, 17, 30)]
+    batched, alone = [GrowingCache() for _ in prompts], [GrowingCache() for _ in prompts]
+    with torch.inference_mode():
+        for prompt, *caches in zip(prompts, batched, alone, strict=True):
+            for cache in caches:
+                model(prompt, past_key_values=cache)
+        tree = tree_inputs(7, TREE, alone[1].get_seq_length(), model.config, "cpu", model.dtype)
+        steps = [  # each request's (input ids, positions, mask)
+            (torch.tensor([[11]]), torch.tensor([[5]]), None),
+            (tree.input_ids, tree.position_ids, tree.attention_mask),
+            (torch.tensor([[12]]), torch.tensor([[30]]), None),
+        ]
+        expected = []
+        for (ids, positions, mask), cache in zip(steps, alone, strict=True):
+            with capture.layers((0, 2)):
+                hidden = lean.ragged(ids, positions, [cache], [mask])
+                expected.append((model.lm_head(hidden[0]), capture.features((0, 2))))
+        with capture.layers((0, 2)):
+            hidden = lean.ragged(
+                torch.cat([ids for ids, _, _ in steps], dim=1),
+                torch.cat([positions for _, positions, _ in steps], dim=1),
+                batched,
+                [mask for _, _, mask in steps],
+            )
+            logits, features = model.lm_head(hidden[0]), capture.features((0, 2))
+    assert hidden.shape[1] == 1 + (1 + len(TREE)) + 1  # a plain row, the tree's root and nodes, a plain row
+    start = 0
+    for (want_logits, want_features), cache, own in zip(expected, batched, alone, strict=True):
+        rows = len(want_logits)
+        torch.testing.assert_close(logits[start : start + rows], want_logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(features[start : start + rows], want_features, rtol=0, atol=1e-5)
+        assert cache.get_seq_length() == own.get_seq_length()
+        torch.testing.assert_close(cache.layers[1].keys, own.layers[1].keys, rtol=0, atol=1e-5)
+        start += rows
+    capture.close()
+    assert (lean._native is not None) == (gguf_like and cpu_extension.load().vectorised())
+
+
 def test_a_capture_made_before_the_lean_forward_still_records_its_steps():
     model = build_tiny_llama(VOCAB, seed=5)
     capture = HiddenCapture(model)  # before the engine's CPU fixes install the lean forward

@@ -376,6 +376,112 @@ def test_pace_guard_judges_seconds_per_token_after_the_probe():
     assert guard.pays(3, 0.45, 3) and not guard.pays(3, 0.46, 3)
 
 
+def test_pace_guard_prefers_the_plain_batch_when_the_round_decodes_more_in_it():
+    guard = PaceGuard(smoothing=1.0)
+    assert not guard.prefers_plain(0, 8)  # nothing measured yet
+    for requests, seconds in ((1, 0.016), (2, 0.020), (8, 0.037)):  # as on a 2-core CPU
+        guard.observe_plain_step(seconds, requests)
+    assert guard.plain_step_s == 0.016
+    assert not guard.prefers_plain(0, 8)  # no speculation measured yet
+    guard.observe_speculation(0.025, 2)  # a verification step and its drafting: 2 tokens
+    # 8 speculating: 8 x 2 tokens in 8 x 25 ms (80 tokens/s), or 8 tokens in 37 ms (216)
+    assert guard.prefers_plain(0, 8)
+    # one speculating beside one plain: 3 tokens in 16 + 25 ms (73/s), or 2 in 20 ms (100/s)
+    assert guard.prefers_plain(1, 1)
+    assert not guard.prefers_plain(0, 1)  # alone it is the request's own guard's call (pays)
+    assert not guard.prefers_plain(3, 2)  # batches of 3 and 5 not measured
+    guard.observe_speculation(0.010, 5)  # a head that pays: 8 x 5 tokens in 80 ms (500/s)
+    assert not guard.prefers_plain(0, 8)
+
+
+class LoadedGuard(PaceGuard):
+    """Prefers the batched plain step whenever two or more requests decode, and never
+    drops a request's speculation."""
+
+    def pays(self, steps, seconds, tokens):
+        return True
+
+    def prefers_plain(self, plain, speculating):
+        return plain + speculating >= 2
+
+
+class ListeningOracle(OracleDrafter):
+    """The oracle, keeping the features it heard, in order: the prompt's, then each extend's."""
+
+    def __init__(self, model, depth):
+        super().__init__(model, depth)
+        self.heard: list[torch.Tensor] = []
+        self.extended: list[list[int]] = []
+
+    def start(self, token_ids, hidden):
+        self.heard.append(hidden.clone())
+        return super().start(token_ids, hidden)
+
+    def extend(self, token_ids, hidden):
+        self.heard.append(hidden.clone())
+        self.extended.append(list(token_ids))
+        return super().extend(token_ids, hidden)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["ragged batch", "padded batch"])
+def test_speculation_paused_under_load_resumes_with_the_plain_steps_features(target, tiny_tokenizer, padded):
+    """Beside a plain request, a speculating one joins the batched plain step (the guard
+    prefers it); alone again, it resumes speculating, the drafter hearing the tokens decoded
+    meanwhile with the features a cold forward gives them. The output stays the target's."""
+    drafters = []
+
+    def drafter():
+        drafters.append(ListeningOracle(target, 3))
+        return drafters[-1]
+
+    if padded:  # eager attention, which the lean forward does not run: transformers' padded batch
+        target = build_tiny_llama(VOCAB, seed=3, layers=8)
+        target.set_attn_implementation("eager")
+    layers = (1, 3, 4)
+    engine = Engine(
+        target, tiny_tokenizer, drafter_factory=Factory(drafter, layers), pace_guard=LoadedGuard()
+    )
+    long_params, short_params = (
+        SamplingParams(max_tokens=40, ignore_eos=True),
+        SamplingParams(max_tokens=12, ignore_eos=True),
+    )
+    prompt, other = [5, 6, 7, 8], [9, 10, 11]
+    long_events, short_events = [], []
+    # (the plain one first: the speculating one's row in the batch is not the first)
+    engine.submit("short", other, short_params, short_events.append, speculative=False)
+    engine.submit("long", prompt, long_params, long_events.append, speculative=True)
+    engine.start()  # both are waiting: the first round admits them together
+    try:
+        deadline = time.monotonic() + 60
+        while not (long_events and long_events[-1].finish_reason) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        plain_engine = Engine(target, tiny_tokenizer)
+        plain_engine.start()
+        try:
+            plain, _ = generate(plain_engine, prompt, long_params, speculative=False)
+        finally:
+            plain_engine.stop()
+    finally:
+        engine.stop()
+    output = [t for e in long_events for t in e.token_ids]
+    assert output == plain and len(output) == 40
+    (listener,) = drafters
+    # paused beside the 11 plain steps of the other, then one extend with all of them
+    assert max(len(tokens) for tokens in listener.extended) >= 11
+    assert long_events[-1].speculative.drafts > 0
+    assert engine.totals.speculation_paused_steps >= 11
+    # what the drafter heard: one feature row per token it was told of, but the last
+    heard = torch.cat(listener.heard)
+    told = listener.tokens
+    assert heard.shape[0] == len(told) - 1 and told == [*prompt, *output][: len(told)]
+    capture = HiddenCapture(target)
+    with torch.inference_mode(), capture.layers(layers):
+        target(torch.tensor([told[:-1]]))
+        cold = capture.features(layers)
+    capture.close()
+    torch.testing.assert_close(heard, cold, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
 def test_gpt2_and_gpt_neox_targets_speculate_losslessly(architecture, tiny_tokenizer):
     # GPT-2 keeps its decoder layers in transformer.h, GPT-NeoX in gpt_neox.layers; neither

@@ -40,26 +40,42 @@ class LeanLayers {
                             std::move(down), head_dim, scaling});
   }
 
-  // hidden: [1, T, H], the new tokens' embeddings; cos, sin: their rotary angles; mask: a
-  // tree's additive [1, 1, T, S + T] mask, or None for one token; key_buffers and
-  // value_buffers: each layer's cache buffers [1, KV heads, room, D] with the first
-  // ``past`` entries filled and room for T more. Writes the new keys and values after them
-  // and returns the last layer's output (before the final norm), each layer's input where
-  // ``keep_layer_inputs`` (for the hidden-state capture), and each layer's filled keys and
-  // values (views of the buffers).
-  std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>>
-  forward(torch::Tensor hidden, const torch::Tensor& cos, const torch::Tensor& sin,
-          const std::optional<torch::Tensor>& mask, const std::vector<torch::Tensor>& key_buffers,
-          const std::vector<torch::Tensor>& value_buffers, int64_t past, bool keep_layer_inputs) const {
+  // hidden: [1, T, H], the new tokens' embeddings, of one request or of several one after
+  // another (a ragged batch: request r owns ``rows[r]`` of the T rows); cos, sin: their
+  // rotary angles. Per request: ``masks[r]``, its tree's additive [1, 1, rows, past + rows]
+  // mask, or None for one token; ``key_buffers[r]`` and ``value_buffers[r]``, each layer's
+  // cache buffers [1, KV heads, room, D] with the first ``pasts[r]`` entries filled and room
+  // for its rows. Writes each request's new keys and values after its filled ones, and
+  // returns the last layer's output (before the final norm), each layer's input where
+  // ``keep_layer_inputs`` (for the hidden-state capture), and each request's filled keys
+  // and values per layer (views of the buffers). The projections take all the rows at once;
+  // only the attention goes request by request.
+  std::tuple<torch::Tensor, std::vector<torch::Tensor>, std::vector<std::vector<torch::Tensor>>,
+             std::vector<std::vector<torch::Tensor>>>
+  forward(torch::Tensor hidden, const torch::Tensor& cos, const torch::Tensor& sin, const std::vector<int64_t>& rows,
+          const std::vector<std::optional<torch::Tensor>>& masks,
+          const std::vector<std::vector<torch::Tensor>>& key_buffers,
+          const std::vector<std::vector<torch::Tensor>>& value_buffers, const std::vector<int64_t>& pasts,
+          bool keep_layer_inputs) const {
     const int64_t n = static_cast<int64_t>(layers_.size());
-    TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == 1, "one request's new tokens, [1, T, H]");
-    TORCH_CHECK(static_cast<int64_t>(key_buffers.size()) == n && static_cast<int64_t>(value_buffers.size()) == n,
-                "one key and one value buffer per layer");
-    const int64_t tokens = hidden.size(1), end = past + tokens;
-    std::vector<torch::Tensor> layer_inputs, keys(n), values(n);
+    const size_t requests = rows.size();
+    TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == 1, "the new tokens as one row of a batch, [1, T, H]");
+    TORCH_CHECK(requests > 0 && masks.size() == requests && key_buffers.size() == requests &&
+                    value_buffers.size() == requests && pasts.size() == requests,
+                "rows, masks, buffers and pasts: one entry per request");
+    const int64_t tokens = hidden.size(1);
+    std::vector<int64_t> starts(requests + 1, 0);
+    for (size_t r = 0; r < requests; ++r) {
+      TORCH_CHECK(static_cast<int64_t>(key_buffers[r].size()) == n && static_cast<int64_t>(value_buffers[r].size()) == n,
+                  "one key and one value buffer per layer");
+      starts[r + 1] = starts[r] + rows[r];
+    }
+    TORCH_CHECK(starts[requests] == tokens, "the requests' rows add up to ", starts[requests], ", not ", tokens);
+    std::vector<torch::Tensor> layer_inputs;
+    std::vector<std::vector<torch::Tensor>> keys(requests, std::vector<torch::Tensor>(n)), values = keys;
+    std::vector<torch::Tensor> attended(requests);
     for (int64_t i = 0; i < n; ++i) {
       const Layer& layer = layers_[i];
-      TORCH_CHECK(key_buffers[i].size(2) >= end && value_buffers[i].size(2) >= end, "no room in the cache buffers");
       if (keep_layer_inputs) layer_inputs.push_back(hidden);
       const std::vector<int64_t> head_shape{1, tokens, -1, layer.head_dim};
       torch::Tensor normed = rms_norm(hidden, layer.input_norm, layer.eps);
@@ -67,14 +83,24 @@ class LeanLayers {
       const torch::Tensor query = aerie::rotary(qkv[0].view(head_shape), cos, sin).transpose(1, 2);
       const torch::Tensor key = aerie::rotary(qkv[1].view(head_shape), cos, sin).transpose(1, 2);
       const torch::Tensor value = qkv[2].view(head_shape).transpose(1, 2);
-      // GrowingLayer.update: the new entries after the filled ones, the filled part read
-      key_buffers[i].slice(2, past, end).copy_(key);
-      value_buffers[i].slice(2, past, end).copy_(value);
-      keys[i] = key_buffers[i].slice(2, 0, end);
-      values[i] = value_buffers[i].slice(2, 0, end);
-      const torch::Tensor attended = at::scaled_dot_product_attention(query, keys[i], values[i], mask, 0.0, false,
-                                                                      layer.scaling, /*enable_gqa=*/true);
-      hidden = hidden + layer.o.multiply(attended.transpose(1, 2).reshape({1, tokens, -1}).contiguous());
+      for (size_t r = 0; r < requests; ++r) {
+        // one request: its rows are all of them, taken as they are
+        const auto own = [&](const torch::Tensor& all) {
+          return requests == 1 ? all : all.slice(2, starts[r], starts[r + 1]);
+        };
+        const int64_t past = pasts[r], end = past + rows[r];
+        const torch::Tensor &key_buffer = key_buffers[r][i], &value_buffer = value_buffers[r][i];
+        TORCH_CHECK(key_buffer.size(2) >= end && value_buffer.size(2) >= end, "no room in the cache buffers");
+        // GrowingLayer.update: the new entries after the filled ones, the filled part read
+        key_buffer.slice(2, past, end).copy_(own(key));
+        value_buffer.slice(2, past, end).copy_(own(value));
+        keys[r][i] = key_buffer.slice(2, 0, end);
+        values[r][i] = value_buffer.slice(2, 0, end);
+        attended[r] = at::scaled_dot_product_attention(own(query), keys[r][i], values[r][i], masks[r], 0.0, false,
+                                                       layer.scaling, /*enable_gqa=*/true);
+      }
+      const torch::Tensor all_attended = requests == 1 ? attended[0] : torch::cat(attended, 2);
+      hidden = hidden + layer.o.multiply(all_attended.transpose(1, 2).reshape({1, tokens, -1}).contiguous());
       normed = rms_norm(hidden, layer.post_norm, layer.eps);
       const auto gate_up = layer.gate_up.split(normed);
       hidden = hidden + layer.down.multiply(torch::silu(gate_up[0]) * gate_up[1]);

@@ -5,8 +5,12 @@ a bounded waiting queue and advances every running request by one step per round
 concurrent streams all make progress. A step is the prompt's prefill, the verification of
 a whole draft tree in one forward (see tree_verify.py), or one plain decoding step. The
 plain steps of a round share one batched forward: a 1-token forward is bound by reading
-the weights, so eight of them batched cost little more than one. On the CPU the engine
-tunes its model for tree verification when it takes it (cpu_kernels.py). A request's KV
+the weights, so eight of them batched cost much less than eight. On the CPU the engine
+tunes its model for tree verification when it takes it (cpu_kernels.py), and the batch
+is ragged: the requests' tokens are rows of one lean forward, each attending to its own
+cache (lean_forward.py). Speculating requests step alone, so under load the pace guard
+may pause their speculation for a round and batch their plain steps with the others'
+(``_pause_or_resume``). A request's KV
 cache appends in place (kv_cache.py); on a GPU a request that fits takes a fixed-size
 cache slot instead, whose plain steps and tree verifications replay CUDA graphs
 (static_slot.py), and steps alone. With a prefix cache (prefix_cache.py), a request
@@ -87,6 +91,9 @@ class EngineTotals:
     # Speculative requests whose speculation measured slower than plain decoding, and that
     # decoded the rest plainly (PaceGuard).
     speculation_dropped: int = 0
+    # Plain steps that speculating requests took, their speculation paused for the round
+    # because the batched plain step decoded more (PaceGuard.prefers_plain).
+    speculation_paused_steps: int = 0
     speculative: SpeculativeStats = field(default_factory=SpeculativeStats)
 
 
@@ -139,6 +146,9 @@ class Sequence:
     # The drafter's features of the cache's first rows, in order: the prompt's while it is
     # prefilled (perhaps over several rounds), then, for the prefix cache, the verified rows'.
     features: list[torch.Tensor] = field(default_factory=list)
+    # While its speculation is paused (Engine._pause_or_resume): the features of its plain
+    # steps' rows, which the drafter hears with their tokens when it resumes.
+    unheard: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def cached_rows(self) -> int:
@@ -253,6 +263,10 @@ class Engine:
         check_attention_only(model.config)
         speed_up_tree_verification(model)
         self.model = model
+        # The CPU's lean forward, where it runs this target: batched plain steps go through it
+        # as one ragged batch (``_batch_logits``).
+        lean = getattr(model.base_model, "_aerie_lean_forward", None)
+        self._lean = lean if lean is not None and lean.supports_ragged() else None
         self.tokenizer = tokenizer
         self.max_running = max_running
         self.max_waiting = max_waiting
@@ -393,7 +407,7 @@ class Engine:
         torch.set_grad_enabled(False)
         self._warm_slots()
         if self.pace_guard is not None:
-            self._calibrate_plain_step()
+            self._calibrate_plain_steps()
         while True:
             with self._cond:
                 while not self._stop and not self._waiting and not self._running:
@@ -404,6 +418,7 @@ class Engine:
                     self._running.append(self._waiting.popleft())
             round_robin = list(self._running)
             produced_before = sum(len(seq.output_ids) for seq in round_robin)
+            self._pause_or_resume(round_robin)
             # A slot's plain step is a graph replay of its own: only the others batch.
             plain = [
                 seq
@@ -452,34 +467,39 @@ class Engine:
                 log.warning("warming a KV cache slot failed", exc_info=True)
 
     @torch.inference_mode()
-    def _calibrate_plain_step(self) -> None:
-        """Seed the pace guard with the time of a 1-token decoding step (best of three,
-        after a short prefill), so the first requests can be judged too. Reading the
-        token back waits for the device, as a real step does."""
+    def _calibrate_plain_steps(self) -> None:
+        """Seed the pace guard with the time of a 1-token decoding step, and of a batched
+        one of 2 to ``max_running`` requests where plain steps batch (not in slots), so that
+        the first requests can be judged too: best of three, on caches of 16 tokens.
+        Reading the tokens back waits for the device, as a real step does."""
         try:
             slot = self._free_slots[0] if self._free_slots else None
             if slot is not None:  # the steps the guard will compare with are the slots' graphs
                 slot.prefill([0] * 16)
-                step = slot.decode
+                steps = {1: lambda: slot.decode(0)}
             else:
                 cache = GrowingCache()
                 ids = torch.zeros((1, 16), dtype=torch.long, device=self.device)
                 self.model(input_ids=ids, past_key_values=cache)
-
-                def step(token):
-                    return self.model(input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1).logits[
-                        0, -1
-                    ]
-
-            timings = []
-            for _ in range(3):
-                started = time.perf_counter()
-                step(0).argmax().item()
-                timings.append(time.perf_counter() - started)
+                steps = {
+                    1: lambda: self.model(
+                        input_ids=ids[:, :1], past_key_values=cache, logits_to_keep=1
+                    ).logits[0, -1]
+                }
+                for requests in range(2, self.max_running + 1):
+                    caches = [cache.copy() for _ in range(requests)]
+                    steps[requests] = lambda caches=caches: self._batch_logits(
+                        [0] * len(caches), caches, [c.get_seq_length() for c in caches]
+                    )
+            for requests, step in steps.items():
+                timings = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    step().argmax(-1).tolist()
+                    timings.append(time.perf_counter() - started)
+                self.pace_guard.observe_plain_step(min(timings), requests)
         except Exception:  # the guard then learns from the first plain steps instead
-            log.warning("calibrating the plain decoding step failed", exc_info=True)
-            return
-        self.pace_guard.observe_plain_step(min(timings))
+            log.warning("calibrating the plain decoding steps failed", exc_info=True)
 
     def _retire(self, seq: Sequence) -> None:
         if seq.finish_reason is None:
@@ -651,10 +671,12 @@ class Engine:
         if seq.slot is not None:
             logits = seq.slot.decode(seq.output_ids[-1])
         else:
-            input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
-            logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
-                0, -1
-            ]
+            with self._capturing([seq]):
+                input_ids = torch.tensor([seq.output_ids[-1:]], device=self.device)
+                logits = self.model(input_ids=input_ids, past_key_values=seq.cache, logits_to_keep=1).logits[
+                    0, -1
+                ]
+                self._keep_unheard([seq])
         token = seq.next_token(logits)
         if self.pace_guard is not None:
             self.pace_guard.observe_plain_step(elapsed())
@@ -662,45 +684,122 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Sequence]) -> list[Sequence]:
-        """One plain decoding step for several requests in one forward. Their caches are
-        left-padded into one batch (the padding masked out, each row at its own position),
-        and each request's new key and value are appended to its own cache afterwards, so
-        a failed forward leaves every cache as it was. Returns the requests stepped: none
-        when the forward failed, and each then takes its step alone."""
+        """One plain decoding step for several requests in one forward. Returns the
+        requests stepped: none when the forward failed (every cache is then as it was), and
+        each then takes its step alone."""
         lengths = [seq.cache.get_seq_length() for seq in seqs]
+        started = time.perf_counter()
+        try:
+            with self._capturing(seqs):
+                logits = self._batch_logits(
+                    [seq.output_ids[-1] for seq in seqs], [seq.cache for seq in seqs], lengths
+                )
+                self._keep_unheard(seqs)
+        except Exception:
+            log.exception("batched decoding of %d requests failed; stepping each alone", len(seqs))
+            for seq, length in zip(seqs, lengths, strict=True):
+                for layer in seq.cache.layers:
+                    layer.crop(min(0, length - layer.get_seq_length()))
+            return []
+        tokens = [seq.next_token(logits[row]) for row, seq in enumerate(seqs)]
+        if self.pace_guard is not None:
+            self.pace_guard.observe_plain_step(time.perf_counter() - started, len(seqs))
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            seq.tree = None
+            seq.append_tokens([token], logits[row : row + 1])
+        return seqs
+
+    def _capturing(self, seqs: list[Sequence]):
+        """A context capturing the drafter's features during a plain step of ``seqs``, where
+        any of them is drafting (its speculation paused); else none."""
+        layer_ids = sorted(
+            {layer for seq in seqs if seq.draft is not None for layer in seq.capture_layer_ids}
+        )
+        return self.capture.layers(tuple(layer_ids)) if layer_ids else contextlib.nullcontext()
+
+    def _keep_unheard(self, seqs: list[Sequence]) -> None:
+        """After a plain step captured (``_capturing``): each drafting request keeps its row's
+        features for the drafter, and for the prefix cache."""
+        for row, seq in enumerate(seqs):
+            if seq.draft is not None:
+                features = self.capture.features(seq.capture_layer_ids)[row : row + 1]
+                seq.unheard.append(features)
+                if self.prefix_cache is not None:
+                    seq.features.append(features)
+
+    def _batch_logits(
+        self, tokens: list[int], caches: list[GrowingCache], lengths: list[int]
+    ) -> torch.Tensor:
+        """The [requests, vocab] logits of one plain step of requests whose last tokens are
+        ``tokens``, on ``caches`` of ``lengths`` entries, each cache growing by one."""
+        if self._lean is not None:
+            # one lean forward over a ragged batch (lean_forward.py): each request's token is
+            # a row, attending to its own cache, and the caches grow in place
+            hidden = self._lean.ragged(
+                torch.tensor([tokens], device=self.device),
+                torch.tensor([lengths], device=self.device),
+                caches,
+                [None] * len(caches),
+            )
+            return self.model.lm_head(hidden[0])
+        # transformers' forward, for targets the lean forward does not run: the caches are
+        # left-padded into one batch (the padding masked out, each row at its own position),
+        # and each request's new key and value are appended to its own cache afterwards
         width = max(lengths)
         batch_cache = DynamicCache()
-        for layer_idx in range(len(seqs[0].cache.layers)):
+        for layer_idx in range(len(caches[0].layers)):
             keys, values = [], []
-            for seq, length in zip(seqs, lengths, strict=True):
-                layer = seq.cache.layers[layer_idx]
+            for cache, length in zip(caches, lengths, strict=True):
+                layer = cache.layers[layer_idx]
                 keys.append(F.pad(layer.keys, (0, 0, width - length, 0)))
                 values.append(F.pad(layer.values, (0, 0, width - length, 0)))
             batch_cache.update(torch.cat(keys), torch.cat(values), layer_idx)
-        attention_mask = torch.zeros((len(seqs), width + 1), dtype=torch.long, device=self.device)
+        attention_mask = torch.zeros((len(caches), width + 1), dtype=torch.long, device=self.device)
         for row, length in enumerate(lengths):
             attention_mask[row, width - length :] = 1
-        try:
-            logits = self.model(
-                input_ids=torch.tensor([seq.output_ids[-1:] for seq in seqs], device=self.device),
-                attention_mask=attention_mask,
-                position_ids=torch.tensor([[length] for length in lengths], device=self.device),
-                past_key_values=batch_cache,
-                logits_to_keep=1,
-            ).logits
-        except Exception:
-            log.exception("batched decoding of %d requests failed; stepping each alone", len(seqs))
-            return []
-        tokens = [seq.next_token(logits[row, -1]) for row, seq in enumerate(seqs)]
+        logits = self.model(
+            input_ids=torch.tensor([[token] for token in tokens], device=self.device),
+            attention_mask=attention_mask,
+            position_ids=torch.tensor([[length] for length in lengths], device=self.device),
+            past_key_values=batch_cache,
+            logits_to_keep=1,
+        ).logits[:, -1]
         for layer_idx, layer in enumerate(batch_cache.layers):
-            for row, seq in enumerate(seqs):
-                seq.cache.update(
+            for row, cache in enumerate(caches):
+                cache.update(
                     layer.keys[row : row + 1, :, -1:], layer.values[row : row + 1, :, -1:], layer_idx
                 )
-        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            seq.tree = None
-            seq.append_tokens([token], logits[row, -1:])
-        return seqs
+        return logits
+
+    def _pause_or_resume(self, running: list[Sequence]) -> None:
+        """Under load, pause the speculation of the drafting requests for this round, so that
+        they join the batched plain step, where the pace guard measures that the round then
+        decodes more (PaceGuard.prefers_plain); else resume it, the drafter first hearing the
+        tokens decoded plainly meanwhile. Requests in slots step alone either way."""
+        if self.pace_guard is None:
+            return
+        drafting, plain = [], 0
+        for seq in running:
+            if seq.cancelled or seq.slot is not None or not seq.prefilled:
+                continue
+            if seq.draft is not None:
+                drafting.append(seq)
+            elif self._decodes_plainly(seq):
+                plain += 1
+        if not drafting:
+            return
+        pause = self.pace_guard.prefers_plain(plain, len(drafting))
+        if pause:
+            self.totals.speculation_paused_steps += len(drafting)
+        for seq in drafting:
+            if pause:
+                seq.tree = None  # drafted for nothing: the drafter hears the plain steps instead
+            elif seq.unheard:
+                features, seq.unheard = torch.cat(seq.unheard), []
+                tokens = seq.output_ids[-len(features) :]
+                self._next_tree(
+                    seq, lambda draft, tokens=tokens, features=features: draft.extend(tokens, features)
+                )
 
     def _verify_tree(self, seq: Sequence) -> None:
         elapsed = self._step_clock(seq)
@@ -728,15 +827,17 @@ class Engine:
         new_tokens = [tree.token_ids[i] for i in accepted] + [bonus]
         rows = [0, *(i + 1 for i in accepted)]  # the rows that chose the new tokens
         verified = features[rows]
-        # (in order with the cache's rows: drafting never resumes after a plain step)
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None:  # in order with the cache's rows, plain steps' included
             seq.features.append(verified)
         seq.append_tokens(new_tokens, logits[rows] if seq.params.logprobs else None)
         if seq.finish_reason is None:
             self._next_tree(seq, lambda draft: draft.extend(new_tokens, verified))
-        seq.spec_seconds += elapsed()
+        seconds = elapsed()
+        seq.spec_seconds += seconds
         seq.spec_tokens += len(new_tokens)
         guard = self.pace_guard
+        if guard is not None:
+            guard.observe_speculation(seconds, len(new_tokens))
         if (
             seq.draft is not None
             and guard

@@ -104,6 +104,13 @@ class GrowingCache(DynamicCache):
     def __init__(self) -> None:
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
+    def copy(self) -> GrowingCache:
+        """A cache of its own holding the same entries."""
+        copied = GrowingCache()
+        for layer_idx, layer in enumerate(self.layers):
+            copied.update(layer.keys, layer.values, layer_idx)  # into the copy's own buffers
+        return copied
+
     def buffers_for(self, new_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each layer's key and value buffers, with room for ``new_tokens`` more entries, for
         a forward that writes them itself (lean_layers.cpp; then ``filled``)."""

@@ -101,30 +101,58 @@ class LeanForward:
                 use_cache=use_cache,
                 **kwargs,
             )
+        hidden = self.ragged(input_ids, position_ids, [cache], [attention_mask])
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def supports_ragged(self) -> bool:
+        """Whether ``ragged`` runs this target: its attention is one the loop reproduces."""
+        return self.model.config._attn_implementation in self.attention_implementations
+
+    def ragged(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        caches: list[GrowingCache],
+        masks: list[torch.Tensor | None],
+    ) -> torch.Tensor:
+        """The final hidden states [1, T, H] of the new tokens ``input_ids`` [1, T] of one
+        request, or of several one after another (a ragged batch, as vLLM flattens one):
+        request r owns the next ``masks[r].shape[-2]`` rows (one where its mask is None, a
+        plain step) and appends them to ``caches[r]``. The projections take every row at
+        once, which costs little more than one row on a CPU; only the attention goes
+        request by request. ``position_ids`` None: one request's rows follow its cache."""
         model = self.model
         hidden = model.embed_tokens(input_ids)
         if position_ids is None:
             position_ids = (
-                torch.arange(input_ids.shape[1], device=hidden.device)[None] + cache.get_seq_length()
+                torch.arange(input_ids.shape[1], device=hidden.device)[None] + caches[0].get_seq_length()
             )
         cos, sin = model.rotary_emb(hidden, position_ids=position_ids)
         layers = self._layers()
-        if self._native is not None and len(cache.layers) == len(layers):
-            past = cache.get_seq_length()
-            key_buffers, value_buffers = cache.buffers_for(input_ids.shape[1])
+        rows = [1 if mask is None else mask.shape[-2] for mask in masks]
+        if self._native is not None and all(len(cache.layers) == len(layers) for cache in caches):
+            pasts = [cache.get_seq_length() for cache in caches]
+            buffers = [cache.buffers_for(count) for cache, count in zip(caches, rows, strict=True)]
             hidden, layer_inputs, keys, values = self._native.forward(
-                hidden, cos, sin, attention_mask, key_buffers, value_buffers, past, bool(self.observers)
+                hidden,
+                cos,
+                sin,
+                rows,
+                masks,
+                [keys for keys, _ in buffers],
+                [values for _, values in buffers],
+                pasts,
+                bool(self.observers),
             )
-            cache.filled(keys, values)
+            for cache, cache_keys, cache_values in zip(caches, keys, values, strict=True):
+                cache.filled(cache_keys, cache_values)
             for index, layer_input in enumerate(layer_inputs):
                 for observe in self.observers:
                     observe(index, layer_input)
-            return BaseModelOutputWithPast(
-                last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon),
-                cache=cache,
-            )
+            return _rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon)
         rotate = self._rotate
         new_shape = (*hidden.shape[:-1], -1)
+        starts = [sum(rows[:r]) for r in range(len(rows) + 1)]
         for index, layer in enumerate(layers):
             for observe in self.observers:
                 observe(index, hidden)
@@ -137,19 +165,31 @@ class LeanForward:
             else:
                 query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
             value = value.transpose(1, 2)
-            key, value = cache.layers[index].update(key, value)
-            # What transformers' SDPA attention runs here: one query (no mask) or a tree
-            # (its mask), never causal, grouped key/value heads taken as they are.
-            attended = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, scale=layer.scaling, enable_gqa=True
-            )
+            attended = []
+            for r, (cache, mask) in enumerate(zip(caches, masks, strict=True)):
+
+                def own(all_rows: torch.Tensor, r: int = r) -> torch.Tensor:
+                    return all_rows if len(caches) == 1 else all_rows[:, :, starts[r] : starts[r + 1]]
+
+                cached_keys, cached_values = cache.layers[index].update(own(key), own(value))
+                # What transformers' SDPA attention runs here: one query (no mask) or a tree
+                # (its mask), never causal, grouped key/value heads taken as they are.
+                attended.append(
+                    F.scaled_dot_product_attention(
+                        own(query),
+                        cached_keys,
+                        cached_values,
+                        attn_mask=mask,
+                        scale=layer.scaling,
+                        enable_gqa=True,
+                    )
+                )
+            attended = attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)
             hidden = hidden + layer.o_proj(attended.transpose(1, 2).reshape(new_shape).contiguous())
             normed = _rms_norm(hidden, layer.post_norm, layer.eps)
             gate, up = layer.gate_up_proj(normed)
             hidden = hidden + layer.down_proj(layer.act(gate) * up)
-        return BaseModelOutputWithPast(
-            last_hidden_state=_rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon), cache=cache
-        )
+        return _rms_norm(hidden, model.norm.weight, model.norm.variance_epsilon)
 
     def _layers(self) -> list[_Layer]:
         """Each decoder layer's pieces, looked up once: attribute lookups through nn.Module

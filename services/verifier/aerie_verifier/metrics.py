@@ -82,6 +82,12 @@ class EngineCollector(Collector):
             "slower than plain decoding (AERIE_DROP_SLOW_SPECULATION).",
             value=totals.speculation_dropped,
         )
+        yield CounterMetricFamily(
+            "aerie:verifier_speculation_paused_steps",
+            "Plain steps that speculative requests took beside others, their speculation paused "
+            "because the batched plain step measured faster (AERIE_DROP_SLOW_SPECULATION).",
+            value=totals.speculation_paused_steps,
+        )
         spec = totals.speculative
         yield CounterMetricFamily(
             "aerie:verifier_spec_decode_num_drafts",

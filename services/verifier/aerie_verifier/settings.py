@@ -35,7 +35,9 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     drafter_retry_after_s: float = 10.0
     # A request whose speculation measures slower than plain decoding over its first 8
     # verification steps decodes the rest plainly (a weak head, or a CPU where verifying a
-    # tree costs about two plain steps). false: speculate whatever it costs.
+    # tree costs about two plain steps); and beside other requests, speculation pauses for
+    # the rounds where joining their batched plain step decodes more tokens a second.
+    # false: speculate whatever it costs.
     drop_slow_speculation: bool = True
     # On the CPU, multiply a few rows by linear layers whose fp32 weights are exactly Q4_1,
     # Q8_0 or bf16 values (a GGUF's, a bf16 checkpoint's) from packed copies of them: the

@@ -99,32 +99,68 @@ class SpeculativeStats:
 
 
 class PaceGuard:
-    """Whether a request's speculation pays, measured: after ``probe_steps`` verification
-    steps, its seconds per token over those steps (the drafting, the hop and the tree
-    verification) are compared with the engine's own plain 1-token decoding step, and
-    speculation that decodes slower is dropped for the rest of the request. A weak head,
-    or a device where tree verification is dear (a CPU), then costs a request a few steps
-    instead of all of them; where drafts pay, nothing changes.
+    """Whether speculation pays, measured, in two ways.
 
-    The plain step time is an exponential average of the engine's unbatched plain steps,
-    seeded by a calibration at start (``observe_plain_step``)."""
+    Per request (``pays``): after ``probe_steps`` verification steps, its seconds per token
+    over those steps (the drafting, the hop and the tree verification) are compared with the
+    engine's own plain 1-token decoding step, and speculation that decodes slower is dropped
+    for the rest of the request. A weak head, or a device where tree verification is dear (a
+    CPU), then costs a request a few steps instead of all of them; where drafts pay, nothing
+    changes.
+
+    Per round (``prefers_plain``): beside other requests, plain steps are batched into one
+    forward, whose cost per request falls with the batch (on a 2-core CPU, 8 requests cost
+    about 2.4 plain steps), while each request's speculation costs what it costs alone. So
+    under load the speculating requests may decode more by joining the batch for a round
+    (vLLM turns speculation off above a batch size; this asks the measured costs).
+
+    Times are exponential averages: the plain step's per batch size, seeded by a calibration
+    at start (``observe_plain_step``), and a speculative step's seconds and tokens over all
+    requests (``observe_speculation``)."""
 
     def __init__(self, probe_steps: int = 8, smoothing: float = 0.2):
         self.probe_steps = probe_steps
         self.smoothing = smoothing
-        self.plain_step_s: float | None = None
+        self.plain_batch_s: dict[int, float] = {}  # a batched plain step's seconds, by requests
+        self.speculative_step_s: float | None = None
+        self.speculative_step_tokens: float | None = None
 
-    def observe_plain_step(self, seconds: float) -> None:
-        if self.plain_step_s is None:
-            self.plain_step_s = seconds
-        else:
-            self.plain_step_s += self.smoothing * (seconds - self.plain_step_s)
+    @property
+    def plain_step_s(self) -> float | None:
+        """One request's plain step, alone."""
+        return self.plain_batch_s.get(1)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def observe_plain_step(self, seconds: float, requests: int = 1) -> None:
+        self.plain_batch_s[requests] = self._average(self.plain_batch_s.get(requests), seconds)
+
+    def observe_speculation(self, seconds: float, tokens: int) -> None:
+        """One request's verification step (with its drafting) took ``seconds`` for ``tokens``."""
+        self.speculative_step_s = self._average(self.speculative_step_s, seconds)
+        self.speculative_step_tokens = self._average(self.speculative_step_tokens, tokens)
 
     def pays(self, steps: int, seconds: float, tokens: int) -> bool:
         """``steps`` verification steps took ``seconds`` and yielded ``tokens``."""
         if steps < self.probe_steps or self.plain_step_s is None or tokens == 0:
             return True
         return seconds / tokens <= self.plain_step_s
+
+    def prefers_plain(self, plain: int, speculating: int) -> bool:
+        """Whether a round decodes more tokens a second with the ``speculating`` requests
+        in the batched plain step of the ``plain`` others than with each speculating beside
+        it. False until the costs it needs are measured."""
+        together = self.plain_batch_s.get(plain + speculating)
+        apart = self.plain_batch_s.get(plain, 0.0 if plain == 0 else None)
+        if speculating == 0 or plain + speculating < 2 or self.speculative_step_s is None:
+            return False
+        if together is None or apart is None:
+            return False
+        speculating_rate = (plain + speculating * self.speculative_step_tokens) / (
+            apart + speculating * self.speculative_step_s
+        )
+        return (plain + speculating) / together > speculating_rate
 
 
 def decoder_layers(inner_model) -> torch.nn.ModuleList:
@@ -179,7 +215,9 @@ class HiddenCapture:
 
     def _record(self, layer_id: int, hidden: torch.Tensor) -> None:
         if layer_id in self._wanted:
-            self._captured[layer_id] = hidden[0]
+            # [batch, tokens, H] as rows: one request's tokens, a ragged batch's, or one
+            # token of each request in a padded batch
+            self._captured[layer_id] = hidden.flatten(0, 1)
 
     @contextlib.contextmanager
     def layers(self, layer_ids: tuple[int, ...]):
