@@ -103,7 +103,9 @@ def test_openai_client_streaming_and_not(stack):
 def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack, repetition_penalty):
     """The engine's KV-cached decoding reproduces transformers' greedy generate() on the
     real model in fp32, and so does tree speculation with the stack's drafter over gRPC;
-    with a repetition penalty too (transformers' own, over the prompt and the output)."""
+    with a repetition penalty too (transformers' own, over the prompt and the output). So do
+    the same requests sent at once: plain steps in one ragged batch, speculation paused
+    beside the others and resumed alone."""
     from aerie_common.model_store import load_target
     from aerie_common.settings import ModelSettings
 
@@ -125,9 +127,15 @@ def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack,
         async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
             return [await generate(channel, p, speculative) for p in prompts]
 
+    async def all_at_once(speculative):
+        async with grpc.aio.insecure_channel(stack.addr("verifier")) as channel:
+            return await asyncio.gather(*(generate(channel, p, speculative) for p in prompts))
+
     plain = asyncio.run(all_prompts(False))
     speculative = asyncio.run(all_prompts(True))
-    for prompt, (tokens, last), (spec_tokens, spec_last) in zip(prompts, plain, speculative, strict=True):
+    together = asyncio.run(all_at_once(False)) + asyncio.run(all_at_once(True))
+    for i, prompt in enumerate(prompts):
+        (tokens, last), (spec_tokens, spec_last) = plain[i], speculative[i]
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
         )
@@ -139,6 +147,7 @@ def test_verifier_greedy_matches_hf_generate_with_and_without_speculation(stack,
         reference = reference[: reference.index(eos)] if eos in reference else reference
         assert tokens == reference, prompt
         assert spec_tokens == reference, prompt
+        assert together[i][0] == reference and together[len(prompts) + i][0] == reference, prompt
         assert len(tokens) > 3
         assert not last.HasField("speculative")
         assert spec_last.speculative.drafts > 0

@@ -331,14 +331,19 @@ def test_speculative_false_opens_no_draft_session(target, make_engine):
     assert factory.opened == 0 and final.speculative is None
 
 
+def plain_output(target, tokenizer, prompt, params) -> list[int]:
+    """The target's own output, from an engine without a drafter."""
+    engine = Engine(target, tokenizer)
+    engine.start()
+    try:
+        return generate(engine, prompt, params, speculative=False)[0]
+    finally:
+        engine.stop()
+
+
 def test_pace_guard_drops_speculation_that_measures_slower_than_plain(target, tiny_tokenizer):
     prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=40)
-    plain_engine = Engine(target, tiny_tokenizer)
-    plain_engine.start()
-    try:
-        plain, _ = generate(plain_engine, prompt, params, speculative=False)
-    finally:
-        plain_engine.stop()
+    plain = plain_output(target, tiny_tokenizer, prompt, params)
     assert len(plain) == 40
     reference = prompt + plain
 
@@ -455,16 +460,10 @@ def test_speculation_paused_under_load_resumes_with_the_plain_steps_features(tar
         deadline = time.monotonic() + 60
         while not (long_events and long_events[-1].finish_reason) and time.monotonic() < deadline:
             time.sleep(0.01)
-        plain_engine = Engine(target, tiny_tokenizer)
-        plain_engine.start()
-        try:
-            plain, _ = generate(plain_engine, prompt, long_params, speculative=False)
-        finally:
-            plain_engine.stop()
     finally:
         engine.stop()
     output = [t for e in long_events for t in e.token_ids]
-    assert output == plain and len(output) == 40
+    assert output == plain_output(target, tiny_tokenizer, prompt, long_params) and len(output) == 40
     (listener,) = drafters
     # paused beside the 11 plain steps of the other, then one extend with all of them
     assert max(len(tokens) for tokens in listener.extended) >= 11
