@@ -377,6 +377,30 @@ def test_tokenize_counts_what_each_endpoint_reads_and_detokenize_inverts_it(stac
     assert of_chat["count"] == reply["usage"]["prompt_tokens"]
 
 
+def test_a_reply_begun_for_the_model_is_continued(stack):
+    """vLLM's continue_final_message: the last message, the assistant's, is left open in the
+    prompt and the output goes on with it; /tokenize reads the same prompt."""
+    begun = [*CAPITAL, {"role": "assistant", "content": "The capital of France is"}]
+    fields = {"add_generation_prompt": False, "continue_final_message": True}
+    reply = chat(stack, messages=begun, temperature=0, max_tokens=8, **fields).json()
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+    assert not reply["choices"][0]["message"]["content"].startswith("The capital")  # the rest only
+    tokenized = httpx.post(
+        f"{stack.base_url}/tokenize", json={"messages": begun, **fields}, timeout=60
+    ).json()
+    assert tokenized["count"] == reply["usage"]["prompt_tokens"]
+    prompt = httpx.post(f"{stack.base_url}/detokenize", json={"tokens": tokenized["tokens"]}, timeout=60)
+    assert prompt.json()["prompt"].endswith("<|im_start|>assistant\nThe capital of France is")
+    # SmolLM2's template takes no variables, and ignores one it does not know
+    other = chat(stack, messages=CAPITAL, temperature=0, max_tokens=8, chat_template_kwargs={"x": 1}).json()
+    assert (
+        other["choices"][0]["message"]["content"]
+        == chat(stack, messages=CAPITAL, temperature=0, max_tokens=8).json()["choices"][0]["message"][
+            "content"
+        ]
+    )
+
+
 def test_function_calling_on_the_real_model(stack):
     """SmolLM2's template has no place for tools: they are described in a system message.
     A forced call is JSON that matches the function's parameters; a chat that carries a

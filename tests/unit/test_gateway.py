@@ -62,6 +62,7 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
 
     def __init__(self) -> None:
         self.requests: dict[str, verifier_pb2.GenerateRequest] = {}
+        self.tokenize_requests: list[verifier_pb2.TokenizeRequest] = []
         self.cancelled: set[str] = set()
 
     def Generate(self, request, context):
@@ -126,6 +127,7 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
     def Tokenize(self, request, context):
         """One token per word, its id the word's length (a BOS, 1, first if asked); messages
         as "role: content" lines."""
+        self.tokenize_requests.append(request)
         text = "\n".join(f"{m.role}: {m.content}" for m in request.messages) or request.text
         if request.tools_json:  # the tools' names first, as a template might list them
             text = " ".join(tool["function"]["name"] for tool in json.loads(request.tools_json)) + " " + text

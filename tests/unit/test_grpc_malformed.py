@@ -119,6 +119,7 @@ def generate(**fields) -> verifier_pb2.GenerateRequest:
     return verifier_pb2.GenerateRequest(sampling=verifier_pb2.SamplingParams(**sampling), **fields)
 
 
+HI = verifier_pb2.ChatMessage(role="user", content="hi")
 BAD_GENERATE = {
     "empty request": (verifier_pb2.GenerateRequest(), "empty"),
     "empty messages and ids": (generate(prompt_token_ids=[]), "empty"),
@@ -159,6 +160,22 @@ BAD_GENERATE = {
         "characters",
     ),
     "a million prompt token ids": (generate(prompt_token_ids=[5] * 1_000_000), "too many"),
+    "template variables not JSON": (
+        generate(prompt_token_ids=[], messages=[HI], chat_template={"kwargs_json": "{"}),
+        "not JSON",
+    ),
+    "template variables not an object": (
+        generate(prompt_token_ids=[], messages=[HI], chat_template={"kwargs_json": "[1]"}),
+        "JSON object",
+    ),
+    "template variable overriding a parameter": (
+        generate(prompt_token_ids=[], messages=[HI], chat_template={"kwargs_json": '{"tokenize": false}'}),
+        "may not set tokenize",
+    ),
+    "a generation prompt after a continued message": (
+        generate(prompt_token_ids=[], messages=[HI], chat_template={"continue_final_message": True}),
+        "add_generation_prompt",
+    ),
 }
 
 

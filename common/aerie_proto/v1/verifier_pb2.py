@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x65rie_proto/v1/verifier.proto\x12\x08\x61\x65rie.v1\"[\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"\xc2\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x33\n\x06\x63hoice\x18\x04 \x01(\x0b\x32!.aerie.v1.StructuredOutput.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x0c\n\nconstraint\"\x8e\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x01\x88\x01\x01\x12;\n\nlogit_bias\x18\x0c \x03(\x0b\x32\'.aerie.v1.SamplingParams.LogitBiasEntry\x12.\n\nstructured\x18\r \x01(\x0b\x32\x1a.aerie.v1.StructuredOutput\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.aerie.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.aerie.v1.SamplingParams\x12\x13\n\x0bspeculative\x18\x05 \x01(\x08\x12\x12\n\ntools_json\x18\x07 \x01(\t\"\x90\x01\n\x10SpeculativeStats\x12\x0e\n\x06\x64rafts\x18\x01 \x01(\x03\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x03\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x03\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.aerie.v1.TokenLogprobB\n\n\x08_logprob\"\xbe\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.aerie.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12/\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1a.aerie.v1.SpeculativeStats\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.aerie.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x16.aerie.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x91\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\"x\n\x0fTokenizeRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.aerie.v1.ChatMessage\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x12\n\ntools_json\x18\x04 \x01(\t\"9\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntoken_strs\x18\x02 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bLoadRequest\"Y\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x66inished_total\x18\x03 \x01(\x03\x12\x17\n\x0f\x63\x61ncelled_total\x18\x04 \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xce\x02\n\x08Verifier\x12\x43\n\x08Generate\x12\x19.aerie.v1.GenerateRequest\x1a\x1a.aerie.v1.GenerateResponse0\x01\x12?\n\x0cGetModelInfo\x12\x1a.aerie.v1.ModelInfoRequest\x1a\x13.aerie.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.aerie.v1.TokenizeRequest\x1a\x1a.aerie.v1.TokenizeResponse\x12G\n\nDetokenize\x12\x1b.aerie.v1.DetokenizeRequest\x1a\x1c.aerie.v1.DetokenizeResponse\x12\x30\n\x07GetLoad\x12\x15.aerie.v1.LoadRequest\x1a\x0e.aerie.v1.Loadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x65rie_proto/v1/verifier.proto\x12\x08\x61\x65rie.v1\"[\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"\xc2\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x33\n\x06\x63hoice\x18\x04 \x01(\x0b\x32!.aerie.v1.StructuredOutput.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x1a\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\tB\x0c\n\nconstraint\"\x8e\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x01\x88\x01\x01\x12;\n\nlogit_bias\x18\x0c \x03(\x0b\x32\'.aerie.v1.SamplingParams.LogitBiasEntry\x12.\n\nstructured\x18\r \x01(\x0b\x32\x1a.aerie.v1.StructuredOutput\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x11 \x03(\x05\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x10 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\x83\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x08messages\x18\x02 \x03(\x0b\x32\x15.aerie.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.aerie.v1.SamplingParams\x12\x13\n\x0bspeculative\x18\x05 \x01(\x08\x12\x12\n\ntools_json\x18\x07 \x01(\t\x12\x34\n\rchat_template\x18\x08 \x01(\x0b\x32\x1d.aerie.v1.ChatTemplateOptions\"\x88\x01\n\x13\x43hatTemplateOptions\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1e\n\x16\x63ontinue_final_message\x18\x02 \x01(\x08\x12\x13\n\x0bkwargs_json\x18\x03 \x01(\tB\x18\n\x16_add_generation_prompt\"\x90\x01\n\x10SpeculativeStats\x12\x0e\n\x06\x64rafts\x18\x01 \x01(\x03\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x03\x12\x1e\n\x16mean_acceptance_length\x18\x04 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x05 \x03(\x03\"|\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\x12\x14\n\x07logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.aerie.v1.TokenLogprobB\n\n\x08_logprob\"\xbe\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.aerie.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\x12/\n\x0bspeculative\x18\x06 \x01(\x0b\x32\x1a.aerie.v1.SpeculativeStats\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.aerie.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x16.aerie.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\t \x01(\x05\"\x12\n\x10ModelInfoRequest\"\x91\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\"\xae\x01\n\x0fTokenizeRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.aerie.v1.ChatMessage\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\x12\x12\n\ntools_json\x18\x04 \x01(\t\x12\x34\n\rchat_template\x18\x05 \x01(\x0b\x32\x1d.aerie.v1.ChatTemplateOptions\"9\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x12\n\ntoken_strs\x18\x02 \x03(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\r\n\x0bLoadRequest\"Y\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x66inished_total\x18\x03 \x01(\x03\x12\x17\n\x0f\x63\x61ncelled_total\x18\x04 \x01(\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xce\x02\n\x08Verifier\x12\x43\n\x08Generate\x12\x19.aerie.v1.GenerateRequest\x1a\x1a.aerie.v1.GenerateResponse0\x01\x12?\n\x0cGetModelInfo\x12\x1a.aerie.v1.ModelInfoRequest\x1a\x13.aerie.v1.ModelInfo\x12\x41\n\x08Tokenize\x12\x19.aerie.v1.TokenizeRequest\x1a\x1a.aerie.v1.TokenizeResponse\x12G\n\nDetokenize\x12\x1b.aerie.v1.DetokenizeRequest\x1a\x1c.aerie.v1.DetokenizeResponse\x12\x30\n\x07GetLoad\x12\x15.aerie.v1.LoadRequest\x1a\x0e.aerie.v1.Loadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2195
-  _globals['_FINISHREASON']._serialized_end=2290
+  _globals['_FINISHREASON']._serialized_start=2443
+  _globals['_FINISHREASON']._serialized_end=2538
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=134
   _globals['_STRUCTUREDOUTPUT']._serialized_start=137
@@ -46,29 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=780
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=828
   _globals['_GENERATEREQUEST']._serialized_start=863
-  _globals['_GENERATEREQUEST']._serialized_end=1068
-  _globals['_SPECULATIVESTATS']._serialized_start=1071
-  _globals['_SPECULATIVESTATS']._serialized_end=1215
-  _globals['_TOKENLOGPROB']._serialized_start=1217
-  _globals['_TOKENLOGPROB']._serialized_end=1341
-  _globals['_GENERATERESPONSE']._serialized_start=1344
-  _globals['_GENERATERESPONSE']._serialized_end=1662
-  _globals['_MODELINFOREQUEST']._serialized_start=1664
-  _globals['_MODELINFOREQUEST']._serialized_end=1682
-  _globals['_MODELINFO']._serialized_start=1685
-  _globals['_MODELINFO']._serialized_end=1830
-  _globals['_TOKENIZEREQUEST']._serialized_start=1832
-  _globals['_TOKENIZEREQUEST']._serialized_end=1952
-  _globals['_TOKENIZERESPONSE']._serialized_start=1954
-  _globals['_TOKENIZERESPONSE']._serialized_end=2011
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2013
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2051
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2053
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2087
-  _globals['_LOADREQUEST']._serialized_start=2089
-  _globals['_LOADREQUEST']._serialized_end=2102
-  _globals['_LOAD']._serialized_start=2104
-  _globals['_LOAD']._serialized_end=2193
-  _globals['_VERIFIER']._serialized_start=2293
-  _globals['_VERIFIER']._serialized_end=2627
+  _globals['_GENERATEREQUEST']._serialized_end=1122
+  _globals['_CHATTEMPLATEOPTIONS']._serialized_start=1125
+  _globals['_CHATTEMPLATEOPTIONS']._serialized_end=1261
+  _globals['_SPECULATIVESTATS']._serialized_start=1264
+  _globals['_SPECULATIVESTATS']._serialized_end=1408
+  _globals['_TOKENLOGPROB']._serialized_start=1410
+  _globals['_TOKENLOGPROB']._serialized_end=1534
+  _globals['_GENERATERESPONSE']._serialized_start=1537
+  _globals['_GENERATERESPONSE']._serialized_end=1855
+  _globals['_MODELINFOREQUEST']._serialized_start=1857
+  _globals['_MODELINFOREQUEST']._serialized_end=1875
+  _globals['_MODELINFO']._serialized_start=1878
+  _globals['_MODELINFO']._serialized_end=2023
+  _globals['_TOKENIZEREQUEST']._serialized_start=2026
+  _globals['_TOKENIZEREQUEST']._serialized_end=2200
+  _globals['_TOKENIZERESPONSE']._serialized_start=2202
+  _globals['_TOKENIZERESPONSE']._serialized_end=2259
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2261
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2299
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2301
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2335
+  _globals['_LOADREQUEST']._serialized_start=2337
+  _globals['_LOADREQUEST']._serialized_end=2350
+  _globals['_LOAD']._serialized_start=2352
+  _globals['_LOAD']._serialized_end=2441
+  _globals['_VERIFIER']._serialized_start=2541
+  _globals['_VERIFIER']._serialized_end=2875
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,7 @@ from .chat import (
     collect_completion,
     run_unless_disconnected,
     stream_chunks,
+    template_options,
     to_generate_requests,
     verifier_message,
 )
@@ -262,6 +263,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             text=body.prompt or "",
             add_special_tokens=body.add_special_tokens,
             tools_json=tools_json(body.tools) if body.tools else "",
+            chat_template=template_options(body),
         )
         try:
             reply = await backends.verifier.Tokenize(request, timeout=settings.grpc_timeout_s)

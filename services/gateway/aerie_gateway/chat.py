@@ -25,6 +25,7 @@ from .schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    ChatTemplateFields,
     Choice,
     ChoiceLogprobs,
     ChunkChoice,
@@ -108,6 +109,14 @@ def verifier_message(message: ChatMessage) -> verifier_pb2.ChatMessage:
     )
 
 
+def template_options(body: ChatTemplateFields) -> verifier_pb2.ChatTemplateOptions:
+    return verifier_pb2.ChatTemplateOptions(
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        kwargs_json=json.dumps(body.chat_template_kwargs) if body.chat_template_kwargs else "",
+    )
+
+
 def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[verifier_pb2.GenerateRequest]:
     tools = ToolUse.of(body)
     request = verifier_pb2.GenerateRequest(
@@ -118,6 +127,7 @@ def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[v
         ),
         speculative=body.speculative,
         tools_json=tools_json(tools.tools) if tools is not None else "",
+        chat_template=template_options(body),
     )
     if tools is not None and tools.forced:
         request.sampling.structured.CopyFrom(tools.constraint())

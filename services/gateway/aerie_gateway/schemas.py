@@ -268,6 +268,30 @@ def _optional_fields_nullable(schema: dict[str, Any]) -> None:
             }
 
 
+class ChatTemplateFields(BaseModel):
+    """vLLM's fields for how messages go through the model's chat template: an assistant turn
+    opened after them (as OpenAI's API always does), or the last message, an assistant's,
+    left open for the model to go on with (a reply begun for it: the output continues it);
+    and more variables for the template (``{"enable_thinking": false}`` for Qwen3's, say)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _open_one_turn(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message leaves the last message open: set add_generation_prompt to false"
+            )
+        messages = getattr(self, "messages", None)
+        if self.continue_final_message and messages and not isinstance(messages[-1], AssistantTurn):
+            raise ValueError(
+                "continue_final_message goes on with the last message, which must be the assistant's"
+            )
+        return self
+
+
 class GenerationRequest(RequestBody):
     """What chat completions and (legacy) completions share: the model, sampling, and how
     the reply comes back."""
@@ -361,7 +385,7 @@ class NamedToolChoice(StrictModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI's function calling (aerie_gateway.tools): "auto" lets the model choose, "required"
     # and a named function hold decoding to the functions' argument schemas.
@@ -410,6 +434,15 @@ class ChatCompletionRequest(GenerationRequest):
         ):
             raise ValueError(
                 "a forced tool_choice holds the output to the tools' arguments: drop the other constraint"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _memory_asks_a_users_question(self) -> ChatCompletionRequest:
+        if self.memory is not None and self.continue_final_message:
+            raise ValueError(
+                "the memory is asked the last message, a user's question: continue_final_message leaves "
+                "an assistant's last"
             )
         return self
 
@@ -480,7 +513,7 @@ class CompletionRequest(GenerationRequest):
         return self.echo and (self.logprobs is not None or not isinstance(prompt, str))
 
 
-class TokenizeRequest(RequestBody):
+class TokenizeRequest(RequestBody, ChatTemplateFields):
     """vLLM's /tokenize: a prompt as /v1/completions reads it, or messages as
     /v1/chat/completions renders them with the chat template."""
 

@@ -11,7 +11,9 @@ system message in the Hermes convention, which the gateway's parser reads back: 
 
 from __future__ import annotations
 
+import inspect
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 TOOLS_PREAMBLE = (
@@ -19,6 +21,36 @@ TOOLS_PREAMBLE = (
     '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>, '
     "one such block per call.\n<tools>\n{tools}\n</tools>"
 )
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat's messages go through the chat template, as vLLM's request fields of the
+    same names ask: an assistant turn opened after them (OpenAI's API always opens one), or
+    the last message, an assistant's, left open for the model to go on with (a reply
+    begun for it); and more variables for the template (Qwen3's ``enable_thinking``, say)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def apply_chat_template_kwargs(self, tokenizer) -> dict[str, Any]:
+        """The keyword arguments of ``tokenizer.apply_chat_template`` these options make;
+        ValueError for a combination it cannot render, or template variables that would
+        override its own parameters."""
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError(
+                "continue_final_message leaves the last message open: set add_generation_prompt to false"
+            )
+        reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters) | {"messages"}
+        clashes = sorted(set(self.kwargs) & reserved)
+        if clashes:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(clashes)}")
+        return {
+            **self.kwargs,
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+        }
 
 
 def template_knows_tools(tokenizer) -> bool:

@@ -37,7 +37,7 @@ from jinja2 import TemplateError
 from transformers import DynamicCache
 from xgrammar import CompiledGrammar
 
-from aerie_verifier.chat_format import template_inputs, template_knows_tools
+from aerie_verifier.chat_format import TemplateOptions, template_inputs, template_knows_tools
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.kv_cache import GrowingCache, check_attention_only
@@ -326,13 +326,20 @@ class Engine:
     def cancelled_total(self) -> int:
         return self.totals.ended["cancelled"]
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        options: TemplateOptions | None = None,
+    ) -> list[int]:
         """The prompt of a chat: ``messages`` (OpenAI's, tool calls and results included) and
-        the ``tools`` the model may call, through the chat template (chat_format.py)."""
+        the ``tools`` the model may call, through the chat template as ``options`` ask
+        (chat_format.py)."""
+        template_kwargs = (options or TemplateOptions()).apply_chat_template_kwargs(self.tokenizer)
         messages, tools = template_inputs(messages, tools, self.template_knows_tools)
         try:
             encoded = self.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True, tokenize=True
+                messages, tools=tools, tokenize=True, **template_kwargs
             )
         except TemplateError as exc:  # the template's own refusal: Gemma's of a system turn, say
             raise ValueError(f"the model's chat template refuses these messages: {exc}") from None

@@ -10,6 +10,7 @@ import logging
 import grpc
 from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
 
+from aerie_verifier.chat_format import TemplateOptions
 from aerie_verifier.detokenize import token_bytes_table
 from aerie_verifier.engine import Engine, GenerationEvent, PromptTooLongError, QueueFullError
 from aerie_verifier.sampling import SamplingParams, TokenLogprob
@@ -104,6 +105,24 @@ def _json_list(text: str, field: str) -> list | None:
     return value
 
 
+def _template_options(options: verifier_pb2.ChatTemplateOptions) -> TemplateOptions:
+    kwargs = {}
+    if options.kwargs_json:
+        try:
+            kwargs = json.loads(options.kwargs_json)
+        except ValueError as exc:
+            raise ValueError(f"chat_template kwargs_json is not JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError("chat_template kwargs_json must be a JSON object")
+    return TemplateOptions(
+        add_generation_prompt=(
+            options.add_generation_prompt if options.HasField("add_generation_prompt") else True
+        ),
+        continue_final_message=options.continue_final_message,
+        kwargs=kwargs,
+    )
+
+
 def _message_dict(message: verifier_pb2.ChatMessage) -> dict:
     """A chat message as chat_format.template_inputs takes it."""
     as_dict: dict = {"role": message.role, "content": message.content}
@@ -139,13 +158,22 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 f"for this model's context length of {self.engine.context_length} tokens"
             )
 
-    def _prompt_ids(self, messages, prompt_token_ids, prompt: str = "", tools_json: str = "") -> list[int]:
+    def _prompt_ids(
+        self,
+        messages,
+        prompt_token_ids,
+        prompt: str = "",
+        tools_json: str = "",
+        chat_template: verifier_pb2.ChatTemplateOptions | None = None,
+    ) -> list[int]:
         if sum(map(bool, (messages, prompt_token_ids, prompt))) > 1:
             raise ValueError("give one of messages, prompt_token_ids and prompt")
         if messages:
             self._check_prompt_chars(messages, tools_json)
             return self.engine.encode_chat(
-                [_message_dict(m) for m in messages], _json_list(tools_json, "tools_json")
+                [_message_dict(m) for m in messages],
+                _json_list(tools_json, "tools_json"),
+                _template_options(chat_template or verifier_pb2.ChatTemplateOptions()),
             )
         if prompt:
             self._check_chars(len(prompt), "the prompt holds")
@@ -162,6 +190,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 request.prompt_token_ids,
                 request.prompt,
                 request.tools_json,
+                request.chat_template,
             )
             # and so does compiling a structured output's grammar
             grammar = None
@@ -254,7 +283,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
 
     def _tokenize(self, request) -> list[int]:
         if request.messages:
-            return self._prompt_ids(request.messages, [], tools_json=request.tools_json)
+            return self._prompt_ids(
+                request.messages, [], tools_json=request.tools_json, chat_template=request.chat_template
+            )
         self._check_chars(len(request.text), "the text holds")
         return self.engine.tokenizer(request.text, add_special_tokens=request.add_special_tokens)["input_ids"]
 
