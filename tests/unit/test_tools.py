@@ -205,6 +205,13 @@ def test_streamed_content_stops_where_a_call_may_begin():
     assert sent == ["", ""] and rest is None and made == [("get_time", {})]
     sent, rest, made = stream(use, ["Sunny", " today."])
     assert sent == ["Sunny", " today."] and rest is None
+    # text after a call is content too, as in the whole reply
+    after = ["Checking. ", call, " I will ", "tell you. "]
+    sent, rest, made = stream(use, after)
+    assert "".join(sent) + rest == use.reply("".join(after))[0] == "Checking.  I will tell you."
+    assert made == [("get_time", {})]
+    sent, rest, made = stream(use, [call, "\nDone."])
+    assert sent == ["", ""] and rest == use.reply(call + "\nDone.")[0] == "Done."
     # a forced call holds everything; what did not parse is content at the end
     forced = tool_use(tool_choice="required")
     assert stream(forced, ['[{"name": "get_time", ', '"arguments": {}}]']) == (

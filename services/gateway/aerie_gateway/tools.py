@@ -158,8 +158,9 @@ class StreamedReply:
     """One choice's output streamed under tools. Content goes out as it comes, but for
     what may be the start of a call: text from a ``<tool_call>`` tag on (or a partial tag
     at the end), an output that so far is blank or opens with "{" or "[" (bare JSON calls), and,
-    under a forced tool_choice, everything. ``finish`` gives what was held: the calls, or
-    the held text as content when it made none."""
+    under a forced tool_choice, everything. ``finish`` gives what was held: the calls and the
+    text around them not sent yet, or the held text as content when it made none, so that
+    the content streamed adds up to the whole reply's."""
 
     OPEN = "<tool_call>"
 
@@ -185,9 +186,13 @@ class StreamedReply:
     def finish(self) -> tuple[str | None, list[ToolCall]]:
         """The held content and the calls, once the output is whole."""
         content, calls = self.tools.reply(self.text)
-        if calls:
+        if not calls:
+            return self.text[self.sent :] or None, []
+        if content is None:  # nothing but calls
             return None, calls
-        return self.text[self.sent :] or None, []
+        # the whole reply's content is the text without its call blocks, stripped
+        rest = TOOL_CALL_BLOCK.sub("", self.text[self.sent :]).rstrip()
+        return (rest if self.text[: self.sent].strip() else rest.lstrip()) or None, calls
 
     def _send_up_to(self, end: int) -> str:
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
