@@ -39,6 +39,8 @@ SPEC_STATS = verifier_pb2.SpeculativeStats(
 BUSY = "TRIGGER_BUSY"
 TOO_LONG = "TRIGGER_TOO_LONG"
 SLOW = "TRIGGER_SLOW"
+THINK = "TRIGGER_THINKING"  # the fake thinks first, as Qwen3 does
+THINKING_REPLY = "<think>I should greet. </think>Hello there."
 CALL_A_TOOL = "TRIGGER_TOOL_CALL"  # the fake replies with a Hermes tool call
 TOOL_CALL_REPLY = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 FAIL_MIDWAY = "TRIGGER_FAIL_MIDWAY"
@@ -77,6 +79,8 @@ class FakeVerifier(verifier_pb2_grpc.VerifierServicer):
         words = SLOW_REPLY_WORDS if SLOW in prompt else REPLY_WORDS
         if CALL_A_TOOL in prompt:
             words = TOOL_CALL_REPLY.split(" ")
+        if THINK in prompt:
+            words = THINKING_REPLY.split(" ")
         delay_s = SLOW_WORD_DELAY_S if SLOW in prompt else 0.0
         limit = min(request.sampling.max_tokens or len(words), len(words))
         prompt_tokens = sum(len(message.content.split()) for message in request.messages) or len(

@@ -215,10 +215,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             generation,
             identity,
             begin,
-            lambda: collect_completion(generation, identity, body.logprobs, tools),
+            lambda: collect_completion(generation, identity, body.logprobs, tools, settings.reasoning_parser),
             (
                 lambda firsts: stream_chunks(
-                    generation, firsts, identity, body.include_usage, body.logprobs, tools
+                    generation,
+                    firsts,
+                    identity,
+                    body.include_usage,
+                    body.logprobs,
+                    tools,
+                    settings.reasoning_parser,
                 )
             )
             if body.stream

@@ -18,6 +18,8 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import APIError, error_from_grpc
 from .metrics import FINISH_REASONS, GatewayMetrics
+from .reasoning import Parser, StreamedReasoning
+from .reasoning import split as split_reasoning
 from .schemas import (
     LEAST_LOGPROB,
     AssistantMessage,
@@ -37,6 +39,7 @@ from .schemas import (
     SpeculativeUsage,
     StructuredOutputs,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -134,15 +137,44 @@ def to_generate_requests(body: ChatCompletionRequest, request_id: str) -> list[v
     return one_per_choice(request, body.n)
 
 
-def assistant_reply(text: str, finish_reason: str, tools: ToolUse | None) -> tuple[AssistantMessage, str]:
-    """A choice's message and finish reason from its whole output: with tools, the calls it
-    made (ToolUse.finish_reason)."""
+def assistant_reply(
+    text: str, finish_reason: str, tools: ToolUse | None, reasoning_parser: Parser = ""
+) -> tuple[AssistantMessage, str]:
+    """A choice's message and finish reason from its whole output: with a reasoning parser,
+    its thinking apart (reasoning.py); with tools, the calls its answer made
+    (ToolUse.finish_reason)."""
+    thinking = None
+    if reasoning_parser:
+        thinking, text = split_reasoning(reasoning_parser, text)
+    content: str | None = text if text or thinking is None else None
     if tools is None:
-        return AssistantMessage(content=text), finish_reason
+        return AssistantMessage(content=content, reasoning_content=thinking), finish_reason
     content, calls = tools.reply(text)
-    return AssistantMessage(content=content, tool_calls=calls or None), tools.finish_reason(
-        calls, finish_reason
-    )
+    message = AssistantMessage(content=content, reasoning_content=thinking, tool_calls=calls or None)
+    return message, tools.finish_reason(calls, finish_reason)
+
+
+class ChoiceStream:
+    """One choice's output as a stream sends it: its thinking apart (with a reasoning parser)
+    and, with tools, its answer held where a call may begin (tools.StreamedReply)."""
+
+    def __init__(self, tools: ToolUse | None, reasoning_parser: Parser):
+        self.thinking = StreamedReasoning(reasoning_parser) if reasoning_parser else None
+        self.reply = StreamedReply(tools) if tools is not None else None
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """The (reasoning, content) to send after ``text``."""
+        reasoning, answer = self.thinking.feed(text) if self.thinking is not None else ("", text)
+        return reasoning, self.reply.feed(answer) if self.reply is not None else answer
+
+    def finish(self) -> tuple[str, str | None, list[ToolCall]]:
+        """What was held, once the output is whole: reasoning, content and calls."""
+        reasoning, answer = self.thinking.finish() if self.thinking is not None else ("", "")
+        if self.reply is None:
+            return reasoning, answer or None, []
+        answer = self.reply.feed(answer)
+        rest, calls = self.reply.finish()
+        return reasoning, (answer + (rest or "")) or None, calls
 
 
 def one_per_choice(request: verifier_pb2.GenerateRequest, n: int) -> list[verifier_pb2.GenerateRequest]:
@@ -311,7 +343,11 @@ def logprobs_of(response: verifier_pb2.GenerateResponse) -> list[TokenLogprob]:
 
 
 async def collect_completion(
-    generation: Generation, identity: CompletionIdentity, logprobs: bool, tools: ToolUse | None
+    generation: Generation,
+    identity: CompletionIdentity,
+    logprobs: bool,
+    tools: ToolUse | None,
+    reasoning_parser: Parser = "",
 ) -> ChatCompletion:
     async def collect(index: int) -> tuple[Choice, verifier_pb2.GenerateResponse]:
         text: list[str] = []
@@ -322,7 +358,9 @@ async def collect_completion(
             token_logprobs += logprobs_of(response)
             if finished(response):
                 break
-        message, finish_reason = assistant_reply("".join(text), FINISH_REASONS[response.finish_reason], tools)
+        message, finish_reason = assistant_reply(
+            "".join(text), FINISH_REASONS[response.finish_reason], tools, reasoning_parser
+        )
         choice = Choice(
             index=index,
             message=message,
@@ -352,6 +390,7 @@ async def stream_chunks(
     include_usage: bool,
     logprobs: bool,
     tools: ToolUse | None,
+    reasoning_parser: Parser = "",
 ) -> AsyncIterator[str]:
     """Server-sent chat.completion.chunk events for a stream whose choices' first responses
     have already arrived; the choices' chunks interleave as they come, each naming its
@@ -359,7 +398,8 @@ async def stream_chunks(
     ``logprobs``, each chunk carries the entries of the tokens that came with it, and a
     chunk goes out for tokens whose text is still held back (a possible stop string).
     With ``tools``, content streams until a call may have begun (tools.StreamedReply); the
-    calls go out in one chunk when the choice ends."""
+    calls go out in one chunk when the choice ends. With a reasoning parser, the thinking
+    streams as ``reasoning_content`` (ChoiceStream)."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
         body = ChatCompletionChunk(
@@ -370,26 +410,29 @@ async def stream_chunks(
     for index in range(len(firsts)):
         yield chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
     finals: list[verifier_pb2.GenerateResponse] = list(firsts)
-    replies = [StreamedReply(tools) for _ in firsts] if tools is not None else None
+    streams = [ChoiceStream(tools, reasoning_parser) for _ in firsts]
     try:
         async for index, response in generation.responses(firsts):
-            text = response.text if replies is None else replies[index].feed(response.text)
+            reasoning, text = streams[index].feed(response.text)
             if logprobs and response.logprobs:
                 content = ChoiceLogprobs(content=logprobs_of(response))
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=text), logprobs=content)])
-            elif text:
-                yield chunk([ChunkChoice(index=index, delta=Delta(content=text))])
+                delta = Delta(content=text, reasoning_content=reasoning or None)
+                yield chunk([ChunkChoice(index=index, delta=delta, logprobs=content)])
+            elif text or reasoning:
+                delta = Delta(content=text or None, reasoning_content=reasoning or None)
+                yield chunk([ChunkChoice(index=index, delta=delta)])
             if finished(response):
                 finals[index] = response
                 finish_reason = FINISH_REASONS[response.finish_reason]
-                if replies is not None:
-                    rest, calls = replies[index].finish()
+                reasoning, rest, calls = streams[index].finish()
+                if tools is not None:
                     finish_reason = tools.finish_reason(calls, finish_reason)
-                    if rest or calls:
-                        deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
-                        yield chunk(
-                            [ChunkChoice(index=index, delta=Delta(content=rest, tool_calls=deltas or None))]
-                        )
+                if reasoning or rest or calls:
+                    deltas = [DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+                    delta = Delta(
+                        content=rest, reasoning_content=reasoning or None, tool_calls=deltas or None
+                    )
+                    yield chunk([ChunkChoice(index=index, delta=delta)])
                 yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish_reason)])
         if include_usage:
             yield chunk([], usage=usage_of(finals))

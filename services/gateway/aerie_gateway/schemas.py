@@ -581,6 +581,8 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # vLLM's, with AERIE_REASONING_PARSER: the model's thinking, apart from its answer
+    reasoning_content: str | None = Field(default=None, exclude_if=lambda value: value is None)
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
@@ -625,6 +627,7 @@ class DeltaToolCall(ToolCall):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda value: value is None)
     content: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    reasoning_content: str | None = Field(default=None, exclude_if=lambda value: value is None)
     tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aerie_common.settings import ServiceSettings
 from pydantic import Field
 
@@ -27,6 +29,10 @@ class GatewaySettings(ServiceSettings):
     max_ingest_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     # The name clients must send as `model`; empty: the verifier's GetModelInfo model_id.
     served_model_name: str = ""
+    # A reasoning model's thinking goes to `reasoning_content`, apart from the answer
+    # (vLLM's reasoning parsers): "qwen3" (a <think> block may open the output) or
+    # "deepseek_r1" (the output starts inside one); empty: all output is content.
+    reasoning_parser: Literal["", "qwen3", "deepseek_r1"] = ""
     # Requests in flight beyond this get 429 with Retry-After.
     max_concurrent_requests: int = 64
     # Deadline for a whole Generate call, streaming included.

@@ -180,7 +180,7 @@ class StreamedReply:
                 return self._send_up_to(tag)
             if not self.text[: self.sent].strip() and self.text.lstrip()[:1] in ("", "{", "["):
                 return ""
-            return self._send_up_to(len(self.text) - _partial_tag(self.text, self.OPEN))
+            return self._send_up_to(len(self.text) - partial_tag(self.text, self.OPEN))
         return ""
 
     def finish(self) -> tuple[str | None, list[ToolCall]]:
@@ -199,7 +199,7 @@ class StreamedReply:
         return out
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """The length of the longest end of ``text`` that begins ``tag``."""
     for length in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:length]):
