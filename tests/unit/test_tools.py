@@ -94,6 +94,23 @@ def test_auto_reads_hermes_blocks_and_bare_calls_and_leaves_text_as_content():
         "[]",
     ):
         assert use.reply(text) == (text, [])
+    # Llama 3.2's and 4's pythonic calls: literal keyword arguments of known functions
+    pythonic = '[get_weather(city="Oslo", days=[1, 2], metric=True), get_time()]'
+    assert use.reply(pythonic)[0] is None
+    assert calls(use.reply(pythonic)) == [
+        ("get_weather", {"city": "Oslo", "days": [1, 2], "metric": True}),
+        ("get_time", {}),
+    ]
+    assert calls(use.reply(f"<|python_start|>{pythonic}<|python_end|>")) == calls(use.reply(pythonic))
+    for text in (
+        "[launch_rockets(count=3)]",  # not a tool
+        '[get_weather("Oslo")]',  # positional
+        "[get_weather(city=home)]",  # not a literal
+        "[get_weather(**where)]",
+        "[get_weather(city={1, 2})]",  # a set: not JSON
+        "[1, 2]",
+    ):
+        assert use.reply(text) == (text, [])
     two = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
     assert len(use.reply(two)[1]) == 2
     assert len(tool_use(parallel_tool_calls=False).reply(two)[1]) == 1

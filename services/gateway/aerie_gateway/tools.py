@@ -8,7 +8,8 @@ for, and how its output becomes ``tool_calls``.
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` block (Hermes, Qwen, SmolLM3),
   or from an output that is nothing but such a JSON object (Llama 3.1 writes
   ``{"name": ..., "parameters": {...}}``) or a list of them (Mistral's, after its
-  ``[TOOL_CALLS]``); anything else is content.
+  ``[TOOL_CALLS]``), or a Python list of calls (Llama 3.2's and 4's "pythonic" format,
+  ``[get_weather(city="Paris")]``, literal arguments only); anything else is content.
 - "required", or one function named: decoding is held by xgrammar to JSON that is a call,
   as vLLM does: a list of ``{"name", "arguments"}`` objects (one at most without
   ``parallel_tool_calls``), or the named function's arguments themselves.
@@ -16,6 +17,7 @@ for, and how its output becomes ``tool_calls``.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -120,17 +122,48 @@ class ToolUse:
         if calls:
             content = TOOL_CALL_BLOCK.sub("", text).strip()
             return content or None, calls[: None if self.parallel else 1]
-        # an output that is nothing but calls: one object, or a list (Mistral's, after its marker)
-        bare = text.strip().removeprefix("[TOOL_CALLS]").strip()
+        # an output that is nothing but calls: one object, or a list (Mistral's, after its
+        # marker), as JSON; or a Python list of calls (Llama's, in its markers where they show)
+        bare = text.strip().removeprefix("[TOOL_CALLS]").removeprefix("<|python_start|>")
+        bare = bare.removesuffix("<|python_end|>").strip()
         if bare[:1] in ("{", "["):
             try:
                 value = json.loads(bare)
             except ValueError:
-                return text, []
-            made = [self._call_of(item, names) for item in (value if isinstance(value, list) else [value])]
+                made = self._pythonic_calls(bare, names)
+            else:
+                made = [
+                    self._call_of(item, names) for item in (value if isinstance(value, list) else [value])
+                ]
             if made and all(made):
                 return None, made[: None if self.parallel else 1]
         return text, []
+
+    def _pythonic_calls(self, spelled: str, names: set[str]) -> list[ToolCall | None]:
+        """``[f(a=1), g(b="x")]`` as calls (None for one that is not a call of a known
+        function with literal keyword arguments); [] where it is no Python list."""
+        try:
+            tree = ast.parse(spelled, mode="eval").body
+        except (SyntaxError, ValueError):
+            return []
+        if not isinstance(tree, ast.List):
+            return []
+        made: list[ToolCall | None] = []
+        for item in tree.elts:
+            if not (
+                isinstance(item, ast.Call)
+                and isinstance(item.func, ast.Name)
+                and item.func.id in names
+                and not item.args
+                and all(keyword.arg is not None for keyword in item.keywords)
+            ):
+                return [None]
+            try:
+                arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in item.keywords}
+                made.append(self._call(item.func.id, json.dumps(arguments)))
+            except (ValueError, TypeError, SyntaxError):  # not literals, or not JSON's kinds
+                return [None]
+        return made
 
     def _parse_call(self, spelled: str, names: set[str]) -> ToolCall | None:
         try:
