@@ -39,6 +39,7 @@ from aerie_verifier.sampling import SamplingParams
 from aerie_verifier.server import SERVICE_NAME as VERIFIER_SERVICE
 from aerie_verifier.server import VerifierServicer
 from aerie_verifier.settings import VerifierSettings
+from aerie_verifier.speculative import PaceGuard
 from prometheus_client import generate_latest
 
 from tests.conftest import build_tiny_llama
@@ -356,6 +357,33 @@ def test_metrics_registries_are_per_instance_and_port_zero_serves_none(target, h
         )
     assert start_metrics_server(EngineCollector(engines[0]), "127.0.0.1", 0) is None
     assert start_metrics_server(SessionCollector(servicers[0]), "127.0.0.1", 0) is None
+
+
+def test_the_pace_guards_measures_are_exported(target, head, tiny_tokenizer):
+    guard = PaceGuard()
+    factory = InProcessDrafterFactory(head, SHAPE)
+    engine = Engine(target, tiny_tokenizer, max_running=3, drafter_factory=factory, pace_guard=guard)
+    engine.start()
+    try:
+        generate(engine, [5, 6, 7, 8], SamplingParams(max_tokens=12), speculative=True)
+    finally:
+        engine.stop()
+    samples = metric_samples(generate_latest(registry_for(EngineCollector(engine))).decode())
+    # calibrated at start: a step alone and batched steps of 2 and 3 requests
+    plain = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "aerie:verifier_pace_plain_step_seconds"
+    }
+    assert plain == {(("requests", str(n)),): guard.plain_batch_s[n] for n in (1, 2, 3)}
+    assert samples[("aerie:verifier_pace_speculative_step_seconds", ())] == guard.speculative_step_s > 0
+    assert samples[("aerie:verifier_pace_speculative_step_tokens", ())] == guard.speculative_step_tokens >= 1
+    plain_engine = Engine(target, tiny_tokenizer)  # no guard: nothing to export
+    names = {
+        name
+        for name, _ in metric_samples(generate_latest(registry_for(EngineCollector(plain_engine))).decode())
+    }
+    assert not any(name.startswith("aerie:verifier_pace") for name in names)
 
 
 def test_an_in_process_drafter_exports_what_its_context_branch_added(target, head, tiny_tokenizer):

@@ -65,6 +65,7 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "aerie:verifier_generation_tokens", "Tokens generated.", value=totals.generation_tokens
         )
+        yield from _pace_guard_metrics(engine)
         yield CounterMetricFamily(
             "aerie:verifier_drafter_failures",
             "Drafter failures (unreachable, too slow, bad tree); each pauses speculation "
@@ -135,3 +136,30 @@ class EngineCollector(Collector):
                 "Of those, accepted by verification.",
                 value=context.accepted,
             )
+
+
+def _pace_guard_metrics(engine: Engine) -> Iterator[Metric]:
+    """What the pace guard measured and judges speculation by (speculative.PaceGuard)."""
+    guard = engine.pace_guard
+    if guard is None:
+        return
+    plain = GaugeMetricFamily(
+        "aerie:verifier_pace_plain_step_seconds",
+        "A plain decoding step, by the requests batched in it, as the pace guard measured it "
+        "(an exponential average).",
+        labels=["requests"],
+    )
+    for requests, seconds in sorted(dict(guard.plain_batch_s).items()):  # a copy: the engine writes it
+        plain.add_metric([str(requests)], seconds)
+    yield plain
+    if guard.speculative_step_s is not None:
+        yield GaugeMetricFamily(
+            "aerie:verifier_pace_speculative_step_seconds",
+            "A verification step with its drafting, as the pace guard measured it (an exponential average).",
+            value=guard.speculative_step_s,
+        )
+        yield GaugeMetricFamily(
+            "aerie:verifier_pace_speculative_step_tokens",
+            "The tokens a verification step yields, as the pace guard measured it (an exponential average).",
+            value=guard.speculative_step_tokens,
+        )
