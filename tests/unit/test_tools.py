@@ -77,6 +77,7 @@ def test_auto_reads_hermes_blocks_and_bare_calls_and_leaves_text_as_content():
     assert calls(use.reply(unterminated)) == [("get_time", {})]
     llama = '{"name": "get_weather", "parameters": {"city": "Lima"}}'  # Llama 3.1's spelling
     assert use.reply(llama)[0] is None and calls(use.reply(llama)) == [("get_weather", {"city": "Lima"})]
+    assert calls(use.reply(f"<|python_tag|>{llama}")) == calls(use.reply(llama))  # where specials show
     for text in (
         "It is sunny.",
         '<tool_call>{"name": "launch_rockets", "arguments": {}}</tool_call>',  # not a tool

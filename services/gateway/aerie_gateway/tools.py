@@ -124,7 +124,9 @@ class ToolUse:
             return content or None, calls[: None if self.parallel else 1]
         # an output that is nothing but calls: one object, or a list (Mistral's, after its
         # marker), as JSON; or a Python list of calls (Llama's, in its markers where they show)
-        bare = text.strip().removeprefix("[TOOL_CALLS]").removeprefix("<|python_start|>")
+        bare = text.strip()
+        for marker in ("[TOOL_CALLS]", "<|python_tag|>", "<|python_start|>"):
+            bare = bare.removeprefix(marker)
         bare = bare.removesuffix("<|python_end|>").strip()
         if bare[:1] in ("{", "["):
             try:
