@@ -110,7 +110,7 @@ class PaceGuard:
 
     Per round (``prefers_plain``): beside other requests, plain steps are batched into one
     forward, whose cost per request falls with the batch (on a 2-core CPU, 8 requests cost
-    about 2.4 plain steps), while each request's speculation costs what it costs alone. So
+    2.2 to 2.4 plain steps), while each request's speculation costs what it costs alone. So
     under load the speculating requests may decode more by joining the batch for a round
     (vLLM turns speculation off above a batch size; this asks the measured costs).
 
