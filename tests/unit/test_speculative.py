@@ -481,6 +481,29 @@ def test_speculation_paused_under_load_resumes_with_the_plain_steps_features(tar
     torch.testing.assert_close(heard, cold, atol=1e-4, rtol=1e-4)
 
 
+def test_drafting_stops_where_no_tree_fits_the_context(tiny_tokenizer):
+    """Near the end of the context a tree no longer fits: the request decodes the rest
+    plainly, and the drafter is not asked again for trees that cannot be verified."""
+    target = build_tiny_llama(VOCAB, seed=3, layers=4, ctx=48)
+    drafters = []
+
+    def drafter():
+        drafters.append(ListeningOracle(target, 4))
+        return drafters[-1]
+
+    prompt, params = list(range(5, 30)), SamplingParams(max_tokens=23, ignore_eos=True)  # fills the context
+    engine = Engine(target, tiny_tokenizer, drafter_factory=Factory(drafter, (1, 2)), pace_guard=PaceGuard())
+    engine.start()
+    try:
+        tokens, final = generate(engine, prompt, params, speculative=True)
+    finally:
+        engine.stop()
+    assert tokens == plain_output(target, tiny_tokenizer, prompt, params) and len(tokens) == 23
+    (listener,) = drafters
+    # every tree asked for was verified, but the one that no longer fitted
+    assert len(listener.heard) == final.speculative.drafts + 1
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox"])
 def test_gpt2_and_gpt_neox_targets_speculate_losslessly(architecture, tiny_tokenizer):
     # GPT-2 keeps its decoder layers in transformer.h, GPT-NeoX in gpt_neox.layers; neither

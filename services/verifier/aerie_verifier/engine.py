@@ -781,21 +781,23 @@ class Engine:
     def _pause_or_resume(self, running: list[Sequence]) -> None:
         """Under load, pause the speculation of the drafting requests for this round, so that
         they join the batched plain step, where the pace guard measures that the round then
-        decodes more (PaceGuard.prefers_plain); else resume it, the drafter first hearing the
-        tokens decoded plainly meanwhile. Requests in slots step alone either way."""
-        if self.pace_guard is None:
-            return
+        decodes more (PaceGuard.prefers_plain); else resume it (after a pause, or after a plain
+        step for an empty tree), the drafter first hearing the tokens decoded plainly
+        meanwhile. Requests in slots step alone either way. A request whose tree no longer fits
+        the context stops drafting: no later tree would."""
         drafting, plain = [], 0
         for seq in running:
             if seq.cancelled or seq.slot is not None or not seq.prefilled:
                 continue
+            if seq.draft is not None and seq.tree is not None and not self._tree_fits(seq, seq.tree):
+                self._stop_drafting(seq)
             if seq.draft is not None:
                 drafting.append(seq)
             elif self._decodes_plainly(seq):
                 plain += 1
         if not drafting:
             return
-        pause = self.pace_guard.prefers_plain(plain, len(drafting))
+        pause = self.pace_guard is not None and self.pace_guard.prefers_plain(plain, len(drafting))
         if pause:
             self.totals.speculation_paused_steps += len(drafting)
         for seq in drafting:
