@@ -167,16 +167,13 @@ class LeanForward:
             value = value.transpose(1, 2)
             attended = []
             for r, (cache, mask) in enumerate(zip(caches, masks, strict=True)):
-
-                def own(all_rows: torch.Tensor, r: int = r) -> torch.Tensor:
-                    return all_rows if len(caches) == 1 else all_rows[:, :, starts[r] : starts[r + 1]]
-
-                cached_keys, cached_values = cache.layers[index].update(own(key), own(value))
+                own = slice(starts[r], starts[r + 1])  # request r's rows (all of them, for one)
+                cached_keys, cached_values = cache.layers[index].update(key[:, :, own], value[:, :, own])
                 # What transformers' SDPA attention runs here: one query (no mask) or a tree
                 # (its mask), never causal, grouped key/value heads taken as they are.
                 attended.append(
                     F.scaled_dot_product_attention(
-                        own(query),
+                        query[:, :, own],
                         cached_keys,
                         cached_values,
                         attn_mask=mask,

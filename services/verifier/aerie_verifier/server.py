@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+from typing import Any
 
 import grpc
 from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
@@ -92,28 +93,28 @@ def _logprobs_to_proto(
     ]
 
 
+def _json(text: str, field: str) -> Any:
+    """A request's JSON text field, parsed; ValueError naming the field where it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{field} is not JSON: {exc}") from None
+
+
 def _json_list(text: str, field: str) -> list | None:
     """A JSON list sent as text (empty: none)."""
     if not text:
         return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{field} is not JSON: {exc}") from None
+    value = _json(text, field)
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise ValueError(f"{field} must be a JSON list of objects")
     return value
 
 
 def _template_options(options: verifier_pb2.ChatTemplateOptions) -> TemplateOptions:
-    kwargs = {}
-    if options.kwargs_json:
-        try:
-            kwargs = json.loads(options.kwargs_json)
-        except ValueError as exc:
-            raise ValueError(f"chat_template kwargs_json is not JSON: {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise ValueError("chat_template kwargs_json must be a JSON object")
+    kwargs = _json(options.kwargs_json, "chat_template kwargs_json") if options.kwargs_json else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError("chat_template kwargs_json must be a JSON object")
     return TemplateOptions(
         add_generation_prompt=(
             options.add_generation_prompt if options.HasField("add_generation_prompt") else True
