@@ -9,7 +9,10 @@ configuration alike:
     inprocess-head    EAGLE head inside the verifier (no hop)
     grpc-head         EAGLE head in the drafter service, over the DraftSession stream
     grpc-head-guarded the same with the verifier's default pace guard, which drops a
-                      request's speculation once it measures slower than plain decoding
+                      request's speculation once it measures slower than plain decoding,
+                      and, once recent requests' speculation has, starts requests plainly
+                      but for a probe now and then (one guard for every prompt of the row,
+                      as one serving verifier has)
     inprocess-oracle  a drafter that knows the plain output: every draft is accepted
     grpc-oracle       the same oracle behind the real Drafter gRPC service
     inprocess-head-context-off (or -on)
@@ -193,9 +196,11 @@ class Tally:
     # per output differing from plain decoding: the logit gap where it parted (bench.lossless)
     divergence_gaps: list[float] = field(default_factory=list)
     speculation: SpeculativeStats = field(default_factory=SpeculativeStats)  # summed over requests
+    requests_speculating: int = 0  # that drafted at all (a guard may start a request plainly)
 
     def add_speculation(self, stats: SpeculativeStats) -> None:
         self.speculation.merge(stats)
+        self.requests_speculating += 1
 
     def step_ms(self, all_speculative: bool) -> dict | None:
         """Where a speculative step's time goes: drafting and hop per tree, verification per
@@ -217,6 +222,7 @@ class Tally:
         return {
             "config": name,
             "tokens": self.tokens,
+            "requests_speculating": self.requests_speculating,
             "tokens_per_s": round(tps, 2),
             "speedup_vs_plain": round(tps / plain_tps, 3),
             "speedup_vs_hf_generate": round(tps / hf_tps, 3),
@@ -260,13 +266,15 @@ def run_on_own_engine(
     prompt_ids: list[int],
     max_tokens: int,
     speculative: bool,
-    guarded: bool,
+    guard: PaceGuard | None = None,
     slots=(),
 ):
     """``run_once`` on an engine started for it and stopped after, so no engine thread
-    outlives its generation. A guarded engine's calibration of the plain step runs before
-    the clock starts. The engines of one run share ``slots`` and their captured graphs."""
-    guard = PaceGuard() if guarded else None
+    outlives its generation. A guarded engine calibrates the plain step again before the
+    clock starts; what ``guard`` measured of speculation carries over from the engines
+    before. The engines of one run share ``slots`` and their captured graphs."""
+    if guard is not None:
+        guard.plain_batch_s.clear()  # this engine's calibration refills it
     engine = Engine(model, tokenizer, max_running=1, drafter_factory=factory, pace_guard=guard, slots=slots)
     engine.start()
     try:
@@ -386,7 +394,7 @@ def main() -> None:
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
     references = [
-        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, False, slots)[0] for p in prompts
+        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, slots=slots)[0] for p in prompts
     ]
     oracle_file = args.out.with_suffix(".oracle.json")
     oracle_file.parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +438,7 @@ def main() -> None:
         factories.update({"plain-eager": None, "inprocess-head-eager": InProcessDrafterFactory(head, shape)})
         configs = [*CONFIGS, *eager_rows, *extra_rows, *dtype_rows, *python_rows]
         tallies = {name: Tally() for name in configs}
+        guards = {name: PaceGuard() for name in configs if name.endswith("-guarded")}
 
         def run_engine(name, prompt, max_tokens):
             return run_on_own_engine(
@@ -439,7 +448,7 @@ def main() -> None:
                 prompt,
                 max_tokens,
                 speculative=name not in ("plain", "plain-eager"),
-                guarded=name.endswith("-guarded"),
+                guard=guards.get(name),
                 slots=[] if name in eager_rows else slots,
             )
 

@@ -8,15 +8,18 @@ import time
 import pytest
 import torch
 from aerie_common.draft_tree import DraftTree
+from aerie_common.metrics import registry_for
 from aerie_drafter.eagle import EagleConfig, EagleHead
 from aerie_drafter.proposer import TreeShape
 from aerie_verifier import engine as engine_module
 from aerie_verifier.detokenize import IncrementalDetokenizer
 from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, Sequence
+from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.sampling import LogitAdjuster, SamplingParams, next_token, penalize, target_probs
 from aerie_verifier.speculative import HiddenCapture, PaceGuard
 from aerie_verifier.tree_verify import accept, keep_cache_entries, tree_inputs
+from prometheus_client import generate_latest
 from transformers import DynamicCache
 
 from tests.conftest import build_tiny_llama
@@ -341,6 +344,11 @@ def plain_output(target, tokenizer, prompt, params) -> list[int]:
         engine.stop()
 
 
+class SlowPlainStepGuard(PaceGuard):
+    def observe_plain_step(self, seconds: float, requests: int = 1) -> None:
+        super().observe_plain_step(0.005 * requests, requests)
+
+
 def test_pace_guard_drops_speculation_that_measures_slower_than_plain(target, tiny_tokenizer):
     prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=40)
     plain = plain_output(target, tiny_tokenizer, prompt, params)
@@ -366,9 +374,47 @@ def test_pace_guard_drops_speculation_that_measures_slower_than_plain(target, ti
     assert guard.plain_step_s is not None and guard.plain_step_s < 0.03
     stats, dropped = run(ReplayDrafter(reference, 4, wrong=True, delay_s=0.03), None)
     assert (stats.drafts, dropped) == (39, 0)
-    # A free drafter that is always right yields 5 tokens per step: it keeps speculating.
-    stats, dropped = run(ReplayDrafter(reference, 4), PaceGuard(probe_steps=2))
+    # A free drafter that is always right yields 5 tokens per step: it keeps speculating. (The
+    # tiny model's plain step is so cheap that a 5-token step's bookkeeping can cost more than
+    # five of them, so the guard is told plain steps take 5 ms, as a real target's might.)
+    stats, dropped = run(ReplayDrafter(reference, 4), SlowPlainStepGuard(probe_steps=2))
     assert dropped == 0 and stats.drafts == 8 and stats.mean_acceptance_length == 5.0
+
+
+def test_requests_after_speculation_measured_slower_decode_plainly_but_for_probes(target, tiny_tokenizer):
+    prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=12)
+    plain = plain_output(target, tiny_tokenizer, prompt, params)
+    # A slow drafter that is never right, as above: every request that speculates is dropped
+    # after its 4-step probe. Then the next two requests decode plainly from the start (no
+    # draft session opened), and the third probes again.
+    factory = Factory(lambda: ReplayDrafter(prompt + plain, 4, wrong=True, delay_s=0.03))
+    guard = PaceGuard(probe_steps=4, probe_every=3)
+    engine = Engine(target, tiny_tokenizer, drafter_factory=factory, pace_guard=guard)
+    engine.start()
+    try:
+        opened = []
+        for _ in range(5):
+            tokens, _ = generate(engine, prompt, params, speculative=True)
+            assert tokens == plain
+            opened.append(factory.opened)
+    finally:
+        engine.stop()
+    assert opened == [1, 1, 1, 2, 2]
+    assert (engine.totals.speculation_skipped, engine.totals.speculation_dropped) == (3, 2)
+    exported = generate_latest(registry_for(EngineCollector(engine))).decode()
+    assert "aerie:verifier_speculation_skipped_total 3.0" in exported.splitlines()
+
+
+def test_pace_guard_admits_requests_while_speculation_measures_no_slower_than_plain():
+    guard = PaceGuard(probe_steps=2, smoothing=1.0, probe_every=3)
+    assert guard.admits()  # nothing measured
+    guard.observe_plain_step(0.010)
+    guard.observe_speculation(0.030, 2)
+    assert guard.admits()  # one step is not yet a measure
+    guard.observe_speculation(0.030, 2)  # 15 ms a token against 10 plain
+    assert [guard.admits() for _ in range(6)] == [False, False, True, False, False, True]
+    guard.observe_speculation(0.020, 2)  # a probe that decodes as fast as plain steps
+    assert guard.admits() and guard.admits()
 
 
 def test_pace_guard_judges_seconds_per_token_after_the_probe():

@@ -91,6 +91,9 @@ class EngineTotals:
     # Speculative requests whose speculation measured slower than plain decoding, and that
     # decoded the rest plainly (PaceGuard).
     speculation_dropped: int = 0
+    # Speculative requests that decoded plainly from the start, because the speculation of
+    # recent requests had measured slower than plain decoding (PaceGuard.admits).
+    speculation_skipped: int = 0
     # Plain steps that speculating requests took, their speculation paused for the round
     # because the batched plain step decoded more (PaceGuard.prefers_plain).
     speculation_paused_steps: int = 0
@@ -558,7 +561,9 @@ class Engine:
         """Decide the layers to capture, find the prompt's cached beginning, and give the
         request a slot or a growing cache; returns the cached beginning."""
         self.totals.prompt_tokens += len(seq.prompt_ids)
-        if seq.speculative:
+        if seq.speculative and self.pace_guard is not None and not self.pace_guard.admits():
+            self.totals.speculation_skipped += 1  # decodes plainly (PaceGuard.admits)
+        elif seq.speculative:
             seq.capture_layer_ids = (self._capture_layers(seq) if self.breaker.allow() else None) or ()
             if not seq.capture_layer_ids:
                 self._fall_back(seq)

@@ -84,6 +84,12 @@ class EngineCollector(Collector):
             value=totals.speculation_dropped,
         )
         yield CounterMetricFamily(
+            "aerie:verifier_speculation_skipped",
+            "Speculative requests that decoded plainly from the start because recent requests' "
+            "speculation measured slower than plain decoding (AERIE_DROP_SLOW_SPECULATION).",
+            value=totals.speculation_skipped,
+        )
+        yield CounterMetricFamily(
             "aerie:verifier_speculation_paused_steps",
             "Plain steps that speculative requests took beside others, their speculation paused "
             "because the batched plain step measured faster (AERIE_DROP_SLOW_SPECULATION).",

@@ -99,7 +99,7 @@ class SpeculativeStats:
 
 
 class PaceGuard:
-    """Whether speculation pays, measured, in two ways.
+    """Whether speculation pays, measured, in three ways.
 
     Per request (``pays``): after ``probe_steps`` verification steps, its seconds per token
     over those steps (the drafting, the hop and the tree verification) are compared with the
@@ -107,6 +107,12 @@ class PaceGuard:
     for the rest of the request. A weak head, or a device where tree verification is dear (a
     CPU), then costs a request a few steps instead of all of them; where drafts pay, nothing
     changes.
+
+    Per request, before it starts (``admits``): where the speculative steps of recent
+    requests, all together, decoded slower per token than the plain step (a CPU whose plain
+    step is cheap beside a tree's, a head that drafts poorly for the traffic), a new request
+    decodes plainly from the start instead of paying a probe of its own; one request in
+    ``probe_every`` still speculates, so that the measure follows the traffic and the machine.
 
     Per round (``prefers_plain``): beside other requests, plain steps are batched into one
     forward, whose cost per request falls with the batch (on a 2-core CPU, 8 requests cost
@@ -118,12 +124,15 @@ class PaceGuard:
     at start (``observe_plain_step``), and a speculative step's seconds and tokens over all
     requests (``observe_speculation``)."""
 
-    def __init__(self, probe_steps: int = 8, smoothing: float = 0.2):
+    def __init__(self, probe_steps: int = 8, smoothing: float = 0.2, probe_every: int = 8):
         self.probe_steps = probe_steps
         self.smoothing = smoothing
+        self.probe_every = probe_every
         self.plain_batch_s: dict[int, float] = {}  # a batched plain step's seconds, by requests
         self.speculative_step_s: float | None = None
         self.speculative_step_tokens: float | None = None
+        self.speculative_steps = 0  # observed, over all requests
+        self._turned_away = 0  # requests admits() declined since the last it admitted
 
     @property
     def plain_step_s(self) -> float | None:
@@ -140,6 +149,26 @@ class PaceGuard:
         """One request's verification step (with its drafting) took ``seconds`` for ``tokens``."""
         self.speculative_step_s = self._average(self.speculative_step_s, seconds)
         self.speculative_step_tokens = self._average(self.speculative_step_tokens, tokens)
+        self.speculative_steps += 1
+
+    def speculation_slower(self) -> bool:
+        """Whether recent speculative steps, every request's together, decoded slower per
+        token than one plain step (False until ``probe_steps`` of them are measured)."""
+        if self.plain_step_s is None or self.speculative_steps < self.probe_steps:
+            return False
+        return self.speculative_step_s > self.plain_step_s * self.speculative_step_tokens
+
+    def admits(self) -> bool:
+        """Whether a new request should speculate: unless recent speculation measured slower
+        than plain decoding, and then every ``probe_every``-th request (a probe)."""
+        if not self.speculation_slower():
+            self._turned_away = 0
+            return True
+        self._turned_away += 1
+        if self._turned_away < self.probe_every:
+            return False
+        self._turned_away = 0
+        return True
 
     def pays(self, steps: int, seconds: float, tokens: int) -> bool:
         """``steps`` verification steps took ``seconds`` and yielded ``tokens``."""
