@@ -78,6 +78,9 @@ def stack(tmp_path_factory) -> Stack:
         AERIE_API_KEYS="",
         AERIE_DRAIN_TIMEOUT_S="3",
         AERIE_DRAFTER_HEAD="",  # the shipped head: the stack speculates with a trained one
+        # Every request speculates (for 8 steps at least), whether or not speculation pays on
+        # this machine: the tests compare its outputs with plain decoding's.
+        AERIE_SPECULATION_PROBE_EVERY="1",
         # The memory learns small test documents quickly: short generations, two epochs.
         AERIE_MEMORY_GENERATOR_MAX_TOKENS="32",
         AERIE_MEMORY_TRAIN_EPOCHS="2",

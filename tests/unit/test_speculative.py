@@ -17,9 +17,11 @@ from aerie_verifier.drafter_client import InProcessDrafterFactory
 from aerie_verifier.engine import Engine, Sequence
 from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.sampling import LogitAdjuster, SamplingParams, next_token, penalize, target_probs
+from aerie_verifier.settings import VerifierSettings
 from aerie_verifier.speculative import HiddenCapture, PaceGuard
 from aerie_verifier.tree_verify import accept, keep_cache_entries, tree_inputs
 from prometheus_client import generate_latest
+from pydantic import ValidationError
 from transformers import DynamicCache
 
 from tests.conftest import build_tiny_llama
@@ -415,6 +417,14 @@ def test_pace_guard_admits_requests_while_speculation_measures_no_slower_than_pl
     assert [guard.admits() for _ in range(6)] == [False, False, True, False, False, True]
     guard.observe_speculation(0.020, 2)  # a probe that decodes as fast as plain steps
     assert guard.admits() and guard.admits()
+
+
+def test_the_probe_rate_is_a_setting_of_one_or_more(monkeypatch):
+    monkeypatch.setenv("AERIE_SPECULATION_PROBE_EVERY", "3")
+    assert VerifierSettings().speculation_probe_every == 3
+    monkeypatch.setenv("AERIE_SPECULATION_PROBE_EVERY", "0")
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        VerifierSettings()
 
 
 def test_pace_guard_judges_seconds_per_token_after_the_probe():

@@ -90,7 +90,9 @@ def build_engine(settings: VerifierSettings):
         settings.max_waiting_requests,
         drafter_factory=make_drafter_factory(settings, model),
         breaker_cooldown_s=settings.drafter_retry_after_s,
-        pace_guard=PaceGuard() if settings.drop_slow_speculation else None,
+        pace_guard=PaceGuard(probe_every=settings.speculation_probe_every)
+        if settings.drop_slow_speculation
+        else None,
         slots=make_slots(model, slots, settings.cuda_graph_slot_tokens),
         prefix_cache=PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb > 0 else None,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from aerie_common.settings import DraftTreeSettings, ModelSettings, ServiceSettings
+from pydantic import Field
 
 
 class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
@@ -39,6 +40,10 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # the rounds where joining their batched plain step decodes more tokens a second.
     # false: speculate whatever it costs.
     drop_slow_speculation: bool = True
+    # With drop_slow_speculation, once the speculation of recent requests, all together,
+    # measured slower than plain decoding, new requests decode plainly from the start but
+    # for one in this many, which speculates as a probe; 1: every request probes.
+    speculation_probe_every: int = Field(default=8, ge=1)
     # On the CPU, multiply a few rows by linear layers whose fp32 weights are exactly Q4_1,
     # Q8_0 or bf16 values (a GGUF's, a bf16 checkpoint's) from packed copies of them: the
     # same weights, a fifth to a half of the bytes read (aerie_common/packed_weights.py).
