@@ -387,36 +387,42 @@ def test_requests_after_speculation_measured_slower_decode_plainly_but_for_probe
     prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=12)
     plain = plain_output(target, tiny_tokenizer, prompt, params)
     # A slow drafter that is never right, as above: every request that speculates is dropped
-    # after its 4-step probe. Then the next two requests decode plainly from the start (no
-    # draft session opened), and the third probes again.
+    # after its 4-step probe. After two such requests the next two decode plainly from the
+    # start (no draft session opened), and the third probes again.
     factory = Factory(lambda: ReplayDrafter(prompt + plain, 4, wrong=True, delay_s=0.03))
-    guard = PaceGuard(probe_steps=4, probe_every=3)
+    guard = PaceGuard(probe_steps=4, probe_every=3, judged_requests=2)
     engine = Engine(target, tiny_tokenizer, drafter_factory=factory, pace_guard=guard)
     engine.start()
     try:
         opened = []
-        for _ in range(5):
+        for _ in range(6):
             tokens, _ = generate(engine, prompt, params, speculative=True)
             assert tokens == plain
             opened.append(factory.opened)
     finally:
         engine.stop()
-    assert opened == [1, 1, 1, 2, 2]
-    assert (engine.totals.speculation_skipped, engine.totals.speculation_dropped) == (3, 2)
+    assert opened == [1, 2, 2, 2, 3, 3]
+    assert (engine.totals.speculation_skipped, engine.totals.speculation_dropped) == (3, 3)
     exported = generate_latest(registry_for(EngineCollector(engine))).decode()
     assert "aerie:verifier_speculation_skipped_total 3.0" in exported.splitlines()
 
 
-def test_pace_guard_admits_requests_while_speculation_measures_no_slower_than_plain():
-    guard = PaceGuard(probe_steps=2, smoothing=1.0, probe_every=3)
-    assert guard.admits()  # nothing measured
+def test_pace_guard_turns_requests_away_only_after_a_run_of_slow_ones():
+    guard = PaceGuard(probe_every=3, judged_requests=3)
+    guard.observe_request(1.0, 10)  # nothing to compare with yet: not judged
     guard.observe_plain_step(0.010)
-    guard.observe_speculation(0.030, 2)
-    assert guard.admits()  # one step is not yet a measure
-    guard.observe_speculation(0.030, 2)  # 15 ms a token against 10 plain
+    guard.observe_request(0.300, 20)  # 15 ms a token against 10 plain
+    guard.observe_request(0.300, 20)
+    assert guard.admits()  # two slow requests are not yet a run
+    guard.observe_request(0.200, 0)  # no speculative tokens: not judged
+    assert guard.admits()
+    guard.observe_request(0.300, 20)
     assert [guard.admits() for _ in range(6)] == [False, False, True, False, False, True]
-    guard.observe_speculation(0.020, 2)  # a probe that decodes as fast as plain steps
+    guard.observe_request(0.200, 20)  # a probe that decodes as fast as plain steps
     assert guard.admits() and guard.admits()
+    for _ in range(2):  # a run broken by a request that paid: still admitted
+        guard.observe_request(0.300, 20)
+    assert guard.admits()
 
 
 def test_the_probe_rate_is_a_setting_of_one_or_more(monkeypatch):

@@ -141,6 +141,7 @@ class Sequence:
     fell_back: bool = False  # decoded without the drafter after asking for speculation
     spec_seconds: float = 0.0  # spent in verification steps and their drafting
     spec_tokens: int = 0  # the tokens those steps yielded
+    pace_heard: bool = False  # the pace guard has heard how its speculation went
     prompt_logprobs: list[TokenLogprob] | None = None  # until the first event carries them
     # The request's logit bias and repetition penalties; None when it has neither.
     adjuster: LogitAdjuster | None = None
@@ -519,6 +520,8 @@ class Engine:
         self.totals.ended[seq.finish_reason or "cancelled"] += 1
         if seq.speculative:
             self.totals.speculative.merge(seq.spec_stats)
+        if self.pace_guard is not None and not seq.pace_heard:
+            self.pace_guard.observe_request(seq.spec_seconds, seq.spec_tokens)
         self._stop_drafting(seq)
         seq.cache = None
         if seq.slot is not None:
@@ -865,6 +868,8 @@ class Engine:
             )
             self._stop_drafting(seq)
             self.totals.speculation_dropped += 1
+            guard.observe_request(seq.spec_seconds, seq.spec_tokens)  # now, not when it ends
+            seq.pace_heard = True
 
     def _tree_fits(self, seq: Sequence, tree: DraftTree) -> bool:
         if seq.slot is not None:

@@ -40,8 +40,8 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # the rounds where joining their batched plain step decodes more tokens a second.
     # false: speculate whatever it costs.
     drop_slow_speculation: bool = True
-    # With drop_slow_speculation, once the speculation of recent requests, all together,
-    # measured slower than plain decoding, new requests decode plainly from the start but
+    # With drop_slow_speculation, once the last 3 requests that speculated all measured
+    # slower than plain decoding, new requests decode plainly from the start but
     # for one in this many, which speculates as a probe; 1: every request probes.
     speculation_probe_every: int = Field(default=8, ge=1)
     # On the CPU, multiply a few rows by linear layers whose fp32 weights are exactly Q4_1,

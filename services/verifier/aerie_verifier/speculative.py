@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,11 +109,13 @@ class PaceGuard:
     CPU), then costs a request a few steps instead of all of them; where drafts pay, nothing
     changes.
 
-    Per request, before it starts (``admits``): where the speculative steps of recent
-    requests, all together, decoded slower per token than the plain step (a CPU whose plain
-    step is cheap beside a tree's, a head that drafts poorly for the traffic), a new request
+    Per request, before it starts (``admits``): where the last ``judged_requests`` requests
+    that speculated all decoded slower per token than the plain step (a CPU whose plain step
+    is cheap beside a tree's, a head that drafts poorly for the traffic), a new request
     decodes plainly from the start instead of paying a probe of its own; one request in
-    ``probe_every`` still speculates, so that the measure follows the traffic and the machine.
+    ``probe_every`` still speculates, and one whose speculation pays lets the next ones
+    speculate again. A run of requests is asked, not one: where speculation pays on average,
+    a prompt that drafts poorly must not turn the next ones away.
 
     Per round (``prefers_plain``): beside other requests, plain steps are batched into one
     forward, whose cost per request falls with the batch (on a 2-core CPU, 8 requests cost
@@ -124,14 +127,17 @@ class PaceGuard:
     at start (``observe_plain_step``), and a speculative step's seconds and tokens over all
     requests (``observe_speculation``)."""
 
-    def __init__(self, probe_steps: int = 8, smoothing: float = 0.2, probe_every: int = 8):
+    def __init__(
+        self, probe_steps: int = 8, smoothing: float = 0.2, probe_every: int = 8, judged_requests: int = 3
+    ):
         self.probe_steps = probe_steps
         self.smoothing = smoothing
         self.probe_every = probe_every
         self.plain_batch_s: dict[int, float] = {}  # a batched plain step's seconds, by requests
         self.speculative_step_s: float | None = None
         self.speculative_step_tokens: float | None = None
-        self.speculative_steps = 0  # observed, over all requests
+        # whether each of the last requests that speculated decoded faster than plain steps
+        self._requests_paid: deque[bool] = deque(maxlen=judged_requests)
         self._turned_away = 0  # requests admits() declined since the last it admitted
 
     @property
@@ -149,14 +155,17 @@ class PaceGuard:
         """One request's verification step (with its drafting) took ``seconds`` for ``tokens``."""
         self.speculative_step_s = self._average(self.speculative_step_s, seconds)
         self.speculative_step_tokens = self._average(self.speculative_step_tokens, tokens)
-        self.speculative_steps += 1
+
+    def observe_request(self, seconds: float, tokens: int) -> None:
+        """A request's speculation (ended, or dropped) took ``seconds`` for ``tokens``."""
+        if self.plain_step_s is not None and tokens:
+            self._requests_paid.append(seconds / tokens <= self.plain_step_s)
 
     def speculation_slower(self) -> bool:
-        """Whether recent speculative steps, every request's together, decoded slower per
-        token than one plain step (False until ``probe_steps`` of them are measured)."""
-        if self.plain_step_s is None or self.speculative_steps < self.probe_steps:
-            return False
-        return self.speculative_step_s > self.plain_step_s * self.speculative_step_tokens
+        """Whether each of the last ``judged_requests`` requests that speculated decoded
+        slower per token than one plain step."""
+        judged = self._requests_paid
+        return len(judged) == judged.maxlen and not any(judged)
 
     def admits(self) -> bool:
         """Whether a new request should speculate: unless recent speculation measured slower
