@@ -156,10 +156,17 @@ class PaceGuard:
         self.speculative_step_s = self._average(self.speculative_step_s, seconds)
         self.speculative_step_tokens = self._average(self.speculative_step_tokens, tokens)
 
+    def _as_fast_as_plain(self, seconds: float, tokens: int) -> bool | None:
+        """Whether ``tokens`` in ``seconds`` keep up with plain steps; None where unknown."""
+        if self.plain_step_s is None or tokens == 0:
+            return None
+        return seconds / tokens <= self.plain_step_s
+
     def observe_request(self, seconds: float, tokens: int) -> None:
         """A request's speculation (ended, or dropped) took ``seconds`` for ``tokens``."""
-        if self.plain_step_s is not None and tokens:
-            self._requests_paid.append(seconds / tokens <= self.plain_step_s)
+        paid = self._as_fast_as_plain(seconds, tokens)
+        if paid is not None:
+            self._requests_paid.append(paid)
 
     def speculation_slower(self) -> bool:
         """Whether each of the last ``judged_requests`` requests that speculated decoded
@@ -181,9 +188,7 @@ class PaceGuard:
 
     def pays(self, steps: int, seconds: float, tokens: int) -> bool:
         """``steps`` verification steps took ``seconds`` and yielded ``tokens``."""
-        if steps < self.probe_steps or self.plain_step_s is None or tokens == 0:
-            return True
-        return seconds / tokens <= self.plain_step_s
+        return steps < self.probe_steps or self._as_fast_as_plain(seconds, tokens) is not False
 
     def prefers_plain(self, plain: int, speculating: int) -> bool:
         """Whether a round decodes more tokens a second with the ``speculating`` requests
