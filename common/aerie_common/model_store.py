@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,11 @@ def pick_dtype(dtype: str, device: str):
 def load_target(settings: ModelSettings):
     """Load the target model and tokenizer; returns (model, tokenizer, model_dir)."""
     import torch
+
+    # transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns on the
+    # old name, which it drops in 5.40 (pyproject caps it below). The GPU machines' own
+    # transformers (5.17) knows only the old name, so the services keep passing it.
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if settings.torch_threads > 0:
