@@ -43,10 +43,6 @@ class LevelSummary:
     tokens_per_s: float  # completion tokens of completed requests / wall time
     requests_per_s: float  # completed requests / wall time
 
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
 
 def summarise(
     name: str,

@@ -261,8 +261,3 @@ class RejectUndecodableRequests(grpc.aio.ServerInterceptor):
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, deserializer, serializer)
         return handler  # client streaming: no Aerie service has such a method
-
-
-def split_host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host or "0.0.0.0", int(port)

@@ -17,7 +17,7 @@ ids by ``target = draft + d2t[draft]``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -127,9 +127,6 @@ class EagleConfig:
             vocab_size=self.vocab_size,
             rope_parameters=rope,
         )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def causal_mask(new: int, past: int, device, dtype) -> torch.Tensor:

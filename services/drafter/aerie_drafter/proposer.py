@@ -309,10 +309,6 @@ class DraftSession:
         """The prompt and every token decided since."""
         return self._context.tokens
 
-    @property
-    def num_pairs(self) -> int:
-        return self._processed + sum(len(p) for p in self._pending)
-
     def start(self, token_ids: list[int], hidden: torch.Tensor) -> None:
         """The prompt plus the first generated token, and one feature row per prompt token."""
         if self.tokens:

@@ -47,12 +47,6 @@ def _s(value: Any) -> str:
 
 
 @dataclass
-class ForgetItem:
-    doc_id: str
-    hash: str
-
-
-@dataclass
 class IngestOutcome:
     job_id: str
     statuses: list[tuple[str, str]]

@@ -133,7 +133,6 @@ class Sequence:
     slot: StaticSlot | None = None  # instead of ``cache``, on a GPU
     cancelled: bool = False
     finish_reason: str | None = None
-    submitted_at: float = field(default_factory=time.monotonic)
     draft: Drafter | None = None
     tree: DraftTree | None = None  # the next tree to verify
     capture_layer_ids: tuple[int, ...] = ()  # the target layers the drafter reads; () when not drafting
