@@ -68,7 +68,14 @@ BENCH_HEAD=$HEAD; [ -d $RUN/head ] && BENCH_HEAD=$RUN/head
 timeout $(( BUDGET - $(el) > 10 ? BUDGET - $(el) - 5 : 5 )) $PY -m bench.speculative --head $BENCH_HEAD ${BENCH_ARGS:-} --out /tmp/bench/speculative_gpu.json > $OUT/bench.log 2>&1
 say "bench exit $?"; tail -40 $OUT/bench.log
 cp /tmp/bench/speculative_gpu.json $OUT/ 2>/dev/null
-# at most 8 files come back: the logs go in one
-tar czf $OUT/logs.tar.gz -C $RUN run.json times.json train_log.jsonl -C $OUT train_a.log train_b.log bench.log convert.log gpu_tests.log \
-  && rm -f $OUT/train_a.log $OUT/train_b.log $OUT/convert.log $OUT/bench.log $OUT/gpu_tests.log
+# D: where a step's time goes, op by op, in the time left (bench/step_profile.py)
+LEFT=$(( BUDGET - $(el) - 5 ))
+if (( LEFT > 30 )); then
+  timeout $LEFT $PY -m bench.step_profile --head $BENCH_HEAD --max-tokens 32 --out $OUT/step_profile.json > $OUT/step_profile.log 2>&1
+  say "step profile exit $?"; grep -v "^|" $OUT/step_profile.log | tail -8
+fi
+# at most 8 files come back: the logs go in one (those a shorter run did not write are skipped)
+LOGS="train_a.log train_b.log bench.log convert.log gpu_tests.log step_profile.log step_profile.json"
+tar czf $OUT/logs.tar.gz --ignore-failed-read -C $RUN run.json times.json train_log.jsonl -C $OUT $LOGS 2>/dev/null \
+  && (cd $OUT && rm -f $LOGS)
 ls -la $OUT $OUT/head; say done
