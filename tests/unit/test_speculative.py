@@ -833,3 +833,32 @@ def test_stop_token_ids_end_the_output_as_eos_does(target, make_engine):
         engines[0].submit("r", prompt, SamplingParams(stop_token_ids=frozenset({VOCAB})), lambda event: None)
     with pytest.raises(ValueError, match="stop_token_ids"):
         SamplingParams(stop_token_ids=frozenset(range(65)))
+
+
+def test_the_pace_guard_hears_a_paying_request_when_its_probe_ends_not_when_it_ends(target, tiny_tokenizer):
+    prompt, params = [5, 6, 7, 8], SamplingParams(max_tokens=40)
+    reference = prompt + plain_output(target, tiny_tokenizer, prompt, params)
+
+    class HearingGuard(SlowPlainStepGuard):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.heard: list[int] = []  # a request's speculative tokens when the guard heard it
+
+        def observe_request(self, seconds: float, tokens: int) -> None:
+            self.heard.append(tokens)
+            super().observe_request(seconds, tokens)
+
+    # A free drafter that is always right: 5 tokens a step, so the 2-step probe pays, and
+    # the request is heard then, with its 10 tokens, not at its end with all of them, and
+    # only once.
+    guard = HearingGuard(probe_steps=2)
+    engine = Engine(
+        target, tiny_tokenizer, drafter_factory=Factory(lambda: ReplayDrafter(reference, 4)), pace_guard=guard
+    )
+    engine.start()
+    try:
+        _, final = generate(engine, prompt, params, speculative=True)
+    finally:
+        engine.stop()
+    assert final.speculative.drafts == 8
+    assert guard.heard == [10]

@@ -852,13 +852,13 @@ class Engine:
         seq.spec_seconds += seconds
         seq.spec_tokens += len(new_tokens)
         guard = self.pace_guard
-        if guard is not None:
-            guard.observe_speculation(seconds, len(new_tokens))
-        if (
-            seq.draft is not None
-            and guard
-            and not guard.pays(seq.spec_stats.drafts, seq.spec_seconds, seq.spec_tokens)
-        ):
+        if guard is None:
+            return
+        guard.observe_speculation(seconds, len(new_tokens))
+        if seq.draft is None:  # the drafter failed: the request decodes plainly now
+            return
+        pays = guard.pays(seq.spec_stats.drafts, seq.spec_seconds, seq.spec_tokens)
+        if not pays:
             log.info(
                 "request %s: speculation yields %.1f ms per token against %.1f ms plain; decoding plainly",
                 seq.request_id,
@@ -867,7 +867,11 @@ class Engine:
             )
             self._stop_drafting(seq)
             self.totals.speculation_dropped += 1
-            guard.observe_request(seq.spec_seconds, seq.spec_tokens)  # now, not when it ends
+        # The guard hears a request once, when its probe has run (or its speculation is dropped,
+        # or it ends, if sooner): a long request whose speculation pays must not keep the next
+        # ones plain until it ends.
+        if not seq.pace_heard and (not pays or seq.spec_stats.drafts >= guard.probe_steps):
+            guard.observe_request(seq.spec_seconds, seq.spec_tokens)
             seq.pace_heard = True
 
     def _tree_fits(self, seq: Sequence, tree: DraftTree) -> bool:

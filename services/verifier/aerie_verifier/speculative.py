@@ -115,7 +115,8 @@ class PaceGuard:
     decodes plainly from the start instead of paying a probe of its own; one request in
     ``probe_every`` still speculates, and one whose speculation pays lets the next ones
     speculate again. A run of requests is asked, not one: where speculation pays on average,
-    a prompt that drafts poorly must not turn the next ones away.
+    a prompt that drafts poorly must not turn the next ones away. The engine reports each
+    request once (``observe_request``), when its probe has run, or when it ends if sooner.
 
     Per round (``prefers_plain``): beside other requests, plain steps are batched into one
     forward, whose cost per request falls with the batch (on a 2-core CPU, 8 requests cost
