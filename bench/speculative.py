@@ -393,9 +393,13 @@ def main() -> None:
 
     # The oracle needs the plain outputs first (also the reference for every check).
     print(f"plain reference outputs for {len(prompts)} prompts ...", flush=True)
-    references = [
-        run_on_own_engine(model, tokenizer, None, p, args.max_tokens, False, slots=slots)[0] for p in prompts
-    ]
+    references = []
+    for i, prompt in enumerate(prompts):
+        tokens, seconds, _ = run_on_own_engine(
+            model, tokenizer, None, prompt, args.max_tokens, False, slots=slots
+        )
+        references.append(tokens)
+        print(f"  reference {i + 1}/{len(prompts)}: {len(tokens)} tokens in {seconds:.2f} s", flush=True)
     oracle_file = args.out.with_suffix(".oracle.json")
     oracle_file.parent.mkdir(parents=True, exist_ok=True)
     oracle_file.write_text(json.dumps([p + r for p, r in zip(prompts, references, strict=True)]))
@@ -462,6 +466,7 @@ def main() -> None:
         for i, (prompt, reference) in enumerate(zip(prompts, references, strict=True)):
             # Rotate the order per prompt, so no configuration always runs first.
             order = configs[i % len(configs) :] + configs[: i % len(configs)]
+            took = {}  # seconds by configuration, printed: a slot's log then shows which one stalled
             for name in order:
                 if name in HF_CONFIGS:
                     stats = None
@@ -470,6 +475,7 @@ def main() -> None:
                     )
                 else:
                     tokens, seconds, stats = run_engine(name, prompt, args.max_tokens)
+                took[name] = seconds
                 tally = tallies[name]
                 tally.tokens += len(tokens)
                 tally.seconds += seconds
@@ -480,7 +486,8 @@ def main() -> None:
                     tally.divergence_gaps.append(gap)
                 if stats is not None and stats.drafts:
                     tally.add_speculation(stats)
-            print(f"  prompt {i + 1}/{len(prompts)} done", flush=True)
+            seconds_taken = ", ".join(f"{name} {took[name]:.2f}" for name in configs)
+            print(f"  prompt {i + 1}/{len(prompts)} done (s: {seconds_taken})", flush=True)
     finally:
         for proc in processes:
             proc.terminate()
