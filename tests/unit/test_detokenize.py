@@ -59,3 +59,23 @@ def test_token_bytes_of_a_sentencepiece_tokenizer():
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     assert token_bytes_table(tokenizer)[1:] == [b" the", b"\n", b"cat", b"\xe6"]
+
+
+def stream_from(tokenizer, text, stop, min_tokens):
+    detok = IncrementalDetokenizer(tokenizer, stop, min_tokens)
+    pieces = []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        pieces.append(detok.add(token))
+        if detok.stopped:
+            return "".join(pieces), True
+    return "".join(pieces) + detok.flush(), False
+
+
+def test_stop_strings_count_only_past_min_tokens_as_in_vllm(tiny_tokenizer):
+    # one token a character here: the first 5 ("Lee a") may hold "e" as output text
+    assert stream_from(tiny_tokenizer, "Lee and the end", ("e",), 0) == ("L", True)
+    assert stream_from(tiny_tokenizer, "Lee and the end", ("e",), 5) == ("Lee and th", True)
+    assert stream_from(tiny_tokenizer, "Lee and the end", ("e",), 15) == ("Lee and the end", False)
+    # a stop string ending past them counts, even if it starts inside them (held back till then)
+    assert stream_from(tiny_tokenizer, "xxab yy", ("ab",), 3) == ("xx", True)
+    assert stream_from(tiny_tokenizer, "xxab yy", ("ab",), 4) == ("xxab yy", False)

@@ -322,3 +322,16 @@ def test_a_step_clock_leaves_out_graph_captures_made_during_the_step():
     graphs.capture_seconds += 0.3  # the step spent all of it capturing
     assert elapsed_with() < 0.2
     assert elapsed_without() >= 0.3
+
+
+def test_a_stop_string_written_before_min_tokens_is_output_text(engine):
+    prompt = [5, 6, 7]  # the tiny model answers "w" twelve times
+    assert run(engine, prompt, SamplingParams(max_tokens=12, ignore_eos=True)).text == "w" * 12
+
+    def stopped(min_tokens: int) -> tuple[str, str]:
+        out = run(engine, prompt, SamplingParams(max_tokens=12, stop=("w",), min_tokens=min_tokens))
+        return out.text, out.events[-1].finish_reason
+
+    assert stopped(0) == ("", "stop")
+    assert stopped(5) == ("wwwww", "stop")  # the sixth "w" stops it
+    assert stopped(12) == ("w" * 12, "length")

@@ -316,7 +316,8 @@ class GenerationRequest(RequestBody):
         default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS
     )
     structured_outputs: StructuredOutputs | None = None  # vLLM's
-    # vLLM's: decode past EOS (benchmarks of a fixed output length); no EOS before min_tokens.
+    # vLLM's: decode past EOS (benchmarks of a fixed output length); no EOS, stop token id or
+    # stop string ending within the first min_tokens tokens.
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     # vLLM's: token ids that end the output as EOS does (the model's, as Tokenize gives them).

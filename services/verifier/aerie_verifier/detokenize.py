@@ -4,6 +4,9 @@ Tokens arrive one (or, with speculation, several) at a time. Text is released on
 it is final: a multi-byte character split across tokens is held back until complete
 (the "prefix/read offset" method of TGI and vLLM), and so is any tail that could still
 become a stop string, because a stop string must never reach the client.
+
+With ``min_tokens``, as in vLLM, a stop string counts only where it ends in the text of a
+token after the first ``min_tokens``: one that the earlier tokens wrote is output text.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        self.min_tokens = min_tokens
+        self._armed_at: int | None = 0 if min_tokens == 0 else None  # chars before stop strings count
         self.token_ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -39,20 +44,35 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
-        return self._release()
+        release = self._release()
+        if self._armed_at is None and len(self.token_ids) == self.min_tokens:
+            self._armed_at = len(self.text)  # text held back for a multi-byte character counts after
+        return release
 
     def _release(self) -> str:
         if self.stop:
-            # A stop string can only start within the last max_len-1 released chars or later.
-            longest = max(map(len, self.stop))
-            search_from = max(0, self._emitted - longest + 1)
-            hits = [i for s in self.stop if (i := self.text.find(s, search_from)) != -1]
-            if hits:
+            hit = self._first_stop()
+            if hit is not None:
                 self.stopped = True
-                self.text = self.text[: min(hits)]
+                self.text = self.text[:hit]
                 return self._take(len(self.text))
             return self._take(len(self.text) - self._stop_prefix_len())
         return self._take(len(self.text))
+
+    def _first_stop(self) -> int | None:
+        """Where the first stop string that counts starts, if any: it can only start within
+        the last max_len-1 released chars or later, and must end past the text of the first
+        min_tokens tokens."""
+        if self._armed_at is None:
+            return None
+        longest = max(map(len, self.stop))
+        hits = [
+            i
+            for s in self.stop
+            if (i := self.text.find(s, max(0, self._emitted - longest + 1, self._armed_at - len(s) + 1)))
+            != -1
+        ]
+        return min(hits, default=None)
 
     def _stop_prefix_len(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of a stop string."""

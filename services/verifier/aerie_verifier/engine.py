@@ -370,7 +370,7 @@ class Engine:
             params=params,
             max_new_tokens=max_new_tokens,
             on_event=on_event,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens),
             seed=params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little"),
             eos_ids=self.eos_ids,
             speculative=speculative and self.drafter_factory is not None,

@@ -50,7 +50,7 @@ class SamplingParams:
     # vLLM's: decode past EOS (for benchmarks of a fixed length), and not stop at EOS before
     # this many tokens.
     ignore_eos: bool = False
-    min_tokens: int = 0  # (no stop_token_ids either before then)
+    min_tokens: int = 0  # (no stop_token_ids either before then, nor stop strings: detokenize.py)
     # vLLM's: tokens that end the output as EOS does (not part of it), even with ignore_eos.
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: bool = False  # report each chosen token's log probability
