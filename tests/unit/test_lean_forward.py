@@ -5,6 +5,7 @@ transformers."""
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from aerie_common.draft_tree import DraftTree
 from aerie_common.packed_weights import PackedLinear
 from aerie_verifier.cpu_kernels import speed_up_tree_verification
 from aerie_verifier.kv_cache import GrowingCache
-from aerie_verifier.lean_forward import install_lean_forward
+from aerie_verifier.lean_forward import LeanForward, install_lean_forward
 from aerie_verifier.speculative import HiddenCapture
 from aerie_verifier.tree_verify import tree_inputs
 from transformers import (
@@ -244,3 +245,21 @@ def test_the_rotary_kernel_matches_transformers_bit_for_bit():
     expected_query, expected_key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
     assert torch.equal(rotate(query, cos, sin).transpose(1, 2), expected_query)
     assert torch.equal(rotate(key, cos, sin).transpose(1, 2), expected_key)
+
+
+def forward_of_transformers_5_2x(input_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
+    return "cache", cache, kwargs
+
+
+def forward_of_transformers_5_17(
+    input_ids=None, past_key_values=None, inputs_embeds=None, use_cache=None, **kwargs
+):
+    return "past_key_values", past_key_values, kwargs
+
+
+@pytest.mark.parametrize("forward", [forward_of_transformers_5_2x, forward_of_transformers_5_17])
+def test_what_the_loop_does_not_run_gets_the_cache_by_the_name_transformers_takes(forward):
+    cache = DynamicCache()  # not a GrowingCache: transformers' own forward runs
+    lean = LeanForward(SimpleNamespace(forward=forward))
+    name, given, rest = lean(input_ids=torch.tensor([[1, 2]]), past_key_values=cache)
+    assert given is cache and name not in rest

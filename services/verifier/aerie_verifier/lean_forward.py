@@ -23,8 +23,9 @@ each layer's input through ``observers`` instead.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,11 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # The CPU's serving trees and plain steps, the sizes measured; a larger tree asked for on a
 # CPU (AERIE_DRAFT_TREE_*) goes to transformers.
 MAX_NEW_TOKENS = 16
+# The KV cache's name in a model output: transformers 5.2x renamed `past_key_values` to
+# `cache` (in the forwards' arguments too); the GPU machines' 5.17 knows only the old name.
+OUTPUT_CACHE_FIELD = (
+    "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
+)
 
 
 class LeanForward:
@@ -53,6 +59,9 @@ class LeanForward:
 
         self.model = inner_model
         self.original = inner_model.forward
+        # the name transformers' own forward takes the KV cache by (OUTPUT_CACHE_FIELD)
+        takes = inspect.signature(self.original).parameters
+        self._cache_argument = "cache" if "cache" in takes else "past_key_values"
         # the attention implementations whose computation the loop reproduces
         self.attention_implementations = ("sdpa", GROUPED_SDPA)
         # Called with (layer index, the layer's input hidden states) on every lean forward.
@@ -96,13 +105,13 @@ class LeanForward:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                **{self._cache_argument: cache},
                 **kwargs,
             )
         hidden = self.ragged(input_ids, position_ids, [cache], [attention_mask])
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{OUTPUT_CACHE_FIELD: cache})
 
     def supports_ragged(self) -> bool:
         """Whether ``ragged`` runs this target: its attention is one the loop reproduces."""
