@@ -857,8 +857,7 @@ class Engine:
         guard.observe_speculation(seconds, len(new_tokens))
         if seq.draft is None:  # the drafter failed: the request decodes plainly now
             return
-        pays = guard.pays(seq.spec_stats.drafts, seq.spec_seconds, seq.spec_tokens)
-        if not pays:
+        if not guard.pays(seq.spec_stats.drafts, seq.spec_seconds, seq.spec_tokens):
             log.info(
                 "request %s: speculation yields %.1f ms per token against %.1f ms plain; decoding plainly",
                 seq.request_id,
@@ -867,10 +866,10 @@ class Engine:
             )
             self._stop_drafting(seq)
             self.totals.speculation_dropped += 1
-        # The guard hears a request once, when its probe has run (or its speculation is dropped,
-        # or it ends, if sooner): a long request whose speculation pays must not keep the next
+        # The guard hears a request once, when its probe has run (a drop comes no sooner), or
+        # when it ends, if sooner: a long request whose speculation pays must not keep the next
         # ones plain until it ends.
-        if not seq.pace_heard and (not pays or seq.spec_stats.drafts >= guard.probe_steps):
+        if not seq.pace_heard and seq.spec_stats.drafts >= guard.probe_steps:
             guard.observe_request(seq.spec_seconds, seq.spec_tokens)
             seq.pace_heard = True
 

@@ -164,7 +164,8 @@ class PaceGuard:
         return seconds / tokens <= self.plain_step_s
 
     def observe_request(self, seconds: float, tokens: int) -> None:
-        """A request's speculation (ended, or dropped) took ``seconds`` for ``tokens``."""
+        """A request's speculation took ``seconds`` for ``tokens``: over its probe, or up to
+        its end if that came sooner."""
         paid = self._as_fast_as_plain(seconds, tokens)
         if paid is not None:
             self._requests_paid.append(paid)
