@@ -18,6 +18,7 @@ from aerie_memory.training import (
     save_adapter,
     train_lora,
     training_pairs,
+    unrecalled,
 )
 
 from tests.conftest import build_tiny_llama
@@ -118,6 +119,45 @@ def test_a_small_job_trains_more_epochs_up_to_the_minimum_steps(tiny_tokenizer):
     per_epoch = -(-len(examples) // 2)
     assert result.steps == seen[-1][0] == seen[-1][1] == small.schedule(len(examples))[1] >= 6
     assert len(result.epoch_losses) == small.schedule(len(examples))[0] == -(-6 // per_epoch)
+
+
+def test_unrecalled_finds_the_answers_greedy_decoding_would_not_give_back(tiny_tokenizer):
+    from aerie_memory.training import Example, _prompt_ids
+
+    model = memorising_tiny_llama(len(tiny_tokenizer)).eval()
+    prompt = _prompt_ids(tiny_tokenizer, PAIRS[0][0])
+    ids = torch.tensor([prompt])
+    greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)[0]
+    own = greedy[len(prompt) :].tolist()  # what the model says: recalled by construction
+    other = [*own[:3], (own[3] + 1) % len(tiny_tokenizer), *own[4:]]  # one token it would not say
+    examples = [
+        Example(prompt + answer_ids, [-100] * len(prompt) + answer_ids) for answer_ids in (own, other, own)
+    ]
+    assert unrecalled(model, examples, batch_size=2, pad=0) == [1]
+    assert unrecalled(model, examples[::-1], batch_size=3, pad=0) == [1]
+
+
+def test_recall_epochs_train_on_until_every_answer_comes_back(tiny_tokenizer):
+    examples = build_examples(tiny_tokenizer, PAIRS, max_seq_tokens=200)
+    scheduled = TrainConfig(rank=8, alpha=16, epochs=2, learning_rate=3e-3, batch_size=2)
+    model = memorising_tiny_llama(len(tiny_tokenizer))
+    short = train_lora(model, tiny_tokenizer, examples, scheduled)
+    assert short.unrecalled == [] and short.steps == 2  # no check without recall epochs
+    apply_deltas(model, merge_adapters([short.adapter], density=1.0))
+    assert [answer(model, tiny_tokenizer, q, 8) for q, _ in PAIRS] != [a for _, a in PAIRS]
+
+    config = TrainConfig(rank=8, alpha=16, epochs=2, learning_rate=3e-3, batch_size=2, recall_epochs=200)
+    model = memorising_tiny_llama(len(tiny_tokenizer))
+    seen = []
+    result = train_lora(model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t)))
+    # checked after the scheduled epochs, then after each recall epoch the answers missed,
+    # and all once those come back; a recall epoch trains only the answers missed (one
+    # batch here)
+    assert result.unrecalled[0] > 0 and result.unrecalled[-2:] == [0, 0]
+    assert 2 < result.steps < 2 + 200
+    assert seen[-1] == (result.steps, result.steps)  # the progress total grows by each recall epoch
+    apply_deltas(model, merge_adapters([result.adapter], density=1.0))
+    assert [answer(model, tiny_tokenizer, q, 8) for q, _ in PAIRS] == [a for _, a in PAIRS]
 
 
 def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):

@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -134,6 +134,9 @@ class TrainConfig:
     )
     seed: int = 0
     min_steps: int = 0  # more epochs than ``epochs`` when it takes them to make this many steps
+    # Up to this many more epochs when, after the scheduled ones, some answer would not come
+    # back word for word (``unrecalled``), until every one would; 0: none.
+    recall_epochs: int = 0
 
     def schedule(self, examples: int) -> tuple[int, int]:
         """(epochs, optimizer steps) for ``examples`` examples."""
@@ -145,9 +148,46 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     adapter: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    epoch_losses: list[float]
+    epoch_losses: list[float]  # the scheduled epochs' (a recall epoch trains only a few answers)
     steps: int
     seconds: float
+    # How many answers greedy decoding would not give back, at each check: all examples
+    # after the scheduled epochs, then those missed after each recall epoch, and all again
+    # once those come back (empty when recall_epochs is 0).
+    unrecalled: list[int] = field(default_factory=list)
+
+
+def _batch(examples: Sequence[Example], rows: Sequence[int], pad: int, device) -> tuple[torch.Tensor, ...]:
+    """(input ids, labels, attention mask) of ``rows``, right-padded to the longest."""
+    width = max(len(examples[i].input_ids) for i in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, i in enumerate(rows):
+        n = len(examples[i].input_ids)
+        ids[row, :n] = torch.tensor(examples[i].input_ids)
+        labels[row, :n] = torch.tensor(examples[i].labels)
+        mask[row, :n] = 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def unrecalled(model, examples: Sequence[Example], batch_size: int, pad: int) -> list[int]:
+    """The examples whose answer greedy decoding would not give back word for word: at some
+    answer position the model's most likely next token, after the answer's own tokens so
+    far, is another. (The training loss can be low while a few such tokens remain, and one
+    is enough to send a recalled passage elsewhere.)"""
+    device = next(model.parameters()).device
+    missed = []
+    for start in range(0, len(examples), batch_size):
+        rows = list(range(start, min(start + batch_size, len(examples))))
+        ids, labels, mask = _batch(examples, rows, pad, device)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        targets = labels[:, 1:]
+        selected = targets != -100  # the answer's positions, as in training
+        wrong = model.lm_head(hidden[:, :-1][selected]).argmax(-1) != targets[selected]
+        missed += sorted({rows[r] for r in selected.nonzero()[:, 0][wrong].tolist()})
+    return missed
 
 
 def train_lora(
@@ -172,52 +212,76 @@ def train_lora(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     epochs, total = config.schedule(len(examples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, 1 - step / max(1, total)),
-    )
     inner = peft_model.get_base_model()
     device = next(inner.parameters()).device
     epoch_losses: list[float] = []
+    missed: list[int] = []
     step = 0
-    try:
-        for _ in range(epochs):
-            order = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), rng.random()))
-            batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-            rng.shuffle(batches)
-            losses = []
-            for batch in batches:
-                width = max(len(examples[i].input_ids) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    n = len(examples[i].input_ids)
-                    ids[row, :n] = torch.tensor(examples[i].input_ids)
-                    labels[row, :n] = torch.tensor(examples[i].labels)
-                    mask[row, :n] = 1
-                ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-                hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                # Position t predicts token t+1: score only positions whose next token is a label.
-                targets = labels[:, 1:]
-                selected = targets != -100
-                logits = inner.lm_head(hidden[:, :-1][selected])
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets[selected])
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+
+    def train_epoch(rows: Sequence[int], scheduler=None) -> float:
+        """One pass over ``rows``; returns its mean loss."""
+        nonlocal step, total
+        order = sorted(rows, key=lambda i: (len(examples[i].input_ids), rng.random()))
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        rng.shuffle(batches)
+        if scheduler is None:  # a recall epoch: its batches were not in the schedule
+            total += len(batches)
+        losses = []
+        for batch in batches:
+            ids, labels, mask = _batch(examples, batch, pad, device)
+            hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            # Position t predicts token t+1: score only positions whose next token is a label.
+            targets = labels[:, 1:]
+            selected = targets != -100
+            logits = inner.lm_head(hidden[:, :-1][selected])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[selected])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if scheduler is not None:
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                step += 1
-                if progress is not None:
-                    progress(step, total, loss.item())
-            epoch_losses.append(sum(losses) / max(1, len(losses)))
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            if progress is not None:
+                progress(step, total, loss.item())
+        return sum(losses) / max(1, len(losses))
+
+    def not_recalled(rows: Sequence[int]) -> list[int]:
+        inner.eval()
+        found = unrecalled(inner, [examples[i] for i in rows], config.batch_size, pad)
+        inner.train()
+        missed.append(len(found))
+        return [rows[i] for i in found]
+
+    try:
+        scheduled = total
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: (
+                min(1.0, (step + 1) / max(1, scheduled // 10)) * max(0.0, 1 - step / max(1, scheduled))
+            ),
+        )
+        everything = list(range(len(examples)))
+        for _ in range(epochs):
+            epoch_losses.append(train_epoch(everything, schedule))
+        rows = not_recalled(everything) if config.recall_epochs else []
+        for epoch in range(config.recall_epochs):
+            if not rows:
+                break
+            # Only the answers that do not come back yet, with the learning rate up again
+            # (the schedule ended at zero) and decaying over the recall epochs. Checked
+            # again are those (a forward pass over all examples costs a third of an epoch),
+            # and all of them once those come back, so that one a step unlearned is taken up.
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * (1 - epoch / config.recall_epochs)
+            train_epoch(rows)
+            rows = not_recalled(rows) or not_recalled(everything)
         adapter = extract_adapter(peft_model)
     finally:
         peft_model.unload()  # the base model's own modules again, weights untouched
     model.eval()
-    return TrainResult(adapter, epoch_losses, step, time.monotonic() - started)
+    return TrainResult(adapter, epoch_losses, step, time.monotonic() - started, missed)
 
 
 def extract_adapter(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -214,6 +214,7 @@ class JobProcessor:
             alpha=s.memory_lora_alpha,
             epochs=s.memory_train_epochs,
             min_steps=s.memory_min_train_steps,
+            recall_epochs=s.memory_recall_epochs,
             learning_rate=s.memory_learning_rate,
             batch_size=s.memory_batch_size,
         )
@@ -249,6 +250,7 @@ class JobProcessor:
         meta = {
             "examples": len(examples),
             "epoch_losses": result.epoch_losses,
+            "unrecalled": result.unrecalled,
             "seconds": result.seconds,
             "record": record,
         }
@@ -258,12 +260,13 @@ class JobProcessor:
             job_id, train_loss=round(result.epoch_losses[-1], 4) if result.epoch_losses else 0.0
         )
         log.info(
-            "%s: adapter %s trained on %d examples in %.0fs, losses %s",
+            "%s: adapter %s trained on %d examples in %.0fs, losses %s, not recalled word for word %s",
             job_id,
             record["id"],
             len(examples),
             result.seconds,
             [round(x, 3) for x in result.epoch_losses],
+            result.unrecalled,
         )
         return record
 
