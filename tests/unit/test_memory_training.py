@@ -149,7 +149,9 @@ def test_recall_epochs_train_on_until_every_answer_comes_back(tiny_tokenizer):
     config = TrainConfig(rank=8, alpha=16, epochs=2, learning_rate=3e-3, batch_size=2, recall_epochs=200)
     model = memorising_tiny_llama(len(tiny_tokenizer))
     seen = []
-    result = train_lora(model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t)))
+    result = train_lora(
+        model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t))
+    )
     # checked after the scheduled epochs, then after each recall epoch the answers missed,
     # and all once those come back; a recall epoch trains only the answers missed (one
     # batch here)
