@@ -516,7 +516,6 @@ class Engine:
             log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
         if seq.prefilled and seq.finish_reason != "error":
             self._remember(seq, [*seq.prompt_ids, *seq.output_ids], seq.capture_layer_ids)
-        self.totals.ended[seq.finish_reason or "cancelled"] += 1
         if seq.speculative:
             self.totals.speculative.merge(seq.spec_stats)
         if self.pace_guard is not None and not seq.pace_heard:
@@ -527,6 +526,9 @@ class Engine:
             self._free_slots.append(seq.slot)
             seq.slot = None
         self._running.remove(seq)
+        # Counted as ended once it no longer runs: a metrics scrape in between saw a
+        # cancelled request both ended and running (CI, session 34).
+        self.totals.ended[seq.finish_reason or "cancelled"] += 1
 
     @torch.inference_mode()
     def _step(self, seq: Sequence) -> None:
