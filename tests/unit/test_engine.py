@@ -187,6 +187,36 @@ def test_queue_bound_and_cancellation(tiny_model, tiny_tokenizer):
         engine.stop()
 
 
+def test_a_request_is_counted_as_ended_only_once_it_no_longer_runs(tiny_model, tiny_tokenizer):
+    """A metrics scrape must never see one request both ended and running (CI, session 34:
+    a cancelled request was counted before it left the running list)."""
+    engine = Engine(tiny_model, tiny_tokenizer, max_running=1, max_waiting=2)
+    running_when_counted = []
+
+    class EndedCounts(dict):
+        def __setitem__(self, reason, count):
+            running_when_counted.append((reason, engine.num_running))
+            super().__setitem__(reason, count)
+
+    engine.totals.ended = EndedCounts(engine.totals.ended)
+    engine.start()
+    try:
+        cancelled = engine.submit("a", [5, 6], SamplingParams(max_tokens=400), Collector())
+        deadline = time.monotonic() + 10
+        while not engine.num_running and time.monotonic() < deadline:
+            time.sleep(0.005)
+        cancelled.cancel()
+        finished = Collector()
+        engine.submit("b", [5, 6], SamplingParams(max_tokens=3, ignore_eos=True), finished)
+        assert finished.done.wait(30)
+        deadline = time.monotonic() + 5  # retired just after its last event
+        while len(running_when_counted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running_when_counted == [("cancelled", 0), ("length", 0)]
+    finally:
+        engine.stop()
+
+
 def test_concurrent_requests_all_finish_with_their_own_output(engine, tiny_model):
     prompts = [[5 + i, 6, 7] for i in range(4)]
     collectors = [Collector() for _ in prompts]
