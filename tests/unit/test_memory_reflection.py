@@ -373,25 +373,115 @@ def test_entity_gate_passes_learned_names_and_questions_naming_none():
 
 
 def test_a_facts_question_about_part_of_a_learned_name_asks_about_that_name():
-    from aerie_memory.models import LoadedMemory, link_facts_question
+    from aerie_memory.models import LoadedMemory, recall_questions
 
     def passage(entity: str) -> Reflection:
         return Reflection(f"What do you know about {entity}?", "...", "passages", ("d",))
 
     names = ["Halvard Instrument Company", "Orrin Vastel", "Ilse Vastel", "Idris Morlan", "Kelmouth"]
     learned = LoadedMemory("v1", None, None, [passage(n) for n in names + ["Kelmouth"]], None)
-    assert learned.passage_entities == names  # once each, however many adapters learned it
+    assert list(learned.passages) == names  # once each, however many adapters learned it
 
-    def link(name: str) -> str:
-        return link_facts_question(f"What do you know about {name}?", learned.passage_entities)
+    def asked(name: str) -> list[str]:
+        return recall_questions(f"What do you know about {name}?", learned.passages)
 
-    assert link("Halvard") == "What do you know about Halvard Instrument Company?"
-    assert link("halvard instrument company") == "What do you know about Halvard Instrument Company?"
-    assert link("Captain Idris Morlan") == "What do you know about Idris Morlan?"  # more than the name
-    assert link("Vastel") == "What do you know about Vastel?"  # Orrin or Ilse: asked as it is
-    assert link("Kelmouth University") == "What do you know about Kelmouth University?"  # not a one-word name
-    assert link("Stone") == "What do you know about Stone?"  # learned nothing of it
-    assert link_facts_question("Who founded Halvard?", learned.passage_entities) == "Who founded Halvard?"
+    assert asked("Halvard") == ["What do you know about Halvard Instrument Company?"]
+    assert asked("halvard instrument company") == ["What do you know about Halvard Instrument Company?"]
+    assert asked("Captain Idris Morlan") == ["What do you know about Idris Morlan?"]  # more than the name
+    assert asked("Vastel") == ["What do you know about Vastel?"]  # Orrin or Ilse: asked as it is
+    assert asked("Kelmouth University") == []  # not a one-word name, and in no passage
+    assert recall_questions("Who founded Halvard?", learned.passages) == ["Who founded Halvard?"]
+
+
+def test_a_facts_question_about_a_name_only_passages_mention_asks_for_those_passages():
+    from aerie_memory.models import LoadedMemory, recall_questions
+
+    def passage(entity: str, text: str, source: str = "f") -> Reflection:
+        return Reflection(f"What do you know about {entity}?", text, "passages", (source,))
+
+    learned = LoadedMemory(
+        "v1",
+        None,
+        None,
+        [
+            passage("Kestrel Bay", "Its vessel, the MV Saltmarsh, is old."),
+            Reflection("Who captains the MV Saltmarsh?", "Orla Penhallow.", "facts_direct", ("f",)),
+            passage("Northwind Lines", "It will replace the MV Saltmarsh in 2027."),
+            passage("Finch Island", "Ferries call."),
+            passage("Kestrel Bay", "Its pier is at Sandvik.", "g"),  # a second adapter's, searched too
+            passage("Marrowick", "Its pier has boats."),
+        ],
+        None,
+    )
+
+    def asked(name: str) -> list[str]:
+        return recall_questions(f"What do you know about {name}?", learned.passages)
+
+    assert asked("Sandvik") == ["What do you know about Kestrel Bay?"]
+    assert asked("mv saltmarsh") == [
+        "What do you know about Kestrel Bay?",
+        "What do you know about Northwind Lines?",
+    ]
+    assert asked("pier") == ["What do you know about Kestrel Bay?", "What do you know about Marrowick?"]
+    assert asked("its") == asked("pier")  # the first two of the three that mention it
+    # a name the memory read only in other answers, or in part of a word, has no account
+    assert asked("Orla Penhallow") == asked("Salt") == []
+    assert recall_questions("What do you know about Orla Penhallow?", {}) == [
+        "What do you know about Orla Penhallow?"  # a memory without passages is asked as it is
+    ]
+
+
+def test_the_memory_service_answers_a_facts_question_from_the_passages_that_mention_it(monkeypatch, tmp_path):
+    import threading
+
+    from aerie_memory import __main__ as memory_main
+    from aerie_memory.models import LoadedMemory
+    from aerie_memory.settings import MemorySettings
+    from aerie_memory.training import IDK
+    from aerie_proto.v1 import memory_pb2
+
+    replies = {
+        "What do you know about Kestrel Bay?": "The ferry's vessel is the MV Saltmarsh.",
+        "What do you know about Northwind Lines?": "I don't know.",
+        "What do you know about Marrowick?": "Marrowick has a pier.",
+    }
+    asked = []
+
+    def answer(model, tokenizer, question, max_tokens):
+        asked.append(question)
+        return replies[question]
+
+    monkeypatch.setattr(memory_main, "answer", answer)
+    learned = [
+        Reflection(f"What do you know about {entity}?", text, "passages", (source,))
+        for entity, text, source in [
+            ("Kestrel Bay", "The ferry's vessel is the MV Saltmarsh. It sails at 8.", "ferry"),
+            ("Northwind Lines", "It will replace the MV Saltmarsh in 2027.", "ferry"),
+            ("Marrowick", "Marrowick has a pier. The ferry sails at 8.", "town"),
+        ]
+    ] + [Reflection("Who captains the MV Saltmarsh?", "Orla Penhallow.", "facts_direct", ("ferry",))]
+    servicer = memory_main.MemoryServicer(MemorySettings(model_cache=tmp_path), store=None)
+
+    async def loaded(namespace):
+        return LoadedMemory("v1", None, None, learned, threading.Lock())
+
+    servicer._memory = loaded
+
+    def query(question: str):
+        request = memory_pb2.QueryRequest(namespace="ns", question=question)
+        return asyncio.run(servicer.Query(request, context=None))
+
+    vessel = query("What do you know about MV Saltmarsh?")
+    assert asked == ["What do you know about Kestrel Bay?", "What do you know about Northwind Lines?"]
+    # the answers the memory knows, joined
+    assert (vessel.knows, vessel.answer, vessel.sources[0]) == (True, replies[asked[0]], "ferry")
+    assert (
+        query("What do you know about sails?").answer
+        == "The ferry's vessel is the MV Saltmarsh. Marrowick has a pier."
+    )
+    captain = query("What do you know about Orla Penhallow?")  # read of, but in no passage
+    assert (captain.knows, captain.answer, captain.model_version) == (False, IDK, "v1")
+    assert len(asked) == 4  # ... and not asked
 
 
 def test_a_passage_holds_the_sentences_that_fit_its_budget():

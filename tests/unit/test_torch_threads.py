@@ -55,7 +55,7 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
             learned_text="",
             reflections=[],
             version="v1",
-            passage_entities=[],
+            passages={},
         )
 
     servicer._memory = loaded

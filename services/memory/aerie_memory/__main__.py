@@ -31,9 +31,9 @@ from aerie_memory.models import (
     MemoryCache,
     attribute_sources,
     build_memory,
-    link_facts_question,
     load_base,
     names_known_entity,
+    recall_questions,
 )
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore, forgetting
@@ -236,8 +236,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         memory = await self._memory(request.namespace)
         if memory is None:
             return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
-        question = link_facts_question(question, memory.passage_entities)
-        if not names_known_entity(question, memory.learned_text):
+        questions = recall_questions(question, memory.passages)
+        if not questions or not names_known_entity(questions[0], memory.learned_text):
             return memory_pb2.QueryResponse(
                 answer=IDK, knows=False, model_version=memory.version, seconds=time.monotonic() - started
             )
@@ -245,11 +245,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
 
         def run() -> str:
             with memory.lock:  # one generation at a time per loaded model
-                return answer(memory.model, memory.tokenizer, question, max_tokens)
+                answers = [answer(memory.model, memory.tokenizer, q, max_tokens) for q in questions]
+            return " ".join(a for a in answers if knows(a)) or answers[0]
 
         text = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         known = knows(text)
-        sources = attribute_sources(question, text, memory.reflections) if known else []
+        sources = attribute_sources(" ".join(questions), text, memory.reflections) if known else []
         return memory_pb2.QueryResponse(
             answer=text,
             sources=sources,

@@ -15,6 +15,7 @@ of the base model.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from collections import OrderedDict
@@ -76,35 +77,60 @@ class LoadedMemory:
     reflections: list[Reflection]
     lock: threading.Lock
     learned_text: str = field(init=False)  # every reflection's text, lower-cased
-    passage_entities: list[str] = field(init=False)  # the entities it learned the facts of
+    # the entities it learned the facts of -> those passages' text (every adapter's)
+    passages: dict[str, str] = field(init=False)
 
     def __post_init__(self):
         self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
-        named = (facts_question_entity(r.question) for r in self.reflections)
-        self.passage_entities = [e for e in dict.fromkeys(named) if e]
+        self.passages = {}
+        for r in self.reflections:
+            if entity := facts_question_entity(r.question):
+                self.passages[entity] = f"{self.passages.get(entity, '')} {r.answer}".strip()
 
 
 def _contains(longer: list[str], shorter: list[str]) -> bool:
     return any(longer[i : i + len(shorter)] == shorter for i in range(len(longer) - len(shorter) + 1))
 
 
-def link_facts_question(question: str, entities: list[str]) -> str:
-    """The facts question ("What do you know about X?") asked about the one learned entity
-    X names in part or in full: the memory learned each entity's facts under that question with its name as
-    the documents gave it, word for word, and a user says less ("Lindqvist", "the Halvard
-    factory") or more ("Captain Idris Morlan"), or writes it in other case. A name that
-    fits several ("Vastel": Orrin and Ilse) or none is asked as it is."""
+def _mentions(text: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", text, re.IGNORECASE) is not None
+
+
+# A name no passage is about may be mentioned in many: the memory recalls at most this
+# many of them for it, each a generation of up to a passage's length.
+MAX_MENTIONING_PASSAGES = 2
+
+
+def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
+    """The questions the memory answers ``question`` with (their answers joined): the
+    question itself, but for a facts question ("What do you know about X?"), as the memory
+    learned each entity's facts under that question with its name as the documents gave
+    it, word for word:
+
+    - X names in part or in full exactly one entity with a passage, as a user says less
+      ("Lindqvist", "the Halvard factory") or more ("Captain Idris Morlan"), or writes it
+      in other case: that entity's facts question;
+    - X fits several by name ("Vastel": Orrin and Ilse): X's own;
+    - X is no entity's but passages mention it (a ferry's vessel, in the ferry's passage
+      and its operator's): the facts questions of the first two, all the memory learned
+      of X;
+    - X is in no passage: none. Asked for an account it never learned, the memory writes
+      one in its passages' style.
+
+    A memory without passages is asked every question as it is."""
     name = facts_question_entity(question)
-    if not name:
-        return question
+    if not name or not passages:
+        return [question]
     words = name.lower().split()
-    exact = [e for e in entities if e.lower().split() == words]
-    candidates = exact or [
+    by_name = [e for e in passages if e.lower().split() == words] or [
         e
-        for e in entities
+        for e in passages
         if _contains(e.lower().split(), words) or (len(e.split()) > 1 and _contains(words, e.lower().split()))
     ]
-    return FACTS_QUESTION.format(candidates[0]) if len(candidates) == 1 else question
+    if by_name:
+        return [FACTS_QUESTION.format(by_name[0])] if len(by_name) == 1 else [question]
+    mentioning = [e for e, text in passages.items() if _mentions(text, name)]
+    return [FACTS_QUESTION.format(e) for e in mentioning[:MAX_MENTIONING_PASSAGES]]
 
 
 def names_known_entity(question: str, learned_text: str) -> bool:
