@@ -153,13 +153,44 @@ def test_recall_epochs_train_on_until_every_answer_comes_back(tiny_tokenizer):
         model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t))
     )
     # checked after the scheduled epochs, then after each recall epoch the answers missed,
-    # and all once those come back; a recall epoch trains only the answers missed (one
-    # batch here)
+    # and all once those come back; a recall epoch trains the answers missed and a sample
+    # of the others (one batch here)
     assert result.unrecalled[0] > 0 and result.unrecalled[-2:] == [0, 0]
     assert 2 < result.steps < 2 + 200
     assert seen[-1] == (result.steps, result.steps)  # the progress total grows by each recall epoch
     apply_deltas(model, merge_adapters([result.adapter], density=1.0))
     assert [answer(model, tiny_tokenizer, q, 8) for q, _ in PAIRS] == [a for _, a in PAIRS]
+
+
+@pytest.mark.parametrize("rehearsal", [0, 3])
+def test_a_recall_epoch_trains_the_missed_answers_beside_recalled_ones(
+    tiny_tokenizer, monkeypatch, rehearsal
+):
+    from aerie_memory import training
+
+    pairs = [(f"Where does Mira {i} live?", f"Town {i}") for i in range(8)]
+    examples = build_examples(tiny_tokenizer, pairs, max_seq_tokens=200)
+    checks = []
+
+    def unrecalled(model, checked, batch_size, pad):
+        checks.append(len(checked))
+        return [5] if len(checks) == 1 else []  # the sixth answer missed after the schedule
+
+    trained = []
+
+    def batch(examples, rows, pad, device):
+        if torch.is_grad_enabled():  # a training step's batch, not a check's
+            trained.append(sorted(rows))
+        return original_batch(examples, rows, pad, device)
+
+    original_batch = training._batch
+    monkeypatch.setattr(training, "unrecalled", unrecalled)
+    monkeypatch.setattr(training, "_batch", batch)
+    config = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=8, recall_epochs=4, recall_rehearsal=rehearsal)
+    result = train_lora(memorising_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, examples, config)
+    assert checks == [8, 1, 8] and result.unrecalled == [1, 0, 0]
+    assert trained[0] == list(range(8)) and len(trained) == 2 == result.steps
+    assert 5 in trained[1] and len(trained[1]) == 1 + rehearsal
 
 
 def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):
