@@ -47,9 +47,11 @@ class GatewaySettings(ServiceSettings):
     memory_max_turns: int = 6  # memory questions per chat turn in the three-stage protocol
     # Tokens the memory may answer an entity's passage question with ("What do you know
     # about X?"; its other questions get the memory service's default): a passage holds up
-    # to what the memory's training length keeps (about 130 tokens), and cut at 48 tokens
-    # it lost the facts after the third sentence. 0: the memory service's default.
-    memory_passage_max_tokens: int = 128
+    # to what the memory's training example keeps less its question (AERIE_MEMORY_MAX_SEQ_TOKENS,
+    # 160), so that much never cuts one. Cut at 48 tokens a passage lost the facts after its
+    # third sentence; at 128, a glaciologist's 131-token passage the end of its last
+    # ("... the Halden Medal for"). 0: the memory service's default.
+    memory_passage_max_tokens: int = 160
 
     @property
     def api_key_list(self) -> list[str]:
