@@ -393,6 +393,29 @@ def test_a_facts_question_about_part_of_a_learned_name_asks_about_that_name():
     assert recall_questions("Who founded Halvard?", learned.passages) == ["Who founded Halvard?"]
 
 
+def test_a_facts_question_about_a_full_name_asks_for_its_surname_s_passage_too():
+    from aerie_memory.models import LoadedMemory, recall_questions
+
+    names = ["Teodor Marsk", "Marsk", "Orrin Vastel", "Ilse Vastel", "Vastel", "University of Oslo", "Oslo"]
+    learned = LoadedMemory(
+        "v1",
+        None,
+        None,
+        [Reflection(f"What do you know about {n}?", "...", "passages", ("d",)) for n in names],
+        None,
+    )
+
+    def asked(name: str) -> list[str]:
+        return recall_questions(f"What do you know about {name}?", learned.passages)
+
+    marsk = ["What do you know about Teodor Marsk?", "What do you know about Marsk?"]
+    assert asked("Teodor Marsk") == asked("Professor Teodor Marsk") == marsk
+    assert asked("Marsk") == ["What do you know about Marsk?"]
+    # a surname two people share, or a place at the end of an institution's name: its own
+    assert asked("Orrin Vastel") == ["What do you know about Orrin Vastel?"]
+    assert asked("University of Oslo") == ["What do you know about University of Oslo?"]
+
+
 def test_a_facts_question_about_a_name_only_passages_mention_asks_for_those_passages():
     from aerie_memory.models import LoadedMemory, recall_questions
 

@@ -101,6 +101,23 @@ def _mentions(text: str, name: str) -> bool:
 MAX_MENTIONING_PASSAGES = 2
 
 
+def _surname_entities(entity: str, passages: dict[str, str]) -> list[str]:
+    """Entities with passages that are the last words of ``entity``, a name of capitalised
+    words, and of no other entity: a person named in full in one chunk and by surname in
+    the next ("Teodor Marsk", then "Marsk") has two passages, and the second holds facts
+    the first does not."""
+    words = entity.split()
+    if len(words) < 2 or not all(w[:1].isupper() for w in words):
+        return []
+    return [
+        s
+        for s in passages
+        if s != entity
+        and words[-len(s.split()) :] == s.split()
+        and not any(e not in (s, entity) and e.split()[-len(s.split()) :] == s.split() for e in passages)
+    ]
+
+
 def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
     """The questions the memory answers ``question`` with (their answers joined): the
     question itself, but for a facts question ("What do you know about X?"), as the memory
@@ -109,7 +126,8 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
 
     - X names in part or in full exactly one entity with a passage, as a user says less
       ("Lindqvist", "the Halvard factory") or more ("Captain Idris Morlan"), or writes it
-      in other case: that entity's facts question;
+      in other case: that entity's facts question, and that of its surname alone where
+      the surname has a passage of its own (``_surname_entities``);
     - X fits several by name ("Vastel": Orrin and Ilse): X's own;
     - X is no entity's but passages mention it (a ferry's vessel, in the ferry's passage
       and its operator's): the facts questions of the first two, all the memory learned
@@ -127,8 +145,10 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
         for e in passages
         if _contains(e.lower().split(), words) or (len(e.split()) > 1 and _contains(words, e.lower().split()))
     ]
+    if len(by_name) == 1:
+        return [FACTS_QUESTION.format(e) for e in [by_name[0], *_surname_entities(by_name[0], passages)[:1]]]
     if by_name:
-        return [FACTS_QUESTION.format(by_name[0])] if len(by_name) == 1 else [question]
+        return [question]
     mentioning = [e for e, text in passages.items() if _mentions(text, name)]
     return [FACTS_QUESTION.format(e) for e in mentioning[:MAX_MENTIONING_PASSAGES]]
 
