@@ -177,6 +177,17 @@ def _batch(examples: Sequence[Example], rows: Sequence[int], pad: int, device) -
     return ids.to(device), labels.to(device), mask.to(device)
 
 
+def _answer_logits(model, examples: Sequence[Example], rows: Sequence[int], pad: int, device):
+    """(logits, targets, positions) at the answer tokens of ``rows``: position t predicts
+    token t+1, so only positions whose next token is a label count; ``positions`` is their
+    (batch row, position) mask."""
+    ids, labels, mask = _batch(examples, rows, pad, device)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    positions = targets != -100
+    return model.lm_head(hidden[:, :-1][positions]), targets[positions], positions
+
+
 @torch.no_grad()
 def unrecalled(model, examples: Sequence[Example], batch_size: int, pad: int) -> list[int]:
     """The examples whose answer greedy decoding would not give back word for word: at some
@@ -187,12 +198,9 @@ def unrecalled(model, examples: Sequence[Example], batch_size: int, pad: int) ->
     missed = []
     for start in range(0, len(examples), batch_size):
         rows = list(range(start, min(start + batch_size, len(examples))))
-        ids, labels, mask = _batch(examples, rows, pad, device)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        targets = labels[:, 1:]
-        selected = targets != -100  # the answer's positions, as in training
-        wrong = model.lm_head(hidden[:, :-1][selected]).argmax(-1) != targets[selected]
-        missed += sorted({rows[r] for r in selected.nonzero()[:, 0][wrong].tolist()})
+        logits, targets, positions = _answer_logits(model, examples, rows, pad, device)  # as in training
+        wrong = logits.argmax(-1) != targets
+        missed += sorted({rows[r] for r in positions.nonzero()[:, 0][wrong].tolist()})
     return missed
 
 
@@ -221,7 +229,7 @@ def train_lora(
     inner = peft_model.get_base_model()
     device = next(inner.parameters()).device
     epoch_losses: list[float] = []
-    missed: list[int] = []
+    unrecalled_counts: list[int] = []
     step = 0
 
     def train_epoch(rows: Sequence[int], scheduler=None) -> float:
@@ -234,13 +242,8 @@ def train_lora(
             total += len(batches)
         losses = []
         for batch in batches:
-            ids, labels, mask = _batch(examples, batch, pad, device)
-            hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            # Position t predicts token t+1: score only positions whose next token is a label.
-            targets = labels[:, 1:]
-            selected = targets != -100
-            logits = inner.lm_head(hidden[:, :-1][selected])
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[selected])
+            logits, targets, _ = _answer_logits(inner, examples, batch, pad, device)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -257,7 +260,7 @@ def train_lora(
         inner.eval()
         found = unrecalled(inner, [examples[i] for i in rows], config.batch_size, pad)
         inner.train()
-        missed.append(len(found))
+        unrecalled_counts.append(len(found))
         return [rows[i] for i in found]
 
     try:
@@ -292,7 +295,7 @@ def train_lora(
     finally:
         peft_model.unload()  # the base model's own modules again, weights untouched
     model.eval()
-    return TrainResult(adapter, epoch_losses, step, time.monotonic() - started, missed)
+    return TrainResult(adapter, epoch_losses, step, time.monotonic() - started, unrecalled_counts)
 
 
 def extract_adapter(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
