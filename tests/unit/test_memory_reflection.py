@@ -470,7 +470,10 @@ def test_the_memory_service_answers_a_facts_question_from_the_passages_that_ment
     }
     asked = []
 
-    def answer(model, tokenizer, question, max_tokens):
+    drafts = object()  # the loaded memory's learned answers, which every answer is drafted from
+
+    def answer(model, tokenizer, question, max_tokens, learned_answers):
+        assert learned_answers is drafts
         asked.append(question)
         return replies[question]
 
@@ -486,7 +489,7 @@ def test_the_memory_service_answers_a_facts_question_from_the_passages_that_ment
     servicer = memory_main.MemoryServicer(MemorySettings(model_cache=tmp_path), store=None)
 
     async def loaded(namespace):
-        return LoadedMemory("v1", None, None, learned, threading.Lock())
+        return LoadedMemory("v1", None, None, learned, threading.Lock(), drafts)
 
     servicer._memory = loaded
 

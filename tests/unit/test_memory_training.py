@@ -122,10 +122,10 @@ def test_a_small_job_trains_more_epochs_up_to_the_minimum_steps(tiny_tokenizer):
 
 
 def test_unrecalled_finds_the_answers_greedy_decoding_would_not_give_back(tiny_tokenizer):
-    from aerie_memory.training import Example, _prompt_ids
+    from aerie_memory.training import Example, prompt_ids
 
     model = memorising_tiny_llama(len(tiny_tokenizer)).eval()
-    prompt = _prompt_ids(tiny_tokenizer, PAIRS[0][0])
+    prompt = prompt_ids(tiny_tokenizer, PAIRS[0][0])
     ids = torch.tensor([prompt])
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)[0]
     own = greedy[len(prompt) :].tolist()  # what the model says: recalled by construction

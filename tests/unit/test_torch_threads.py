@@ -39,7 +39,7 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
 
     threads = []
 
-    def fake_answer(model, tokenizer, question, max_tokens):
+    def fake_answer(model, tokenizer, question, max_tokens, learned_answers):
         threads.append(threading.current_thread())
         return "Paris."
 
@@ -56,6 +56,7 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
             reflections=[],
             version="v1",
             passages={},
+            learned_answers=None,
         )
 
     servicer._memory = loaded

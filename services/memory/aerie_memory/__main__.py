@@ -245,7 +245,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
 
         def run() -> str:
             with memory.lock:  # one generation at a time per loaded model
-                answers = [answer(memory.model, memory.tokenizer, q, max_tokens) for q in questions]
+                answers = [
+                    answer(memory.model, memory.tokenizer, q, max_tokens, memory.learned_answers)
+                    for q in questions
+                ]
             return " ".join(a for a in answers if knows(a)) or answers[0]
 
         text = await asyncio.get_running_loop().run_in_executor(self.compute, run)

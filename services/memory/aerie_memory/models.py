@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from aerie_common.entities import FACTS_QUESTION, content_words, facts_question_entity, names_in
 
+from aerie_memory.recall_decoding import LearnedAnswers
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
 from aerie_memory.ties import apply_deltas, merge_adapters
-from aerie_memory.training import load_adapter
+from aerie_memory.training import IDK, load_adapter
 
 
 def namespace_dir(root: Path, namespace: str) -> Path:
@@ -79,6 +80,7 @@ class LoadedMemory:
     learned_text: str = field(init=False)  # every reflection's text, lower-cased
     # the entities it learned the facts of -> those passages' text (every adapter's)
     passages: dict[str, str] = field(init=False)
+    learned_answers: LearnedAnswers | None = None  # drafts for its answers (None: not drafted)
 
     def __post_init__(self):
         self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
@@ -171,7 +173,8 @@ def build_memory(base_loader, root: Path, namespace: str, version: Version) -> L
         reflections += load_reflections(directory)
     if adapters:
         apply_deltas(model, merge_adapters(adapters, version.ties_density, version.ties_lambda))
-    return LoadedMemory(version.version, model, tokenizer, reflections, threading.Lock())
+    learned_answers = LearnedAnswers(tokenizer, [(r.question, r.answer) for r in reflections], phrases=(IDK,))
+    return LoadedMemory(version.version, model, tokenizer, reflections, threading.Lock(), learned_answers)
 
 
 class MemoryCache:
