@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from aerie_common.entities import content_words
 from aerie_gateway.memory_protocol import (
@@ -342,3 +343,43 @@ def test_a_recalled_list_is_composed_item_by_item():
     assert content_words("built") == content_words("builds") and content_words("sold") == content_words(
         "sell"
     )
+
+
+def test_content_words_from_many_threads_at_once():
+    texts = [
+        f"The foundations planted {n} native trees while librarians were borrowing books" for n in range(400)
+    ]
+    expected = [content_words(text) for text in texts]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            assert list(pool.map(content_words, texts)) == expected
+
+
+def test_the_memory_s_guess_beside_a_passage_line_stating_the_same_is_not_composed():
+    question = "On which day is the Marlowe Public Library closed?"
+    passage = Finding(
+        "entity",
+        "What do you know about Marlowe Public Library?",
+        "When is the library open? Monday to Saturday. It is closed on Sundays. Its head is Oona Brightwater.",
+        [],
+    )
+
+    def composed(*guesses: str) -> list[str]:
+        findings = [finding(g, question) for g in guesses] + [passage]
+        return compose_facts(
+            ProtocolResult("three_stage", question, findings, entity="Marlowe Public Library")
+        )
+
+    # the guess shares only "closed" with the question, and the passage states it
+    assert composed("The library is closed on the first Monday in June.") == ["It is closed on Sundays."]
+    # a guess naming the entity or what the passage names is still a guess
+    assert composed("The Marlowe Public Library is closed on Monday mornings.") == [
+        "It is closed on Sundays."
+    ]
+    assert composed("The library is closed when Oona Brightwater is away.") == ["It is closed on Sundays."]
+    # one that names someone new is kept: it may be the link the question needs
+    assert "The library is closed when Ada Brisk is away." in composed(
+        "The library is closed when Ada Brisk is away."
+    )
+    # and one asking more of the question than any passage line states
+    assert composed("The library is closed on a holiday day.")[0] == "The library is closed on a holiday day."

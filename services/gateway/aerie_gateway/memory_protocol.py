@@ -300,6 +300,20 @@ def other_version(line: str, passage_line: str) -> bool:
     return SequenceMatcher(None, _words(line), _words(passage_line)).ratio() >= _SAME_STATEMENT_SIMILARITY
 
 
+def _beside_the_passage(line: str, passage: set[str], result: ProtocolResult) -> bool:
+    """``line`` is the memory's guess at a question it never learned, beside a passage line
+    that states what it states: every relation word of the question it holds, a passage
+    line holds too, and it names nothing the question, the entity and the passage do not
+    ("The library is closed on the first Monday in June." beside the library's "It is
+    closed on Sundays."; a small executive copied the guess). A line naming someone new
+    may be the link a question needs, and stays."""
+    asks = content_words(line) & relation_words(result.question)
+    if not asks or not any(asks <= content_words(p) for p in passage):
+        return False
+    known = " ".join([result.question, result.entity or "", *passage]).lower()
+    return all(name.lower() in known for name in names_in(line))
+
+
 def descriptions(question: str) -> list[str]:
     """The definite descriptions of the question, each up to the name it ends on, lower-cased:
     "the person who governs naxpry" and "the profession of the person who governs naxpry" in
@@ -318,11 +332,12 @@ def compose_facts(result: ProtocolResult) -> list[str]:
 
     Each line once, ranked by the relation words it shares with the user's question
     ("collect" for "What does the governor of Naxpry collect?"), then by its names and the
-    identified entity, then the later stages' before grounding's. Two kinds of line are
-    dropped, both what the memory makes up for the user's wording when it does not know:
+    identified entity, then the later stages' before grounding's. Three kinds of line are
+    dropped, all what the memory makes up for the user's wording when it does not know:
     another version of a line of the memory's own account of an entity (its answer to "What do
     you know about X?", the passage it learned whole: "Naxpry is governed by Old Tom."
-    against the passage's "Naxpry is governed by Lumfen Uskyth."), and, for a question
+    against the passage's "Naxpry is governed by Lumfen Uskyth."), a line asking nothing of
+    the question that a passage line does not state too (``_beside_the_passage``), and, for a question
     that describes its entity, a restatement of the description that does not name the
     entity it was resolved to ("The governor of Vorras collects iron nails." when the
     governor is Celilotal Dorard). A small executive copies whichever fact it reads first.
@@ -353,6 +368,7 @@ def compose_facts(result: ProtocolResult) -> list[str]:
             if line not in ranked or key < ranked[line]:
                 ranked[line] = key
     trusted = [line for line in ranked if line in passage or not any(other_version(line, p) for p in passage)]
+    trusted = [line for line in trusted if line in passage or not _beside_the_passage(line, passage, result)]
     if bridge:
         described = descriptions(result.question)
         kept = [
