@@ -84,6 +84,15 @@ def quantize_like_gguf(model: LlamaForCausalLM) -> LlamaForCausalLM:
     return model
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run faster on one thread than on two that fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()

@@ -17,12 +17,7 @@ EOS = 2
 PROMPT = [1, 5, 9, 13]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def varied_tiny_llama(seed: int):

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import redis.asyncio as aioredis
-import torch
 from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore
@@ -41,12 +40,7 @@ def memory_redis_url():
     stop_redis(process)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FactGenerator:

@@ -35,13 +35,7 @@ def memorising_tiny_llama(vocab_size: int, seed: int = 3):
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models train faster on one thread than on two that fight other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_examples_mask_the_prompt(tiny_tokenizer):
