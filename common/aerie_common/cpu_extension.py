@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import shlex
+import time
 from pathlib import Path
 
 from aerie_common.settings import AerieSettings
@@ -27,6 +28,8 @@ from aerie_common.settings import AerieSettings
 log = logging.getLogger(__name__)
 
 SOURCES = ("module.cpp", "packed_linear.cpp", "rotary.cpp", "lean_layers.cpp", "eagle_draft.cpp")
+# No build takes this long (about 40 s alone, a few minutes on a loaded 2-core machine).
+STALE_LOCK_S = 600.0
 
 _module = None
 _loaded = False
@@ -77,6 +80,7 @@ def build(extra_cflags: tuple[str, ...] = ()):
     build_dir = root / f"{name}_{cpu}"
     build_dir.mkdir(parents=True, exist_ok=True)
     log.info("loading the C++ CPU kernels (built on first use, about 40 s)")
+    clear_stale_lock(build_dir)
     return cpp_extension.load(
         name=name,
         sources=sources,
@@ -95,6 +99,23 @@ def build(extra_cflags: tuple[str, ...] = ()):
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
     )
+
+
+def clear_stale_lock(build_dir: Path, stale_after_s: float = STALE_LOCK_S) -> None:
+    """torch's build lock is a file its build removes when done; a build killed midway (a
+    first start stopped with Ctrl-C) leaves it, and every later start then waits for it
+    forever. Wait while it is young enough for a build to hold it, then remove it."""
+    lock = build_dir / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after_s:
+            log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(1.0)
 
 
 def _cpu_description() -> str:
