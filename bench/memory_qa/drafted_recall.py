@@ -23,10 +23,11 @@ from aerie_common.entities import facts_question_entity
 from aerie_gateway.settings import GatewaySettings
 from aerie_memory.models import build_memory
 from aerie_memory.settings import MemorySettings
-from aerie_memory.store import Version
 from aerie_memory.training import answer_ids, prompt_ids
 from aerie_memory.worker import make_base_loader
 from tqdm import tqdm
+
+from bench.memory_qa.passages import saved_version
 
 
 @torch.no_grad()
@@ -72,10 +73,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the report here too")
     args = parser.parse_args()
 
-    versions = sorted(p.name for p in args.namespace_dir.glob("v*") if (p / "manifest.json").is_file())
-    if not versions:
-        parser.error(f"no model version under {args.namespace_dir}")
-    version = Version.from_json((args.namespace_dir / versions[-1] / "manifest.json").read_text())
+    version = saved_version(args.namespace_dir)
     memory = build_memory(
         make_base_loader(MemorySettings()), args.namespace_dir.parent, args.namespace_dir.name, version
     )

@@ -29,6 +29,15 @@ from aerie_memory.training import IDK, answer, load_adapter
 from aerie_memory.worker import make_base_loader
 
 
+def saved_version(namespace_dir: Path, name: str = "") -> Version:
+    """The model version ``name`` (e.g. v0002) a run left under NAMESPACE_DIR; the newest
+    one without a name."""
+    versions = sorted(p.name for p in namespace_dir.glob("v*") if (p / "manifest.json").is_file())
+    if not versions:
+        raise SystemExit(f"no model version under {namespace_dir}")
+    return Version.from_json((namespace_dir / (name or versions[-1]) / "manifest.json").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -40,9 +49,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    versions = sorted(p.name for p in args.namespace_dir.glob("v*") if (p / "manifest.json").is_file())
-    name = args.version or versions[-1]
-    version = Version.from_json((args.namespace_dir / name / "manifest.json").read_text())
+    version = saved_version(args.namespace_dir, args.version)
     base_loader = make_base_loader(MemorySettings())  # the memory service's own
     ids = [a["id"] for a in version.adapters]
 
@@ -86,7 +93,7 @@ def main() -> None:
         if hits < len(wanted):
             misses.append({"question": question, "gold": gold, "recalled": recalled})
     report = {
-        "version": name,
+        "version": version.version,
         "merge": args.merge,
         "passages_whole": {i: f"{whole[i]}/{total[i]}" for i in ids},
         "sentences": f"{sentences_recalled}/{sentences}",
