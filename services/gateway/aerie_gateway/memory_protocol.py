@@ -300,17 +300,17 @@ def other_version(line: str, passage_line: str) -> bool:
     return SequenceMatcher(None, _words(line), _words(passage_line)).ratio() >= _SAME_STATEMENT_SIMILARITY
 
 
-def _beside_the_passage(line: str, passage: set[str], result: ProtocolResult) -> bool:
+def _beside_the_passage(line: str, relation: set[str], passage_words: list[set[str]], known: str) -> bool:
     """``line`` is the memory's guess at a question it never learned, beside a passage line
     that states what it states: every relation word of the question it holds, a passage
     line holds too, and it names nothing the question, the entity and the passage do not
     ("The library is closed on the first Monday in June." beside the library's "It is
     closed on Sundays."; a small executive copied the guess). A line naming someone new
-    may be the link a question needs, and stays."""
-    asks = content_words(line) & relation_words(result.question)
-    if not asks or not any(asks <= content_words(p) for p in passage):
+    may be the link a question needs, and stays. ``passage_words``: each passage line's
+    content words; ``known``: the question, the entity and the passage, lower-cased."""
+    asks = content_words(line) & relation
+    if not asks or not any(asks <= words for words in passage_words):
         return False
-    known = " ".join([result.question, result.entity or "", *passage]).lower()
     return all(name.lower() in known for name in names_in(line))
 
 
@@ -368,7 +368,13 @@ def compose_facts(result: ProtocolResult) -> list[str]:
             if line not in ranked or key < ranked[line]:
                 ranked[line] = key
     trusted = [line for line in ranked if line in passage or not any(other_version(line, p) for p in passage)]
-    trusted = [line for line in trusted if line in passage or not _beside_the_passage(line, passage, result)]
+    passage_words = [content_words(p) for p in passage]
+    known = " ".join([result.question, result.entity or "", *passage]).lower()
+    trusted = [
+        line
+        for line in trusted
+        if line in passage or not _beside_the_passage(line, relation, passage_words, known)
+    ]
     if bridge:
         described = descriptions(result.question)
         kept = [
