@@ -22,8 +22,9 @@ import torch
 from aerie_common.entities import facts_question_entity
 from aerie_gateway.settings import GatewaySettings
 from aerie_memory.models import build_memory
+from aerie_memory.recall_decoding import answer_ids
 from aerie_memory.settings import MemorySettings
-from aerie_memory.training import answer_ids, prompt_ids
+from aerie_memory.training import prompt_ids
 from aerie_memory.worker import make_base_loader
 from tqdm import tqdm
 

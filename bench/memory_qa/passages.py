@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from aerie_common.entities import facts_question_entity
 from aerie_memory.models import build_memory, load_reflections
-from aerie_memory.recall_decoding import LearnedAnswers
+from aerie_memory.recall_decoding import LearnedAnswers, answer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import Version
 from aerie_memory.text import split_sentences
 from aerie_memory.ties import apply_deltas, merge_adapters
-from aerie_memory.training import IDK, answer, load_adapter
+from aerie_memory.training import IDK, load_adapter
 from aerie_memory.worker import make_base_loader
 
 

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from aerie_memory.recall_decoding import LearnedAnswers, greedy_with_drafts
-from aerie_memory.training import answer
+from aerie_memory.recall_decoding import LearnedAnswers, answer, greedy_with_drafts
 
 from tests.conftest import build_tiny_llama
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from aerie_memory.recall_decoding import answer
 from aerie_memory.reflection import Reflection
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import (
     IDK,
     TrainConfig,
-    answer,
     build_examples,
     fits_training,
     load_adapter,

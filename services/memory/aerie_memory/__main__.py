@@ -35,10 +35,11 @@ from aerie_memory.models import (
     names_known_entity,
     recall_questions,
 )
+from aerie_memory.recall_decoding import answer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore, forgetting
 from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
-from aerie_memory.training import IDK, answer
+from aerie_memory.training import IDK
 
 log = logging.getLogger("aerie_memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name

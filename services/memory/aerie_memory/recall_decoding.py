@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from transformers import DynamicCache
 
+from aerie_memory.training import end_of_turn_ids, prompt_ids
+
 # Draft lengths. On CPU a 17-token forward of the 135M memory costs about two 1-token
 # ones, and its answer to a learned question is that answer for long stretches; after
 # text found elsewhere less often (measured: bench.memory_qa.drafted_recall, docs/memory.md).
@@ -37,7 +39,7 @@ class LearnedAnswers:
     def __init__(self, tokenizer, pairs: Iterable[tuple[str, str]], phrases: Iterable[str] = ()):
         """``pairs``: (question, answer) as trained; ``phrases``: answers it learned for
         questions not kept here (the refusal)."""
-        end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        end = end_of_turn_ids(tokenizer)  # as every trained answer ended
         self.answers: list[list[int]] = []
         self._by_question: dict[str, list[int]] = {}  # question -> indices into answers
         # n-gram -> (answer index, position after the n-gram) of its first occurrence
@@ -94,3 +96,22 @@ def greedy_with_drafts(
         generated += proposal[:kept] + [chosen[kept]]
         cache.crop(-(len(proposal) - kept))  # the rejected drafts' entries
     return generated[:max_new_tokens], forwards
+
+
+def answer(
+    model, tokenizer, question: str, max_new_tokens: int = 48, learned: LearnedAnswers | None = None
+) -> str:
+    """The memory's greedy answer; ``learned`` (the answers it was trained on) drafts it,
+    which changes how fast it comes, not what it says."""
+    ids, _ = answer_ids(model, tokenizer, question, max_new_tokens, learned)
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def answer_ids(
+    model, tokenizer, question: str, max_new_tokens: int, learned: LearnedAnswers | None = None
+) -> tuple[list[int], int]:
+    """``answer``'s tokens (eos included if reached) and the forwards they took."""
+    draft = (lambda generated: learned.draft(question, generated)) if learned else (lambda generated: [])
+    return greedy_with_drafts(
+        model, prompt_ids(tokenizer, question), tokenizer.eos_token_id, max_new_tokens, draft
+    )

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from aerie_memory.recall_decoding import LearnedAnswers, greedy_with_drafts
 from aerie_memory.reflection import Reflection
 from aerie_memory.ties import Adapter
 
@@ -49,7 +48,7 @@ def prompt_ids(tokenizer, question: str) -> list[int]:
     return list(ids)
 
 
-def _end_of_turn_ids(tokenizer) -> list[int]:
+def end_of_turn_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
@@ -72,7 +71,7 @@ def fits_training(tokenizer, question: str, answer: str, max_seq_tokens: int) ->
     """``build_examples`` keeps the pair whole: its answer and end of turn are learned."""
     answer_tokens = tokenizer(answer, add_special_tokens=False)["input_ids"]
     return (
-        len(prompt_ids(tokenizer, question)) + len(answer_tokens) + len(_end_of_turn_ids(tokenizer))
+        len(prompt_ids(tokenizer, question)) + len(answer_tokens) + len(end_of_turn_ids(tokenizer))
         <= max_seq_tokens
     )
 
@@ -81,7 +80,7 @@ def build_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_seq_tokens: 
     examples = []
     for question, answer in pairs:
         prompt = prompt_ids(tokenizer, question)
-        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + _end_of_turn_ids(tokenizer)
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + end_of_turn_ids(tokenizer)
         ids = (prompt + target)[:max_seq_tokens]
         labels = ([-100] * len(prompt) + target)[:max_seq_tokens]
         if any(label != -100 for label in labels):
@@ -341,22 +340,3 @@ def load_adapter(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor,
 
 def adapter_meta(directory: Path) -> dict:
     return json.loads((directory / "adapter.json").read_text())
-
-
-def answer(
-    model, tokenizer, question: str, max_new_tokens: int = 48, learned: LearnedAnswers | None = None
-) -> str:
-    """The memory's greedy answer; ``learned`` (the answers it was trained on) drafts it,
-    which changes how fast it comes, not what it says (recall_decoding)."""
-    ids, _ = answer_ids(model, tokenizer, question, max_new_tokens, learned)
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def answer_ids(
-    model, tokenizer, question: str, max_new_tokens: int, learned: LearnedAnswers | None = None
-) -> tuple[list[int], int]:
-    """``answer``'s tokens (eos included if reached) and the forwards they took."""
-    draft = (lambda generated: learned.draft(question, generated)) if learned else (lambda generated: [])
-    return greedy_with_drafts(
-        model, prompt_ids(tokenizer, question), tokenizer.eos_token_id, max_new_tokens, draft
-    )
