@@ -22,6 +22,7 @@ from tests.unit.test_gateway import (  # noqa: F401  (fixtures)
     fake_backends,
     free_port,
     gateway_redis_url,
+    metric_samples,
     sse_payloads,
 )
 
@@ -208,9 +209,12 @@ async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
     body = chat_body("Who governs Naxpry?", memory={"namespace": "ns", "mode": "single_pass"})
     async with asgi_client(app()) as client:
         response = await client.post("/v1/chat/completions", json=body)
+        metrics = metric_samples((await client.get("/metrics")).text)
     assert response.status_code == 200, response.text
     info = response.json()["memory"]
     assert info["used"] and info["skipped"] is None and info["mode"] == "single_pass"
+    assert list(info["stage_seconds"]) == ["single_pass"] and 0 <= info["stage_seconds"]["single_pass"]
+    assert metrics[("aerie:memory_stage_seconds_count", (("stage", "single_pass"),))] == 1
     assert info["sources"] == ["town-01"] and info["turns"] == 1 and info["model_version"] == "v0001"
     sent = verifier.requests[response.json()["id"]]
     assert [m.role for m in sent.messages] == ["user"]
@@ -227,6 +231,7 @@ async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fak
     first = json.loads(payloads[0])
     info = first["memory"]
     assert info["mode"] == "three_stage" and info["used"] and info["turns"] <= 3
+    assert list(info["stage_seconds"]) == ["grounding", "entity"]  # the turns ran out before "answer"
     # the fake executive answers no question: stages fall back to the user's question
     assert info["fallbacks"] >= 1 and info["findings"][0]["answer"] == "Lumfen Uskyth"
     assert payloads[-1] == "[DONE]" and all("memory" not in json.loads(p) for p in payloads[1:-1])

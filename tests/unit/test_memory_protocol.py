@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from aerie_common.entities import content_words
 from aerie_gateway.memory_protocol import (
     ANSWER_FROM_CONTEXT,
@@ -283,10 +284,11 @@ def test_unparseable_executive_falls_back_to_the_question():
     result = asyncio.run(three_stage("Who governs Naxpry?", memory, executive({}), max_turns=6))
     # no sub-questions, no entity question (the fallback is asked), no rewrite
     assert result.fallbacks == 3 and result.stopped is None
-    assert memory.asked == [
+    # (the named entity's facts are asked before the executive's entity question is read)
+    assert sorted(memory.asked) == [
+        "What do you know about Naxpry?",
         "Who governs Naxpry?",
         "Who or what is this about: Who governs Naxpry?",
-        "What do you know about Naxpry?",
     ]
     assert result.entity == "Naxpry" and result.findings[0].answer == "Lumfen Uskyth"
 
@@ -304,6 +306,67 @@ def test_a_rewrite_that_does_not_name_the_entity_is_not_asked():
     script = {**GOOD, "Rewrite the question": "What do you know about Lumfen Uskyth?"}
     asyncio.run(three_stage(QUESTION, memory, executive(script), max_turns=6))
     assert memory.asked[3:] == ["What do you know about Lumfen Uskyth?"]
+
+
+def test_the_memory_answers_while_the_executive_writes():
+    # Each executive call waits until the memory has been asked the question its stage asks
+    # whatever the executive writes; one after the other, the protocol would never end.
+    memory = Memory()
+    waits_for = {
+        "Break the question": QUESTION,
+        "name of the person": "What do you know about Naxpry?",
+        "Rewrite the question": "What do you know about Lumfen Uskyth?",
+    }
+
+    async def executive_waiting(messages, max_tokens):
+        prompt = messages[-1]["content"]
+        key = next(k for k in waits_for if k in prompt)
+        while waits_for[key] not in memory.asked:
+            await asyncio.sleep(0)
+        return GOOD[key]
+
+    async def run():
+        return await asyncio.wait_for(three_stage(QUESTION, memory, executive_waiting), timeout=5)
+
+    result = asyncio.run(run())
+    sequential = Memory()
+    expected = asyncio.run(three_stage(QUESTION, sequential, executive(GOOD)))
+    assert sorted(memory.asked) == sorted(sequential.asked) and len(memory.asked) == 5
+    assert result.findings == expected.findings and result.entity == "Lumfen Uskyth"
+    assert list(result.stage_seconds) == ["grounding", "entity", "answer"]
+
+
+def test_no_question_is_asked_twice_and_early_ones_are_cancelled_on_failure():
+    # the executive's entity question is the grounding question the memory did not know
+    memory = Memory()
+    script = {**GOOD, "name of the person": QUESTION}
+    result = asyncio.run(three_stage(QUESTION, memory, executive(script)))
+    assert memory.asked.count(QUESTION) == 1 and result.pruned == 1
+
+    # the executive fails at the last stage: the facts question sent early is cancelled
+    cancelled: list[str] = []
+
+    async def slow_memory(question):
+        if question.startswith("What do you know about Lumfen"):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.append(question)
+                raise
+        return FACTS.get(question, MemoryAnswer("I don't know.", [], False))
+
+    async def failing(messages, max_tokens):
+        if "Rewrite the question" in messages[-1]["content"]:
+            await asyncio.sleep(0)  # the early question starts
+            raise RuntimeError("executive down")
+        return await executive(GOOD)(messages, max_tokens)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="executive down"):
+            await three_stage(QUESTION, slow_memory, failing)
+        return list(cancelled)  # as three_stage returned
+
+    assert asyncio.run(run()) == ["What do you know about Lumfen Uskyth?"]
 
 
 def test_single_pass():

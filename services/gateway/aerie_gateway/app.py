@@ -203,7 +203,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             nonlocal body
             memory_info = None
             if body.memory is not None:
-                composer = MemoryComposer(backends.memory, backends.verifier, settings)
+                composer = MemoryComposer(backends.memory, backends.verifier, settings, metrics)
                 body, memory_info = await run_unless_disconnected(request, composer.run(body))
             generation.start(
                 backends.verifier, to_generate_requests(body, identity.id), settings.grpc_timeout_s

@@ -5,7 +5,10 @@ The response's ``memory`` extension field says what memory contributed:
 
     {"namespace", "mode", "used": bool, "skipped": reason | null, "model_version",
      "findings": [{"stage", "question", "answer", "sources"}], "sources": [...],
-     "turns", "pruned", "fallbacks", "entity", "stopped", "seconds"}
+     "turns", "pruned", "fallbacks", "entity", "stopped", "stage_seconds", "seconds"}
+
+``stage_seconds`` gives each stage's wall time ({"grounding", "entity", "answer"}, or
+{"single_pass"}), and ``aerie:memory_stage_seconds{stage}`` counts them.
 
 If the memory service is down, slow (past AERIE_MEMORY_CHAT_BUDGET_S) or has learned
 nothing for the namespace, chat answers without memory and ``skipped`` says why.
@@ -32,6 +35,7 @@ from .memory_protocol import (
     single_pass,
     three_stage,
 )
+from .metrics import GatewayMetrics
 from .schemas import ChatCompletionRequest, TextContentPart
 from .settings import GatewaySettings
 
@@ -63,10 +67,12 @@ class MemoryComposer:
         memory: memory_pb2_grpc.MemoryStub,
         verifier: verifier_pb2_grpc.VerifierStub,
         settings: GatewaySettings,
+        metrics: GatewayMetrics,
     ):
         self.memory = memory
         self.verifier = verifier
         self.settings = settings
+        self.metrics = metrics
 
     async def _ask_memory(self, namespace: str, question: str) -> MemoryAnswer:
         max_tokens = self.settings.memory_passage_max_tokens if is_facts_question(question) else 0
@@ -139,7 +145,10 @@ class MemoryComposer:
             fallbacks=result.fallbacks,
             entity=result.entity,
             stopped=result.stopped,
+            stage_seconds=result.stage_seconds,
         )
+        for stage, seconds in result.stage_seconds.items():
+            self.metrics.memory_stage_seconds.labels(stage=stage).observe(seconds)
         if not result.findings:
             info["skipped"] = "the memory did not know anything about the question"
             return body, self._done(info, started)

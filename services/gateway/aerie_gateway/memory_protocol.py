@@ -16,7 +16,11 @@ two callables, so it is tested without servers.
    asked again).
 
 Every memory answer of "I don't know" is pruned (not used, not built on). ``max_turns``
-bounds the memory calls over all stages. The executive's output is parsed strictly: a
+bounds the memory calls over all stages, and no question is asked twice. A question a stage
+asks whatever the executive writes (the user's question, the named entity's facts, the
+identified entity's facts) is sent to the memory before the executive's call, so the two
+work at once; the memory sees the same questions as when asked one after the other, and
+gives the same answers (it decodes greedily). The executive's output is parsed strictly: a
 line that is not a question is ignored, and when nothing parses the stage falls back to
 the user's own question (counted in ``fallbacks``).
 
@@ -33,7 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
@@ -96,6 +101,7 @@ class ProtocolResult:
     fallbacks: int = 0  # executive outputs that did not parse
     entity: str | None = None
     stopped: str | None = None  # why the protocol ended early, if it did
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage run
 
     @property
     def sources(self) -> list[str]:
@@ -149,7 +155,9 @@ def answer_prompt(question: str, entity: str) -> list[dict[str, str]]:
 
 async def single_pass(question: str, ask_memory: AskMemory) -> ProtocolResult:
     result = ProtocolResult(mode="single_pass", question=question)
+    started = time.monotonic()
     answer = await ask_memory(question)
+    result.stage_seconds["single_pass"] = round(time.monotonic() - started, 3)
     result.turns = 1
     if known(answer):
         result.findings.append(Finding("single_pass", question, answer.answer, answer.sources))
@@ -166,12 +174,26 @@ async def three_stage(
     executive_max_tokens: int = 48,
 ) -> ProtocolResult:
     result = ProtocolResult(mode="three_stage", question=question)
+    asked: set[str] = set()
+    early: dict[str, asyncio.Task[MemoryAnswer]] = {}
+    stage_started = time.monotonic()
+
+    def stage_done(stage: str) -> None:
+        nonlocal stage_started
+        now = time.monotonic()
+        result.stage_seconds[stage] = round(now - stage_started, 3)
+        stage_started = now
+
+    def ask_early(question: str) -> None:
+        """Start asking a question the stage will ask, so the memory answers as the executive writes."""
+        if question not in asked and question not in early:
+            early[question] = asyncio.ensure_future(ask_memory(question))
 
     async def ask(stage: str, questions: list[str]) -> list[Finding]:
-        asked = {f.question for f in result.findings}
         questions = [q for q in dict.fromkeys(questions) if q not in asked]
         questions = questions[: max(0, max_turns - result.turns)]
-        answers = await asyncio.gather(*(ask_memory(q) for q in questions))
+        asked.update(questions)
+        answers = await asyncio.gather(*(early.pop(q, None) or ask_memory(q) for q in questions))
         result.turns += len(questions)
         found = []
         for q, a in zip(questions, answers, strict=True):
@@ -182,41 +204,63 @@ async def three_stage(
         result.findings += found
         return found
 
-    # 1. grounding: the question itself plus the executive's atomic sub-questions, leaving
-    # turns for the entity (2) and the answer (2) stages
-    subs = parse_questions(await ask_executive(decompose_prompt(question), executive_max_tokens), 3)
-    if not subs:
-        result.fallbacks += 1
-    grounding = await ask("grounding", [question, *subs][: max(1, max_turns - 4)])
-    if not grounding:
-        result.stopped = "the memory knew nothing about the question or its parts"
-        return result
-    if result.turns >= max_turns:
-        result.stopped = "turn budget spent"
-        return result
+    try:
+        # 1. grounding: the question itself plus the executive's atomic sub-questions, leaving
+        # turns for the entity (2) and the answer (2) stages
+        ask_early(question)
+        subs = parse_questions(await ask_executive(decompose_prompt(question), executive_max_tokens), 3)
+        if not subs:
+            result.fallbacks += 1
+        grounding = await ask("grounding", [question, *subs][: max(1, max_turns - 4)])
+        stage_done("grounding")
+        if not grounding:
+            result.stopped = "the memory knew nothing about the question or its parts"
+            return result
+        if result.turns >= max_turns:
+            result.stopped = "turn budget spent"
+            return result
 
-    # 2. entity identification: the executive's question, and the facts of the entity the
-    # question names (a described entity is linked from them)
-    lines = parse_questions(await ask_executive(entity_prompt(question, grounding), executive_max_tokens), 1)
-    if not lines:
-        result.fallbacks += 1
-        lines = [f"Who or what is this about: {question}"]
-    named = names_in(question)
-    await ask("entity", [*lines[:1], *[FACTS_QUESTION.format(n) for n in named[:1]]])
-    result.entity = identify_entity(question, result.findings)
-    if result.turns >= max_turns:
-        result.stopped = "turn budget spent"
-        return result
+        # 2. entity identification: the executive's question, and the facts of the entity the
+        # question names (a described entity is linked from them); with two turns left the
+        # facts are asked whatever the executive's question is
+        named_facts = [FACTS_QUESTION.format(n) for n in names_in(question)[:1]]
+        if named_facts and max_turns - result.turns >= 2:
+            ask_early(named_facts[0])
+        lines = parse_questions(
+            await ask_executive(entity_prompt(question, grounding), executive_max_tokens), 1
+        )
+        if not lines:
+            result.fallbacks += 1
+            lines = [f"Who or what is this about: {question}"]
+        await ask("entity", [*lines[:1], *named_facts])
+        result.entity = identify_entity(question, result.findings)
+        stage_done("entity")
+        if result.turns >= max_turns:
+            result.stopped = "turn budget spent"
+            return result
 
-    # 3. answer seeking
-    lines = parse_questions(
-        await ask_executive(answer_prompt(question, result.entity), executive_max_tokens), 1
-    )
-    if not lines:
-        result.fallbacks += 1
-    facts = FACTS_QUESTION.format(result.entity)  # the question the memory learned its facts under
-    await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q]])
-    return result
+        # 3. answer seeking
+        facts = FACTS_QUESTION.format(result.entity)  # the question the memory learned its facts under
+        ask_early(facts)
+        lines = parse_questions(
+            await ask_executive(answer_prompt(question, result.entity), executive_max_tokens), 1
+        )
+        if not lines:
+            result.fallbacks += 1
+        await ask("answer", [facts, *[q for q in lines[:1] if result.entity in q]])
+        stage_done("answer")
+        return result
+    finally:
+        await _cancel(early.values())
+
+
+async def _cancel(tasks: Iterable[asyncio.Task]) -> None:
+    """Cancel early questions no stage asked (the protocol stopped, or failed, first)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    # wait for them and take their errors, so none is logged as never retrieved
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def sentences(answer: str) -> list[str]:

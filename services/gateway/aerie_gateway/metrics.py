@@ -62,6 +62,13 @@ class GatewayMetrics:
             buckets=E2E_BUCKETS,
             registry=registry,
         )
+        self.memory_stage_seconds = Histogram(
+            "aerie:memory_stage_seconds",
+            "Seconds each stage of the memory protocol took before a chat with memory was generated.",
+            ["stage"],
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        )
         self.prompt_tokens = Counter("aerie:prompt_tokens", "Prompt tokens processed.", registry=registry)
         self.generation_tokens = Counter("aerie:generation_tokens", "Tokens generated.", registry=registry)
         self.request_success = Counter(
