@@ -14,6 +14,7 @@ class _TokenTracker:
     extend gets accepted tokens + bonus."""
 
     hop_seconds = 0.0
+    in_process = True
 
     def __init__(self):
         self.tokens: list[int] = []

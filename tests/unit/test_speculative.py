@@ -272,6 +272,7 @@ def test_capture_reads_the_input_of_each_layer(target):
 
 class FailingDrafter:
     hop_seconds = 0.0
+    in_process = True
 
     def __init__(self, fail_after):
         self.calls, self.fail_after = 0, fail_after

@@ -27,6 +27,7 @@ class InProcessDrafter:
     start/extend/propose/close) called directly, without the gRPC hop."""
 
     hop_seconds = 0.0  # no hop: every second of a call is drafting
+    in_process = True
 
     def __init__(self, session, shape):
         self.session = session
@@ -66,6 +67,8 @@ class InProcessDrafterFactory:
 class GrpcDrafter:
     """One DraftSession stream. Requests go out through a queue; a reader thread turns
     responses into a queue the engine waits on with a per-step deadline."""
+
+    in_process = False
 
     def __init__(self, stub, request_id: str, shape, step_timeout_s: float, session_timeout_s: float):
         self.request_id = request_id

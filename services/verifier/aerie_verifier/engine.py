@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from aerie_common.draft_tree import DraftTree
+from aerie_common.thread_governor import ThreadGovernor
 from jinja2 import TemplateError
 from transformers import DynamicCache
 from xgrammar import CompiledGrammar
@@ -262,6 +263,7 @@ class Engine:
         slots: Iterable[StaticSlot] = (),
         prefix_cache: PrefixCache | None = None,
         prefill_chunk_tokens: int = 0,
+        thread_governor: ThreadGovernor | None = None,
     ):
         check_attention_only(model.config)
         speed_up_tree_verification(model)
@@ -292,6 +294,9 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: every prompt whole
         # None: speculate for as long as asked (benchmarks of acceptance need that).
         self.pace_guard = pace_guard if drafter_factory else None
+        # On a CPU: fewer torch threads while another process takes a core (thread_governor).
+        self.thread_governor = thread_governor
+        self._waited_for_drafter_s = 0.0  # in this round, on another process
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
@@ -426,6 +431,8 @@ class Engine:
                     return
                 while self._waiting and len(self._running) < self.max_running:
                     self._running.append(self._waiting.popleft())
+            if self.thread_governor is not None:
+                self.thread_governor.start_round()
             round_robin = list(self._running)
             produced_before = sum(len(seq.output_ids) for seq in round_robin)
             self._pause_or_resume(round_robin)
@@ -451,6 +458,9 @@ class Engine:
                 if seq.cancelled or seq.finish_reason is not None:
                     self._retire(seq)
             self.totals.generation_tokens += sum(len(seq.output_ids) for seq in round_robin) - produced_before
+            if self.thread_governor is not None:
+                self.thread_governor.end_round(self._waited_for_drafter_s)
+            self._waited_for_drafter_s = 0.0
 
     @torch.inference_mode()
     def _warm_slots(self) -> None:
@@ -887,7 +897,10 @@ class Engine:
                 seq.draft = self.drafter_factory.open(seq.request_id)
             hop_before, asked_at = seq.draft.hop_seconds, time.perf_counter()
             tree = ask(seq.draft)
-            seq.spec_stats.record_tree(time.perf_counter() - asked_at, seq.draft.hop_seconds - hop_before)
+            waited = time.perf_counter() - asked_at
+            seq.spec_stats.record_tree(waited, seq.draft.hop_seconds - hop_before)
+            if not seq.draft.in_process:
+                self._waited_for_drafter_s += waited
             tree.validate(self.vocab_size)
             seq.tree = tree if len(tree) else None
         except Exception as exc:

@@ -30,6 +30,12 @@ class EngineCollector(Collector):
             "Requests queued for a decoding slot.",
             value=engine.num_waiting,
         )
+        if engine.thread_governor is not None:
+            yield GaugeMetricFamily(
+                "aerie:verifier_torch_threads",
+                "Torch threads the engine decodes on: fewer while other processes keep a core busy.",
+                value=engine.thread_governor.threads,
+            )
         ended = CounterMetricFamily(
             "aerie:verifier_requests_finished",
             "Requests the engine let go of, by reason: stop, length, error, or cancelled "

@@ -21,9 +21,12 @@ class Drafter(Protocol):
 
     ``hop_seconds``: of the time its start/extend calls took so far, the part spent outside
     the drafter's own work (the gRPC round trip, (de)serialisation, queueing); 0 in-process.
+    ``in_process``: drafting runs on the engine's thread (else the engine waits for another
+    process, on whose CPU time it draws nothing).
     """
 
     hop_seconds: float
+    in_process: bool
 
     def start(self, token_ids: list[int], hidden: torch.Tensor) -> DraftTree: ...
 
