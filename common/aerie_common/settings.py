@@ -42,6 +42,9 @@ class ModelSettings(AerieSettings):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     torch_threads: int = 0  # 0: torch's default
+    # The verifier and the drafter, on the CPU: one torch thread fewer while other processes
+    # keep a core busy (aerie_common/thread_governor.py). false: always torch_threads.
+    adaptive_threads: bool = True
     # On a GPU, replay the verifier's steps and the drafter's tree growth as CUDA graphs,
     # over KV caches of fixed size (aerie_verifier/static_slot.py, aerie_drafter/proposer.py):
     # a request takes a slot of cuda_graph_slot_tokens when its prompt fits, and carries on

@@ -1,5 +1,5 @@
-"""Fewer torch threads while another process takes a core: the verifier's guard against
-a noisy neighbour on a CPU.
+"""Fewer torch threads while another process takes a core: the verifier's and the
+drafter's guard against a noisy neighbour on a CPU.
 
 A forward on N OpenMP threads runs hundreds of parallel regions, and each ends at a
 barrier that waits for the slowest thread. When another process (the memory service
@@ -9,14 +9,14 @@ waits with it: on the 2-core development machine a 1-thread neighbour took the v
 plain decoding from 109 to 13 tokens/s on 2 threads. On 1 thread, beside the same
 neighbour, it decoded 50 tokens/s (against 65 alone).
 
-The governor watches the engine's busy time in windows. A window is contended when the
-engine's process got well under its threads' share of the CPU (process CPU time below
-``CONTENDED_SHARE`` of threads x busy wall time) while other processes used the machine
-(at least ``NEIGHBOUR_CORES`` of a core, from /proc/stat). Low CPU with nobody else busy is
-not contention, only work that does not fill the threads (short forwards, Python). A
-contended window drops a thread. With fewer threads than it started with, it tries one
-more after a while (1 s, doubling after each failed try up to 16 s) and keeps it if that
-window is not contended.
+The governor watches the engine's (or the drafter's) busy time in windows. A window is
+contended when the process got well under its threads' share of the CPU (process CPU time
+below ``CONTENDED_SHARE`` of threads x busy wall time) while other processes used the
+machine (at least ``NEIGHBOUR_CORES`` of a core, from /proc/stat). Low CPU with nobody
+else busy is not contention, only work that does not fill the threads (short forwards,
+Python). A contended window drops a thread. With fewer threads than it started with, it tries one
+more as soon as a window shows nobody else busy, else after a while (1 s, doubling after
+each failed try up to 16 s), and keeps it if that window is not contended.
 
 Time the engine spends waiting (for the drafter's tree) is left out of the busy time: the
 engine's threads sleep then, while the drafter works.
@@ -120,17 +120,20 @@ class ThreadGovernor:
             self._retry_at = now + self._retry_after
             if not trying:
                 log.info(
-                    "other processes keep %.1f cores busy: decoding on %d of %d threads",
-                    neighbours or 0.0,
+                    "beside other processes, %d threads got %.0f%% of their CPU time: running on %d",
+                    self.threads,
+                    100 * share,
                     self.threads - 1,
-                    self.max_threads,
                 )
             self._use(self.threads - 1)
         elif trying:
             self._retry_after = FIRST_RETRY_S
             self._retry_at = now + self._retry_after
-            log.info("decoding on %d of %d threads again", self.threads, self.max_threads)
-        if self._retry_at is not None and now >= self._retry_at and self.threads < self.max_threads:
+            log.info("running on %d of %d threads again", self.threads, self.max_threads)
+        # Back up at once when the rounds show nobody else busy, else when the retry is due.
+        quiet = not contended and neighbours is not None and neighbours < NEIGHBOUR_CORES
+        due = self._retry_at is not None and now >= self._retry_at
+        if (quiet or due) and self.threads < self.max_threads:
             self._trying = True
             self._use(self.threads + 1)
         self._start_window()

@@ -168,3 +168,27 @@ def test_coverage_counts_the_answers_a_passage_holds():
     short = coverage(corpus, lambda question, answer: len(answer) < 70)  # the last sentence does not fit
     assert short[:2] == (1, ["What does Tressa have? (gold: harbour)"])
     assert short[2] != whole[2]  # the fingerprint tells the passages apart
+
+
+def test_chats_beside_the_memory_go_on_until_it_has_learned():
+    import threading
+
+    import httpx
+
+    from bench.memory_qa.beside_the_memory import chat_tokens_per_s
+
+    learned = threading.Event()
+    asked: list[str] = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        asked.append(json.loads(request.content)["messages"][0]["content"])
+        if len(asked) == 5:
+            learned.set()
+        return httpx.Response(200, json={"usage": {"completion_tokens": 8}})
+
+    client = httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(reply))
+    during = chat_tokens_per_s(client, ["a", "b"], 8, learned)
+    # round and round the prompts while the memory learns, stopping once it has
+    assert asked == ["a", "b", "a", "b", "a"] and during["chats"] == 5 and during["tokens"] == 40
+    after = chat_tokens_per_s(client, ["a", "b"], 8)
+    assert after["chats"] == 2 and after["tokens_per_s"] > 0

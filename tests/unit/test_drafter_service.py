@@ -17,6 +17,7 @@ import torch
 from aerie_common.draft_tree import DraftTree
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.tensors import to_chunks
+from aerie_common.thread_governor import ThreadGovernor
 from aerie_drafter.proposer import DraftSession, TreeShape
 from aerie_drafter.server import SERVICE_NAME as DRAFTER_SERVICE
 from aerie_drafter.server import DrafterServicer
@@ -177,7 +178,22 @@ def test_all_head_work_of_all_sessions_runs_on_one_compute_thread(head):
             threads.append(threading.current_thread())
             return super().propose(shape)
 
-    servicer = DrafterServicer(head, SHAPE, 8, "test", new_session=lambda counts: RecordingSession(head))
+    class RecordingGovernor(ThreadGovernor):
+        # its rounds, where it may change the thread count: the compute thread's own
+        def start_round(self):
+            threads.append(("round", threading.current_thread()))
+
+        def end_round(self, waited_s=0.0):
+            threads.append(("round", threading.current_thread()))
+
+    servicer = DrafterServicer(
+        head,
+        SHAPE,
+        8,
+        "test",
+        new_session=lambda counts: RecordingSession(head),
+        thread_governor=RecordingGovernor(2, lambda n: None),
+    )
     server = ServerThread(
         lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), DRAFTER_SERVICE
     ).start()
@@ -191,8 +207,11 @@ def test_all_head_work_of_all_sessions_runs_on_one_compute_thread(head):
             remote.close()
     finally:
         server.stop()
+    rounds = [thread for kind, thread in (t for t in threads if isinstance(t, tuple))]
+    threads = [t for t in threads if not isinstance(t, tuple)]
     assert len(threads) == 9  # 3 starts, 6 proposals
-    assert len(set(threads)) == 1
+    assert len(rounds) == 12  # each of the 6 trees' work is a governed round
+    assert len(set(threads + rounds)) == 1
     assert threads[0] is not server.thread and threads[0].name.startswith("drafter-compute")
 
 

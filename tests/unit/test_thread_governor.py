@@ -89,9 +89,10 @@ def test_a_neighbour_takes_a_thread_until_it_leaves():
     tries = machine.thread_counts[1::2]
     assert tries == [2] * len(tries) and 5 <= len(tries) <= 8
     assert governor._retry_after == MAX_RETRY_S
-    # the neighbour leaves: the next try keeps two threads, and the engine stays there
+    # the neighbour leaves: the next window shows it, the try keeps two threads, and the
+    # engine stays there
     machine.neighbour_cores = 0.0
-    machine.rounds(governor, MAX_RETRY_S + 2 * WINDOW_S)
+    machine.rounds(governor, 3 * WINDOW_S + ROUND_S)  # well before the 16 s retry
     assert governor.threads == 2
     assert governor._retry_after == FIRST_RETRY_S
     machine.rounds(governor, 10.0)

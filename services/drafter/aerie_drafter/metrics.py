@@ -25,6 +25,12 @@ class SessionCollector(Collector):
             "DraftSession streams open, each holding its request's draft KV cache.",
             value=servicer.live_sessions,
         )
+        if servicer.thread_governor is not None:
+            yield GaugeMetricFamily(
+                "aerie:drafter_torch_threads",
+                "Torch threads the drafter drafts on: fewer while other processes keep a core busy.",
+                value=servicer.thread_governor.threads,
+            )
         yield GaugeMetricFamily(
             "aerie:drafter_sessions_max",
             "Sessions allowed at once (AERIE_DRAFTER_MAX_SESSIONS).",

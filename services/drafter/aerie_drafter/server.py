@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from aerie_common.tensors import MalformedTensorError, from_chunks
+from aerie_common.thread_governor import ThreadGovernor
 from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -74,8 +75,10 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         head_origin: str,
         new_session: Callable[[ContextBranchCounts], DraftSession] | None = None,
         compute: ThreadPoolExecutor | None = None,
+        thread_governor: ThreadGovernor | None = None,
     ):
         self.head = head
+        self.thread_governor = thread_governor  # on a CPU: fewer threads beside a busy neighbour
         # The one thread that runs torch work; __main__ loads the head on it too.
         self.compute = compute or compute_thread("drafter-compute")
         # What proposes the trees, given the counts its context branch adds to: the EAGLE
@@ -130,9 +133,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         if not 2 <= len(token_ids) <= self.max_tokens:
             raise DraftProtocolError(f"start needs 2 to {self.max_tokens} token ids, got {len(token_ids)}")
         hidden = self._features(parts, len(token_ids) - 1, "start")
-        drafting_from = time.perf_counter()
-        session.start(token_ids, hidden)
-        return session.propose(shape), time.perf_counter() - drafting_from
+        return self._drafted(lambda: session.start(token_ids, hidden), session, shape)
 
     def _extend(self, session: DraftSession | None, message, parts, shape: TreeShape):
         """On the compute thread: check an extend, add it to the session and draft."""
@@ -142,9 +143,20 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         if not token_ids or len(session.tokens) + len(token_ids) > self.max_tokens:
             raise DraftProtocolError(f"extend needs 1 or more token ids and at most {self.max_tokens} in all")
         hidden = self._features(parts, len(token_ids), "extend")
+        return self._drafted(lambda: session.extend(token_ids, hidden), session, shape)
+
+    def _drafted(self, take_in: Callable[[], None], session: DraftSession, shape: TreeShape):
+        """(tree, seconds) of taking the verifier's tokens in and proposing the next tree."""
+        governor = self.thread_governor
+        if governor is not None:
+            governor.start_round()
         drafting_from = time.perf_counter()
-        session.extend(token_ids, hidden)
-        return session.propose(shape), time.perf_counter() - drafting_from
+        take_in()
+        tree = session.propose(shape)
+        seconds = time.perf_counter() - drafting_from
+        if governor is not None:
+            governor.end_round()
+        return tree, seconds
 
     async def DraftSession(self, request_iterator, context):
         if self.live_sessions >= self.max_sessions:

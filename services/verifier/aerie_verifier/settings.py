@@ -48,10 +48,5 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     # Q8_0 or bf16 values (a GGUF's, a bf16 checkpoint's) from packed copies of them: the
     # same weights, a fifth to a half of the bytes read (aerie_common/packed_weights.py).
     packed_weights: bool = True
-    # On the CPU, decode on one torch thread fewer while other processes keep a core busy
-    # (the memory service answering or learning, say), and go back when they stop: a
-    # neighbour on one core stalls every parallel region of a forward on all of them
-    # (aerie_common/thread_governor.py). false: always AERIE_TORCH_THREADS.
-    adaptive_threads: bool = True
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0
