@@ -55,6 +55,9 @@ def machine_busy_seconds() -> float | None:
 
 
 class ThreadGovernor:
+    """Told of every round of work (on the thread that runs it), sets the torch threads
+    for the next ones through ``set_threads``."""
+
     def __init__(
         self,
         max_threads: int,
@@ -77,8 +80,8 @@ class ThreadGovernor:
         self._round_machine: float | None = None
         self.contended_windows = 0
 
-    @classmethod
-    def available(cls, max_threads: int) -> bool:
+    @staticmethod
+    def available(max_threads: int) -> bool:
         """Whether governing can help and be measured here."""
         return max_threads > 1 and machine_busy_seconds() is not None
 
