@@ -80,12 +80,17 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         return memory_pb2.NamespaceStats(namespace=request.namespace, exists=True, current_version="v0003")
 
     def Query(self, request, context):
+        asked_before = request.question in self.queries  # as the memory keeps its latest answers
         self.queries.append(request.question)
         self.max_tokens[request.question] = request.max_tokens
         time.sleep(self.slow_s)
         if "Naxpry" in request.question:
             return memory_pb2.QueryResponse(
-                answer="Lumfen Uskyth", sources=["town-01"], model_version="v0001", knows=True
+                answer="Lumfen Uskyth",
+                sources=["town-01"],
+                model_version="v0001",
+                knows=True,
+                cached=asked_before,
             )
         return memory_pb2.QueryResponse(answer="I don't know.", model_version="v0001", knows=False)
 
@@ -220,6 +225,16 @@ async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
     assert [m.role for m in sent.messages] == ["user"]
     assert "Lumfen Uskyth" in sent.messages[0].content
     assert sent.messages[0].content.endswith(f"Question: Who governs Naxpry?\n{ANSWER_FROM_CONTEXT}")
+
+
+async def test_chat_counts_the_memory_questions_answered_from_its_kept_answers(app, fakes):
+    body = chat_body("Who governs Naxpry now?", memory={"namespace": "ns", "mode": "single_pass"})
+    async with asgi_client(app()) as client:
+        for _ in range(2):
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        metrics = metric_samples((await client.get("/metrics")).text)
+    assert metrics[("aerie:memory_questions_total", (("cached", "false"),))] == 1
+    assert metrics[("aerie:memory_questions_total", (("cached", "true"),))] == 1
 
 
 async def test_chat_three_stage_streaming_reports_memory_in_first_chunk(app, fakes):

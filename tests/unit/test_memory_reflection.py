@@ -458,6 +458,7 @@ def test_the_memory_service_answers_a_facts_question_from_the_passages_that_ment
     import threading
 
     from aerie_memory import __main__ as memory_main
+    from aerie_memory import models
     from aerie_memory.models import LoadedMemory
     from aerie_memory.settings import MemorySettings
     from aerie_memory.training import IDK
@@ -477,7 +478,7 @@ def test_the_memory_service_answers_a_facts_question_from_the_passages_that_ment
         asked.append(question)
         return replies[question]
 
-    monkeypatch.setattr(memory_main, "answer", answer)
+    monkeypatch.setattr(models, "answer", answer)
     learned = [
         Reflection(f"What do you know about {entity}?", text, "passages", (source,))
         for entity, text, source in [
@@ -508,6 +509,31 @@ def test_the_memory_service_answers_a_facts_question_from_the_passages_that_ment
     captain = query("What do you know about Orla Penhallow?")  # read of, but in no passage
     assert (captain.knows, captain.answer, captain.model_version) == (False, IDK, "v1")
     assert len(asked) == 4  # ... and not asked
+
+
+def test_a_loaded_memory_gives_its_latest_answers_again_without_generating(monkeypatch):
+    import threading
+
+    from aerie_memory import models
+
+    generated = []
+
+    def answer(model, tokenizer, question, max_tokens, learned_answers):
+        generated.append((question, max_tokens))
+        return f"{question} in {max_tokens}"
+
+    monkeypatch.setattr(models, "answer", answer)
+    memory = models.LoadedMemory("v1", None, None, [], threading.Lock(), None, recent_answers_kept=2)
+    assert memory.recall("a?", 8) == ("a? in 8", False)
+    assert memory.recall("a?", 8) == ("a? in 8", True)
+    assert memory.recall("a?", 16) == ("a? in 16", False)  # another budget, another answer
+    memory.recall("a?", 8)  # now the latest
+    memory.recall("b?", 8)  # the third: the least recent (a? in 16) goes
+    assert [memory.recall(q, n)[1] for q, n in [("a?", 8), ("b?", 8), ("a?", 16)]] == [True, True, False]
+    assert generated == [("a?", 8), ("a?", 16), ("b?", 8), ("a?", 16)]
+    keeps_none = models.LoadedMemory("v1", None, None, [], threading.Lock(), None)
+    assert [keeps_none.recall("a?", 8)[1] for _ in range(2)] == [False, False]
+    assert len(generated) == 6
 
 
 def test_a_passage_holds_the_sentences_that_fit_its_budget():

@@ -395,7 +395,11 @@ async def test_grpc_adapter(env, tmp_path):
             answer = await stub.Query(
                 memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
             )
-            assert answer.model_version == "v0001" and answer.seconds > 0
+            assert answer.model_version == "v0001" and answer.seconds > 0 and not answer.cached
+            again = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
+            )
+            assert (again.answer, again.cached) == (answer.answer, True)
             # the entity gate: a name the memory never learned is refused without generating
             stranger = await stub.Query(
                 memory_pb2.QueryRequest(namespace="g", question="What does Bob Stone collect?")
@@ -423,6 +427,11 @@ async def test_grpc_adapter(env, tmp_path):
             )
             assert not missing.deleted
             await processor.run(gone.job_id)
+            # a new version answers afresh
+            forgot = await stub.Query(
+                memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
+            )
+            assert (forgot.model_version, forgot.cached) == ("v0002", False)
             rolled = await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
             assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
     finally:

@@ -194,15 +194,17 @@ class QueryRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., question: _Optional[str] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("answer", "sources", "model_version", "knows", "seconds")
+    __slots__ = ("answer", "sources", "model_version", "knows", "seconds", "cached")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     KNOWS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     answer: str
     sources: _containers.RepeatedScalarFieldContainer[str]
     model_version: str
     knows: bool
     seconds: float
-    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., knows: _Optional[bool] = ..., seconds: _Optional[float] = ...) -> None: ...
+    cached: bool
+    def __init__(self, answer: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., knows: _Optional[bool] = ..., seconds: _Optional[float] = ..., cached: _Optional[bool] = ...) -> None: ...

@@ -80,6 +80,7 @@ class MemoryComposer:
             memory_pb2.QueryRequest(namespace=namespace, question=question, max_tokens=max_tokens),
             timeout=self.settings.memory_timeout_s,
         )
+        self.metrics.memory_questions.labels(cached=str(reply.cached).lower()).inc()
         return MemoryAnswer(reply.answer, list(reply.sources), reply.knows)
 
     async def run(self, body: ChatCompletionRequest) -> tuple[ChatCompletionRequest, dict[str, Any]]:

@@ -69,6 +69,12 @@ class GatewayMetrics:
             buckets=E2E_BUCKETS,
             registry=registry,
         )
+        self.memory_questions = Counter(
+            "aerie:memory_questions",
+            "Questions chats with memory asked the memory model; cached: answered from its latest answers.",
+            ["cached"],
+            registry=registry,
+        )
         self.prompt_tokens = Counter("aerie:prompt_tokens", "Prompt tokens processed.", registry=registry)
         self.generation_tokens = Counter("aerie:generation_tokens", "Tokens generated.", registry=registry)
         self.request_success = Counter(

@@ -35,7 +35,6 @@ from aerie_memory.models import (
     names_known_entity,
     recall_questions,
 )
-from aerie_memory.recall_decoding import answer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore, forgetting
 from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
@@ -211,7 +210,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         key = (namespace, version.version)
         if key not in self._loading:  # one load per version, however many queries wait
             self._loading[key] = asyncio.get_running_loop().run_in_executor(
-                self.compute, build_memory, self._base_loader, self.root, namespace, version
+                self.compute,
+                build_memory,
+                self._base_loader,
+                self.root,
+                namespace,
+                version,
+                self.settings.memory_recent_answers,
             )
         try:
             loaded = await self._loading[key]
@@ -244,15 +249,13 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             )
         max_tokens = request.max_tokens or self.settings.memory_query_max_tokens
 
-        def run() -> str:
+        def run() -> tuple[str, bool]:
             with memory.lock:  # one generation at a time per loaded model
-                answers = [
-                    answer(memory.model, memory.tokenizer, q, max_tokens, memory.learned_answers)
-                    for q in questions
-                ]
-            return " ".join(a for a in answers if knows(a)) or answers[0]
+                recalled = [memory.recall(q, max_tokens) for q in questions]
+            answers = [text for text, _ in recalled]
+            return " ".join(a for a in answers if knows(a)) or answers[0], all(kept for _, kept in recalled)
 
-        text = await asyncio.get_running_loop().run_in_executor(self.compute, run)
+        text, cached = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         known = knows(text)
         sources = attribute_sources(" ".join(questions), text, memory.reflections) if known else []
         return memory_pb2.QueryResponse(
@@ -261,6 +264,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             model_version=memory.version,
             knows=known,
             seconds=time.monotonic() - started,
+            cached=cached,
         )
 
 

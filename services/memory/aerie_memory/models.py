@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from aerie_common.entities import FACTS_QUESTION, content_words, facts_question_entity, names_in
 
-from aerie_memory.recall_decoding import LearnedAnswers
+from aerie_memory.recall_decoding import LearnedAnswers, answer
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
 from aerie_memory.ties import apply_deltas, merge_adapters
@@ -81,6 +81,8 @@ class LoadedMemory:
     # the entities it learned the facts of -> those passages' text (every adapter's)
     passages: dict[str, str] = field(init=False)
     learned_answers: LearnedAnswers | None = None  # drafts for its answers (None: not drafted)
+    recent_answers_kept: int = 0  # how many of its latest answers ``recall`` keeps (0: none)
+    _recent_answers: OrderedDict[tuple[str, int], str] = field(init=False)
 
     def __post_init__(self):
         self.learned_text = " ".join(f"{r.question} {r.answer}" for r in self.reflections).lower()
@@ -88,6 +90,27 @@ class LoadedMemory:
         for r in self.reflections:
             if entity := facts_question_entity(r.question):
                 self.passages[entity] = f"{self.passages.get(entity, '')} {r.answer}".strip()
+        self._recent_answers = OrderedDict()
+
+    def recall(self, question: str, max_tokens: int) -> tuple[str, bool]:
+        """Its greedy answer to ``question`` (at most ``max_tokens``), and whether that was
+        one of its latest answers, kept rather than generated again. Call it holding ``lock``.
+
+        The answer cannot change while the memory is loaded (a new version is another
+        LoadedMemory), and chats ask the same few questions over and over: every question
+        about an entity asks for that entity's facts, the longest answers the memory gives
+        (the memory benchmark's 18 chats on handwritten_b asked 51 questions, 36 of them
+        different; one entity's facts 9 times)."""
+        key = (question, max_tokens)
+        if (kept := self._recent_answers.get(key)) is not None:
+            self._recent_answers.move_to_end(key)
+            return kept, True
+        text = answer(self.model, self.tokenizer, question, max_tokens, self.learned_answers)
+        if self.recent_answers_kept > 0:
+            self._recent_answers[key] = text
+            while len(self._recent_answers) > self.recent_answers_kept:
+                self._recent_answers.popitem(last=False)
+        return text, False
 
 
 def _contains(longer: list[str], shorter: list[str]) -> bool:
@@ -164,7 +187,9 @@ def names_known_entity(question: str, learned_text: str) -> bool:
     return not entities or any(e in learned_text for e in entities)
 
 
-def build_memory(base_loader, root: Path, namespace: str, version: Version) -> LoadedMemory:
+def build_memory(
+    base_loader, root: Path, namespace: str, version: Version, recent_answers_kept: int = 0
+) -> LoadedMemory:
     model, tokenizer = base_loader()
     adapters, reflections = [], []
     for entry in version.adapters:
@@ -174,7 +199,9 @@ def build_memory(base_loader, root: Path, namespace: str, version: Version) -> L
     if adapters:
         apply_deltas(model, merge_adapters(adapters, version.ties_density, version.ties_lambda))
     learned_answers = LearnedAnswers(tokenizer, [(r.question, r.answer) for r in reflections], phrases=(IDK,))
-    return LoadedMemory(version.version, model, tokenizer, reflections, threading.Lock(), learned_answers)
+    return LoadedMemory(
+        version.version, model, tokenizer, reflections, threading.Lock(), learned_answers, recent_answers_kept
+    )
 
 
 class MemoryCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aerie_common.settings import DEFAULT_TARGET_MODEL, ServiceSettings
+from pydantic import Field
 
 
 class MemorySettings(ServiceSettings):
@@ -76,6 +77,10 @@ class MemorySettings(ServiceSettings):
     ties_lambda: float = 1.0  # scale of the merged task vector added to the base
     memory_loaded_models: int = 2  # namespaces whose memory model stays loaded for queries
     memory_query_max_tokens: int = 48
+    # Answers each loaded memory keeps, by question, and gives again without generating
+    # (aerie_memory.models.LoadedMemory.recall): exactly the answers it would generate.
+    # About a kilobyte each. 0 keeps none.
+    memory_recent_answers: int = Field(default=4096, ge=0)
     # Torch threads of the worker's training and the service's queries. One by default: on a
     # small CPU shared with the verifier, two threads fighting other processes were 4x
     # slower than one (measured); 0 means torch's default.
