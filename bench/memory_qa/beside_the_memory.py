@@ -5,7 +5,7 @@ For each setting (the stack as configured, then with ``--compare``'s variables),
 starts on a fresh data directory and
 
 1. ingests the corpus; while the memory learns it (generating reflections through the
-   verifier, then training its adapter on one thread), plain chats (MT-bench first turns,
+   verifier, then training its adapter), plain chats (MT-bench first turns,
    one at a time, temperature 0) measure the verifier's tokens/s; as many chats after it
    learned measure them with the memory idle;
 2. runs the protocol (``memory_protocol.three_stage``, the gateway's own code, against the

@@ -32,7 +32,14 @@ class ServiceSettings(AerieSettings):
     drain_timeout_s: float = 20.0
 
 
-class ModelSettings(AerieSettings):
+class ThreadSettings(AerieSettings):
+    # On the CPU, the verifier, the drafter and the memory run on one torch thread fewer while
+    # other processes keep a core busy (aerie_common/thread_governor.py). false: always their
+    # configured threads.
+    adaptive_threads: bool = True
+
+
+class ModelSettings(ThreadSettings):
     """Which target model to load and where. Used by every service that loads it."""
 
     # A built-in name (see aerie_common.model_store.BUILTIN_MODELS) or a local
@@ -42,9 +49,6 @@ class ModelSettings(AerieSettings):
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
     torch_threads: int = 0  # 0: torch's default
-    # The verifier and the drafter, on the CPU: one torch thread fewer while other processes
-    # keep a core busy (aerie_common/thread_governor.py). false: always torch_threads.
-    adaptive_threads: bool = True
     # On a GPU, replay the verifier's steps and the drafter's tree growth as CUDA graphs,
     # over KV caches of fixed size (aerie_verifier/static_slot.py, aerie_drafter/proposer.py):
     # a request takes a slot of cuda_graph_slot_tokens when its prompt fits, and carries on

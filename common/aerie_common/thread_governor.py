@@ -1,5 +1,5 @@
-"""Fewer torch threads while another process takes a core: the verifier's and the
-drafter's guard against a noisy neighbour on a CPU.
+"""Fewer torch threads while another process takes a core: the verifier's, the drafter's
+and the memory worker's guard against a noisy neighbour on a CPU.
 
 A forward on N OpenMP threads runs hundreds of parallel regions, and each ends at a
 barrier that waits for the slowest thread. When another process (the memory service
@@ -20,6 +20,10 @@ each failed try up to 16 s), and keeps it if that window is not contended.
 
 Time the engine spends waiting (for the drafter's tree) is left out of the busy time: the
 engine's threads sleep then, while the drafter works.
+
+The memory worker's governor makes no timed tries (``timed_retries=False``): it takes a core
+back only when a window shows it free. A training step lasts seconds, and a try at two threads
+beside a busy verifier stalls that whole step and the verifier's decoding with it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,10 @@ class ThreadGovernor:
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.process_time,
         machine_busy: Callable[[], float | None] = machine_busy_seconds,
+        timed_retries: bool = True,
     ):
         self.max_threads = max_threads
+        self.timed_retries = timed_retries
         self.threads = max_threads
         self._set_threads = set_threads
         self._clock = clock
@@ -135,7 +142,7 @@ class ThreadGovernor:
             log.info("running on %d of %d threads again", self.threads, self.max_threads)
         # Back up at once when the rounds show nobody else busy, else when the retry is due.
         quiet = not contended and neighbours is not None and neighbours < NEIGHBOUR_CORES
-        due = self._retry_at is not None and now >= self._retry_at
+        due = self.timed_retries and self._retry_at is not None and now >= self._retry_at
         if (quiet or due) and self.threads < self.max_threads:
             self._trying = True
             self._use(self.threads + 1)
@@ -144,3 +151,16 @@ class ThreadGovernor:
     def _use(self, threads: int) -> None:
         self.threads = threads
         self._set_threads(threads)
+
+
+@contextmanager
+def governed_round(governor: ThreadGovernor | None) -> Iterator[None]:
+    """A round of work told to ``governor`` (nothing when None)."""
+    if governor is None:
+        yield
+        return
+    governor.start_round()
+    try:
+        yield
+    finally:
+        governor.end_round()

@@ -132,9 +132,20 @@ async def test_ingest_dedup_update_and_queue(env):
 
 async def test_job_runs_to_a_served_version_and_forgets(env):
     store, settings, processor, generator, _ = env
+    rounds = []  # the training thread governor's
+
+    class Governor:
+        def start_round(self):
+            rounds.append("start")
+
+        def end_round(self):
+            rounds.append("end")
+
+    processor.thread_governor = Governor()
     outcome = await store.ingest("ns", DOCS, 600)
     job = await processor.run(outcome.job_id)
     assert job.status == "succeeded", job.errors
+    assert len(rounds) >= 2 * job.total and rounds[:2] == ["start", "end"]  # each step, each check
     assert (job.stage, job.model_version, job.attempts) == ("done", "v0001", 1)
     yields = {s["step"]: s for s in job.step_yields}
     assert yields["facts_direct"]["kept"] == 2 and yields["facts_direct"]["calls"] == 2
@@ -436,3 +447,20 @@ async def test_grpc_adapter(env, tmp_path):
             assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
     finally:
         await server.stop(None)
+
+
+def test_training_threads_are_every_free_core_or_the_configured_number(monkeypatch):
+    from aerie_memory import worker
+
+    threads = [4]  # torch's default: the cores
+
+    monkeypatch.setattr(worker.torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(worker.torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(worker, "pick_device", lambda device: "cpu")
+    governor = worker.training_threads(0, adaptive=True)
+    assert threads[-1] == 4 and governor.max_threads == 4 and not governor.timed_retries
+    assert worker.training_threads(0, adaptive=False) is None and threads[-1] == 1
+    assert worker.training_threads(3, adaptive=True).max_threads == 3 and threads[-1] == 3
+    assert worker.training_threads(1, adaptive=True) is None  # nothing to step down from
+    monkeypatch.setattr(worker, "pick_device", lambda device: "cuda")
+    assert worker.training_threads(0, adaptive=True) is None

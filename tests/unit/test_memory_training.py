@@ -180,9 +180,22 @@ def test_a_recall_epoch_trains_the_missed_answers_beside_recalled_ones(
     original_batch = training._batch
     monkeypatch.setattr(training, "unrecalled", unrecalled)
     monkeypatch.setattr(training, "_batch", batch)
+
+    class Rounds:  # a thread governor, told of each step and each check
+        started = ended = 0
+
+        def start_round(self):
+            self.started += 1
+
+        def end_round(self):
+            self.ended += 1
+
+    rounds = Rounds()
     config = TrainConfig(rank=4, alpha=8, epochs=1, batch_size=8, recall_epochs=4, recall_rehearsal=rehearsal)
-    result = train_lora(memorising_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, examples, config)
+    model = memorising_tiny_llama(len(tiny_tokenizer))
+    result = train_lora(model, tiny_tokenizer, examples, config, thread_governor=rounds)
     assert checks == [8, 1, 8] and result.unrecalled == [1, 0, 0]
+    assert rounds.started == rounds.ended == result.steps + len(checks)
     assert trained[0] == list(range(8)) and len(trained) == 2 == result.steps
     assert 5 in trained[1] and len(trained[1]) == 1 + rehearsal
 

@@ -37,10 +37,15 @@ class Machine:
         self.engine_share = 1.0  # of its threads' time, when nobody else is busy
         self.thread_counts: list[int] = []
 
-    def governor(self, threads: int | None = None) -> ThreadGovernor:
+    def governor(self, threads: int | None = None, timed_retries: bool = True) -> ThreadGovernor:
         self.threads = threads or self.cores
         return ThreadGovernor(
-            self.threads, self._set_threads, lambda: self.now, lambda: self.cpu, lambda: self.busy
+            self.threads,
+            self._set_threads,
+            lambda: self.now,
+            lambda: self.cpu,
+            lambda: self.busy,
+            timed_retries=timed_retries,
         )
 
     def _set_threads(self, threads: int) -> None:
@@ -97,6 +102,22 @@ def test_a_neighbour_takes_a_thread_until_it_leaves():
     assert governor._retry_after == FIRST_RETRY_S
     machine.rounds(governor, 10.0)
     assert governor.threads == 2 and machine.thread_counts[-1] == 2
+
+
+def test_without_timed_tries_a_thread_comes_back_only_when_a_core_is_free():
+    # The memory's governors: a try beside a busy verifier would stall a whole training step.
+    machine = Machine()
+    governor = machine.governor(timed_retries=False)
+    machine.neighbour_cores = 1.0
+    machine.rounds(governor, 60.0)
+    assert governor.threads == 1 and machine.thread_counts == [1]  # and no try
+    machine.neighbour_cores = 0.0
+    machine.rounds(governor, 2 * WINDOW_S + ROUND_S)
+    assert governor.threads == 2 and machine.thread_counts == [1, 2]
+    machine.rounds(governor, 10.0)
+    machine.neighbour_cores = 1.0  # the verifier decodes again
+    machine.rounds(governor, WINDOW_S + ROUND_S)
+    assert governor.threads == 1 and machine.thread_counts == [1, 2, 1]
 
 
 def test_a_share_low_without_neighbours_is_not_contention():

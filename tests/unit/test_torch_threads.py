@@ -39,24 +39,21 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
 
     threads = []
 
-    def fake_answer(model, tokenizer, question, max_tokens, learned_answers):
+    def recall(question, max_tokens):
         threads.append(threading.current_thread())
-        return "Paris."
+        return "Paris.", False
 
-    monkeypatch.setattr(memory_main, "answer", fake_answer)
     monkeypatch.setattr(memory_main, "names_known_entity", lambda question, text: True)
     servicer = MemoryServicer(MemorySettings(model_cache=tmp_path), store=None)
 
     async def loaded(namespace):
         return types.SimpleNamespace(
             lock=threading.Lock(),
-            model=None,
-            tokenizer=None,
+            recall=recall,
             learned_text="",
             reflections=[],
             version="v1",
             passages={},
-            learned_answers=None,
         )
 
     servicer._memory = loaded

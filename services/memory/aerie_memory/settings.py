@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from aerie_common.settings import DEFAULT_TARGET_MODEL, ServiceSettings
+from aerie_common.settings import DEFAULT_TARGET_MODEL, ServiceSettings, ThreadSettings
 from pydantic import Field
 
 
-class MemorySettings(ServiceSettings):
+class MemorySettings(ServiceSettings, ThreadSettings):
     memory_host: str = "127.0.0.1"
     memory_port: int = 50053
 
@@ -81,10 +81,15 @@ class MemorySettings(ServiceSettings):
     # (aerie_memory.models.LoadedMemory.recall): exactly the answers it would generate.
     # About a kilobyte each. 0 keeps none.
     memory_recent_answers: int = Field(default=4096, ge=0)
-    # Torch threads of the worker's training and the service's queries. One by default: on a
-    # small CPU shared with the verifier, two threads fighting other processes were 4x
-    # slower than one (measured); 0 means torch's default.
+    # Torch threads of the service's queries. One: on a small CPU shared with the verifier,
+    # two threads fighting other processes were 4x slower than one (measured), and even
+    # governed (adaptive threads), 4 memory chats at once came slower on two (docs/memory.md).
+    # 0 means torch's default.
     memory_torch_threads: int = 1
+    # Torch threads of the worker's training. 0: every core, with AERIE_ADAPTIVE_THREADS one
+    # fewer while another process keeps a core busy, taken back only when it is free (alone
+    # on two cores, a corpus was learned 1.6x faster than on one); one without adaptive threads.
+    memory_train_threads: int = Field(default=0, ge=0)
 
     # --- the worker ------------------------------------------------------------------------
     # Seconds a job may go without its worker's heartbeat before another worker reclaims

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from aerie_common.thread_governor import ThreadGovernor, governed_round
 from safetensors.torch import load_file, save_file
 
 from aerie_memory.reflection import Reflection
@@ -210,8 +211,10 @@ def train_lora(
     examples: Sequence[Example],
     config: TrainConfig,
     progress: Callable[[int, int, float], None] | None = None,
+    thread_governor: ThreadGovernor | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``model`` (left unchanged afterwards) and return its weights."""
+    """Train a LoRA adapter on ``model`` (left unchanged afterwards) and return its weights.
+    Each optimizer step and recall check is a round of ``thread_governor``'s."""
     from peft import LoraConfig, get_peft_model
 
     started = time.monotonic()
@@ -242,11 +245,12 @@ def train_lora(
             total += len(batches)
         losses = []
         for batch in batches:
-            logits, targets, _ = _answer_logits(inner, examples, batch, pad, device)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            with governed_round(thread_governor):
+                logits, targets, _ = _answer_logits(inner, examples, batch, pad, device)
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -258,7 +262,8 @@ def train_lora(
 
     def not_recalled(rows: Sequence[int]) -> list[int]:
         inner.eval()
-        found = unrecalled(inner, [examples[i] for i in rows], config.batch_size, pad)
+        with governed_round(thread_governor):
+            found = unrecalled(inner, [examples[i] for i in rows], config.batch_size, pad)
         inner.train()
         unrecalled_counts.append(len(found))
         return [rows[i] for i in found]

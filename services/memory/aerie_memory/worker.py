@@ -36,6 +36,7 @@ import torch
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
+from aerie_common.thread_governor import ThreadGovernor
 from aerie_common.torch_threads import compute_thread
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -80,9 +81,16 @@ class JobProcessor:
     loaded once, on first need, by ``base_loader``."""
 
     def __init__(
-        self, store: MemoryStore, settings: MemorySettings, generator, base_loader, memory_root: Path
+        self,
+        store: MemoryStore,
+        settings: MemorySettings,
+        generator,
+        base_loader,
+        memory_root: Path,
+        thread_governor: ThreadGovernor | None = None,
     ):
         self.store = store
+        self.thread_governor = thread_governor  # on a CPU: training takes a free core
         self.settings = settings
         self.generator = generator
         self._base_loader = base_loader
@@ -245,7 +253,9 @@ class JobProcessor:
 
         _, steps = config.schedule(len(examples))
         await self.store.update_job(job_id, done=0, total=steps, training_examples=len(examples))
-        result = await self._compute(train_lora, model, tokenizer, examples, config, progress)
+        result = await self._compute(
+            train_lora, model, tokenizer, examples, config, progress, self.thread_governor
+        )
         await asyncio.gather(*map(asyncio.wrap_future, updates), return_exceptions=True)
         meta = {
             "examples": len(examples),
@@ -468,10 +478,21 @@ def default_consumer(settings: MemorySettings) -> str:
     return f"{socket.gethostname()}-{settings.memory_port}"
 
 
+def training_threads(configured: int, adaptive: bool) -> ThreadGovernor | None:
+    """Set this process's torch threads for training and return their governor (None:
+    fixed). ``configured`` threads (0: every core when ``adaptive``, else one); with
+    ``adaptive`` on a CPU, training runs on one fewer while another process keeps a core
+    busy, and takes it back only when it is free (no timed tries): the verifier, which a
+    user waits on token by token, comes first."""
+    torch.set_num_threads(configured or (torch.get_num_threads() if adaptive else 1))
+    threads = torch.get_num_threads()
+    if not adaptive or pick_device("auto") != "cpu" or not ThreadGovernor.available(threads):
+        return None
+    return ThreadGovernor(threads, torch.set_num_threads, timed_retries=False)
+
+
 def make_base_loader(settings: MemorySettings):
     def load():
-        if settings.memory_torch_threads > 0:
-            torch.set_num_threads(settings.memory_torch_threads)
         model_dir = resolve_model_dir(settings.memory_base_model, settings.model_cache)
         return load_base(model_dir, pick_device("auto"))
 
@@ -483,7 +504,12 @@ async def main_async(settings: MemorySettings) -> None:
     store = MemoryStore(client)
     generator = make_generator(settings)
     processor = JobProcessor(
-        store, settings, generator, make_base_loader(settings), settings.model_cache / "memory"
+        store,
+        settings,
+        generator,
+        make_base_loader(settings),
+        settings.model_cache / "memory",
+        training_threads(settings.memory_train_threads, settings.adaptive_threads),
     )
     consumer = os.environ.get("AERIE_MEMORY_WORKER_NAME") or default_consumer(settings)
     # SIGTERM drains: no new job is taken, the one in hand runs on until it ends (or the
