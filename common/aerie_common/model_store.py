@@ -23,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from aerie_common.settings import ModelSettings
+from aerie_common.torch_threads import set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +116,13 @@ def pick_dtype(dtype: str, device: str):
 
 def load_target(settings: ModelSettings):
     """Load the target model and tokenizer; returns (model, tokenizer, model_dir)."""
-    import torch
-
     # transformers 5.2x renamed the forward's `past_key_values` to `cache` and warns on the
     # old name, which it drops in 5.40 (pyproject caps it below). The GPU machines' own
     # transformers (5.17) knows only the old name, so the services keep passing it.
     warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads)
     model_dir = resolve_model_dir(settings.target_model, settings.model_cache)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)

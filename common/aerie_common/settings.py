@@ -48,7 +48,7 @@ class ModelSettings(ThreadSettings):
     model_cache: Path = Field(default=Path.home() / ".cache" / "aerie")
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 0  # 0: torch's default, capped at the container's CPU quota
     # On a GPU, replay the verifier's steps and the drafter's tree growth as CUDA graphs,
     # over KV caches of fixed size (aerie_verifier/static_slot.py, aerie_drafter/proposer.py):
     # a request takes a slot of cuda_graph_slot_tokens when its prompt fits, and carries on

@@ -25,6 +25,7 @@ checks that they agree).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +34,51 @@ from typing import TypeVar
 T = TypeVar("T")
 
 OPENMP_SPIN_COUNT = "30000"
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU = "/sys/fs/cgroup/cpu"  # cpu.cfs_quota_us, cpu.cfs_period_us
 
 
 def set_openmp_spin_count() -> None:
     """Set GOMP_SPINCOUNT for this process (unless set) and the processes it starts.
     libgomp reads it when it loads, so call this before torch is imported."""
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
+def cpu_quota_cores() -> int | None:
+    """The CPUs this process's cgroup may use (its CPU quota, rounded up), or None without
+    a quota (or without cgroups)."""
+    try:
+        with open(CGROUP_V2_CPU_MAX) as cpu_max:
+            quota, period = cpu_max.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            with (
+                open(f"{CGROUP_V1_CPU}/cpu.cfs_quota_us") as q,
+                open(f"{CGROUP_V1_CPU}/cpu.cfs_period_us") as p,
+            ):
+                quota, period = q.read().strip(), p.read().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    try:
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def set_torch_threads(configured: int) -> int:
+    """Set this process's torch threads: ``configured``, or for 0 torch's default (the
+    cores it sees) capped at the container's CPU quota, which torch does not read: a pod
+    limited to 4 CPUs on a 64-core node would otherwise run 32 or more threads that the
+    quota throttles. Returns the count."""
+    import torch
+
+    if configured > 0:
+        torch.set_num_threads(configured)
+    elif (quota := cpu_quota_cores()) is not None and quota < torch.get_num_threads():
+        torch.set_num_threads(quota)
+    return torch.get_num_threads()
 
 
 def compute_thread(name: str) -> ThreadPoolExecutor:

@@ -717,7 +717,7 @@ def test_torch_threads_fit_the_cpu_limit(name, rendered):
         threads = int(setting(container_env(resources, container), "AERIE_TORCH_THREADS"))
         limit = quantity(container["resources"]["limits"]["cpu"])
         assert threads <= limit, f"{container['name']}: {threads} torch threads on {limit} CPUs"
-    # 0 would be every core of the node, throttled by the pod's quota
+    # set to the limit, not left to the quota's reading (aerie_common.torch_threads)
     _, memory = aerie_containers(resources)["memory"]
     training = int(setting(container_env(resources, memory), "AERIE_MEMORY_TRAIN_THREADS"))
     assert 1 <= training <= quantity(memory["resources"]["limits"]["cpu"])

@@ -66,3 +66,41 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
     assert [a.answer for a in answers] == ["Paris."] * 6
     assert len(threads) == 6 and len(set(threads)) == 1
     assert threads[0].name.startswith("memory-compute")
+
+
+def test_the_cpu_quota_is_read_from_cgroup_v2_then_v1(tmp_path, monkeypatch):
+    from aerie_common import torch_threads
+
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "cpu"
+    monkeypatch.setattr(torch_threads, "CGROUP_V2_CPU_MAX", str(v2))
+    monkeypatch.setattr(torch_threads, "CGROUP_V1_CPU", str(v1))
+    assert torch_threads.cpu_quota_cores() is None  # no cgroup files
+    for text, cores in [
+        ("max 100000\n", None),
+        ("400000 100000\n", 4),
+        ("150000 100000\n", 2),
+        ("5000 100000", 1),
+    ]:
+        v2.write_text(text)
+        assert torch_threads.cpu_quota_cores() == cores, text
+    v2.unlink()
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    for quota, cores in [("-1\n", None), ("200000\n", 2)]:
+        (v1 / "cpu.cfs_quota_us").write_text(quota)
+        assert torch_threads.cpu_quota_cores() == cores, quota
+
+
+def test_torch_threads_are_the_configured_number_or_the_default_within_the_quota(monkeypatch):
+    import torch
+    from aerie_common import torch_threads
+
+    threads = [64]  # torch's default: every core of the node
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch_threads, "cpu_quota_cores", lambda: None)
+    assert torch_threads.set_torch_threads(0) == 64 and threads == [64]  # no quota: torch's count
+    monkeypatch.setattr(torch_threads, "cpu_quota_cores", lambda: 4)
+    assert torch_threads.set_torch_threads(0) == 4  # the pod's limit
+    assert torch_threads.set_torch_threads(8) == 8  # as configured, quota or not
+    assert torch_threads.set_torch_threads(0) == 4 and threads == [64, 4, 8, 4]

@@ -10,7 +10,7 @@ from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.metrics import start_metrics_server
 from aerie_common.thread_governor import ThreadGovernor
-from aerie_common.torch_threads import compute_thread
+from aerie_common.torch_threads import compute_thread, set_torch_threads
 from aerie_proto.v1 import drafter_pb2_grpc
 
 from aerie_drafter.loading import load_drafter_head
@@ -23,8 +23,7 @@ log = logging.getLogger("aerie_drafter")
 
 
 async def serve(settings: DrafterSettings) -> None:
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
+    set_torch_threads(settings.torch_threads)
     # The head loads on the thread that will draft with it: the process's only torch thread.
     compute = compute_thread("drafter-compute")
     head, origin = await asyncio.get_running_loop().run_in_executor(

@@ -24,7 +24,7 @@ from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
-from aerie_common.torch_threads import compute_thread
+from aerie_common.torch_threads import compute_thread, set_torch_threads
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
 from aerie_memory.models import (
@@ -320,10 +320,7 @@ class WorkerSupervisor:
 
 
 async def serve(settings: MemorySettings) -> None:
-    if settings.memory_torch_threads > 0:
-        import torch
-
-        torch.set_num_threads(settings.memory_torch_threads)
+    set_torch_threads(settings.memory_torch_threads)
     client = connect(settings.redis_url)
     store = MemoryStore(client)
     servicer = MemoryServicer(settings, store)

@@ -84,7 +84,7 @@ class MemorySettings(ServiceSettings, ThreadSettings):
     # Torch threads of the service's queries. One: on a small CPU shared with the verifier,
     # two threads fighting other processes were 4x slower than one (measured), and even
     # governed (adaptive threads), 4 memory chats at once came slower on two (docs/memory.md).
-    # 0 means torch's default.
+    # 0: every core the container may use (aerie_common.torch_threads.set_torch_threads).
     memory_torch_threads: int = 1
     # Torch threads of the worker's training. 0: every core, with AERIE_ADAPTIVE_THREADS one
     # fewer while another process keeps a core busy, taken back only when it is free (alone

@@ -37,7 +37,7 @@ from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_common.thread_governor import ThreadGovernor
-from aerie_common.torch_threads import compute_thread
+from aerie_common.torch_threads import compute_thread, set_torch_threads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -480,12 +480,12 @@ def default_consumer(settings: MemorySettings) -> str:
 
 def training_threads(configured: int, adaptive: bool) -> ThreadGovernor | None:
     """Set this process's torch threads for training and return their governor (None:
-    fixed). ``configured`` threads (0: every core when ``adaptive``, else one); with
+    fixed). ``configured`` threads (0: every core the container may use when ``adaptive``,
+    else one); with
     ``adaptive`` on a CPU, training runs on one fewer while another process keeps a core
     busy, and takes it back only when it is free (no timed tries): the verifier, which a
     user waits on token by token, comes first."""
-    torch.set_num_threads(configured or (torch.get_num_threads() if adaptive else 1))
-    threads = torch.get_num_threads()
+    threads = set_torch_threads(configured or (0 if adaptive else 1))
     if not adaptive or pick_device("auto") != "cpu" or not ThreadGovernor.available(threads):
         return None
     return ThreadGovernor(threads, torch.set_num_threads, timed_retries=False)
