@@ -153,6 +153,17 @@ class ThreadGovernor:
         self._set_threads(threads)
 
 
+def process_governor(adaptive: bool, on_cpu: bool, timed_retries: bool = True) -> ThreadGovernor | None:
+    """The governor of this process's torch threads, up to their number now, or None where
+    it has nothing to do: adaptive threads off, work off the CPU, one thread, no /proc/stat."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not (adaptive and on_cpu and ThreadGovernor.available(threads)):
+        return None
+    return ThreadGovernor(threads, torch.set_num_threads, timed_retries=timed_retries)
+
+
 @contextmanager
 def governed_round(governor: ThreadGovernor | None) -> Iterator[None]:
     """A round of work told to ``governor`` (nothing when None)."""

@@ -450,12 +450,13 @@ async def test_grpc_adapter(env, tmp_path):
 
 
 def test_training_threads_are_every_free_core_or_the_configured_number(monkeypatch):
+    import torch
     from aerie_memory import worker
 
     threads = [4]  # torch's default: the cores
 
-    monkeypatch.setattr(worker.torch, "set_num_threads", threads.append)
-    monkeypatch.setattr(worker.torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
     monkeypatch.setattr(worker, "pick_device", lambda device: "cpu")
     governor = worker.training_threads(0, adaptive=True)
     assert threads[-1] == 4 and governor.max_threads == 4 and not governor.timed_retries

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import torch
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.metrics import start_metrics_server
-from aerie_common.thread_governor import ThreadGovernor
+from aerie_common.thread_governor import process_governor
 from aerie_common.torch_threads import compute_thread, set_torch_threads
 from aerie_proto.v1 import drafter_pb2_grpc
 
@@ -37,12 +36,6 @@ async def serve(settings: DrafterSettings) -> None:
         settings.drafter_eagle_version,
     )
     device = str(head.fc.weight.device)
-    threads = torch.get_num_threads()
-    governed = (
-        settings.adaptive_threads
-        and head.fc.weight.device.type == "cpu"
-        and ThreadGovernor.available(threads)
-    )
     shape = tree_shape(
         device,
         settings.draft_tree_depth,
@@ -58,7 +51,7 @@ async def serve(settings: DrafterSettings) -> None:
         origin,
         new_session=lambda counts: DraftSession(head, slots, counts),
         compute=compute,
-        thread_governor=ThreadGovernor(threads, torch.set_num_threads) if governed else None,
+        thread_governor=process_governor(settings.adaptive_threads, head.fc.weight.device.type == "cpu"),
     )
     start_metrics_server(SessionCollector(servicer), settings.drafter_host, settings.drafter_metrics_port)
     service = GrpcService(

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from aerie_common.tensors import MalformedTensorError, from_chunks
-from aerie_common.thread_governor import ThreadGovernor
+from aerie_common.thread_governor import ThreadGovernor, governed_round
 from aerie_common.torch_threads import compute_thread
 from aerie_proto.v1 import drafter_pb2, drafter_pb2_grpc
 
@@ -147,15 +147,11 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
 
     def _drafted(self, take_in: Callable[[], None], session: DraftSession, shape: TreeShape):
         """(tree, seconds) of taking the verifier's tokens in and proposing the next tree."""
-        governor = self.thread_governor
-        if governor is not None:
-            governor.start_round()
-        drafting_from = time.perf_counter()
-        take_in()
-        tree = session.propose(shape)
-        seconds = time.perf_counter() - drafting_from
-        if governor is not None:
-            governor.end_round()
+        with governed_round(self.thread_governor):
+            drafting_from = time.perf_counter()
+            take_in()
+            tree = session.propose(shape)
+            seconds = time.perf_counter() - drafting_from
         return tree, seconds
 
     async def DraftSession(self, request_iterator, context):

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
-import torch
 from aerie_common.logs import setup_logging
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
-from aerie_common.thread_governor import ThreadGovernor
+from aerie_common.thread_governor import ThreadGovernor, process_governor
 from aerie_common.torch_threads import compute_thread, set_torch_threads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -485,10 +484,8 @@ def training_threads(configured: int, adaptive: bool) -> ThreadGovernor | None:
     ``adaptive`` on a CPU, training runs on one fewer while another process keeps a core
     busy, and takes it back only when it is free (no timed tries): the verifier, which a
     user waits on token by token, comes first."""
-    threads = set_torch_threads(configured or (0 if adaptive else 1))
-    if not adaptive or pick_device("auto") != "cpu" or not ThreadGovernor.available(threads):
-        return None
-    return ThreadGovernor(threads, torch.set_num_threads, timed_retries=False)
+    set_torch_threads(configured or (0 if adaptive else 1))
+    return process_governor(adaptive, pick_device("auto") == "cpu", timed_retries=False)
 
 
 def make_base_loader(settings: MemorySettings):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import torch
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
 from aerie_common.metrics import start_metrics_server
 from aerie_common.model_store import load_target
-from aerie_common.thread_governor import ThreadGovernor
+from aerie_common.thread_governor import process_governor
 from aerie_common.torch_threads import in_passing_thread
 from aerie_proto.v1 import verifier_pb2_grpc
 
@@ -85,8 +84,6 @@ def build_engine(settings: VerifierSettings):
     # cache is faster.
     graphed = settings.cuda_graphs and model.device.type == "cuda"
     slots = settings.max_running_requests if graphed else 0
-    threads = torch.get_num_threads()
-    governed = settings.adaptive_threads and model.device.type == "cpu" and ThreadGovernor.available(threads)
     engine = Engine(
         model,
         tokenizer,
@@ -100,7 +97,7 @@ def build_engine(settings: VerifierSettings):
         slots=make_slots(model, slots, settings.cuda_graph_slot_tokens),
         prefix_cache=PrefixCache(settings.prefix_cache_mb * 2**20) if settings.prefix_cache_mb > 0 else None,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
-        thread_governor=ThreadGovernor(threads, torch.set_num_threads) if governed else None,
+        thread_governor=process_governor(settings.adaptive_threads, model.device.type == "cpu"),
     )
     return engine, model_dir
 
