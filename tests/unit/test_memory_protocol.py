@@ -408,6 +408,32 @@ def test_a_recalled_list_is_composed_item_by_item():
     )
 
 
+def test_an_entitys_account_is_composed_line_by_line_beside_lines_that_state_nothing():
+    # an email learned whole: its sign-off states nothing, yet the account's facts are lines
+    # of their own, and the one the question asks about comes first
+    passage = (
+        "Subject: Move to the new office. We move into the new office at 40 Sable Lane on Monday. "
+        "Your new door badges will be handed out by Greta Lunde at reception. Thanks, Felix."
+    )
+    finding = Finding("entity", "What do you know about Quillstone Design?", passage, ["e"])
+    assert fact_lines(finding) == [
+        "Subject: Move to the new office.",
+        "We move into the new office at 40 Sable Lane on Monday.",
+        "Your new door badges will be handed out by Greta Lunde at reception.",
+        "Thanks, Felix.",
+    ]
+    result = ProtocolResult(
+        mode="three_stage",
+        question="Who hands out the new door badges at Quillstone Design?",
+        findings=[finding],
+        entity="Quillstone Design",
+    )
+    assert compose_facts(result)[0] == "Your new door badges will be handed out by Greta Lunde at reception."
+    # any other answer keeps a line that states nothing with its question
+    other = Finding("grounding", "Who hands out the badges?", "Greta Lunde. She works at reception.", ["e"])
+    assert fact_lines(other) == ["Who hands out the badges? Greta Lunde. She works at reception."]
+
+
 def test_content_words_from_many_threads_at_once():
     texts = [
         f"The foundations planted {n} native trees while librarians were borrowing books" for n in range(400)

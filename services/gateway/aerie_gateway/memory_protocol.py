@@ -277,7 +277,11 @@ def fact_lines(finding: Finding) -> list[str]:
     after a question it does not answer, "the profession of the governor?" "Naxpry is
     governed by Lumfen Uskyth.", a small executive reads it as that question's answer), an
     FAQ's question with the answer after it ("Do you charge late fees? No."); a bare answer
-    after its question ("Who governs Naxpry? Lumfen Uskyth")."""
+    after its question ("Who governs Naxpry? Lumfen Uskyth"). An entity's account (the answer
+    to "What do you know about X?", the passage the memory learned from the text) is given
+    line by line as soon as one line is a statement: its other lines are the text's too (an
+    email's "Thanks, Felix.", a title), and joined into one they would hide its facts in a
+    long line that the ranking cannot pick apart."""
     answer = finding.answer.strip()
     lines: list[str] = []
     for line in sentences(answer):
@@ -285,7 +289,8 @@ def fact_lines(finding: Finding) -> list[str]:
             lines[-1] += f" {line}"
         else:
             lines.append(line)
-    if all(_STATEMENT.match(line) or _ANSWERED_QUESTION.match(line) for line in lines):
+    stated = [bool(_STATEMENT.match(line) or _ANSWERED_QUESTION.match(line)) for line in lines]
+    if all(stated) or (any(stated) and is_facts_question(finding.question)):
         return lines
     return [f"{finding.question} {answer}"]
 
