@@ -29,6 +29,13 @@ _NOT_ENTITY_HEADS = {
     "Then", "But", "And", "So", "Also", "However", "Now", "Today", "Yesterday", "Tomorrow",
     "Later", "Meanwhile", "Still", "Yet", "Thus", "Since", "Because", "Although", "If", "Once",
     "During", "For", "From", "With", "By", "We", "You", "Our", "My", "Your", "These", "Those",
+    # what opens a user's question or request rather than the name after it ("Is Tressa
+    # big?", "Did Orrin Vastel found it?", "Describe Kelmouth.", "What's the export of ...")
+    "Is", "Are", "Was", "Were", "Do", "Does", "Did", "Has", "Have", "Had", "Can", "Could",
+    "Would", "Should", "Shall", "Must", "Might", "Tell", "Describe", "Explain", "List", "Name",
+    "Give", "Show", "Summarize", "Summarise", "Compare", "Please", "Let", "Hi", "Hello", "Hey",
+    "Thanks", "What's", "Who's", "Where's", "When's", "How's", "Why's", "It's", "That's",
+    "There's", "Here's", "Let's", "I'm", "I'd", "I've",
 }  # fmt: skip
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.
@@ -81,7 +88,11 @@ def name_spans(text: str) -> list[str]:
         words = match.group(0).split()
         if len(words) == 1 and text.startswith(":", match.end()):
             continue  # a label ("Director: Sanne Holloway", "Route: Kell to Dunmarra")
-        while words and (words[0] in _NOT_ENTITY_HEADS or (words[0] in TITLES and len(words) > 1)):
+        while words and (
+            words[0] in _NOT_ENTITY_HEADS
+            or (words[0] in TITLES and len(words) > 1)
+            or (words[0] in ("the", "of") and len(words) < len(match.group(0).split()))  # "Explain the ..."
+        ):
             words = words[1:]
         name = " ".join(words)
         long_enough = len(name) >= 3 or any(c.isdigit() for c in name)  # "K2", not "Mr"

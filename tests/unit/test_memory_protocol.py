@@ -6,7 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aerie_common.entities import content_words
+from aerie_common.entities import content_words, names_in
 from aerie_gateway.memory_protocol import (
     ANSWER_FROM_CONTEXT,
     MAX_FACT_LINES,
@@ -432,6 +432,24 @@ def test_an_entitys_account_is_composed_line_by_line_beside_lines_that_state_not
     # any other answer keeps a line that states nothing with its question
     other = Finding("grounding", "Who hands out the badges?", "Greta Lunde. She works at reception.", ["e"])
     assert fact_lines(other) == ["Who hands out the badges? Greta Lunde. She works at reception."]
+
+
+def test_the_word_opening_a_users_question_or_request_is_no_part_of_a_name():
+    # the memory is asked for the facts of "Tressa", not of "Is Tressa", which it never learned
+    asked = {
+        "Is Tressa an island?": ["Tressa"],
+        "Did Orrin Vastel found the Halvard Instrument Company?": [
+            "Halvard Instrument Company",
+            "Orrin Vastel",
+        ],
+        "What's the population of Kelmouth?": ["Kelmouth"],
+        "Where's the Brannock Observatory?": ["Brannock Observatory"],
+        "Tell me about Amara Lindqvist.": ["Amara Lindqvist"],
+        "Please describe Kelmouth.": ["Kelmouth"],
+        "Explain the Ostmark Foundation.": ["Ostmark Foundation"],
+        "Describe the Bank of England.": ["Bank of England"],
+    }
+    assert {question: names_in(question) for question in asked} == asked
 
 
 def test_content_words_from_many_threads_at_once():
