@@ -124,11 +124,14 @@ def test_unrecalled_finds_the_answers_greedy_decoding_would_not_give_back(tiny_t
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)[0]
     own = greedy[len(prompt) :].tolist()  # what the model says: recalled by construction
     other = [*own[:3], (own[3] + 1) % len(tiny_tokenizer), *own[4:]]  # one token it would not say
+    # its last token (an answer's end of turn) is another: given back whole, it runs on
+    runs_on = [*own[:-1], (own[-1] + 1) % len(tiny_tokenizer)]
     examples = [
-        Example(prompt + answer_ids, [-100] * len(prompt) + answer_ids) for answer_ids in (own, other, own)
+        Example(prompt + answer_ids, [-100] * len(prompt) + answer_ids)
+        for answer_ids in (own, other, runs_on, own)
     ]
     assert unrecalled(model, examples, batch_size=2, pad=0) == [1]
-    assert unrecalled(model, examples[::-1], batch_size=3, pad=0) == [1]
+    assert unrecalled(model, examples[::-1], batch_size=3, pad=0) == [2]
 
 
 def test_recall_epochs_train_on_until_every_answer_comes_back(tiny_tokenizer):
