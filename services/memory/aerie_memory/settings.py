@@ -45,10 +45,11 @@ class MemorySettings(ServiceSettings, ThreadSettings):
     # (4 batches of 8) are unaffected. 0: always memory_train_epochs.
     memory_min_train_steps: int = 32
     # Up to this many more epochs, of the answers greedy decoding would not give back word
-    # for word after the scheduled ones, until it gives back all. Trained on three documents
-    # of 12 sentences (36 examples, answers up to 130 tokens), a memory recalled 5 of its 13
-    # entity passages whole after 8 epochs at loss 0.05, and all 13 with recall epochs
-    # (docs/memory.md). 0: never more than the scheduled epochs.
+    # for word (up to their end of turn: training.unrecalled) after the scheduled ones,
+    # until it gives back all. Trained on three documents of 12 sentences (36 examples,
+    # answers up to 130 tokens), a memory recalled 5 of its 13 entity passages whole after
+    # 8 epochs at loss 0.05, and all 13 with recall epochs (docs/memory.md). 0: never more
+    # than the scheduled epochs.
     memory_recall_epochs: int = 8
     memory_learning_rate: float = 2e-3
     # Share of "I don't know" examples about invented names. 0 by default: invented names
