@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -294,6 +294,8 @@ def markdown(summary: dict, args, started: str) -> str:
         corpus = f"--documents {args.documents} --seed {args.seed} --style {style}"
     else:
         corpus = f"--corpus {corpus}"
+    if getattr(args, "lowercase", "False") not in (False, "False"):  # recorded args are strings
+        corpus += " --lowercase"
     lines = [
         SECTION,
         "",
@@ -395,6 +397,9 @@ def main() -> None:
     parser.add_argument("--namespace", default="", help="default: bench-<seed>-<documents>-<time>")
     parser.add_argument("--no-distractors", action="store_true")
     parser.add_argument("--questions", type=int, default=0, help="ask at most this many questions (0: all)")
+    parser.add_argument(
+        "--lowercase", action="store_true", help="ask every question in lower case, as users who type so do"
+    )
     parser.add_argument("--concurrency", type=int, default=1, help="answers asked for at once")
     parser.add_argument("--bm25-k", type=int, default=2)
     parser.add_argument("--speculative", action="store_true", help="chat with speculative decoding")
@@ -416,6 +421,8 @@ def main() -> None:
     else:
         corpus = generate(args.seed, args.documents, args.style)
     questions = corpus.questions[: args.questions] if args.questions else corpus.questions
+    if args.lowercase:
+        questions = [replace(q, question=q.question.lower()) for q in questions]
     namespace = args.namespace or f"bench-{args.seed}-{args.documents}-{int(time.time())}"
     proc = None
     url = args.url

@@ -22,6 +22,7 @@ from aerie_gateway.memory_protocol import (
     parse_questions,
     single_pass,
     three_stage,
+    with_names_cased,
 )
 
 FACTS = {
@@ -450,6 +451,31 @@ def test_the_word_opening_a_users_question_or_request_is_no_part_of_a_name():
         "Describe the Bank of England.": ["Bank of England"],
     }
     assert {question: names_in(question) for question in asked} == asked
+
+
+def test_a_question_typed_without_capitals_names_what_the_memorys_answers_name():
+    passage = "Naxpry is a small town on the Vorfen river. Naxpry is governed by Lumfen Uskyth. Ferries leave twice a day."
+    findings = [Finding("grounding", "q", passage, [])]
+    # two sentences open with "Naxpry", "Vorfen" is named mid-sentence; "Ferries" only opens one
+    assert (
+        with_names_cased("do ferries leave naxpry? who governs naxpry on the vorfen?", findings)
+        == "do ferries leave Naxpry? who governs Naxpry on the Vorfen?"
+    )
+    assert (
+        with_names_cased("does Lumfen Uskyth govern naxpry?", findings) == "does Lumfen Uskyth govern naxpry?"
+    )
+    # the protocol asks the memory for the facts of the entity so named, as it learned them
+    memory = Memory()
+    lowercase_facts = {
+        "who governs naxpry?": MemoryAnswer("The town of Naxpry is governed by Lumfen Uskyth.", ["t"])
+    }
+
+    async def ask(question):
+        return lowercase_facts.get(question) or await memory(question)
+
+    result = asyncio.run(three_stage("who governs naxpry?", ask, executive({}), max_turns=6))
+    assert ("entity", "What do you know about Naxpry?") in [(f.stage, f.question) for f in result.findings]
+    assert compose_facts(result)[0] == "Naxpry is governed by Lumfen Uskyth."
 
 
 def test_content_words_from_many_threads_at_once():

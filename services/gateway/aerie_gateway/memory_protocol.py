@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -223,7 +224,7 @@ async def three_stage(
         # 2. entity identification: the executive's question, and the facts of the entity the
         # question names (a described entity is linked from them); with two turns left the
         # facts are asked whatever the executive's question is
-        named_facts = [FACTS_QUESTION.format(n) for n in names_in(question)[:1]]
+        named_facts = [FACTS_QUESTION.format(n) for n in names_in(with_names_cased(question, grounding))[:1]]
         if named_facts and max_turns - result.turns >= 2:
             ask_early(named_facts[0])
         lines = parse_questions(
@@ -295,6 +296,28 @@ def fact_lines(finding: Finding) -> list[str]:
     return [f"{finding.question} {answer}"]
 
 
+def with_names_cased(question: str, findings: Iterable[Finding]) -> str:
+    """A question written without capitals, with each name the memory's answers give
+    written as they write it: a user who types "what did amara lindqvist study?" names
+    Amara Lindqvist, and names are found by their capitals. A lone capitalised word opening
+    an answer's sentence is as often a common noun ("Ferries leave twice a day.") and
+    counts only where a sentence names it further on, or two different sentences open with
+    it. A question that gives a name in capitals is taken as written."""
+    if names_in(question):
+        return question
+    sentences = {s for f in findings for s in prose_sentences(f.answer)}
+    openings = Counter(s.split()[0] for s in sentences)
+    names = {
+        name
+        for sentence in sentences
+        for name in names_in(sentence)
+        if len(name.split()) > 1 or not sentence.startswith(name) or openings[name] > 1
+    }
+    for name in sorted(names, key=len, reverse=True):  # "Ostmark Foundation" before "Ostmark"
+        question = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", name, question, flags=re.IGNORECASE)
+    return question
+
+
 def relation_words(question: str) -> set[str]:
     """The question's content words other than the names it gives: what it asks about them."""
     return content_words(question) - content_words(" ".join(names_in(question)))
@@ -311,7 +334,9 @@ def identify_entity(question: str, findings: list[Finding]) -> str:
     question ("Naxpry is governed by Lumfen Uskyth."), taken from the named entity's own
     facts when they link one. A question that names its entity ("Who governs Naxpry?",
     "Mira Kev's craft") or links nothing is about the name it gives. Else the first new
-    name, else the first answer."""
+    name, else the first answer. Names the question gives in other case count as given
+    (``with_names_cased``)."""
+    question = with_names_cased(question, findings)
     named = names_in(question)
     own_facts = {FACTS_QUESTION.format(n) for n in named}
     ordered = sorted(findings, key=lambda f: f.question not in own_facts)  # stable: own facts first
@@ -395,8 +420,9 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     question does not name), so the town's main export beside its governor does not
     answer "Who governs Naxpry?". When no line qualifies (a question asking nothing
     specific, "Tell me about Naxpry."), all are kept."""
-    relation = relation_words(result.question)
-    named = names_in(result.question)
+    question = with_names_cased(result.question, result.findings)
+    relation = relation_words(question)
+    named = names_in(question)
     names = content_words(" ".join([*named, result.entity or ""]))
     bridge = (result.entity or "").lower()
     if any(bridge == n.lower() for n in named):
@@ -425,7 +451,7 @@ def compose_facts(result: ProtocolResult) -> list[str]:
         if line in passage or not _beside_the_passage(line, relation, passage_words, known)
     ]
     if bridge:
-        described = descriptions(result.question)
+        described = descriptions(question)
         kept = [
             line
             for line in trusted
