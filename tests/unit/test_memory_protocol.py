@@ -131,6 +131,8 @@ def test_identify_entity_follows_a_description_to_the_name_an_answer_brings_in()
     assert identify_entity(QUESTION, governed) == "Lumfen Uskyth"
     assert identify_entity("What does the governor of Naxpry collect?", governed) == "Lumfen Uskyth"
     assert identify_entity("The governor of Naxpry collects what?", governed) == "Lumfen Uskyth"
+    lives_in = [finding("Lumfen Uskyth is an astronomer who lives in Naxpry.")]
+    assert identify_entity("Who governs the town where Lumfen Uskyth lives?", lives_in) == "Naxpry"
     # a bare answer links through its question
     assert identify_entity(QUESTION, [finding("Lumfen Uskyth", "Who governs Naxpry?")]) == "Lumfen Uskyth"
     # a question naming its entity stays with it, though the answer names another

@@ -59,8 +59,9 @@ _QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q
 _STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[A-Z][\w '-]{0,40}:\s+[^?\s][^?]*[.!]$")
 # An FAQ's question and its answer: "Do you charge late fees? No."
 _ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
-# "the person who", "the governor of", "the main export of": a definite description
-_DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|of)\b")
+# "the person who", "the governor of", "the main export of", "the island where": a
+# definite description
+_DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|where|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
 # Findings of the later stages are about the identified entity and come from the memory's
 # passages; grounding answers the user's wording and is the most often wrong.
