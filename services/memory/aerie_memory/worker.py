@@ -480,10 +480,9 @@ def default_consumer(settings: MemorySettings) -> str:
 def training_threads(configured: int, adaptive: bool) -> ThreadGovernor | None:
     """Set this process's torch threads for training and return their governor (None:
     fixed). ``configured`` threads (0: every core the container may use when ``adaptive``,
-    else one); with
-    ``adaptive`` on a CPU, training runs on one fewer while another process keeps a core
-    busy, and takes it back only when it is free (no timed tries): the verifier, which a
-    user waits on token by token, comes first."""
+    else one); with ``adaptive`` on a CPU, training runs on one fewer while another process
+    keeps a core busy, and takes it back only when it is free (no timed tries): the
+    verifier, which a user waits on token by token, comes first."""
     set_torch_threads(configured or (0 if adaptive else 1))
     return process_governor(adaptive, pick_device("auto") == "cpu", timed_retries=False)
 
