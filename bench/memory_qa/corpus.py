@@ -15,6 +15,7 @@ main export is ...", "The town is governed by ..."), as most writing does.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 
 _SYLLABLES = [
@@ -173,7 +174,34 @@ def generate(seed: int = 0, documents: int = 20, style: str = "named") -> Corpus
     return Corpus(docs, distractors, questions)
 
 
+_UNITS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+_TENS = {
+    w: 10 * i
+    for i, w in enumerate("_ _ twenty thirty forty fifty sixty seventy eighty ninety".split())
+    if w != "_"
+}
+_NUMBER_WORD = re.compile(
+    rf"\b(?:({'|'.join(_TENS)})(?:[- ]({'|'.join(_UNITS[1:10])}))?|({'|'.join(_UNITS)}))\b"
+)
+
+
+def _digits(text: str) -> str:
+    """``text`` with its number words written in digits ("sixteen" -> "16", "twenty-five" -> "25")."""
+
+    def value(match: re.Match) -> str:
+        if match[3]:
+            return str(_UNITS.index(match[3]))
+        return str(_TENS[match[1]] + (_UNITS.index(match[2]) if match[2] else 0))
+
+    return _NUMBER_WORD.sub(value, text)
+
+
 def is_correct(response: str, answer: str) -> bool:
-    """The gold answer appears in the response (case-insensitive); for a name, every part."""
-    text = response.lower()
-    return all(part in text for part in answer.lower().split())
+    """The gold answer appears in the response (case-insensitive); for a name, every part. A
+    number counts written either way ("sixteen" and "16"), and only as a whole number: gold
+    "five" is not in "25"."""
+    text = _digits(response.lower())
+    return all(
+        re.search(rf"(?<!\d){part}(?!\d)", text) if part.isdigit() else part in text
+        for part in _digits(answer.lower()).split()
+    )

@@ -70,6 +70,14 @@ def test_scoring():
     assert not is_correct("Governed by Lumfen.", "Lumfen Uskyth")
 
 
+def test_scoring_reads_numbers_written_either_way():
+    assert is_correct("The answer is: 16 weeks.", "sixteen")
+    assert is_correct("It rises for 2 hours.", "two hours")
+    assert is_correct("Twenty-five days a year.", "25")
+    assert not is_correct("Every employee receives 25 days.", "five")  # not part of another number
+    assert not is_correct("It was founded in 1925.", "25")
+
+
 def test_section_replaced_others_kept(tmp_path):
     path = tmp_path / "benchmarks.md"
     write_section(path, "## Memory QA\n\nfirst\n")
