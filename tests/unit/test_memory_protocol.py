@@ -518,3 +518,32 @@ def test_the_memory_s_guess_beside_a_passage_line_stating_the_same_is_not_compos
     )
     # and one asking more of the question than any passage line states
     assert composed("The library is closed on a holiday day.")[0] == "The library is closed on a holiday day."
+
+
+def test_a_question_naming_nothing_asks_for_the_account_of_what_it_describes():
+    # a recipe names nothing: the memory learned its passage under its title's first word,
+    # and is asked for the account of the question itself, which it finds by shared words
+    question = "How long should the rye bread dough rise?"
+    recipe = (
+        "Simple rye bread. Mix 500 grams of rye flour with 10 grams of salt. "
+        "Leave the dough to rise for two hours in a warm place. Bake it at 220 degrees for 50 minutes."
+    )
+    answers = {
+        question: MemoryAnswer("Simple rye bread.", ["bread"]),
+        "What do you know about how long should the rye bread dough rise?": MemoryAnswer(recipe, ["bread"]),
+    }
+    memory = Memory()
+
+    async def ask(q):
+        return answers.get(q) or await memory(q)
+
+    result = asyncio.run(three_stage(question, ask, executive({}), max_turns=6))
+    asked = [(f.stage, f.question) for f in result.findings]
+    assert ("entity", "What do you know about how long should the rye bread dough rise?") in asked
+    facts = compose_facts(result)
+    # the line stating the answer first; the title, which shares the question's "rye bread",
+    # after every line stating something; the grounding answer that only repeats the title
+    # is not given again after its question
+    assert facts[0] == "Leave the dough to rise for two hours in a warm place."
+    assert facts[-1] == "Simple rye bread."
+    assert not any(line.startswith(question) for line in facts)

@@ -454,6 +454,33 @@ def test_a_facts_question_about_a_name_only_passages_mention_asks_for_those_pass
     ]
 
 
+def test_a_facts_question_describing_what_names_nothing_asks_for_the_passages_sharing_most_words():
+    from aerie_memory.models import recall_questions
+
+    passages = {  # a how-to and a policy, keyed by the word each opens with
+        "Repot": "Repot a moth orchid every two years. Wait one week before watering it again.",
+        "Leave": "Leave policy. Every employee receives 25 days of paid leave a year.",
+        "Sick": "Sick leave needs a doctor's note after three days.",
+        "Kelmouth": "Kelmouth is a port. Its orchid show is in May.",
+    }
+
+    def asked(description: str) -> list[str]:
+        return recall_questions(f"What do you know about {description}?", passages)
+
+    assert asked("how long should you wait before watering a repotted orchid") == [
+        "What do you know about Repot?"
+    ]
+    assert asked("how many days of paid leave does an employee receive") == ["What do you know about Leave?"]
+    # a tie: the first two; one word shared of several, or a description naming something,
+    # reaches no passage
+    assert asked("how are sick days paid") == [
+        "What do you know about Leave?",
+        "What do you know about Sick?",
+    ]
+    assert asked("how is the annual orchid fair judged") == []
+    assert asked("how long should you wait before watering a repotted Banksia") == []
+
+
 def test_the_memory_service_answers_a_facts_question_from_the_passages_that_mention_it(monkeypatch, tmp_path):
     import threading
 

@@ -6,7 +6,8 @@ two callables, so it is tested without servers.
    is asked of the memory;
 2. entity identification: the executive asks one question whose answer names the entity
    the user's question is about, and the memory is asked for the facts of the entity the
-   question names. A question that describes its entity ("the person who governs
+   question names, or, for a question naming nothing, of the question itself as a
+   description (the memory takes the passage sharing most of its words). A question that describes its entity ("the person who governs
    Naxpry") is about the name those answers link to it: the new name in the sentence that
    shares most words with the question ("Naxpry is governed by Lumfen Uskyth."), looked
    for first in the named entity's own facts, which the memory learned as one passage;
@@ -223,18 +224,19 @@ async def three_stage(
             return result
 
         # 2. entity identification: the executive's question, and the facts of the entity the
-        # question names (a described entity is linked from them); with two turns left the
-        # facts are asked whatever the executive's question is
-        named_facts = [FACTS_QUESTION.format(n) for n in names_in(with_names_cased(question, grounding))[:1]]
-        if named_facts and max_turns - result.turns >= 2:
-            ask_early(named_facts[0])
+        # question names (a described entity is linked from them), or of what a question
+        # naming nothing is about; with two turns left the facts are asked whatever the
+        # executive's question is
+        named_facts = FACTS_QUESTION.format(_about(with_names_cased(question, grounding)))
+        if max_turns - result.turns >= 2:
+            ask_early(named_facts)
         lines = parse_questions(
             await ask_executive(entity_prompt(question, grounding), executive_max_tokens), 1
         )
         if not lines:
             result.fallbacks += 1
             lines = [f"Who or what is this about: {question}"]
-        await ask("entity", [*lines[:1], *named_facts])
+        await ask("entity", [*lines[:1], named_facts])
         result.entity = identify_entity(question, result.findings)
         stage_done("entity")
         if result.turns >= max_turns:
@@ -317,6 +319,23 @@ def with_names_cased(question: str, findings: Iterable[Finding]) -> str:
     for name in sorted(names, key=len, reverse=True):  # "Ostmark Foundation" before "Ostmark"
         question = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", name, question, flags=re.IGNORECASE)
     return question
+
+
+def _states_nothing(line: str) -> bool:
+    """Too short to state a fact: a title ("Simple rye bread."), a greeting or a sign-off
+    ("Thanks, Felix."); a labelled value ("Opened: 1958.") states one."""
+    return len(line.split()) < 4 and ":" not in line
+
+
+def _about(question: str) -> str:
+    """What to ask the memory the facts of for ``question``: the first name it gives, else
+    the question itself as a description ("what should a repotted orchid be planted in"):
+    the memory finds the passage sharing most of its words (a policy's, a recipe's, a
+    how-to's, where no name says what they are about)."""
+    if named := names_in(question):
+        return named[0]
+    described = question.strip().rstrip("?").strip()
+    return described[:1].lower() + described[1:]  # no capital the memory could take for a name
 
 
 def relation_words(question: str) -> set[str]:
@@ -416,6 +435,10 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     that describes its entity, a restatement of the description that does not name the
     entity it was resolved to ("The governor of Vorras collects iron nails." when the
     governor is Celilotal Dorard). A small executive copies whichever fact it reads first.
+    So a passage line stating nothing (a title, "Simple rye bread.", which shares the
+    words a question names its topic by) comes after every line stating something, and an
+    answer that only repeats a passage line is not given again after its question ("How
+    long should the dough rise? Simple rye bread.").
 
     Kept are the lines that share a relation word or name the bridge entity (one the
     question does not name), so the town's main export beside its governor does not
@@ -428,14 +451,18 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     bridge = (result.entity or "").lower()
     if any(bridge == n.lower() for n in named):
         bridge = ""
-    ranked: dict[str, tuple[int, int, int, int]] = {}
-    passage: set[str] = set()  # the lines of the memory's accounts of entities
-    for finding in result.findings:
-        said = fact_lines(finding)
-        if is_facts_question(finding.question):
-            passage.update(said)
-        for line in said:
+    ranked: dict[str, tuple[bool, int, int, int, int]] = {}
+    said = [(finding, fact_lines(finding)) for finding in result.findings]
+    passage = {line for finding, lines in said if is_facts_question(finding.question) for line in lines}
+    for finding, lines in said:
+        for line in lines:
+            if (
+                line.startswith(f"{finding.question} ")
+                and line.removeprefix(f"{finding.question} ") in passage
+            ):
+                continue
             key = (
+                line in passage and _states_nothing(line),
                 -_overlap(line, relation),
                 -_overlap(line, names),
                 _STAGE_RANK.get(finding.stage, 2),
@@ -460,8 +487,8 @@ def compose_facts(result: ProtocolResult) -> list[str]:
         ]
         trusted = kept or trusted
     lines = sorted(trusted, key=ranked.__getitem__)
-    # ranked[line][0] is minus the relation words the line shares, counted once above
-    focused = [line for line in lines if ranked[line][0] or (bridge and bridge in line.lower())]
+    # ranked[line][1] is minus the relation words the line shares, counted once above
+    focused = [line for line in lines if ranked[line][1] or (bridge and bridge in line.lower())]
     return (focused or lines)[:MAX_FACT_LINES]
 
 

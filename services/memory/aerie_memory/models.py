@@ -157,6 +157,10 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
     - X is no entity's but passages mention it (a ferry's vessel, in the ferry's passage
       and its operator's): the facts questions of the first two, all the memory learned
       of X;
+    - X names nothing and is in no passage as written ("what should a repotted orchid be
+      planted in": what a question about a how-to, a policy or a recipe is about, the
+      gateway asks so): the facts questions of the passages sharing most of X's content
+      words, at least two of them (one, if X has only one), the first two of those;
     - X is in no passage: none. Asked for an account it never learned, the memory writes
       one in its passages' style.
 
@@ -175,7 +179,18 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
     if by_name:
         return [question]
     mentioning = [e for e, text in passages.items() if _mentions(text, name)]
+    if not mentioning and not names_in(name):
+        mentioning = _sharing_most_words(name, passages)
     return [FACTS_QUESTION.format(e) for e in mentioning[:MAX_MENTIONING_PASSAGES]]
+
+
+def _sharing_most_words(description: str, passages: dict[str, str]) -> list[str]:
+    """The entities whose passages share the most content words with ``description``, at
+    least two (or all it has), in passage order."""
+    words = content_words(description)
+    shared = {e: len(words & content_words(f"{e} {text}")) for e, text in passages.items()}
+    most = max(shared.values(), default=0)
+    return [e for e, n in shared.items() if n == most] if most >= min(2, len(words)) > 0 else []
 
 
 def names_known_entity(question: str, learned_text: str) -> bool:
