@@ -466,6 +466,15 @@ def test_a_question_typed_without_capitals_names_what_the_memorys_answers_name()
     assert (
         with_names_cased("does Lumfen Uskyth govern naxpry?", findings) == "does Lumfen Uskyth govern naxpry?"
     )
+    # a user who capitalises the first word writes a word in lower case as a word: the
+    # changelog's "Version" opens two lines, yet is no name there
+    changelog = [
+        Finding("entity", "q", "Version 3.2.0. Added a dark mode. Version 3.1.4. Removed wdx files.", [])
+    ]
+    assert (
+        with_names_cased("Which version added a dark mode?", changelog) == "Which version added a dark mode?"
+    )
+    assert with_names_cased("who governs naxpry?", findings) == "who governs Naxpry?"
     # the protocol asks the memory for the facts of the entity so named, as it learned them
     memory = Memory()
     lowercase_facts = {

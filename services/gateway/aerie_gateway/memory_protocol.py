@@ -304,17 +304,21 @@ def with_names_cased(question: str, findings: Iterable[Finding]) -> str:
     written as they write it: a user who types "what did amara lindqvist study?" names
     Amara Lindqvist, and names are found by their capitals. A lone capitalised word opening
     an answer's sentence is as often a common noun ("Ferries leave twice a day.") and
-    counts only where a sentence names it further on, or two different sentences open with
-    it. A question that gives a name in capitals is taken as written."""
+    counts only where a sentence names it further on, or, for a question with no capital at
+    all, two different sentences open with it: a user who capitalises the question's first
+    word and writes "version" in lower case means the word, not the heading "Version 3.2.0"
+    that opens two lines of a changelog. A question that gives a name in capitals is taken
+    as written."""
     if names_in(question):
         return question
     sentences = {s for f in findings for s in prose_sentences(f.answer)}
     openings = Counter(s.split()[0] for s in sentences)
+    typed_lowercase = question == question.lower()
     names = {
         name
         for sentence in sentences
         for name in names_in(sentence)
-        if len(name.split()) > 1 or not sentence.startswith(name) or openings[name] > 1
+        if len(name.split()) > 1 or not sentence.startswith(name) or (typed_lowercase and openings[name] > 1)
     }
     for name in sorted(names, key=len, reverse=True):  # "Ostmark Foundation" before "Ostmark"
         question = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", name, question, flags=re.IGNORECASE)
