@@ -36,6 +36,10 @@ _NOT_ENTITY_HEADS = {
     "Give", "Show", "Summarize", "Summarise", "Compare", "Please", "Let", "Hi", "Hello", "Hey",
     "Thanks", "What's", "Who's", "Where's", "When's", "How's", "Why's", "It's", "That's",
     "There's", "Here's", "Let's", "I'm", "I'd", "I've",
+    # prepositions opening a question ("Below what temperature ...?", "Under which ...?")
+    "Above", "Below", "Under", "Over", "Into", "Within", "Without", "Between", "Among",
+    "Across", "Through", "Against", "Until", "Upon", "About", "Around", "Near", "Beyond",
+    "Towards", "Toward", "Per", "Via", "To", "Of", "As",
 }  # fmt: skip
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.

@@ -451,6 +451,9 @@ def test_the_word_opening_a_users_question_or_request_is_no_part_of_a_name():
         "Please describe Kelmouth.": ["Kelmouth"],
         "Explain the Ostmark Foundation.": ["Ostmark Foundation"],
         "Describe the Bank of England.": ["Bank of England"],
+        "Below what temperature should the medicine be stored?": [],
+        "Under which menu is dark mode switched on?": [],
+        "About how many people live on Tressa?": ["Tressa"],
     }
     assert {question: names_in(question) for question in asked} == asked
 
