@@ -635,7 +635,7 @@ async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
         q = parse_question(out)
         if (
             q is None
-            or _mentions(q, entity)
+            or _gives_away(q, entity)
             or not content_words(q) & content_words(doc.text)
             or q.lower() in asked  # a fact's own question, now with the wrong answer
         ):
@@ -647,7 +647,8 @@ async def _surface(runner, stats, doc, facts, config, tick) -> list[Reflection]:
     return [r for r in await asyncio.gather(*(one(e) for e in entities)) if r is not None]
 
 
-def _mentions(question: str, entity: str) -> bool:
+def _gives_away(question: str, entity: str) -> bool:
+    """A question asking for ``entity`` by description names part of it (a word of 3+ letters)."""
     q = question.lower()
     return any(part.lower() in q for part in entity.split() if len(part) > 2)
 
@@ -675,7 +676,7 @@ async def _cross_document(runner, stats, documents, reflections, config, tick) -
         step.candidates += 1
         q = parse_question(out)
         clue_text = " ".join(c.question + " " + c.answer for c in clues)
-        if q is None or _mentions(q, entity) or not content_words(q) & content_words(clue_text):
+        if q is None or _gives_away(q, entity) or not content_words(q) & content_words(clue_text):
             step.dropped += 1
             return None
         step.kept += 1
