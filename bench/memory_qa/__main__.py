@@ -68,6 +68,7 @@ class Outcome:
     correct: bool
     seconds: float
     memory: dict | None = None
+    history: list[dict] = field(default_factory=list)  # the conversation before the question
 
 
 @dataclass
@@ -78,9 +79,17 @@ class Run:
     outcomes: list[Outcome] = field(default_factory=list)
 
 
-def chat(client: httpx.Client, question: str, system: str | None = None, memory: dict | None = None):
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": question}
+def chat(
+    client: httpx.Client,
+    question: str,
+    system: str | None = None,
+    memory: dict | None = None,
+    history: list[dict] | None = None,
+):
+    messages = [
+        *([{"role": "system", "content": system}] if system else []),
+        *(history or []),
+        {"role": "user", "content": question},
     ]
     body = {
         "model": MODEL,
@@ -204,14 +213,19 @@ def evaluate(
         q, system = item
         info = None
         if system == "no_memory":
-            text, seconds, info = chat(client, q.question)
+            text, seconds, info = chat(client, q.question, history=q.history)
         elif system == "bm25":
-            text, seconds, info = chat(client, q.question, system=bm25_prompt(retriever, docs, q.question, k))
-        elif system == "memory_direct":
+            # a follow-up is retrieved for with the user's earlier turns, as a chat would
+            query = " ".join([*(m["content"] for m in q.history if m["role"] == "user"), q.question])
+            prompt = bm25_prompt(retriever, docs, query, k)
+            text, seconds, info = chat(client, q.question, system=prompt, history=q.history)
+        elif system == "memory_direct":  # the memory alone: no conversation
             text, seconds, info = ask_memory(client, namespace, q.question)
         else:
-            text, seconds, info = chat(client, q.question, memory={"namespace": namespace, "mode": mode})
-        return Outcome(system, q.question, q.kind, q.answer, text, is_correct(text, q.answer), seconds, info)
+            memory = {"namespace": namespace, "mode": mode}
+            text, seconds, info = chat(client, q.question, memory=memory, history=q.history)
+        correct = is_correct(text, q.answer)
+        return Outcome(system, q.question, q.kind, q.answer, text, correct, seconds, info, q.history)
 
     # Question by question, every system, so a cut-short run still compares like with like.
     work = [(q, s) for q in questions for s in systems]

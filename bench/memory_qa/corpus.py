@@ -42,6 +42,9 @@ class Question:
     answer: str
     kind: str  # "single_hop" | "cross_document"
     sources: list[str]
+    # the conversation before the question, as chat messages ({"role": "user" or
+    # "assistant", "content": ...}): a follow-up ("What did she study?") is asked after it
+    history: list[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -88,8 +88,10 @@ def replay(cases: list[dict], executive: Executive, concurrency: int) -> list[di
     from aerie_gateway.memory_protocol import compose_messages
 
     def one(case: dict) -> dict:
-        result = protocol_result(case["question"], case["memory"])
-        response = executive.answer(compose_messages([{"role": "user", "content": case["question"]}], result))
+        # a follow-up: the question the memory was asked, after its conversation
+        result = protocol_result(case["memory"].get("question") or case["question"], case["memory"])
+        messages = [*case.get("history", []), {"role": "user", "content": case["question"]}]
+        response = executive.answer(compose_messages(messages, result))
         return {**case, "replayed": response, "replayed_correct": is_correct(response, case["gold"])}
 
     with ThreadPoolExecutor(concurrency) as pool:

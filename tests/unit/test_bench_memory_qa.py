@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
 
 from bench.memory_qa.__main__ import markdown, write_section
 from bench.memory_qa.corpus import Corpus, generate, is_correct
@@ -47,7 +48,10 @@ def test_pronoun_prose_states_the_same_facts_naming_each_entity_once():
         assert q.answer in text
 
 
-@pytest.mark.parametrize("name", ["handwritten.json", "handwritten_b.json", "handwritten_layout.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["handwritten.json", "handwritten_b.json", "handwritten_layout.json", "handwritten_b_followups.json"],
+)
 def test_a_corpus_written_by_hand_loads_and_is_answerable(name):
     path = Path(__file__).parents[2] / "bench/memory_qa" / name
     corpus = Corpus.from_json(json.loads(path.read_text()))
@@ -135,6 +139,24 @@ def test_replay_composes_recorded_recalls_and_scores_the_executive_s_answer(tmp_
     assert row["replayed"] == "- Naxpry is governed by Lumfen Uskyth." and row["replayed_correct"]
     assert row["correct"] is False  # the live outcome is kept beside it
 
+    # a follow-up is replayed after its conversation, with the question the memory was asked
+    history = [
+        {"role": "user", "content": "Tell me about Naxpry."},
+        {"role": "assistant", "content": "A town."},
+    ]
+    follow_up = {**cases[0], "question": "Who governs it?", "history": history}
+    follow_up["memory"] = {**memory, "question": "Who governs Naxpry?"}
+
+    class RecordingExecutive(FirstFactExecutive):
+        def answer(self, messages):
+            self.messages = messages
+            return super().answer(messages)
+
+    executive = RecordingExecutive()
+    replay([follow_up], executive, concurrency=1)
+    assert executive.messages[:2] == history
+    assert executive.messages[2]["content"].endswith(f"Question: Who governs Naxpry?\n{ANSWER_FROM_CONTEXT}")
+
 
 def test_report_renders_a_recorded_run():
     recorded = json.loads((Path(__file__).parents[2] / "bench/results/memory_qa_seed1_memo.json").read_text())
@@ -176,6 +198,30 @@ def test_coverage_counts_the_answers_a_passage_holds():
     short = coverage(corpus, lambda question, answer: len(answer) < 70)  # the last sentence does not fit
     assert short[:2] == (1, ["What does Tressa have? (gold: harbour)"])
     assert short[2] != whole[2]  # the fingerprint tells the passages apart
+
+
+def test_a_follow_up_is_asked_after_its_conversation():
+    import httpx
+
+    from bench.memory_qa.__main__ import chat
+
+    sent = []
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["messages"])
+        return httpx.Response(200, json={"choices": [{"message": {"content": "chemistry"}}]})
+
+    client = httpx.Client(base_url="http://gateway", transport=httpx.MockTransport(reply))
+    history = [
+        {"role": "user", "content": "Who is Amara Lindqvist?"},
+        {"role": "assistant", "content": "An artist."},
+    ]
+    assert chat(client, "What did she study?", system="S", history=history)[0] == "chemistry"
+    assert sent[0] == [
+        {"role": "system", "content": "S"},
+        *history,
+        {"role": "user", "content": "What did she study?"},
+    ]
 
 
 def test_chats_beside_the_memory_go_on_until_it_has_learned():

@@ -227,6 +227,28 @@ async def test_chat_single_pass_composes_memory_and_reports_it(app, fakes):
     assert sent.messages[0].content.endswith(f"Question: Who governs Naxpry?\n{ANSWER_FROM_CONTEXT}")
 
 
+async def test_a_follow_up_is_asked_of_the_memory_as_the_conversation_means_it(app, fakes):
+    verifier, memory, _ = fakes
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "user", "content": "Tell me about Naxpry."},
+            {"role": "assistant", "content": "It is a small town."},
+            {"role": "user", "content": "Who governs it today?"},
+        ],
+        "memory": {"namespace": "ns", "mode": "single_pass"},
+    }
+    async with asgi_client(app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert memory.queries[-1] == "Who governs Naxpry today?"
+    info = response.json()["memory"]
+    assert info["used"] and info["question"] == "Who governs Naxpry today?"
+    sent = verifier.requests[response.json()["id"]]
+    assert [m.role for m in sent.messages] == ["user", "assistant", "user"]  # the conversation kept
+    assert sent.messages[-1].content.endswith(f"Question: Who governs Naxpry today?\n{ANSWER_FROM_CONTEXT}")
+
+
 async def test_chat_counts_the_memory_questions_answered_from_its_kept_answers(app, fakes):
     body = chat_body("Who governs Naxpry now?", memory={"namespace": "ns", "mode": "single_pass"})
     async with asgi_client(app()) as client:

@@ -21,6 +21,7 @@ from aerie_gateway.memory_protocol import (
     other_version,
     parse_questions,
     single_pass,
+    standalone_question,
     three_stage,
     with_names_cased,
 )
@@ -559,3 +560,27 @@ def test_a_question_naming_nothing_asks_for_the_account_of_what_it_describes():
     assert facts[0] == "Leave the dough to rise for two hours in a warm place."
     assert facts[-1] == "Simple rye bread."
     assert not any(line.startswith(question) for line in facts)
+
+
+def test_a_follow_up_is_asked_with_its_pronouns_written_out_as_the_conversation_s_topic():
+    earlier = [
+        ("user", "Who is Amara Lindqvist?"),
+        ("assistant", "Amara Lindqvist is a glass artist who lives on the island of Tressa."),
+    ]
+    asked = {
+        "What did she study at university?": "What did Amara Lindqvist study at university?",
+        "Where was her first studio?": "Where was Amara Lindqvist's first studio?",  # before a noun
+        "Who married her?": "Who married Amara Lindqvist?",
+        "Did she meet him in 2004?": "Did Amara Lindqvist meet Amara Lindqvist in 2004?",  # one topic
+        "What is its population?": "What is Amara Lindqvist's population?",
+        # a question that names something, or has nothing to refer back to, as written
+        "What do you know about Tressa?": "What do you know about Tressa?",
+        "How many people live there all year?": "How many people live there all year?",
+    }
+    assert {q: standalone_question(q, earlier) for q in asked} == asked
+    # the user's topic, not the names an assistant's reply brings in; then the reply's
+    assert standalone_question("How big is it?", [*earlier, ("user", "And Tressa?")]) == "How big is Tressa?"
+    assert standalone_question("How big is it?", [("user", "hi"), ("assistant", "Tressa is.")]) == (
+        "How big is Tressa?"
+    )
+    assert standalone_question("How big is it?", []) == "How big is it?"

@@ -3,11 +3,12 @@ and the verifier (the executive), and composes the findings into the chat reques
 
 The response's ``memory`` extension field says what memory contributed:
 
-    {"namespace", "mode", "used": bool, "skipped": reason | null, "model_version",
+    {"namespace", "mode", "question", "used": bool, "skipped": reason | null, "model_version",
      "findings": [{"stage", "question", "answer", "sources"}], "sources": [...],
      "turns", "pruned", "fallbacks", "entity", "stopped", "stage_seconds", "seconds"}
 
-``stage_seconds`` gives each stage's wall time ({"grounding", "entity", "answer"}, or
+``question`` is the user's last turn as the memory was asked it (a follow-up's pronouns
+written out as the conversation's topic); ``stage_seconds`` gives each stage's wall time ({"grounding", "entity", "answer"}, or
 {"single_pass"}), and ``aerie:memory_stage_seconds{stage}`` counts them.
 
 If the memory service is down, slow (past AERIE_MEMORY_CHAT_BUDGET_S) or has learned
@@ -33,6 +34,7 @@ from .memory_protocol import (
     compose_messages,
     is_facts_question,
     single_pass,
+    standalone_question,
     three_stage,
 )
 from .metrics import GatewayMetrics
@@ -87,16 +89,18 @@ class MemoryComposer:
         """The request to generate from (memory findings composed in) and the extension field."""
         options = body.memory
         started = time.monotonic()
+        # a follow-up ("What did she study?") is asked as the conversation means it
+        question = standalone_question(body.messages[-1].text, [(m.role, m.text) for m in body.messages[:-1]])
         info: dict[str, Any] = {
             "namespace": options.namespace,
             "mode": options.mode,
+            "question": question,
             "used": False,
             "skipped": None,
             "model_version": "",
             "findings": [],
             "sources": [],
         }
-        question = body.messages[-1].text
         try:
             # The budget covers every memory call, the namespace lookup included.
             async with asyncio.timeout(self.settings.memory_chat_budget_s):

@@ -46,6 +46,7 @@ from difflib import SequenceMatcher
 
 from aerie_common.entities import (
     FACTS_QUESTION,
+    STOPWORDS,
     WORD,
     content_words,
     facts_question_entity,
@@ -64,6 +65,12 @@ _ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
 # definite description
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|where|of)\b")
 _IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|no information)\b", re.I)
+# A third-person pronoun, with the word after it: "her" before a noun is a possessive
+# ("her first studio"), before anything else ("married her?", "meet her in") an object.
+_BACK_REFERENCE = re.compile(
+    r"\b(?:(?P<possessive>its|his|their|hers)|(?P<her>her)|it|he|him|she|they|them)\b(?P<after>\s+[\w'-]+)?",
+    re.IGNORECASE,
+)
 # Findings of the later stages are about the identified entity and come from the memory's
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
@@ -112,6 +119,33 @@ class ProtocolResult:
         for f in self.findings:
             out += [s for s in f.sources if s not in out]
         return out
+
+
+def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
+    """A follow-up question with its pronouns written out as the name the conversation is
+    about: "What did she study?" after "Who is Amara Lindqvist?" is asked of the memory as
+    "What did Amara Lindqvist study?", and "Where was her first studio?" as "Where was
+    Amara Lindqvist's first studio?". The name is the first the latest user turn naming
+    anything gives (the user's topic), else the latest assistant turn's. A question that
+    names something is taken as written. ``earlier``: the conversation before it, as
+    (role, text), oldest first."""
+    if names_in(question):
+        return question
+    turns = [*reversed(earlier)]
+    named = [names_in(text) for role, text in turns if role == "user"] + [
+        names_in(text) for role, text in turns if role == "assistant"
+    ]
+    topic = next((names[0] for names in named if names), None)
+    if topic is None:
+        return question
+
+    def written_out(match: re.Match) -> str:
+        after = match["after"] or ""
+        before_noun = bool(after) and after.strip().lower() not in STOPWORDS
+        possessive = match["possessive"] or (match["her"] and before_noun)
+        return f"{topic}'s{after}" if possessive else f"{topic}{after}"
+
+    return _BACK_REFERENCE.sub(written_out, question)
 
 
 def parse_questions(text: str, limit: int) -> list[str]:
@@ -501,11 +535,14 @@ def compose_messages(messages: list[dict[str, str]], result: ProtocolResult) -> 
     system turn mid-conversation is not something every chat template accepts), as context
     with an instruction to answer from it after the question: the 135M executive read a
     bare "Facts:" list and then answered from its own guesses (bench.memory_qa.replay
-    measures such choices on recorded recalls; docs/memory.md has the figures)."""
+    measures such choices on recorded recalls; docs/memory.md has the figures). The
+    question is the one the memory was asked: a follow-up as the conversation means it
+    ("Who is Ostmark Foundation's director?" for "Who is its director?"), which the 135M
+    executive answered where it did not resolve "its" itself."""
     facts = compose_facts(result)
     if not facts:
         return messages
     listed = "\n".join(f"- {line}" for line in facts)
     last = messages[-1]
-    content = f"Context:\n{listed}\n\nQuestion: {last['content']}\n{ANSWER_FROM_CONTEXT}"
+    content = f"Context:\n{listed}\n\nQuestion: {result.question or last['content']}\n{ANSWER_FROM_CONTEXT}"
     return [*messages[:-1], {**last, "content": content}]
