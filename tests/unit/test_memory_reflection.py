@@ -455,7 +455,8 @@ def test_a_facts_question_about_a_name_only_passages_mention_asks_for_those_pass
 
 
 def test_a_facts_question_describing_what_names_nothing_asks_for_the_passages_sharing_most_words():
-    from aerie_memory.models import recall_questions
+    from aerie_common.entities import FACTS_QUESTION, content_words
+    from aerie_memory.models import LoadedMemory, recall_questions, words_of_passages
 
     passages = {  # a how-to and a policy, keyed by the word each opens with
         "Repot": "Repot a moth orchid every two years. Wait one week before watering it again.",
@@ -479,6 +480,18 @@ def test_a_facts_question_describing_what_names_nothing_asks_for_the_passages_sh
     ]
     assert asked("how is the annual orchid fair judged") == []
     assert asked("how long should you wait before watering a repotted Banksia") == []
+    # the words a loaded memory keeps for its passages are the ones matched
+    kept = {"Kelmouth": content_words("how long to wait before watering a repotted orchid")}
+    description = "What do you know about how long should you wait before watering a repotted orchid?"
+    assert recall_questions(description, passages, kept) == ["What do you know about Kelmouth?"]
+    learned = LoadedMemory(
+        "v1",
+        None,
+        None,
+        [Reflection(FACTS_QUESTION.format(e), t, "passages", ("d",)) for e, t in passages.items()],
+        None,
+    )
+    assert learned.passage_words == words_of_passages(passages)
 
 
 def test_the_memory_service_answers_a_facts_question_from_the_passages_that_mention_it(monkeypatch, tmp_path):

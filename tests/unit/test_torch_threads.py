@@ -54,6 +54,7 @@ def test_memory_queries_of_every_namespace_run_on_one_compute_thread(tmp_path, m
             reflections=[],
             version="v1",
             passages={},
+            passage_words={},
         )
 
     servicer._memory = loaded

@@ -242,7 +242,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         memory = await self._memory(request.namespace)
         if memory is None:
             return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
-        questions = recall_questions(question, memory.passages)
+        questions = recall_questions(question, memory.passages, memory.passage_words)
         if not questions or not names_known_entity(questions[0], memory.learned_text):
             return memory_pb2.QueryResponse(
                 answer=IDK, knows=False, model_version=memory.version, seconds=time.monotonic() - started

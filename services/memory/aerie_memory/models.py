@@ -80,6 +80,9 @@ class LoadedMemory:
     learned_text: str = field(init=False)  # every reflection's text, lower-cased
     # the entities it learned the facts of -> those passages' text (every adapter's)
     passages: dict[str, str] = field(init=False)
+    # their content words, worked out once at load: a question naming nothing is matched
+    # against every passage (2000 passages' words take ~2 s to work out)
+    passage_words: dict[str, set[str]] = field(init=False)
     learned_answers: LearnedAnswers | None = None  # drafts for its answers (None: not drafted)
     recent_answers_kept: int = 0  # how many of its latest answers ``recall`` keeps (0: none)
     _recent_answers: OrderedDict[tuple[str, int], str] = field(init=False)
@@ -90,6 +93,7 @@ class LoadedMemory:
         for r in self.reflections:
             if entity := facts_question_entity(r.question):
                 self.passages[entity] = f"{self.passages.get(entity, '')} {r.answer}".strip()
+        self.passage_words = words_of_passages(self.passages)
         self._recent_answers = OrderedDict()
 
     def recall(self, question: str, max_tokens: int) -> tuple[str, bool]:
@@ -143,7 +147,9 @@ def _surname_entities(entity: str, passages: dict[str, str]) -> list[str]:
     ]
 
 
-def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
+def recall_questions(
+    question: str, passages: dict[str, str], passage_words: dict[str, set[str]] | None = None
+) -> list[str]:
     """The questions the memory answers ``question`` with (their answers joined): the
     question itself, but for a facts question ("What do you know about X?"), as the memory
     learned each entity's facts under that question with its name as the documents gave
@@ -164,7 +170,8 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
     - X is in no passage: none. Asked for an account it never learned, the memory writes
       one in its passages' style.
 
-    A memory without passages is asked every question as it is."""
+    A memory without passages is asked every question as it is. ``passage_words``: each
+    passage's ``words_of_passages``, when the caller keeps them (computed here if not)."""
     name = facts_question_entity(question)
     if not name or not passages:
         return [question]
@@ -180,15 +187,20 @@ def recall_questions(question: str, passages: dict[str, str]) -> list[str]:
         return [question]
     mentioning = [e for e, text in passages.items() if _mentions(text, name)]
     if not mentioning and not names_in(name):
-        mentioning = _sharing_most_words(name, passages)
+        mentioning = _sharing_most_words(name, passage_words or words_of_passages(passages))
     return [FACTS_QUESTION.format(e) for e in mentioning[:MAX_MENTIONING_PASSAGES]]
 
 
-def _sharing_most_words(description: str, passages: dict[str, str]) -> list[str]:
+def words_of_passages(passages: dict[str, str]) -> dict[str, set[str]]:
+    """Each entity's content words, its name's and its passage's."""
+    return {e: content_words(f"{e} {text}") for e, text in passages.items()}
+
+
+def _sharing_most_words(description: str, passage_words: dict[str, set[str]]) -> list[str]:
     """The entities whose passages share the most content words with ``description``, at
     least two (or all it has), in passage order."""
     words = content_words(description)
-    shared = {e: len(words & content_words(f"{e} {text}")) for e, text in passages.items()}
+    shared = {e: len(words & of_passage) for e, of_passage in passage_words.items()}
     most = max(shared.values(), default=0)
     return [e for e, n in shared.items() if n == most] if most >= min(2, len(words)) > 0 else []
 
