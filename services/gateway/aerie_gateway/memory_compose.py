@@ -8,8 +8,9 @@ The response's ``memory`` extension field says what memory contributed:
      "turns", "pruned", "fallbacks", "entity", "stopped", "stage_seconds", "seconds"}
 
 ``question`` is the user's last turn as the memory was asked it (a follow-up's pronouns
-written out as the conversation's topic); ``stage_seconds`` gives each stage's wall time ({"grounding", "entity", "answer"}, or
-{"single_pass"}), and ``aerie:memory_stage_seconds{stage}`` counts them.
+written out as the conversation's topic); ``stage_seconds`` gives each stage's wall time
+({"grounding", "entity", "answer"}, or {"single_pass"}), and
+``aerie:memory_stage_seconds{stage}`` counts them.
 
 If the memory service is down, slow (past AERIE_MEMORY_CHAT_BUDGET_S) or has learned
 nothing for the namespace, chat answers without memory and ``skipped`` says why.

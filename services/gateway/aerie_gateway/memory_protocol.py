@@ -7,10 +7,11 @@ two callables, so it is tested without servers.
 2. entity identification: the executive asks one question whose answer names the entity
    the user's question is about, and the memory is asked for the facts of the entity the
    question names, or, for a question naming nothing, of the question itself as a
-   description (the memory takes the passage sharing most of its words). A question that describes its entity ("the person who governs
-   Naxpry") is about the name those answers link to it: the new name in the sentence that
-   shares most words with the question ("Naxpry is governed by Lumfen Uskyth."), looked
-   for first in the named entity's own facts, which the memory learned as one passage;
+   description (the memory takes the passage sharing most of its words). A question that
+   describes its entity ("the person who governs Naxpry") is about the name those answers
+   link to it: the new name in the sentence that shares most words with the question
+   ("Naxpry is governed by Lumfen Uskyth."), looked for first in the named entity's own
+   facts, which the memory learned as one passage;
    a question that names its entity is about that name;
 3. answer seeking: the memory is asked for the facts about that entity, plainly and as the
    executive rewrites the user's question to name it (a question already asked is not
@@ -261,16 +262,16 @@ async def three_stage(
         # question names (a described entity is linked from them), or of what a question
         # naming nothing is about; with two turns left the facts are asked whatever the
         # executive's question is
-        named_facts = FACTS_QUESTION.format(_about(with_names_cased(question, grounding)))
+        subject_facts = FACTS_QUESTION.format(_about(with_names_cased(question, grounding)))
         if max_turns - result.turns >= 2:
-            ask_early(named_facts)
+            ask_early(subject_facts)
         lines = parse_questions(
             await ask_executive(entity_prompt(question, grounding), executive_max_tokens), 1
         )
         if not lines:
             result.fallbacks += 1
             lines = [f"Who or what is this about: {question}"]
-        await ask("entity", [*lines[:1], named_facts])
+        await ask("entity", [*lines[:1], subject_facts])
         result.entity = identify_entity(question, result.findings)
         stage_done("entity")
         if result.turns >= max_turns:
@@ -494,6 +495,7 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     passage = {line for finding, lines in said if is_facts_question(finding.question) for line in lines}
     for finding, lines in said:
         for line in lines:
+            # an answer only repeating a passage line, after its question, adds nothing
             if (
                 line.startswith(f"{finding.question} ")
                 and line.removeprefix(f"{finding.question} ") in passage

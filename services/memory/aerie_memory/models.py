@@ -170,8 +170,8 @@ def recall_questions(
     - X is in no passage: none. Asked for an account it never learned, the memory writes
       one in its passages' style.
 
-    A memory without passages is asked every question as it is. ``passage_words``: each
-    passage's ``words_of_passages``, when the caller keeps them (computed here if not)."""
+    A memory without passages is asked every question as it is. ``passage_words``:
+    ``words_of_passages(passages)``, when the caller keeps it (worked out here if not)."""
     name = facts_question_entity(question)
     if not name or not passages:
         return [question]
