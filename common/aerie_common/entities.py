@@ -40,6 +40,9 @@ _NOT_ENTITY_HEADS = {
     "Above", "Below", "Under", "Over", "Into", "Within", "Without", "Between", "Among",
     "Across", "Through", "Against", "Until", "Upon", "About", "Around", "Near", "Beyond",
     "Towards", "Toward", "Per", "Via", "To", "Of", "As",
+    # indefinite pronouns ("Anything else?", "Everyone agreed.")
+    "Anything", "Something", "Nothing", "Everything", "Anyone", "Someone", "Everyone", "Nobody",
+    "Anybody", "Somebody", "Everybody",
 }  # fmt: skip
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.

@@ -584,3 +584,8 @@ def test_a_follow_up_is_asked_with_its_pronouns_written_out_as_the_conversation_
         "How big is Tressa?"
     )
     assert standalone_question("How big is it?", []) == "How big is it?"
+    # a turn asking only to go on is about the topic
+    assert standalone_question("Tell me more.", earlier) == "Tell me more about Amara Lindqvist."
+    assert standalone_question("What else?", earlier) == "What else about Amara Lindqvist?"
+    assert standalone_question("Anything else?", earlier) == "Anything else about Amara Lindqvist?"
+    assert standalone_question("Tell me more about glass.", earlier) == "Tell me more about glass."

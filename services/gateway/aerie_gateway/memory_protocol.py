@@ -72,6 +72,9 @@ _BACK_REFERENCE = re.compile(
     r"\b(?:(?P<possessive>its|his|their|hers)|(?P<her>her)|it|he|him|she|they|them)\b(?P<after>\s+[\w'-]+)?",
     re.IGNORECASE,
 )
+# The words of a turn asking to go on about the conversation's topic: "Tell me more.",
+# "What else?", "Anything else?", "Go on."
+_GO_ON = {"tell", "say", "else", "anything", "go", "continue", "elaborate", "explain", "expand", "details"}
 # Findings of the later stages are about the identified entity and come from the memory's
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
@@ -128,8 +131,9 @@ def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
     "What did Amara Lindqvist study?", and "Where was her first studio?" as "Where was
     Amara Lindqvist's first studio?". The name is the first the latest user turn naming
     anything gives (the user's topic), else the latest assistant turn's. A question that
-    names something is taken as written. ``earlier``: the conversation before it, as
-    (role, text), oldest first."""
+    names something is taken as written; one asking only to go on ("Tell me more.", "What
+    else?") is asked about the topic. ``earlier``: the conversation before it, as (role,
+    text), oldest first."""
     if names_in(question):
         return question
     turns = [*reversed(earlier)]
@@ -146,7 +150,12 @@ def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
         possessive = match["possessive"] or (match["her"] and before_noun)
         return f"{topic}'s{after}" if possessive else f"{topic}{after}"
 
-    return _BACK_REFERENCE.sub(written_out, question)
+    if _BACK_REFERENCE.search(question):
+        return _BACK_REFERENCE.sub(written_out, question)
+    if {w.lower() for w in WORD.findall(question)} - STOPWORDS <= _GO_ON:
+        asked = question.strip()
+        return f"{asked.rstrip('?.!')} about {topic}{asked[-1] if asked[-1] in '?.!' else '.'}"
+    return question
 
 
 def parse_questions(text: str, limit: int) -> list[str]:
