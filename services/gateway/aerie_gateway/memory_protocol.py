@@ -136,10 +136,13 @@ def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
     text), oldest first."""
     if names_in(question):
         return question
-    turns = [*reversed(earlier)]
-    named = [names_in(text) for role, text in turns if role == "user"] + [
-        names_in(text) for role, text in turns if role == "assistant"
-    ]
+    latest_first = [*reversed(earlier)]
+    named = (
+        names_in(text)
+        for wanted in ("user", "assistant")
+        for role, text in latest_first
+        if role == wanted  # looked through lazily: a long conversation's latest turns decide
+    )
     topic = next((names[0] for names in named if names), None)
     if topic is None:
         return question
