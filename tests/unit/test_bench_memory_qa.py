@@ -50,7 +50,16 @@ def test_pronoun_prose_states_the_same_facts_naming_each_entity_once():
 
 @pytest.mark.parametrize(
     "name",
-    ["handwritten.json", "handwritten_b.json", "handwritten_layout.json", "handwritten_b_followups.json"],
+    [
+        "handwritten.json",
+        "handwritten_b.json",
+        "handwritten_layout.json",
+        "handwritten_b_followups.json",
+        "handwritten_nameless.json",
+        "handwritten_news.json",
+        "handwritten_technical.json",
+        "handwritten_technical_followups.json",
+    ],
 )
 def test_a_corpus_written_by_hand_loads_and_is_answerable(name):
     path = Path(__file__).parents[2] / "bench/memory_qa" / name
