@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from aerie_common.memory_limits import MAX_QUESTION_CHARS
 from aerie_gateway.app import create_app
 from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
 from aerie_gateway.settings import GatewaySettings
@@ -247,6 +248,23 @@ async def test_a_follow_up_is_asked_of_the_memory_as_the_conversation_means_it(a
     sent = verifier.requests[response.json()["id"]]
     assert [m.role for m in sent.messages] == ["user", "assistant", "user"]  # the conversation kept
     assert sent.messages[-1].content.endswith(f"Question: Who governs Naxpry today?\n{ANSWER_FROM_CONTEXT}")
+
+
+async def test_a_turn_pasting_a_long_text_asks_the_memory_its_last_sentences(app, fakes):
+    verifier, memory, _ = fakes
+    pasted = "The minutes of the last meeting ran long. " * 80  # 3,360 characters
+    body = chat_body(f"{pasted}Who governs Naxpry?", memory={"namespace": "ns", "mode": "three_stage"})
+    asked_before = len(memory.queries)
+    async with asgi_client(app()) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    info = response.json()["memory"]
+    assert info["used"] and info["skipped"] is None  # not "memory unavailable (INVALID_ARGUMENT ...)"
+    asked = memory.queries[asked_before:]
+    assert asked and all(len(q) <= MAX_QUESTION_CHARS for q in asked)
+    assert any(q.endswith("Who governs Naxpry?") for q in asked)
+    sent = verifier.requests[response.json()["id"]]
+    assert pasted.strip() in sent.messages[-1].content  # the executive reads the whole turn
 
 
 async def test_chat_counts_the_memory_questions_answered_from_its_kept_answers(app, fakes):

@@ -17,6 +17,7 @@ from aerie_gateway.memory_protocol import (
     compose_messages,
     descriptions,
     fact_lines,
+    fit_question,
     identify_entity,
     other_version,
     parse_questions,
@@ -589,3 +590,15 @@ def test_a_follow_up_is_asked_with_its_pronouns_written_out_as_the_conversation_
     assert standalone_question("What else?", earlier) == "What else about Amara Lindqvist?"
     assert standalone_question("Anything else?", earlier) == "Anything else about Amara Lindqvist?"
     assert standalone_question("Tell me more about glass.", earlier) == "Tell me more about glass."
+
+
+def test_a_question_too_long_for_the_memory_keeps_its_last_sentences():
+    pasted = "The minutes of the last meeting ran long. " * 10  # 420 characters
+    assert fit_question("Who governs Naxpry?", 100) == "Who governs Naxpry?"
+    fitted = fit_question(f"{pasted}Who governs Naxpry?", 100)
+    assert fitted == "The minutes of the last meeting ran long. Who governs Naxpry?"  # a second: 103
+    # a facts question about a whole turn keeps its form, its description cut so
+    fitted = fit_question(f"What do you know about {pasted}who governs naxpry?", 100)
+    assert len(fitted) <= 100 and fitted.startswith("What do you know about ") and fitted.endswith("naxpry?")
+    # one sentence longer than the limit: its end
+    assert fit_question("word " * 50 + "end?", 20) == ("word " * 50 + "end?")[-20:].strip()

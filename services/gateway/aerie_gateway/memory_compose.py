@@ -27,12 +27,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from aerie_common.memory_limits import MAX_QUESTION_CHARS
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 from .memory_protocol import (
     MemoryAnswer,
     ProtocolResult,
     compose_messages,
+    fit_question,
     is_facts_question,
     single_pass,
     standalone_question,
@@ -78,6 +80,7 @@ class MemoryComposer:
         self.metrics = metrics
 
     async def _ask_memory(self, namespace: str, question: str) -> MemoryAnswer:
+        question = fit_question(question, MAX_QUESTION_CHARS)  # a turn pasting a long text
         max_tokens = self.settings.memory_passage_max_tokens if is_facts_question(question) else 0
         reply = await self.memory.Query(
             memory_pb2.QueryRequest(namespace=namespace, question=question, max_tokens=max_tokens),

@@ -161,6 +161,26 @@ def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
     return question
 
 
+def fit_question(question: str, limit: int) -> str:
+    """``question`` as the memory can be asked it, in at most ``limit`` characters: a chat's
+    last turn may paste a text before what it asks, so its last sentences that fit (the
+    description in a facts question about a whole turn, "What do you know about ...?")."""
+    if len(question) <= limit:
+        return question
+    if (about := facts_question_entity(question)) is not None:
+        return FACTS_QUESTION.format(_last_sentences(about, limit - len(FACTS_QUESTION.format(""))))
+    return _last_sentences(question, limit)
+
+
+def _last_sentences(text: str, limit: int) -> str:
+    kept: list[str] = []
+    for sentence in reversed(prose_sentences(" ".join(text.split()))):
+        if len(" ".join([sentence, *kept])) > limit:
+            break
+        kept.insert(0, sentence)
+    return " ".join(kept) or text[-limit:].strip()
+
+
 def parse_questions(text: str, limit: int) -> list[str]:
     out = []
     for line in text.splitlines():

@@ -18,6 +18,7 @@ import re
 from typing import Annotated, Any
 
 import grpc
+from aerie_common.memory_limits import MAX_QUESTION_CHARS
 from aerie_proto.v1 import memory_pb2
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -75,7 +76,7 @@ class QueryBody(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
-    question: str = Field(min_length=1, max_length=2000)
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     max_tokens: int | None = Field(default=None, ge=1, le=512)
 
     @field_validator("question")

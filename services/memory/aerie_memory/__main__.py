@@ -22,6 +22,7 @@ import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
+from aerie_common.memory_limits import MAX_QUESTION_CHARS
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_common.torch_threads import compute_thread, set_torch_threads
@@ -231,8 +232,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         except InvalidInput as exc:
             await self._invalid(context, exc)
         question = request.question.strip()
-        if not question or len(question) > 2000:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "question must hold 1-2000 characters")
+        if not question or len(question) > MAX_QUESTION_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"question must hold 1-{MAX_QUESTION_CHARS} characters"
+            )
         if not 0 <= request.max_tokens <= MAX_QUERY_TOKENS:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -1,0 +1,5 @@
+"""Bounds on a memory query, part of the contract between the gateway (which asks within
+them) and the memory service (which refuses a question beyond them with INVALID_ARGUMENT,
+whoever sent it)."""
+
+MAX_QUESTION_CHARS = 2000
