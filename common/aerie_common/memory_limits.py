@@ -3,3 +3,4 @@ them) and the memory service (which refuses a question beyond them with INVALID_
 whoever sent it)."""
 
 MAX_QUESTION_CHARS = 2000
+MAX_ANSWER_TOKENS = 512  # a query's max_tokens

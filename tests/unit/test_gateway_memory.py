@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from aerie_common.memory_limits import MAX_QUESTION_CHARS
+from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
 from aerie_gateway.app import create_app
 from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
 from aerie_gateway.settings import GatewaySettings
@@ -265,6 +265,16 @@ async def test_a_turn_pasting_a_long_text_asks_the_memory_its_last_sentences(app
     assert any(q.endswith("Who governs Naxpry?") for q in asked)
     sent = verifier.requests[response.json()["id"]]
     assert pasted.strip() in sent.messages[-1].content  # the executive reads the whole turn
+
+
+def test_a_passage_length_the_memory_would_refuse_is_refused_at_start(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("AERIE_MEMORY_PASSAGE_MAX_TOKENS", str(MAX_ANSWER_TOKENS + 1))
+    with pytest.raises(ValidationError, match="memory_passage_max_tokens"):
+        GatewaySettings()
+    monkeypatch.setenv("AERIE_MEMORY_PASSAGE_MAX_TOKENS", str(MAX_ANSWER_TOKENS))
+    assert GatewaySettings().memory_passage_max_tokens == MAX_ANSWER_TOKENS
 
 
 async def test_chat_counts_the_memory_questions_answered_from_its_kept_answers(app, fakes):

@@ -18,7 +18,7 @@ import re
 from typing import Annotated, Any
 
 import grpc
-from aerie_common.memory_limits import MAX_QUESTION_CHARS
+from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
 from aerie_proto.v1 import memory_pb2
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -77,7 +77,7 @@ class QueryBody(RequestBody):
 
     namespace: str = Field(pattern=NAMESPACE_PATTERN)
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    max_tokens: int | None = Field(default=None, ge=1, le=512)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_ANSWER_TOKENS)
 
     @field_validator("question")
     @classmethod

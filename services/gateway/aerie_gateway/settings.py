@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from aerie_common.memory_limits import MAX_ANSWER_TOKENS
 from aerie_common.settings import ServiceSettings
 from pydantic import Field
 
@@ -50,8 +51,9 @@ class GatewaySettings(ServiceSettings):
     # to what the memory's training example keeps less its question (AERIE_MEMORY_MAX_SEQ_TOKENS,
     # 160), so that much never cuts one. Cut at 48 tokens a passage lost the facts after its
     # third sentence; at 128, a glaciologist's 131-token passage the end of its last
-    # ("... the Halden Medal for"). 0: the memory service's default.
-    memory_passage_max_tokens: int = 160
+    # ("... the Halden Medal for"). 0: the memory service's default; above what the memory
+    # service answers with, every passage question would be refused.
+    memory_passage_max_tokens: int = Field(default=160, ge=0, le=MAX_ANSWER_TOKENS)
 
     @property
     def api_key_list(self) -> list[str]:

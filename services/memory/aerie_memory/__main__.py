@@ -22,7 +22,7 @@ import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
-from aerie_common.memory_limits import MAX_QUESTION_CHARS
+from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_common.torch_threads import compute_thread, set_torch_threads
@@ -45,7 +45,6 @@ log = logging.getLogger("aerie_memory")
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name
 # What MemoryStore names jobs. Another id could name another of a job's Redis keys.
 JOB_ID_RE = re.compile(r"job-[0-9a-f]{16}")
-MAX_QUERY_TOKENS = 512
 
 
 def job_to_proto(job) -> memory_pb2.Job:
@@ -236,10 +235,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"question must hold 1-{MAX_QUESTION_CHARS} characters"
             )
-        if not 0 <= request.max_tokens <= MAX_QUERY_TOKENS:
+        if not 0 <= request.max_tokens <= MAX_ANSWER_TOKENS:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_tokens must be 0 (the default) to {MAX_QUERY_TOKENS}, got {request.max_tokens}",
+                f"max_tokens must be 0 (the default) to {MAX_ANSWER_TOKENS}, got {request.max_tokens}",
             )
         started = time.monotonic()
         memory = await self._memory(request.namespace)
