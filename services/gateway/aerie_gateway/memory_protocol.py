@@ -153,8 +153,9 @@ def standalone_question(question: str, earlier: list[tuple[str, str]]) -> str:
         possessive = match["possessive"] or (match["her"] and before_noun)
         return f"{topic}'s{after}" if possessive else f"{topic}{after}"
 
-    if _BACK_REFERENCE.search(question):
-        return _BACK_REFERENCE.sub(written_out, question)
+    written, replaced = _BACK_REFERENCE.subn(written_out, question)
+    if replaced:
+        return written
     if {w.lower() for w in WORD.findall(question)} - STOPWORDS <= _GO_ON:
         asked = question.strip()
         return f"{asked.rstrip('?.!')} about {topic}{asked[-1] if asked[-1] in '?.!' else '.'}"
