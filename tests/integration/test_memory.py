@@ -88,8 +88,15 @@ def test_memory_learns_survives_kill_and_answers(stack):
     }
 
     stats = httpx.get(f"{url}/memory/namespaces/{NS}", timeout=30).json()
-    assert stats["documents"] == "1" or stats["documents"] == 1
+    assert stats["documents"] == 1
     assert stats["current_version"] == job["model_version"]
+    # What the memory holds reads back: the document, its text, learned by the served version.
+    listed = httpx.get(f"{url}/memory/namespaces/{NS}/documents", timeout=30).json()
+    assert [(d["id"], d["job_id"], d["learned"]) for d in listed["documents"]] == [("quell", job_id, True)]
+    stored = httpx.get(f"{url}/memory/documents/quell", params={"namespace": NS}, timeout=30).json()
+    assert (stored["text"], stored["metadata"]) == (DOC["text"], DOC["metadata"])
+    namespaces = httpx.get(f"{url}/memory/namespaces", timeout=30).json()["namespaces"]
+    assert {"namespace": NS, "documents": 1, "current_version": job["model_version"]} in namespaces
 
     answer = httpx.post(
         f"{url}/memory/query",

@@ -66,6 +66,18 @@ class RecordingMemory(FakeMemory):
         self.calls.append(("Query", request.namespace))
         return super().Query(request, context)
 
+    def ListNamespaces(self, request, context):
+        self.calls.append(("ListNamespaces", ""))
+        return super().ListNamespaces(request, context)
+
+    def ListDocuments(self, request, context):
+        self.calls.append(("ListDocuments", request.namespace))
+        return super().ListDocuments(request, context)
+
+    def GetDocument(self, request, context):
+        self.calls.append(("GetDocument", request.namespace))
+        return super().GetDocument(request, context)
+
 
 @pytest.fixture(scope="module")
 def backends():
@@ -115,6 +127,8 @@ def memory_requests(namespace: str) -> dict[str, tuple[str, str, dict | None]]:
         "query": ("POST", "/memory/query", {"namespace": namespace, "question": "Who governs Naxpry?"}),
         "namespace": ("GET", f"/memory/namespaces/{namespace}", None),
         "rollback": ("POST", f"/memory/namespaces/{namespace}/rollback", {}),
+        "documents": ("GET", f"/memory/namespaces/{namespace}/documents", None),
+        "document": ("GET", f"/memory/documents/a/b?namespace={namespace}", None),
         "delete": ("DELETE", f"/memory/documents/a/b?namespace={namespace}", None),
         "chat": (
             "POST",
@@ -152,6 +166,17 @@ async def test_a_key_may_use_its_own_namespace(make_app, keys_file, backends, op
         response = await client.request(method, path, json=body, headers=bearer(key))
     assert response.status_code in (200, 202), response.text
     assert memory.calls and all(namespace == "ns" for _, namespace in memory.calls)
+
+
+@pytest.mark.parametrize(
+    ("key", "seen"), [(TEAM_A, ["ns"]), (TEAM_B, ["other", "team-b"]), (ADMIN, ["ns", "other", "team-b"])]
+)
+async def test_a_key_lists_only_the_namespaces_it_may_use(make_app, keys_file, key, seen):
+    async with asgi_client(make_app(api_keys_file=str(keys_file))) as client:
+        response = await client.get("/memory/namespaces", headers=bearer(key))
+        unauthenticated = await client.get("/memory/namespaces")
+    assert [n["namespace"] for n in response.json()["namespaces"]] == seen
+    assert unauthenticated.status_code == 401
 
 
 async def test_job_status_is_checked_against_the_jobs_namespace(make_app, keys_file):

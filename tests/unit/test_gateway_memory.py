@@ -35,6 +35,7 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         self.slow_s = 0.0
 
     def Ingest(self, request, context):
+        self.ingested = list(request.documents)
         if len(request.documents) > 2:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "3 documents in one request; the limit is 2")
         statuses = [
@@ -79,6 +80,49 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         if request.version == "v9":
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no version 'v9'")
         return memory_pb2.NamespaceStats(namespace=request.namespace, exists=True, current_version="v0003")
+
+    def ListNamespaces(self, request, context):
+        names = ("ns", "other", "team-b")
+        return memory_pb2.ListNamespacesResponse(
+            namespaces=[
+                memory_pb2.NamespaceSummary(namespace=n, documents=2, current_version="v0001") for n in names
+            ]
+        )
+
+    # Stored documents of any namespace but "missing": "a/b" (learned) and "c" (not yet).
+    def _documents(self) -> list[memory_pb2.StoredDocument]:
+        return [
+            memory_pb2.StoredDocument(
+                id="a/b",
+                metadata={"zip": "02139"},
+                content_hash="ab" * 32,
+                characters=5,
+                chunks=1,
+                job_id="job-1",
+                learned=True,
+                text="12345",
+            ),
+            memory_pb2.StoredDocument(
+                id="c", content_hash="cd" * 32, characters=3, chunks=1, job_id="job-2", text="new"
+            ),
+        ]
+
+    def ListDocuments(self, request, context):
+        if request.namespace == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no namespace 'missing'")
+        after = [d for d in self._documents() if d.id > request.after]
+        for document in after:
+            document.ClearField("text")
+        page = after[: request.limit]
+        return memory_pb2.ListDocumentsResponse(
+            documents=page, next_after=page[-1].id if len(after) > len(page) else ""
+        )
+
+    def GetDocument(self, request, context):
+        for document in self._documents():
+            if document.id == request.document_id:
+                return document
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no document {request.document_id!r}")
 
     def Query(self, request, context):
         asked_before = request.question in self.queries  # as the memory keeps its latest answers
@@ -174,6 +218,50 @@ async def test_ingest_job_namespace_delete_query(app):
             await client.post("/memory/query", json={"namespace": "ns", "question": "Who governs Naxpry?"})
         ).json()
         assert answer["answer"] == "Lumfen Uskyth" and answer["sources"] == ["town-01"] and answer["knows"]
+
+
+async def test_documents_and_namespaces_are_read_back(app, fakes):
+    _, memory, _ = fakes
+    async with asgi_client(app()) as client:
+        names = (await client.get("/memory/namespaces")).json()
+        assert names["namespaces"][0] == {"namespace": "ns", "documents": 2, "current_version": "v0001"}
+
+        first = await client.get("/memory/namespaces/ns/documents", params={"limit": 1})
+        assert first.status_code == 200
+        assert first.json() == {
+            "documents": [
+                {
+                    "id": "a/b",
+                    "metadata": {"zip": "02139"},  # a string of digits stays a string
+                    "content_hash": "ab" * 32,
+                    "characters": 5,
+                    "chunks": 1,
+                    "job_id": "job-1",
+                    "learned": True,
+                }
+            ],
+            "next_after": "a/b",
+        }
+        rest = (await client.get("/memory/namespaces/ns/documents", params={"after": "a/b"})).json()
+        assert [(d["id"], d["learned"]) for d in rest["documents"]] == [("c", False)]
+        assert rest["next_after"] is None
+
+        document = (await client.get("/memory/documents/a/b", params={"namespace": "ns"})).json()
+        assert (document["text"], document["characters"], document["learned"]) == ("12345", 5, True)
+
+        for response, status, param in (
+            (await client.get("/memory/namespaces/missing/documents"), 404, None),
+            (await client.get("/memory/namespaces/bad.ns/documents"), 400, "namespace"),
+            (await client.get("/memory/namespaces/ns/documents", params={"limit": 0}), 400, "query.limit"),
+            (await client.get("/memory/namespaces/ns/documents", params={"limit": 1001}), 400, "query.limit"),
+            (await client.get("/memory/documents/zz", params={"namespace": "ns"}), 404, None),
+            (await client.get("/memory/documents/a/b"), 400, "query.namespace"),
+        ):
+            assert_error(response, status, "invalid_request_error", param)
+
+        # a document sent without an id is named by the memory
+        sent = await client.post("/memory/ingest", json={"namespace": "ns", "documents": [{"text": "new"}]})
+        assert sent.status_code == 202 and [d.id for d in memory.ingested] == [""]
 
 
 @pytest.mark.parametrize(

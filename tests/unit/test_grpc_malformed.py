@@ -271,7 +271,7 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
             "Ingest",
             memory_pb2.IngestRequest(namespace="ns", documents=[memory_pb2.Document()]),
             invalid,
-            "id",
+            "text is empty",  # a document without an id is named by its text: it has none
         ),
         "Ingest blank text": (
             "Ingest",
@@ -299,7 +299,7 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
         ),
         "Ingest duplicate ids": (
             "Ingest",
-            memory_pb2.IngestRequest(namespace="ns", documents=[doc(), doc()]),
+            memory_pb2.IngestRequest(namespace="ns", documents=[doc(), doc(text="Other text.")]),
             invalid,
             "twice",
         ),
@@ -310,6 +310,30 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
             ),
             invalid,
             "limit",
+        ),
+        "ListDocuments negative limit": (
+            "ListDocuments",
+            memory_pb2.ListDocumentsRequest(namespace="ns", limit=-1),
+            invalid,
+            "limit",
+        ),
+        "ListDocuments huge limit": (
+            "ListDocuments",
+            memory_pb2.ListDocumentsRequest(namespace="ns", limit=INT32_MAX),
+            invalid,
+            "limit",
+        ),
+        "ListDocuments unknown namespace": (
+            "ListDocuments",
+            memory_pb2.ListDocumentsRequest(namespace="never-used"),
+            grpc.StatusCode.NOT_FOUND,
+            "no namespace",
+        ),
+        "GetDocument huge id": (
+            "GetDocument",
+            memory_pb2.GetDocumentRequest(namespace="ns", document_id=HUGE),
+            grpc.StatusCode.NOT_FOUND,
+            "characters)",
         ),
         "GetJob empty id": ("GetJob", memory_pb2.GetJobRequest(), grpc.StatusCode.NOT_FOUND, "no job"),
         "GetJob unknown id": (
@@ -385,6 +409,18 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
         calls[f"Rollback namespace {shown}"] = (
             "Rollback",
             memory_pb2.RollbackRequest(namespace=ns),
+            invalid,
+            "namespace",
+        )
+        calls[f"ListDocuments namespace {shown}"] = (
+            "ListDocuments",
+            memory_pb2.ListDocumentsRequest(namespace=ns),
+            invalid,
+            "namespace",
+        )
+        calls[f"GetDocument namespace {shown}"] = (
+            "GetDocument",
+            memory_pb2.GetDocumentRequest(namespace=ns, document_id="a"),
             invalid,
             "namespace",
         )
@@ -476,6 +512,8 @@ def test_unknown_document_is_not_deleted(memory):
         ("GetNamespace", memory_pb2.GetNamespaceRequest),
         ("DeleteDocument", memory_pb2.DeleteDocumentRequest),
         ("Rollback", memory_pb2.RollbackRequest),
+        ("ListDocuments", memory_pb2.ListDocumentsRequest),
+        ("GetDocument", memory_pb2.GetDocumentRequest),
     ],
 )
 def test_undecodable_bytes_to_the_memory_are_invalid_argument(memory, method, request_type):

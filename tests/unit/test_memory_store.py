@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore
-from aerie_memory.text import IncomingDocument
+from aerie_memory.text import IncomingDocument, content_hash, default_document_id
 from aerie_memory.training import IDK
 from aerie_memory.worker import JobProcessor, Worker
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
@@ -128,6 +128,40 @@ async def test_ingest_dedup_update_and_queue(env):
     assert len(entries) == 3
     stats = await store.namespace_stats("ns1")
     assert (stats["documents"], stats["jobs"], stats["current_version"]) == (2, 2, "")
+
+
+async def test_documents_are_listed_by_page_and_read_back(env):
+    store, *_ = env
+    assert await store.namespaces() == [] and not await store.has_namespace("ns")
+    third = IncomingDocument("b-third", "Bram Oult is a cooper.", {"source": "wiki"})
+    sent = await store.ingest("ns", [*DOCS, third, DOCS[0]], 600)  # the same document twice: a duplicate
+    assert [status for _, status in sent.statuses] == ["accepted", "accepted", "accepted", "duplicate"]
+    await store.ingest("other", DOCS[:1], 600)
+    assert await store.namespaces() == [
+        {"namespace": "ns", "documents": 3, "current_version": ""},
+        {"namespace": "other", "documents": 1, "current_version": ""},
+    ]
+    page, next_after = await store.documents("ns", limit=2)
+    assert [d["id"] for d in page] == ["b-third", "mira"] and next_after == "mira"
+    assert "text" not in page[0]
+    page, next_after = await store.documents("ns", after=next_after, limit=2)
+    assert [d["id"] for d in page] == ["tarn"] and next_after == ""
+    document = await store.document("ns", "mira")
+    assert document == {
+        "id": "mira",
+        "metadata": {"kind": "person"},
+        "content_hash": content_hash(DOCS[0].text),
+        "characters": len(DOCS[0].text),
+        "chunks": 1,
+        "job_id": document["job_id"],
+        "learned": False,  # no version served yet
+        "text": DOCS[0].text,
+    }
+    assert document["job_id"].startswith("job-")
+    assert await store.document("ns", "nobody") is None and await store.document("other", "tarn") is None
+    await store.delete_document("ns", "mira")
+    assert [d["id"] for d in (await store.documents("ns"))[0]] == ["b-third", "tarn"]
+    assert await store.document("ns", "mira") is None
 
 
 async def test_job_runs_to_a_served_version_and_forgets(env):
@@ -423,6 +457,7 @@ async def test_grpc_adapter(env, tmp_path):
             assert fuller.answer != IDK
             stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
             assert (stats.documents, stats.current_version, stats.exists) == (2, "v0001", True)
+            await _documents_read_back(stub, learned_job=reply.job_id)
             assert stats.reflections > 0 and stats.chunks == 2
             gone = await stub.DeleteDocument(
                 memory_pb2.DeleteDocumentRequest(namespace="g", document_id="mira")
@@ -447,6 +482,58 @@ async def test_grpc_adapter(env, tmp_path):
             assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
     finally:
         await server.stop(None)
+
+
+async def _documents_read_back(stub, learned_job: str) -> None:
+    """Documents of namespace "g" after job ``learned_job`` learned DOCS into v0001."""
+    listed = await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g"))
+    assert [(d.id, d.learned, d.job_id, d.text) for d in listed.documents] == [
+        ("mira", True, learned_job, ""),
+        ("tarn", True, learned_job, ""),
+    ]
+    assert listed.next_after == ""
+    # an update is not learned until its job succeeds, though its old text was
+    update = await stub.Ingest(
+        memory_pb2.IngestRequest(
+            namespace="g", documents=[memory_pb2.Document(id="tarn", text="Tarnow Osk is a port.")]
+        )
+    )
+    tarn = await stub.GetDocument(memory_pb2.GetDocumentRequest(namespace="g", document_id="tarn"))
+    assert (tarn.text, tarn.learned, tarn.job_id) == ("Tarnow Osk is a port.", False, update.job_id)
+    # a document sent without an id is named by its content
+    unnamed = await stub.Ingest(
+        memory_pb2.IngestRequest(namespace="g", documents=[memory_pb2.Document(text="Pell Arn is a miller.")])
+    )
+    assert [d.id for d in unnamed.documents] == [default_document_id("Pell Arn is a miller.")]
+    again = await stub.Ingest(
+        memory_pb2.IngestRequest(namespace="g", documents=[memory_pb2.Document(text="Pell Arn is a miller.")])
+    )
+    assert [(d.id, d.status) for d in again.documents] == [(unnamed.documents[0].id, "duplicate")]
+    page = await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g", limit=1))
+    assert [d.id for d in page.documents] == [unnamed.documents[0].id] and page.next_after
+    names = await stub.ListNamespaces(memory_pb2.ListNamespacesRequest())
+    assert [(n.namespace, n.documents, n.current_version) for n in names.namespaces] == [("g", 3, "v0001")]
+    for method, request, code in (
+        (stub.ListDocuments, memory_pb2.ListDocumentsRequest(namespace="nowhere"), grpc.StatusCode.NOT_FOUND),
+        (
+            stub.ListDocuments,
+            memory_pb2.ListDocumentsRequest(namespace="g", limit=1001),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            stub.ListDocuments,
+            memory_pb2.ListDocumentsRequest(namespace="bad ns"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            stub.GetDocument,
+            memory_pb2.GetDocumentRequest(namespace="g", document_id="nobody"),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await method(request)
+        assert err.value.code() == code
 
 
 def test_training_threads_are_every_free_core_or_the_configured_number(monkeypatch):

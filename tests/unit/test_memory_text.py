@@ -45,6 +45,7 @@ def test_document_limits():
         check_documents([], max_documents=2, max_chars=5)
     with pytest.raises(InvalidInput, match="twice"):
         check_documents([doc("a"), doc("a", "Other.")], max_documents=5, max_chars=50)
+    check_documents([doc("a"), doc("a", " Some\ntext. ")], max_documents=5, max_chars=50)  # one text twice
     with pytest.raises(InvalidInput, match="empty"):
         check_documents([doc(text="  \n ")], max_documents=5, max_chars=50)
     with pytest.raises(InvalidInput, match="id"):

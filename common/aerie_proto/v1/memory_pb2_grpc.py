@@ -64,6 +64,21 @@ class MemoryStub:
                 request_serializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
                 _registered_method=True)
+        self.ListNamespaces = channel.unary_unary(
+                '/aerie.v1.Memory/ListNamespaces',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesResponse.FromString,
+                _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/aerie.v1.Memory/ListDocuments',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
+        self.GetDocument = channel.unary_unary(
+                '/aerie.v1.Memory/GetDocument',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.GetDocumentRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.StoredDocument.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -105,6 +120,24 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNamespaces(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDocuments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDocument(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +170,21 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.FromString,
                     response_serializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.SerializeToString,
+            ),
+            'ListNamespaces': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNamespaces,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesResponse.SerializeToString,
+            ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsResponse.SerializeToString,
+            ),
+            'GetDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDocument,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.GetDocumentRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.StoredDocument.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +349,87 @@ class Memory:
             '/aerie.v1.Memory/Rollback',
             aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
             aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNamespaces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/ListNamespaces',
+            aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/ListDocuments',
+            aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.ListDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/GetDocument',
+            aerie__proto_dot_v1_dot_memory__pb2.GetDocumentRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.StoredDocument.FromString,
             options,
             channel_credentials,
             insecure,

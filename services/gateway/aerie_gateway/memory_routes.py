@@ -2,8 +2,11 @@
 
     POST   /memory/ingest                      -> 202 {job_id, documents: [{id, status}]}
     GET    /memory/jobs/{job_id}               -> status, stage, progress, errors, per-step yields
+    GET    /memory/namespaces                  -> [{namespace, documents, current_version}] the key may use
     GET    /memory/namespaces/{ns}             -> stats and model versions
+    GET    /memory/namespaces/{ns}/documents   -> a page of its documents by id (?limit=&after=)
     POST   /memory/namespaces/{ns}/rollback    -> serve an earlier version again
+    GET    /memory/documents/{id}?namespace=   -> the document, its text and whether it is learned
     DELETE /memory/documents/{id}?namespace=   -> forget a document; says how
     POST   /memory/query                       -> {answer, sources, model_version, knows}
 
@@ -18,7 +21,12 @@ import re
 from typing import Annotated, Any
 
 import grpc
-from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
+from aerie_common.memory_limits import (
+    DEFAULT_DOCUMENTS_PAGE,
+    MAX_ANSWER_TOKENS,
+    MAX_DOCUMENTS_PAGE,
+    MAX_QUESTION_CHARS,
+)
 from aerie_proto.v1 import memory_pb2
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -54,13 +62,19 @@ _TEXT_FIELDS = {
     "status",
     "kind",
     "method",
+    "id",
+    "content_hash",
+    "next_after",
+    "text",
+    "metadata",  # values are strings as stored: "02139" stays a string
 }
 
 
 class IngestDocument(StrictModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(min_length=1, max_length=128)
+    # None: the memory names it by its content ("doc-" and 16 hex digits of its hash)
+    id: str | None = Field(default=None, min_length=1, max_length=128)
     text: str
     metadata: dict[str, Scalar] = Field(default_factory=dict)
 
@@ -152,7 +166,9 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         request = memory_pb2.IngestRequest(
             namespace=body.namespace,
             documents=[
-                memory_pb2.Document(id=d.id, text=d.text, metadata={k: str(v) for k, v in d.metadata.items()})
+                memory_pb2.Document(
+                    id=d.id or "", text=d.text, metadata={k: str(v) for k, v in d.metadata.items()}
+                )
                 for d in body.documents
             ],
         )
@@ -186,12 +202,44 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
             raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
         return JSONResponse(_dict(stats))
 
+    @router.get("/namespaces")
+    async def list_namespaces(key: AdmittedKey) -> JSONResponse:
+        reply = await call(backends.memory.ListNamespaces, memory_pb2.ListNamespacesRequest())
+        return JSONResponse({"namespaces": [_dict(n) for n in reply.namespaces if key.may_use(n.namespace)]})
+
+    @router.get("/namespaces/{namespace}/documents")
+    async def list_documents(
+        namespace: str,
+        key: AdmittedKey,
+        limit: Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE)] = DEFAULT_DOCUMENTS_PAGE,
+        after: Annotated[str, Query(max_length=128)] = "",
+    ) -> JSONResponse:
+        check_namespace(namespace)
+        key.check_namespace(namespace)
+        request = memory_pb2.ListDocumentsRequest(namespace=namespace, limit=limit, after=after)
+        reply = await call(backends.memory.ListDocuments, request)
+        documents = []
+        for document in reply.documents:
+            listed = _dict(document)
+            del listed["text"]  # a listing carries no texts; GET /memory/documents/{id} does
+            documents.append(listed)
+        return JSONResponse({"documents": documents, "next_after": reply.next_after or None})
+
     @router.post("/namespaces/{namespace}/rollback")
     async def rollback(namespace: str, key: AdmittedKey, body: RollbackBody | None = None) -> JSONResponse:
         check_namespace(namespace)
         key.check_namespace(namespace)
         request = memory_pb2.RollbackRequest(namespace=namespace, version=body.version if body else "")
         return JSONResponse(_dict(await call(backends.memory.Rollback, request)))
+
+    @router.get("/documents/{document_id:path}")
+    async def get_document(
+        document_id: str, namespace: Annotated[str, Query()], key: AdmittedKey
+    ) -> JSONResponse:
+        check_namespace(namespace)
+        key.check_namespace(namespace)
+        request = memory_pb2.GetDocumentRequest(namespace=namespace, document_id=document_id)
+        return JSONResponse(_dict(await call(backends.memory.GetDocument, request)))
 
     @router.delete("/documents/{document_id:path}")
     async def delete_document(

@@ -22,7 +22,12 @@ import grpc
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService
 from aerie_common.logs import setup_logging
-from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
+from aerie_common.memory_limits import (
+    DEFAULT_DOCUMENTS_PAGE,
+    MAX_ANSWER_TOKENS,
+    MAX_DOCUMENTS_PAGE,
+    MAX_QUESTION_CHARS,
+)
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_common.torch_threads import compute_thread, set_torch_threads
@@ -38,7 +43,14 @@ from aerie_memory.models import (
 )
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import MemoryStore, forgetting
-from aerie_memory.text import IncomingDocument, InvalidInput, check_documents, check_namespace, shown
+from aerie_memory.text import (
+    IncomingDocument,
+    InvalidInput,
+    check_documents,
+    check_namespace,
+    default_document_id,
+    shown,
+)
 from aerie_memory.training import IDK
 
 log = logging.getLogger("aerie_memory")
@@ -99,7 +111,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Ingest(self, request, context):
-        docs = [IncomingDocument(d.id, d.text, dict(d.metadata)) for d in request.documents]
+        docs = [
+            IncomingDocument(d.id or default_document_id(d.text), d.text, dict(d.metadata))
+            for d in request.documents
+        ]
         try:
             check_namespace(request.namespace)
             check_documents(docs, self.settings.memory_max_documents, self.settings.memory_max_document_chars)
@@ -195,6 +210,42 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         except LookupError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return await self.GetNamespace(memory_pb2.GetNamespaceRequest(namespace=request.namespace), context)
+
+    async def ListNamespaces(self, request, context):
+        return memory_pb2.ListNamespacesResponse(
+            namespaces=[memory_pb2.NamespaceSummary(**n) for n in await self.store.namespaces()]
+        )
+
+    async def ListDocuments(self, request, context):
+        try:
+            check_namespace(request.namespace)
+            if not 0 <= request.limit <= MAX_DOCUMENTS_PAGE:
+                raise InvalidInput(
+                    f"limit {request.limit} is out of range: 1 to {MAX_DOCUMENTS_PAGE}", "limit"
+                )
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        if not await self.store.has_namespace(request.namespace):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no namespace {request.namespace!r}")
+        documents, next_after = await self.store.documents(
+            request.namespace, request.after, request.limit or DEFAULT_DOCUMENTS_PAGE
+        )
+        return memory_pb2.ListDocumentsResponse(
+            documents=[memory_pb2.StoredDocument(**d) for d in documents], next_after=next_after
+        )
+
+    async def GetDocument(self, request, context):
+        try:
+            check_namespace(request.namespace)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        document = await self.store.document(request.namespace, request.document_id)
+        if document is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no document {shown(request.document_id)} in namespace {request.namespace!r}",
+            )
+        return memory_pb2.StoredDocument(**document)
 
     def _base_loader(self):
         model_dir = resolve_model_dir(self.settings.memory_base_model, self.settings.model_cache)

@@ -3,7 +3,7 @@ model versions, and the job stream the workers consume.
 
 Keys (all under ``aerie:mem:``):
 
-- ``namespaces``                      set of namespace names
+- ``namespaces``                      set of namespace names (a namespace is never removed)
 - ``ns:{ns}:docs``                    hash doc id -> content hash (documents known now)
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``doc:{ns}:{id}``                   hash text, metadata (json), hash, job_id, chunks (json)
@@ -254,6 +254,69 @@ class MemoryStore:
         text = await self.r.get(_k("text", namespace, h))
         return None if text is None else _s(text)
 
+    async def has_namespace(self, namespace: str) -> bool:
+        return bool(await self.r.sismember(_k("namespaces"), namespace))
+
+    async def namespaces(self) -> list[dict[str, Any]]:
+        """Every namespace by name: {"namespace", "documents", "current_version"}."""
+        names = sorted(_s(n) for n in await self.r.smembers(_k("namespaces")))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hlen(_k("ns", name, "docs"))
+                pipe.get(_k("ns", name, "current"))
+            counts_and_versions = await pipe.execute()
+        return [
+            {"namespace": name, "documents": count, "current_version": "" if current is None else _s(current)}
+            for name, count, current in zip(
+                names, counts_and_versions[::2], counts_and_versions[1::2], strict=True
+            )
+        ]
+
+    async def documents(
+        self, namespace: str, after: str = "", limit: int = 100, with_text: bool = False
+    ) -> tuple[list[dict[str, Any]], str]:
+        """A page of the namespace's documents by id, those after ``after``, and the id the
+        next page starts after ("" when this is the last). Each is a dict: id, metadata,
+        content_hash, characters, chunks, job_id, learned (the served version learned this
+        text) and, ``with_text``, text."""
+        ids = sorted(i for i in (_s(d) for d in await self.r.hkeys(_k("ns", namespace, "docs"))) if i > after)
+        page = ids[:limit]
+        return await self._described(namespace, page, with_text), (page[-1] if len(ids) > limit else "")
+
+    async def document(self, namespace: str, doc_id: str) -> dict[str, Any] | None:
+        """The document with its text (see ``documents``), or None if the namespace has none by that id."""
+        if not await self.r.hexists(_k("ns", namespace, "docs"), doc_id):
+            return None
+        found = await self._described(namespace, [doc_id], with_text=True)
+        return found[0] if found else None
+
+    async def _described(self, namespace: str, doc_ids: list[str], with_text: bool) -> list[dict[str, Any]]:
+        current = await self.current_version(namespace)
+        learned = {tuple(d) for a in (current.adapters if current else []) for d in a["docs"]}
+        fields = ("text", "metadata", "hash", "job_id", "chunks")
+        async with self.r.pipeline(transaction=False) as pipe:
+            for doc_id in doc_ids:
+                pipe.hmget(_k("doc", namespace, doc_id), fields)
+            rows = await pipe.execute()
+        described = []
+        for doc_id, row in zip(doc_ids, rows, strict=True):
+            if row[0] is None:  # deleted between the listing and this read
+                continue
+            text, metadata, h, job_id, chunks = (_s(v) if v is not None else "" for v in row)
+            described.append(
+                {
+                    "id": doc_id,
+                    "metadata": json.loads(metadata or "{}"),
+                    "content_hash": h,
+                    "characters": len(text),
+                    "chunks": len(json.loads(chunks or "[]")),
+                    "job_id": job_id,
+                    "learned": (doc_id, h) in learned,
+                    **({"text": text} if with_text else {}),
+                }
+            )
+        return described
+
     # --- jobs ------------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> JobState | None:
@@ -347,7 +410,7 @@ class MemoryStore:
     # --- stats -----------------------------------------------------------------------------
 
     async def namespace_stats(self, namespace: str) -> dict[str, Any]:
-        exists = bool(await self.r.sismember(_k("namespaces"), namespace))
+        exists = await self.has_namespace(namespace)
         doc_ids = [_s(d) for d in await self.r.hkeys(_k("ns", namespace, "docs"))]
         chunks = 0
         for doc_id in doc_ids:

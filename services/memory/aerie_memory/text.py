@@ -52,18 +52,19 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
         raise InvalidInput(
             f"{len(documents)} documents in one request; the limit is {max_documents}", "documents"
         )
-    seen: set[str] = set()
+    # A text sent twice under one id (as two documents without ids are) is a duplicate, as
+    # when sent again later; one id for two texts cannot be.
+    seen: dict[str, str] = {}
     for i, doc in enumerate(documents):
         if not DOCUMENT_ID_RE.fullmatch(doc.id or ""):
             raise InvalidInput(
                 f"documents[{i}].id {shown(doc.id)} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
                 f"documents[{i}].id",
             )
-        if doc.id in seen:
+        if seen.setdefault(doc.id, content_hash(doc.text)) != content_hash(doc.text):
             raise InvalidInput(
                 f"documents[{i}].id {shown(doc.id)} appears twice in the request", f"documents[{i}].id"
             )
-        seen.add(doc.id)
         if not normalize(doc.text):
             raise InvalidInput(f"documents[{i}].text is empty", f"documents[{i}].text")
         if len(doc.text) > max_chars:
@@ -75,6 +76,12 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
 
 def content_hash(text: str) -> str:
     return hashlib.sha256(normalize(text).encode()).hexdigest()
+
+
+def default_document_id(text: str) -> str:
+    """The id of a document sent without one: the same text gets the same id, so sending it
+    again is a duplicate rather than a second copy."""
+    return f"doc-{content_hash(text)[:16]}"
 
 
 def split_sentences(text: str) -> list[str]:
