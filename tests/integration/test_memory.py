@@ -135,3 +135,8 @@ def test_memory_learns_survives_kill_and_answers(stack):
     assert (
         stats["current_version"] == job["model_version"] and stats["versions"][-1].get("adapters", []) == []
     )
+    # The version that learned it is not served again (its text was deleted).
+    rollback = httpx.post(f"{url}/memory/namespaces/{NS}/rollback", json={}, timeout=30)
+    assert rollback.status_code == 409 and "'quell'" in rollback.json()["error"]["message"], rollback.text
+    emptied = httpx.delete(f"{url}/memory/namespaces/{NS}", timeout=30)
+    assert emptied.status_code == 200 and emptied.json()["documents"] == 0, emptied.text

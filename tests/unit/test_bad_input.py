@@ -247,7 +247,7 @@ BAD: dict[str, Bad] = {
         ]
     },
     "namespace path traversal": Bad(404, None, method="GET", path="/memory/namespaces/..%2Fx"),
-    "namespace path empty": Bad(404, None, method="GET", path="/memory/namespaces/"),
+    "namespace path empty": Bad(404, None, method="GET", path="/memory/namespaces//documents"),
     "rollback bad namespace": Bad(400, "namespace", path="/memory/namespaces/a%20b/rollback", json={}),
     "rollback version a number": Bad(
         400, "version", path="/memory/namespaces/ns/rollback", json={"version": 5}

@@ -66,6 +66,10 @@ class RecordingMemory(FakeMemory):
         self.calls.append(("Query", request.namespace))
         return super().Query(request, context)
 
+    def DeleteNamespace(self, request, context):
+        self.calls.append(("DeleteNamespace", request.namespace))
+        return super().DeleteNamespace(request, context)
+
     def ListNamespaces(self, request, context):
         self.calls.append(("ListNamespaces", ""))
         return super().ListNamespaces(request, context)
@@ -128,6 +132,7 @@ def memory_requests(namespace: str) -> dict[str, tuple[str, str, dict | None]]:
         "namespace": ("GET", f"/memory/namespaces/{namespace}", None),
         "rollback": ("POST", f"/memory/namespaces/{namespace}/rollback", {}),
         "documents": ("GET", f"/memory/namespaces/{namespace}/documents", None),
+        "forget namespace": ("DELETE", f"/memory/namespaces/{namespace}", None),
         "document": ("GET", f"/memory/documents/a/b?namespace={namespace}", None),
         "delete": ("DELETE", f"/memory/documents/a/b?namespace={namespace}", None),
         "chat": (

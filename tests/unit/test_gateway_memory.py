@@ -81,6 +81,15 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no version 'v9'")
         return memory_pb2.NamespaceStats(namespace=request.namespace, exists=True, current_version="v0003")
 
+    def DeleteNamespace(self, request, context):
+        if request.namespace == "missing":
+            return memory_pb2.DeleteNamespaceResponse(exists=False, detail="no namespace 'missing'")
+        if request.namespace == "empty":
+            return memory_pb2.DeleteNamespaceResponse(exists=True, detail="The namespace holds no document.")
+        return memory_pb2.DeleteNamespaceResponse(
+            exists=True, documents=2, job_id="job-3", detail="forgotten"
+        )
+
     def ListNamespaces(self, request, context):
         names = ("ns", "other", "team-b")
         return memory_pb2.ListNamespacesResponse(
@@ -220,7 +229,7 @@ async def test_ingest_job_namespace_delete_query(app):
         assert answer["answer"] == "Lumfen Uskyth" and answer["sources"] == ["town-01"] and answer["knows"]
 
 
-async def test_documents_and_namespaces_are_read_back(app, fakes):
+async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
     _, memory, _ = fakes
     async with asgi_client(app()) as client:
         names = (await client.get("/memory/namespaces")).json()
@@ -258,6 +267,15 @@ async def test_documents_and_namespaces_are_read_back(app, fakes):
             (await client.get("/memory/documents/a/b"), 400, "query.namespace"),
         ):
             assert_error(response, status, "invalid_request_error", param)
+
+        forgotten = await client.delete("/memory/namespaces/ns")
+        assert forgotten.status_code == 200
+        assert forgotten.json() == {"documents": 2, "job_id": "job-3", "detail": "forgotten"}
+        assert (await client.delete("/memory/namespaces/empty")).json()["job_id"] is None
+        assert_error(await client.delete("/memory/namespaces/missing"), 404, "invalid_request_error")
+        assert_error(
+            await client.delete("/memory/namespaces/bad.ns"), 400, "invalid_request_error", "namespace"
+        )
 
         # a document sent without an id is named by the memory
         sent = await client.post("/memory/ingest", json={"namespace": "ns", "documents": [{"text": "new"}]})

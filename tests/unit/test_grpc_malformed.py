@@ -418,6 +418,12 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
             invalid,
             "namespace",
         )
+        calls[f"DeleteNamespace {shown}"] = (
+            "DeleteNamespace",
+            memory_pb2.DeleteNamespaceRequest(namespace=ns),
+            invalid,
+            "namespace",
+        )
         calls[f"GetDocument namespace {shown}"] = (
             "GetDocument",
             memory_pb2.GetDocumentRequest(namespace=ns, document_id="a"),
@@ -514,6 +520,7 @@ def test_unknown_document_is_not_deleted(memory):
         ("Rollback", memory_pb2.RollbackRequest),
         ("ListDocuments", memory_pb2.ListDocumentsRequest),
         ("GetDocument", memory_pb2.GetDocumentRequest),
+        ("DeleteNamespace", memory_pb2.DeleteNamespaceRequest),
     ],
 )
 def test_undecodable_bytes_to_the_memory_are_invalid_argument(memory, method, request_type):

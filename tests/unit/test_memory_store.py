@@ -219,7 +219,15 @@ async def test_job_runs_to_a_served_version_and_forgets(env):
     assert "Mira" not in text and "Tarnow" in text
     assert await store.delete_document("ns", "mira") is None
 
-    # Rollback serves an earlier adapter set again, as a new version.
+    assert await store.text_of("ns", job.documents[0]["hash"]) is None  # mira's text is erased
+
+    # No rollback serves a deleted document again...
+    with pytest.raises(LookupError, match="'mira', 'zed'"):
+        await store.rollback("ns", "v0002")
+    with pytest.raises(LookupError, match="'mira'"):
+        await store.rollback("ns", "")  # v0003 learned mira too
+    # ...unless it was sent again: then rollback serves an earlier adapter set, as a new version.
+    await store.ingest("ns", [DOCS[0], IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})], 600)
     rolled = await store.rollback("ns", "v0002")
     assert rolled.version == "v0005" and [a["id"] for a in rolled.adapters] == [job.job_id, job2.job_id]
     assert (await store.current_version_id("ns")) == "v0005"
@@ -478,10 +486,39 @@ async def test_grpc_adapter(env, tmp_path):
                 memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
             )
             assert (forgot.model_version, forgot.cached) == ("v0002", False)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # v0001 learned mira, deleted since
+                await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'mira'" in err.value.details()
+            await stub.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs[:1]))  # mira sent again
             rolled = await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
             assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
+            await _namespace_forgotten(stub, processor)
     finally:
         await server.stop(None)
+
+
+async def _namespace_forgotten(stub, processor) -> None:
+    """Namespace "g", which serves a memory of mira, forgets every document."""
+    knows = await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
+    assert knows.answer != IDK
+    listed = await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g"))
+    gone = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="g"))
+    assert (gone.exists, gone.documents) == (True, len(listed.documents)) and gone.job_id in gone.detail
+    assert not (await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g"))).documents
+    job = await processor.run(gone.job_id)
+    assert job.status == "succeeded", job.errors
+    stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
+    assert (stats.documents, stats.current_version) == (0, job.model_version)
+    assert list(stats.versions[-1].adapters) == []
+    forgot = await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
+    assert (forgot.answer, forgot.knows) == (IDK, False)  # a version of no adapter: no model to ask
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    empty = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="g"))
+    assert (empty.exists, empty.documents, empty.job_id) == (True, 0, "")
+    unknown = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="nowhere"))
+    assert not unknown.exists
 
 
 async def _documents_read_back(stub, learned_job: str) -> None:

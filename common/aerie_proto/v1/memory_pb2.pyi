@@ -175,6 +175,24 @@ class DeleteDocumentResponse(_message.Message):
     detail: str
     def __init__(self, deleted: _Optional[bool] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ..., affected_jobs: _Optional[_Iterable[str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
+class DeleteNamespaceRequest(_message.Message):
+    __slots__ = ("namespace",)
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    def __init__(self, namespace: _Optional[str] = ...) -> None: ...
+
+class DeleteNamespaceResponse(_message.Message):
+    __slots__ = ("exists", "documents", "job_id", "detail")
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    exists: bool
+    documents: int
+    job_id: str
+    detail: str
+    def __init__(self, exists: _Optional[bool] = ..., documents: _Optional[int] = ..., job_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class RollbackRequest(_message.Message):
     __slots__ = ("namespace", "version")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class MemoryStub:
                 request_serializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
                 _registered_method=True)
+        self.DeleteNamespace = channel.unary_unary(
+                '/aerie.v1.Memory/DeleteNamespace',
+                request_serializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceRequest.SerializeToString,
+                response_deserializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceResponse.FromString,
+                _registered_method=True)
         self.ListNamespaces = channel.unary_unary(
                 '/aerie.v1.Memory/ListNamespaces',
                 request_serializer=aerie__proto_dot_v1_dot_memory__pb2.ListNamespacesRequest.SerializeToString,
@@ -120,6 +125,13 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteNamespace(self, request, context):
+        """Forgets every document of the namespace, as DeleteDocument does one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNamespaces(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -170,6 +182,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.FromString,
                     response_serializer=aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.SerializeToString,
+            ),
+            'DeleteNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNamespace,
+                    request_deserializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceRequest.FromString,
+                    response_serializer=aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceResponse.SerializeToString,
             ),
             'ListNamespaces': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNamespaces,
@@ -349,6 +366,33 @@ class Memory:
             '/aerie.v1.Memory/Rollback',
             aerie__proto_dot_v1_dot_memory__pb2.RollbackRequest.SerializeToString,
             aerie__proto_dot_v1_dot_memory__pb2.NamespaceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aerie.v1.Memory/DeleteNamespace',
+            aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceRequest.SerializeToString,
+            aerie__proto_dot_v1_dot_memory__pb2.DeleteNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

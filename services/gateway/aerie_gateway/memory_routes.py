@@ -5,6 +5,7 @@
     GET    /memory/namespaces                  -> [{namespace, documents, current_version}] the key may use
     GET    /memory/namespaces/{ns}             -> stats and model versions
     GET    /memory/namespaces/{ns}/documents   -> a page of its documents by id (?limit=&after=)
+    DELETE /memory/namespaces/{ns}             -> forget every document of it; says how
     POST   /memory/namespaces/{ns}/rollback    -> serve an earlier version again
     GET    /memory/documents/{id}?namespace=   -> the document, its text and whether it is learned
     DELETE /memory/documents/{id}?namespace=   -> forget a document; says how
@@ -206,6 +207,18 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     async def list_namespaces(key: AdmittedKey) -> JSONResponse:
         reply = await call(backends.memory.ListNamespaces, memory_pb2.ListNamespacesRequest())
         return JSONResponse({"namespaces": [_dict(n) for n in reply.namespaces if key.may_use(n.namespace)]})
+
+    @router.delete("/namespaces/{namespace}")
+    async def delete_namespace(namespace: str, key: AdmittedKey) -> JSONResponse:
+        check_namespace(namespace)
+        key.check_namespace(namespace)
+        request = memory_pb2.DeleteNamespaceRequest(namespace=namespace)
+        reply = await call(backends.memory.DeleteNamespace, request)
+        if not reply.exists:
+            raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
+        return JSONResponse(
+            {"documents": reply.documents, "job_id": reply.job_id or None, "detail": reply.detail}
+        )
 
     @router.get("/namespaces/{namespace}/documents")
     async def list_documents(

@@ -201,6 +201,31 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             detail=detail,
         )
 
+    async def DeleteNamespace(self, request, context):
+        try:
+            check_namespace(request.namespace)
+        except InvalidInput as exc:
+            await self._invalid(context, exc)
+        if not await self.store.has_namespace(request.namespace):
+            return memory_pb2.DeleteNamespaceResponse(
+                exists=False, detail=f"no namespace {request.namespace!r}"
+            )
+        forgotten = await self.store.delete_documents(request.namespace)
+        if forgotten is None:
+            return memory_pb2.DeleteNamespaceResponse(exists=True, detail="The namespace holds no document.")
+        job_id, gone = forgotten
+        return memory_pb2.DeleteNamespaceResponse(
+            exists=True,
+            documents=len(gone),
+            job_id=job_id,
+            detail=(
+                f"{len(gone)} document{'s' if len(gone) != 1 else ''} and {'their' if len(gone) != 1 else 'its'} "
+                f"text removed; job {job_id} drops every adapter that learned them and serves a version "
+                "that knows none of them (until it succeeds the current version still holds them). No "
+                "rollback serves them again."
+            ),
+        )
+
     async def Rollback(self, request, context):
         try:
             check_namespace(request.namespace)

@@ -6,7 +6,9 @@ Keys (all under ``aerie:mem:``):
 - ``namespaces``                      set of namespace names (a namespace is never removed)
 - ``ns:{ns}:docs``                    hash doc id -> content hash (documents known now)
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
+- ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
 - ``doc:{ns}:{id}``                   hash text, metadata (json), hash, job_id, chunks (json)
+- ``text:{ns}:{hash}``                the text a job learns, until deleted or replaced
 - ``ns:{ns}:jobs``                    list of job ids, oldest first
 - ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
 - ``job:{id}:reflections``            json list of the job's reflections (with provenance)
@@ -187,6 +189,7 @@ class MemoryStore:
                     pipe.sadd(_k("namespaces"), namespace)
                     for item in forget:
                         pipe.hdel(hashes_key, item["hash"])
+                        pipe.delete(_k("text", namespace, item["hash"]))
                     for doc, h in accepted:
                         pipe.hset(docs_key, doc.id, h)
                         pipe.hset(hashes_key, h, doc.id)
@@ -201,8 +204,8 @@ class MemoryStore:
                                 "chunks": json.dumps(chunk_text(doc.text, chunk_chars)),
                             },
                         )
-                        # The exact text a job learns, kept under its hash: an update must not
-                        # change what an earlier job's adapter is retrained from.
+                        # The exact text a job learns, under its hash: a job still queued
+                        # learns the text it was given (or none, once replaced or deleted).
                         pipe.set(_k("text", namespace, h), doc.text)
                     pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
                     pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
@@ -214,33 +217,46 @@ class MemoryStore:
 
     async def delete_document(self, namespace: str, doc_id: str) -> tuple[str, str] | None:
         """Forget a document: returns (forget job id, its content hash), or None if unknown."""
+        forgotten = await self.delete_documents(namespace, [doc_id])
+        return None if forgotten is None else (forgotten[0], forgotten[1][0][1])
+
+    async def delete_documents(
+        self, namespace: str, doc_ids: list[str] | None = None
+    ) -> tuple[str, list[tuple[str, str]]] | None:
+        """Forget the documents ``doc_ids`` (None: every one) in one forget job: their texts
+        are erased now, their knowledge by the job, and no rollback serves it again. Returns
+        (the job's id, [(doc id, content hash)] forgotten), or None if none was known."""
         docs_key, hashes_key = _k("ns", namespace, "docs"), _k("ns", namespace, "hashes")
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(docs_key, hashes_key)
-                    h = await pipe.hget(docs_key, doc_id)
-                    if h is None:
+                    known = {_s(k): _s(v) for k, v in (await pipe.hgetall(docs_key)).items()}
+                    gone = [
+                        (i, known[i]) for i in (sorted(known) if doc_ids is None else doc_ids) if i in known
+                    ]
+                    if not gone:
                         await pipe.reset()
                         return None
-                    h = _s(h)
                     job = JobState(
                         job_id=f"job-{uuid.uuid4().hex[:16]}",
                         namespace=namespace,
                         kind="forget",
-                        document_ids=[doc_id],
-                        forget=[{"doc_id": doc_id, "hash": h}],
+                        document_ids=[i for i, _ in gone],
+                        forget=[{"doc_id": i, "hash": h} for i, h in gone],
                         created_at=time.time(),
                     )
                     pipe.multi()
-                    pipe.hdel(docs_key, doc_id)
-                    pipe.hdel(hashes_key, h)
-                    pipe.delete(_k("doc", namespace, doc_id))
+                    for doc_id, h in gone:
+                        pipe.hdel(docs_key, doc_id)
+                        pipe.hdel(hashes_key, h)
+                        pipe.delete(_k("doc", namespace, doc_id), _k("text", namespace, h))
+                        pipe.sadd(_k("ns", namespace, "forgotten"), h)
                     pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
                     pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
                     pipe.xadd(STREAM, {"job_id": job.job_id})
                     await pipe.execute()
-                    return job.job_id, h
+                    return job.job_id, gone
                 except WatchError:
                     continue
 
@@ -396,6 +412,12 @@ class MemoryStore:
                 if not matches:
                     raise LookupError(f"no version {shown(version_id)} in namespace {namespace!r}")
                 target = matches[0]
+            forgotten = await self._forgotten_in(namespace, target)
+            if forgotten:
+                raise LookupError(
+                    f"version {target.version} learned documents deleted since ({', '.join(map(shown, forgotten))}); "
+                    "serving it again would bring back what was forgotten"
+                )
             new = Version(
                 await self.next_version_id(namespace),
                 time.time(),
@@ -406,6 +428,19 @@ class MemoryStore:
             )
             if await self.swap_version(namespace, new, current):
                 return new
+
+    async def _forgotten_in(self, namespace: str, version: Version) -> list[str]:
+        """Ids of the documents ``version`` learned or rehearsed whose text was deleted since
+        (and not sent again)."""
+        held = {tuple(d) for a in version.adapters for d in (*a["docs"], *a.get("replayed_docs", []))}
+        if not held:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.smembers(_k("ns", namespace, "forgotten"))
+            pipe.hkeys(_k("ns", namespace, "hashes"))
+            forgotten, live = await pipe.execute()
+        gone = {_s(h) for h in forgotten} - {_s(h) for h in live}
+        return sorted({doc_id for doc_id, h in held if h in gone})
 
     # --- stats -----------------------------------------------------------------------------
 
