@@ -59,6 +59,7 @@ def test_pronoun_prose_states_the_same_facts_naming_each_entity_once():
         "handwritten_news.json",
         "handwritten_technical.json",
         "handwritten_technical_followups.json",
+        "handwritten_sections.json",
     ],
 )
 def test_a_corpus_written_by_hand_loads_and_is_answerable(name):

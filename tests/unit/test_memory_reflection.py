@@ -454,6 +454,33 @@ def test_a_facts_question_about_a_name_only_passages_mention_asks_for_those_pass
     ]
 
 
+def test_any_other_question_asks_too_for_the_passages_sharing_most_of_its_words():
+    from aerie_memory.models import recall_questions
+
+    passages = {
+        "Passwords": "Passwords must be at least 14 characters long. Laptops are locked when left alone.",
+        "Tollan Works": "Tollan Works makes barometers in Esk.",
+        "Ivo Marr": "The Safety Officer of Tollan Works is Ivo Marr.",
+    }
+    assert recall_questions("How long must passwords be at Tollan Works?", passages) == [
+        "How long must passwords be at Tollan Works?",
+        "What do you know about Passwords?",  # passwords, long; Tollan Works's share two as well
+        "What do you know about Tollan Works?",
+    ]
+    assert recall_questions("Who is the Safety Officer at Tollan Works?", passages) == [
+        "Who is the Safety Officer at Tollan Works?",
+        "What do you know about Ivo Marr?",
+    ]
+    # one word shared ("laptops") is not enough: the two sharing the name's two words;
+    # a question naming nothing is asked as it is
+    assert recall_questions("How are laptops carried at Tollan Works?", passages) == [
+        "How are laptops carried at Tollan Works?",
+        "What do you know about Tollan Works?",
+        "What do you know about Ivo Marr?",
+    ]
+    assert recall_questions("How long must passwords be?", passages) == ["How long must passwords be?"]
+
+
 def test_a_facts_question_describing_what_names_nothing_asks_for_the_passages_sharing_most_words():
     from aerie_common.entities import FACTS_QUESTION, content_words
     from aerie_memory.models import LoadedMemory, recall_questions, words_of_passages

@@ -150,10 +150,18 @@ def _surname_entities(entity: str, passages: dict[str, str]) -> list[str]:
 def recall_questions(
     question: str, passages: dict[str, str], passage_words: dict[str, set[str]] | None = None
 ) -> list[str]:
-    """The questions the memory answers ``question`` with (their answers joined): the
-    question itself, but for a facts question ("What do you know about X?"), as the memory
-    learned each entity's facts under that question with its name as the documents gave
-    it, word for word:
+    """The questions the memory answers ``question`` with (their answers joined).
+
+    Any other question: itself; and where it names something, then the facts questions of
+    the passages sharing most of its content words (at least two; the first two of a tie),
+    so that a fact the memory learned only inside another entity's passage ("The current
+    provost ... is Ishbel Ranoch", in Vellmark Academy's) comes back beside whatever it
+    answers the question with. (A question naming nothing reaches its passages through the
+    gateway's description route below; answered with them here too, its chats lost more
+    than they gained: a passage's opening word became the entity.)
+
+    A facts question ("What do you know about X?"), as the memory learned each entity's
+    facts under that question with its name as the documents gave it, word for word:
 
     - X names in part or in full exactly one entity with a passage, as a user says less
       ("Lindqvist", "the Halvard factory") or more ("Captain Idris Morlan"), or writes it
@@ -172,9 +180,14 @@ def recall_questions(
 
     A memory without passages is asked every question as it is. ``passage_words``:
     ``words_of_passages(passages)``, when the caller keeps it (worked out here if not)."""
-    name = facts_question_entity(question)
-    if not name or not passages:
+    if not passages:
         return [question]
+    name = facts_question_entity(question)
+    if not name:
+        if not names_in(question):
+            return [question]
+        sharing = _sharing_most_words(question, passage_words or words_of_passages(passages))
+        return [question, *(FACTS_QUESTION.format(e) for e in sharing[:MAX_MENTIONING_PASSAGES])]
     words = name.lower().split()
     by_name = [e for e in passages if e.lower().split() == words] or [
         e
