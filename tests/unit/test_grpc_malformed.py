@@ -387,55 +387,17 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
         ),
     }
     for ns in BAD_NAMESPACES:
-        shown = repr(ns[:12])
-        calls[f"Ingest namespace {shown}"] = (
-            "Ingest",
-            memory_pb2.IngestRequest(namespace=ns, documents=[doc()]),
-            invalid,
-            "namespace",
-        )
-        calls[f"GetNamespace {shown}"] = (
-            "GetNamespace",
-            memory_pb2.GetNamespaceRequest(namespace=ns),
-            invalid,
-            "namespace",
-        )
-        calls[f"DeleteDocument namespace {shown}"] = (
-            "DeleteDocument",
-            memory_pb2.DeleteDocumentRequest(namespace=ns, document_id="a"),
-            invalid,
-            "namespace",
-        )
-        calls[f"Rollback namespace {shown}"] = (
-            "Rollback",
-            memory_pb2.RollbackRequest(namespace=ns),
-            invalid,
-            "namespace",
-        )
-        calls[f"ListDocuments namespace {shown}"] = (
-            "ListDocuments",
-            memory_pb2.ListDocumentsRequest(namespace=ns),
-            invalid,
-            "namespace",
-        )
-        calls[f"DeleteNamespace {shown}"] = (
-            "DeleteNamespace",
-            memory_pb2.DeleteNamespaceRequest(namespace=ns),
-            invalid,
-            "namespace",
-        )
-        calls[f"GetDocument namespace {shown}"] = (
-            "GetDocument",
-            memory_pb2.GetDocumentRequest(namespace=ns, document_id="a"),
-            invalid,
-            "namespace",
-        )
-        calls[f"Query namespace {shown}"] = (
-            "Query",
-            memory_pb2.QueryRequest(namespace=ns, question="q?"),
-            invalid,
-            "namespace",
-        )
+        for method, request_ in (
+            ("Ingest", memory_pb2.IngestRequest(namespace=ns, documents=[doc()])),
+            ("GetNamespace", memory_pb2.GetNamespaceRequest(namespace=ns)),
+            ("DeleteDocument", memory_pb2.DeleteDocumentRequest(namespace=ns, document_id="a")),
+            ("Rollback", memory_pb2.RollbackRequest(namespace=ns)),
+            ("ListDocuments", memory_pb2.ListDocumentsRequest(namespace=ns)),
+            ("DeleteNamespace", memory_pb2.DeleteNamespaceRequest(namespace=ns)),
+            ("GetDocument", memory_pb2.GetDocumentRequest(namespace=ns, document_id="a")),
+            ("Query", memory_pb2.QueryRequest(namespace=ns, question="q?")),
+        ):
+            calls[f"{method} namespace {ns[:12]!r}"] = (method, request_, invalid, "namespace")
     return calls
 
 

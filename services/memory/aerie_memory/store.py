@@ -289,15 +289,15 @@ class MemoryStore:
         ]
 
     async def documents(
-        self, namespace: str, after: str = "", limit: int = 100, with_text: bool = False
+        self, namespace: str, after: str = "", limit: int = 100
     ) -> tuple[list[dict[str, Any]], str]:
         """A page of the namespace's documents by id, those after ``after``, and the id the
         next page starts after ("" when this is the last). Each is a dict: id, metadata,
-        content_hash, characters, chunks, job_id, learned (the served version learned this
-        text) and, ``with_text``, text."""
+        content_hash, characters, chunks, job_id and learned (the served version learned
+        this text)."""
         ids = sorted(i for i in (_s(d) for d in await self.r.hkeys(_k("ns", namespace, "docs"))) if i > after)
         page = ids[:limit]
-        return await self._described(namespace, page, with_text), (page[-1] if len(ids) > limit else "")
+        return await self._described(namespace, page, with_text=False), (page[-1] if len(ids) > limit else "")
 
     async def document(self, namespace: str, doc_id: str) -> dict[str, Any] | None:
         """The document with its text (see ``documents``), or None if the namespace has none by that id."""
