@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import ConfigDict, Field, field_validator
 
-from .auth import NAMESPACE_PATTERN
+from .auth import NAMESPACE_PATTERN, ApiKey
 from .backends import Backends
 from .errors import APIError, invalid_request, service_unavailable
 from .rate_limit import AdmittedKey, admitted_key
@@ -154,12 +154,18 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         except grpc.aio.AioRpcError as err:
             raise memory_error(err) from err
 
-    def check_namespace(namespace: str) -> None:
+    def check_namespace(namespace: str, key: ApiKey) -> None:
+        """A namespace named in the path or query: valid (400, before any permission check),
+        and one ``key`` may use (403)."""
         if not re.fullmatch(NAMESPACE_PATTERN, namespace):  # re.match's $ would allow a final newline
             raise invalid_request(
                 f"namespace {namespace!r} is invalid: use 1-64 characters from A-Z a-z 0-9 _ -",
                 param="namespace",
             )
+        key.check_namespace(namespace)
+
+    def no_namespace(namespace: str) -> APIError:
+        return APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
 
     @router.post(INGEST_PATH.removeprefix(PREFIX), status_code=202)
     async def ingest(body: IngestBody, key: AdmittedKey) -> JSONResponse:
@@ -196,11 +202,10 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
 
     @router.get("/namespaces/{namespace}")
     async def get_namespace(namespace: str, key: AdmittedKey) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         stats = await call(backends.memory.GetNamespace, memory_pb2.GetNamespaceRequest(namespace=namespace))
         if not stats.exists:
-            raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
+            raise no_namespace(namespace)
         return JSONResponse(_dict(stats))
 
     @router.get("/namespaces")
@@ -210,12 +215,11 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
 
     @router.delete("/namespaces/{namespace}")
     async def delete_namespace(namespace: str, key: AdmittedKey) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         request = memory_pb2.DeleteNamespaceRequest(namespace=namespace)
         reply = await call(backends.memory.DeleteNamespace, request)
         if not reply.exists:
-            raise APIError(404, f"No namespace {namespace!r}.", "invalid_request_error", code="not_found")
+            raise no_namespace(namespace)
         return JSONResponse(
             {"documents": reply.documents, "job_id": reply.job_id or None, "detail": reply.detail}
         )
@@ -227,8 +231,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE)] = DEFAULT_DOCUMENTS_PAGE,
         after: Annotated[str, Query(max_length=128)] = "",
     ) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         request = memory_pb2.ListDocumentsRequest(namespace=namespace, limit=limit, after=after)
         reply = await call(backends.memory.ListDocuments, request)
         documents = []
@@ -240,8 +243,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
 
     @router.post("/namespaces/{namespace}/rollback")
     async def rollback(namespace: str, key: AdmittedKey, body: RollbackBody | None = None) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         request = memory_pb2.RollbackRequest(namespace=namespace, version=body.version if body else "")
         return JSONResponse(_dict(await call(backends.memory.Rollback, request)))
 
@@ -249,8 +251,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     async def get_document(
         document_id: str, namespace: Annotated[str, Query()], key: AdmittedKey
     ) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         request = memory_pb2.GetDocumentRequest(namespace=namespace, document_id=document_id)
         return JSONResponse(_dict(await call(backends.memory.GetDocument, request)))
 
@@ -258,8 +259,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     async def delete_document(
         document_id: str, namespace: Annotated[str, Query()], key: AdmittedKey
     ) -> JSONResponse:
-        check_namespace(namespace)
-        key.check_namespace(namespace)
+        check_namespace(namespace, key)
         reply = await call(
             backends.memory.DeleteDocument,
             memory_pb2.DeleteDocumentRequest(namespace=namespace, document_id=document_id),

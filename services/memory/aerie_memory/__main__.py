@@ -107,19 +107,21 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self.compute = compute_thread("memory-compute")
 
-    async def _invalid(self, context, exc: InvalidInput):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    async def _check(self, context, check, *args) -> None:
+        """Run an input ``check``: what it refuses is the caller's to fix (INVALID_ARGUMENT)."""
+        try:
+            check(*args)
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Ingest(self, request, context):
         docs = [
             IncomingDocument(d.id or default_document_id(d.text), d.text, dict(d.metadata))
             for d in request.documents
         ]
-        try:
-            check_namespace(request.namespace)
-            check_documents(docs, self.settings.memory_max_documents, self.settings.memory_max_document_chars)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
+        limits = (self.settings.memory_max_documents, self.settings.memory_max_document_chars)
+        await self._check(context, check_documents, docs, *limits)
         outcome = await self.store.ingest(request.namespace, docs, self.settings.memory_chunk_chars)
         log.info(
             "ingest %s: %d documents, job %s",
@@ -139,10 +141,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         return job_to_proto(job)
 
     async def GetNamespace(self, request, context):
-        try:
-            check_namespace(request.namespace)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
         stats = await self.store.namespace_stats(request.namespace)
         return memory_pb2.NamespaceStats(
             namespace=request.namespace,
@@ -156,10 +155,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def DeleteDocument(self, request, context):
-        try:
-            check_namespace(request.namespace)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
         current = await self.store.current_version(request.namespace)
         result = await self.store.delete_document(request.namespace, request.document_id)
         if result is None:
@@ -202,10 +198,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def DeleteNamespace(self, request, context):
-        try:
-            check_namespace(request.namespace)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
         if not await self.store.has_namespace(request.namespace):
             return memory_pb2.DeleteNamespaceResponse(
                 exists=False, detail=f"no namespace {request.namespace!r}"
@@ -227,11 +220,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def Rollback(self, request, context):
+        await self._check(context, check_namespace, request.namespace)
         try:
-            check_namespace(request.namespace)
             await self.store.rollback(request.namespace, request.version)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
         except LookupError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return await self.GetNamespace(memory_pb2.GetNamespaceRequest(namespace=request.namespace), context)
@@ -242,14 +233,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def ListDocuments(self, request, context):
-        try:
-            check_namespace(request.namespace)
-            if not 0 <= request.limit <= MAX_DOCUMENTS_PAGE:
-                raise InvalidInput(
-                    f"limit {request.limit} is out of range: 1 to {MAX_DOCUMENTS_PAGE}", "limit"
-                )
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
+        if not 0 <= request.limit <= MAX_DOCUMENTS_PAGE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit {request.limit} is out of range: 1 to {MAX_DOCUMENTS_PAGE}",
+            )
         if not await self.store.has_namespace(request.namespace):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no namespace {request.namespace!r}")
         documents, next_after = await self.store.documents(
@@ -260,10 +249,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
 
     async def GetDocument(self, request, context):
-        try:
-            check_namespace(request.namespace)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
         document = await self.store.document(request.namespace, request.document_id)
         if document is None:
             await context.abort(
@@ -302,10 +288,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         return loaded
 
     async def Query(self, request, context):
-        try:
-            check_namespace(request.namespace)
-        except InvalidInput as exc:
-            await self._invalid(context, exc)
+        await self._check(context, check_namespace, request.namespace)
         question = request.question.strip()
         if not question or len(question) > MAX_QUESTION_CHARS:
             await context.abort(

@@ -61,7 +61,8 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
                 f"documents[{i}].id {shown(doc.id)} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
                 f"documents[{i}].id",
             )
-        if seen.setdefault(doc.id, content_hash(doc.text)) != content_hash(doc.text):
+        h = content_hash(doc.text)
+        if seen.setdefault(doc.id, h) != h:
             raise InvalidInput(
                 f"documents[{i}].id {shown(doc.id)} appears twice in the request", f"documents[{i}].id"
             )
