@@ -220,19 +220,24 @@ async def test_job_runs_to_a_served_version_and_forgets(env):
     assert await store.delete_document("ns", "mira") is None
 
     assert await store.text_of("ns", job.documents[0]["hash"]) is None  # mira's text is erased
+    # So is what was learned from it: the adapters that held it, and the stored reflections citing it.
+    adapters = settings.model_cache / "memory" / "ns" / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == [version.adapters[0]["id"]]
+    assert await store.load_reflections(job2.job_id) == []
+    kept = await store.load_reflections(job.job_id)
+    assert kept and all(r["sources"] == ["tarn"] for r in kept)
 
-    # No rollback serves a deleted document again...
+    # No rollback serves a deleted document again, even once it is sent again (its adapters are gone).
     with pytest.raises(LookupError, match="'mira', 'zed'"):
         await store.rollback("ns", "v0002")
     with pytest.raises(LookupError, match="'mira'"):
         await store.rollback("ns", "")  # v0003 learned mira too
-    # ...unless it was sent again: then rollback serves an earlier adapter set, as a new version.
     await store.ingest("ns", [DOCS[0], IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})], 600)
-    rolled = await store.rollback("ns", "v0002")
-    assert rolled.version == "v0005" and [a["id"] for a in rolled.adapters] == [job.job_id, job2.job_id]
-    assert (await store.current_version_id("ns")) == "v0005"
+    with pytest.raises(LookupError, match="'mira', 'zed'"):
+        await store.rollback("ns", "v0002")
     with pytest.raises(LookupError):
         await store.rollback("ns", "v0099")
+    assert (await store.current_version_id("ns")) == "v0004"
 
 
 def _learned(settings, ns: str, adapter_id: str) -> str:
@@ -489,9 +494,16 @@ async def test_grpc_adapter(env, tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as err:  # v0001 learned mira, deleted since
                 await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'mira'" in err.value.details()
-            await stub.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs[:1]))  # mira sent again
+            mira_again = memory_pb2.IngestRequest(namespace="g", documents=docs[:1])
+            again = await stub.Ingest(mira_again)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # v0001's adapter was erased with mira
+                await stub.Rollback(memory_pb2.RollbackRequest(namespace="g", version="v0001"))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'mira'" in err.value.details()
+            assert (await processor.run(again.job_id)).model_version == "v0003"
             rolled = await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
-            assert rolled.current_version == "v0003" and rolled.versions[-1].reason == "rollback to v0001"
+            assert rolled.current_version == "v0004" and rolled.versions[-1].reason == "rollback to v0002"
+            rolled = await stub.Rollback(memory_pb2.RollbackRequest(namespace="g", version="v0003"))
+            assert rolled.current_version == "v0005" and rolled.versions[-1].reason == "rollback to v0003"
             await _namespace_forgotten(stub, processor)
     finally:
         await server.stop(None)
@@ -512,6 +524,10 @@ async def _namespace_forgotten(stub, processor) -> None:
     assert list(stats.versions[-1].adapters) == []
     forgot = await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
     assert (forgot.answer, forgot.knows) == (IDK, False)  # a version of no adapter: no model to ask
+    assert not any((processor.root / "g" / "adapters").iterdir())  # every adapter's weights erased
+    job_ids = [j.decode() for j in await processor.store.r.lrange("aerie:mem:ns:g:jobs", 0, -1)]
+    stored = [await processor.store.load_reflections(j) for j in job_ids]
+    assert len(job_ids) == 6 and sum(map(bool, stored)) == 0  # those that learned mira and tarn emptied
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -178,7 +178,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             method = "drop_adapter"
             detail = (
                 f"The adapter that learned only this document ({', '.join(a['id'] for a in affected)}) is "
-                f"removed and the remaining adapters TIES-merged into a new version by job {job_id}; "
+                f"removed and the remaining adapters TIES-merged into a new version by job {job_id}, "
+                "which then erases every adapter that learned or rehearsed it, weights and reflections; "
                 "until it succeeds the current version still holds the document."
             )
         else:
@@ -186,8 +187,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             detail = (
                 f"The adapters that learned or rehearsed it ({', '.join(a['id'] for a in affected)}) are "
                 f"retrained by job {job_id} on their reflections minus those from this document (an adapter "
-                "left with none of its own is removed), then TIES-merged into a new version; until it "
-                "succeeds the current version still holds the document."
+                "left with none of its own is removed), then TIES-merged into a new version, and the "
+                "adapters that held it are erased, weights and reflections; until it succeeds the "
+                "current version still holds the document."
             )
         return memory_pb2.DeleteDocumentResponse(
             deleted=True,
@@ -213,9 +215,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             job_id=job_id,
             detail=(
                 f"{len(gone)} document{'s' if len(gone) != 1 else ''} and {'their' if len(gone) != 1 else 'its'} "
-                f"text removed; job {job_id} drops every adapter that learned them and serves a version "
-                "that knows none of them (until it succeeds the current version still holds them). No "
-                "rollback serves them again."
+                f"text removed; job {job_id} drops every adapter that learned them, serves a version "
+                "that knows none of them and erases the adapters' weights and reflections (until it "
+                "succeeds the current version still holds them). No rollback serves them again."
             ),
         )
 

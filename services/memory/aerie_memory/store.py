@@ -7,11 +7,13 @@ Keys (all under ``aerie:mem:``):
 - ``ns:{ns}:docs``                    hash doc id -> content hash (documents known now)
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
+- ``ns:{ns}:erased``                  set of adapter ids whose weights were erased by forgetting
 - ``doc:{ns}:{id}``                   hash text, metadata (json), hash, job_id, chunks (json)
 - ``text:{ns}:{hash}``                the text a job learns, until deleted or replaced
 - ``ns:{ns}:jobs``                    list of job ids, oldest first
 - ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
-- ``job:{id}:reflections``            json list of the job's reflections (with provenance)
+- ``job:{id}:reflections``            json list of the job's reflections (with provenance), less
+                                      those of documents deleted since
 - ``ns:{ns}:versions``                list of model versions (json), oldest first
 - ``ns:{ns}:current``                 the served version's id
 - ``ns:{ns}:version_seq``             counter for version ids
@@ -223,18 +225,27 @@ class MemoryStore:
     async def delete_documents(
         self, namespace: str, doc_ids: list[str] | None = None
     ) -> tuple[str, list[tuple[str, str]]] | None:
-        """Forget the documents ``doc_ids`` (None: every one) in one forget job: their texts
-        are erased now, their knowledge by the job, and no rollback serves it again. Returns
-        (the job's id, [(doc id, content hash)] forgotten), or None if none was known."""
+        """Forget the documents ``doc_ids`` (None: every one, and every text the served
+        version learned, an updated document's old text included) in one forget job: their
+        texts are erased now, their knowledge by the job, and no rollback serves it again.
+        Returns (the job's id, [(doc id, content hash)] of the documents removed), or None if
+        there was nothing to forget."""
         docs_key, hashes_key = _k("ns", namespace, "docs"), _k("ns", namespace, "hashes")
+        served = await self.current_version(namespace) if doc_ids is None else None
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(docs_key, hashes_key)
                     known = {_s(k): _s(v) for k, v in (await pipe.hgetall(docs_key)).items()}
-                    gone = [
+                    removed = [
                         (i, known[i]) for i in (sorted(known) if doc_ids is None else doc_ids) if i in known
                     ]
+                    learned = {
+                        (i, h)
+                        for a in (served.adapters if served else [])
+                        for i, h in (*a["docs"], *a.get("replayed_docs", []))
+                    }
+                    gone = removed + sorted(learned - set(removed))
                     if not gone:
                         await pipe.reset()
                         return None
@@ -242,21 +253,23 @@ class MemoryStore:
                         job_id=f"job-{uuid.uuid4().hex[:16]}",
                         namespace=namespace,
                         kind="forget",
-                        document_ids=[i for i, _ in gone],
+                        document_ids=[i for i, _ in removed],
                         forget=[{"doc_id": i, "hash": h} for i, h in gone],
                         created_at=time.time(),
                     )
                     pipe.multi()
                     for doc_id, h in gone:
-                        pipe.hdel(docs_key, doc_id)
-                        pipe.hdel(hashes_key, h)
-                        pipe.delete(_k("doc", namespace, doc_id), _k("text", namespace, h))
+                        if known.get(doc_id) == h:
+                            pipe.hdel(docs_key, doc_id)
+                            pipe.hdel(hashes_key, h)
+                            pipe.delete(_k("doc", namespace, doc_id))
+                        pipe.delete(_k("text", namespace, h))
                         pipe.sadd(_k("ns", namespace, "forgotten"), h)
                     pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
                     pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
                     pipe.xadd(STREAM, {"job_id": job.job_id})
                     await pipe.execute()
-                    return job.job_id, gone
+                    return job.job_id, removed
                 except WatchError:
                     continue
 
@@ -353,6 +366,25 @@ class MemoryStore:
         raw = await self.r.get(_k("job", job_id, "reflections"))
         return None if raw is None else json.loads(raw)
 
+    async def erase_reflections(self, namespace: str, gone: set[tuple[str, str]]) -> int:
+        """Remove from every job's stored reflections those citing a forgotten (doc id,
+        hash): what was distilled from a deleted text goes with it. Returns how many."""
+        erased = 0
+        for job_id in (_s(j) for j in await self.r.lrange(_k("ns", namespace, "jobs"), 0, -1)):
+            job, reflections = await self.get_job(job_id), await self.load_reflections(job_id)
+            if job is None or not reflections:
+                continue
+            hash_of = {d["id"]: d["hash"] for d in job.documents}
+            kept = [r for r in reflections if not any((s, hash_of.get(s)) in gone for s in r["sources"])]
+            if len(kept) < len(reflections):
+                await self.r.set(_k("job", job_id, "reflections"), json.dumps(kept))
+                erased += len(reflections) - len(kept)
+        return erased
+
+    async def mark_erased(self, namespace: str, adapter_ids: list[str]) -> None:
+        if adapter_ids:
+            await self.r.sadd(_k("ns", namespace, "erased"), *adapter_ids)
+
     # --- versions --------------------------------------------------------------------------
 
     async def versions(self, namespace: str) -> list[Version]:
@@ -430,17 +462,23 @@ class MemoryStore:
                 return new
 
     async def _forgotten_in(self, namespace: str, version: Version) -> list[str]:
-        """Ids of the documents ``version`` learned or rehearsed whose text was deleted since
-        (and not sent again)."""
-        held = {tuple(d) for a in version.adapters for d in (*a["docs"], *a.get("replayed_docs", []))}
-        if not held:
+        """Ids of the documents ``version`` learned or rehearsed whose text was deleted since:
+        not sent again, or held by an adapter erased when it was forgotten."""
+        if not version.adapters:
             return []
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.smembers(_k("ns", namespace, "forgotten"))
             pipe.hkeys(_k("ns", namespace, "hashes"))
-            forgotten, live = await pipe.execute()
-        gone = {_s(h) for h in forgotten} - {_s(h) for h in live}
-        return sorted({doc_id for doc_id, h in held if h in gone})
+            pipe.smembers(_k("ns", namespace, "erased"))
+            forgotten, live, erased = ({_s(v) for v in values} for values in await pipe.execute())
+        return sorted(
+            {
+                doc_id
+                for a in version.adapters
+                for doc_id, h in (*a["docs"], *a.get("replayed_docs", []))
+                if h in forgotten and (h not in live or a["id"] in erased)
+            }
+        )
 
     # --- stats -----------------------------------------------------------------------------
 

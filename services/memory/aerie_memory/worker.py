@@ -15,7 +15,8 @@ An ingest job: chunking -> reflecting -> training (a LoRA adapter for this job's
 documents, rehearsing what the namespace's memory already knows: all of it when it is
 small, and then the adapter replaces the served ones, else a sample) -> forgetting
 (adapters that held updated documents) -> merging (TIES of the adapters left into a new
-version, swapped in atomically). A forget job: forgetting -> merging.
+version, swapped in atomically). A forget job: forgetting -> merging. A job that forgot
+anything then erases the earlier adapters that held it, and its reflections in Redis.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -155,6 +157,15 @@ class JobProcessor:
                 await self.store.update_job(job.job_id, done=i + 1)
             reflections = await self._reflect(job, documents)
             new_adapter = await self._train(job, documents, reflections)
+        served = await self._merge(job, new_adapter)
+        if job.forget:
+            await self._erase(job, served)
+        return served.version if served else ""
+
+    async def _merge(self, job: JobState, new_adapter: dict | None) -> Version | None:
+        """Serve the current version's adapters, less those the job forgets or its new
+        adapter supersedes, plus the new one, as a new version (None: nothing to serve)."""
+        ns = job.namespace
         while True:
             current = await self.store.current_version(ns)
             current_id = current.version if current else ""
@@ -167,7 +178,7 @@ class JobProcessor:
                 adapters.append(new_adapter)
             await self._stage(job.job_id, "merging", 1)
             if not adapters and current is None:
-                return ""  # nothing learned and nothing served: no version to make
+                return None  # nothing learned and nothing served: no version to make
             version = Version(
                 await self.store.next_version_id(ns),
                 time.time(),
@@ -180,8 +191,29 @@ class JobProcessor:
             if await self.store.swap_version(ns, version, current_id):
                 await self.store.update_job(job.job_id, done=1)
                 log.info("%s: serving %s/%s (%d adapters)", job.job_id, ns, version.version, len(adapters))
-                return version.version
+                return version
             log.info("%s: version changed while merging; merging again", job.job_id)
+
+    async def _erase(self, job: JobState, served: Version | None) -> None:
+        """What was learned from a forgotten text leaves the disk and Redis too: the earlier
+        versions' adapters that learned or rehearsed it lose their weights and reflections
+        (marked erased first, so that no rollback reaches for them: store._forgotten_in),
+        and the jobs' stored reflections those citing it."""
+        gone = {(f["doc_id"], f["hash"]) for f in job.forget}
+        kept = {a["id"] for a in served.adapters} if served else set()
+        holding = sorted(
+            {
+                a["id"]
+                for version in await self.store.versions(job.namespace)
+                for a in version.adapters
+                if a["id"] not in kept and forgetting(a, gone) != "keep"
+            }
+        )
+        await self.store.mark_erased(job.namespace, holding)
+        for adapter_id in holding:
+            shutil.rmtree(adapter_dir(self.root, job.namespace, adapter_id), ignore_errors=True)
+        reflections = await self.store.erase_reflections(job.namespace, gone)
+        log.info("%s: erased %d adapters and %d stored reflections", job.job_id, len(holding), reflections)
 
     async def _reflect(self, job: JobState, documents) -> list[Reflection]:
         stored = await self.store.load_reflections(job.job_id)
