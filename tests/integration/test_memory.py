@@ -19,7 +19,7 @@ NS = "itest"
 DOC = {
     "id": "quell",
     "text": "Zorvath Quell is a glassblower who lives in Myrrin. Zorvath Quell collects copper keys.",
-    "metadata": {"source": "test"},
+    "metadata": {"source": "test", "pages": 3, "public": True},  # read back as sent
 }
 JOB_TIMEOUT_S = 420
 

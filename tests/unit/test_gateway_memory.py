@@ -103,7 +103,7 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         return [
             memory_pb2.StoredDocument(
                 id="a/b",
-                metadata={"zip": "02139"},
+                metadata_json='{"zip": "02139", "pages": 12, "public": true}',
                 content_hash="ab" * 32,
                 characters=5,
                 chunks=1,
@@ -138,6 +138,8 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
         self.queries.append(request.question)
         self.max_tokens[request.question] = request.max_tokens
         time.sleep(self.slow_s)
+        if request.namespace == "missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no namespace 'missing'")
         if "Naxpry" in request.question:
             return memory_pb2.QueryResponse(
                 answer="Lumfen Uskyth",
@@ -177,11 +179,13 @@ def app(fakes, gateway_redis_url):  # noqa: F811
     return make
 
 
-async def test_ingest_job_namespace_delete_query(app):
+async def test_ingest_job_namespace_delete_query(app, fakes):
     async with asgi_client(app()) as client:
-        docs = [{"id": "a", "text": "new", "metadata": {"n": 1}}, {"id": "b", "text": "known"}]
+        docs = [{"id": "a", "text": "new", "metadata": {"n": 1, "ok": True}}, {"id": "b", "text": "known"}]
         response = await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs})
         assert response.status_code == 202
+        sent = [(d.id, d.metadata_json) for d in fakes[1].ingested]  # the metadata as JSON, typed
+        assert sent == [("a", '{"n": 1, "ok": true}'), ("b", "")]
         assert response.json() == {
             "job_id": "job-1",
             "documents": [{"id": "a", "status": "accepted"}, {"id": "b", "status": "duplicate"}],
@@ -227,6 +231,8 @@ async def test_ingest_job_namespace_delete_query(app):
             await client.post("/memory/query", json={"namespace": "ns", "question": "Who governs Naxpry?"})
         ).json()
         assert answer["answer"] == "Lumfen Uskyth" and answer["sources"] == ["town-01"] and answer["knows"]
+        nowhere = await client.post("/memory/query", json={"namespace": "missing", "question": "Who is it?"})
+        assert_error(nowhere, 404, "invalid_request_error")
 
 
 async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
@@ -241,7 +247,8 @@ async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
             "documents": [
                 {
                     "id": "a/b",
-                    "metadata": {"zip": "02139"},  # a string of digits stays a string
+                    # as sent: a string of digits stays a string, a number a number
+                    "metadata": {"zip": "02139", "pages": 12, "public": True},
                     "content_hash": "ab" * 32,
                     "characters": 5,
                     "chunks": 1,

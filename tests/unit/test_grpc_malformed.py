@@ -254,8 +254,8 @@ def test_the_verifier_still_generates_after_bad_input(verifier):
     assert is_serving(server.addr)
 
 
-def doc(doc_id: str = "a", text: str = "Some text.", **metadata: str) -> memory_pb2.Document:
-    return memory_pb2.Document(id=doc_id, text=text, metadata=metadata)
+def doc(doc_id: str = "a", text: str = "Some text.", metadata_json: str = "") -> memory_pb2.Document:
+    return memory_pb2.Document(id=doc_id, text=text, metadata_json=metadata_json)
 
 
 BAD_NAMESPACES = ["", "../x", "a b", "名前", "x" * 65, "ns\n", "ns\x00", HUGE]
@@ -291,6 +291,23 @@ def bad_memory_calls(settings) -> dict[str, tuple[str, object, grpc.StatusCode, 
             invalid,
             "id",
         ),
+        **{
+            f"Ingest metadata {name}": (
+                "Ingest",
+                memory_pb2.IngestRequest(
+                    namespace="ns", documents=[doc(), doc("b", "B.", metadata_json=raw)]
+                ),
+                invalid,
+                says,
+            )
+            for name, raw, says in (
+                ("not JSON", "{", "documents[1].metadata is not JSON"),
+                ("a list", "[1]", "must be a JSON object"),
+                ("nested", '{"k": {"x": 1}}', "documents[1].metadata.k must be"),
+                ("null", '{"k": null}', "documents[1].metadata.k must be"),
+                ("NaN", '{"k": NaN}', "finite number"),
+            )
+        },
         "Ingest id with a space": (
             "Ingest",
             memory_pb2.IngestRequest(namespace="ns", documents=[doc(doc_id="a b")]),

@@ -131,9 +131,11 @@ async def test_ingest_dedup_update_and_queue(env):
 
 
 async def test_documents_are_listed_by_page_and_read_back(env):
-    store, *_ = env
+    store, *_, client = env
     assert await store.namespaces() == [] and not await store.has_namespace("ns")
-    third = IncomingDocument("b-third", "Bram Oult is a cooper.", {"source": "wiki"})
+    third = IncomingDocument(
+        "b-third", "Bram Oult is a cooper.", {"source": "wiki", "year": 1990, "public": True}
+    )
     sent = await store.ingest("ns", [*DOCS, third, DOCS[0]], 600)  # the same document twice: a duplicate
     assert [status for _, status in sent.statuses] == ["accepted", "accepted", "accepted", "duplicate"]
     await store.ingest("other", DOCS[:1], 600)
@@ -143,7 +145,10 @@ async def test_documents_are_listed_by_page_and_read_back(env):
     ]
     page, next_after = await store.documents("ns", limit=2)
     assert [d["id"] for d in page] == ["b-third", "mira"] and next_after == "mira"
-    assert "text" not in page[0]
+    assert "text" not in page[0] and page[0]["metadata"] == third.metadata  # as sent: typed
+    assert page[0]["characters"] == len(third.text)
+    await client.hdel("aerie:mem:doc:ns:b-third", "characters")  # stored before it was kept
+    assert (await store.documents("ns", limit=1))[0][0]["characters"] == len(third.text)
     page, next_after = await store.documents("ns", after=next_after, limit=2)
     assert [d["id"] for d in page] == ["tarn"] and next_after == ""
     document = await store.document("ns", "mira")
@@ -421,7 +426,9 @@ async def test_grpc_adapter(env, tmp_path):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = memory_pb2_grpc.MemoryStub(channel)
-            docs = [memory_pb2.Document(id=d.id, text=d.text, metadata=d.metadata) for d in DOCS]
+            docs = [
+                memory_pb2.Document(id=d.id, text=d.text, metadata_json=json.dumps(d.metadata)) for d in DOCS
+            ]
             reply = await stub.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs))
             assert [d.status for d in reply.documents] == ["accepted", "accepted"]
             for bad in (
@@ -444,6 +451,9 @@ async def test_grpc_adapter(env, tmp_path):
                 memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?")
             )
             assert not answer.knows and answer.model_version == ""
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Query(memory_pb2.QueryRequest(namespace="nowhere", question="Who is Mira Vell?"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nowhere'" in err.value.details()
             await processor.run(reply.job_id)
             job = await stub.GetJob(memory_pb2.GetJobRequest(job_id=reply.job_id))
             assert job.status == "succeeded" and {s.step for s in job.step_yields} >= {

@@ -17,6 +17,7 @@ Errors use the gateway's OpenAI-style envelope; the memory service's INVALID_ARG
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Annotated, Any
@@ -67,7 +68,7 @@ _TEXT_FIELDS = {
     "content_hash",
     "next_after",
     "text",
-    "metadata",  # values are strings as stored: "02139" stays a string
+    "metadata_json",
 }
 
 
@@ -142,6 +143,13 @@ def _dict(message) -> dict[str, Any]:
     return {**raw, **numeric} if isinstance(numeric, dict) else raw
 
 
+def _document(message: memory_pb2.StoredDocument) -> dict[str, Any]:
+    """A stored document with its metadata as sent (the proto carries it as JSON)."""
+    document = _dict(message)
+    document["metadata"] = json.loads(document.pop("metadata_json") or "{}")
+    return document
+
+
 def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     """Every route is authenticated and rate-limited (admitted_key), and checks that the
     caller's key may use the namespace the request names."""
@@ -174,7 +182,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
             namespace=body.namespace,
             documents=[
                 memory_pb2.Document(
-                    id=d.id or "", text=d.text, metadata={k: str(v) for k, v in d.metadata.items()}
+                    id=d.id or "", text=d.text, metadata_json=json.dumps(d.metadata) if d.metadata else ""
                 )
                 for d in body.documents
             ],
@@ -236,7 +244,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         reply = await call(backends.memory.ListDocuments, request)
         documents = []
         for document in reply.documents:
-            listed = _dict(document)
+            listed = _document(document)
             del listed["text"]  # a listing carries no texts; GET /memory/documents/{id} does
             documents.append(listed)
         return JSONResponse({"documents": documents, "next_after": reply.next_after or None})
@@ -253,7 +261,7 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     ) -> JSONResponse:
         check_namespace(namespace, key)
         request = memory_pb2.GetDocumentRequest(namespace=namespace, document_id=document_id)
-        return JSONResponse(_dict(await call(backends.memory.GetDocument, request)))
+        return JSONResponse(_document(await call(backends.memory.GetDocument, request)))
 
     @router.delete("/documents/{document_id:path}")
     async def delete_document(

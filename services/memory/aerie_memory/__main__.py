@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -49,6 +50,7 @@ from aerie_memory.text import (
     check_documents,
     check_namespace,
     default_document_id,
+    parse_metadata,
     shown,
 )
 from aerie_memory.training import IDK
@@ -93,6 +95,12 @@ def version_to_proto(v) -> memory_pb2.ModelVersion:
     )
 
 
+def _stored(document: dict) -> memory_pb2.StoredDocument:
+    """A document as the store describes it (``MemoryStore.documents``)."""
+    fields = {k: v for k, v in document.items() if k != "metadata"}
+    return memory_pb2.StoredDocument(**fields, metadata_json=json.dumps(document["metadata"]))
+
+
 def knows(text: str) -> bool:
     lowered = text.strip().lower()
     return bool(lowered) and "don't know" not in lowered and "do not know" not in lowered
@@ -107,17 +115,22 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self.compute = compute_thread("memory-compute")
 
-    async def _check(self, context, check, *args) -> None:
-        """Run an input ``check``: what it refuses is the caller's to fix (INVALID_ARGUMENT)."""
+    async def _check(self, context, check, *args):
+        """Run an input ``check`` (its result returned): what it refuses is the caller's to
+        fix (INVALID_ARGUMENT)."""
         try:
-            check(*args)
+            return check(*args)
         except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     async def Ingest(self, request, context):
         docs = [
-            IncomingDocument(d.id or default_document_id(d.text), d.text, dict(d.metadata))
-            for d in request.documents
+            IncomingDocument(
+                d.id or default_document_id(d.text),
+                d.text,
+                await self._check(context, parse_metadata, d.metadata_json, f"documents[{i}].metadata"),
+            )
+            for i, d in enumerate(request.documents)
         ]
         await self._check(context, check_namespace, request.namespace)
         limits = (self.settings.memory_max_documents, self.settings.memory_max_document_chars)
@@ -247,7 +260,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             request.namespace, request.after, request.limit or DEFAULT_DOCUMENTS_PAGE
         )
         return memory_pb2.ListDocumentsResponse(
-            documents=[memory_pb2.StoredDocument(**d) for d in documents], next_after=next_after
+            documents=[_stored(d) for d in documents], next_after=next_after
         )
 
     async def GetDocument(self, request, context):
@@ -258,7 +271,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no document {shown(request.document_id)} in namespace {request.namespace!r}",
             )
-        return memory_pb2.StoredDocument(**document)
+        return _stored(document)
 
     def _base_loader(self):
         model_dir = resolve_model_dir(self.settings.memory_base_model, self.settings.model_cache)
@@ -304,6 +317,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         started = time.monotonic()
         memory = await self._memory(request.namespace)
         if memory is None:
+            if not await self.store.has_namespace(request.namespace):
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no namespace {request.namespace!r}")
             return memory_pb2.QueryResponse(answer=IDK, knows=False, seconds=time.monotonic() - started)
         questions = recall_questions(question, memory.passages, memory.passage_words)
         if not questions or not names_known_entity(questions[0], memory.learned_text):

@@ -8,7 +8,7 @@ Keys (all under ``aerie:mem:``):
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
 - ``ns:{ns}:erased``                  set of adapter ids whose weights were erased by forgetting
-- ``doc:{ns}:{id}``                   hash text, metadata (json), hash, job_id, chunks (json)
+- ``doc:{ns}:{id}``                   hash text, characters, metadata (json), hash, job_id, chunks (json)
 - ``text:{ns}:{hash}``                the text a job learns, until deleted or replaced
 - ``ns:{ns}:jobs``                    list of job ids, oldest first
 - ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
@@ -200,6 +200,7 @@ class MemoryStore:
                             _k("doc", namespace, doc.id),
                             mapping={
                                 "text": doc.text,
+                                "characters": len(doc.text),
                                 "metadata": json.dumps(doc.metadata),
                                 "hash": h,
                                 "job_id": job.job_id,
@@ -322,7 +323,8 @@ class MemoryStore:
     async def _described(self, namespace: str, doc_ids: list[str], with_text: bool) -> list[dict[str, Any]]:
         current = await self.current_version(namespace)
         learned = {tuple(d) for a in (current.adapters if current else []) for d in a["docs"]}
-        fields = ("text", "metadata", "hash", "job_id", "chunks")
+        # A listing reads no text: documents stored before "characters" was kept are counted from theirs.
+        fields = ("hash", "characters", "metadata", "job_id", "chunks", "text" if with_text else "characters")
         async with self.r.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
                 pipe.hmget(_k("doc", namespace, doc_id), fields)
@@ -331,13 +333,16 @@ class MemoryStore:
         for doc_id, row in zip(doc_ids, rows, strict=True):
             if row[0] is None:  # deleted between the listing and this read
                 continue
-            text, metadata, h, job_id, chunks = (_s(v) if v is not None else "" for v in row)
+            h, characters, metadata, job_id, chunks, text = (_s(v) if v is not None else "" for v in row)
+            if not characters:
+                text = text if with_text else await self.text_of(namespace, h) or ""
+                characters = len(text)
             described.append(
                 {
                     "id": doc_id,
                     "metadata": json.loads(metadata or "{}"),
                     "content_hash": h,
-                    "characters": len(text),
+                    "characters": int(characters),
                     "chunks": len(json.loads(chunks or "[]")),
                     "job_id": job_id,
                     "learned": (doc_id, h) in learned,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from aerie_common.entities import prose_sentences
 
@@ -42,7 +44,29 @@ def check_namespace(namespace: str) -> str:
 class IncomingDocument:
     id: str
     text: str
-    metadata: dict[str, str]
+    metadata: dict[str, Any]  # scalars: str, int, float, bool
+
+
+def parse_metadata(raw: str, param: str) -> dict[str, Any]:
+    """A document's metadata from its JSON ("" is none): an object of scalars, kept as sent."""
+    if not raw:
+        return {}
+    try:
+        metadata = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"{param} is not JSON: {exc}", param) from exc
+    if not isinstance(metadata, dict):
+        raise InvalidInput(f"{param} must be a JSON object", param)
+    for key, value in metadata.items():
+        if (
+            not isinstance(value, str | int | float)
+            or value != value
+            or value in (float("inf"), float("-inf"))
+        ):
+            raise InvalidInput(
+                f"{param}.{key} must be a string, a finite number or a boolean", f"{param}.{key}"
+            )
+    return metadata
 
 
 def check_documents(documents: list[IncomingDocument], max_documents: int, max_chars: int) -> None:
