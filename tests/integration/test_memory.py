@@ -140,3 +140,8 @@ def test_memory_learns_survives_kill_and_answers(stack):
     assert rollback.status_code == 409 and "'quell'" in rollback.json()["error"]["message"], rollback.text
     emptied = httpx.delete(f"{url}/memory/namespaces/{NS}", timeout=30)
     assert emptied.status_code == 200 and emptied.json()["documents"] == 0, emptied.text
+    # Nothing left to forget: the namespace is removed at once.
+    assert httpx.get(f"{url}/memory/namespaces/{NS}", timeout=30).status_code == 404
+    assert NS not in [
+        n["namespace"] for n in httpx.get(f"{url}/memory/namespaces", timeout=30).json()["namespaces"]
+    ]

@@ -245,6 +245,20 @@ async def test_job_runs_to_a_served_version_and_forgets(env):
     assert (await store.current_version_id("ns")) == "v0004"
 
 
+async def test_a_namespace_delete_removes_it_unless_documents_came_since(env):
+    store, _, processor, _, client = env
+    await store.ingest("ns", DOCS[:1], 600)
+    job_id, removed = await store.delete_documents("ns")
+    assert [doc_id for doc_id, _ in removed] == ["mira"]
+    await store.ingest("ns", DOCS[1:], 600)  # sent meanwhile: the namespace lives on with it
+    assert (await processor.run(job_id)).status == "succeeded"
+    assert await store.has_namespace("ns") and [d["id"] for d in (await store.documents("ns"))[0]] == ["tarn"]
+    job_id, _ = await store.delete_documents("ns")
+    assert (await processor.run(job_id)).kind == "delete_namespace"
+    assert not await store.has_namespace("ns") and await store.namespaces() == []
+    assert await client.keys("aerie:mem:ns:ns:*") == [] and await client.keys("aerie:mem:*:ns:*") == []
+
+
 def _learned(settings, ns: str, adapter_id: str) -> str:
     return (settings.model_cache / "memory" / ns / "adapters" / adapter_id / "reflections.json").read_text()
 
@@ -524,27 +538,36 @@ async def _namespace_forgotten(stub, processor) -> None:
     knows = await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
     assert knows.answer != IDK
     listed = await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g"))
+    job_ids = [j.decode() for j in await processor.store.r.lrange("aerie:mem:ns:g:jobs", 0, -1)]
     gone = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="g"))
     assert (gone.exists, gone.documents) == (True, len(listed.documents)) and gone.job_id in gone.detail
     assert not (await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g"))).documents
     job = await processor.run(gone.job_id)
-    assert job.status == "succeeded", job.errors
-    stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
-    assert (stats.documents, stats.current_version) == (0, job.model_version)
-    assert list(stats.versions[-1].adapters) == []
-    forgot = await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
-    assert (forgot.answer, forgot.knows) == (IDK, False)  # a version of no adapter: no model to ask
-    assert not any((processor.root / "g" / "adapters").iterdir())  # every adapter's weights erased
-    job_ids = [j.decode() for j in await processor.store.r.lrange("aerie:mem:ns:g:jobs", 0, -1)]
+    assert (job.status, job.kind, job.model_version) == ("succeeded", "delete_namespace", ""), job.errors
+    # The namespace is gone, with every adapter and version on disk and the reflections in Redis.
+    assert not (await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))).exists
+    assert not (await stub.ListNamespaces(memory_pb2.ListNamespacesRequest())).namespaces
+    assert not (processor.root / "g").exists()
     stored = [await processor.store.load_reflections(j) for j in job_ids]
-    assert len(job_ids) == 6 and sum(map(bool, stored)) == 0  # those that learned mira and tarn emptied
+    assert len(job_ids) == 5 and sum(map(bool, stored)) == 0  # those that learned mira and tarn emptied
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Query(memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Rollback(memory_pb2.RollbackRequest(namespace="g"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    empty = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="g"))
-    assert (empty.exists, empty.documents, empty.job_id) == (True, 0, "")
-    unknown = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="nowhere"))
+    unknown = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="g"))
     assert not unknown.exists
+    # A namespace with nothing to forget is removed at once.
+    await stub.Ingest(
+        memory_pb2.IngestRequest(namespace="h", documents=[memory_pb2.Document(text="Ada Pell is a potter.")])
+    )
+    forget = await processor.store.delete_document("h", default_document_id("Ada Pell is a potter."))
+    await processor.run(forget[0])  # the ingest job never ran: nothing served
+    assert (await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="h"))).exists
+    empty = await stub.DeleteNamespace(memory_pb2.DeleteNamespaceRequest(namespace="h"))
+    assert (empty.exists, empty.documents, empty.job_id) == (True, 0, "")
+    assert not (await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="h"))).exists
 
 
 async def _documents_read_back(stub, learned_job: str) -> None:

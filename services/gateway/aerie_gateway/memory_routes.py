@@ -5,7 +5,7 @@
     GET    /memory/namespaces                  -> [{namespace, documents, current_version}] the key may use
     GET    /memory/namespaces/{ns}             -> stats and model versions
     GET    /memory/namespaces/{ns}/documents   -> a page of its documents by id (?limit=&after=)
-    DELETE /memory/namespaces/{ns}             -> forget every document of it; says how
+    DELETE /memory/namespaces/{ns}             -> forget all of it, then remove it; says how
     POST   /memory/namespaces/{ns}/rollback    -> serve an earlier version again
     GET    /memory/documents/{id}?namespace=   -> the document, its text and whether it is learned
     DELETE /memory/documents/{id}?namespace=   -> forget a document; says how

@@ -219,8 +219,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
                 exists=False, detail=f"no namespace {request.namespace!r}"
             )
         forgotten = await self.store.delete_documents(request.namespace)
-        if forgotten is None:
-            return memory_pb2.DeleteNamespaceResponse(exists=True, detail="The namespace holds no document.")
+        if forgotten is None:  # nothing to forget
+            await self.store.remove_namespace(request.namespace)
+            return memory_pb2.DeleteNamespaceResponse(
+                exists=True, detail="The namespace held no document and is removed."
+            )
         job_id, gone = forgotten
         return memory_pb2.DeleteNamespaceResponse(
             exists=True,
@@ -228,9 +231,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             job_id=job_id,
             detail=(
                 f"{len(gone)} document{'s' if len(gone) != 1 else ''} and {'their' if len(gone) != 1 else 'its'} "
-                f"text removed; job {job_id} drops every adapter that learned them, serves a version "
-                "that knows none of them and erases the adapters' weights and reflections (until it "
-                "succeeds the current version still holds them). No rollback serves them again."
+                f"text removed; job {job_id} drops every adapter that learned them, erases the "
+                "adapters' weights and reflections, and removes the namespace (until it succeeds the "
+                "current version still holds them; documents sent meanwhile keep the namespace)."
             ),
         )
 

@@ -3,7 +3,7 @@ model versions, and the job stream the workers consume.
 
 Keys (all under ``aerie:mem:``):
 
-- ``namespaces``                      set of namespace names (a namespace is never removed)
+- ``namespaces``                      set of namespace names (removed by ``remove_namespace``)
 - ``ns:{ns}:docs``                    hash doc id -> content hash (documents known now)
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
@@ -253,7 +253,7 @@ class MemoryStore:
                     job = JobState(
                         job_id=f"job-{uuid.uuid4().hex[:16]}",
                         namespace=namespace,
-                        kind="forget",
+                        kind="forget" if doc_ids is not None else "delete_namespace",
                         document_ids=[i for i, _ in removed],
                         forget=[{"doc_id": i, "hash": h} for i, h in gone],
                         created_at=time.time(),
@@ -271,6 +271,52 @@ class MemoryStore:
                     pipe.xadd(STREAM, {"job_id": job.job_id})
                     await pipe.execute()
                     return job.job_id, removed
+                except WatchError:
+                    continue
+
+    async def remove_namespace(self, namespace: str) -> bool:
+        """Remove a namespace that holds no document and serves no adapter (a namespace
+        delete's job has forgotten everything): its versions, job list and bookkeeping go;
+        its jobs stay readable by id. False if it holds something (sent since) or is unknown."""
+        docs_key, current_key = _k("ns", namespace, "docs"), _k("ns", namespace, "current")
+        while True:
+            async with self.r.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(docs_key, current_key)
+                    current = await pipe.get(current_key)
+                    versions = [
+                        Version.from_json(v)
+                        for v in await pipe.lrange(_k("ns", namespace, "versions"), 0, -1)
+                    ]
+                    served = next(
+                        (v for v in versions if current is not None and v.version == _s(current)), None
+                    )
+                    if (
+                        await pipe.hlen(docs_key)
+                        or (served and served.adapters)
+                        or not await pipe.sismember(_k("namespaces"), namespace)
+                    ):
+                        await pipe.reset()
+                        return False
+                    pipe.multi()
+                    pipe.srem(_k("namespaces"), namespace)
+                    pipe.delete(
+                        *(
+                            _k("ns", namespace, key)
+                            for key in (
+                                "docs",
+                                "hashes",
+                                "forgotten",
+                                "erased",
+                                "jobs",
+                                "versions",
+                                "current",
+                                "version_seq",
+                            )
+                        )
+                    )
+                    await pipe.execute()
+                    return True
                 except WatchError:
                     continue
 

@@ -160,6 +160,10 @@ class JobProcessor:
         served = await self._merge(job, new_adapter)
         if job.forget:
             await self._erase(job, served)
+        if job.kind == "delete_namespace" and await self.store.remove_namespace(ns):
+            shutil.rmtree(self.root / ns, ignore_errors=True)  # its versions' manifests
+            log.info("%s: namespace %s removed", job.job_id, ns)
+            return ""
         return served.version if served else ""
 
     async def _merge(self, job: JobState, new_adapter: dict | None) -> Version | None:
