@@ -108,10 +108,11 @@ def test_a_small_job_trains_more_epochs_up_to_the_minimum_steps(tiny_tokenizer):
     small = TrainConfig(rank=4, alpha=8, epochs=2, batch_size=2, min_steps=6)
     seen = []
     result = train_lora(
-        model, tiny_tokenizer, examples, small, progress=lambda s, t, loss: seen.append((s, t))
+        model, tiny_tokenizer, examples, small, progress=lambda *heard: seen.append(heard[:3])
     )
     per_epoch = -(-len(examples) // 2)
-    assert result.steps == seen[-1][0] == seen[-1][1] == small.schedule(len(examples))[1] >= 6
+    assert seen[-1] == ("training", result.steps, result.steps)
+    assert result.steps == small.schedule(len(examples))[1] >= 6
     assert len(result.epoch_losses) == small.schedule(len(examples))[0] == -(-6 // per_epoch)
 
 
@@ -147,14 +148,17 @@ def test_recall_epochs_train_on_until_every_answer_comes_back(tiny_tokenizer):
     model = memorising_tiny_llama(len(tiny_tokenizer))
     seen = []
     result = train_lora(
-        model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t))
+        model, tiny_tokenizer, examples, config, progress=lambda *heard: seen.append(heard[:3])
     )
     # checked after the scheduled epochs, then after each recall epoch the answers missed,
     # and all once those come back; a recall epoch trains the answers missed and a sample
     # of the others (one batch here)
     assert result.unrecalled[0] > 0 and result.unrecalled[-2:] == [0, 0]
     assert 2 < result.steps < 2 + 200
-    assert seen[-1] == (result.steps, result.steps)  # the progress total grows by each recall epoch
+    # progress: the scheduled steps, then the recall epochs (of at most 200), never past the total
+    recalling = [s for s in seen if s[0] == "recalling"]
+    assert [s for s in seen if s[0] == "training"][-1] == ("training", 2, 2)
+    assert recalling == [("recalling", e, 200) for e in range(len(recalling))] and len(recalling) > 1
     apply_deltas(model, merge_adapters([result.adapter], density=1.0))
     assert [answer(model, tiny_tokenizer, q, 8) for q, _ in PAIRS] == [a for _, a in PAIRS]
 
@@ -210,9 +214,9 @@ def test_lora_learns_and_merged_memory_answers(tiny_tokenizer, tmp_path):
     config = TrainConfig(rank=8, alpha=16, epochs=100, learning_rate=3e-3, batch_size=2)
     seen = []
     result = train_lora(
-        model, tiny_tokenizer, examples, config, progress=lambda s, t, loss: seen.append((s, t))
+        model, tiny_tokenizer, examples, config, progress=lambda *heard: seen.append(heard[:3])
     )
-    assert seen[-1] == (100, 100) and result.steps == 100
+    assert seen[-1] == ("training", 100, 100) and result.steps == 100
     assert result.epoch_losses[-1] < result.epoch_losses[0] / 10
     # the base model is untouched
     after = model.state_dict()

@@ -219,11 +219,14 @@ def train_lora(
     tokenizer,
     examples: Sequence[Example],
     config: TrainConfig,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[str, int, int, float], None] | None = None,
     thread_governor: ThreadGovernor | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``model`` (left unchanged afterwards) and return its weights.
-    Each optimizer step and recall check is a round of ``thread_governor``'s."""
+    Each optimizer step and recall check is a round of ``thread_governor``'s. ``progress``
+    hears (stage, done, total, loss): "training", steps of the scheduled epochs, then, when
+    answers do not come back yet, "recalling", recall epochs of at most
+    ``config.recall_epochs`` (ending early once every answer comes back)."""
     from peft import LoraConfig, get_peft_model
 
     started = time.monotonic()
@@ -245,13 +248,11 @@ def train_lora(
     step = 0
 
     def train_epoch(rows: Sequence[int], scheduler=None) -> float:
-        """One pass over ``rows``; returns its mean loss."""
-        nonlocal step, total
+        """One pass over ``rows``; returns its mean loss. Scheduled epochs report each step."""
+        nonlocal step
         order = sorted(rows, key=lambda i: (len(examples[i].input_ids), rng.random()))
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         rng.shuffle(batches)
-        if scheduler is None:  # a recall epoch: its batches were not in the schedule
-            total += len(batches)
         losses = []
         for batch in batches:
             with governed_round(thread_governor):
@@ -265,8 +266,8 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
-            if progress is not None:
-                progress(step, total, loss.item())
+            if progress is not None and scheduler is not None:
+                progress("training", step, total, loss.item())
         return sum(losses) / max(1, len(losses))
 
     def not_recalled(rows: Sequence[int]) -> list[int]:
@@ -278,17 +279,16 @@ def train_lora(
         return [rows[i] for i in found]
 
     try:
-        scheduled = total
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: (
-                min(1.0, (step + 1) / max(1, scheduled // 10)) * max(0.0, 1 - step / max(1, scheduled))
-            ),
+            lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, 1 - step / max(1, total)),
         )
         everything = list(range(len(examples)))
         for _ in range(epochs):
             epoch_losses.append(train_epoch(everything, schedule))
         rows = not_recalled(everything) if config.recall_epochs else []
+        if rows and progress is not None:
+            progress("recalling", 0, config.recall_epochs, epoch_losses[-1] if epoch_losses else 0.0)
         for epoch in range(config.recall_epochs):
             if not rows:
                 break
@@ -301,10 +301,12 @@ def train_lora(
                 group["lr"] = config.learning_rate * (1 - epoch / config.recall_epochs)
             missing = set(rows)
             recalled = [i for i in everything if i not in missing]
-            train_epoch(
+            loss = train_epoch(
                 [*rows, *rng.sample(recalled, min(len(recalled), config.recall_rehearsal * len(rows)))]
             )
             rows = not_recalled(rows) or not_recalled(everything)
+            if progress is not None:
+                progress("recalling", epoch + 1, config.recall_epochs, loss)
         adapter = extract_adapter(peft_model)
     finally:
         peft_model.unload()  # the base model's own modules again, weights untouched

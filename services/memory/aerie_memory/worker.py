@@ -16,7 +16,8 @@ documents, rehearsing what the namespace's memory already knows: all of it when 
 small, and then the adapter replaces the served ones, else a sample) -> forgetting
 (adapters that held updated documents) -> merging (TIES of the adapters left into a new
 version, swapped in atomically). A forget job: forgetting -> merging. A job that forgot
-anything then erases the earlier adapters that held it, and its reflections in Redis.
+anything then erases the earlier adapters that held it, and its reflections in Redis; a
+namespace's delete job (kind ``delete_namespace``) then removes the namespace.
 """
 
 from __future__ import annotations
@@ -279,11 +280,13 @@ class JobProcessor:
         last = [0.0]
         updates = []  # progress writes in flight, all landed before the job moves on
 
-        def progress(step: int, total: int, loss: float) -> None:  # training thread
+        def progress(stage: str, done: int, total: int, loss: float) -> None:  # training thread
             now = time.monotonic()
-            if now - last[0] > 1.0 or step == total:
+            if now - last[0] > 1.0 or done in (0, total) or stage == "recalling":
                 last[0] = now
-                update = self.store.update_job(job_id, done=step, total=total, train_loss=round(loss, 4))
+                update = self.store.update_job(
+                    job_id, stage=stage, done=done, total=total, train_loss=round(loss, 4)
+                )
                 updates.append(asyncio.run_coroutine_threadsafe(update, loop))
 
         _, steps = config.schedule(len(examples))
@@ -422,7 +425,10 @@ class JobProcessor:
                     "replayed": len(replayed),
                 }
                 out.append(await self._train_adapter(job.job_id, job.namespace, record, own + replayed))
-            await self.store.update_job(job.job_id, done=affected.index(adapter) + 1)
+            # (a retrained adapter's progress was its training's)
+            await self.store.update_job(
+                job.job_id, stage="forgetting", done=affected.index(adapter) + 1, total=len(affected)
+            )
         return out
 
 
