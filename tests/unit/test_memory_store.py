@@ -426,13 +426,28 @@ async def test_a_finished_job_lets_its_heartbeat_claim_finish(tmp_path):
     assert len(client.acked) == 1
 
 
+class TinyServicer(MemoryServicer):
+    def _base_loader(self):
+        return tiny_base()
+
+
+async def test_a_query_racing_a_forget_loads_the_version_it_served(env):
+    store, settings, processor, _, _ = env
+    await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
+    learned_first = await store.current_version("ns")
+    await processor.run((await store.delete_document("ns", "mira"))[0])  # v0002; v0001's adapter erased
+    servicer, read_current = TinyServicer(settings, store), store.current_version
+
+    async def read_before_the_swap(namespace):
+        store.current_version = read_current
+        return learned_first
+
+    store.current_version = read_before_the_swap
+    assert (await servicer._memory("ns")).version == "v0002"
+
+
 async def test_grpc_adapter(env, tmp_path):
     store, settings, processor, _, _ = env
-
-    class TinyServicer(MemoryServicer):
-        def _base_loader(self):
-            return tiny_base()
-
     server = grpc.aio.server()
     memory_pb2_grpc.add_MemoryServicer_to_server(TinyServicer(settings, store), server)
     port = server.add_insecure_port("127.0.0.1:0")

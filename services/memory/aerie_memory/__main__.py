@@ -300,6 +300,11 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             )
         try:
             loaded = await self._loading[key]
+        except FileNotFoundError:
+            # A forget job served a newer version and erased this one's adapters meanwhile.
+            if await self.store.current_version_id(namespace) == version.version:
+                raise
+            return await self._memory(namespace)
         finally:
             self._loading.pop(key, None)
         self.cache.put(namespace, loaded)
