@@ -283,14 +283,7 @@ class MemoryStore:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:
                     await pipe.watch(docs_key, current_key)
-                    current = await pipe.get(current_key)
-                    versions = [
-                        Version.from_json(v)
-                        for v in await pipe.lrange(_k("ns", namespace, "versions"), 0, -1)
-                    ]
-                    served = next(
-                        (v for v in versions if current is not None and v.version == _s(current)), None
-                    )
+                    served = await self.current_version(namespace)  # a swap since fails the transaction
                     if (
                         await pipe.hlen(docs_key)
                         or (served and served.adapters)
@@ -369,8 +362,7 @@ class MemoryStore:
     async def _described(self, namespace: str, doc_ids: list[str], with_text: bool) -> list[dict[str, Any]]:
         current = await self.current_version(namespace)
         learned = {tuple(d) for a in (current.adapters if current else []) for d in a["docs"]}
-        # A listing reads no text: documents stored before "characters" was kept are counted from theirs.
-        fields = ("hash", "characters", "metadata", "job_id", "chunks", "text" if with_text else "characters")
+        fields = ("hash", "characters", "metadata", "job_id", "chunks", *(("text",) if with_text else ()))
         async with self.r.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
                 pipe.hmget(_k("doc", namespace, doc_id), fields)
@@ -379,10 +371,9 @@ class MemoryStore:
         for doc_id, row in zip(doc_ids, rows, strict=True):
             if row[0] is None:  # deleted between the listing and this read
                 continue
-            h, characters, metadata, job_id, chunks, text = (_s(v) if v is not None else "" for v in row)
-            if not characters:
-                text = text if with_text else await self.text_of(namespace, h) or ""
-                characters = len(text)
+            h, characters, metadata, job_id, chunks, *text = (_s(v) if v is not None else "" for v in row)
+            if not characters:  # stored before it was kept: counted from the text (a listing reads none)
+                characters = len(text[0] if text else await self.text_of(namespace, h) or "")
             described.append(
                 {
                     "id": doc_id,
@@ -392,7 +383,7 @@ class MemoryStore:
                     "chunks": len(json.loads(chunks or "[]")),
                     "job_id": job_id,
                     "learned": (doc_id, h) in learned,
-                    **({"text": text} if with_text else {}),
+                    **({"text": text[0]} if with_text else {}),
                 }
             )
         return described
