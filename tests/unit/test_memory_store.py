@@ -147,8 +147,13 @@ async def test_documents_are_listed_by_page_and_read_back(env):
     assert [d["id"] for d in page] == ["b-third", "mira"] and next_after == "mira"
     assert "text" not in page[0] and page[0]["metadata"] == third.metadata  # as sent: typed
     assert page[0]["characters"] == len(third.text)
-    await client.hdel("aerie:mem:doc:ns:b-third", "characters")  # stored before it was kept
+    assert (await store.namespace_stats("ns"))["chunks"] == 3
+    # stored before session 42: no character count, the chunks' texts in place of their count
+    await client.hdel("aerie:mem:doc:ns:b-third", "characters")
+    await client.hset("aerie:mem:doc:ns:b-third", "chunks", json.dumps(["Bram Oult", "is a cooper."]))
     assert (await store.documents("ns", limit=1))[0][0]["characters"] == len(third.text)
+    assert (await store.documents("ns", limit=1))[0][0]["chunks"] == 2
+    assert (await store.namespace_stats("ns"))["chunks"] == 4
     page, next_after = await store.documents("ns", after=next_after, limit=2)
     assert [d["id"] for d in page] == ["tarn"] and next_after == ""
     document = await store.document("ns", "mira")

@@ -8,7 +8,8 @@ Keys (all under ``aerie:mem:``):
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
 - ``ns:{ns}:erased``                  set of adapter ids whose weights were erased by forgetting
-- ``doc:{ns}:{id}``                   hash text, characters, metadata (json), hash, job_id, chunks (json)
+- ``doc:{ns}:{id}``                   hash text, characters, metadata (json), hash, job_id, chunks
+                                      (how many; before session 42 the chunks' json list)
 - ``text:{ns}:{hash}``                the text a job learns, until deleted or replaced
 - ``ns:{ns}:jobs``                    list of job ids, oldest first
 - ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
@@ -48,6 +49,12 @@ def _k(*parts: str) -> str:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _chunk_count(raw: str | bytes | None) -> int:
+    """A document's stored "chunks": their count, or (stored before session 42) their list."""
+    raw = _s(raw) if raw is not None else "0"
+    return len(json.loads(raw)) if raw.startswith("[") else int(raw or 0)
 
 
 @dataclass
@@ -204,7 +211,7 @@ class MemoryStore:
                                 "metadata": json.dumps(doc.metadata),
                                 "hash": h,
                                 "job_id": job.job_id,
-                                "chunks": json.dumps(chunk_text(doc.text, chunk_chars)),
+                                "chunks": len(chunk_text(doc.text, chunk_chars)),
                             },
                         )
                         # The exact text a job learns, under its hash: a job still queued
@@ -380,7 +387,7 @@ class MemoryStore:
                     "metadata": json.loads(metadata or "{}"),
                     "content_hash": h,
                     "characters": int(characters),
-                    "chunks": len(json.loads(chunks or "[]")),
+                    "chunks": _chunk_count(chunks),
                     "job_id": job_id,
                     "learned": (doc_id, h) in learned,
                     **({"text": text[0]} if with_text else {}),
@@ -527,10 +534,10 @@ class MemoryStore:
     async def namespace_stats(self, namespace: str) -> dict[str, Any]:
         exists = await self.has_namespace(namespace)
         doc_ids = [_s(d) for d in await self.r.hkeys(_k("ns", namespace, "docs"))]
-        chunks = 0
-        for doc_id in doc_ids:
-            raw = await self.r.hget(_k("doc", namespace, doc_id), "chunks")
-            chunks += len(json.loads(raw)) if raw else 0
+        async with self.r.pipeline(transaction=False) as pipe:
+            for doc_id in doc_ids:
+                pipe.hget(_k("doc", namespace, doc_id), "chunks")
+            chunks = sum(_chunk_count(raw) for raw in await pipe.execute())
         current = await self.current_version(namespace)
         reflections = sum(a.get("reflections", 0) for a in current.adapters) if current else 0
         return {
