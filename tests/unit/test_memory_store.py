@@ -268,6 +268,34 @@ def _learned(settings, ns: str, adapter_id: str) -> str:
     return (settings.model_cache / "memory" / ns / "adapters" / adapter_id / "reflections.json").read_text()
 
 
+async def test_a_document_deleted_while_a_job_trains_on_it_is_not_served(env, tmp_path, memory_redis_url):
+    """Two workers: one's forget job runs while the other's ingest job trains on what it
+    forgets (rehearsing it): the ingest job unlearns it before it merges."""
+    store, _, _, generator, _ = env
+    settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=1.0)  # rehearse all
+    first = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
+    await first.run((await store.ingest("ns", DOCS, 600)).job_id)
+
+    class ForgetsMidJob(JobProcessor):
+        async def _merge(self, job, new_adapter):
+            forget = await store.delete_document("ns", "mira")  # the other worker, meanwhile
+            assert (await first.run(forget[0])).status == "succeeded"
+            assert ["mira", mira_hash] in new_adapter["docs"]  # rehearsed, adopted as its own
+            return await super()._merge(job, new_adapter)
+
+    mira_hash = await store.active_hash("ns", "mira")
+    second = ForgetsMidJob(store, settings, generator, tiny_base, tmp_path / "memory")
+    zed = IncomingDocument("zed", "Zed Quor collects tin soldiers.", {})
+    job = await second.run((await store.ingest("ns", [zed], 600)).job_id)
+    assert job.status == "succeeded", job.errors
+    served = (await store.current_version("ns")).adapters
+    assert [a["id"] for a in served] == [f"{job.job_id}~{job.job_id}"]
+    assert all(doc_id != "mira" for doc_id, _ in served[0]["docs"] + served[0]["replayed_docs"])
+    learned = _learned(settings, "ns", served[0]["id"])
+    assert "Mira" not in learned and "tin soldiers" in learned and "river stones" in learned
+    assert not (tmp_path / "memory" / "ns" / "adapters" / job.job_id).exists()
+
+
 async def test_full_rehearsal_replaces_the_rehearsed_adapters_and_forgetting_reaches_it(
     env, tmp_path, memory_redis_url
 ):

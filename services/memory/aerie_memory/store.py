@@ -493,7 +493,9 @@ class MemoryStore:
                 if not matches:
                     raise LookupError(f"no version {shown(version_id)} in namespace {namespace!r}")
                 target = matches[0]
-            forgotten = await self._forgotten_in(namespace, target)
+            forgotten = sorted(
+                {doc_id for doc_id, _ in await self.forgotten_pairs(namespace, target.adapters)}
+            )
             if forgotten:
                 raise LookupError(
                     f"version {target.version} learned documents deleted since ({', '.join(map(shown, forgotten))}); "
@@ -510,24 +512,22 @@ class MemoryStore:
             if await self.swap_version(namespace, new, current):
                 return new
 
-    async def _forgotten_in(self, namespace: str, version: Version) -> list[str]:
-        """Ids of the documents ``version`` learned or rehearsed whose text was deleted since:
-        not sent again, or held by an adapter erased when it was forgotten."""
-        if not version.adapters:
-            return []
+    async def forgotten_pairs(self, namespace: str, adapters: list[dict]) -> set[tuple[str, str]]:
+        """The (doc id, content hash) pairs ``adapters`` learned or rehearsed whose text was
+        deleted since: not sent again, or held by an adapter erased when it was forgotten."""
+        if not adapters:
+            return set()
         async with self.r.pipeline(transaction=False) as pipe:
             pipe.smembers(_k("ns", namespace, "forgotten"))
             pipe.hkeys(_k("ns", namespace, "hashes"))
             pipe.smembers(_k("ns", namespace, "erased"))
             forgotten, live, erased = ({_s(v) for v in values} for values in await pipe.execute())
-        return sorted(
-            {
-                doc_id
-                for a in version.adapters
-                for doc_id, h in (*a["docs"], *a.get("replayed_docs", []))
-                if h in forgotten and (h not in live or a["id"] in erased)
-            }
-        )
+        return {
+            (doc_id, h)
+            for a in adapters
+            for doc_id, h in (*a["docs"], *a.get("replayed_docs", []))
+            if h in forgotten and (h not in live or a["id"] in erased)
+        }
 
     # --- stats -----------------------------------------------------------------------------
 

@@ -174,10 +174,15 @@ class JobProcessor:
         while True:
             current = await self.store.current_version(ns)
             current_id = current.version if current else ""
+            if new_adapter is not None:
+                new_adapter = await self._without_forgotten(job, new_adapter)
             # Adapters whose every live reflection the new adapter rehearsed leave the merge:
-            # it knows all they know, and averaging it with them would only dilute it.
-            superseded = set(new_adapter.get("supersedes", [])) if new_adapter else set()
-            adapters = [a for a in (current.adapters if current else []) if a["id"] not in superseded]
+            # it knows all they know, and averaging it with them would only dilute it. So do
+            # their retrained successors ("<id>~<forget job>", which hold less).
+            superseded = {s.split("~")[0] for s in (new_adapter.get("supersedes", []) if new_adapter else [])}
+            adapters = [
+                a for a in (current.adapters if current else []) if a["id"].split("~")[0] not in superseded
+            ]
             adapters = await self._forget(job, adapters)
             if new_adapter is not None and all(a["id"] != new_adapter["id"] for a in adapters):
                 adapters.append(new_adapter)
@@ -199,10 +204,22 @@ class JobProcessor:
                 return version
             log.info("%s: version changed while merging; merging again", job.job_id)
 
+    async def _without_forgotten(self, job: JobState, adapter: dict) -> dict | None:
+        """The job's new ``adapter``, retrained (or dropped) without what it learned or
+        rehearsed of documents deleted while it trained: another worker's forget job may
+        have run meanwhile, and merged it would serve them again."""
+        stale = await self.store.forgotten_pairs(job.namespace, [adapter])
+        if not stale:
+            return adapter
+        log.info("%s: %d documents were deleted while it trained; unlearning them", job.job_id, len(stale))
+        kept = await self._forget(job, [adapter], stale)
+        shutil.rmtree(adapter_dir(self.root, job.namespace, adapter["id"]), ignore_errors=True)
+        return kept[0] if kept else None
+
     async def _erase(self, job: JobState, served: Version | None) -> None:
         """What was learned from a forgotten text leaves the disk and Redis too: the earlier
         versions' adapters that learned or rehearsed it lose their weights and reflections
-        (marked erased first, so that no rollback reaches for them: store._forgotten_in),
+        (marked erased first, so that no rollback reaches for them: store.forgotten_pairs),
         and the jobs' stored reflections those citing it."""
         gone = {(f["doc_id"], f["hash"]) for f in job.forget}
         kept = {a["id"] for a in served.adapters} if served else set()
@@ -395,14 +412,16 @@ class JobProcessor:
 
         return Rehearsal(adopted, replayed, docs_of(adopted), docs_of(replayed), supersedes)
 
-    async def _forget(self, job: JobState, adapters: list[dict]) -> list[dict]:
-        """Adapters holding a forgotten (doc id, hash), learned or rehearsed, are retrained
-        without the reflections citing it, or dropped when none of their own is left
-        (store.forgetting)."""
-        if not job.forget:
+    async def _forget(
+        self, job: JobState, adapters: list[dict], gone: set[tuple[str, str]] | None = None
+    ) -> list[dict]:
+        """Adapters holding a forgotten (doc id, hash) (``gone``; default: the job's),
+        learned or rehearsed, are retrained without the reflections citing it, or dropped
+        when none of their own is left (store.forgetting)."""
+        gone = {(f["doc_id"], f["hash"]) for f in job.forget} if gone is None else gone
+        if not gone:
             return adapters
-        gone = {(f["doc_id"], f["hash"]) for f in job.forget}
-        gone_ids = {f["doc_id"] for f in job.forget}
+        gone_ids = {doc_id for doc_id, _ in gone}
         out = []
         affected = [a for a in adapters if forgetting(a, gone) != "keep"]
         if affected:
@@ -423,6 +442,7 @@ class JobProcessor:
                     "reflections": len(own),
                     "replayed_docs": [d for d in adapter.get("replayed_docs", []) if tuple(d) not in gone],
                     "replayed": len(replayed),
+                    "supersedes": adapter.get("supersedes", []),
                 }
                 out.append(await self._train_adapter(job.job_id, job.namespace, record, own + replayed))
             # (a retrained adapter's progress was its training's)
