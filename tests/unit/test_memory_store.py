@@ -148,6 +148,7 @@ async def test_documents_are_listed_by_page_and_read_back(env):
     assert "text" not in page[0] and page[0]["metadata"] == third.metadata  # as sent: typed
     assert page[0]["characters"] == len(third.text)
     assert (await store.namespace_stats("ns"))["chunks"] == 3
+    assert await client.hget("aerie:mem:doc:ns:b-third", "text") is None  # the text is kept once, by hash
     # stored before session 42: no character count, the chunks' texts in place of their count
     await client.hdel("aerie:mem:doc:ns:b-third", "characters")
     await client.hset("aerie:mem:doc:ns:b-third", "chunks", json.dumps(["Bram Oult", "is a cooper."]))

@@ -8,9 +8,9 @@ Keys (all under ``aerie:mem:``):
 - ``ns:{ns}:hashes``                  hash content hash -> doc id (dedup)
 - ``ns:{ns}:forgotten``               set of content hashes deleted (no rollback serves them again)
 - ``ns:{ns}:erased``                  set of adapter ids whose weights were erased by forgetting
-- ``doc:{ns}:{id}``                   hash text, characters, metadata (json), hash, job_id, chunks
-                                      (how many; before session 42 the chunks' json list)
-- ``text:{ns}:{hash}``                the text a job learns, until deleted or replaced
+- ``doc:{ns}:{id}``                   hash characters, metadata (json), hash, job_id, chunks (how
+                                      many); before session 42 also its text and the chunks' json list
+- ``text:{ns}:{hash}``                a document's text, which jobs learn, until deleted or replaced
 - ``ns:{ns}:jobs``                    list of job ids, oldest first
 - ``job:{id}``                        hash: the job's state (see ``Job`` in memory.proto)
 - ``job:{id}:reflections``            json list of the job's reflections (with provenance), less
@@ -206,7 +206,6 @@ class MemoryStore:
                         pipe.hset(
                             _k("doc", namespace, doc.id),
                             mapping={
-                                "text": doc.text,
                                 "characters": len(doc.text),
                                 "metadata": json.dumps(doc.metadata),
                                 "hash": h,
@@ -214,8 +213,8 @@ class MemoryStore:
                                 "chunks": len(chunk_text(doc.text, chunk_chars)),
                             },
                         )
-                        # The exact text a job learns, under its hash: a job still queued
-                        # learns the text it was given (or none, once replaced or deleted).
+                        # The document's text, under its hash: a job still queued learns the
+                        # text it was given (or none, once replaced or deleted).
                         pipe.set(_k("text", namespace, h), doc.text)
                     pipe.hset(_k("job", job.job_id), mapping=job.to_redis())
                     pipe.rpush(_k("ns", namespace, "jobs"), job.job_id)
@@ -369,7 +368,7 @@ class MemoryStore:
     async def _described(self, namespace: str, doc_ids: list[str], with_text: bool) -> list[dict[str, Any]]:
         current = await self.current_version(namespace)
         learned = {tuple(d) for a in (current.adapters if current else []) for d in a["docs"]}
-        fields = ("hash", "characters", "metadata", "job_id", "chunks", *(("text",) if with_text else ()))
+        fields = ("hash", "characters", "metadata", "job_id", "chunks")
         async with self.r.pipeline(transaction=False) as pipe:
             for doc_id in doc_ids:
                 pipe.hmget(_k("doc", namespace, doc_id), fields)
@@ -378,9 +377,10 @@ class MemoryStore:
         for doc_id, row in zip(doc_ids, rows, strict=True):
             if row[0] is None:  # deleted between the listing and this read
                 continue
-            h, characters, metadata, job_id, chunks, *text = (_s(v) if v is not None else "" for v in row)
+            h, characters, metadata, job_id, chunks = (_s(v) if v is not None else "" for v in row)
+            text = (await self.text_of(namespace, h) or "") if with_text or not characters else None
             if not characters:  # stored before it was kept: counted from the text (a listing reads none)
-                characters = len(text[0] if text else await self.text_of(namespace, h) or "")
+                characters = len(text)
             described.append(
                 {
                     "id": doc_id,
@@ -390,7 +390,7 @@ class MemoryStore:
                     "chunks": _chunk_count(chunks),
                     "job_id": job_id,
                     "learned": (doc_id, h) in learned,
-                    **({"text": text[0]} if with_text else {}),
+                    **({"text": text} if with_text else {}),
                 }
             )
         return described
