@@ -63,13 +63,18 @@ class IngestOutcome:
     statuses: list[tuple[str, str]]
 
 
+def held(adapter: dict) -> set[tuple[str, str]]:
+    """The (doc id, content hash) of every document an adapter learned or rehearsed."""
+    return {(doc_id, h) for doc_id, h in (*adapter["docs"], *adapter.get("replayed_docs", []))}
+
+
 def forgetting(adapter: dict, gone: set[tuple[str, str]]) -> str:
     """What forgetting the documents ``gone`` ((id, hash)) does to an adapter of a version:
     "keep" (it holds none of them), "drop" (every document it learned is gone; what it
     rehearsed lives on in the adapters that learned it) or "retrain" (on its reflections
     minus those citing them)."""
     own = {tuple(d) for d in adapter["docs"]}
-    if not (own | {tuple(d) for d in adapter.get("replayed_docs", [])}) & gone:
+    if not held(adapter) & gone:
         return "keep"
     return "drop" if own <= gone else "retrain"
 
@@ -118,6 +123,10 @@ class JobState:
     train_loss: float = 0.0
     replayed_examples: int = 0
     superseded_adapters: int = 0  # served adapters the new one rehearsed in full, merged no more
+
+    def forgotten(self) -> set[tuple[str, str]]:
+        """The (doc id, content hash) this job unlearns."""
+        return {(f["doc_id"], f["hash"]) for f in self.forget}
 
     def to_redis(self) -> dict[str, str]:
         out = {}
@@ -247,11 +256,7 @@ class MemoryStore:
                     removed = [
                         (i, known[i]) for i in (sorted(known) if doc_ids is None else doc_ids) if i in known
                     ]
-                    learned = {
-                        (i, h)
-                        for a in (served.adapters if served else [])
-                        for i, h in (*a["docs"], *a.get("replayed_docs", []))
-                    }
+                    learned = set().union(*map(held, served.adapters if served else []))
                     gone = removed + sorted(learned - set(removed))
                     if not gone:
                         await pipe.reset()
@@ -525,7 +530,7 @@ class MemoryStore:
         return {
             (doc_id, h)
             for a in adapters
-            for doc_id, h in (*a["docs"], *a.get("replayed_docs", []))
+            for doc_id, h in held(a)
             if h in forgotten and (h not in live or a["id"] in erased)
         }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +59,8 @@ def parse_metadata(raw: str, param: str) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise InvalidInput(f"{param} must be a JSON object", param)
     for key, value in metadata.items():
-        if (
-            not isinstance(value, str | int | float)
-            or value != value
-            or value in (float("inf"), float("-inf"))
+        if not isinstance(value, str | int | float) or (
+            isinstance(value, float) and not math.isfinite(value)
         ):
             raise InvalidInput(
                 f"{param}.{key} must be a string, a finite number or a boolean", f"{param}.{key}"

@@ -47,7 +47,7 @@ from aerie_memory.generator import make_generator
 from aerie_memory.models import adapter_dir, load_base, load_reflections, save_reflections, write_version
 from aerie_memory.reflection import Reflection, ReflectionConfig, SourceDocument, synthesize
 from aerie_memory.settings import MemorySettings
-from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s, forgetting
+from aerie_memory.store import GROUP, STREAM, JobState, MemoryStore, Version, _s, forgetting, held
 from aerie_memory.training import (
     TrainConfig,
     adapter_meta,
@@ -221,7 +221,7 @@ class JobProcessor:
         versions' adapters that learned or rehearsed it lose their weights and reflections
         (marked erased first, so that no rollback reaches for them: store.forgotten_pairs),
         and the jobs' stored reflections those citing it."""
-        gone = {(f["doc_id"], f["hash"]) for f in job.forget}
+        gone = job.forgotten()
         kept = {a["id"] for a in served.adapters} if served else set()
         holding = sorted(
             {
@@ -378,7 +378,7 @@ class JobProcessor:
         questions_of: dict[str, set[str]] = {}
         for adapter in current.adapters:
             live = {}
-            for doc_id, h in adapter["docs"] + adapter.get("replayed_docs", []):
+            for doc_id, h in held(adapter):
                 if doc_id not in exclude and await self.store.active_hash(job.namespace, doc_id) == h:
                     live[doc_id] = h
             questions_of[adapter["id"]] = set()
@@ -418,7 +418,7 @@ class JobProcessor:
         """Adapters holding a forgotten (doc id, hash) (``gone``; default: the job's),
         learned or rehearsed, are retrained without the reflections citing it, or dropped
         when none of their own is left (store.forgetting)."""
-        gone = {(f["doc_id"], f["hash"]) for f in job.forget} if gone is None else gone
+        gone = job.forgotten() if gone is None else gone
         if not gone:
             return adapters
         gone_ids = {doc_id for doc_id, _ in gone}
