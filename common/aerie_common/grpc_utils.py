@@ -86,6 +86,22 @@ def insecure_channel(addr: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 
+# The request field an INVALID_ARGUMENT is about ("documents[2].text"), carried in the
+# trailing metadata, so that the gateway's OpenAI error envelope names it in `param`.
+PARAM_METADATA_KEY = "aerie-param"
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, message: str, param: str | None) -> None:
+    """End the call with INVALID_ARGUMENT: ``message`` for the client, naming ``param``."""
+    metadata = ((PARAM_METADATA_KEY, param),) if param else ()
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=metadata)
+
+
+def invalid_param(error: grpc.aio.AioRpcError) -> str | None:
+    """The field ``abort_invalid`` named, if any."""
+    return dict(error.trailing_metadata() or ()).get(PARAM_METADATA_KEY)
+
+
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """The standard gRPC health service (grpc.health.v1), written here rather than taken
     from grpc_health because its Watch streams never end: one watcher would hold

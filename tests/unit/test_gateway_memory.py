@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from aerie_common.grpc_utils import PARAM_METADATA_KEY
 from aerie_common.memory_limits import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS
 from aerie_gateway.app import create_app
 from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
@@ -37,6 +38,8 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
     def Ingest(self, request, context):
         self.ingested = list(request.documents)
         if len(request.documents) > 2:
+            # as the memory service refuses it (aerie_common.grpc_utils.abort_invalid)
+            context.set_trailing_metadata(((PARAM_METADATA_KEY, "documents"),))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "3 documents in one request; the limit is 2")
         statuses = [
             memory_pb2.DocumentStatus(id=d.id, status="duplicate" if d.text == "known" else "accepted")
@@ -312,6 +315,7 @@ async def test_service_side_limit_is_400(app):
             await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs}),
             400,
             "invalid_request_error",
+            "documents",
         )
     assert "limit is 2" in error["message"]
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from aerie_common.grpc_utils import invalid_param
 from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore
@@ -494,16 +495,29 @@ async def test_grpc_adapter(env, tmp_path):
             ]
             reply = await stub.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs))
             assert [d.status for d in reply.documents] == ["accepted", "accepted"]
-            for bad in (
-                memory_pb2.IngestRequest(namespace="bad ns", documents=docs),
-                memory_pb2.IngestRequest(namespace="g", documents=docs * 2),
-                memory_pb2.IngestRequest(
-                    namespace="g", documents=[memory_pb2.Document(id="x", text="y" * 201)]
+            for bad, param in (
+                (memory_pb2.IngestRequest(namespace="bad ns", documents=docs), "namespace"),
+                (memory_pb2.IngestRequest(namespace="g", documents=docs * 2), "documents"),
+                (
+                    memory_pb2.IngestRequest(
+                        namespace="g", documents=[memory_pb2.Document(id="x", text="y" * 201)]
+                    ),
+                    "documents[0].text",
+                ),
+                (
+                    memory_pb2.IngestRequest(
+                        namespace="g", documents=[memory_pb2.Document(id="x", text="y", metadata_json="[1]")]
+                    ),
+                    "documents[0].metadata",
                 ),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Ingest(bad)
-                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                # the field refused travels with the error, for the gateway's `param`
+                assert (err.value.code(), invalid_param(err.value)) == (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    param,
+                )
             job = await stub.GetJob(memory_pb2.GetJobRequest(job_id=reply.job_id))
             assert (job.status, job.namespace, list(job.document_ids)) == ("queued", "g", ["mira", "tarn"])
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -648,27 +662,33 @@ async def _documents_read_back(stub, learned_job: str) -> None:
     assert [d.id for d in page.documents] == [unnamed.documents[0].id] and page.next_after
     names = await stub.ListNamespaces(memory_pb2.ListNamespacesRequest())
     assert [(n.namespace, n.documents, n.current_version) for n in names.namespaces] == [("g", 3, "v0001")]
-    for method, request, code in (
-        (stub.ListDocuments, memory_pb2.ListDocumentsRequest(namespace="nowhere"), grpc.StatusCode.NOT_FOUND),
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    for method, request, code, param in (
         (
             stub.ListDocuments,
-            memory_pb2.ListDocumentsRequest(namespace="g", limit=1001),
-            grpc.StatusCode.INVALID_ARGUMENT,
+            memory_pb2.ListDocumentsRequest(namespace="nowhere"),
+            grpc.StatusCode.NOT_FOUND,
+            None,
         ),
-        (
-            stub.ListDocuments,
-            memory_pb2.ListDocumentsRequest(namespace="bad ns"),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
+        (stub.ListDocuments, memory_pb2.ListDocumentsRequest(namespace="g", limit=1001), invalid, "limit"),
+        (stub.ListDocuments, memory_pb2.ListDocumentsRequest(namespace="bad ns"), invalid, "namespace"),
         (
             stub.GetDocument,
             memory_pb2.GetDocumentRequest(namespace="g", document_id="nobody"),
             grpc.StatusCode.NOT_FOUND,
+            None,
+        ),
+        (stub.Query, memory_pb2.QueryRequest(namespace="g", question=" "), invalid, "question"),
+        (
+            stub.Query,
+            memory_pb2.QueryRequest(namespace="g", question="Who?", max_tokens=-1),
+            invalid,
+            "max_tokens",
         ),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await method(request)
-        assert err.value.code() == code
+        assert (err.value.code(), invalid_param(err.value)) == (code, param)
 
 
 def test_training_threads_are_every_free_core_or_the_configured_number(monkeypatch):

@@ -23,6 +23,7 @@ import re
 from typing import Annotated, Any
 
 import grpc
+from aerie_common.grpc_utils import invalid_param
 from aerie_common.memory_limits import (
     DEFAULT_DOCUMENTS_PAGE,
     MAX_ANSWER_TOKENS,
@@ -112,7 +113,7 @@ class RollbackBody(RequestBody):
 def memory_error(err: grpc.aio.AioRpcError) -> APIError:
     code, details = err.code(), err.details() or err.code().name
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return invalid_request(details)
+        return invalid_request(details, param=invalid_param(err))
     if code == grpc.StatusCode.NOT_FOUND:
         return APIError(404, details, "invalid_request_error", code="not_found")
     if code == grpc.StatusCode.FAILED_PRECONDITION:

@@ -21,7 +21,7 @@ import time
 
 import grpc
 import redis.asyncio as aioredis
-from aerie_common.grpc_utils import GrpcService
+from aerie_common.grpc_utils import GrpcService, abort_invalid
 from aerie_common.logs import setup_logging
 from aerie_common.memory_limits import (
     DEFAULT_DOCUMENTS_PAGE,
@@ -121,7 +121,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         try:
             return check(*args)
         except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort_invalid(context, str(exc), exc.param)
 
     async def Ingest(self, request, context):
         docs = [
@@ -253,9 +253,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
     async def ListDocuments(self, request, context):
         await self._check(context, check_namespace, request.namespace)
         if not 0 <= request.limit <= MAX_DOCUMENTS_PAGE:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"limit {request.limit} is out of range: 1 to {MAX_DOCUMENTS_PAGE}",
+            await abort_invalid(
+                context, f"limit {request.limit} is out of range: 1 to {MAX_DOCUMENTS_PAGE}", "limit"
             )
         if not await self.store.has_namespace(request.namespace):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no namespace {request.namespace!r}")
@@ -314,13 +313,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         await self._check(context, check_namespace, request.namespace)
         question = request.question.strip()
         if not question or len(question) > MAX_QUESTION_CHARS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"question must hold 1-{MAX_QUESTION_CHARS} characters"
-            )
+            await abort_invalid(context, f"question must hold 1-{MAX_QUESTION_CHARS} characters", "question")
         if not 0 <= request.max_tokens <= MAX_ANSWER_TOKENS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await abort_invalid(
+                context,
                 f"max_tokens must be 0 (the default) to {MAX_ANSWER_TOKENS}, got {request.max_tokens}",
+                "max_tokens",
             )
         started = time.monotonic()
         memory = await self._memory(request.namespace)
