@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from aerie_common.grpc_utils import invalid_param
 from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.settings import MemorySettings
-from aerie_memory.store import GROUP, STREAM, MemoryStore
+from aerie_memory.store import GROUP, STREAM, MemoryStore, held, sort_ingest
 from aerie_memory.text import IncomingDocument, content_hash, default_document_id
 from aerie_memory.training import IDK
 from aerie_memory.worker import JobProcessor, Worker
@@ -129,6 +129,53 @@ async def test_ingest_dedup_update_and_queue(env):
     assert len(entries) == 3
     stats = await store.namespace_stats("ns1")
     assert (stats["documents"], stats["jobs"], stats["current_version"]) == (2, 2, "")
+
+
+async def test_two_documents_swapping_texts_are_both_updates(env):
+    store, _, processor, _, _ = env
+    mira, tarn = DOCS
+    first = await store.ingest("ns", DOCS, 600)
+    assert (await processor.run(first.job_id)).status == "succeeded"
+    swap = await store.ingest(
+        "ns", [IncomingDocument("mira", tarn.text, {}), IncomingDocument("tarn", mira.text, {})], 600
+    )
+    assert swap.statuses == [("mira", "accepted"), ("tarn", "accepted")]
+    assert [(await store.document("ns", i))["text"] for i in ("mira", "tarn")] == [tarn.text, mira.text]
+    job = await store.get_job(swap.job_id)
+    assert job.forget == [
+        {"doc_id": "mira", "hash": content_hash(mira.text)},
+        {"doc_id": "tarn", "hash": content_hash(tarn.text)},
+    ]
+    assert job.documents == [
+        {"id": "mira", "hash": content_hash(tarn.text)},
+        {"id": "tarn", "hash": content_hash(mira.text)},
+    ]
+    # the served version learned each text under its new id, and nothing under the old
+    assert (await processor.run(swap.job_id)).status == "succeeded"
+    version = await store.current_version("ns")
+    assert set().union(*map(held, version.adapters)) == {
+        ("mira", content_hash(tarn.text)),
+        ("tarn", content_hash(mira.text)),
+    }
+    assert [(await store.document("ns", i))["learned"] for i in ("mira", "tarn")] == [True, True]
+
+
+def test_a_text_freed_in_the_same_request_is_accepted_however_the_releases_chain():
+    # c takes b's text, b takes a's, a takes a new one: listed so that each release comes
+    # after the document it frees
+    known_docs = {"a": "ha", "b": "hb", "c": "hc"}
+    known_hashes = {"ha": "a", "hb": "b", "hc": "c"}
+    request = [(IncomingDocument(i, "", {}), h) for i, h in (("c", "hb"), ("b", "ha"), ("a", "hn"))]
+    statuses, accepted, forget = sort_ingest(request, known_docs, known_hashes)
+    assert statuses == [("c", "accepted"), ("b", "accepted"), ("a", "accepted")]
+    assert forget == [{"doc_id": i, "hash": f"h{i}"} for i in ("c", "b", "a")]
+    # without a's new text nothing is freed: b's and c's texts are held, so duplicates
+    statuses, accepted, forget = sort_ingest(request[:2], known_docs, known_hashes)
+    assert (statuses, accepted, forget) == ([("c", "duplicate"), ("b", "duplicate")], [], [])
+    # a text sent twice is learned once, a known one under a new id is a duplicate
+    request = [(IncomingDocument(i, "", {}), h) for i, h in (("d", "hn"), ("e", "hn"), ("f", "ha"))]
+    statuses, _, forget = sort_ingest(request, known_docs, known_hashes)
+    assert (statuses, forget) == ([("d", "accepted"), ("e", "duplicate"), ("f", "duplicate")], [])
 
 
 async def test_documents_are_listed_by_page_and_read_back(env):

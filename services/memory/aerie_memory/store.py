@@ -63,6 +63,35 @@ class IngestOutcome:
     statuses: list[tuple[str, str]]
 
 
+def sort_ingest(
+    hashed: list[tuple[IncomingDocument, str]], known_docs: dict[str, str], known_hashes: dict[str, str]
+) -> tuple[list[tuple[str, str]], list[tuple[IncomingDocument, str]], list[dict[str, str]]]:
+    """A request's documents, each with its content hash, sorted against the namespace's
+    documents (id -> hash) and texts (hash -> id): (id, status) of each, the documents
+    accepted, and the (id, old hash) texts they replace. A text the namespace holds is a
+    duplicate, unless the document holding it is given another text in the same request
+    (two ids swapping texts). Every document given a new text is first taken to free its
+    old one, and those found duplicates free nothing, until that settles. A text sent twice
+    in the request is learned once."""
+    holder = {h: owner for h, owner in known_hashes.items() if known_docs.get(owner) == h}
+    # ids taken to be accepted with a new text, so that their old one is free
+    replaced = {doc.id for doc, h in hashed if known_docs.get(doc.id, h) != h}
+    while True:
+        statuses, accepted, seen = [], [], set()
+        for doc, h in hashed:
+            if (h in holder and holder[h] not in replaced) or h in seen:
+                statuses.append((doc.id, "duplicate"))
+                continue
+            seen.add(h)
+            statuses.append((doc.id, "accepted"))
+            accepted.append((doc, h))
+        updated = {doc.id for doc, _ in accepted if doc.id in known_docs}
+        if updated == replaced:
+            forget = [{"doc_id": i, "hash": known_docs[i]} for i, _ in statuses if i in updated]
+            return statuses, accepted, forget
+        replaced = updated
+
+
 def held(adapter: dict) -> set[tuple[str, str]]:
     """The (doc id, content hash) of every document an adapter learned or rehearsed."""
     return {(doc_id, h) for doc_id, h in (*adapter["docs"], *adapter.get("replayed_docs", []))}
@@ -179,19 +208,8 @@ class MemoryStore:
                     await pipe.watch(docs_key, hashes_key)
                     known_docs = {_s(k): _s(v) for k, v in (await pipe.hgetall(docs_key)).items()}
                     known_hashes = {_s(k): _s(v) for k, v in (await pipe.hgetall(hashes_key)).items()}
-                    statuses, accepted, forget = [], [], []
-                    seen_hashes: set[str] = set()
-                    for doc, h in hashed:
-                        owner = known_hashes.get(h)
-                        if (owner is not None and known_docs.get(owner) == h) or h in seen_hashes:
-                            statuses.append((doc.id, "duplicate"))
-                            continue
-                        seen_hashes.add(h)
-                        statuses.append((doc.id, "accepted"))
-                        accepted.append((doc, h))
-                        old = known_docs.get(doc.id)
-                        if old is not None:  # same id, new text: an update; unlearn the old text
-                            forget.append({"doc_id": doc.id, "hash": old})
+                    # same id, new text: an update, whose job unlearns the old text
+                    statuses, accepted, forget = sort_ingest(hashed, known_docs, known_hashes)
                     if not accepted:
                         await pipe.reset()
                         return IngestOutcome("", statuses)
