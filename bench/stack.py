@@ -57,8 +57,11 @@ def start_stack(
     data_dir: AERIE_DATA_DIR (default: the environment's, else data/bench); log_path:
     where the launcher's output goes (default: discarded)."""
     exit_on_sigterm()
-    # The verifier's and drafter's Prometheus ports too: other stacks may hold the defaults.
-    ports = {name: free_port() for name in (*SERVICES, "verifier_metrics", "drafter_metrics", "redis")}
+    # The services' Prometheus ports too: other stacks may hold the defaults.
+    ports = {
+        name: free_port()
+        for name in (*SERVICES, "verifier_metrics", "drafter_metrics", "memory_metrics", "redis")
+    }
     env = dict(os.environ)
     env.update({f"AERIE_{name.upper()}_PORT": str(port) for name, port in ports.items() if name != "redis"})
     env["AERIE_REDIS_URL"] = f"redis://127.0.0.1:{ports['redis']}/0"

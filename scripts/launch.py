@@ -134,6 +134,7 @@ def plan() -> tuple[list[Supervised], str]:
     # Prometheus /metrics of the gRPC services (0 turns one off); the gateway's is on its port.
     env.setdefault("AERIE_VERIFIER_METRICS_PORT", "9101")
     env.setdefault("AERIE_DRAFTER_METRICS_PORT", "9102")
+    env.setdefault("AERIE_MEMORY_METRICS_PORT", "9103")
     grace = verifier.drain_timeout_s + 5
     # appendfsync always: Redis writes and syncs the AOF before it answers, so what a client
     # was told is stored survives a kill -9. With everysec a slow disk lets Redis answer up

@@ -19,6 +19,7 @@ from tests.local_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK_START_TIMEOUT_S = 240
+METRICS_SERVICES = ("verifier", "drafter", "memory")  # each serves /metrics on a port of its own
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory) -> Stack:
-    names = ("gateway", "verifier", "drafter", "memory", "redis", "verifier_metrics", "drafter_metrics")
+    names = ("gateway", "verifier", "drafter", "memory", "redis", *(f"{s}_metrics" for s in METRICS_SERVICES))
     ports = {name: free_port() for name in names}
     env = dict(os.environ)
     env.update(
@@ -71,8 +72,7 @@ def stack(tmp_path_factory) -> Stack:
         AERIE_VERIFIER_PORT=str(ports["verifier"]),
         AERIE_DRAFTER_PORT=str(ports["drafter"]),
         AERIE_MEMORY_PORT=str(ports["memory"]),
-        AERIE_VERIFIER_METRICS_PORT=str(ports["verifier_metrics"]),
-        AERIE_DRAFTER_METRICS_PORT=str(ports["drafter_metrics"]),
+        **{f"AERIE_{s.upper()}_METRICS_PORT": str(ports[f"{s}_metrics"]) for s in METRICS_SERVICES},
         AERIE_REDIS_URL=f"redis://127.0.0.1:{ports['redis']}/0",
         AERIE_DATA_DIR=str(tmp_path_factory.mktemp("aerie-data")),
         AERIE_API_KEYS="",

@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.test_stack_metrics import scrape
+
 pytestmark = pytest.mark.integration
 
 NS = "itest"
@@ -131,6 +133,11 @@ def test_memory_learns_survives_kill_and_answers(stack):
         assert time.monotonic() < deadline
         time.sleep(1)
     assert job["status"] == "succeeded", job
+    # The memory's own metrics count both jobs (and the worker killed mid-job lost none).
+    samples = scrape(stack, "memory")
+    for kind in ("ingest", "forget"):
+        assert samples[("aerie:memory_jobs_finished_total", (("kind", kind), ("status", "succeeded")))] >= 1
+    assert samples[("aerie:memory_documents_ingested_total", (("status", "accepted"),))] >= 1
     stats = httpx.get(f"{url}/memory/namespaces/{NS}", timeout=30).json()
     assert (
         stats["current_version"] == job["model_version"] and stats["versions"][-1].get("adapters", []) == []

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -897,16 +898,33 @@ def test_docs_settings_exist():
 
 
 def test_docs_metrics_exist():
+    from aerie_common.metrics import registry_for
     from aerie_gateway.metrics import GatewayMetrics
+    from aerie_memory.metrics import MemoryCollector
+    from aerie_memory.models import MemoryCache
 
+    class OneJob:  # the memory's Redis, as its collector reads it
+        def xinfo_groups(self, stream):
+            return []
+
+        def hgetall(self, key):
+            return {b"ingest:succeeded:count": b"1", b"ingest:succeeded:seconds": b"9.5"}
+
+    servicer = SimpleNamespace(
+        queries={True: 0, False: 0},
+        query_seconds=0.0,
+        documents_ingested={"accepted": 0},
+        cache=MemoryCache(1),
+    )
     exported = set()
-    for family in GatewayMetrics().registry.collect():
-        exported.add(family.name)
-        exported.update(sample.name for sample in family.samples)
+    for registry in (GatewayMetrics().registry, registry_for(MemoryCollector(servicer, OneJob()))):
+        for family in registry.collect():
+            exported.add(family.name)
+            exported.update(sample.name for sample in family.samples)
     named = set(re.findall(r"aerie:[a-z0-9_]+", docs_text()))
-    assert {"aerie:num_requests_waiting", "aerie:num_requests_running"} <= named
+    assert {"aerie:num_requests_waiting", "aerie:memory_jobs_waiting"} <= named
     assert not named - exported, (
-        f"docs/deploy.md names metrics the gateway does not export: {named - exported}"
+        f"docs/deploy.md names metrics the gateway and memory do not export: {named - exported}"
     )
 
 

@@ -11,9 +11,12 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+import redis
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import invalid_param
+from aerie_common.metrics import registry_for
 from aerie_memory.__main__ import MemoryServicer
+from aerie_memory.metrics import MemoryCollector
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore, held, sort_ingest
 from aerie_memory.text import IncomingDocument, content_hash, default_document_id
@@ -511,6 +514,39 @@ async def test_a_finished_job_lets_its_heartbeat_claim_finish(tmp_path):
 class TinyServicer(MemoryServicer):
     def _base_loader(self):
         return tiny_base()
+
+
+async def test_metrics_count_ingests_queries_and_finished_jobs(env, memory_redis_url):
+    store, settings, processor, _, _ = env
+    servicer = TinyServicer(settings, store)
+    registry = registry_for(MemoryCollector(servicer, redis.Redis.from_url(memory_redis_url)))
+    value = registry.get_sample_value
+    docs = [memory_pb2.Document(id=d.id, text=d.text) for d in DOCS]
+    reply = await servicer.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs), None)
+    await servicer.Ingest(memory_pb2.IngestRequest(namespace="g", documents=docs[:1]), None)
+    assert [
+        value("aerie:memory_documents_ingested_total", {"status": s}) for s in ("accepted", "duplicate")
+    ] == [2, 1]
+    assert value("aerie:memory_jobs_waiting", {"state": "queued"}) == 1
+    assert (await processor.run(reply.job_id)).status == "succeeded"
+    # a failed forget job, counted apart
+    forget = await store.delete_document("g", "tarn")
+    await store.finish_job(await store.get_job(forget[0]), "failed", errors=["broken"])
+    assert (await store.get_job(forget[0])).errors == ["broken"]
+    for kind, status in (("ingest", "succeeded"), ("forget", "failed")):
+        labels = {"kind": kind, "status": status}
+        assert value("aerie:memory_jobs_finished_total", labels) == 1
+        assert value("aerie:memory_job_seconds_count", labels) == 1
+        assert value("aerie:memory_job_seconds_sum", labels) > 0
+    for question in ("What does Mira Vell collect?", "Who is Quentin Abernathy?"):
+        await servicer.Query(memory_pb2.QueryRequest(namespace="g", question=question), None)
+    assert value("aerie:memory_queries_total", {"knows": "false"}) >= 1
+    assert sum(value("aerie:memory_queries_total", {"knows": k}) for k in ("true", "false")) == 2
+    assert value("aerie:memory_query_seconds_count") == 2 and value("aerie:memory_models_loaded") == 1
+    # Redis away: the job metrics are left out, the process's own still come
+    down = registry_for(MemoryCollector(servicer, redis.Redis(port=free_port(), socket_timeout=0.5)))
+    assert down.get_sample_value("aerie:memory_jobs_waiting", {"state": "queued"}) is None
+    assert down.get_sample_value("aerie:memory_query_seconds_count") == 2
 
 
 async def test_a_query_racing_a_forget_loads_the_version_it_served(env):

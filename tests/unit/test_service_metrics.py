@@ -30,6 +30,7 @@ from aerie_drafter.server import DrafterServicer
 from aerie_drafter.settings import DrafterSettings
 from aerie_gateway.app import create_app
 from aerie_gateway.settings import GatewaySettings
+from aerie_memory.settings import MemorySettings
 from aerie_proto.v1 import drafter_pb2_grpc, verifier_pb2_grpc
 from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFactory
 from aerie_verifier.engine import Engine
@@ -412,6 +413,7 @@ def test_an_in_process_drafter_exports_what_its_context_branch_added(target, hea
 METRICS_SETTINGS = {
     "verifier": ("AERIE_VERIFIER_METRICS_PORT", "verifier_metrics_port", VerifierSettings),
     "drafter": ("AERIE_DRAFTER_METRICS_PORT", "drafter_metrics_port", DrafterSettings),
+    "memory": ("AERIE_MEMORY_METRICS_PORT", "memory_metrics_port", MemorySettings),
 }
 
 
@@ -430,7 +432,7 @@ def test_launcher_turns_metrics_on_unless_told_otherwise(tmp_path, monkeypatch):
         monkeypatch.delenv(env_name, raising=False)
     procs, _ = launch.plan()
     defaults = {name: procs[0].env[name] for name, _, _ in METRICS_SETTINGS.values()}
-    assert all(int(port) > 0 for port in defaults.values()) and len(set(defaults.values())) == 2
+    assert all(int(port) > 0 for port in defaults.values()) and len(set(defaults.values())) == len(defaults)
     # Stacks started beside another (tests, benchmarks) pick their own; 0 turns them off.
     monkeypatch.setenv("AERIE_VERIFIER_METRICS_PORT", "0")
     procs, _ = launch.plan()
@@ -453,10 +455,12 @@ def test_kubernetes_containers_expose_and_annotate_the_metrics_ports():
         port = int(setting(container_env(resources, container), env_name))
         metrics_ports = [p for n, p in container_ports(container).items() if n.endswith("metrics")]
         assert metrics_ports == [port], name
-    workload, verifier = containers["verifier"]
-    annotations = workload["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/path"] == "/metrics"
-    assert int(annotations["prometheus.io/port"]) == int(
-        setting(container_env(resources, verifier), "AERIE_VERIFIER_METRICS_PORT")
-    )
+    # one annotated port per pod: the verifier's (its drafter sidecar's is found by name)
+    for name in ("verifier", "memory"):
+        workload, container = containers[name]
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert int(annotations["prometheus.io/port"]) == int(
+            setting(container_env(resources, container), METRICS_SETTINGS[name][0])
+        )

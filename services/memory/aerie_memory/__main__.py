@@ -20,6 +20,7 @@ import sys
 import time
 
 import grpc
+import redis
 import redis.asyncio as aioredis
 from aerie_common.grpc_utils import GrpcService, abort_invalid
 from aerie_common.logs import setup_logging
@@ -29,11 +30,13 @@ from aerie_common.memory_limits import (
     MAX_DOCUMENTS_PAGE,
     MAX_QUESTION_CHARS,
 )
+from aerie_common.metrics import start_metrics_server
 from aerie_common.model_store import pick_device, resolve_model_dir
 from aerie_common.redis_client import connect
 from aerie_common.torch_threads import compute_thread, set_torch_threads
 from aerie_proto.v1 import memory_pb2, memory_pb2_grpc
 
+from aerie_memory.metrics import MemoryCollector
 from aerie_memory.models import (
     MemoryCache,
     attribute_sources,
@@ -114,6 +117,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.cache = MemoryCache(settings.memory_loaded_models)
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
         self.compute = compute_thread("memory-compute")
+        # Counts for /metrics (aerie_memory.metrics)
+        self.queries = {True: 0, False: 0}  # by whether the memory knew
+        self.query_seconds = 0.0
+        self.documents_ingested = {"accepted": 0, "duplicate": 0}
 
     async def _check(self, context, check, *args):
         """Run an input ``check`` (its result returned): what it refuses is the caller's to
@@ -136,6 +143,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         limits = (self.settings.memory_max_documents, self.settings.memory_max_document_chars)
         await self._check(context, check_documents, docs, *limits)
         outcome = await self.store.ingest(request.namespace, docs, self.settings.memory_chunk_chars)
+        for _, status in outcome.statuses:
+            self.documents_ingested[status] += 1
         log.info(
             "ingest %s: %d documents, job %s",
             request.namespace,
@@ -310,6 +319,12 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         return loaded
 
     async def Query(self, request, context):
+        reply = await self._query(request, context)
+        self.queries[reply.knows] += 1
+        self.query_seconds += reply.seconds
+        return reply
+
+    async def _query(self, request, context):
         await self._check(context, check_namespace, request.namespace)
         question = request.question.strip()
         if not question or len(question) > MAX_QUESTION_CHARS:
@@ -410,6 +425,10 @@ async def serve(settings: MemorySettings) -> None:
     servicer = MemoryServicer(settings, store)
     service = GrpcService(lambda s: memory_pb2_grpc.add_MemoryServicer_to_server(servicer, s), [SERVICE_NAME])
     port = await service.start(settings.memory_host, settings.memory_port)
+    metrics_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+    start_metrics_server(
+        MemoryCollector(servicer, metrics_client), settings.memory_host, settings.memory_metrics_port
+    )
     log.info("serving on %s:%d (redis %s)", settings.memory_host, port, settings.redis_url)
     watcher = asyncio.create_task(watch_redis(service, client))
     supervisor = WorkerSupervisor()

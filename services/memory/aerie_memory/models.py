@@ -260,6 +260,9 @@ class MemoryCache:
             self._items.move_to_end(namespace)
             return item
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put(self, namespace: str, memory: LoadedMemory) -> None:
         with self._lock:
             self._items[namespace] = memory

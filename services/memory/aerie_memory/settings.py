@@ -9,6 +9,8 @@ from pydantic import Field
 class MemorySettings(ServiceSettings, ThreadSettings):
     memory_host: str = "127.0.0.1"
     memory_port: int = 50053
+    # Prometheus metrics on http://AERIE_MEMORY_HOST:PORT/metrics; 0 turns them off.
+    memory_metrics_port: int = 0
 
     # --- ingestion limits (bad input is INVALID_ARGUMENT, HTTP 400 at the gateway) -------
     memory_max_documents: int = 64  # documents per ingest request

@@ -40,6 +40,9 @@ from aerie_memory.text import IncomingDocument, chunk_text, content_hash, shown
 P = "aerie:mem:"
 STREAM = P + "jobs"
 GROUP = "workers"
+# Finished jobs, for the service's metrics (aerie_memory.metrics): "{kind}:{status}:count"
+# and "{kind}:{status}:seconds" (from queueing to the end)
+JOB_METRICS = P + "metrics:jobs"
 _JSON_FIELDS = ("errors", "document_ids", "documents", "forget", "step_yields")
 
 
@@ -90,6 +93,11 @@ def sort_ingest(
             forget = [{"doc_id": i, "hash": known_docs[i]} for i, _ in statuses if i in updated]
             return statuses, accepted, forget
         replaced = updated
+
+
+def _job_fields(**fields: Any) -> dict[str, str]:
+    """A job's fields as its Redis hash holds them."""
+    return {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in fields.items()}
 
 
 def held(adapter: dict) -> set[tuple[str, str]]:
@@ -425,8 +433,20 @@ class MemoryStore:
         return JobState.from_redis(raw) if raw else None
 
     async def update_job(self, job_id: str, **fields: Any) -> None:
-        mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in fields.items()}
-        await self.r.hset(_k("job", job_id), mapping=mapping)
+        await self.r.hset(_k("job", job_id), mapping=_job_fields(**fields))
+
+    async def finish_job(self, job: JobState, status: str, **fields: Any) -> None:
+        """End ``job`` with ``status`` (succeeded, failed) and ``fields``, counted once in
+        the service's metrics."""
+        finished_at = time.time()
+        metric = f"{job.kind}:{status}"
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                _k("job", job.job_id), mapping=_job_fields(status=status, finished_at=finished_at, **fields)
+            )
+            pipe.hincrby(JOB_METRICS, f"{metric}:count", 1)
+            pipe.hincrbyfloat(JOB_METRICS, f"{metric}:seconds", finished_at - job.created_at)
+            await pipe.execute()
 
     async def save_reflections(self, job_id: str, reflections: list[dict], step_yields: list[dict]) -> None:
         async with self.r.pipeline(transaction=True) as pipe:

@@ -126,16 +126,9 @@ class JobProcessor:
         except Exception as exc:
             log.exception("%s failed", job_id)
             job = await self.store.get_job(job_id)
-            await self.store.update_job(
-                job_id,
-                status="failed",
-                errors=[*job.errors, f"{type(exc).__name__}: {exc}"],
-                finished_at=time.time(),
-            )
+            await self.store.finish_job(job, "failed", errors=[*job.errors, f"{type(exc).__name__}: {exc}"])
             return await self.store.get_job(job_id)
-        await self.store.update_job(
-            job_id, status="succeeded", stage="done", model_version=version, finished_at=time.time()
-        )
+        await self.store.finish_job(job, "succeeded", stage="done", model_version=version)
         return await self.store.get_job(job_id)
 
     async def _stage(self, job_id: str, stage: str, total: int = 0) -> None:
