@@ -35,7 +35,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
 
-from aerie_memory.text import IncomingDocument, chunk_text, content_hash, shown
+from aerie_memory.text import IncomingDocument, chunk_text, shown
 
 P = "aerie:mem:"
 STREAM = P + "jobs"
@@ -209,7 +209,7 @@ class MemoryStore:
         self, namespace: str, documents: list[IncomingDocument], chunk_chars: int
     ) -> IngestOutcome:
         docs_key, hashes_key = _k("ns", namespace, "docs"), _k("ns", namespace, "hashes")
-        hashed = [(doc, content_hash(doc.text)) for doc in documents]
+        hashed = [(doc, doc.hash) for doc in documents]
         while True:
             async with self.r.pipeline(transaction=True) as pipe:
                 try:

@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from aerie_common.entities import prose_sentences
@@ -47,6 +48,11 @@ class IncomingDocument:
     text: str
     metadata: dict[str, Any]  # scalars: str, int, float, bool
 
+    @cached_property
+    def hash(self) -> str:
+        """The text's ``content_hash``, worked out once."""
+        return content_hash(self.text)
+
 
 def parse_metadata(raw: str, param: str) -> dict[str, Any]:
     """A document's metadata from its JSON ("" is none): an object of scalars, kept as sent."""
@@ -84,8 +90,7 @@ def check_documents(documents: list[IncomingDocument], max_documents: int, max_c
                 f"documents[{i}].id {shown(doc.id)} is invalid: 1-128 characters from A-Z a-z 0-9 _ . : / -",
                 f"documents[{i}].id",
             )
-        h = content_hash(doc.text)
-        if seen.setdefault(doc.id, h) != h:
+        if seen.setdefault(doc.id, doc.hash) != doc.hash:
             raise InvalidInput(
                 f"documents[{i}].id {shown(doc.id)} appears twice in the request", f"documents[{i}].id"
             )
