@@ -264,6 +264,9 @@ async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
         rest = (await client.get("/memory/namespaces/ns/documents", params={"after": "a/b"})).json()
         assert [(d["id"], d["learned"]) for d in rest["documents"]] == [("c", False)]
         assert rest["next_after"] is None
+        # the same pages where the document routes are, the namespace in the query
+        by_query = await client.get("/memory/documents", params={"namespace": "ns", "limit": 1})
+        assert (by_query.status_code, by_query.json()) == (200, first.json())
 
         document = (await client.get("/memory/documents/a/b", params={"namespace": "ns"})).json()
         assert (document["text"], document["characters"], document["learned"]) == ("12345", 5, True)
@@ -275,6 +278,12 @@ async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
             (await client.get("/memory/namespaces/ns/documents", params={"limit": 1001}), 400, "query.limit"),
             (await client.get("/memory/documents/zz", params={"namespace": "ns"}), 404, None),
             (await client.get("/memory/documents/a/b"), 400, "query.namespace"),
+            (await client.get("/memory/documents"), 400, "query.namespace"),
+            (
+                await client.get("/memory/documents", params={"namespace": "ns", "limit": 0}),
+                400,
+                "query.limit",
+            ),
         ):
             assert_error(response, status, "invalid_request_error", param)
 

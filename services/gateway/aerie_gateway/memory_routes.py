@@ -151,6 +151,11 @@ def _document(message: memory_pb2.StoredDocument) -> dict[str, Any]:
     return document
 
 
+# A page of a namespace's documents: how many, and the id it starts after
+PageLimit = Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE)]
+PageAfter = Annotated[str, Query(max_length=128)]
+
+
 def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     """Every route is authenticated and rate-limited (admitted_key), and checks that the
     caller's key may use the namespace the request names."""
@@ -235,11 +240,21 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
 
     @router.get("/namespaces/{namespace}/documents")
     async def list_documents(
-        namespace: str,
-        key: AdmittedKey,
-        limit: Annotated[int, Query(ge=1, le=MAX_DOCUMENTS_PAGE)] = DEFAULT_DOCUMENTS_PAGE,
-        after: Annotated[str, Query(max_length=128)] = "",
+        namespace: str, key: AdmittedKey, limit: PageLimit = DEFAULT_DOCUMENTS_PAGE, after: PageAfter = ""
     ) -> JSONResponse:
+        return await documents_page(namespace, key, limit, after)
+
+    # The same page where the document routes are: /memory/documents?namespace=...
+    @router.get("/documents")
+    async def list_documents_by_query(
+        namespace: Annotated[str, Query()],
+        key: AdmittedKey,
+        limit: PageLimit = DEFAULT_DOCUMENTS_PAGE,
+        after: PageAfter = "",
+    ) -> JSONResponse:
+        return await documents_page(namespace, key, limit, after)
+
+    async def documents_page(namespace: str, key: ApiKey, limit: int, after: str) -> JSONResponse:
         check_namespace(namespace, key)
         request = memory_pb2.ListDocumentsRequest(namespace=namespace, limit=limit, after=after)
         reply = await call(backends.memory.ListDocuments, request)
