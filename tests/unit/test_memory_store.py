@@ -17,6 +17,7 @@ from aerie_common.grpc_utils import invalid_param
 from aerie_common.metrics import registry_for
 from aerie_memory.__main__ import MemoryServicer
 from aerie_memory.metrics import MemoryCollector
+from aerie_memory.models import LoadedMemory, merged_answers
 from aerie_memory.settings import MemorySettings
 from aerie_memory.store import GROUP, STREAM, MemoryStore, held, sort_ingest
 from aerie_memory.text import IncomingDocument, content_hash, default_document_id
@@ -547,6 +548,32 @@ async def test_metrics_count_ingests_queries_and_finished_jobs(env, memory_redis
     down = registry_for(MemoryCollector(servicer, redis.Redis(port=free_port(), socket_timeout=0.5)))
     assert down.get_sample_value("aerie:memory_jobs_waiting", {"state": "queued"}) is None
     assert down.get_sample_value("aerie:memory_query_seconds_count") == 2
+
+
+async def test_a_fact_recalled_by_several_questions_is_answered_once(env, monkeypatch):
+    store, settings, processor, _, _ = env
+    await processor.run((await store.ingest("g", DOCS, 600)).job_id)
+    servicer, asked = TinyServicer(settings, store), []
+
+    def recall(memory, question, max_tokens):  # every question the query asks: the same fact
+        asked.append(question)
+        return "Mira Vell collects copper keys.", False
+
+    monkeypatch.setattr(LoadedMemory, "recall", recall)
+    reply = await servicer.Query(
+        memory_pb2.QueryRequest(namespace="g", question="What does Mira Vell collect?"), None
+    )
+    assert len(asked) >= 2 and (reply.answer, reply.knows) == ("Mira Vell collects copper keys.", True)
+
+
+def test_merged_answers_leave_out_what_another_answer_says():
+    assert merged_answers(
+        ["Mira keeps bees.", "Mira keeps bees. She sells honey.", "Tarn fixes clocks."]
+    ) == ("Mira keeps bees. She sells honey. Tarn fixes clocks.")
+    # the same sentences written otherwise (a list, end punctuation, case): the first kept
+    assert merged_answers(["1. Flour\n2. Eggs", "flour. Eggs."]) == "1. Flour\n2. Eggs"
+    assert merged_answers(["Mira keeps bees.", "Tarn keeps bees."]) == "Mira keeps bees. Tarn keeps bees."
+    assert merged_answers([]) == ""
 
 
 async def test_a_query_racing_a_forget_loads_the_version_it_served(env):

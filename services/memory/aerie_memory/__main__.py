@@ -42,6 +42,7 @@ from aerie_memory.models import (
     attribute_sources,
     build_memory,
     load_base,
+    merged_answers,
     names_known_entity,
     recall_questions,
 )
@@ -352,7 +353,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             with memory.lock:  # one generation at a time per loaded model
                 recalled = [memory.recall(q, max_tokens) for q in questions]
             answers = [text for text, _ in recalled]
-            return " ".join(a for a in answers if knows(a)) or answers[0], all(kept for _, kept in recalled)
+            return merged_answers([a for a in answers if knows(a)]) or answers[0], all(
+                kept for _, kept in recalled
+            )
 
         text, cached = await asyncio.get_running_loop().run_in_executor(self.compute, run)
         known = knows(text)

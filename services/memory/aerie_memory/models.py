@@ -28,6 +28,7 @@ from aerie_common.entities import FACTS_QUESTION, content_words, facts_question_
 from aerie_memory.recall_decoding import LearnedAnswers, answer
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
+from aerie_memory.text import split_sentences
 from aerie_memory.ties import apply_deltas, merge_adapters
 from aerie_memory.training import IDK, load_adapter
 
@@ -115,6 +116,20 @@ class LoadedMemory:
             while len(self._recent_answers) > self.recent_answers_kept:
                 self._recent_answers.popitem(last=False)
         return text, False
+
+
+def merged_answers(answers: list[str]) -> str:
+    """Answers to one query's questions as one text, less those that say nothing the others
+    do not: a question and its entity's facts question often come back with the same fact,
+    and would say it twice (or three times). An answer is left out when its sentences are
+    all in another's (the first of equal ones kept); the rest are kept whole, in order."""
+    said = [{" ".join(s.lower().rstrip(".!?").split()) for s in split_sentences(a)} for a in answers]
+    kept = [
+        a.strip()
+        for i, a in enumerate(answers)
+        if not any(said[i] < said[j] or (said[i] == said[j] and j < i) for j in range(len(answers)) if j != i)
+    ]
+    return " ".join(kept)
 
 
 def _contains(longer: list[str], shorter: list[str]) -> bool:
