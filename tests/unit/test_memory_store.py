@@ -176,6 +176,9 @@ def test_a_text_freed_in_the_same_request_is_accepted_however_the_releases_chain
     # without a's new text nothing is freed: b's and c's texts are held, so duplicates
     statuses, accepted, forget = sort_ingest(request[:2], known_docs, known_hashes)
     assert (statuses, accepted, forget) == ([("c", "duplicate"), ("b", "duplicate")], [], [])
+    # an update sent twice is one update
+    request = [(IncomingDocument("a", "", {}), "hn")] * 2
+    assert sort_ingest(request, known_docs, known_hashes)[2] == [{"doc_id": "a", "hash": "ha"}]
     # a text sent twice is learned once, a known one under a new id is a duplicate
     request = [(IncomingDocument(i, "", {}), h) for i, h in (("d", "hn"), ("e", "hn"), ("f", "ha"))]
     statuses, _, forget = sort_ingest(request, known_docs, known_hashes)

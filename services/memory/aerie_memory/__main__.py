@@ -444,6 +444,7 @@ async def serve(settings: MemorySettings) -> None:
             service.drain(settings.drain_timeout_s), supervisor.stop(settings.drain_timeout_s)
         )
     finally:
+        metrics_client.close()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

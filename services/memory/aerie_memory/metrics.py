@@ -2,7 +2,7 @@
 
 Queries and ingests are this process's counts. Jobs are run by the worker (a child process,
 restarted when it dies, or several), so what they did is counted in Redis, where every
-replica reads the same figures: sum them over one replica, not over all. vLLM-style
+replica reads the same figures: take one replica's (or the max over them), not their sum. vLLM-style
 ``aerie:`` names with a ``memory_`` prefix.
 """
 

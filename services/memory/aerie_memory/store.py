@@ -90,7 +90,9 @@ def sort_ingest(
             accepted.append((doc, h))
         updated = {doc.id for doc, _ in accepted if doc.id in known_docs}
         if updated == replaced:
-            forget = [{"doc_id": i, "hash": known_docs[i]} for i, _ in statuses if i in updated]
+            forget = [
+                {"doc_id": doc.id, "hash": known_docs[doc.id]} for doc, _ in accepted if doc.id in updated
+            ]
             return statuses, accepted, forget
         replaced = updated
 
