@@ -463,16 +463,24 @@ class MemoryStore:
     async def erase_reflections(self, namespace: str, gone: set[tuple[str, str]]) -> int:
         """Remove from every job's stored reflections those citing a forgotten (doc id,
         hash): what was distilled from a deleted text goes with it. Returns how many."""
+        job_ids = [_s(j) for j in await self.r.lrange(_k("ns", namespace, "jobs"), 0, -1)]
+        async with self.r.pipeline(transaction=False) as pipe:  # one round trip for them all
+            for job_id in job_ids:
+                pipe.hget(_k("job", job_id), "documents")
+                pipe.get(_k("job", job_id, "reflections"))
+            read = await pipe.execute()
         erased = 0
-        for job_id in (_s(j) for j in await self.r.lrange(_k("ns", namespace, "jobs"), 0, -1)):
-            job, reflections = await self.get_job(job_id), await self.load_reflections(job_id)
-            if job is None or not reflections:
-                continue
-            hash_of = {d["id"]: d["hash"] for d in job.documents}
-            kept = [r for r in reflections if not any((s, hash_of.get(s)) in gone for s in r["sources"])]
-            if len(kept) < len(reflections):
-                await self.r.set(_k("job", job_id, "reflections"), json.dumps(kept))
-                erased += len(reflections) - len(kept)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for job_id, documents, stored in zip(job_ids, read[::2], read[1::2], strict=True):
+                if documents is None or stored is None:
+                    continue
+                hash_of = {d["id"]: d["hash"] for d in json.loads(documents)}
+                reflections = json.loads(stored)
+                kept = [r for r in reflections if not any((s, hash_of.get(s)) in gone for s in r["sources"])]
+                if len(kept) < len(reflections):
+                    pipe.set(_k("job", job_id, "reflections"), json.dumps(kept))
+                    erased += len(reflections) - len(kept)
+            await pipe.execute()
         return erased
 
     async def mark_erased(self, namespace: str, adapter_ids: list[str]) -> None:
