@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -25,16 +26,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+import redis
 from aerie_common.torch_threads import OPENMP_SPIN_COUNT
 from aerie_drafter.settings import DrafterSettings
 from aerie_gateway.settings import GatewaySettings
 from aerie_memory.settings import MemorySettings
 from aerie_verifier.settings import VerifierSettings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 COLORS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m"]
 RESET = "\033[0m"
 RESTART_BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a service that ran this long restarts without backoff
+# Prometheus /metrics of the gRPC services (0 turns one off); the gateway's is on its port.
+METRICS_PORTS = {
+    "AERIE_VERIFIER_METRICS_PORT": "9101",
+    "AERIE_DRAFTER_METRICS_PORT": "9102",
+    "AERIE_MEMORY_METRICS_PORT": "9103",
+}
 
 
 @dataclass
@@ -131,10 +141,8 @@ def plan() -> tuple[list[Supervised], str]:
     # The verifier and the drafter take turns on the same cores: OpenMP threads spin only
     # briefly after a parallel region (aerie_common/torch_threads.py).
     env.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
-    # Prometheus /metrics of the gRPC services (0 turns one off); the gateway's is on its port.
-    env.setdefault("AERIE_VERIFIER_METRICS_PORT", "9101")
-    env.setdefault("AERIE_DRAFTER_METRICS_PORT", "9102")
-    env.setdefault("AERIE_MEMORY_METRICS_PORT", "9103")
+    for name, port in METRICS_PORTS.items():
+        env.setdefault(name, port)
     grace = verifier.drain_timeout_s + 5
     # appendfsync always: Redis writes and syncs the AOF before it answers, so what a client
     # was told is stored survives a kill -9. With everysec a slow disk lets Redis answer up
@@ -143,11 +151,54 @@ def plan() -> tuple[list[Supervised], str]:
         redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(data_dir / "redis"),
         "--appendonly", "yes", "--appendfsync", "always",
     ]  # fmt: skip
-    procs = [Supervised("redis", redis_argv, env, COLORS[0], grace)]
+    procs = []
+    if _free(redis_port):
+        procs.append(Supervised("redis", redis_argv, env, COLORS[0], grace))
+    elif _answers_redis(redis_port):  # a Redis of the machine's own (apt starts one under systemd)
+        print(f"launcher| using the Redis already on 127.0.0.1:{redis_port} (AERIE_REDIS_URL)", flush=True)
+    else:
+        sys.exit(f"launcher| in use by something other than Redis: AERIE_REDIS_URL ({redis_port})")
     for i, name in enumerate(["verifier", "drafter", "memory", "gateway"], start=1):
         procs.append(Supervised(name, [sys.executable, "-m", f"aerie_{name}"], env, COLORS[i], grace))
     host = "127.0.0.1" if gateway.gateway_host in ("0.0.0.0", "") else gateway.gateway_host
     return procs, f"http://{host}:{gateway.gateway_port}"
+
+
+def ports_in_use() -> list[str]:
+    """The ports the stack's services would listen on that something else holds
+    ("AERIE_GATEWAY_PORT (8000)"): a second `make up`, say. They would fail to start and be
+    restarted forever, and the readiness check would find the other stack's gateway. (A Redis
+    already on its port is used: ``plan``.)"""
+    gateway = GatewaySettings()
+    wanted = {
+        "AERIE_GATEWAY_PORT": gateway.gateway_port,
+        "AERIE_VERIFIER_PORT": VerifierSettings().verifier_port,
+        "AERIE_DRAFTER_PORT": DrafterSettings().drafter_port,
+        "AERIE_MEMORY_PORT": MemorySettings().memory_port,
+        **{name: int(os.environ.get(name, port)) for name, port in METRICS_PORTS.items()},
+    }
+    return [f"{name} ({port})" for name, port in wanted.items() if port and not _free(port)]
+
+
+def _answers_redis(port: int) -> bool:
+    # once, briefly: a client's default retries wait 25 s on something that never answers
+    client = redis.Redis(port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 async def announce_when_ready(base_url: str) -> None:
@@ -167,6 +218,11 @@ async def announce_when_ready(base_url: str) -> None:
 
 
 async def main() -> None:
+    if busy := ports_in_use():
+        sys.exit(
+            f"launcher| in use: {', '.join(busy)}. Another Aerie (`make up`) may be running; stop it,"
+            " or set these variables to free ports."
+        )
     procs, base_url = plan()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

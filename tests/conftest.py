@@ -1,11 +1,14 @@
 """Fixtures shared by the whole suite: a tiny tokenizer and a tiny random-weight Llama,
-built in the test process so unit tests need no model files."""
+built in the test process so unit tests need no model files, and the launcher
+(scripts/launch.py) as a module."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +104,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer) -> LlamaForCausalLM:
     return build_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """scripts/launch.py, what `make up` runs, imported (nothing started)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "launch.py"
+    spec = importlib.util.spec_from_file_location("aerie_launch", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.hookimpl(hookwrapper=True)

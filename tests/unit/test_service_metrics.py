@@ -13,9 +13,7 @@ and Drafter gRPC services over loopback, the gateway app in front, and each serv
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -422,11 +420,7 @@ def test_settings_default_to_no_metrics_server():
         assert cls.model_fields[field_name].default == 0
 
 
-def test_launcher_turns_metrics_on_unless_told_otherwise(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("aerie_launch", ROOT / "scripts" / "launch.py")
-    launch = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, launch)  # its dataclasses look themselves up there
-    spec.loader.exec_module(launch)
+def test_launcher_turns_metrics_on_unless_told_otherwise(launch, tmp_path, monkeypatch):
     monkeypatch.setenv("AERIE_DATA_DIR", str(tmp_path))
     for env_name, _, _ in METRICS_SETTINGS.values():
         monkeypatch.delenv(env_name, raising=False)
