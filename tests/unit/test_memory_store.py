@@ -569,13 +569,18 @@ async def test_a_fact_recalled_by_several_questions_is_answered_once(env, monkey
     assert len(asked) >= 2 and (reply.answer, reply.knows) == ("Mira Vell collects copper keys.", True)
 
 
-def test_merged_answers_leave_out_what_another_answer_says():
+def test_merged_answers_say_each_sentence_once_where_first_said():
     assert merged_answers(
         ["Mira keeps bees.", "Mira keeps bees. She sells honey.", "Tarn fixes clocks."]
     ) == ("Mira keeps bees. She sells honey. Tarn fixes clocks.")
     # the same sentences written otherwise (a list, end punctuation, case): the first kept
     assert merged_answers(["1. Flour\n2. Eggs", "flour. Eggs."]) == "1. Flour\n2. Eggs"
     assert merged_answers(["Mira keeps bees.", "Tarn keeps bees."]) == "Mira keeps bees. Tarn keeps bees."
+    # the order first said: a later answer gives only what it adds, a run-on one each sentence once
+    assert merged_answers(["She sells honey.", "Mira keeps bees. She sells honey."]) == (
+        "She sells honey. Mira keeps bees."
+    )
+    assert merged_answers(["Mira keeps bees. Mira keeps bees. Mira keeps bees."]) == "Mira keeps bees."
     assert merged_answers([]) == ""
 
 

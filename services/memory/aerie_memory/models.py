@@ -119,16 +119,24 @@ class LoadedMemory:
 
 
 def merged_answers(answers: list[str]) -> str:
-    """Answers to one query's questions as one text, less those that say nothing the others
-    do not: a question and its entity's facts question often come back with the same fact,
-    and would say it twice (or three times). An answer is left out when its sentences are
-    all in another's (the first of equal ones kept); the rest are kept whole, in order."""
-    said = [{" ".join(s.lower().rstrip(".!?").split()) for s in split_sentences(a)} for a in answers]
-    kept = [
-        a.strip()
-        for i, a in enumerate(answers)
-        if not any(said[i] < said[j] or (said[i] == said[j] and j < i) for j in range(len(answers)) if j != i)
-    ]
+    """Answers to one query's questions as one text, each sentence once, where it was first
+    said: a question and its entity's facts question often come back with the same fact, and
+    it would be said two or three times. An answer repeating nothing is kept as written (a
+    list stays a list); one repeating everything is left out."""
+    said: set[str] = set()
+    kept = []
+    for text in answers:
+        sentences = split_sentences(text)
+        new = []
+        for sentence in sentences:
+            key = " ".join(sentence.lower().rstrip(".!?").split())
+            if key not in said:
+                said.add(key)
+                new.append(sentence)
+        if len(new) == len(sentences):
+            kept.append(text.strip())
+        elif new:
+            kept.append(" ".join(new))
     return " ".join(kept)
 
 
