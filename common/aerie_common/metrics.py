@@ -5,9 +5,11 @@ one process."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 
@@ -24,3 +26,11 @@ def start_metrics_server(collector: Collector, host: str, port: int) -> WSGIServ
         return None
     server, _ = start_http_server(port, host, registry=registry_for(collector))
     return server
+
+
+def counter_by(name: str, documentation: str, label: str, counts: Mapping[str, float]) -> CounterMetricFamily:
+    """A counter with one series per value of ``label``: ``counts`` maps each to its count."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family

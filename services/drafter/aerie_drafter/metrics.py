@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from aerie_common.metrics import counter_by
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -39,16 +40,14 @@ class SessionCollector(Collector):
         yield CounterMetricFamily(
             "aerie:drafter_sessions", "DraftSession streams opened.", value=servicer.sessions_total
         )
-        closed = CounterMetricFamily(
+        yield counter_by(
             "aerie:drafter_sessions_closed",
             "Sessions freed, by reason: ended (the request stream ended: the verifier closed it "
             "or hung up), cancelled (the call was cancelled mid-draft: a hang-up, a passed "
             "deadline, the drafter stopping), invalid (a protocol error) or error.",
-            labels=["reason"],
+            "reason",
+            servicer.sessions_closed,
         )
-        for reason, count in servicer.sessions_closed.items():
-            closed.add_metric([reason], count)
-        yield closed
         yield CounterMetricFamily(
             "aerie:drafter_sessions_rejected",
             "Sessions refused with RESOURCE_EXHAUSTED because the drafter was at its limit.",

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import redis
+from aerie_common.metrics import counter_by
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -31,29 +32,25 @@ class MemoryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         servicer = self.servicer
-        queries = CounterMetricFamily(
+        yield counter_by(
             "aerie:memory_queries",
             "Questions the memory model was asked (POST /memory/query, chats with memory), by "
             "whether it knew the answer.",
-            labels=["knows"],
+            "knows",
+            {str(knows).lower(): count for knows, count in servicer.queries.items()},
         )
-        for knows, count in servicer.queries.items():
-            queries.add_metric([str(knows).lower()], count)
-        yield queries
         yield SummaryMetricFamily(
             "aerie:memory_query_seconds",
             "Seconds a question took, loading its namespace's memory model included.",
             count_value=sum(servicer.queries.values()),
             sum_value=servicer.query_seconds,
         )
-        documents = CounterMetricFamily(
+        yield counter_by(
             "aerie:memory_documents_ingested",
             "Documents sent to be learned, by status: accepted (a job learns them) or duplicate.",
-            labels=["status"],
+            "status",
+            servicer.documents_ingested,
         )
-        for status, count in servicer.documents_ingested.items():
-            documents.add_metric([status], count)
-        yield documents
         yield GaugeMetricFamily(
             "aerie:memory_models_loaded",
             "Namespaces' memory models held loaded (at most AERIE_MEMORY_LOADED_MODELS).",

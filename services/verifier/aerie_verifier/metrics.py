@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from aerie_common.metrics import counter_by
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -36,15 +37,13 @@ class EngineCollector(Collector):
                 "Torch threads the engine decodes on: fewer while other processes keep a core busy.",
                 value=engine.thread_governor.threads,
             )
-        ended = CounterMetricFamily(
+        yield counter_by(
             "aerie:verifier_requests_finished",
             "Requests the engine let go of, by reason: stop, length, error, or cancelled "
             "(the caller went away or passed its deadline).",
-            labels=["reason"],
+            "reason",
+            totals.ended,
         )
-        for reason, count in totals.ended.items():
-            ended.add_metric([reason], count)
-        yield ended
         yield CounterMetricFamily(
             "aerie:verifier_prompt_tokens",
             "Prompt tokens of the requests prefilled, those the prefix cache held included.",
@@ -125,13 +124,12 @@ class EngineCollector(Collector):
                 f"Seconds of speculative steps spent on {what}.",
                 value=value,
             )
-        per_position = CounterMetricFamily(
+        per_position = counter_by(
             "aerie:verifier_spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted at each draft position (0 = the first drafted token).",
-            labels=["position"],
+            "position",
+            {str(position): count for position, count in enumerate(list(spec.accepted_per_position))},
         )
-        for position, count in enumerate(list(spec.accepted_per_position)):
-            per_position.add_metric([str(position)], count)
         yield per_position
         # A drafter in this process (AERIE_DRAFTER_MODE=inprocess): what its context branch
         # adds, as the drafter service exports it.
