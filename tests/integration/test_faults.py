@@ -140,7 +140,9 @@ def test_redis_kill9_loses_nothing_and_jobs_resume(tmp_path, tiny_model_dir, ser
             body = {"namespace": NAMESPACE, "documents": [document]}
             response = httpx.post(f"{url}/memory/ingest", json=body, timeout=30)
             assert response.status_code == 202, response.text
-            assert response.json()["documents"] == [{"id": document["id"], "status": "accepted"}]
+            assert response.json()["documents"] == [
+                {"id": document["id"], "status": "accepted", "duplicate_of": None}
+            ]
             return response.json()["job_id"]
 
         # Job A is running (its first generator call held); job B waits in the stream.

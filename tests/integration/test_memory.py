@@ -49,7 +49,7 @@ def test_memory_learns_survives_kill_and_answers(stack):
     response = httpx.post(f"{url}/memory/ingest", json={"namespace": NS, "documents": [DOC]}, timeout=30)
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
-    assert response.json()["documents"] == [{"id": "quell", "status": "accepted"}]
+    assert response.json()["documents"] == [{"id": "quell", "status": "accepted", "duplicate_of": None}]
 
     # Kill the worker (SIGKILL) as soon as the job is running; the service answers meanwhile.
     killed_at_stage = None
@@ -86,7 +86,7 @@ def test_memory_learns_survives_kill_and_answers(stack):
     again = httpx.post(f"{url}/memory/ingest", json={"namespace": NS, "documents": [DOC]}, timeout=30)
     assert again.status_code == 202 and again.json() == {
         "job_id": None,
-        "documents": [{"id": "quell", "status": "duplicate"}],
+        "documents": [{"id": "quell", "status": "duplicate", "duplicate_of": "quell"}],
     }
 
     stats = httpx.get(f"{url}/memory/namespaces/{NS}", timeout=30).json()

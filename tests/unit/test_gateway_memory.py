@@ -42,7 +42,9 @@ class FakeMemory(memory_pb2_grpc.MemoryServicer):
             context.set_trailing_metadata(((PARAM_METADATA_KEY, "documents"),))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "3 documents in one request; the limit is 2")
         statuses = [
-            memory_pb2.DocumentStatus(id=d.id, status="duplicate" if d.text == "known" else "accepted")
+            memory_pb2.DocumentStatus(id=d.id, status="duplicate", duplicate_of="k")
+            if d.text == "known"
+            else memory_pb2.DocumentStatus(id=d.id, status="accepted")
             for d in request.documents
         ]
         job_id = "job-1" if any(s.status == "accepted" for s in statuses) else ""
@@ -191,7 +193,10 @@ async def test_ingest_job_namespace_delete_query(app, fakes):
         assert sent == [("a", '{"n": 1, "ok": true}'), ("b", "")]
         assert response.json() == {
             "job_id": "job-1",
-            "documents": [{"id": "a", "status": "accepted"}, {"id": "b", "status": "duplicate"}],
+            "documents": [
+                {"id": "a", "status": "accepted", "duplicate_of": None},
+                {"id": "b", "status": "duplicate", "duplicate_of": "k"},
+            ],
         }
         response = await client.post("/memory/ingest", json={"namespace": "ns", "documents": docs[1:]})
         assert response.status_code == 202 and response.json()["job_id"] is None

@@ -104,7 +104,7 @@ async def env(tmp_path, memory_redis_url):
 async def test_ingest_dedup_update_and_queue(env):
     store, _, _, _, client = env
     first = await store.ingest("ns1", DOCS, 600)
-    assert first.job_id and first.statuses == [("mira", "accepted"), ("tarn", "accepted")]
+    assert first.job_id and first.statuses == [("mira", "accepted", ""), ("tarn", "accepted", "")]
     job = await store.get_job(first.job_id)
     assert (job.status, job.stage, job.kind, job.document_ids) == (
         "queued",
@@ -116,14 +116,18 @@ async def test_ingest_dedup_update_and_queue(env):
     again = await store.ingest(
         "ns1", [DOCS[0], IncomingDocument("other", DOCS[1].text.replace(" ", "\n ", 2), {})], 600
     )
-    assert again.job_id == "" and [s for _, s in again.statuses] == ["duplicate", "duplicate"]
+    # each named as a duplicate of the document holding its text
+    assert again.job_id == "" and again.statuses == [
+        ("mira", "duplicate", "mira"),
+        ("other", "duplicate", "tarn"),
+    ]
     # another namespace knows nothing
-    assert (await store.ingest("ns2", DOCS[:1], 600)).statuses == [("mira", "accepted")]
+    assert (await store.ingest("ns2", DOCS[:1], 600)).statuses == [("mira", "accepted", "")]
     # same id, new text: an update that unlearns the old text
     update = await store.ingest(
         "ns1", [IncomingDocument("mira", "Mira Vell collects blue feathers.", {})], 600
     )
-    assert update.statuses == [("mira", "accepted")]
+    assert update.statuses == [("mira", "accepted", "")]
     job = await store.get_job(update.job_id)
     assert job.forget == [
         {"doc_id": "mira", "hash": (await store.get_job(first.job_id)).documents[0]["hash"]}
@@ -143,7 +147,7 @@ async def test_two_documents_swapping_texts_are_both_updates(env):
     swap = await store.ingest(
         "ns", [IncomingDocument("mira", tarn.text, {}), IncomingDocument("tarn", mira.text, {})], 600
     )
-    assert swap.statuses == [("mira", "accepted"), ("tarn", "accepted")]
+    assert swap.statuses == [("mira", "accepted", ""), ("tarn", "accepted", "")]
     assert [(await store.document("ns", i))["text"] for i in ("mira", "tarn")] == [tarn.text, mira.text]
     job = await store.get_job(swap.job_id)
     assert job.forget == [
@@ -171,18 +175,24 @@ def test_a_text_freed_in_the_same_request_is_accepted_however_the_releases_chain
     known_hashes = {"ha": "a", "hb": "b", "hc": "c"}
     request = [(IncomingDocument(i, "", {}), h) for i, h in (("c", "hb"), ("b", "ha"), ("a", "hn"))]
     statuses, accepted, forget = sort_ingest(request, known_docs, known_hashes)
-    assert statuses == [("c", "accepted"), ("b", "accepted"), ("a", "accepted")]
+    assert statuses == [("c", "accepted", ""), ("b", "accepted", ""), ("a", "accepted", "")]
     assert forget == [{"doc_id": i, "hash": f"h{i}"} for i in ("c", "b", "a")]
     # without a's new text nothing is freed: b's and c's texts are held, so duplicates
     statuses, accepted, forget = sort_ingest(request[:2], known_docs, known_hashes)
-    assert (statuses, accepted, forget) == ([("c", "duplicate"), ("b", "duplicate")], [], [])
+    assert (statuses, accepted, forget) == ([("c", "duplicate", "b"), ("b", "duplicate", "a")], [], [])
     # an update sent twice is one update
     request = [(IncomingDocument("a", "", {}), "hn")] * 2
     assert sort_ingest(request, known_docs, known_hashes)[2] == [{"doc_id": "a", "hash": "ha"}]
+    # a document given the text another holds is a duplicate of that one, and keeps its own
+    statuses, _, forget = sort_ingest([(IncomingDocument("a", "", {}), "hb")], known_docs, known_hashes)
+    assert (statuses, forget) == ([("a", "duplicate", "b")], [])
     # a text sent twice is learned once, a known one under a new id is a duplicate
     request = [(IncomingDocument(i, "", {}), h) for i, h in (("d", "hn"), ("e", "hn"), ("f", "ha"))]
     statuses, _, forget = sort_ingest(request, known_docs, known_hashes)
-    assert (statuses, forget) == ([("d", "accepted"), ("e", "duplicate"), ("f", "duplicate")], [])
+    assert (statuses, forget) == (
+        [("d", "accepted", ""), ("e", "duplicate", "d"), ("f", "duplicate", "a")],
+        [],
+    )
 
 
 async def test_documents_are_listed_by_page_and_read_back(env):
@@ -192,7 +202,7 @@ async def test_documents_are_listed_by_page_and_read_back(env):
         "b-third", "Bram Oult is a cooper.", {"source": "wiki", "year": 1990, "public": True}
     )
     sent = await store.ingest("ns", [*DOCS, third, DOCS[0]], 600)  # the same document twice: a duplicate
-    assert [status for _, status in sent.statuses] == ["accepted", "accepted", "accepted", "duplicate"]
+    assert [status for _, status, _ in sent.statuses] == ["accepted", "accepted", "accepted", "duplicate"]
     await store.ingest("other", DOCS[:1], 600)
     assert await store.namespaces() == [
         {"namespace": "ns", "documents": 3, "current_version": ""},
@@ -775,7 +785,8 @@ async def _documents_read_back(stub, learned_job: str) -> None:
     again = await stub.Ingest(
         memory_pb2.IngestRequest(namespace="g", documents=[memory_pb2.Document(text="Pell Arn is a miller.")])
     )
-    assert [(d.id, d.status) for d in again.documents] == [(unnamed.documents[0].id, "duplicate")]
+    named = unnamed.documents[0].id
+    assert [(d.id, d.status, d.duplicate_of) for d in again.documents] == [(named, "duplicate", named)]
     page = await stub.ListDocuments(memory_pb2.ListDocumentsRequest(namespace="g", limit=1))
     assert [d.id for d in page.documents] == [unnamed.documents[0].id] and page.next_after
     names = await stub.ListNamespaces(memory_pb2.ListNamespacesRequest())

@@ -25,12 +25,14 @@ class IngestRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ...) -> None: ...
 
 class DocumentStatus(_message.Message):
-    __slots__ = ("id", "status")
+    __slots__ = ("id", "status", "duplicate_of")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: str
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ...) -> None: ...
+    duplicate_of: str
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[str] = ..., duplicate_of: _Optional[str] = ...) -> None: ...
 
 class IngestResponse(_message.Message):
     __slots__ = ("job_id", "documents")

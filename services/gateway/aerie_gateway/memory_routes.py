@@ -197,7 +197,10 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         return JSONResponse(
             {
                 "job_id": reply.job_id or None,
-                "documents": [{"id": d.id, "status": d.status} for d in reply.documents],
+                "documents": [
+                    {"id": d.id, "status": d.status, "duplicate_of": d.duplicate_of or None}
+                    for d in reply.documents
+                ],
             },
             status_code=202,
         )

@@ -144,8 +144,8 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         limits = (self.settings.memory_max_documents, self.settings.memory_max_document_chars)
         await self._check(context, check_documents, docs, *limits)
         outcome = await self.store.ingest(request.namespace, docs, self.settings.memory_chunk_chars)
-        for _, status in outcome.statuses:
-            self.documents_ingested[status] += 1
+        for status in outcome.statuses:
+            self.documents_ingested[status.status] += 1
         log.info(
             "ingest %s: %d documents, job %s",
             request.namespace,
@@ -154,7 +154,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         )
         return memory_pb2.IngestResponse(
             job_id=outcome.job_id,
-            documents=[memory_pb2.DocumentStatus(id=i, status=s) for i, s in outcome.statuses],
+            documents=[memory_pb2.DocumentStatus(**status._asdict()) for status in outcome.statuses],
         )
 
     async def GetJob(self, request, context):

@@ -30,7 +30,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError, WatchError
@@ -60,34 +60,42 @@ def _chunk_count(raw: str | bytes | None) -> int:
     return len(json.loads(raw)) if raw.startswith("[") else int(raw or 0)
 
 
+class DocumentStatus(NamedTuple):
+    id: str
+    status: str  # "accepted" | "duplicate"
+    duplicate_of: str = ""  # a duplicate's: the document holding its text (itself, if unchanged)
+
+
 @dataclass
 class IngestOutcome:
     job_id: str
-    statuses: list[tuple[str, str]]
+    statuses: list[DocumentStatus]
 
 
 def sort_ingest(
     hashed: list[tuple[IncomingDocument, str]], known_docs: dict[str, str], known_hashes: dict[str, str]
-) -> tuple[list[tuple[str, str]], list[tuple[IncomingDocument, str]], list[dict[str, str]]]:
+) -> tuple[list[DocumentStatus], list[tuple[IncomingDocument, str]], list[dict[str, str]]]:
     """A request's documents, each with its content hash, sorted against the namespace's
-    documents (id -> hash) and texts (hash -> id): (id, status) of each, the documents
+    documents (id -> hash) and texts (hash -> id): the status of each, the documents
     accepted, and the (id, old hash) texts they replace. A text the namespace holds is a
-    duplicate, unless the document holding it is given another text in the same request
-    (two ids swapping texts). Every document given a new text is first taken to free its
-    old one, and those found duplicates free nothing, until that settles. A text sent twice
-    in the request is learned once."""
+    duplicate of the document holding it, unless that document is given another text in the
+    same request (two ids swapping texts). Every document given a new text is first taken to
+    free its old one, and those found duplicates free nothing, until that settles. A text
+    sent twice in the request is learned once, under the first id."""
     holder = {h: owner for h, owner in known_hashes.items() if known_docs.get(owner) == h}
     # ids taken to be accepted with a new text, so that their old one is free
     replaced = {doc.id for doc, h in hashed if known_docs.get(doc.id, h) != h}
     while True:
-        statuses, accepted, seen = [], [], set()
+        statuses, accepted, first_sent = [], [], {}
         for doc, h in hashed:
-            if (h in holder and holder[h] not in replaced) or h in seen:
-                statuses.append((doc.id, "duplicate"))
-                continue
-            seen.add(h)
-            statuses.append((doc.id, "accepted"))
-            accepted.append((doc, h))
+            if h in holder and holder[h] not in replaced:
+                statuses.append(DocumentStatus(doc.id, "duplicate", holder[h]))
+            elif h in first_sent:
+                statuses.append(DocumentStatus(doc.id, "duplicate", first_sent[h]))
+            else:
+                first_sent[h] = doc.id
+                statuses.append(DocumentStatus(doc.id, "accepted"))
+                accepted.append((doc, h))
         updated = {doc.id for doc, _ in accepted if doc.id in known_docs}
         if updated == replaced:
             forget = [
