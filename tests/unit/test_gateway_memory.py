@@ -272,6 +272,8 @@ async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
         # the same pages where the document routes are, the namespace in the query
         by_query = await client.get("/memory/documents", params={"namespace": "ns", "limit": 1})
         assert (by_query.status_code, by_query.json()) == (200, first.json())
+        slashed = await client.get("/memory/documents/", params={"namespace": "ns", "limit": 1})
+        assert (slashed.status_code, slashed.json()) == (200, first.json())
 
         document = (await client.get("/memory/documents/a/b", params={"namespace": "ns"})).json()
         assert (document["text"], document["characters"], document["learned"]) == ("12345", 5, True)
@@ -284,6 +286,7 @@ async def test_documents_and_namespaces_are_read_back_and_forgotten(app, fakes):
             (await client.get("/memory/documents/zz", params={"namespace": "ns"}), 404, None),
             (await client.get("/memory/documents/a/b"), 400, "query.namespace"),
             (await client.get("/memory/documents"), 400, "query.namespace"),
+            (await client.delete("/memory/documents/", params={"namespace": "ns"}), 400, "document_id"),
             (
                 await client.get("/memory/documents", params={"namespace": "ns", "limit": 0}),
                 400,

@@ -247,8 +247,10 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
     ) -> JSONResponse:
         return await documents_page(namespace, key, limit, after)
 
-    # The same page where the document routes are: /memory/documents?namespace=...
+    # The same page where the document routes are: /memory/documents?namespace=... (a
+    # trailing slash too, which the document route below would read as a document named "")
     @router.get("/documents")
+    @router.get("/documents/", include_in_schema=False)
     async def list_documents_by_query(
         namespace: Annotated[str, Query()],
         key: AdmittedKey,
@@ -287,6 +289,14 @@ def build_router(backends: Backends, settings: GatewaySettings) -> APIRouter:
         document_id: str, namespace: Annotated[str, Query()], key: AdmittedKey
     ) -> JSONResponse:
         check_namespace(namespace, key)
+        if not document_id:
+            raise APIError(
+                400,
+                "Name the document: DELETE /memory/documents/{id}?namespace=...; "
+                "DELETE /memory/namespaces/{namespace} forgets every document.",
+                "invalid_request_error",
+                param="document_id",
+            )
         reply = await call(
             backends.memory.DeleteDocument,
             memory_pb2.DeleteDocumentRequest(namespace=namespace, document_id=document_id),
