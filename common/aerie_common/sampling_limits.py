@@ -1,6 +1,12 @@
 """Bounds on a request's sampling fields, part of the contract between the gateway (which
 answers a request beyond them with a 400 naming the field) and the verifier (which
-refuses one with INVALID_ARGUMENT, whoever sent it)."""
+refuses one with INVALID_ARGUMENT, whoever sent it); and the sampling fields a served
+model may set defaults for."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, get_args
 
 MAX_STOP_STRINGS = 4
 # The verifier holds back any tail of the output that could still become a stop string,
@@ -13,3 +19,27 @@ MAX_TOP_LOGPROBS = 20
 MAX_PENALTY = 2.0
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
+
+# The sampling fields a served model may recommend defaults for (its generation_config.json,
+# as vLLM and SGLang read it; also min_p there, which Aerie does not sample with): requests
+# that leave them out are decoded with those (ModelInfo.sampling_defaults).
+SamplingDefaultField = Literal["temperature", "top_p", "top_k", "repetition_penalty"]
+SAMPLING_DEFAULT_FIELDS: tuple[str, ...] = get_args(SamplingDefaultField)
+
+
+def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
+    """``defaults`` (a field of SAMPLING_DEFAULT_FIELDS -> its value), top_k made an int, if
+    a request may hold each value; else ValueError naming it."""
+    checked = dict(defaults)
+    for field, value in defaults.items():
+        in_range = {
+            "temperature": value >= 0,
+            "top_p": 0 < value <= 1,
+            "top_k": value >= 0 and value == int(value),
+            "repetition_penalty": value > 0,
+        }[field]
+        if not (math.isfinite(value) and in_range):
+            raise ValueError(f"{value} is no {field} a request may hold")
+        if field == "top_k":
+            checked[field] = int(value)
+    return checked

@@ -365,6 +365,36 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.speculative is False
 
 
+class RecommendingVerifier(FakeVerifier):
+    """A verifier whose model recommends sampling defaults (its generation_config.json)."""
+
+    def GetModelInfo(self, request, context):
+        info = super().GetModelInfo(request, context)
+        info.sampling_defaults.CopyFrom(verifier_pb2.SamplingDefaults(temperature=0.25, top_k=20))
+        return info
+
+
+async def test_sampling_fields_left_out_take_the_models_recommended_defaults(gateway_app):
+    fake = RecommendingVerifier()
+    with fake_backends(fake) as addr:
+        async with asgi_client(gateway_app(verifier_addr=addr)) as client:
+            sent = []
+            for extra in ({}, {"temperature": None}, {"temperature": 1.0, "top_k": 0, "top_p": 0.5}):
+                response = await client.post("/v1/chat/completions", json=chat_body(**extra))
+                assert response.status_code == 200, response.text
+                sent.append(fake.requests[response.json()["id"]].sampling)
+            response = await client.post("/v1/completions", json={"model": MODEL, "prompt": "Say hello."})
+            assert response.status_code == 200, response.text
+            sent.append(fake.requests[response.json()["id"]].sampling)
+    # left out or null: the model's; sent (1 and 0 too): the request's; not recommended: OpenAI's
+    assert [(s.temperature, s.top_k, s.top_p, s.repetition_penalty) for s in sent] == [
+        (0.25, 20, 1.0, 1.0),
+        (0.25, 20, 1.0, 1.0),
+        (1.0, 0, 0.5, 1.0),
+        (0.25, 20, 1.0, 1.0),
+    ]
+
+
 async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_verifier):
     fake, _ = gateway_fake_verifier
     async with asgi_client(gateway_app()) as client:

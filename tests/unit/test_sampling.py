@@ -1,16 +1,23 @@
+import asyncio
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from aerie_common.sampling_limits import check_sampling_defaults
 from aerie_verifier.sampling import (
     LogitAdjuster,
     SamplingParams,
     next_token,
     penalize,
+    sampling_defaults,
     target_probs,
     token_logprobs,
 )
-from transformers import RepetitionPenaltyLogitsProcessor
+from aerie_verifier.server import VerifierServicer
+from aerie_verifier.settings import VerifierSettings
+from pydantic import ValidationError
+from transformers import GenerationConfig, RepetitionPenaltyLogitsProcessor
 
 
 def test_greedy_is_one_hot_on_argmax():
@@ -157,3 +164,61 @@ def test_the_nucleus_is_the_full_sorts(scale):
     expected = scaled.masked_fill(drop_ranked.scatter(-1, order, drop_ranked), float("-inf")).softmax(-1)
     assert torch.equal(target_probs(logits, params) > 0, expected > 0)
     assert torch.allclose(target_probs(logits, params), expected)
+
+
+def test_sampling_defaults_are_those_the_models_generation_config_sets_then_the_overrides():
+    # Qwen2.5 Instruct's generation_config.json (min_p is not one Aerie samples with)
+    recommended = GenerationConfig(
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, min_p=0.05
+    )
+    assert sampling_defaults(recommended, True, {}) == {
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+    assert sampling_defaults(recommended, True, {"temperature": 0.2}) == {
+        "temperature": 0.2,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+    assert sampling_defaults(recommended, False, {"top_p": 0.9}) == {"top_p": 0.9}  # "none"
+    assert sampling_defaults(GenerationConfig(bos_token_id=1, eos_token_id=2), True, {}) == {}  # SmolLM2's
+    assert sampling_defaults(None, True, {}) == {}
+    # a recommendation no request could hold is left out, the rest kept
+    odd = SimpleNamespace(to_diff_dict=lambda: {"top_p": 0.0, "temperature": 0.6, "top_k": 2.5})
+    assert sampling_defaults(odd, True, {}) == {"temperature": 0.6}
+
+
+def test_sampling_defaults_set_by_the_operator_are_checked(monkeypatch):
+    assert check_sampling_defaults({"top_k": 40.0, "temperature": 0}) == {"top_k": 40, "temperature": 0}
+    monkeypatch.setenv("AERIE_SAMPLING_DEFAULTS", '{"temperature": 0.2, "top_k": 40}')
+    assert VerifierSettings().sampling_defaults == {"temperature": 0.2, "top_k": 40}
+    for wrong, says in (
+        ('{"min_p": 0.1}', "temperature"),  # the fields it may set are named
+        ('{"top_p": 0}', "top_p"),
+        ('{"top_k": 2.5}', "top_k"),
+        ('{"repetition_penalty": -1}', "repetition_penalty"),
+    ):
+        monkeypatch.setenv("AERIE_SAMPLING_DEFAULTS", wrong)
+        with pytest.raises(ValidationError, match=says):
+            VerifierSettings()
+    monkeypatch.setenv("AERIE_GENERATION_CONFIG", "vllm")
+    with pytest.raises(ValidationError, match="generation_config"):
+        VerifierSettings()
+
+
+def test_the_model_info_carries_the_sampling_defaults():
+    config = SimpleNamespace(vocab_size=10, hidden_size=8, num_hidden_layers=2)
+    engine = SimpleNamespace(
+        tokenizer=SimpleNamespace(get_vocab=lambda: {"a": 0}),
+        context_length=64,
+        model=SimpleNamespace(config=config),
+    )
+    servicer = VerifierServicer(engine, "m", "cpu", "float32", {"temperature": 0.5, "top_k": 20})
+    defaults = asyncio.run(servicer.GetModelInfo(None, None)).sampling_defaults
+    assert (defaults.temperature, defaults.top_k) == (0.5, 20)
+    assert not defaults.HasField("top_p") and not defaults.HasField("repetition_penalty")
+    plain = asyncio.run(VerifierServicer(engine, "m", "cpu", "float32").GetModelInfo(None, None))
+    assert not plain.sampling_defaults.ListFields()  # none: OpenAI's

@@ -31,6 +31,7 @@ from .chat import (
     template_options,
     to_generate_requests,
     verifier_message,
+    with_sampling_defaults,
 )
 from .drain import Drain, DrainMiddleware
 from .errors import (
@@ -125,13 +126,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         max_bytes_by_path={INGEST_PATH: settings.max_ingest_request_bytes},
     )
 
-    async def served_model() -> str:
-        if settings.served_model_name:
-            return settings.served_model_name
+    async def verifier_model() -> verifier_pb2.ModelInfo:
         try:
-            return await backends.model_id()
+            return await backends.model_info()
         except grpc.aio.AioRpcError as err:
             raise service_unavailable(f"The model backend is unavailable: {err.details()}") from err
+
+    async def served_model() -> str:
+        return settings.served_model_name or (await verifier_model()).model_id
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admitted_key)])
 
@@ -196,6 +198,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: AdmittedKey) -> Response:
         if body.memory is not None:
             key.check_namespace(body.memory.namespace)
+        body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
         identity, generation = await admit(body, "chatcmpl")
         tools = ToolUse.of(body)
 
@@ -233,6 +236,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @v1.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
         identity, generation = await admit(body, "cmpl")
 
         async def begin() -> None:

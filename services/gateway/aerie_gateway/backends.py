@@ -81,9 +81,6 @@ class Backends:
             )
         return self._model_info
 
-    async def model_id(self) -> str:
-        return (await self.model_info()).model_id
-
     async def readiness(self) -> dict[str, bool]:
         """Whether each backend answers: gRPC health SERVING, and Redis PING."""
         names = [*GRPC_BACKENDS, "redis"]

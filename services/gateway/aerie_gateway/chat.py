@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from aerie_common.sampling_limits import SAMPLING_DEFAULT_FIELDS
 from aerie_proto.v1 import verifier_pb2, verifier_pb2_grpc
 from fastapi import Request
 from starlette.responses import StreamingResponse
@@ -48,6 +49,7 @@ from .tools import StreamedReply, ToolUse, tools_json
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Body = TypeVar("Body", bound=GenerationRequest)
 
 
 def structured_output(
@@ -71,6 +73,17 @@ def structured_output(
     if structured.regex is not None:
         return verifier_pb2.StructuredOutput(regex=structured.regex)
     return verifier_pb2.StructuredOutput(grammar=structured.grammar)
+
+
+def with_sampling_defaults(body: Body, defaults: verifier_pb2.SamplingDefaults) -> Body:
+    """``body`` with the served model's defaults in the sampling fields it left out (or sent
+    as null); OpenAI's defaults stay where the model has none."""
+    update = {
+        field: getattr(defaults, field)
+        for field in SAMPLING_DEFAULT_FIELDS
+        if defaults.HasField(field) and field not in body.model_fields_set
+    }
+    return body.model_copy(update=update) if update else body
 
 
 def sampling_of(

@@ -18,6 +18,7 @@ from aerie_verifier.drafter_client import GrpcDrafterFactory, InProcessDrafterFa
 from aerie_verifier.engine import Engine, make_slots
 from aerie_verifier.metrics import EngineCollector
 from aerie_verifier.prefix_cache import PrefixCache
+from aerie_verifier.sampling import sampling_defaults
 from aerie_verifier.server import SERVICE_NAME, VerifierServicer
 from aerie_verifier.settings import VerifierSettings
 from aerie_verifier.speculative import PaceGuard
@@ -109,8 +110,18 @@ async def serve(settings: VerifierSettings) -> None:
     engine.start()
     start_metrics_server(EngineCollector(engine), settings.verifier_host, settings.verifier_metrics_port)
     device = str(engine.device)
+    defaults = sampling_defaults(
+        getattr(model, "generation_config", None),
+        settings.generation_config == "auto",
+        settings.sampling_defaults,
+    )
+    if defaults:
+        log.info(
+            "requests that leave them out are decoded with %s (AERIE_GENERATION_CONFIG, AERIE_SAMPLING_DEFAULTS)",
+            defaults,
+        )
     servicer = VerifierServicer(
-        engine, settings.target_model, device, str(model.dtype).removeprefix("torch.")
+        engine, settings.target_model, device, str(model.dtype).removeprefix("torch."), defaults
     )
     service = GrpcService(
         lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s), [SERVICE_NAME]

@@ -10,8 +10,10 @@ verification can tell whether plain decoding would have chosen a draft token.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from aerie_common.sampling_limits import (
@@ -22,9 +24,13 @@ from aerie_common.sampling_limits import (
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOP_LOGPROBS,
+    SAMPLING_DEFAULT_FIELDS,
+    check_sampling_defaults,
 )
 
 from aerie_verifier.structured_output import StructuredOutput
+
+log = logging.getLogger(__name__)
 
 NUCLEUS_CANDIDATES = 1024  # see _outside_nucleus
 
@@ -109,6 +115,24 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         return self.penalized or bool(self.logit_bias)
+
+
+def sampling_defaults(
+    generation_config: Any, use_model: bool, overrides: dict[str, float]
+) -> dict[str, float]:
+    """The defaults a verifier decodes requests with where they leave a sampling field out
+    (ModelInfo.sampling_defaults): those that ``generation_config`` (the model's
+    transformers GenerationConfig) sets, where ``use_model``, and ``overrides`` over them. A
+    recommendation no request could hold (a top_p of 0) is left out, said in the log."""
+    recommended = generation_config.to_diff_dict() if use_model and generation_config is not None else {}
+    found = {}
+    for field in SAMPLING_DEFAULT_FIELDS:
+        if recommended.get(field) is not None:
+            try:
+                found |= check_sampling_defaults({field: recommended[field]})
+            except ValueError as exc:
+                log.warning("the model's generation_config.json: %s; not used", exc)
+    return {**found, **overrides}
 
 
 def penalize(

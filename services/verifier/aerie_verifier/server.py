@@ -135,11 +135,19 @@ def _message_dict(message: verifier_pb2.ChatMessage) -> dict:
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
-    def __init__(self, engine: Engine, model_id: str, device: str, dtype: str):
+    def __init__(
+        self,
+        engine: Engine,
+        model_id: str,
+        device: str,
+        dtype: str,
+        sampling_defaults: dict[str, float] | None = None,
+    ):
         self.engine = engine
         self.model_id = model_id
         self.device = device
         self.dtype = dtype
+        self.sampling_defaults = sampling_defaults or {}  # see aerie_verifier.sampling.sampling_defaults
         # No token stands for more characters than its own spelling has, so messages longer
         # than this cannot fit the context: refused without tokenising them, which takes
         # seconds a megabyte on this event loop.
@@ -263,6 +271,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             num_layers=config.num_hidden_layers,
             device=self.device,
             dtype=self.dtype,
+            sampling_defaults=verifier_pb2.SamplingDefaults(**self.sampling_defaults),
         )
 
     async def GetLoad(self, request, context):

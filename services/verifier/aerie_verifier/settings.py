@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from aerie_common.sampling_limits import SamplingDefaultField, check_sampling_defaults
 from aerie_common.settings import DraftTreeSettings, ModelSettings, ServiceSettings
-from pydantic import Field
+from pydantic import Field, field_validator
 
 
 class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
@@ -50,3 +51,15 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     packed_weights: bool = True
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0
+    # What a request that leaves temperature, top_p, top_k or repetition_penalty out is
+    # decoded with: "auto", those the model's generation_config.json recommends (as vLLM's
+    # --generation-config auto and SGLang do; Llama 3.1 Instruct's: temperature 0.6, top_p
+    # 0.9), OpenAI's defaults for the rest; "none", OpenAI's for all.
+    generation_config: Literal["auto", "none"] = "auto"
+    # Defaults that win over both, as a JSON object: '{"temperature": 0.2, "top_p": 0.9}'.
+    sampling_defaults: dict[SamplingDefaultField, float] = {}
+
+    @field_validator("sampling_defaults")
+    @classmethod
+    def _sampling_defaults_in_range(cls, defaults: dict[str, float]) -> dict[str, float]:
+        return check_sampling_defaults(defaults)
