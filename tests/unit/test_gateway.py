@@ -658,8 +658,8 @@ async def test_served_model_name_overrides_the_verifiers(gateway_app):
         models = (await client.get("/v1/models")).json()
         rejected = await client.post("/v1/chat/completions", json=chat_body())
         accepted = await client.post("/v1/chat/completions", json={**chat_body(), "model": "aerie-chat"})
-    assert [(m["id"], m["object"], m["owned_by"]) for m in models["data"]] == [
-        ("aerie-chat", "model", "aerie")
+    assert [(m["id"], m["object"], m["owned_by"], m["root"], m["max_model_len"]) for m in models["data"]] == [
+        ("aerie-chat", "model", "aerie", MODEL, CONTEXT_LENGTH)
     ]
     assert rejected.status_code == 404
     assert accepted.status_code == 200

@@ -139,7 +139,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
-        models = ModelList(data=[ModelCard(id=await served_model(), created=started_at)])
+        info = await verifier_model()
+        card = ModelCard(
+            id=settings.served_model_name or info.model_id,
+            created=started_at,
+            root=info.model_id,
+            max_model_len=info.context_length,
+        )
+        models = ModelList(data=[card])
         return JSONResponse(models.model_dump(mode="json"))
 
     async def admit(body: GenerationRequest, id_prefix: str) -> tuple[CompletionIdentity, Generation]:

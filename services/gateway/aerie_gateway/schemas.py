@@ -683,6 +683,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "aerie"
+    # vLLM's: the model the verifier loaded (its name or path), and its context length
+    root: str
+    max_model_len: int
 
 
 class ModelList(BaseModel):
