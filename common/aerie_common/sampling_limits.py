@@ -25,6 +25,12 @@ MAX_LOGIT_BIAS_TOKENS = 300
 # that leave them out are decoded with those (ModelInfo.sampling_defaults).
 SamplingDefaultField = Literal["temperature", "top_p", "top_k", "repetition_penalty"]
 SAMPLING_DEFAULT_FIELDS: tuple[str, ...] = get_args(SamplingDefaultField)
+_IN_RANGE = {  # of a finite value
+    "temperature": lambda value: value >= 0,
+    "top_p": lambda value: 0 < value <= 1,
+    "top_k": lambda value: value >= 0 and value == int(value),
+    "repetition_penalty": lambda value: value > 0,
+}
 
 
 def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
@@ -32,13 +38,7 @@ def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
     a request may hold each value; else ValueError naming it."""
     checked = dict(defaults)
     for field, value in defaults.items():
-        in_range = {
-            "temperature": value >= 0,
-            "top_p": 0 < value <= 1,
-            "top_k": value >= 0 and value == int(value),
-            "repetition_penalty": value > 0,
-        }[field]
-        if not (math.isfinite(value) and in_range):
+        if not (math.isfinite(value) and _IN_RANGE[field](value)):
             raise ValueError(f"{value} is no {field} a request may hold")
         if field == "top_k":
             checked[field] = int(value)

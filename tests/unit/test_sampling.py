@@ -193,6 +193,10 @@ def test_sampling_defaults_are_those_the_models_generation_config_sets_then_the_
 
 def test_sampling_defaults_set_by_the_operator_are_checked(monkeypatch):
     assert check_sampling_defaults({"top_k": 40.0, "temperature": 0}) == {"top_k": 40, "temperature": 0}
+    for field in ("temperature", "top_k"):
+        for value in (math.inf, math.nan):
+            with pytest.raises(ValueError, match=field):
+                check_sampling_defaults({field: value})
     monkeypatch.setenv("AERIE_SAMPLING_DEFAULTS", '{"temperature": 0.2, "top_k": 40}')
     assert VerifierSettings().sampling_defaults == {"temperature": 0.2, "top_k": 40}
     for wrong, says in (
