@@ -478,6 +478,9 @@ class HeldVerifier(verifier_pb2_grpc.VerifierServicer):
     def __init__(self):
         self.release = threading.Event()
 
+    def GetModelInfo(self, request, context):  # the gateway asks for the model's sampling defaults
+        return verifier_pb2.ModelInfo(model_id=MODEL, context_length=64)
+
     def Generate(self, request, context):
         for index, word in enumerate(WORDS):
             while index == 1 and not self.release.wait(0.1):

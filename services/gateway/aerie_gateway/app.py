@@ -205,12 +205,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request, key: AdmittedKey) -> Response:
         if body.memory is not None:
             key.check_namespace(body.memory.namespace)
-        body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
         identity, generation = await admit(body, "chatcmpl")
         tools = ToolUse.of(body)
 
         async def begin() -> dict | None:
             nonlocal body
+            body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
             memory_info = None
             if body.memory is not None:
                 composer = MemoryComposer(backends.memory, backends.verifier, settings, metrics)
@@ -243,11 +243,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @v1.post("/completions", responses={200: {"content": {"text/event-stream": {}}}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
         identity, generation = await admit(body, "cmpl")
 
         async def begin() -> None:
-            requests = legacy.to_generate_requests(body, identity.id)
+            defaulted = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
+            requests = legacy.to_generate_requests(defaulted, identity.id)
             generation.start(backends.verifier, requests, settings.grpc_timeout_s)
 
         return await respond(
