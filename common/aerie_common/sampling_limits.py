@@ -21,14 +21,15 @@ MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
 
 # The sampling fields a served model may recommend defaults for (its generation_config.json,
-# as vLLM and SGLang read it; also min_p there, which Aerie does not sample with): requests
-# that leave them out are decoded with those (ModelInfo.sampling_defaults).
-SamplingDefaultField = Literal["temperature", "top_p", "top_k", "repetition_penalty"]
+# as vLLM and SGLang read it): requests that leave them out are decoded with those
+# (ModelInfo.sampling_defaults).
+SamplingDefaultField = Literal["temperature", "top_p", "top_k", "min_p", "repetition_penalty"]
 SAMPLING_DEFAULT_FIELDS: tuple[str, ...] = get_args(SamplingDefaultField)
 _IN_RANGE = {  # of a finite value
     "temperature": lambda value: value >= 0,
     "top_p": lambda value: 0 < value <= 1,
     "top_k": lambda value: value >= 0 and value == int(value),
+    "min_p": lambda value: 0 <= value <= 1,
     "repetition_penalty": lambda value: value > 0,
 }
 

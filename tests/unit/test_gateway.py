@@ -320,6 +320,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
         "temperature": 0.5,
         "top_p": 0.9,
         "top_k": 40,
+        "min_p": 0.05,
         "seed": 7,
         "stop": "\n\n",
         "max_tokens": 50,
@@ -352,6 +353,7 @@ async def test_request_maps_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.temperature == pytest.approx(0.5)
     assert sent.sampling.top_p == pytest.approx(0.9)
     assert sent.sampling.top_k == 40
+    assert sent.sampling.min_p == pytest.approx(0.05)
     assert sent.sampling.HasField("seed") and sent.sampling.seed == 7
     assert list(sent.sampling.stop) == ["\n\n"]
     assert sent.sampling.max_tokens == 20  # max_completion_tokens wins over max_tokens
@@ -403,6 +405,7 @@ async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_veri
     assert sent.sampling.temperature == pytest.approx(1.0)
     assert sent.sampling.top_p == pytest.approx(1.0)
     assert sent.sampling.top_k == 0
+    assert sent.sampling.min_p == 0
     assert not sent.sampling.HasField("seed")
     assert sent.sampling.max_tokens == 0
     assert (

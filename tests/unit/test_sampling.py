@@ -17,7 +17,13 @@ from aerie_verifier.sampling import (
 from aerie_verifier.server import VerifierServicer
 from aerie_verifier.settings import VerifierSettings
 from pydantic import ValidationError
-from transformers import GenerationConfig, RepetitionPenaltyLogitsProcessor
+from transformers import (
+    GenerationConfig,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 def test_greedy_is_one_hot_on_argmax():
@@ -52,6 +58,21 @@ def test_top_p_keeps_smallest_set_covering_p():
     assert kept.tolist() == [True, False, False, False]
 
 
+def test_min_p_drops_tokens_less_likely_than_min_p_times_the_top_one():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    for min_p, kept in ((0.0, 4), (0.2, 3), (0.31, 2), (0.7, 1), (1.0, 1)):
+        probs = target_probs(logits, SamplingParams(temperature=1.0, min_p=min_p))
+        assert (probs > 0).tolist() == [True] * kept + [False] * (4 - kept), min_p
+    # as Hugging Face's warpers give it, after temperature, top-k and top-p
+    torch.manual_seed(0)
+    scores = torch.randn(3, 50) * 3
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.95, min_p=0.05)
+    warped = scores / 0.7
+    for warper in (TopKLogitsWarper(20), TopPLogitsWarper(0.95), MinPLogitsWarper(0.05)):
+        warped = warper(None, warped)
+    assert torch.allclose(target_probs(scores, params), warped.softmax(-1), atol=1e-6)
+
+
 def test_draws_follow_the_sampling_distribution():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     params = SamplingParams(temperature=1.0, top_p=0.9)
@@ -65,7 +86,17 @@ def test_draws_follow_the_sampling_distribution():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_tokens": -2}, {"stop": ("",)}],
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"min_p": -0.1},
+        {"min_p": 1.5},
+        {"min_p": math.nan},
+        {"max_tokens": -2},
+        {"stop": ("",)},
+    ],
 )
 def test_invalid_params_are_refused(kwargs):
     with pytest.raises(ValueError):
@@ -167,20 +198,28 @@ def test_the_nucleus_is_the_full_sorts(scale):
 
 
 def test_sampling_defaults_are_those_the_models_generation_config_sets_then_the_overrides():
-    # Qwen2.5 Instruct's generation_config.json (min_p is not one Aerie samples with)
+    # Qwen2.5 Instruct's generation_config.json, and a min_p (typical_p is not one Aerie samples with)
     recommended = GenerationConfig(
-        do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, min_p=0.05
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
+        min_p=0.05,
+        typical_p=0.9,
     )
     assert sampling_defaults(recommended, True, {}) == {
         "temperature": 0.7,
         "top_p": 0.8,
         "top_k": 20,
+        "min_p": 0.05,
         "repetition_penalty": 1.05,
     }
     assert sampling_defaults(recommended, True, {"temperature": 0.2}) == {
         "temperature": 0.2,
         "top_p": 0.8,
         "top_k": 20,
+        "min_p": 0.05,
         "repetition_penalty": 1.05,
     }
     assert sampling_defaults(recommended, False, {"top_p": 0.9}) == {"top_p": 0.9}  # "none"
@@ -200,7 +239,8 @@ def test_sampling_defaults_set_by_the_operator_are_checked(monkeypatch):
     monkeypatch.setenv("AERIE_SAMPLING_DEFAULTS", '{"temperature": 0.2, "top_k": 40}')
     assert VerifierSettings().sampling_defaults == {"temperature": 0.2, "top_k": 40}
     for wrong, says in (
-        ('{"min_p": 0.1}', "temperature"),  # the fields it may set are named
+        ('{"typical_p": 0.1}', "temperature"),  # the fields it may set are named
+        ('{"min_p": 1.5}', "min_p"),
         ('{"top_p": 0}', "top_p"),
         ('{"top_k": 2.5}', "top_k"),
         ('{"repetition_penalty": -1}', "repetition_penalty"),

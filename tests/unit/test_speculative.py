@@ -789,7 +789,12 @@ def test_seeded_sampling_gives_plain_decodings_tokens_with_any_drafter(target, m
         make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=2))),
         make_engine(Factory(lambda: OracleDrafter(target, 4))),
     ]
-    for seed, extra in [(0, {}), (1, {"top_p": 0.8}), (2, {"top_k": 5, "presence_penalty": 0.5}), (3, {})]:
+    for seed, extra in [
+        (0, {}),
+        (1, {"top_p": 0.8}),
+        (2, {"top_k": 5, "presence_penalty": 0.5}),
+        (3, {"min_p": 0.1}),
+    ]:
         params = SamplingParams(temperature=0.9, seed=seed, max_tokens=24, **extra)
         plain, _ = generate(engines[0], [5, 6, 7, 8], params, speculative=False)
         for engine in engines:

@@ -97,6 +97,7 @@ def sampling_of(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
+        min_p=body.min_p,
         stop=body.stop,
         max_tokens=max_tokens,
         frequency_penalty=body.frequency_penalty,

@@ -302,6 +302,8 @@ class GenerationRequest(RequestBody):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=INT32_MAX)  # vLLM's; 0 disables top-k filtering
+    # vLLM's: tokens less likely than min_p times the most likely one are dropped; 0 disables
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     stop: Annotated[
         StopStrings, BeforeValidator(_str_as_list, json_schema_input_type=StopString | StopStrings)
     ] = Field(default_factory=list)

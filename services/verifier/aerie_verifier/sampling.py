@@ -40,6 +40,8 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables
+    # vLLM's: tokens less likely than min_p times the most likely one are dropped; 0 disables
+    min_p: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     max_tokens: int = 0  # 0 means "up to the context length"
@@ -70,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if any(not s for s in self.stop):
@@ -227,6 +231,11 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         logits = logits.masked_fill(_outside_nucleus(logits, params.top_p), float("-inf"))
+    if params.min_p > 0:
+        # p < min_p * p_max, in logits; the top token stays, so the order of the filters
+        # above does not change what this drops (HF's warpers run it last, vLLM's first)
+        threshold = logits.max(-1, keepdim=True).values + math.log(params.min_p)
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
     return logits.softmax(-1)
 
 

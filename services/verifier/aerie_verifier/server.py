@@ -44,6 +44,7 @@ def sampling_from_proto(p: verifier_pb2.SamplingParams) -> SamplingParams:
         temperature=p.temperature,
         top_p=p.top_p if p.top_p != 0 else 1.0,  # unset; NaN and negatives are for the check
         top_k=p.top_k,
+        min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         stop=tuple(p.stop),
         max_tokens=p.max_tokens,

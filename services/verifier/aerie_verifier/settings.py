@@ -51,7 +51,7 @@ class VerifierSettings(ServiceSettings, ModelSettings, DraftTreeSettings):
     packed_weights: bool = True
     # Prometheus metrics on http://AERIE_VERIFIER_HOST:PORT/metrics; 0 turns them off.
     verifier_metrics_port: int = 0
-    # What a request that leaves temperature, top_p, top_k or repetition_penalty out is
+    # What a request that leaves temperature, top_p, top_k, min_p or repetition_penalty out is
     # decoded with: "auto", those the model's generation_config.json recommends (as vLLM's
     # --generation-config auto and SGLang do; Llama 3.1 Instruct's: temperature 0.6, top_p
     # 0.9), OpenAI's defaults for the rest; "none", OpenAI's for all.
