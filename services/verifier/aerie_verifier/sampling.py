@@ -232,8 +232,8 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         logits = logits.masked_fill(_outside_nucleus(logits, params.top_p), float("-inf"))
     if params.min_p > 0:
-        # p < min_p * p_max, in logits; the top token stays, so the order of the filters
-        # above does not change what this drops (HF's warpers run it last, vLLM's first)
+        # p < min_p * p_max, in logits (the top token stays); after top-k and top-p, in
+        # the order Hugging Face's warpers run them
         threshold = logits.max(-1, keepdim=True).values + math.log(params.min_p)
         logits = logits.masked_fill(logits < threshold, float("-inf"))
     return logits.softmax(-1)
