@@ -21,6 +21,7 @@ from .auth import KeyRegistry, authenticated_key
 from .backends import Backends
 from .body_limit import BodySizeLimit
 from .chat import (
+    Body,
     ClientDisconnected,
     ClosingStreamingResponse,
     CompletionIdentity,
@@ -135,13 +136,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def served_model() -> str:
         return settings.served_model_name or (await verifier_model()).model_id
 
+    async def with_model_defaults(body: Body) -> Body:
+        """``body`` with the served model's sampling defaults where it left fields out."""
+        return with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admitted_key)])
 
     @v1.get("/models")
     async def list_models() -> JSONResponse:
         info = await verifier_model()
         card = ModelCard(
-            id=settings.served_model_name or info.model_id,
+            id=await served_model(),
             created=started_at,
             root=info.model_id,
             max_model_len=info.context_length,
@@ -210,7 +215,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
         async def begin() -> dict | None:
             nonlocal body
-            body = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
+            body = await with_model_defaults(body)
             memory_info = None
             if body.memory is not None:
                 composer = MemoryComposer(backends.memory, backends.verifier, settings, metrics)
@@ -246,8 +251,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         identity, generation = await admit(body, "cmpl")
 
         async def begin() -> None:
-            defaulted = with_sampling_defaults(body, (await verifier_model()).sampling_defaults)
-            requests = legacy.to_generate_requests(defaulted, identity.id)
+            requests = legacy.to_generate_requests(await with_model_defaults(body), identity.id)
             generation.start(backends.verifier, requests, settings.grpc_timeout_s)
 
         return await respond(
