@@ -397,6 +397,48 @@ async def test_sampling_fields_left_out_take_the_models_recommended_defaults(gat
     ]
 
 
+class RestartingVerifier(FakeVerifier):
+    """A verifier that can be restarted on another model, or be down for GetModelInfo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_id, self.temperature, self.down = MODEL, None, False
+
+    def GetModelInfo(self, request, context):
+        if self.down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        info = verifier_pb2.ModelInfo(model_id=self.model_id, context_length=CONTEXT_LENGTH)
+        if self.temperature is not None:
+            info.sampling_defaults.temperature = self.temperature
+        return info
+
+
+async def test_a_verifier_restarted_on_another_model_is_heard_once_the_remembered_model_is_old(
+    gateway_app, monkeypatch
+):
+    fake = RestartingVerifier()
+    with fake_backends(fake) as addr:
+        async with asgi_client(gateway_app(verifier_addr=addr)) as client:
+
+            async def model_ids() -> list[str]:
+                response = await client.get("/v1/models")
+                assert response.status_code == 200, response.text
+                return [card["id"] for card in response.json()["data"]]
+
+            assert await model_ids() == [MODEL]
+            fake.model_id, fake.temperature = "other-model", 0.0
+            assert await model_ids() == [MODEL]  # remembered: not asked on every request
+            monkeypatch.setattr("aerie_gateway.backends.MODEL_INFO_TTL_S", 0.0)
+            assert await model_ids() == ["other-model"]
+            stale = await client.post("/v1/chat/completions", json=chat_body())
+            assert_error(stale, 404, "invalid_request_error", "model")
+            response = await client.post("/v1/chat/completions", json={**chat_body(), "model": "other-model"})
+            assert response.status_code == 200, response.text
+            assert fake.requests[response.json()["id"]].sampling.temperature == 0.0  # the new defaults
+            fake.down = True  # what it said last stands while it does not answer
+            assert await model_ids() == ["other-model"]
+
+
 async def test_defaults_map_onto_generate_request(gateway_app, gateway_fake_verifier):
     fake, _ = gateway_fake_verifier
     async with asgi_client(gateway_app()) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import redis.asyncio as aioredis
@@ -19,6 +20,9 @@ from .settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 GRPC_BACKENDS = ("verifier", "drafter", "memory")
+# How long what the verifier said of its model is trusted before it is asked again: a verifier
+# restarted on another model, or with other sampling defaults, is heard within this.
+MODEL_INFO_TTL_S = 30.0
 
 
 class Backends:
@@ -30,6 +34,7 @@ class Backends:
         self._verifier: verifier_pb2_grpc.VerifierStub | None = None
         self._memory: memory_pb2_grpc.MemoryStub | None = None
         self._model_info: verifier_pb2.ModelInfo | None = None
+        self._model_info_at = 0.0  # time.monotonic() when it was heard
 
     @property
     def verifier(self) -> verifier_pb2_grpc.VerifierStub:
@@ -74,12 +79,27 @@ class Backends:
             self._redis = None
 
     async def model_info(self) -> verifier_pb2.ModelInfo:
-        """The verifier's model, asked once and remembered."""
-        if self._model_info is None:
-            self._model_info = await self.verifier.GetModelInfo(
+        """The verifier's model, remembered for ``MODEL_INFO_TTL_S`` and then asked again.
+        While the verifier does not answer, what it said last stands (its requests fail at
+        the verifier anyway); raises only when it has never answered."""
+        heard = self._model_info
+        if heard is not None and time.monotonic() - self._model_info_at < MODEL_INFO_TTL_S:
+            return heard
+        try:
+            info = await self.verifier.GetModelInfo(
                 verifier_pb2.ModelInfoRequest(), timeout=self._settings.health_timeout_s
             )
-        return self._model_info
+        except grpc.aio.AioRpcError as err:
+            if heard is None:
+                raise
+            log.warning(
+                "the verifier did not say its model (%s); keeping %s", err.code().name, heard.model_id
+            )
+            return heard
+        if heard is not None and info != heard:
+            log.info("the verifier's model changed: %s, was %s", _described(info), _described(heard))
+        self._model_info, self._model_info_at = info, time.monotonic()
+        return info
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each backend answers: gRPC health SERVING, and Redis PING."""
@@ -103,3 +123,8 @@ class Backends:
         except (aioredis.RedisError, OSError, TimeoutError) as err:
             log.debug("redis ping failed: %r", err)
             return False
+
+
+def _described(info: verifier_pb2.ModelInfo) -> str:
+    defaults = {field.name: value for field, value in info.sampling_defaults.ListFields()}
+    return f"{info.model_id} ({info.context_length} tokens, sampling defaults {defaults})"
