@@ -632,6 +632,9 @@ async def test_openai_client_streaming_and_not(gateway_app):
 
         models = await client.models.list()
         assert [model.id for model in models.data] == [MODEL]
+        assert (await client.models.retrieve(MODEL)).id == MODEL
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            await client.models.retrieve("gpt-4o")
 
         with pytest.raises(openai.RateLimitError, match=BUSY_MESSAGE):
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": BUSY}])
@@ -711,6 +714,19 @@ async def test_served_model_name_overrides_the_verifiers(gateway_app):
     assert accepted.json()["model"] == "aerie-chat"
 
 
+async def test_a_model_is_retrieved_by_its_served_name_slashes_and_all(gateway_app):
+    async with asgi_client(gateway_app(served_model_name="acme/chat-1")) as client:
+        card = await client.get("/v1/models/acme/chat-1")
+        listed = (await client.get("/v1/models")).json()["data"]
+        unknown = await client.get(f"/v1/models/{MODEL}")
+        nested = await client.get("/v1/models/acme/chat-1/extra")
+    assert card.status_code == 200, card.text
+    assert card.json() == listed[0]
+    assert card.json()["id"] == "acme/chat-1"
+    assert assert_error(unknown, 404, "invalid_request_error", "model")["code"] == "model_not_found"
+    assert_error(nested, 404, "invalid_request_error", "model")
+
+
 async def test_unknown_route_and_wrong_method_use_the_envelope(gateway_app):
     async with asgi_client(gateway_app()) as client:
         missing = await client.get("/v1/nothing-here")
@@ -732,9 +748,10 @@ async def test_api_keys(gateway_app, headers, status):
     async with asgi_client(gateway_app(api_keys="key-one, key-two")) as client:
         response = await client.post("/v1/chat/completions", json=chat_body(), headers=headers)
         models = await client.get("/v1/models", headers=headers)
+        card = await client.get(f"/v1/models/{MODEL}", headers=headers)
         open_routes = [await client.get(path) for path in ("/health", "/ready", "/metrics")]
     assert response.status_code == status
-    assert models.status_code == status
+    assert models.status_code == card.status_code == status
     if status == 401:
         assert_error(response, 401, "authentication_error")
         assert response.headers["www-authenticate"] == "Bearer"

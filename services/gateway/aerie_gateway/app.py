@@ -142,17 +142,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(admitted_key)])
 
+    async def model_card() -> ModelCard:
+        info = await verifier_model()
+        return ModelCard(
+            id=await served_model(), created=started_at, root=info.model_id, max_model_len=info.context_length
+        )
+
     @v1.get("/models")
     async def list_models() -> JSONResponse:
-        info = await verifier_model()
-        card = ModelCard(
-            id=await served_model(),
-            created=started_at,
-            root=info.model_id,
-            max_model_len=info.context_length,
-        )
-        models = ModelList(data=[card])
-        return JSONResponse(models.model_dump(mode="json"))
+        return JSONResponse(ModelList(data=[await model_card()]).model_dump(mode="json"))
+
+    @v1.get("/models/{model:path}")  # a served name may hold slashes: "meta-llama/Llama-3.1-8B-Instruct"
+    async def retrieve_model(model: str) -> JSONResponse:
+        card = await model_card()
+        if model != card.id:
+            raise model_not_found(model)
+        return JSONResponse(card.model_dump(mode="json"))
 
     async def admit(body: GenerationRequest, id_prefix: str) -> tuple[CompletionIdentity, Generation]:
         """The served model's check and an admission slot (held by the Generation)."""
