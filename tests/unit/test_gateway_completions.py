@@ -178,6 +178,18 @@ async def test_invalid_completion_requests_are_400(gateway_app, fields, param):
     assert_error(response, 400, "invalid_request_error", param)
 
 
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"suffix": "and then"}, "suffix (fill-in-the-middle) is not supported"),
+        ({"best_of": 3}, "n asks for"),
+    ],
+)
+async def test_what_completions_do_not_support_is_named(gateway_app, fields, says):
+    response = await complete(gateway_app, **fields)
+    assert says in assert_error(response, 400, "invalid_request_error", next(iter(fields)))["message"]
+
+
 async def test_n_completions(gateway_app):
     response = await complete(gateway_app, n=2, max_tokens=2, echo=True)
     choices = response.json()["choices"]

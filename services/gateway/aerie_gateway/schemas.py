@@ -494,8 +494,22 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int = Field(default=16, ge=1, le=INT32_MAX)  # OpenAI's default here
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
     echo: bool = False
-    suffix: str | None = Field(default=None, max_length=0, description="not supported: must be empty")
-    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+    suffix: str | None = Field(default=None, description="not supported: must be empty")
+    best_of: int | None = Field(default=None, ge=1, description="only 1 is supported")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix (fill-in-the-middle) is not supported")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, best_of: int | None) -> int | None:
+        if best_of is not None and best_of > 1:
+            raise ValueError("best_of above 1 is not supported; n asks for several completions")
+        return best_of
 
     @model_validator(mode="after")
     def _batch_within_bounds(self) -> CompletionRequest:
