@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aerie_common.entities import facts_question_entity
 from aerie_memory.reflection import (
     STEPS,
     Reflection,
@@ -625,6 +626,25 @@ def test_a_list_is_learned_as_its_facts():
     # the heading names the topic that "It" refers to, and states no fact itself
     assert passages["What do you know about Brannock Observatory?"] == (
         "It sits on Mount Ederly. Opened: 1958. Director: Sanne Holloway."
+    )
+
+
+def test_a_heading_in_sentence_case_is_no_fact_of_a_passage_or_evidence():
+    text = (
+        "# Halvard Mill\n\nIt grinds rye for Oskby.\n\n## How it works\n\nHalvard Mill turns on the Osk river. "
+        "It was rebuilt in 1921.\n\n## Known limitations\n\nHalvard Mill stops in a frost."
+    )
+    passages = rule_passages([SourceDocument("m", text)])
+    # a heading's first word is read as a sentence's is: "Known" is no name used elsewhere
+    assert {facts_question_entity(q) for q in passages} == {"Halvard Mill", "Oskby", None}
+    assert passages["What do you know about Halvard Mill?"] == (
+        "It grinds rye for Oskby. Halvard Mill turns on the Osk river. It was rebuilt in 1921. "
+        "Halvard Mill stops in a frost."
+    )
+    # a sentence about the mill only through the heading above it is told with the heading's words
+    assert evidence("What does Halvard Mill grind?", text) == "Halvard Mill. It grinds rye for Oskby."
+    assert evidence("Who owns Halvard Mill?", text) == (  # no sentence says: those about the mill
+        "Halvard Mill. It grinds rye for Oskby. Halvard Mill turns on the Osk river."
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from aerie_memory.layout import is_heading, markup_to_text
+from aerie_memory.layout import is_heading, markup_to_text, unmarked
 from aerie_memory.text import (
     IncomingDocument,
     InvalidInput,
@@ -76,6 +76,35 @@ def test_a_heading_is_a_short_line_of_capitalised_words():
         and not is_heading("Cars banned")
         and not is_heading("Tressa is an island.")
     )
+    # a marked heading, whatever its case; a hashtag is none
+    assert is_heading("# Getting started") and not is_heading("#hashtag rules")
+    assert unmarked("# Getting started") == "Getting started" and unmarked("Facts") == "Facts"
+
+
+def test_a_markdown_or_html_heading_keeps_its_mark_and_a_line_of_its_own():
+    text = (
+        "Kestrel syncs photos.\n\n## Getting started\n\nInstall it with pip.\n"
+        "### A heading long enough to be read as a wrapped line, which ends on and\nIt needs Python.\n#\n"
+    )
+    sentences = ["Kestrel syncs photos.", "# Getting started", "Install it with pip."]
+    sentences += [
+        "# A heading long enough to be read as a wrapped line, which ends on and",
+        "It needs Python.",
+    ]
+    assert split_sentences(text) == sentences
+    # in a chunk, a heading after a sentence starts a line of its own, so it comes back as one
+    (chunk,) = chunk_text(text, 1000)
+    assert chunk.startswith(
+        "Kestrel syncs photos.\n\n# Getting started\n\nInstall it with pip.\n\n# A heading"
+    )
+    assert split_sentences(chunk) == sentences
+    page = "<h1>Kestrel</h1><p>Kestrel syncs photos.</p><h2>How it works</h2><h3></h3><p>It copies.</p>"
+    assert split_sentences(markup_to_text(page)) == [
+        "# Kestrel",
+        "Kestrel syncs photos.",
+        "# How it works",
+        "It copies.",
+    ]
 
 
 def test_abbreviations_and_initials_end_no_sentence_and_a_lead_in_gets_no_full_stop():
@@ -117,7 +146,7 @@ def test_faq_markers_are_dropped_and_table_rows_are_labelled_statements():
 def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
     text = "# Tressa\n\nTressa is an island.\n- Population: 900\n- Ferries: twice a day\n1. Cars banned\nLast  line."
     sentences = [
-        "Tressa",
+        "# Tressa",  # a heading keeps its mark
         "Tressa is an island.",
         "Population: 900",
         "Ferries: twice a day",
@@ -127,7 +156,7 @@ def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
     assert split_sentences(text) == sentences
     chunks = chunk_text(text, 60)
     assert chunks == [
-        "Tressa\n\nTressa is an island. Population: 900",
+        "# Tressa\n\nTressa is an island. Population: 900",
         "Ferries: twice a day\n\nCars banned\n\nLast line.",
     ]
     assert [s for chunk in chunks for s in split_sentences(chunk)] == sentences
@@ -214,7 +243,7 @@ Ostrava. It makes <b>smoked cheese</b> &amp; butter.</p>
 <tr><td>Smoked cheese</td><td>9 euros</td><td>1931</td></tr></table>
 <script>track("visit");</script></body></html>"""
     assert split_sentences(markup_to_text(page)) == [
-        "Vesna Dairy",
+        "# Vesna Dairy",
         "Vesna Dairy was founded in 1931 in Ostrava.",
         "It makes smoked cheese & butter.",
         "Employees: 85",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from aerie_common.entities import TITLES, name_spans
 
-from aerie_memory.layout import TERMINAL
+from aerie_memory.layout import TERMINAL, unmarked
 
 THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
 _PRONOUN = re.compile(rf"\b(?:{THIRD_PERSON})\b", re.IGNORECASE)
@@ -98,6 +98,7 @@ def sentence_entities(
     chunk."""
     state = state or Coreference()
     about = []
+    sentences = [unmarked(s) for s in sentences]  # a heading opens with its first word, as a sentence does
     for sentence in sentences:
         spans = {span.removesuffix("'s") for span in name_spans(sentence)}
         named = [e for e in entities if e in sentence or _by_last_word(spans, e)]

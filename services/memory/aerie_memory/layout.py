@@ -3,9 +3,9 @@
 
 A document arrives as plain text, markdown, text taken out of a PDF or HTML. Each becomes
 lines that each hold whole sentences: HTML as its text, a PDF's page furniture dropped,
-hard-wrapped lines joined to the line they wrap onto, list, heading and FAQ markers
-dropped, and a table's rows (markdown or tab-separated) made statements labelled by its
-header.
+hard-wrapped lines joined to the line they wrap onto, list and FAQ markers dropped, a
+heading (markdown's or HTML's) marked "# " whatever its case, and a table's rows (markdown
+or tab-separated) made statements labelled by its header.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ _BLOCK_TAGS = {
     "p", "div", "section", "article", "header", "footer", "nav", "main", "blockquote", "pre", "ul", "ol",
     "dl", "table", "thead", "tbody", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
 }  # fmt: skip
+_HEADING_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 # not the page's text: a head's title is the site's name as often as the page's
 _SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
 # A turn of a dialogue or transcript: a speaker's name (one or two capitalised words) and
@@ -78,6 +79,10 @@ _NOT_SPEAKERS = {
     "Assistant", "Customer", "Agent", "Caller",
 }  # fmt: skip
 _HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
+# A markdown heading's marker. The layout keeps one "#" before a heading, as chunks carry it:
+# "Getting started" is no title by its case, yet states no fact.
+_MARKED_HEADING = re.compile(r"^#{1,6}\s+(?=\S)")
+HEADING_MARK = "# "
 
 
 class _HtmlText(HTMLParser):
@@ -94,7 +99,7 @@ class _HtmlText(HTMLParser):
         if tag in _SKIPPED_TAGS:
             self.skipping += 1
         elif tag in _BLOCK_TAGS:
-            self.parts.append("\n\n")
+            self.parts.append("\n\n" + (HEADING_MARK if tag in _HEADING_TAGS else ""))
         elif tag in ("li", "dt", "dd"):
             self.parts.append("\n- ")
         elif tag in ("br", "tr"):
@@ -162,10 +167,10 @@ def _lower_first(label: str) -> str:
 
 
 def paragraph_lines(text: str) -> list[str]:
-    """The text's lines, whitespace collapsed, list, heading and FAQ markers dropped, each
-    hard-wrapped line joined to the line it wraps onto, the rows of a markdown or
-    tab-separated table made statements labelled by its header (a two-column tab-separated
-    row: a label and its value)."""
+    """The text's lines, whitespace collapsed, list and FAQ markers dropped, a markdown
+    heading's marker made one "#" (``HEADING_MARK``), each hard-wrapped line joined to the
+    line it wraps onto, the rows of a markdown or tab-separated table made statements
+    labelled by its header (a two-column tab-separated row: a label and its value)."""
     lines: list[str] = []
     previous = ""  # the last line of prose read, as written; "" after a break
     title = False  # previous is a title line
@@ -186,8 +191,12 @@ def paragraph_lines(text: str) -> list[str]:
                 lines.append(_table_row(header, cells))
             continue
         header = None
-        if not line:
+        if not line.strip("#"):  # a blank line, or an empty heading
             previous = ""
+            continue
+        if _MARKED_HEADING.match(line):  # a line of its own, never wrapped onto
+            lines.append(_MARKED_HEADING.sub(HEADING_MARK, line))
+            previous, title = "", False
             continue
         marked = _LINE_MARKER.match(line)
         line = _LINE_MARKER.sub("", line)
@@ -281,8 +290,16 @@ def _wraps_onto(previous: str, line: str, width: int | None, title: bool) -> boo
 
 
 def is_heading(sentence: str) -> bool:
-    """A title line ("Brannock Observatory", "Early Life and Work"): a few words, each
-    capitalised (or a small joining word), and no punctuation at its end. It says what
-    the lines below are about, which the coreference uses; it states no fact itself."""
+    """A heading: one marked as such ("# Getting started", ``HEADING_MARK``), or a title
+    line ("Brannock Observatory", "Early Life and Work"): a few words, each capitalised (or
+    a small joining word), and no punctuation at its end. It says what the lines below are
+    about, which the coreference uses; it states no fact itself."""
+    if _MARKED_HEADING.match(sentence):
+        return True
     words = sentence.split()
     return 0 < len(words) <= 8 and all(_HEADING_WORD.match(w) for w in words)
+
+
+def unmarked(sentence: str) -> str:
+    """``sentence`` without a heading's mark: a heading as it reads in prose."""
+    return _MARKED_HEADING.sub("", sentence)

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities, names_in
 
 from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
-from aerie_memory.layout import is_heading, markup_to_text
+from aerie_memory.layout import is_heading, markup_to_text, unmarked
 from aerie_memory.text import chunk_text, join_sentences, split_sentences
 
 log = logging.getLogger(__name__)
@@ -224,19 +224,22 @@ def _sentences_about(question: str, source: str) -> list[tuple[tuple[bool, int],
 
     Items are (score, sentence, antecedent): the antecedent is the latest sentence before
     it naming the entity, when the sentence is about the entity only by referring back to
-    it (else "")."""
+    it (else ""); a heading naming it, without its mark. A heading is never an item: it
+    states no fact."""
     names = [name for name in find_entities(question) if name in source]
     q_words = content_words(question) - content_words(" ".join(names))
     sentences = split_sentences(source)
     about, _ = sentence_entities(sentences, find_entities(source))
     scored = []
     for i, (sentence, entities) in enumerate(zip(sentences, about, strict=True)):
+        if is_heading(sentence):
+            continue
         names_it = any(name in sentence for name in names)
         refers = not names_it and any(name in e for name in names for e in entities)
         antecedent = ""
         if refers:
             naming = (s for s in reversed(sentences[:i]) if any(name in s for name in names))
-            antecedent = next(naming, "")
+            antecedent = unmarked(next(naming, ""))
         scored.append(((names_it or refers, len(q_words & content_words(sentence))), sentence, antecedent))
     return sorted((item for item in scored if any(item[0])), key=lambda item: item[0], reverse=True)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from aerie_common.entities import prose_sentences
 
-from aerie_memory.layout import TERMINAL, normalize, paragraph_lines
+from aerie_memory.layout import TERMINAL, is_heading, normalize, paragraph_lines
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DOCUMENT_ID_RE = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
@@ -131,8 +131,8 @@ def join_sentences(sentences: list[str]) -> str:
 def chunk_text(text: str, max_chars: int) -> list[str]:
     """Whole sentences packed greedily into chunks of at most ``max_chars`` (a single
     longer sentence is cut at word boundaries). Sentences are joined by a space, or by a
-    blank line after one without end punctuation, so that ``split_sentences`` gives a
-    chunk's sentences back."""
+    blank line after one without end punctuation and before a heading, so that
+    ``split_sentences`` gives a chunk's sentences back."""
     chunks: list[str] = []
     current = ""
     for sentence in split_sentences(text):
@@ -152,7 +152,7 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
                 chunks.append(current)
                 current = piece
             elif current:
-                current += (" " if current.endswith(TERMINAL) else "\n\n") + piece
+                current += (" " if current.endswith(TERMINAL) and not is_heading(piece) else "\n\n") + piece
             else:
                 current = piece
     if current:
