@@ -44,6 +44,20 @@ _NOT_ENTITY_HEADS = {
     "Anything", "Something", "Nothing", "Everything", "Anyone", "Someone", "Everyone", "Nobody",
     "Anybody", "Somebody", "Everybody",
 }  # fmt: skip
+# Instructions' verbs, which open a manual's or a handbook's sentences ("Install Kestrel
+# with pip.", "Contact Dalia Ferreira ..."): dropped where they open a sentence, not
+# inside a name ("the Open University").
+_IMPERATIVE_HEADS = {
+    "Install", "Uninstall", "Run", "Use", "Open", "Close", "Click", "Select", "Choose", "Enter",
+    "Type", "Press", "Add", "Remove", "Delete", "Set", "Check", "Contact", "Visit", "See", "Call",
+    "Email", "Send", "Submit", "Download", "Upload", "Save", "Restart", "Start", "Stop", "Follow",
+    "Keep", "Make", "Read", "Note", "Ensure", "Avoid", "Book", "Ask", "Report", "Update", "Create",
+    "Copy", "Move", "Find", "Try", "Turn", "Take", "Put", "Get", "Review", "Configure", "Enable",
+    "Disable", "Connect", "Insert", "Register", "Apply", "Join", "Bring", "Pay", "Wear",
+}  # fmt: skip
+# What comes before a word that opens a sentence: nothing, end punctuation, a line break, a
+# heading's or a list item's marker
+_SENTENCE_OPENS = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|#\s+|(?:^|\n)\s*(?:[-*\u2022]|\d{1,3}[.)])\s+)$")
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.
 _CALENDAR = set(
@@ -95,6 +109,8 @@ def name_spans(text: str) -> list[str]:
         words = match.group(0).split()
         if len(words) == 1 and text.startswith(":", match.end()):
             continue  # a label ("Director: Sanne Holloway", "Route: Kell to Dunmarra")
+        if words[0] in _IMPERATIVE_HEADS and _SENTENCE_OPENS.search(text, 0, match.start()):
+            words = words[1:]
         while words and (
             words[0] in _NOT_ENTITY_HEADS
             or (words[0] in TITLES and len(words) > 1)

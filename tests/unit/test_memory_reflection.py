@@ -82,6 +82,11 @@ def test_self_containment_and_entities():
     assert find_entities("# Brannock Observatory\nThe Brannock Observatory sits high.") == [
         "Brannock Observatory"
     ]
+    # an instruction's verb opening a sentence, a list item or a heading is not part of a name;
+    # inside a name it is
+    manual = "Install Kestrel with pip. Then contact Ilse Varga.\n- Call Ilse Varga\n## Visit Oskby"
+    assert find_entities(manual) == ["Ilse Varga", "Kestrel", "Oskby"]
+    assert find_entities("He studied at the Open University in Tarrow.") == ["Open University", "Tarrow"]
 
 
 class Scripted:
