@@ -98,6 +98,14 @@ def test_a_markdown_or_html_heading_keeps_its_mark_and_a_line_of_its_own():
         "Kestrel syncs photos.\n\n# Getting started\n\nInstall it with pip.\n\n# A heading"
     )
     assert split_sentences(chunk) == sentences
+    # a setext heading is marked too; a thematic break, or a rule under a sentence, is no text
+    setext = "Kestrel\n=======\n\nIt syncs photos.\n---\nGetting started\n---------------\n* * *\n- Opened: 2023\n___"
+    assert split_sentences(setext) == [
+        "# Kestrel",
+        "It syncs photos.",
+        "# Getting started",
+        "Opened: 2023",
+    ]
     page = "<h1>Kestrel</h1><p>Kestrel syncs photos.</p><h2>How it works</h2><h3></h3><p>It copies.</p>"
     assert split_sentences(markup_to_text(page)) == [
         "# Kestrel",

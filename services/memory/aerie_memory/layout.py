@@ -83,6 +83,10 @@ _HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an
 # "Getting started" is no title by its case, yet states no fact.
 _MARKED_HEADING = re.compile(r"^#{1,6}\s+(?=\S)")
 HEADING_MARK = "# "
+# A markdown rule: under a line of prose (one not ending a sentence), "===" or "---" makes
+# that line a heading (a setext heading); elsewhere "---", "***" or "___" is a thematic
+# break. Neither is text.
+_RULE = re.compile(r"^([-=*_])(?:\s*\1){2,}$")
 
 
 class _HtmlText(HTMLParser):
@@ -168,12 +172,14 @@ def _lower_first(label: str) -> str:
 
 def paragraph_lines(text: str) -> list[str]:
     """The text's lines, whitespace collapsed, list and FAQ markers dropped, a markdown
-    heading's marker made one "#" (``HEADING_MARK``), each hard-wrapped line joined to the
+    heading's marker made one "#" (``HEADING_MARK``, a setext heading's too), markdown's
+    thematic breaks dropped, each hard-wrapped line joined to the
     line it wraps onto, the rows of a markdown or tab-separated table made statements
     labelled by its header (a two-column tab-separated row: a label and its value)."""
     lines: list[str] = []
     previous = ""  # the last line of prose read, as written; "" after a break
     title = False  # previous is a title line
+    marked = None  # previous opened with a list item's, FAQ's or speaker's marker
     header: list[str] | None = None  # of the table the last line belonged to
     kept = _without_page_furniture(text.splitlines())
     normalized = [line for _, line in kept]
@@ -196,6 +202,12 @@ def paragraph_lines(text: str) -> list[str]:
             continue
         if _MARKED_HEADING.match(line):  # a line of its own, never wrapped onto
             lines.append(_MARKED_HEADING.sub(HEADING_MARK, line))
+            previous, title = "", False
+            continue
+        if rule := _RULE.match(line):
+            # the line above is a heading, unless it ends a sentence: then the rule was meant
+            if previous and not marked and rule[1] in "=-" and not previous.endswith(TERMINAL):
+                lines[-1] = HEADING_MARK + lines[-1]
             previous, title = "", False
             continue
         marked = _LINE_MARKER.match(line)
