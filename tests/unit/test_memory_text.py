@@ -81,6 +81,39 @@ def test_a_heading_is_a_short_line_of_capitalised_words():
     assert unmarked("# Getting started") == "Getting started" and unmarked("Facts") == "Facts"
 
 
+def test_markdown_markup_is_not_learned_as_text():
+    text = textwrap.dedent(
+        """\
+        > Kestrel is **fast** and _simple_.
+
+        See the [docs](https://kestrel.example/docs) for more. ![logo](logo.png)
+
+        ```bash
+        pip install kestrel
+        kestrel sync --to home
+        ```
+
+        The `kestrel.db` file holds the ledger.[^1] It reads snake_case_names and 2 * 3 * 4.
+        A *wide* range, see [the guide][g].
+        <!-- TODO:
+        write more -->
+
+        [^1]: The ledger is SQLite.
+        [g]: https://kestrel.example/guide
+        """
+    )
+    assert split_sentences(text) == [
+        "Kestrel is fast and simple.",
+        "See the docs for more.",
+        "pip install kestrel",  # a fenced block's lines: each one of its own, as written
+        "kestrel sync --to home",
+        "The kestrel.db file holds the ledger.",
+        "It reads snake_case_names and 2 * 3 * 4.",
+        "A wide range, see the guide.",
+        "The ledger is SQLite.",
+    ]
+
+
 def test_a_markdown_or_html_heading_keeps_its_mark_and_a_line_of_its_own():
     text = (
         "Kestrel syncs photos.\n\n## Getting started\n\nInstall it with pip.\n"

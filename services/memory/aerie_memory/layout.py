@@ -4,8 +4,9 @@
 A document arrives as plain text, markdown, text taken out of a PDF or HTML. Each becomes
 lines that each hold whole sentences: HTML as its text, a PDF's page furniture dropped,
 hard-wrapped lines joined to the line they wrap onto, list and FAQ markers dropped, a
-heading (markdown's or HTML's) marked "# " whatever its case, and a table's rows (markdown
-or tab-separated) made statements labelled by its header.
+heading (markdown's or HTML's) marked "# " whatever its case, markdown's other markup
+(emphasis, links, code, quotes) dropped, and a table's rows (markdown or tab-separated)
+made statements labelled by its header.
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ HEADING_MARK = "# "
 # that line a heading (a setext heading); elsewhere "---", "***" or "___" is a thematic
 # break. Neither is text.
 _RULE = re.compile(r"^([-=*_])(?:\s*\1){2,}$")
+# Markdown's markup, which is not text: a block quote's ">", a code fence, an image, a link's
+# target ("[the docs](https://...)" reads "the docs"), a footnote's mark, inline code's
+# backticks, and emphasis ("**fast**", "_simple_"; not the underscores of snake_case or the
+# stars of "2 * 3"). A fenced block's lines are kept as written, each a line of its own.
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_CODE_FENCE = re.compile(r"^\s*(?:```|~~~)")
+_BLOCK_QUOTE = re.compile(r"^\s*(?:>\s?)+")
+_LINK_DEFINITION = re.compile(r"^\s*\[[^\]^]+\]:\s+\S+\s*$")
+_INLINE_MARKUP = (
+    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),
+    (re.compile(r"\[([^\]]+)\](?:\([^)]*\)|\[[^\]]*\])"), r"\1"),
+    (re.compile(r"^\s*\[\^[^\]]+\]:\s*|\[\^[^\]]+\]"), ""),
+    (re.compile(r"`([^`]+)`"), r"\1"),
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),
+    (re.compile(r"(?<![\w*])([*_])(?=[^\s*_])(.+?)(?<=[^\s*_])\1(?![\w*])"), r"\2"),
+)
 
 
 class _HtmlText(HTMLParser):
@@ -181,7 +198,7 @@ def paragraph_lines(text: str) -> list[str]:
     title = False  # previous is a title line
     marked = None  # previous opened with a list item's, FAQ's or speaker's marker
     header: list[str] | None = None  # of the table the last line belonged to
-    kept = _without_page_furniture(text.splitlines())
+    kept = _without_page_furniture(_without_markdown_markup(text))
     normalized = [line for _, line in kept]
     speakers = _speakers(normalized)
     for (raw, line), width in zip(kept, _wrap_widths(normalized), strict=True):
@@ -221,6 +238,25 @@ def paragraph_lines(text: str) -> list[str]:
             lines.append(line)
         title = not previous and is_heading(line)  # a block's first line, reading as a title
         previous = line
+    return lines
+
+
+def _without_markdown_markup(text: str) -> list[str]:
+    """The text's lines less markdown's markup (``_INLINE_MARKUP``) and HTML comments; a
+    code fence a break, and each line of a fenced block a line of its own, as written."""
+    lines: list[str] = []
+    fenced = False
+    for line in _HTML_COMMENT.sub("", text).splitlines():
+        if _CODE_FENCE.match(line):
+            fenced = not fenced
+            lines.append("")
+        elif fenced:
+            lines += [line, ""]
+        elif not _LINK_DEFINITION.match(line):
+            line = _BLOCK_QUOTE.sub("", line)
+            for markup, text_of_it in _INLINE_MARKUP:
+                line = markup.sub(text_of_it, line)
+            lines.append(line)
     return lines
 
 
