@@ -61,11 +61,11 @@ _HTML_TAG = re.compile(
     r"a|b|i|em|strong|section|article|header|footer|nav|main|blockquote|pre|code)\b[^>]*>",
     re.IGNORECASE,
 )
+_HEADING_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 _BLOCK_TAGS = {
     "p", "div", "section", "article", "header", "footer", "nav", "main", "blockquote", "pre", "ul", "ol",
-    "dl", "table", "thead", "tbody", "h1", "h2", "h3", "h4", "h5", "h6", "hr",
+    "dl", "table", "thead", "tbody", "hr", *_HEADING_TAGS,
 }  # fmt: skip
-_HEADING_TAGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 # not the page's text: a head's title is the site's name as often as the page's
 _SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
 # A turn of a dialogue or transcript: a speaker's name (one or two capitalised words) and
