@@ -114,6 +114,38 @@ def test_markdown_markup_is_not_learned_as_text():
     ]
 
 
+def test_a_fenced_code_blocks_lines_are_read_as_code_not_as_markdown():
+    text = textwrap.dedent(
+        """\
+        Kestrel syncs photos. Install it with pip.
+
+        ```bash
+        #!/usr/bin/env bash
+        # install the deps
+        pip install kestrel
+        }
+        ```
+
+        ```yaml
+        ---
+        ## Getting started
+        services:
+          - name: web
+        | not a table |
+        ```
+        It needs Python 3.10.
+        """
+    )
+    sentences = ["Kestrel syncs photos.", "Install it with pip.", "install the deps", "pip install kestrel"]
+    # a comment is no heading, YAML's "---" no rule, a list item's dash or a bar no markup
+    sentences += ["Getting started", "services:", "name: web", "not a table", "It needs Python 3.10."]
+    assert split_sentences(text) == sentences
+    # a chunk gives them back, a line opening in lower case after a sentence too
+    for chunk_chars in (1000, 60, 30):
+        chunks = chunk_text(text, chunk_chars)
+        assert [s for chunk in chunks for s in split_sentences(chunk)] == sentences, chunks
+
+
 def test_a_markdown_or_html_heading_keeps_its_mark_and_a_line_of_its_own():
     text = (
         "Kestrel syncs photos.\n\n## Getting started\n\nInstall it with pip.\n"

@@ -91,11 +91,15 @@ _RULE = re.compile(r"^([-=*_])(?:\s*\1){2,}$")
 # Markdown's markup, which is not text: a block quote's ">", a code fence, an image, a link's
 # target ("[the docs](https://...)" reads "the docs"), a footnote's mark, inline code's
 # backticks, and emphasis ("**fast**", "_simple_"; not the underscores of snake_case or the
-# stars of "2 * 3"). A fenced block's lines are kept as written, each a line of its own.
+# stars of "2 * 3"). A fenced block's lines are each a line of its own, read as code
+# (``_code_line``), not as markdown.
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _CODE_FENCE = re.compile(r"^\s*(?:```|~~~)")
 _BLOCK_QUOTE = re.compile(r"^\s*(?:>\s?)+")
 _LINK_DEFINITION = re.compile(r"^\s*\[[^\]^]+\]:\s+\S+\s*$")
+# A code line's comment mark ("# install the deps", "// then build"), and a shebang line
+_CODE_COMMENT = re.compile(r"^(?:#+|//+)(?:\s+|$)")
+_SHEBANG = re.compile(r"^#!")
 _INLINE_MARKUP = (
     (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),
     (re.compile(r"\[([^\]]+)\](?:\([^)]*\)|\[[^\]]*\])"), r"\1"),
@@ -199,9 +203,14 @@ def paragraph_lines(text: str) -> list[str]:
     marked = None  # previous opened with a list item's, FAQ's or speaker's marker
     header: list[str] | None = None  # of the table the last line belonged to
     kept = _without_page_furniture(_without_markdown_markup(text))
-    normalized = [line for _, line in kept]
+    normalized = [line for _, line, _ in kept]
     speakers = _speakers(normalized)
-    for (raw, line), width in zip(kept, _wrap_widths(normalized), strict=True):
+    for (raw, line, code), width in zip(kept, _wrap_widths(normalized), strict=True):
+        if code:
+            if line := _code_line(line):
+                lines.append(line)
+            header, previous = None, ""
+            continue
         cells = _table_cells(line) or _tab_cells(raw)
         if cells is not None:
             if header is None and "\t" in raw and len(cells) == 2:
@@ -241,23 +250,34 @@ def paragraph_lines(text: str) -> list[str]:
     return lines
 
 
-def _without_markdown_markup(text: str) -> list[str]:
-    """The text's lines less markdown's markup (``_INLINE_MARKUP``) and HTML comments; a
-    code fence a break, and each line of a fenced block a line of its own, as written."""
-    lines: list[str] = []
+def _without_markdown_markup(text: str) -> list[tuple[str, bool]]:
+    """The text's lines less markdown's markup (``_INLINE_MARKUP``) and HTML comments, each
+    with whether it is a line of a fenced code block, which is left as written; a code
+    fence is a break."""
+    lines: list[tuple[str, bool]] = []
     fenced = False
     for line in _HTML_COMMENT.sub("", text).splitlines():
         if _CODE_FENCE.match(line):
             fenced = not fenced
-            lines.append("")
+            lines.append(("", False))
         elif fenced:
-            lines += [line, ""]
+            lines.append((line, True))
         elif not _LINK_DEFINITION.match(line):
             line = _BLOCK_QUOTE.sub("", line)
             for markup, text_of_it in _INLINE_MARKUP:
                 line = markup.sub(text_of_it, line)
-            lines.append(line)
+            lines.append((line, False))
     return lines
+
+
+def _code_line(line: str) -> str:
+    """A line of a fenced code block as a line of prose, or "" for none: a comment without
+    its mark, never a heading ("# install the deps"); no list or heading marker, nor a table
+    row's outer bars, for the layout to read when a chunk is read again; a shebang, or a line
+    without a letter or digit ("---", "}"), is none."""
+    if _SHEBANG.match(line) or not re.search(r"[^\W_]", line):
+        return ""
+    return _LINE_MARKER.sub("", _CODE_COMMENT.sub("", line)).strip("| ")
 
 
 def _speakers(lines: list[str]) -> dict[str, str]:
@@ -271,13 +291,18 @@ def _speakers(lines: list[str]) -> dict[str, str]:
     return {label: label.title() if label.isupper() and len(label) > 3 else label for label in names}
 
 
-def _without_page_furniture(raw_lines: list[str]) -> list[tuple[str, str]]:
-    """The lines, each as written and normalised, less a PDF's page furniture
-    (``_PAGE_NUMBER``): page numbers, and running headers and footers, lines that recur
-    three times or more word for word, short and without end punctuation, labels, list
-    items and table rows aside."""
-    raw_lines = [_TRAILING_PAGE_NUMBER.sub("", raw) for raw in raw_lines if not _PAGE_NUMBER_LINE.match(raw)]
-    lines = [(raw, normalize(raw)) for raw in raw_lines]
+def _without_page_furniture(raw_lines: list[tuple[str, bool]]) -> list[tuple[str, str, bool]]:
+    """The lines, each as written and normalised, with whether it is code, less a PDF's
+    page furniture (``_PAGE_NUMBER``): page numbers, and running headers and footers, lines
+    that recur three times or more word for word, short and without end punctuation,
+    labels, list items and table rows aside."""
+    lines = []
+    for raw, code in raw_lines:
+        if not code:
+            if _PAGE_NUMBER_LINE.match(raw):
+                continue
+            raw = _TRAILING_PAGE_NUMBER.sub("", raw)
+        lines.append((raw, normalize(raw), code))
 
     def running(line: str) -> bool:
         return (
@@ -289,8 +314,8 @@ def _without_page_furniture(raw_lines: list[str]) -> list[tuple[str, str]]:
             and not _LINE_MARKER.match(line)
         )
 
-    repeats = Counter(line for _, line in lines if running(line))
-    return [(raw, line) for raw, line in lines if repeats[line] < _RUNNING_LINE_REPEATS]
+    repeats = Counter(line for _, line, code in lines if running(line) and not code)
+    return [(raw, line, code) for raw, line, code in lines if code or repeats[line] < _RUNNING_LINE_REPEATS]
 
 
 def _joined(text: str, line: str, document: str) -> str:

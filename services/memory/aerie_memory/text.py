@@ -128,13 +128,23 @@ def join_sentences(sentences: list[str]) -> str:
     return " ".join(s if s.endswith((*TERMINAL, ":", ",")) else f"{s}." for s in sentences)
 
 
+def _parts_after(sentence: str, next_sentence: str) -> bool:
+    """Whether the sentence splitter parts ``sentence`` and ``next_sentence`` on one line."""
+    return (
+        sentence.endswith(TERMINAL)
+        and not is_heading(next_sentence)
+        and len(prose_sentences(f"{sentence} {next_sentence}")) == 2
+    )
+
+
 def chunk_text(text: str, max_chars: int) -> list[str]:
     """Whole sentences packed greedily into chunks of at most ``max_chars`` (a single
-    longer sentence is cut at word boundaries). Sentences are joined by a space, or by a
-    blank line after one without end punctuation and before a heading, so that
+    longer sentence is cut at word boundaries). Sentences are joined by a space where the
+    sentence splitter would part them there again, else by a blank line (after a line
+    without end punctuation, before a heading or a line opening in lower case), so that
     ``split_sentences`` gives a chunk's sentences back."""
     chunks: list[str] = []
-    current = ""
+    current = last = ""
     for sentence in split_sentences(text):
         pieces = [sentence]
         if len(sentence) > max_chars:
@@ -152,9 +162,10 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
                 chunks.append(current)
                 current = piece
             elif current:
-                current += (" " if current.endswith(TERMINAL) and not is_heading(piece) else "\n\n") + piece
+                current += (" " if _parts_after(last, piece) else "\n\n") + piece
             else:
                 current = piece
+            last = piece
     if current:
         chunks.append(current)
     return chunks
