@@ -718,11 +718,13 @@ async def test_a_model_is_retrieved_by_its_served_name_slashes_and_all(gateway_a
     async with asgi_client(gateway_app(served_model_name="acme/chat-1")) as client:
         card = await client.get("/v1/models/acme/chat-1")
         listed = (await client.get("/v1/models")).json()["data"]
+        slashed = await client.get("/v1/models/")
         unknown = await client.get(f"/v1/models/{MODEL}")
         nested = await client.get("/v1/models/acme/chat-1/extra")
     assert card.status_code == 200, card.text
     assert card.json() == listed[0]
     assert card.json()["id"] == "acme/chat-1"
+    assert slashed.status_code == 200 and slashed.json()["data"] == listed
     assert assert_error(unknown, 404, "invalid_request_error", "model")["code"] == "model_not_found"
     assert_error(nested, 404, "invalid_request_error", "model")
 

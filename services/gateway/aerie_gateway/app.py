@@ -154,6 +154,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @v1.get("/models/{model:path}")  # a served name may hold slashes: "meta-llama/Llama-3.1-8B-Instruct"
     async def retrieve_model(model: str) -> JSONResponse:
+        if not model:  # "/v1/models/": the list, as without the slash
+            return await list_models()
         card = await model_card()
         if model != card.id:
             raise model_not_found(model)
