@@ -25,13 +25,21 @@ MAX_LOGIT_BIAS_TOKENS = 300
 # (ModelInfo.sampling_defaults).
 SamplingDefaultField = Literal["temperature", "top_p", "top_k", "min_p", "repetition_penalty"]
 SAMPLING_DEFAULT_FIELDS: tuple[str, ...] = get_args(SamplingDefaultField)
-_IN_RANGE = {  # of a finite value
-    "temperature": lambda value: value >= 0,
-    "top_p": lambda value: 0 < value <= 1,
-    "top_k": lambda value: value >= 0 and value == int(value),
-    "min_p": lambda value: 0 <= value <= 1,
-    "repetition_penalty": lambda value: value > 0,
+# Each one's range, for a finite value: whether a value is in it, and how to say it
+_RANGES = {
+    "temperature": (lambda value: value >= 0, ">= 0"),
+    "top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "top_k": (lambda value: value >= 0 and value == int(value), "an integer >= 0"),
+    "min_p": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "repetition_penalty": (lambda value: value > 0, "> 0"),
 }
+
+
+def check_sampling_value(field: SamplingDefaultField, value: float) -> None:
+    """ValueError naming ``field`` and its range unless a request may hold ``value`` there."""
+    in_range, described = _RANGES[field]
+    if not (math.isfinite(value) and in_range(value)):
+        raise ValueError(f"{field} must be {described}, got {value}")
 
 
 def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
@@ -39,8 +47,7 @@ def check_sampling_defaults(defaults: dict[str, float]) -> dict[str, float]:
     a request may hold each value; else ValueError naming it."""
     checked = dict(defaults)
     for field, value in defaults.items():
-        if not (math.isfinite(value) and _IN_RANGE[field](value)):
-            raise ValueError(f"{value} is no {field} a request may hold")
+        check_sampling_value(field, value)
         if field == "top_k":
             checked[field] = int(value)
     return checked

@@ -26,6 +26,7 @@ from aerie_common.sampling_limits import (
     MAX_TOP_LOGPROBS,
     SAMPLING_DEFAULT_FIELDS,
     check_sampling_defaults,
+    check_sampling_value,
 )
 
 from aerie_verifier.structured_output import StructuredOutput
@@ -66,14 +67,8 @@ class SamplingParams:
     prompt_logprobs: bool = False  # and each prompt token's (with top_logprobs alternatives)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for field in SAMPLING_DEFAULT_FIELDS:
+            check_sampling_value(field, getattr(self, field))
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if any(not s for s in self.stop):
@@ -86,8 +81,6 @@ class SamplingParams:
             value = getattr(self, name)
             if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
                 raise ValueError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], got {value}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(
                 f"logit_bias holds {len(self.logit_bias)} tokens, more than {MAX_LOGIT_BIAS_TOKENS}"
