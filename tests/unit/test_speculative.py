@@ -61,8 +61,8 @@ def prompts(n, seed=0):
 def make_engine(target, tiny_tokenizer):
     engines = []
 
-    def make(factory):
-        engine = Engine(target, tiny_tokenizer, max_running=4, max_waiting=64, drafter_factory=factory)
+    def make(factory, model=target):
+        engine = Engine(model, tiny_tokenizer, max_running=4, max_waiting=64, drafter_factory=factory)
         engine.start()
         engines.append(engine)
         return engine
@@ -204,11 +204,14 @@ def test_a_draw_depends_on_the_seed_and_position_alone():
     assert draws != [next_token(logits, params, seed=8, position=position) for position in range(30)]
 
 
-def test_sampling_is_lossless_end_to_end_on_the_second_token(target, make_engine):
+def test_sampling_is_lossless_end_to_end_on_the_second_token(make_engine):
     """The first token comes from prefill, the second from tree verification. Their joint
     distribution must equal the target's own, computed exactly. top_k=3 keeps the support
-    to 9 pairs so a few hundred runs measure it."""
-    engine = make_engine(Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=1)))
+    to 9 pairs so a few hundred runs measure it; a 3-layer target makes them cheap."""
+    target = build_tiny_llama(VOCAB, seed=3, layers=3)
+    engine = make_engine(
+        Factory(lambda: TargetTopKDrafter(target, top_k=3, levels=1), capture_layer_ids=(0, 1, 2)), target
+    )
     prompt = [5, 6, 7, 8]
     params = dict(temperature=1.0, top_k=3, max_tokens=2)
     runs = 600
