@@ -133,12 +133,16 @@ def test_a_fenced_code_blocks_lines_are_read_as_code_not_as_markdown():
           - name: web
         | not a table |
         ```
+        ```js
+        // connect first
+        client.connect()
+        ```
         It needs Python 3.10.
         """
     )
-    sentences = ["Kestrel syncs photos.", "Install it with pip.", "install the deps", "pip install kestrel"]
-    # a comment is no heading, YAML's "---" no rule, a list item's dash or a bar no markup
-    sentences += ["Getting started", "services:", "name: web", "not a table", "It needs Python 3.10."]
+    sentences = ["Kestrel syncs photos.", "Install it with pip.", "pip install kestrel", "services:"]
+    # a comment is no heading but dropped, YAML's "---" no rule, a list item's dash or a bar no markup
+    sentences += ["name: web", "not a table", "client.connect()", "It needs Python 3.10."]
     assert split_sentences(text) == sentences
     # a chunk gives them back, a line opening in lower case after a sentence too
     for chunk_chars in (1000, 60, 30):

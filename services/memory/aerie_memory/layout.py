@@ -97,9 +97,8 @@ _HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _CODE_FENCE = re.compile(r"^\s*(?:```|~~~)")
 _BLOCK_QUOTE = re.compile(r"^\s*(?:>\s?)+")
 _LINK_DEFINITION = re.compile(r"^\s*\[[^\]^]+\]:\s+\S+\s*$")
-# A code line's comment mark ("# install the deps", "// then build"), and a shebang line
-_CODE_COMMENT = re.compile(r"^(?:#+|//+)(?:\s+|$)")
-_SHEBANG = re.compile(r"^#!")
+# A code line that is a comment ("# install the deps", "// then build") or a shebang
+_CODE_COMMENT = re.compile(r"^(?:#+|//+)(?:\s|$)|^#!")
 _INLINE_MARKUP = (
     (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),
     (re.compile(r"\[([^\]]+)\](?:\([^)]*\)|\[[^\]]*\])"), r"\1"),
@@ -271,13 +270,14 @@ def _without_markdown_markup(text: str) -> list[tuple[str, bool]]:
 
 
 def _code_line(line: str) -> str:
-    """A line of a fenced code block as a line of prose, or "" for none: a comment without
-    its mark, never a heading ("# install the deps"); no list or heading marker, nor a table
-    row's outer bars, for the layout to read when a chunk is read again; a shebang, or a line
-    without a letter or digit ("---", "}"), is none."""
-    if _SHEBANG.match(line) or not re.search(r"[^\W_]", line):
+    """A line of a fenced code block as a line of prose, or "" for none: a comment ("# install
+    the deps", never a heading: it tells what the code does, and would crowd the facts out of
+    a passage), a shebang, or a line without a letter or digit ("---", "}") is none; a code
+    line keeps no list or heading marker, nor a table row's outer bars, for the layout to
+    read when a chunk is read again."""
+    if _CODE_COMMENT.match(line) or not re.search(r"[^\W_]", line):
         return ""
-    return _LINE_MARKER.sub("", _CODE_COMMENT.sub("", line)).strip("| ")
+    return _LINE_MARKER.sub("", line).strip("| ")
 
 
 def _speakers(lines: list[str]) -> dict[str, str]:
