@@ -129,7 +129,7 @@ def merged_answers(answers: list[str]) -> str:
         sentences = split_sentences(text)
         new = []
         for sentence in sentences:
-            key = " ".join(sentence.lower().rstrip(".!?").split())
+            key = sentence.lower().rstrip(".!?")  # split_sentences collapsed its whitespace
             if key not in said:
                 said.add(key)
                 new.append(sentence)
