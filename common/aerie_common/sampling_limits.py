@@ -27,11 +27,11 @@ SamplingDefaultField = Literal["temperature", "top_p", "top_k", "min_p", "repeti
 SAMPLING_DEFAULT_FIELDS: tuple[str, ...] = get_args(SamplingDefaultField)
 # Each one's range, for a finite value: whether a value is in it, and how to say it
 _RANGES = {
-    "temperature": (lambda value: value >= 0, ">= 0"),
+    "temperature": (lambda value: value >= 0, "a finite number >= 0"),
     "top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
     "top_k": (lambda value: value >= 0 and value == int(value), "an integer >= 0"),
     "min_p": (lambda value: 0 <= value <= 1, "in [0, 1]"),
-    "repetition_penalty": (lambda value: value > 0, "> 0"),
+    "repetition_penalty": (lambda value: value > 0, "a finite number > 0"),
 }
 
 
