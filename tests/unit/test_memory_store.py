@@ -609,7 +609,7 @@ async def test_a_query_racing_a_forget_loads_the_version_it_served(env):
     assert (await servicer._memory("ns")).version == "v0002"
 
 
-async def test_grpc_adapter(env, tmp_path):
+async def test_grpc_adapter(env, tmp_path, monkeypatch):
     store, settings, processor, _, _ = env
     server = grpc.aio.server()
     memory_pb2_grpc.add_MemoryServicer_to_server(TinyServicer(settings, store), server)
@@ -683,6 +683,24 @@ async def test_grpc_adapter(env, tmp_path):
                 memory_pb2.QueryRequest(namespace="g", question="What do you know about Doctor Mira Vell?")
             )
             assert fuller.answer != IDK
+            # a passage question is answered as long as its passage was trained to be, unless told
+            recall, lengths = LoadedMemory.recall, []
+
+            def recall_spied(self, question, max_tokens):
+                lengths.append(max_tokens)
+                return recall(self, question, max_tokens)
+
+            monkeypatch.setattr(LoadedMemory, "recall", recall_spied)
+            for question, max_tokens, expected in (
+                ("What do you know about Mira Vell?", 0, settings.memory_max_seq_tokens),
+                ("What does Mira Vell collect?", 0, settings.memory_query_max_tokens),
+                ("What do you know about Mira Vell?", 20, 20),
+            ):
+                lengths.clear()
+                await stub.Query(
+                    memory_pb2.QueryRequest(namespace="g", question=question, max_tokens=max_tokens)
+                )
+                assert lengths and set(lengths) == {expected}, question
             stats = await stub.GetNamespace(memory_pb2.GetNamespaceRequest(namespace="g"))
             assert (stats.documents, stats.current_version, stats.exists) == (2, "v0001", True)
             await _documents_read_back(stub, learned_job=reply.job_id)

@@ -22,6 +22,7 @@ import time
 import grpc
 import redis
 import redis.asyncio as aioredis
+from aerie_common.entities import facts_question_entity
 from aerie_common.grpc_utils import GrpcService, abort_invalid
 from aerie_common.logs import setup_logging
 from aerie_common.memory_limits import (
@@ -319,6 +320,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
         self.cache.put(namespace, loaded)
         return loaded
 
+    def _default_answer_tokens(self, question: str) -> int:
+        """The answer's length where a query sets none: an entity's passage question ("What
+        do you know about X?") as long as its passage was trained to be
+        (AERIE_MEMORY_MAX_SEQ_TOKENS), so that it is not cut; another question
+        AERIE_MEMORY_QUERY_MAX_TOKENS."""
+        if facts_question_entity(question) is not None:
+            return min(self.settings.memory_max_seq_tokens, MAX_ANSWER_TOKENS)
+        return self.settings.memory_query_max_tokens
+
     async def Query(self, request, context):
         reply = await self._query(request, context)
         self.queries[reply.knows] += 1
@@ -347,7 +357,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServicer):
             return memory_pb2.QueryResponse(
                 answer=IDK, knows=False, model_version=memory.version, seconds=time.monotonic() - started
             )
-        max_tokens = request.max_tokens or self.settings.memory_query_max_tokens
+        max_tokens = request.max_tokens or self._default_answer_tokens(question)
 
         def run() -> tuple[str, bool]:
             with memory.lock:  # one generation at a time per loaded model
