@@ -56,8 +56,11 @@ _IMPERATIVE_HEADS = {
     "Disable", "Connect", "Insert", "Register", "Apply", "Join", "Bring", "Pay", "Wear",
 }  # fmt: skip
 # What comes before a word that opens a sentence: nothing, end punctuation, a line break, a
-# heading's or a list item's marker
+# heading's or a list item's marker. Besides whitespace it holds at most this many
+# characters ("12. "), so a window of text before the word holding more shows it.
 _SENTENCE_OPENS = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|#\s+|(?:^|\n)\s*(?:[-*\u2022]|\d{1,3}[.)])\s+)$")
+_OPENER_MARK_CHARS = 4
+_OPENER_WINDOW = 64
 # Capitalised words that name a time, not a thing a question is about ("held every
 # August"): alone they are no entity.
 _CALENDAR = set(
@@ -101,6 +104,17 @@ _IRREGULAR = dict(
 )
 
 
+def _opens_sentence(text: str, start: int) -> bool:
+    """Whether the word at ``start`` opens a sentence, a line or a list item
+    (``_SENTENCE_OPENS``), looking back over a short window rather than the whole text
+    before it (a search from the text's start made a long document's entities quadratic):
+    a window holding more than an opener's characters besides whitespace holds all of it."""
+    window = max(0, start - _OPENER_WINDOW)
+    if sum(not c.isspace() for c in text[window:start]) <= _OPENER_MARK_CHARS:
+        window = 0  # whitespace and a marker at most: the opener may reach further back
+    return _SENTENCE_OPENS.search(text, window, start) is not None
+
+
 def name_spans(text: str) -> list[str]:
     """Every capitalised span of ``text`` that may name something, in order, repeats
     included: sentence-initial function words stripped ("In Tarnow" -> "Tarnow")."""
@@ -109,7 +123,7 @@ def name_spans(text: str) -> list[str]:
         words = match.group(0).split()
         if len(words) == 1 and text.startswith(":", match.end()):
             continue  # a label ("Director: Sanne Holloway", "Route: Kell to Dunmarra")
-        if words[0] in _IMPERATIVE_HEADS and _SENTENCE_OPENS.search(text, 0, match.start()):
+        if words[0] in _IMPERATIVE_HEADS and _opens_sentence(text, match.start()):
             words = words[1:]
         while words and (
             words[0] in _NOT_ENTITY_HEADS

@@ -4,6 +4,7 @@ junk, per-step yield counters and provenance."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aerie_common.entities import facts_question_entity
@@ -87,6 +88,12 @@ def test_self_containment_and_entities():
     manual = "Install Kestrel with pip. Then contact Ilse Varga.\n- Call Ilse Varga\n## Visit Oskby"
     assert find_entities(manual) == ["Ilse Varga", "Kestrel", "Oskby"]
     assert find_entities("He studied at the Open University in Tarrow.") == ["Open University", "Tarrow"]
+    # an opener reaching far back (a long indent) is seen, and a long document's verbs are
+    # checked near them, not each against all the text before it (which took seconds here)
+    assert find_entities("It is ready.\n" + " " * 100 + "- Install Kestrel") == ["Kestrel"]
+    started = time.monotonic()
+    assert find_entities("\n".join([manual] * 1000)) == ["Ilse Varga", "Kestrel", "Oskby"]
+    assert time.monotonic() - started < 3
 
 
 class Scripted:
