@@ -133,8 +133,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         except grpc.aio.AioRpcError as err:
             raise service_unavailable(f"The model backend is unavailable: {err.details()}") from err
 
+    def served_name(info: verifier_pb2.ModelInfo) -> str:
+        return settings.served_model_name or info.model_id
+
     async def served_model() -> str:
-        return settings.served_model_name or (await verifier_model()).model_id
+        return served_name(await verifier_model())
 
     async def with_model_defaults(body: Body) -> Body:
         """``body`` with the served model's sampling defaults where it left fields out."""
@@ -145,7 +148,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def model_card() -> ModelCard:
         info = await verifier_model()
         return ModelCard(
-            id=await served_model(), created=started_at, root=info.model_id, max_model_len=info.context_length
+            id=served_name(info), created=started_at, root=info.model_id, max_model_len=info.context_length
         )
 
     @v1.get("/models")
