@@ -220,6 +220,21 @@ def test_faq_markers_are_dropped_and_table_rows_are_labelled_statements():
     ]
 
 
+def test_a_table_of_labels_and_their_values_reads_label_colon_value():
+    specs = (
+        "| Property | Value |\n|-|:-:|\n| Capacity | 1.7 litres |\n| | |\n| Power | 3000 watts. |\n"
+        "| Weight | |\n\n| Feature | Description |\n|---|---|\n| Quiet mode | Runs at 40 dB |\n"
+        "\n| Year | Event |\n|---|---|\n| 1384 | Charter granted |"
+    )
+    assert split_sentences(specs) == [
+        "Capacity: 1.7 litres.",  # an empty row says nothing; one hyphen makes a delimiter row
+        "Power: 3000 watts.",  # one full stop
+        "Weight.",
+        "Quiet mode: Runs at 40 dB.",
+        "Year: 1384; event: Charter granted.",  # its second column is no value of its first
+    ]
+
+
 def test_a_line_break_ends_a_sentence_and_chunks_keep_it():
     text = "# Tressa\n\nTressa is an island.\n- Population: 900\n- Ferries: twice a day\n1. Cars banned\nLast  line."
     sentences = [

@@ -24,7 +24,11 @@ _LINE_MARKER = re.compile(
     r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*"
     r"|(?:\d{1,3}(?:\.\d{1,3})+\.?|\((?:\d{1,3}|[a-z]{1,4})\))\s+(?=[A-Z]))"
 )
-_TABLE_SEPARATOR = re.compile(r"^:?-{3,}:?$")
+_TABLE_SEPARATOR = re.compile(r"^:?-+:?$")  # GFM's delimiter row: one hyphen is enough
+# The header of a two-column table's second column when the first holds labels and the
+# second their values ("| Property | Value |"): its rows read "Capacity: 1.7 litres.", not
+# "Property: Capacity; value: 1.7 litres.", which says no more in twice the tokens.
+_VALUE_HEADERS = frozenset({"", "value", "values", "detail", "details", "description", "information", "info"})
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
 # is this long, when it ends on a word or comma no sentence or heading ends on, when the next
@@ -176,12 +180,17 @@ def _tab_cells(raw: str) -> list[str] | None:
 
 def _table_row(header: list[str], cells: list[str]) -> str:
     """A table row as one labelled statement, so that each row's values stay together and
-    say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes."."""
-    labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
-    pairs = [
-        f"{label}: {cell}" if label else cell for label, cell in zip(labels, cells, strict=False) if cell
-    ]
-    return "; ".join(pairs) + "."
+    say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes.";
+    a row of a label and its value (``_VALUE_HEADERS``): "Capacity: 1.7 litres."."""
+    if len(header) == 2 and header[1].casefold() in _VALUE_HEADERS:
+        pairs = [": ".join(cell for cell in cells[:2] if cell)]
+    else:
+        labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
+        pairs = [
+            f"{label}: {cell}" if label else cell for label, cell in zip(labels, cells, strict=False) if cell
+        ]
+    statement = "; ".join(pairs)
+    return statement if statement.endswith(TERMINAL) else statement + "."
 
 
 def _lower_first(label: str) -> str:
@@ -218,7 +227,7 @@ def paragraph_lines(text: str) -> list[str]:
                 previous = ""
             elif header is None:
                 header, previous = cells, ""
-            elif not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
+            elif any(cells) and not all(_TABLE_SEPARATOR.match(cell) for cell in cells):
                 lines.append(_table_row(header, cells))
             continue
         header = None
