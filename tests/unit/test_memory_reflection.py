@@ -655,6 +655,9 @@ def test_a_heading_in_sentence_case_is_no_fact_of_a_passage_or_evidence():
     )
     # a sentence about the mill only through the heading above it is told with the heading's words
     assert evidence("What does Halvard Mill grind?", text) == "Halvard Mill. It grinds rye for Oskby."
+    # named in titles alone, nothing is known of it: no passage, rather than an empty one
+    assert rule_passages([SourceDocument("t", "Brindle K2 Kettle")]) == {}
+    assert rule_passages([SourceDocument("t", "# Brindle K2 Kettle\n\n## Descaling Brindle K2")]) == {}
     assert evidence("Who owns Halvard Mill?", text) == (  # no sentence says: those about the mill
         "Halvard Mill. It grinds rye for Oskby. Halvard Mill turns on the Osk river."
     )

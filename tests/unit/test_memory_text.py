@@ -342,6 +342,9 @@ Ostrava. It makes <b>smoked cheese</b> &amp; butter.</p>
         "Shop: Kell Street",
         "Product: Smoked cheese; price: 9 euros; since: 1931.",
     ]
+    # a two-column table: its header row of a label and "Value" says nothing
+    specs = "<table><tr><th>Property</th><th>Value</th></tr><tr><td>Capacity</td><td>1.7 l</td></tr></table>"
+    assert split_sentences(markup_to_text(f"<p>Specs.</p>{specs}")) == ["Specs.", "Capacity: 1.7 l"]
     # text that is not HTML stays as it is, angle brackets and all
     for text in ("If a < b and c > d, then <b>.", "Price: 9 euros.\n\nTel. <0049 30 1234>"):
         assert markup_to_text(text) == text

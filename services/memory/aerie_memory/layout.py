@@ -26,9 +26,9 @@ _LINE_MARKER = re.compile(
 )
 _TABLE_SEPARATOR = re.compile(r"^:?-+:?$")  # GFM's delimiter row: one hyphen is enough
 # The header of a two-column table's second column when the first holds labels and the
-# second their values ("| Property | Value |"): its rows read "Capacity: 1.7 litres.", not
+# second their values ("| Property | Value |"; or no header): its rows read "Capacity: 1.7 litres.", not
 # "Property: Capacity; value: 1.7 litres.", which says no more in twice the tokens.
-_VALUE_HEADERS = frozenset({"", "value", "values", "detail", "details", "description", "information", "info"})
+_VALUE_HEADERS = frozenset({"value", "values", "detail", "details", "description", "information", "info"})
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
 # is this long, when it ends on a word or comma no sentence or heading ends on, when the next
@@ -182,7 +182,7 @@ def _table_row(header: list[str], cells: list[str]) -> str:
     """A table row as one labelled statement, so that each row's values stay together and
     say what they are: "Route: Kell to Dunmarra; departs: 07:15; crossing time: 50 minutes.";
     a row of a label and its value (``_VALUE_HEADERS``): "Capacity: 1.7 litres."."""
-    if len(header) == 2 and header[1].casefold() in _VALUE_HEADERS:
+    if len(header) == 2 and (not header[1] or header[1].casefold() in _VALUE_HEADERS):
         pairs = [": ".join(cell for cell in cells[:2] if cell)]
     else:
         labels = [header[0], *(_lower_first(label) for label in header[1:])]  # capitals would read as names
@@ -223,7 +223,8 @@ def paragraph_lines(text: str) -> list[str]:
         if cells is not None:
             if header is None and "\t" in raw and len(cells) == 2:
                 label = cells[0].rstrip(":")
-                lines.append(f"{label}: {cells[1]}" if label else cells[1])
+                if cells[1].casefold() not in _VALUE_HEADERS:  # else the header row "Property Value"
+                    lines.append(f"{label}: {cells[1]}" if label else cells[1])
                 previous = ""
             elif header is None:
                 header, previous = cells, ""

@@ -778,7 +778,8 @@ def _passages(
                         sources.append(doc_id)
         while len(sentences) > 1 and sentences[-1].endswith("?"):
             sentences.pop()  # an FAQ's question whose answer did not fit
-        passages[entity] = (sentences, sources)
+        if sentences:  # not named in headings alone: an empty answer would teach the memory to say nothing
+            passages[entity] = (sentences, sources)
     out = []
     for entity, (sentences, sources) in passages.items():
         # A passage that opens another and stops sooner teaches the memory to stop there:
