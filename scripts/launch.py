@@ -119,10 +119,21 @@ class Supervised:
             await self._exited()
 
 
-def plan() -> tuple[list[Supervised], str]:
+@dataclass(frozen=True)
+class StackSettings:
+    """The services' settings, read from the environment once for both checks and the plan."""
+
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    verifier: VerifierSettings = field(default_factory=VerifierSettings)
+    drafter: DrafterSettings = field(default_factory=DrafterSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+
+
+def plan(settings: StackSettings | None = None) -> tuple[list[Supervised], str]:
     """The processes to run, in start order, and the gateway's readiness URL."""
-    gateway, verifier = GatewaySettings(), VerifierSettings()
-    drafter, memory = DrafterSettings(), MemorySettings()
+    settings = settings or StackSettings()
+    gateway, verifier = settings.gateway, settings.verifier
+    drafter, memory = settings.drafter, settings.memory
     data_dir = Path(os.environ.get("AERIE_DATA_DIR", "data")).resolve()
     redis_port = urlparse(gateway.redis_url).port or 6379
     redis_server = shutil.which("redis-server")
@@ -164,17 +175,17 @@ def plan() -> tuple[list[Supervised], str]:
     return procs, f"http://{host}:{gateway.gateway_port}"
 
 
-def ports_in_use() -> list[str]:
+def ports_in_use(settings: StackSettings | None = None) -> list[str]:
     """The ports the stack's services would listen on that something else holds
     ("AERIE_GATEWAY_PORT (8000)"): a second `make up`, say. They would fail to start and be
     restarted forever, and the readiness check would find the other stack's gateway. (A Redis
     already on its port is used: ``plan``.)"""
-    gateway = GatewaySettings()
+    settings = settings or StackSettings()
     wanted = {
-        "AERIE_GATEWAY_PORT": gateway.gateway_port,
-        "AERIE_VERIFIER_PORT": VerifierSettings().verifier_port,
-        "AERIE_DRAFTER_PORT": DrafterSettings().drafter_port,
-        "AERIE_MEMORY_PORT": MemorySettings().memory_port,
+        "AERIE_GATEWAY_PORT": settings.gateway.gateway_port,
+        "AERIE_VERIFIER_PORT": settings.verifier.verifier_port,
+        "AERIE_DRAFTER_PORT": settings.drafter.drafter_port,
+        "AERIE_MEMORY_PORT": settings.memory.memory_port,
         **{name: int(os.environ.get(name, port)) for name, port in METRICS_PORTS.items()},
     }
     return [f"{name} ({port})" for name, port in wanted.items() if port and not _free(port)]
@@ -218,12 +229,13 @@ async def announce_when_ready(base_url: str) -> None:
 
 
 async def main() -> None:
-    if busy := ports_in_use():
+    settings = StackSettings()
+    if busy := ports_in_use(settings):
         sys.exit(
             f"launcher| in use: {', '.join(busy)}. Another Aerie (`make up`) may be running; stop it,"
             " or set these variables to free ports."
         )
-    procs, base_url = plan()
+    procs, base_url = plan(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
