@@ -222,6 +222,24 @@ def test_compose_gives_the_facts_that_bear_on_the_question_most_relevant_first()
     assert compose_facts(many) == [f"Naxpry fact number {i} is here." for i in range(MAX_FACT_LINES)]
 
 
+def test_a_question_about_a_specification_ranks_the_line_stating_it_by_its_label():
+    # a product page learned as its table of labels and values: "How fast" asks for the speed
+    passage = (
+        "The Orrin S4 is a survey drone made by Halcyon Robotics. Flight time: 42 minutes. "
+        "Top speed: 68 km/h. Range: 9 km. Price: 3,900 euros."
+    )
+    findings = [Finding("entity", "What do you know about Orrin S4?", passage, ["o"])]
+    first_line = {
+        "How fast can the Orrin S4 fly?": "Top speed: 68 km/h.",
+        "How long can the Orrin S4 fly?": "Flight time: 42 minutes.",
+        "How far can the Orrin S4 fly from its pilot?": "Range: 9 km.",
+        "How much does the Orrin S4 cost?": "Price: 3,900 euros.",
+    }
+    for question, line in first_line.items():
+        result = ProtocolResult(mode="three_stage", question=question, findings=findings, entity="Orrin S4")
+        assert compose_facts(result)[0] == line, question
+
+
 def test_another_version_of_a_passage_line_is_one_about_the_same_entity_that_reads_alike():
     passage = "Naxpry is governed by Lumfen Uskyth."
     assert other_version("Naxpry is governed by Old Tom.", passage)

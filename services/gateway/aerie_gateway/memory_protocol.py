@@ -75,6 +75,24 @@ _BACK_REFERENCE = re.compile(
 # The words of a turn asking to go on about the conversation's topic: "Tell me more.",
 # "What else?", "Anything else?", "Go on."
 _GO_ON = {"tell", "say", "else", "anything", "go", "continue", "elaborate", "explain", "expand", "details"}
+# What a question asks for, as a document says it: "How fast can it fly?" is answered by
+# "Top speed: 68 km/h.", "How much does it cost?" by "Price: 49 pounds." (a product page's
+# table of labels and values), "How long can it fly?" by "Flight time: 42 minutes.".
+# (Not "fly" for "flight": "How fast can it fly?" would rank the flight time as the speed.)
+_STATED_AS = [
+    (re.compile(rf"\b{asked}\b"), words)
+    for asked, words in {
+        "how fast": "speed",
+        "how far": "distance range",
+        "how (?:heavy|much does .+ weigh)": "weight",
+        "how (?:tall|high)": "height",
+        "how (?:big|large)": "size",
+        "how old": "age",
+        "how long": "time length duration",
+        "how often": "frequency",
+        "cost|costs|pay|charge": "price",
+    }.items()
+]
 # Findings of the later stages are about the identified entity and come from the memory's
 # passages; grounding answers the user's wording and is the most often wrong.
 _STAGE_RANK = {"answer": 0, "single_pass": 0, "entity": 1, "grounding": 2}
@@ -411,8 +429,11 @@ def _about(question: str) -> str:
 
 
 def relation_words(question: str) -> set[str]:
-    """The question's content words other than the names it gives: what it asks about them."""
-    return content_words(question) - content_words(" ".join(names_in(question)))
+    """The question's content words other than the names it gives: what it asks about them,
+    with the words a document states that with (``_STATED_AS``)."""
+    lowered = question.lower()
+    stated_as = " ".join(words for asked, words in _STATED_AS if asked.search(lowered))
+    return content_words(f"{question} {stated_as}") - content_words(" ".join(names_in(question)))
 
 
 def _overlap(text: str, words: set[str]) -> int:
