@@ -238,6 +238,12 @@ def test_a_question_about_a_specification_ranks_the_line_stating_it_by_its_label
     for question, line in first_line.items():
         result = ProtocolResult(mode="three_stage", question=question, findings=findings, entity="Orrin S4")
         assert compose_facts(result)[0] == line, question
+    # the number after a name is the name's ("Velora Tern 7"), not a word the question asks about
+    passage = "Velora Tern 7 electric bike. The Velora Tern 7 is a folding bike. Top speed: 25 km/h."
+    findings = [Finding("entity", "What do you know about Velora Tern?", passage, ["v"])]
+    question = "How fast does the Velora Tern 7 go?"
+    result = ProtocolResult(mode="three_stage", question=question, findings=findings, entity="Velora Tern")
+    assert compose_facts(result)[0] == "Top speed: 25 km/h."
 
 
 def test_another_version_of_a_passage_line_is_one_about_the_same_entity_that_reads_alike():

@@ -90,7 +90,7 @@ _STATED_AS = [
         "how old": "age",
         "how long": "time length duration",
         "how often": "frequency",
-        "cost|costs|pay|charge": "price",
+        "cost|costs|pay": "price",  # not "charge": a battery's, on a product page
     }.items()
 ]
 # Findings of the later stages are about the identified entity and come from the memory's
@@ -433,7 +433,11 @@ def relation_words(question: str) -> set[str]:
     with the words a document states that with (``_STATED_AS``)."""
     lowered = question.lower()
     stated_as = " ".join(words for asked, words in _STATED_AS if asked.search(lowered))
-    return content_words(f"{question} {stated_as}") - content_words(" ".join(names_in(question)))
+    # a name with the number after it ("Velora Tern 7"): the number is the name's, not asked
+    named = [
+        m[0] for n in names_in(question) if (m := re.search(rf"{re.escape(n)}(?:\s+\d[\w.-]*)?", question))
+    ]
+    return content_words(f"{question} {stated_as}") - content_words(" ".join(named))
 
 
 def _overlap(text: str, words: set[str]) -> int:
