@@ -80,11 +80,11 @@ _GO_ON = {"tell", "say", "else", "anything", "go", "continue", "elaborate", "exp
 # table of labels and values), "How long can it fly?" by "Flight time: 42 minutes.".
 # (Not "fly" for "flight": "How fast can it fly?" would rank the flight time as the speed.)
 _STATED_AS = [
-    (re.compile(rf"\b{asked}\b"), words)
+    (re.compile(rf"\b(?:{asked})\b"), words)
     for asked, words in {
         "how fast": "speed",
         "how far": "distance range",
-        "how (?:heavy|much does .+ weigh)": "weight",
+        "how heavy": "weight",
         "how (?:tall|high)": "height",
         "how (?:big|large)": "size",
         "how old": "age",

@@ -26,8 +26,9 @@ _LINE_MARKER = re.compile(
 )
 _TABLE_SEPARATOR = re.compile(r"^:?-+:?$")  # GFM's delimiter row: one hyphen is enough
 # The header of a two-column table's second column when the first holds labels and the
-# second their values ("| Property | Value |"; or no header): its rows read "Capacity: 1.7 litres.", not
-# "Property: Capacity; value: 1.7 litres.", which says no more in twice the tokens.
+# second their values ("| Property | Value |"; or no header): its rows read "Capacity: 1.7
+# litres.", not "Property: Capacity; value: 1.7 litres.", which says no more in twice the
+# tokens.
 _VALUE_HEADERS = frozenset({"value", "values", "detail", "details", "description", "information", "info"})
 TERMINAL = (".", "!", "?", '."', '!"', '?"', ".)")
 # A line that ends without punctuation goes on over the line break (``_wraps_onto``) when it
