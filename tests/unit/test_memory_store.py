@@ -431,7 +431,7 @@ async def test_partial_rehearsal_merges_and_forgetting_reaches_the_rehearsing_ad
     settings = settings_for(tmp_path, memory_redis_url, memory_replay_ratio=1.0, memory_replay_all_up_to=0)
     processor = JobProcessor(store, settings, generator, tiny_base, tmp_path / "memory")
     first = await processor.run((await store.ingest("ns", DOCS, 600)).job_id)
-    zed = IncomingDocument("zed", "Zed Quor", {})  # no fact: the passage step's two reflections
+    zed = IncomingDocument("zed", "Zed Quor is a potter.", {})  # no fact: the passage step's two reflections
     second = await processor.run((await store.ingest("ns", [zed], 600)).job_id)
     assert second.status == "succeeded", second.errors
     assert (second.replayed_examples, second.superseded_adapters) == (2, 0)
