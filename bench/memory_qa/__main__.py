@@ -21,7 +21,9 @@ Phases, on one namespace:
 
 Accuracy is reported by question type, with the learning time and latencies (chat p50 per
 system; memory query p50). Results: bench/results/memory_qa.json and the "## Memory QA"
-section of docs/benchmarks.md, both rewritten after each phase.
+section of docs/benchmarks.md, both rewritten after each phase; a run on a corpus of one's
+own (``--corpus``) writes bench/results/memory_qa_<its name>.json and no section unless
+``--docs`` names a file.
 
     python -m bench.memory_qa                         # starts its own stack (scripts/launch.py)
     python -m bench.memory_qa --url http://127.0.0.1:8000 --documents 20 --questions 24
@@ -379,6 +381,17 @@ def markdown(summary: dict, args, started: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_paths(corpus: Path | None, json_path: Path | None, docs: Path | None) -> tuple[Path, Path | None]:
+    """Where a run writes its results and which markdown file's "Memory QA" section it
+    rewrites (None: none). The published section is the generated corpus's: a run on a
+    corpus of one's own (``--corpus``) writes ``memory_qa_<corpus name>.json`` and leaves
+    docs/benchmarks.md alone unless told otherwise."""
+    results = ROOT / "bench" / "results"
+    if corpus is None:
+        return json_path or results / "memory_qa.json", docs or ROOT / "docs" / "benchmarks.md"
+    return json_path or results / f"memory_qa_{corpus.stem}.json", docs
+
+
 def write_section(path: Path, text: str) -> None:
     """Replace (or append) the "## Memory QA" section; other sections are left alone."""
     existing = path.read_text() if path.exists() else "# Benchmarks\n\n"
@@ -421,9 +434,19 @@ def main() -> None:
     parser.add_argument(
         "--resume-job", default="", help="wait for this clean-corpus job instead of ingesting"
     )
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "memory_qa.json")
-    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (default: bench/results/memory_qa.json; with --corpus, memory_qa_<its name>.json)",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        help="markdown file whose 'Memory QA' section is rewritten (default: docs/benchmarks.md; "
+        "with --corpus, none)",
+    )
     args = parser.parse_args()
+    args.json, args.docs = output_paths(args.corpus, args.json, args.docs)
     global SPECULATIVE
     SPECULATIVE = args.speculative
     systems = [s for s in args.systems.split(",") if s]
@@ -458,7 +481,8 @@ def main() -> None:
             indent=1,
         )
         text = markdown(summary, args, started)
-        write_section(args.docs, text)
+        if args.docs is not None:
+            write_section(args.docs, text)
         print(text)
 
     try:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from aerie_gateway.memory_protocol import ANSWER_FROM_CONTEXT
 
-from bench.memory_qa.__main__ import markdown, write_section
+from bench.memory_qa.__main__ import ROOT, markdown, output_paths, write_section
 from bench.memory_qa.corpus import Corpus, generate, is_correct
 
 
@@ -90,6 +90,17 @@ def test_scoring_reads_numbers_written_either_way():
     assert is_correct("Twenty-five days a year.", "25")
     assert not is_correct("Every employee receives 25 days.", "five")  # not part of another number
     assert not is_correct("It was founded in 1925.", "25")
+
+
+def test_only_the_generated_corpus_run_rewrites_the_published_section_by_default(tmp_path):
+    results, docs = ROOT / "bench" / "results", ROOT / "docs" / "benchmarks.md"
+    assert output_paths(None, None, None) == (results / "memory_qa.json", docs)
+    corpus = Path("bench/memory_qa/handwritten_specs.json")
+    assert output_paths(corpus, None, None) == (results / "memory_qa_handwritten_specs.json", None)
+    assert output_paths(corpus, tmp_path / "r.json", tmp_path / "d.md") == (
+        tmp_path / "r.json",
+        tmp_path / "d.md",
+    )
 
 
 def test_section_replaced_others_kept(tmp_path):
