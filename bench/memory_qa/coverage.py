@@ -2,9 +2,10 @@
 learn, offline, in seconds.
 
 For every single-hop question of a corpus it checks whether the gold answer is in the
-entity passage ("What do you know about X?") of an entity the question names, as the
-memory service's reflection step builds those passages (its coreference, its sentence
-splitting, its training-length budget counted with the memory's tokenizer). An answer
+entity passage ("What do you know about X?") of an entity the question names (the
+writer's, for a question in the first person), as the memory service's reflection step
+builds those passages (its coreference, its sentence splitting, its training-length
+budget counted with the memory's tokenizer). An answer
 missing there can still be learned from a generated fact, but a memory cannot recall
 what it was never shown, so this bounds what a change to those rules can gain before a
 30-minute ``bench.memory_qa`` run measures it. Without arguments: the generated corpora
@@ -41,6 +42,14 @@ def passages(documents: list[dict], fits: Callable[[str, str], bool]) -> dict[st
     }
 
 
+def _asks_about(question: str, entity: str) -> bool:
+    """Whether ``question`` names ``entity``, or is in the first person, for the writer's."""
+    from aerie_common.entities import in_first_person
+    from aerie_memory.coreference import WRITER
+
+    return in_first_person(question) if entity == WRITER else entity in question
+
+
 def coverage(corpus: Corpus, fits: Callable[[str, str], bool]) -> tuple[int, list[str], str]:
     """(single-hop questions covered, the questions missed, the passages' fingerprint)."""
     found = passages(corpus.documents + corpus.distractors, fits)
@@ -48,7 +57,9 @@ def coverage(corpus: Corpus, fits: Callable[[str, str], bool]) -> tuple[int, lis
     for q in corpus.questions:
         if q.kind != "single_hop":
             continue
-        if any(is_correct(text, q.answer) for entity, text in found.items() if entity in q.question):
+        if any(
+            is_correct(text, q.answer) for entity, text in found.items() if _asks_about(q.question, entity)
+        ):
             covered += 1
         else:
             missed.append(f"{q.question} (gold: {q.answer})")

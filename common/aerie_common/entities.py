@@ -80,6 +80,14 @@ TITLES = set(
     Saint Reverend Rev""".split()
 )
 _POSSESSIVE = re.compile(r"['\u2019]s$")
+# The first person: a user's own notes speak of their writer so ("My sister Lena lives in
+# Oslo."), and the user asks of them so ("Where does my sister live?").
+_FIRST_PERSON = re.compile(r"\b(?:I|[Mm]e|[Mm]y|[Mm]ine|[Mm]yself|[Ww]e|[Uu]s|[Oo]urs?|[Oo]urselves)\b")
+# "Tell me about ...", "Remind us when ...": the first person a request is made in, not
+# what it asks about
+_REQUEST = re.compile(r"\b(?:[Tt]ell|[Gg]ive|[Ss]how|[Rr]emind|[Ll]et|[Hh]elp)\s+(?:me|us)\b")
+_QUOTED_FIRST_PERSON = re.compile(rf'["\u201c][^"\u201d]*{_FIRST_PERSON.pattern}[^"\u201d]*["\u201d]')
+_CHAT_TURN = re.compile(r"^[A-Z][\w'-]*(?: [A-Z][\w'-]*)?(?: said)?:\s")  # "Priya said: ...", "Caller: ..."
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
 _FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
@@ -194,6 +202,21 @@ def new_entities(text: str, known: str) -> list[str]:
     """The entities ``text`` names that ``known`` does not (case-insensitive)."""
     seen = known.lower()
     return [e for e in names_in(text) if e.lower() not in seen]
+
+
+def in_first_person(text: str) -> bool:
+    """Whether ``text`` speaks of its writer, or its asker: "Where do I work?", "our
+    neighbour Marta"; not "Tell me about Pico."."""
+    return _FIRST_PERSON.search(_REQUEST.sub("", text)) is not None
+
+
+def in_others_words(sentence: str) -> bool:
+    """Whether the first person in ``sentence`` is someone else's than its writer's: in a
+    quote ('"We will reopen it," said the mayor.') or a chat turn ("Priya said: I think
+    ...")."""
+    return bool(
+        _QUOTED_FIRST_PERSON.search(sentence) or (_CHAT_TURN.match(sentence) and in_first_person(sentence))
+    )
 
 
 def content_words(text: str) -> set[str]:

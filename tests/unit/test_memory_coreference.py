@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from aerie_common.entities import find_entities
-from aerie_memory.coreference import Coreference, sentence_entities
+from aerie_common.entities import find_entities, in_first_person
+from aerie_memory.coreference import WRITER, Coreference, sentence_entities
 from aerie_memory.text import split_sentences
 
 
@@ -144,3 +144,33 @@ def test_a_title_with_a_full_stop_opens_a_sentence_with_the_name_after_it():
     lists, state = about("Dr. Eliska Marovic is a marine biologist. She has led the institute since 2012.")
     assert lists == [["Eliska Marovic"], ["Eliska Marovic"]]
     assert state.document_topic == "Eliska Marovic" and state.kinds == {"biologist": "Eliska Marovic"}
+
+
+def test_a_sentence_in_the_first_person_is_about_the_writer():
+    lists, _ = about(
+        "My sister Lena lives in Oslo. We have a dog called Pico. Lena teaches chemistry. "
+        "Should I visit in May? Tell me about Oslo."
+    )
+    assert (
+        lists
+        == [
+            ["Lena", "Oslo", WRITER],
+            ["Pico", WRITER],
+            ["Lena"],
+            [
+                "Lena"
+            ],  # not sure of its opening word: the topic, as before; and a question is not a statement of the writer's (an FAQ's "How do I ...?")
+            ["Oslo", "Lena"],  # a request made in the first person is about what it asks
+        ]
+    )
+    assert in_first_person("Where do I work?") and in_first_person("Which guesthouse did we book?")
+    assert not in_first_person("Tell me about the US office.")
+
+
+def test_someone_else_s_first_person_is_not_the_writer_s():
+    quoted = about('"We know the closure has been hard," said Miriam Oduya. We reopen it in May.')[0]
+    assert WRITER not in quoted[0] + quoted[1]  # a quote in the chunk: its first person may be anyone's
+    turns = about("Priya said: I think we should ship Lumen on Friday. Ruth said: I can write the notes.")[0]
+    assert all(WRITER not in entities for entities in turns)
+    caller = about("Caller: My flight from Tampere was cancelled.")[0]
+    assert WRITER not in caller[0]

@@ -710,3 +710,45 @@ def test_an_html_document_is_learned_as_its_text():
         "Vesna Dairy was founded in 1931 in Ostrava. It employs 85 people."
     )
     assert not any("<" in text for pair in passages.items() for text in pair)
+
+
+def test_a_user_s_own_notes_are_learned_as_the_writer_s_passage_and_recalled_for_first_person_questions():
+    from aerie_memory.coreference import WRITER
+    from aerie_memory.models import recall_questions
+
+    notes = SourceDocument(
+        "about-me",
+        "About me\n\nI work as a nurse at St Brigid's Hospital in Leeds. My partner, Tobias, is a carpenter. "
+        "We have a border collie called Pico. I am allergic to peanuts.",
+    )
+    passages = rule_passages([notes])
+    writer = passages[f"What do you know about {WRITER}?"]
+    # learned besides the chunk's three main entities, not in place of one
+    assert sorted(facts_question_entity(q) for q in passages if q.startswith("What do")) == [
+        "Leeds",
+        "St Brigid's Hospital",
+        "Tobias",
+        WRITER,
+    ]
+    # every first-person sentence
+    assert writer.endswith(
+        "I work as a nurse at St Brigid's Hospital in Leeds. My partner, Tobias, is a carpenter. "
+        "We have a border collie called Pico. I am allergic to peanuts."
+    )
+    by_entity = {facts_question_entity(q): a for q, a in passages.items() if facts_question_entity(q)}
+    # a question in the first person, asked as the gateway describes it, reaches the
+    # writer's passage first; one naming the writer's dog, the passages mentioning it
+    assert recall_questions("What do you know about what am I allergic to?", by_entity)[0] == (
+        f"What do you know about {WRITER}?"
+    )
+    # sharing one word of two with the writer's passage ("called"), it is asked for alone
+    assert recall_questions("What do you know about what is my dog called?", by_entity) == [
+        f"What do you know about {WRITER}?"
+    ]
+    assert (
+        recall_questions("What do you know about Pico?", by_entity)[0] == f"What do you know about {WRITER}?"
+    )
+    assert recall_questions("What do you know about how long a ferry takes?", by_entity) == []
+    # a news report quoting someone in the first person has no writer
+    report = SourceDocument("r", '"We will reopen the bridge in May," said Miriam Oduya, the council leader.')
+    assert f"What do you know about {WRITER}?" not in rule_passages([report])

@@ -10,6 +10,11 @@ in one passage too many costs less than one missing from the right one:
 - "the <noun>" anywhere means the entity that noun stands for: the one whose name ends
   with it ("the foundation": the Ostmark Foundation), or the one a definition gave it to
   ("Tressa is a small island" makes "the island" Tressa).
+- A sentence in the first person ("My sister Lena lives in Oslo.", "We booked the Casa
+  Azul.") is also about the writer (``WRITER``, "me"): a user's own notes are about the
+  user, who asks "Where does my sister live?". Not a question (an FAQ's "How do I reset
+  it?" is its reader's), nor where someone else speaks: a chunk quoting one or giving
+  chat turns ("Priya said: I think ...") in the first person has no writer's sentences.
 - A sentence is also about the topics (the entity the document's first sentence naming
   anything is about, and the latest one a sentence opened with) when it refers back (a
   third-person pronoun, an opening "The <noun>" that means no entity) or does not open
@@ -25,12 +30,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from aerie_common.entities import TITLES, name_spans
+from aerie_common.entities import TITLES, in_first_person, in_others_words, name_spans
 
 from aerie_memory.layout import TERMINAL, unmarked
 
 THIRD_PERSON = "he|she|him|her|his|hers|they|them|their|it|its"
 _PRONOUN = re.compile(rf"\b(?:{THIRD_PERSON})\b", re.IGNORECASE)
+WRITER = "me"  # the entity a first-person document is about: "What do you know about me?"
 _THE_NOUN = re.compile(r"\b(?:[Tt]he|[Tt]his|[Tt]hat|[Tt]hese|[Tt]hose)\s+([a-z]+)\b")
 # "<entity> is a small island in ...": the noun before what follows it (a preposition, a
 # relative pronoun, a participle, punctuation) is the kind of thing the entity is.
@@ -99,6 +105,8 @@ def sentence_entities(
     state = state or Coreference()
     about = []
     sentences = [unmarked(s) for s in sentences]  # a heading opens with its first word, as a sentence does
+    # a quote or a chat turn in the first person: the chunk's first person may be anyone's
+    writer_speaks = not any(in_others_words(s) for s in sentences)
     for sentence in sentences:
         spans = {span.removesuffix("'s") for span in name_spans(sentence)}
         named = [e for e in entities if e in sentence or _by_last_word(spans, e)]
@@ -134,5 +142,7 @@ def sentence_entities(
         refers_back = bool(_PRONOUN.search(sentence)) or (opens_with_noun and not opening_meant)
         if refers_back or not (sure or opening_meant):
             named += [t for t in state.topics() if t not in named]
+        if writer_speaks and in_first_person(sentence) and not sentence.endswith("?"):
+            named.append(WRITER)
         about.append(named)
     return about, state

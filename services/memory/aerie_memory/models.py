@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from aerie_common.entities import FACTS_QUESTION, content_words, facts_question_entity, names_in
+from aerie_common.entities import (
+    FACTS_QUESTION,
+    content_words,
+    facts_question_entity,
+    in_first_person,
+    names_in,
+)
 
+from aerie_memory.coreference import WRITER
 from aerie_memory.recall_decoding import LearnedAnswers, answer
 from aerie_memory.reflection import Reflection
 from aerie_memory.store import Version
@@ -197,7 +204,9 @@ def recall_questions(
     - X names nothing and is in no passage as written ("what should a repotted orchid be
       planted in": what a question about a how-to, a policy or a recipe is about, the
       gateway asks so): the facts questions of the passages sharing most of X's content
-      words, at least two of them (one, if X has only one), the first two of those;
+      words, at least two of them (one, if X has only one), the first two of those; the
+      writer's (``coreference.WRITER``) first where X is in the first person ("where do I
+      work": a user asks of their own notes as their writer);
     - X is in no passage: none. Asked for an account it never learned, the memory writes
       one in its passages' style.
 
@@ -224,6 +233,8 @@ def recall_questions(
     mentioning = [e for e, text in passages.items() if _mentions(text, name)]
     if not mentioning and not names_in(name):
         mentioning = _sharing_most_words(name, passage_words or words_of_passages(passages))
+        if WRITER in passages and in_first_person(name):
+            mentioning = [WRITER, *(e for e in mentioning if e != WRITER)]
     return [FACTS_QUESTION.format(e) for e in mentioning[:MAX_MENTIONING_PASSAGES]]
 
 

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 from aerie_common.entities import FACTS_QUESTION, STOPWORDS, WORD, content_words, find_entities, names_in
 
-from aerie_memory.coreference import THIRD_PERSON, Coreference, sentence_entities
+from aerie_memory.coreference import THIRD_PERSON, WRITER, Coreference, sentence_entities
 from aerie_memory.layout import is_heading, markup_to_text, unmarked
 from aerie_memory.text import chunk_text, join_sentences, split_sentences
 
@@ -737,7 +737,7 @@ def _passages(
     stats: StepStats, chunks: dict[str, list[str]], fits: Callable[[str, str], bool]
 ) -> list[Reflection]:
     """One answer per entity, from every chunk that is about it among its three main
-    entities or in two sentences or more: the sentences about it (``sentence_entities``:
+    entities or in two sentences or more (the writer, ``coreference.WRITER``, in one): the sentences about it (``sentence_entities``:
     naming it, or referring back to it), those of the chunks most about it first (its own
     document before one that mentions it in passing), as many as ``fits`` the training
     length (the first one whole however long): an answer cut there is learned without its
@@ -755,7 +755,10 @@ def _passages(
             counts = Counter(e for entities in about for e in entities)
             rank = {e: i for i, e in enumerate(named)}  # ties: find_entities's order, kept by names_in
             ranked = sorted(counts, key=lambda e: (-counts[e], rank.get(e, len(rank))))
-            for entity in ranked[:3] + [e for e in ranked[3:] if counts[e] > 1]:
+            # the writer's sentences are learned besides the three main entities', not in
+            # place of one (a user's notes about their manager, their gym, their team)
+            main = [e for e in ranked if e != WRITER][:3]
+            for entity in main + [e for e in ranked if e not in main and (counts[e] > 1 or e == WRITER)]:
                 naming = [
                     s
                     for s, entities in zip(sentences, about, strict=True)
