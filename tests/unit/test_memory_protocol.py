@@ -6,7 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aerie_common.entities import content_words, names_in
+from aerie_common.entities import FACTS_QUESTION, content_words, names_in
 from aerie_gateway.memory_protocol import (
     ANSWER_FROM_CONTEXT,
     MAX_FACT_LINES,
@@ -21,6 +21,7 @@ from aerie_gateway.memory_protocol import (
     identify_entity,
     other_version,
     parse_questions,
+    said_to_user,
     single_pass,
     standalone_question,
     three_stage,
@@ -626,3 +627,34 @@ def test_a_question_too_long_for_the_memory_keeps_its_last_sentences():
     assert len(fitted) <= 100 and fitted.startswith("What do you know about ") and fitted.endswith("naxpry?")
     # one sentence longer than the limit: its end
     assert fit_question("word " * 50 + "end?", 20) == ("word " * 50 + "end?")[-20:].strip()
+
+
+def test_a_user_s_own_notes_are_said_back_to_them_when_they_ask_in_the_first_person():
+    assert (
+        said_to_user("I'm vegetarian, but I eat fish on Fridays.")
+        == "You're vegetarian, but you eat fish on Fridays."
+    )
+    assert said_to_user("My desk is on the third floor. I was late. Lena called me.") == (
+        "Your desk is on the third floor. You were late. Lena called you."
+    )
+    # not a numeral, nor someone else's words, nor "we" (a company's pages mean the company)
+    assert said_to_user("He served in World War I.") == "He served in World War I."
+    assert said_to_user("Priya said: I think we should ship.") == "Priya said: I think we should ship."
+    assert said_to_user('"I will come," said Lena.') == '"I will come," said Lena.'
+    assert said_to_user("We open at nine.") == "We open at nine."
+
+    notes = [
+        finding(
+            "I take my coffee with oat milk. My manager is Rosalind Achterberg.", FACTS_QUESTION.format("me")
+        )
+    ]
+    mine = compose_messages(
+        [{"role": "user", "content": "x"}], ProtocolResult("three_stage", "What milk do I take?", notes)
+    )
+    assert "- You take your coffee with oat milk.\n" in mine[-1]["content"]
+    assert mine[-1]["content"].endswith(f"Question: What milk do I take?\n{ANSWER_FROM_CONTEXT}")
+    # asked about someone else, or as a request ("Tell me ..."), the notes are given as written
+    theirs = compose_messages(
+        [{"role": "user", "content": "x"}], ProtocolResult("three_stage", "Tell me about the coffee.", notes)
+    )
+    assert "- I take my coffee with oat milk.\n" in theirs[-1]["content"]

@@ -51,6 +51,8 @@ from aerie_common.entities import (
     WORD,
     content_words,
     facts_question_entity,
+    in_first_person,
+    in_others_words,
     names_in,
     new_entities,
     prose_sentences,
@@ -102,6 +104,27 @@ MAX_FACT_LINES = 8
 # same with B is 0.8; "Naxpry is governed by Old Tom." against "... by Lumfen Uskyth." 0.67.
 _SAME_STATEMENT_SIMILARITY = 0.5
 ANSWER_FROM_CONTEXT = "Answer with the fact from the context."
+# A user's own notes said back to them, for a question in the first person: "I take my
+# coffee with oat milk." is given as "You take your coffee with oat milk." In the first
+# person, the 135M executive answered "What milk do I take in my coffee?" from its own
+# guesses with that line first in the context (docs/memory.md, session 48). Not "we": in a
+# company's pages it is the company, not the user asking.
+_TO_USER = {
+    "i am": "you are",
+    "i'm": "you're",
+    "i was": "you were",
+    "i wasn't": "you weren't",
+    "i": "you",
+    "me": "you",
+    "my": "your",
+    "mine": "yours",
+    "myself": "yourself",
+}
+# "I" that is no pronoun: a numeral ("World War I", "Part I.")
+_USER_SAYS = re.compile(
+    r"\b(?:I am|I'm|I wasn't|I was|(?<!War )(?<!Part )(?<!Act )(?<!Type )(?<!Class )I(?!\s*(?:[.,;:)]|$))"
+    r"|[Mm]e|[Mm]y|[Mm]ine|[Mm]yself)\b"
+)
 
 
 @dataclass
@@ -590,6 +613,21 @@ def compose_facts(result: ProtocolResult) -> list[str]:
     return (focused or lines)[:MAX_FACT_LINES]
 
 
+def said_to_user(line: str) -> str:
+    """A line of the user's own notes as said back to them: "I take my coffee with oat
+    milk." -> "You take your coffee with oat milk."; one in someone else's words (a quote,
+    a chat turn) as it is."""
+    if in_others_words(line):
+        return line
+
+    def to_user(match: re.Match) -> str:
+        said = _TO_USER[match[0].lower()]
+        opens = not line[: match.start()].strip() or line[: match.start()].rstrip().endswith((".", "!", "?"))
+        return said[:1].upper() + said[1:] if opens else said
+
+    return _USER_SAYS.sub(to_user, line)
+
+
 def compose_messages(messages: list[dict[str, str]], result: ProtocolResult) -> list[dict[str, str]]:
     """The chat with the recalled facts put before the user's last question, in that turn (a
     system turn mid-conversation is not something every chat template accepts), as context
@@ -598,11 +636,15 @@ def compose_messages(messages: list[dict[str, str]], result: ProtocolResult) -> 
     measures such choices on recorded recalls; docs/memory.md has the figures). The
     question is the one the memory was asked: a follow-up as the conversation means it
     ("Who is Ostmark Foundation's director?" for "Who is its director?"), which the 135M
-    executive answered where it did not resolve "its" itself."""
+    executive answered where it did not resolve "its" itself. Asked in the first person
+    ("What milk do I take?"), the facts are said to the user (``said_to_user``)."""
     facts = compose_facts(result)
     if not facts:
         return messages
-    listed = "\n".join(f"- {line}" for line in facts)
     last = messages[-1]
-    content = f"Context:\n{listed}\n\nQuestion: {result.question or last['content']}\n{ANSWER_FROM_CONTEXT}"
+    question = result.question or last["content"]
+    if in_first_person(question):
+        facts = [said_to_user(line) for line in facts]
+    listed = "\n".join(f"- {line}" for line in facts)
+    content = f"Context:\n{listed}\n\nQuestion: {question}\n{ANSWER_FROM_CONTEXT}"
     return [*messages[:-1], {**last, "content": content}]
