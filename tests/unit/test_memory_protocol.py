@@ -227,7 +227,7 @@ def test_a_question_about_a_specification_ranks_the_line_stating_it_by_its_label
     # a product page learned as its table of labels and values: "How fast" asks for the speed
     passage = (
         "The Orrin S4 is a survey drone made by Halcyon Robotics. Flight time: 42 minutes. "
-        "Top speed: 68 km/h. Range: 9 km. Price: 3,900 euros."
+        "Top speed: 68 km/h. Range: 9 km. Price: 3,900 euros. Built: 2021, in Turin. Capacity: 2 kg."
     )
     findings = [Finding("entity", "What do you know about Orrin S4?", passage, ["o"])]
     first_line = {
@@ -235,6 +235,8 @@ def test_a_question_about_a_specification_ranks_the_line_stating_it_by_its_label
         "How long can the Orrin S4 fly?": "Flight time: 42 minutes.",
         "How far can the Orrin S4 fly from its pilot?": "Range: 9 km.",
         "How much does the Orrin S4 cost?": "Price: 3,900 euros.",
+        "How old is the Orrin S4?": "Built: 2021, in Turin.",
+        "How much cargo does the Orrin S4 hold?": "Capacity: 2 kg.",
     }
     for question, line in first_line.items():
         result = ProtocolResult(mode="three_stage", question=question, findings=findings, entity="Orrin S4")

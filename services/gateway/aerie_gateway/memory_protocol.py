@@ -89,10 +89,11 @@ _STATED_AS = [
         "how heavy": "weight",
         "how (?:tall|high)": "height",
         "how (?:big|large)": "size",
-        "how old": "age",
+        "how old": "age built founded established opened launched born",  # "Built: 1998."
         "how long": "time length duration",
         "how often": "frequency",
         "cost|costs|pay": "price",  # not "charge": a battery's, on a product page
+        "hold|holds": "capacity",  # "How much water does it hold?": "Capacity: 1.7 litres."
     }.items()
 ]
 # Findings of the later stages are about the identified entity and come from the memory's
