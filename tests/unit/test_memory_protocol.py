@@ -588,6 +588,16 @@ def test_a_question_naming_nothing_asks_for_the_account_of_what_it_describes():
     assert facts[0] == "Leave the dough to rise for two hours in a warm place."
     assert facts[-1] == "Simple rye bread."
     assert not any(line.startswith(question) for line in facts)
+    # a description opening with "I" keeps its capital: the first person, not a name
+    notes = MemoryAnswer("I left my passport in the desk drawer.", ["notes"])
+    sent = []
+
+    async def ask_notes(q):
+        sent.append(q)
+        return notes
+
+    asyncio.run(three_stage("I left my passport where?", ask_notes, executive({}), max_turns=6))
+    assert "What do you know about I left my passport where?" in sent
 
 
 def test_a_follow_up_is_asked_with_its_pronouns_written_out_as_the_conversation_s_topic():

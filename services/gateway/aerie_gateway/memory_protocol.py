@@ -449,6 +449,8 @@ def _about(question: str) -> str:
     if named := names_in(question):
         return named[0]
     described = question.strip().rstrip("?").strip()
+    if re.match(r"I\b", described):  # the first person, which the memory reads as its notes' writer
+        return described
     return described[:1].lower() + described[1:]  # no capital the memory could take for a name
 
 
