@@ -5,10 +5,10 @@ For every single-hop question of a corpus it checks whether the gold answer is i
 entity passage ("What do you know about X?") of an entity the question names (the
 writer's, for a question in the first person), as the memory service's reflection step
 builds those passages (its coreference, its sentence splitting, its training-length
-budget counted with the memory's tokenizer). An answer
-missing there can still be learned from a generated fact, but a memory cannot recall
-what it was never shown, so this bounds what a change to those rules can gain before a
-30-minute ``bench.memory_qa`` run measures it. Without arguments: the generated corpora
+budget counted with the memory's tokenizer). An answer missing there can still be
+learned from a generated fact, but a memory cannot recall what it was never shown, so
+this bounds what a change to those rules can gain before a 30-minute ``bench.memory_qa``
+run measures it. Without arguments: the generated corpora
 (seeds 0-2, both styles, 20 documents with their distractors) and the hand-written ones.
 Each line ends with a fingerprint of all the passages, which tells whether a change
 altered any.

@@ -625,8 +625,9 @@ def said_to_user(line: str) -> str:
 
     def to_user(match: re.Match) -> str:
         said = _TO_USER[match[0].lower()]
-        opens = not line[: match.start()].strip() or line[: match.start()].rstrip().endswith((".", "!", "?"))
-        return said[:1].upper() + said[1:] if opens else said
+        before = line[: match.start()].rstrip()
+        opens_a_sentence = not before or before.endswith((".", "!", "?"))
+        return said[:1].upper() + said[1:] if opens_a_sentence else said
 
     return _USER_SAYS.sub(to_user, line)
 
