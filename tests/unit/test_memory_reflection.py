@@ -383,6 +383,9 @@ def test_entity_gate_passes_learned_names_and_questions_naming_none():
     assert names_known_entity("Which river is Tarnow on?", learned.learned_text)
     assert names_known_entity("What is the main export?", learned.learned_text)  # names nothing
     assert not names_known_entity("Where does Bob Stone live?", learned.learned_text)
+    # a name holding a possessive is known by its owner's name or the thing owned's
+    assert names_known_entity("Which company is on Tarnow's North Quay?", learned.learned_text)
+    assert not names_known_entity("Which company is on Oslo's North Quay?", learned.learned_text)
 
 
 def test_a_facts_question_about_part_of_a_learned_name_asks_about_that_name():

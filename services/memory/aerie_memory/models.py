@@ -252,13 +252,20 @@ def _sharing_most_words(description: str, passage_words: dict[str, set[str]]) ->
     return [e for e, n in shared.items() if n == most] if most >= min(2, len(words)) > 0 else []
 
 
+_POSSESSIVE_INSIDE = re.compile(r"['\u2019]s\s+")
+
+
 def names_known_entity(question: str, learned_text: str) -> bool:
     """The entity gate: a question that names entities (capitalised spans) is for the
     memory only when it learned at least one of them. A fine-tuned model answers anything
     in the style it learned, so without the gate a question about someone it never read
-    of gets a confident invention; a question naming nothing passes."""
+    of gets a confident invention; a question naming nothing passes. A name holding a
+    possessive ("Vellmark's North Quay") is known by either side of it too: it may be one
+    name ("St Brigid's Hospital") or an owner's and the thing owned's."""
     entities = [e.lower() for e in names_in(question)]
-    return not entities or any(e in learned_text for e in entities)
+    return not entities or any(
+        part in learned_text for e in entities for part in [e, *_POSSESSIVE_INSIDE.split(e)]
+    )
 
 
 def build_memory(
