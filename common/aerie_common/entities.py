@@ -87,7 +87,9 @@ _FIRST_PERSON = re.compile(r"\b(?:I|[Mm]e|[Mm]y|[Mm]ine|[Mm]yself|[Ww]e|[Uu]s|[O
 # what it asks about
 _REQUEST = re.compile(r"\b(?:[Tt]ell|[Gg]ive|[Ss]how|[Rr]emind|[Ll]et|[Hh]elp)\s+(?:me|us)\b")
 _QUOTED_FIRST_PERSON = re.compile(rf'["\u201c][^"\u201d]*{_FIRST_PERSON.pattern}[^"\u201d]*["\u201d]')
-_CHAT_TURN = re.compile(r"^[A-Z][\w'-]*(?: [A-Z][\w'-]*)?(?: said)?:\s")  # "Priya said: ...", "Caller: ..."
+# A speaker's name before a turn of a chat or transcript: one or two capitalised words
+SPEAKER = r"[A-Z][\w'-]*(?: [A-Z][\w'-]*)?"
+_CHAT_TURN = re.compile(rf"^{SPEAKER}(?: said)?:\s")  # "Priya said: ...", "Caller: ..."
 WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
 FACTS_QUESTION = "What do you know about {}?"
 _FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")

@@ -16,6 +16,8 @@ import unicodedata
 from collections import Counter
 from html.parser import HTMLParser
 
+from aerie_common.entities import SPEAKER
+
 _WS = re.compile(r"\s+")
 # A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
 # "Q: ", "A: ", and a clause's number before a capital: "2.1 The rent ...", "(b) The
@@ -73,9 +75,9 @@ _BLOCK_TAGS = {
 }  # fmt: skip
 # not the page's text: a head's title is the site's name as often as the page's
 _SKIPPED_TAGS = {"head", "script", "style", "noscript", "template"}
-# A turn of a dialogue or transcript: a speaker's name (one or two capitalised words) and
-# what they said, a sentence. Labels that are no speakers are left as they are.
-_TURN = re.compile(r"^(?P<speaker>[A-Z][\w'-]*(?: [A-Z][\w'-]*)?):\s+(?P<said>\S.*[.!?][\"”')]?)$")
+# A turn of a dialogue or transcript: a speaker's name and what they said, a sentence.
+# Labels that are no speakers are left as they are.
+_TURN = re.compile(rf"^(?P<speaker>{SPEAKER}):\s+(?P<said>\S.*[.!?][\"”')]?)$")
 _NOT_SPEAKERS = {
     "Note", "Notes", "Tip", "Warning", "Caution", "Important", "Example", "Summary", "Step", "Source",
     "Update", "Status", "Subject", "Date", "Time", "Location", "From", "To", "Re", "Cc", "Result",
