@@ -67,9 +67,14 @@ _CALENDAR = set(
     """January February March April May June July August September October November December
     Monday Tuesday Wednesday Thursday Friday Saturday Sunday""".split()
 )
+# Capital letters past ASCII too ("José Martínez", "Málaga", "Łódź", "Zürich"): the
+# standard library's re has no class for them, so the Latin, Greek and Cyrillic ones are
+# listed once here.
+CAPITAL = "A-Z" + "".join(c for c in map(chr, range(0xC0, 0x530)) if c.isupper())
+_LETTER = r"[^\W\d_]"
 # A capitalised word, or a model code ("K2", "A320", "X-200"): "the Kestrel K2" and "the
 # Kestrel K1" are two things, and "The K2 went on sale" names the first.
-_NAME_WORD = r"(?:[A-Z][A-Za-z-]*[0-9][A-Za-z0-9-]*|[A-Z][a-zA-Z'-]+)\b"
+_NAME_WORD = rf"(?:[A-Z][A-Za-z-]*[0-9][A-Za-z0-9-]*|[{CAPITAL}](?:{_LETTER}|['-])+)\b"
 # Within a line: a heading ("# Brannock Observatory") names nothing with the line below it.
 _ENTITY = re.compile(rf"\b{_NAME_WORD}(?:[ \t]+(?:of[ \t]+|the[ \t]+|de[ \t]+|van[ \t]+)?{_NAME_WORD})*")
 # Titles before a person's name, not part of it: "Captain Idris Morlan" is asked about as
@@ -88,9 +93,9 @@ _FIRST_PERSON = re.compile(r"\b(?:I|[Mm]e|[Mm]y|[Mm]ine|[Mm]yself|[Ww]e|[Uu]s|[O
 _REQUEST = re.compile(r"\b(?:[Tt]ell|[Gg]ive|[Ss]how|[Rr]emind|[Ll]et|[Hh]elp)\s+(?:me|us)\b")
 _QUOTED_FIRST_PERSON = re.compile(rf'["\u201c][^"\u201d]*{_FIRST_PERSON.pattern}[^"\u201d]*["\u201d]')
 # A speaker's name before a turn of a chat or transcript: one or two capitalised words
-SPEAKER = r"[A-Z][\w'-]*(?: [A-Z][\w'-]*)?"
+SPEAKER = rf"[{CAPITAL}][\w'-]*(?: [{CAPITAL}][\w'-]*)?"
 _CHAT_TURN = re.compile(rf"^{SPEAKER}(?: said)?:\s")  # "Priya said: ...", "Caller: ..."
-WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]*")
+WORD = re.compile(r"[^\W_](?:[^\W_]|['-])*")  # letters and digits of any script
 FACTS_QUESTION = "What do you know about {}?"
 _FACTS_PREFIX, _FACTS_SUFFIX = FACTS_QUESTION.split("{}")
 # A Snowball stemmer keeps its word between calls: one per thread (shared, two threads
@@ -163,7 +168,7 @@ def find_entities(text: str) -> list[str]:
     return [n for n in names if not any(n != m and n in m and counts[m] >= counts[n] for m in names)]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(rf"(?<=[.!?])\s+(?=[\"'(\[]?[{CAPITAL}0-9])")
 # A full stop that ends an abbreviation or an initial, not a sentence: "Dr. Eliska Marovic",
 # "J. R. Tolkien", "St. Petersburg".
 _ABBREVIATION = re.compile(

@@ -135,6 +135,22 @@ def test_names_hold_model_codes_but_not_labels_or_days():
     assert find_entities("BRISTOW, 3 March - The council of Bristow met NASA.") == ["Bristow", "NASA"]
 
 
+def test_names_and_sentences_in_letters_past_ascii():
+    from aerie_common.entities import content_words, prose_sentences
+
+    text = "José Martínez moved from Łódź to Málaga. Émile Zola visited Saint-Brévin."
+    assert sorted(find_entities(text)) == sorted(
+        ["José Martínez", "Łódź", "Málaga", "Émile Zola", "Saint-Brévin"]
+    )
+    assert prose_sentences(text) == [
+        "José Martínez moved from Łódź to Málaga.",
+        "Émile Zola visited Saint-Brévin.",
+    ]
+    assert (
+        len(content_words("Málaga")) == len(content_words("Łódź")) == 1
+    )  # one word each, not "M" and "laga"
+
+
 def test_a_sentence_opening_adverb_or_pronoun_is_no_part_of_a_name():
     text = "Then Ruth will write the notes. However Tomas Brenn disagreed. We met in Kell. Our Kell office is new."
     assert find_entities(text) == ["Kell", "Tomas Brenn", "Ruth"]
