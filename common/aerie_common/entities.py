@@ -172,7 +172,7 @@ _SENTENCE_END = re.compile(rf"(?<=[.!?])\s+(?=[\"'(\[]?[{CAPITAL}0-9])")
 # A full stop that ends an abbreviation or an initial, not a sentence: "Dr. Eliska Marovic",
 # "J. R. Tolkien", "St. Petersburg".
 _ABBREVIATION = re.compile(
-    r"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Capt|Col|Gen|Lt|Rev|Fr|vs|approx|ca)|\b[A-Z])\.$"
+    rf"(?:\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|Capt|Col|Gen|Lt|Rev|Fr|vs|approx|ca)|\b[{CAPITAL}])\.$"
 )
 
 

@@ -137,6 +137,7 @@ def test_names_hold_model_codes_but_not_labels_or_days():
 
 def test_names_and_sentences_in_letters_past_ascii():
     from aerie_common.entities import content_words, prose_sentences
+    from aerie_memory.layout import is_heading
 
     text = "José Martínez moved from Łódź to Málaga. Émile Zola visited Saint-Brévin."
     assert sorted(find_entities(text)) == sorted(
@@ -149,6 +150,7 @@ def test_names_and_sentences_in_letters_past_ascii():
     assert (
         len(content_words("Málaga")) == len(content_words("Łódź")) == 1
     )  # one word each, not "M" and "laga"
+    assert is_heading("Łódź and Gdańsk")  # a title line
 
 
 def test_a_sentence_opening_adverb_or_pronoun_is_no_part_of_a_name():

@@ -466,6 +466,16 @@ def test_an_entitys_account_is_composed_line_by_line_beside_lines_that_state_not
     assert fact_lines(other) == ["Who hands out the badges? Greta Lunde. She works at reception."]
 
 
+def test_a_line_opening_with_a_capital_past_ascii_is_a_statement():
+    finding = Finding(
+        "grounding",
+        "Where did Émile Zola live?",
+        "Émile Zola lived in Paris. Ørsted was born in Rudkøbing.",
+        [],
+    )
+    assert fact_lines(finding) == ["Émile Zola lived in Paris.", "Ørsted was born in Rudkøbing."]
+
+
 def test_the_word_opening_a_users_question_or_request_is_no_part_of_a_name():
     # the memory is asked for the facts of "Tressa", not of "Is Tressa", which it never learned
     asked = {

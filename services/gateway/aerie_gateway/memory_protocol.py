@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
 from aerie_common.entities import (
+    CAPITAL,
     FACTS_QUESTION,
     STOPWORDS,
     WORD,
@@ -58,12 +59,16 @@ from aerie_common.entities import (
     prose_sentences,
 )
 
-_QUESTION_LINE = re.compile(r"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[A-Z][^?]{3,200}\?)\s*$")
+_QUESTION_LINE = re.compile(
+    rf"^\s*(?:\d+[.)]\s*|[-*]\s*|Q\s*\d*\s*[:.]\s*)?(?P<q>[{CAPITAL}][^?]{{3,200}}\?)\s*$"
+)
 # A capitalised sentence of 4+ words, or a labelled value ("Opened: 1958.", a list item of
 # a document the memory learned as its sentences).
-_STATEMENT = re.compile(r"^[A-Z][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[A-Z][\w '-]{0,40}:\s+[^?\s][^?]*[.!]$")
+_STATEMENT = re.compile(
+    rf"^[{CAPITAL}][^?]*\s\S+\s\S+\s[^?]*[.!]$|^[{CAPITAL}][\w '-]{{0,40}}:\s+[^?\s][^?]*[.!]$"
+)
 # An FAQ's question and its answer: "Do you charge late fees? No."
-_ANSWERED_QUESTION = re.compile(r"^[A-Z][^?]*\?\s+[^?]*[.!]$")
+_ANSWERED_QUESTION = re.compile(rf"^[{CAPITAL}][^?]*\?\s+[^?]*[.!]$")
 # "the person who", "the governor of", "the main export of", "the island where": a
 # definite description
 _DESCRIPTION = re.compile(r"\b[Tt]he\s+(?:[a-z]+\s+){0,2}?(?:who|whom|whose|that|which|where|of)\b")

@@ -16,7 +16,7 @@ import unicodedata
 from collections import Counter
 from html.parser import HTMLParser
 
-from aerie_common.entities import SPEAKER
+from aerie_common.entities import CAPITAL, SPEAKER
 
 _WS = re.compile(r"\s+")
 # A list item's, heading's or FAQ's marker at the start of a line: "- ", "* ", "1. ", "## ",
@@ -24,7 +24,7 @@ _WS = re.compile(r"\s+")
 # tenant ..." (not "3.5 million people ...").
 _LINE_MARKER = re.compile(
     r"^(?:(?:[-*\u2022]|\d{1,3}[.)]|#{1,6})\s+|(?:Q|A|Question|Answer):\s*"
-    r"|(?:\d{1,3}(?:\.\d{1,3})+\.?|\((?:\d{1,3}|[a-z]{1,4})\))\s+(?=[A-Z]))"
+    rf"|(?:\d{{1,3}}(?:\.\d{{1,3}})+\.?|\((?:\d{{1,3}}|[a-z]{{1,4}})\))\s+(?=[{CAPITAL}]))"
 )
 _TABLE_SEPARATOR = re.compile(r"^:?-+:?$")  # GFM's delimiter row: one hyphen is enough
 # The header of a two-column table's second column when the first holds labels and the
@@ -45,7 +45,7 @@ _OPEN_ENDING = re.compile(
 _PROSE_LINE_WORDS = 4
 # A sentence ending inside a line and another beginning: a block of such lines is prose
 # (a list's lines end where their items end).
-_SENTENCE_INSIDE = re.compile(r"[\w)][.!?][\"”')]?\s+[\"“'(]?[A-Z0-9]")
+_SENTENCE_INSIDE = re.compile(rf"[\w)][.!?][\"”')]?\s+[\"“'(]?[{CAPITAL}0-9]")
 # A word broken at its hyphen ("well-" then "regarded"): joined without a space, and
 # without the hyphen where the document writes the whole word elsewhere ("oceano-" then
 # "graphy")
@@ -86,7 +86,7 @@ _NOT_SPEAKERS = {
     "Interviewer", "INTERVIEWER", "Host", "HOST", "Moderator", "Reporter", "Speaker", "User",
     "Assistant", "Customer", "Agent", "Caller",
 }  # fmt: skip
-_HEADING_WORD = re.compile(r"^(?:[A-Z0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
+_HEADING_WORD = re.compile(rf"^(?:[{CAPITAL}0-9][\w'-]*|of|the|and|in|on|at|for|to|a|an|&)$")
 # A markdown heading's marker. The layout keeps one "#" before a heading, as chunks carry it:
 # "Getting started" is no title by its case, yet states no fact.
 _MARKED_HEADING = re.compile(r"^#{1,6}\s+(?=\S)")
