@@ -741,10 +741,11 @@ def _passages(
     sentences about it (``sentence_entities``: naming it, or referring back to it), those
     of the chunks most about it first (its own document before one that mentions it in
     passing), as many as ``fits`` the training length (the first one whole however long):
-    an answer cut there is learned without its end. One answer, not one per document: trained on several answers to one question,
-    the memory learns none, and the facts about a person must come back whole when a
-    question reaches them through another document ("the person who governs Tarnow"). A
-    passage that is the start of another is given the longer one."""
+    an answer cut there is learned without its end. One answer, not one per document:
+    trained on several answers to one question, the memory learns none, and the facts
+    about a person must come back whole when a question reaches them through another
+    document ("the person who governs Tarnow"). A passage that is the start of another is
+    given the longer one."""
     mentions: dict[str, list[tuple[int, str, list[str]]]] = {}
     for doc_id, doc_chunks in chunks.items():
         state = Coreference()
